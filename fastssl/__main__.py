@@ -1,0 +1,5 @@
+import sys
+
+from fastssl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,27 @@
+"""Exceptions shared across fastssl."""
+from __future__ import annotations
+
+import os
+
+
+class DataError(Exception):
+    """A record (file, shard, row) could not be used.
+
+    Always names the offending file so that a long job can report it and move on.
+
+    Args:
+        path: the file (or shard) at fault.
+        reason: what is wrong with it, in words a user can act on.
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = os.fspath(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self):  # picklable across worker processes
+        return (type(self), (self.path, self.reason))
+
+
+class MissingDependencyError(ImportError):
+    """A feature needs an optional component (Triton, the native extension, cupy...)."""
