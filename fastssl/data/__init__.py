@@ -1,0 +1,40 @@
+"""Radiograph data: DICOM reading, MIMIC-CXR pairing, the .npy cache and datasets.
+
+Names load on first use (``fastssl.data.read_dicom`` imports pydicom then, and the
+datasets import torch only when touched), so ``import fastssl.data`` stays cheap.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# name -> module that defines it; add one line per public name.
+_LAZY = {
+    "read_dicom": "fastssl.data.dicom",
+    "read_dicom_header": "fastssl.data.dicom",
+    "DicomMeta": "fastssl.data.dicom",
+    "CHEXPERT_LABELS": "fastssl.data.mimic",
+    "load_mimic_csv": "fastssl.data.mimic",
+    "scan_dicom_tree": "fastssl.data.mimic",
+    "StudyTable": "fastssl.data.mimic",
+    "prepare_cache": "fastssl.data.cache",
+    "PairedViewDataset": "fastssl.data.datasets",
+    "SingleViewDataset": "fastssl.data.datasets",
+    "make_loader": "fastssl.data.datasets",
+    "BatchAugment": "fastssl.data.augment",
+    "CenterResize": "fastssl.data.augment",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fastssl.data' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

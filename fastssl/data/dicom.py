@@ -1,0 +1,351 @@
+"""Read one radiograph DICOM file into a float image in [0, 1].
+
+The pixel pipeline follows DICOM PS3.3 C.11 in order:
+
+1. stored values: BitsStored bits of each BitsAllocated container, two's complement when
+   PixelRepresentation = 1 (unused high bits are masked off, some scanners fill them);
+2. modality LUT: a Modality LUT Sequence if present, else RescaleSlope/RescaleIntercept;
+3. VOI: a VOI LUT Sequence, else the first WindowCenter/WindowWidth (with VOILUTFunction
+   LINEAR, LINEAR_EXACT or SIGMOID), else the full stored range after step 2;
+4. MONOCHROME1 is inverted so that higher is always brighter.
+
+Every failure is a :class:`fastssl.errors.DataError` naming the file and the reason, so
+that a long job (``fastssl prepare``) can record it and carry on.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fastssl.errors import DataError
+
+__all__ = ["DicomMeta", "read_dicom", "read_dicom_header", "VOI_MODES"]
+
+VOI_MODES = ("auto", "none", "minmax")
+
+# Header elements read for `meta`; pixel elements are read separately.
+_CODEC_HINT = (
+    "install a pydicom decoder plugin: `pip install fastssl[codecs]` "
+    "(pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg) or `pip install python-gdcm`"
+)
+
+
+@dataclass(frozen=True)
+class DicomMeta:
+    """Header facts of one image; fields are None when the tag is absent.
+
+    ``view_position`` is the stripped, upper-cased (0018,5101) value, or None when the
+    tag is absent or empty. ``pixel_spacing`` is (row mm, column mm).
+    """
+
+    path: str
+    view_position: str | None = None
+    patient_id: str | None = None
+    study_instance_uid: str | None = None
+    sop_instance_uid: str | None = None
+    rows: int | None = None
+    columns: int | None = None
+    pixel_spacing: tuple[float, float] | None = None
+    photometric_interpretation: str | None = None
+    transfer_syntax: str | None = None
+
+
+def _text(ds, keyword: str) -> str | None:
+    try:
+        value = ds.get(keyword)
+    except Exception:  # a malformed element must not hide the rest of the header
+        return None
+    if value is None:
+        return None
+    value = str(value).strip()
+    return value or None
+
+
+def _int(ds, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return None if value is None or value == "" else int(value)
+    except Exception:
+        return None
+
+
+def _meta(ds, path: str) -> DicomMeta:
+    spacing = None
+    try:
+        raw = ds.get("PixelSpacing")
+        if raw is not None and len(raw) == 2:
+            spacing = (float(raw[0]), float(raw[1]))
+    except Exception:
+        spacing = None
+    view = _text(ds, "ViewPosition")
+    tsyntax = None
+    try:
+        tsyntax = str(ds.file_meta.TransferSyntaxUID)
+    except Exception:
+        pass
+    return DicomMeta(
+        path=path,
+        view_position=view.upper() if view else None,
+        patient_id=_text(ds, "PatientID"),
+        study_instance_uid=_text(ds, "StudyInstanceUID"),
+        sop_instance_uid=_text(ds, "SOPInstanceUID"),
+        rows=_int(ds, "Rows"),
+        columns=_int(ds, "Columns"),
+        pixel_spacing=spacing,
+        photometric_interpretation=_text(ds, "PhotometricInterpretation"),
+        transfer_syntax=tsyntax,
+    )
+
+
+def _dcmread(path: str, **kwargs):
+    import pydicom
+
+    if not os.path.isfile(path):
+        raise DataError(path, "no such file")
+    try:
+        with warnings.catch_warnings():
+            # pydicom warns about many harmless deviations; errors are what we act on.
+            warnings.simplefilter("ignore")
+            return pydicom.dcmread(path, **kwargs)
+    except DataError:
+        raise
+    except Exception as exc:  # pydicom raises many types on bad bytes; name them all the same way
+        raise DataError(path, f"not a readable DICOM file ({type(exc).__name__}: {exc})") from None
+
+
+def read_dicom_header(path: str | os.PathLike) -> DicomMeta:
+    """Read the header only (no pixel data), e.g. to pair views across a tree quickly."""
+    path = os.fspath(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = _dcmread(path, stop_before_pixels=True)
+        return _meta(ds, path)
+
+
+def _lut(path: str, ds, item, what: str) -> tuple[np.ndarray, int, int]:
+    """(values, first_mapped, bits) of a Modality/VOI LUT Sequence item."""
+    try:
+        n, first, bits = (int(v) for v in item.LUTDescriptor)
+        data = item.LUTData
+    except Exception as exc:
+        raise DataError(path, f"{what}: bad or missing LUTDescriptor/LUTData ({exc})") from None
+    n = 65536 if n == 0 else n  # PS3.3: 0 entries means 2^16
+    if isinstance(data, (bytes, bytearray)):
+        # OW: 16-bit words in the dataset's byte order.
+        little = getattr(ds, "is_little_endian", True) is not False
+        if len(data) % 2:
+            raise DataError(path, f"{what}: LUTData has an odd byte length {len(data)}")
+        values = np.frombuffer(data, dtype="<u2" if little else ">u2")
+    elif isinstance(data, (int, float)):
+        values = np.asarray([data])
+    else:
+        values = np.asarray(list(data))
+    if values.size != n:
+        raise DataError(path, f"{what}: LUTDescriptor says {n} entries, LUTData has {values.size}")
+    if not 1 <= bits <= 16:
+        raise DataError(path, f"{what}: LUTDescriptor bits per entry {bits} not in 1..16")
+    # The descriptor's first-mapped value is US or SS; a signed one is stored as US here.
+    if first >= 32768 and (int(getattr(ds, "PixelRepresentation", 0) or 0) == 1):
+        first -= 65536
+    return values.astype(np.float64), first, bits
+
+
+def _apply_lut(x: np.ndarray, values: np.ndarray, first: int) -> np.ndarray:
+    # Inputs below the first mapped value take the first entry, above the last the last.
+    idx = np.clip(np.rint(x).astype(np.int64) - first, 0, values.size - 1)
+    return values[idx]
+
+
+def _first(value):
+    """The first of a multi-valued element (MultiValue/list), or the value itself."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+        return value
+    return value[0]
+
+
+def _window(path: str, ds, x: np.ndarray) -> np.ndarray | None:
+    """First WindowCenter/WindowWidth applied to x, output in [0, 1]; None when absent."""
+    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if center is None or width is None or center == "" or width == "":
+        return None
+    try:
+        # Multi-valued: several alternative windows; the first is the default one.
+        c, w = float(_first(center)), float(_first(width))
+    except Exception as exc:
+        raise DataError(path, f"WindowCenter/WindowWidth not numbers ({exc})") from None
+    function = (_text(ds, "VOILUTFunction") or "LINEAR").upper()
+    if not (np.isfinite(c) and np.isfinite(w)):
+        raise DataError(path, f"WindowCenter/WindowWidth not finite ({c}, {w})")
+    if function == "LINEAR":
+        if w < 1:
+            raise DataError(path, f"WindowWidth {w} < 1 is invalid for VOILUTFunction LINEAR")
+        # PS3.3 C.11.2.1.2.1: the -0.5 / (w - 1) offsets make integer windows exact.
+        y = ((x - (c - 0.5)) / (w - 1) + 0.5) if w > 1 else (x > c - 0.5).astype(np.float64)
+        return np.clip(y, 0.0, 1.0)
+    if function == "LINEAR_EXACT":
+        if w <= 0:
+            raise DataError(path, f"WindowWidth {w} <= 0 is invalid for VOILUTFunction LINEAR_EXACT")
+        return np.clip((x - c) / w + 0.5, 0.0, 1.0)
+    if function == "SIGMOID":
+        if w <= 0:
+            raise DataError(path, f"WindowWidth {w} <= 0 is invalid for VOILUTFunction SIGMOID")
+        return 1.0 / (1.0 + np.exp(np.clip(-4.0 * (x - c) / w, -700, 700)))
+    raise DataError(path, f"unknown VOILUTFunction {function!r} (expected LINEAR, LINEAR_EXACT or SIGMOID)")
+
+
+def _stored_range(bits: int, signed: bool) -> tuple[int, int]:
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+
+
+def _check_pixel_module(path: str, ds) -> tuple[int, int, int]:
+    """Validate the Image Pixel module; returns (bits_allocated, bits_stored, pixel_rep)."""
+    if "PixelData" not in ds:
+        kinds = [k for k in ("FloatPixelData", "DoubleFloatPixelData") if k in ds]
+        raise DataError(path, f"no pixel data (only {kinds[0]})" if kinds else "no pixel data")
+    samples = _int(ds, "SamplesPerPixel") or 1
+    photometric = _text(ds, "PhotometricInterpretation")
+    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise DataError(
+            path, f"colour image (SamplesPerPixel={samples}, PhotometricInterpretation={photometric}); "
+            "only greyscale MONOCHROME1/MONOCHROME2 radiographs are read",
+        )
+    frames = _int(ds, "NumberOfFrames") or 1
+    if frames != 1:
+        raise DataError(path, f"multi-frame image (NumberOfFrames={frames}); one frame per file expected")
+    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
+    if not rows or not cols or rows < 1 or cols < 1:
+        raise DataError(path, f"wrong sizes: Rows={rows}, Columns={cols}")
+    allocated, stored = _int(ds, "BitsAllocated"), _int(ds, "BitsStored")
+    rep = _int(ds, "PixelRepresentation")
+    if allocated not in (8, 16, 32):
+        raise DataError(path, f"BitsAllocated={allocated}; 8, 16 or 32 expected")
+    if stored is None or not 1 <= stored <= allocated:
+        raise DataError(path, f"BitsStored={stored} not in 1..BitsAllocated ({allocated})")
+    if rep not in (0, 1):
+        raise DataError(path, f"PixelRepresentation={rep}; 0 (unsigned) or 1 (signed) expected")
+    return allocated, stored, rep
+
+
+def _decode(path: str, ds) -> np.ndarray:
+    from pydicom.pixels import get_decoder
+
+    tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    try:
+        compressed = tsyntax is not None and tsyntax.is_compressed
+    except ValueError:  # pydicom: "UID is not a transfer syntax"
+        raise DataError(path, f"TransferSyntaxUID {tsyntax!s} is not a transfer syntax") from None
+    if compressed:
+        try:
+            decoder = get_decoder(tsyntax)
+        except Exception:
+            raise DataError(path, f"transfer syntax {tsyntax.name} ({tsyntax}) is not supported by pydicom") from None
+        if not decoder.is_available:
+            raise DataError(
+                path, f"compressed transfer syntax {tsyntax.name} ({tsyntax}) needs a decoder plugin; "
+                + _CODEC_HINT,
+            )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # pydicom masks the bits above BitsStored and sign-extends when
+            # PixelRepresentation = 1; it also checks the Pixel Data length.
+            arr = ds.pixel_array
+    except MemoryError:
+        raise DataError(path, "pixel data too large to decode") from None
+    except Exception as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "shorter than" in reason or "truncat" in reason.lower() or "length" in reason.lower():
+            raise DataError(path, f"truncated or short pixel data ({reason})") from None
+        raise DataError(path, f"cannot decode pixel data ({type(exc).__name__}: {reason})") from None
+    return arr
+
+
+def read_dicom(path: str | os.PathLike, *, voi: str = "auto") -> tuple[np.ndarray, DicomMeta]:
+    """Read a greyscale radiograph.
+
+    Args:
+        path: a DICOM file (Part 10 or a bare dataset).
+        voi: "auto" (VOI LUT Sequence, else the first window, else the full range),
+            "none" (ignore VOI: the full stored range, i.e. every value BitsStored allows,
+            mapped through the modality LUT, scaled linearly to [0, 1]), or "minmax"
+            (this image's own min..max after the modality LUT).
+    Returns:
+        image: (Rows, Columns) float32 in [0, 1], higher = brighter (MONOCHROME1 inverted).
+        meta: :class:`DicomMeta` (ViewPosition, PatientID, StudyInstanceUID, ...).
+    Raises:
+        DataError: naming the file and the reason (not DICOM, truncated, no pixel data,
+            colour, multi-frame, compressed without a decoder plugin, bad LUT...).
+        ValueError: ``voi`` not one of :data:`VOI_MODES`.
+    """
+    if voi not in VOI_MODES:
+        raise ValueError(f"voi={voi!r}; expected one of {VOI_MODES}")
+    path = os.fspath(path)
+    try:
+        with warnings.catch_warnings():
+            # pydicom warns on every non-conformant value it meets (e.g. a UID with a
+            # bad character); those do not stop us reading pixels, so keep logs clean.
+            warnings.simplefilter("ignore")
+            return _read(path, voi)
+    except (DataError, MemoryError):
+        raise
+    except Exception as exc:  # last line of defence: bad bytes never escape as another type
+        raise DataError(path, f"unreadable DICOM ({type(exc).__name__}: {exc})") from None
+
+
+def _read(path: str, voi: str) -> tuple[np.ndarray, DicomMeta]:
+    ds = _dcmread(path, force=True)
+    meta = _meta(ds, path)
+    allocated, stored_bits, rep = _check_pixel_module(path, ds)
+    arr = _decode(path, ds)
+    if arr.ndim != 2 or arr.shape != (meta.rows, meta.columns):
+        raise DataError(path, f"wrong sizes: decoded pixels {arr.shape}, header Rows x Columns = ({meta.rows}, {meta.columns})")
+    try:
+        image = _pipeline(path, ds, arr.astype(np.float64), stored_bits, rep == 1, voi)
+    except DataError:
+        raise
+    except Exception as exc:  # a malformed LUT element must not escape as a random type
+        raise DataError(path, f"bad modality/VOI attributes ({type(exc).__name__}: {exc})") from None
+    if not np.all(np.isfinite(image)):
+        raise DataError(path, "pixel pipeline produced non-finite values (bad rescale or window)")
+    if meta.photometric_interpretation == "MONOCHROME1":
+        image = 1.0 - image  # MONOCHROME1: the lowest value is white
+    return image.astype(np.float32), meta
+
+
+def _pipeline(path: str, ds, x: np.ndarray, bits: int, signed: bool, voi: str) -> np.ndarray:
+    lo, hi = _stored_range(bits, signed)
+    range_in = np.array([lo, hi], dtype=np.float64)
+
+    # Modality LUT: the sequence wins over rescale (PS3.3 C.11.1: they are exclusive).
+    mlut = ds.get("ModalityLUTSequence")
+    if mlut is not None and len(mlut) > 0:
+        values, first, _ = _lut(path, ds, mlut[0], "Modality LUT Sequence")
+        x = _apply_lut(x, values, first)
+        range_out = (float(values.min()), float(values.max()))
+    else:
+        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        if not (np.isfinite(slope) and np.isfinite(intercept)):
+            raise DataError(path, f"RescaleSlope/RescaleIntercept not finite ({slope}, {intercept})")
+        x = x * slope + intercept
+        ends = range_in * slope + intercept
+        range_out = (float(ends.min()), float(ends.max()))
+
+    if voi == "auto":
+        vlut = ds.get("VOILUTSequence")
+        if vlut is not None and len(vlut) > 0:
+            values, first, lut_bits = _lut(path, ds, vlut[0], "VOI LUT Sequence")
+            return np.clip(_apply_lut(x, values, first) / float((1 << lut_bits) - 1), 0.0, 1.0)
+        windowed = _window(path, ds, x)
+        if windowed is not None:
+            return windowed
+    elif voi == "minmax":
+        range_out = (float(x.min()), float(x.max()))
+    span = range_out[1] - range_out[0]
+    if span <= 0:
+        return np.zeros_like(x)
+    return np.clip((x - range_out[0]) / span, 0.0, 1.0)
