@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-import shutil
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -198,7 +198,7 @@ def test_not_dicom_missing_and_truncated(tmp_path, pixels):
     with pytest.raises(DataError, match="no such file"):
         read_dicom(tmp_path / "absent.dcm")
     good = make_dicom(tmp_path / "good.dcm", pixels)
-    data = open(good, "rb").read()
+    data = Path(good).read_bytes()
     (tmp_path / "cut.dcm").write_bytes(data[: len(data) - 40])
     with pytest.raises(DataError, match="cut.dcm"):
         read_dicom(tmp_path / "cut.dcm")
@@ -273,7 +273,7 @@ def seeds() -> list[bytes]:
                 make_dicom(os.path.join(root, "c.dcm"), pixels % 128 - 64, bits_stored=8, bits_allocated=8,
                            pixel_representation=1),
             ]
-            _SEEDS.extend(open(f, "rb").read() for f in files)
+            _SEEDS.extend(Path(f).read_bytes() for f in files)
     return _SEEDS
 
 
