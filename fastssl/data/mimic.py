@@ -1,0 +1,414 @@
+"""MIMIC-CXR studies: frontal and lateral images of one study, its split and labels.
+
+Two ways in, one table out (:class:`StudyTable`):
+
+* :func:`load_mimic_csv` reads the official CSVs (``mimic-cxr-2.0.0-metadata``,
+  ``-split``, ``-chexpert`` or ``-negbio``; ``.csv`` or ``.csv.gz``) with the stdlib
+  csv module; paths follow the layout ``files/p1X/p<subject>/s<study>/<dicom_id>.dcm``.
+* :func:`scan_dicom_tree` needs no CSV: it reads DICOM headers only (in a process
+  pool) and pairs images by StudyInstanceUID and ViewPosition.
+
+Images without a ViewPosition are kept with view "unknown" and views outside the
+frontal/lateral lists (e.g. "AP AXIAL", "LAO") with view "other"; both are counted in
+:meth:`StudyTable.summary`, never dropped silently. Unreadable files are listed in
+``StudyTable.rejects`` as (path, reason).
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import io
+import logging
+import os
+import re
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from fastssl.errors import DataError
+
+__all__ = [
+    "CHEXPERT_LABELS", "FRONTAL_VIEWS", "LATERAL_VIEWS", "LABEL_POLICIES", "VIEWS",
+    "ImageRecord", "Study", "StudyTable", "load_mimic_csv", "scan_dicom_tree",
+    "find_csv", "mimic_path", "parse_labels",
+]
+
+log = logging.getLogger(__name__)
+
+CHEXPERT_LABELS = (
+    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum",
+    "Fracture", "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion",
+    "Pleural Other", "Pneumonia", "Pneumothorax", "Support Devices",
+)
+FRONTAL_VIEWS = ("PA", "AP")  # preference order: PA first (standard erect chest film)
+LATERAL_VIEWS = ("LATERAL", "LL")
+VIEWS = ("frontal", "lateral", "other", "unknown")
+# What uncertain (-1) and blank labels become: 0, 1, or -1 = "ignore" (a mask value).
+LABEL_POLICIES = {"zeros": 0, "ones": 1, "ignore": -1}
+
+_PREFIX = "mimic-cxr-2.0.0-"
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image. ``path`` is relative to the dataset root (or absolute after a scan
+    of a tree outside the MIMIC layout); ``view_position`` is "" when absent."""
+
+    dicom_id: str
+    study_id: str
+    subject_id: str
+    view_position: str
+    view: str  # one of VIEWS
+    path: str
+
+
+@dataclass
+class Study:
+    """One study. Image lists are in preference order (``frontal[0]`` is preferred).
+
+    ``labels``: (14,) int8 in CHEXPERT_LABELS order, 1 positive, 0 negative, -1 ignore
+    (only when the uncertain/blank policy is "ignore").
+    """
+
+    study_id: str
+    subject_id: str
+    split: str
+    labels: np.ndarray
+    frontal: list[ImageRecord] = field(default_factory=list)
+    lateral: list[ImageRecord] = field(default_factory=list)
+    other: list[ImageRecord] = field(default_factory=list)
+    unknown: list[ImageRecord] = field(default_factory=list)
+
+    @property
+    def paired(self) -> bool:
+        return bool(self.frontal) and bool(self.lateral)
+
+    def images(self) -> list[ImageRecord]:
+        return self.frontal + self.lateral + self.other + self.unknown
+
+
+@dataclass
+class StudyTable:
+    """Studies sorted by (subject_id, study_id), plus the files that could not be used."""
+
+    root: str
+    studies: list[Study]
+    rejects: list[tuple[str, str]] = field(default_factory=list)
+
+    def images(self) -> Iterator[tuple[int, ImageRecord]]:
+        """(study index, image) for every image, study by study, preferred views first."""
+        for i, study in enumerate(self.studies):
+            for image in study.images():
+                yield i, image
+
+    def summary(self) -> dict[str, int]:
+        """Counts: studies with both views, frontal only, lateral only, neither; images
+        per view class; rejected files."""
+        out = dict(studies=len(self.studies), both=0, frontal_only=0, lateral_only=0, neither=0,
+                   images=0, rejects=len(self.rejects))
+        for view in VIEWS:
+            out[f"{view}_images"] = 0
+        for study in self.studies:
+            f, l = bool(study.frontal), bool(study.lateral)
+            key = "both" if f and l else "frontal_only" if f else "lateral_only" if l else "neither"
+            out[key] += 1
+            for view in VIEWS:
+                n = len(getattr(study, view))
+                out[f"{view}_images"] += n
+                out["images"] += n
+        return out
+
+    def format_summary(self) -> str:
+        s = self.summary()
+        lines = [
+            f"studies {s['studies']}: both views {s['both']}, frontal only {s['frontal_only']}, "
+            f"lateral only {s['lateral_only']}, neither {s['neither']}",
+            f"images {s['images']}: frontal {s['frontal_images']}, lateral {s['lateral_images']}, "
+            f"other view {s['other_images']}, no ViewPosition {s['unknown_images']}; rejected files {s['rejects']}",
+        ]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- helpers
+
+def classify_view(view_position: str | None, frontal_order: Sequence[str] = FRONTAL_VIEWS,
+                  lateral_views: Sequence[str] = LATERAL_VIEWS) -> str:
+    """ViewPosition -> "frontal" | "lateral" | "other" | "unknown" (absent/blank)."""
+    vp = (view_position or "").strip().upper()
+    if not vp:
+        return "unknown"
+    if vp in frontal_order:
+        return "frontal"
+    if vp in lateral_views:
+        return "lateral"
+    return "other"
+
+
+def mimic_path(subject_id: str, study_id: str, dicom_id: str) -> str:
+    """The MIMIC-CXR relative path ``files/p1X/p<subject>/s<study>/<dicom_id>.dcm``."""
+    return f"files/p{subject_id[:2]}/p{subject_id}/s{study_id}/{dicom_id}.dcm"
+
+
+def find_csv(root: str | os.PathLike, name: str) -> str | None:
+    """``root/mimic-cxr-2.0.0-<name>.csv.gz`` or ``.csv`` (or the bare name), else None."""
+    for candidate in (f"{_PREFIX}{name}.csv.gz", f"{_PREFIX}{name}.csv", f"{name}.csv.gz", f"{name}.csv"):
+        path = os.path.join(os.fspath(root), candidate)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _read_csv(path: str, required: Iterable[str]) -> Iterator[tuple[int, dict[str, str]]]:
+    """Rows of a .csv or .csv.gz as dicts, with (1-based data) line numbers."""
+    try:
+        raw = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+        with raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as handle:
+            reader = csv.DictReader(handle)
+            missing = sorted(set(required) - set(reader.fieldnames or ()))
+            if missing:
+                raise DataError(path, f"missing columns {missing}; found {reader.fieldnames}")
+            for n, row in enumerate(reader, start=2):
+                yield n, row
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(path, f"cannot read CSV ({type(exc).__name__}: {exc})") from None
+
+
+def _check_policy(name: str, value: str) -> int:
+    if value not in LABEL_POLICIES:
+        raise ValueError(f"{name}={value!r}; expected one of {sorted(LABEL_POLICIES)}")
+    return LABEL_POLICIES[value]
+
+
+def parse_labels(row: dict[str, str], *, uncertain: str = "zeros", blank: str = "zeros",
+                 source: str = "labels CSV", line: int = 0) -> np.ndarray:
+    """The 14 CheXpert columns of one CSV row -> (14,) int8 under the given policies.
+
+    "1.0" -> 1, "0.0" -> 0, "-1.0" -> ``uncertain`` policy, "" -> ``blank`` policy
+    (policies: "zeros" -> 0, "ones" -> 1, "ignore" -> -1).
+    """
+    unc, blk = _check_policy("uncertain", uncertain), _check_policy("blank", blank)
+    out = np.empty(len(CHEXPERT_LABELS), dtype=np.int8)
+    for k, name in enumerate(CHEXPERT_LABELS):
+        value = (row.get(name) or "").strip()
+        if value == "":
+            out[k] = blk
+            continue
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if number == 1.0:
+            out[k] = 1
+        elif number == 0.0:
+            out[k] = 0
+        elif number == -1.0:
+            out[k] = unc
+        else:
+            raise DataError(source, f"line {line}: label {name!r} = {value!r}; expected 1, 0, -1 or blank")
+    return out
+
+
+def _sort_views(study: Study, frontal_order: Sequence[str], lateral_views: Sequence[str]) -> None:
+    # PA before AP (or the configured order); ties by dicom_id so the order is stable.
+    rank_f = {v: i for i, v in enumerate(frontal_order)}
+    rank_l = {v: i for i, v in enumerate(lateral_views)}
+    study.frontal.sort(key=lambda r: (rank_f.get(r.view_position, 99), r.dicom_id))
+    study.lateral.sort(key=lambda r: (rank_l.get(r.view_position, 99), r.dicom_id))
+    study.other.sort(key=lambda r: (r.view_position, r.dicom_id))
+    study.unknown.sort(key=lambda r: r.dicom_id)
+
+
+def _normalise_views(frontal_order, lateral_views) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    frontal = tuple(v.strip().upper() for v in frontal_order)
+    lateral = tuple(v.strip().upper() for v in lateral_views)
+    if not frontal or not lateral:
+        raise ValueError(f"frontal_order={frontal_order!r} and lateral_views={lateral_views!r} must be non-empty")
+    if set(frontal) & set(lateral):
+        raise ValueError(f"views {sorted(set(frontal) & set(lateral))} are both frontal and lateral")
+    return frontal, lateral
+
+
+# ---------------------------------------------------------------- from the CSVs
+
+def load_mimic_csv(
+    root: str | os.PathLike,
+    *,
+    metadata: str | os.PathLike | None = None,
+    split: str | os.PathLike | None = None,
+    labels: str | os.PathLike | None = None,
+    label_source: str = "chexpert",
+    frontal_order: Sequence[str] = FRONTAL_VIEWS,
+    lateral_views: Sequence[str] = LATERAL_VIEWS,
+    uncertain: str = "zeros",
+    blank: str = "zeros",
+    check_files: bool = False,
+) -> StudyTable:
+    """Build the study table from the MIMIC-CXR CSVs.
+
+    Args:
+        root: the dataset root (holding ``files/`` and, by default, the CSVs).
+        metadata, split, labels: explicit CSV paths; default: found in ``root``.
+        label_source: "chexpert" or "negbio" (which labels CSV to look for).
+        frontal_order: frontal ViewPositions in preference order (default PA, AP).
+        lateral_views: lateral ViewPositions (default LATERAL, LL).
+        uncertain, blank: label policies, "zeros" (default) | "ones" | "ignore" (-1).
+        check_files: stat every image; missing ones become rejects instead of images.
+    Raises:
+        DataError: a CSV is missing, unreadable, lacks a column or has a bad label.
+        ValueError: a bad policy or view list.
+    """
+    root = os.fspath(root)
+    frontal_order, lateral_views = _normalise_views(frontal_order, lateral_views)
+    _check_policy("uncertain", uncertain)
+    _check_policy("blank", blank)
+    if label_source not in ("chexpert", "negbio"):
+        raise ValueError(f"label_source={label_source!r}; expected 'chexpert' or 'negbio'")
+    metadata = os.fspath(metadata) if metadata else find_csv(root, "metadata")
+    split = os.fspath(split) if split else find_csv(root, "split")
+    labels = os.fspath(labels) if labels else find_csv(root, label_source)
+    if metadata is None:
+        raise DataError(root, f"no {_PREFIX}metadata.csv(.gz) here; pass metadata= or scan the tree")
+
+    splits: dict[str, str] = {}
+    if split is not None:
+        for _, row in _read_csv(split, ("dicom_id", "split")):
+            splits[row["dicom_id"].strip()] = row["split"].strip()
+    else:
+        log.warning("%s: no split CSV; every study gets split 'train'", root)
+    study_labels: dict[str, np.ndarray] = {}
+    if labels is not None:
+        for n, row in _read_csv(labels, ("study_id",) + CHEXPERT_LABELS):
+            study_labels[row["study_id"].strip()] = parse_labels(
+                row, uncertain=uncertain, blank=blank, source=labels, line=n)
+    else:
+        log.warning("%s: no %s labels CSV; labels follow the blank policy (%s)", root, label_source, blank)
+    no_labels = np.full(len(CHEXPERT_LABELS), LABEL_POLICIES[blank], dtype=np.int8)
+
+    studies: dict[str, Study] = {}
+    rejects: list[tuple[str, str]] = []
+    for n, row in _read_csv(metadata, ("dicom_id", "subject_id", "study_id", "ViewPosition")):
+        dicom_id, subject, study_id = row["dicom_id"].strip(), row["subject_id"].strip(), row["study_id"].strip()
+        if not (dicom_id and subject and study_id):
+            rejects.append((f"{metadata}:{n}", "empty dicom_id, subject_id or study_id"))
+            continue
+        path = mimic_path(subject, study_id, dicom_id)
+        if check_files and not os.path.isfile(os.path.join(root, path)):
+            rejects.append((os.path.join(root, path), "no such file"))
+            continue
+        vp = (row["ViewPosition"] or "").strip().upper()
+        view = classify_view(vp, frontal_order, lateral_views)
+        study = studies.get(study_id)
+        if study is None:
+            study = studies[study_id] = Study(
+                study_id=study_id, subject_id=subject, split=splits.get(dicom_id, "train" if split is None else ""),
+                labels=study_labels.get(study_id, no_labels).copy(),
+            )
+        if not study.split:  # a study's split is its images' split; take the first known one
+            study.split = splits.get(dicom_id, "")
+        getattr(study, view).append(ImageRecord(dicom_id, study_id, subject, vp, view, path))
+    for study in studies.values():
+        if not study.split:
+            study.split = "unknown"
+        _sort_views(study, frontal_order, lateral_views)
+    ordered = sorted(studies.values(), key=lambda s: (s.subject_id, s.study_id))
+    return StudyTable(root=root, studies=ordered, rejects=rejects)
+
+
+# ---------------------------------------------------------------- from a DICOM tree
+
+_MIMIC_RE = re.compile(r"p(\d+)[/\\]s(\d+)[/\\][^/\\]+$")
+
+
+def _header(path: str) -> tuple[str, object]:
+    """(path, DicomMeta) or (path, reason); runs in pool workers."""
+    from fastssl.data.dicom import read_dicom_header
+
+    try:
+        return path, read_dicom_header(path)
+    except DataError as exc:
+        return path, exc.reason
+    except Exception as exc:  # never let one file stop a scan of 377k
+        return path, f"{type(exc).__name__}: {exc}"
+
+
+def list_dicom_files(root: str | os.PathLike, suffixes: Sequence[str] = (".dcm", ".dicom")) -> list[str]:
+    """Every file under root whose name ends with one of suffixes, sorted."""
+    out = []
+    for folder, dirs, files in os.walk(os.fspath(root)):
+        dirs.sort()
+        out.extend(os.path.join(folder, f) for f in sorted(files) if f.lower().endswith(tuple(suffixes)))
+    return out
+
+
+def hash_split(subject_id: str, validate: float = 0.05, test: float = 0.05) -> str:
+    """A deterministic split by patient (all studies of a patient fall together)."""
+    u = int.from_bytes(hashlib.sha1(subject_id.encode()).digest()[:8], "little") / 2**64
+    return "test" if u < test else "validate" if u < test + validate else "train"
+
+
+def scan_dicom_tree(
+    root: str | os.PathLike,
+    *,
+    workers: int | None = None,
+    frontal_order: Sequence[str] = FRONTAL_VIEWS,
+    lateral_views: Sequence[str] = LATERAL_VIEWS,
+    blank: str = "zeros",
+    holdout: tuple[float, float] = (0.05, 0.05),
+    paths: Sequence[str] | None = None,
+) -> StudyTable:
+    """Pair a DICOM tree by StudyInstanceUID and ViewPosition, reading headers only.
+
+    Args:
+        root: the tree to scan (``*.dcm``, ``*.dicom``).
+        workers: header-reading processes (default: all cores; 0 or 1: in this process).
+        blank: label policy for the (absent) labels: every label follows it.
+        holdout: (validate, test) fractions of patients; split by a hash of the patient
+            so that it is stable across runs and never splits a patient.
+        paths: files to read instead of walking ``root``.
+    Returns:
+        A StudyTable; ``study_id`` / ``subject_id`` come from the MIMIC-CXR folders
+        ``p<subject>/s<study>`` when the path has them, else StudyInstanceUID/PatientID.
+        ``dicom_id`` is the file name without its suffix.
+    """
+    root = os.fspath(root)
+    frontal_order, lateral_views = _normalise_views(frontal_order, lateral_views)
+    fill = _check_policy("blank", blank)
+    files = list(paths) if paths is not None else list_dicom_files(root)
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    if workers <= 1 or len(files) < 64:  # a pool costs more than it saves on a few files
+        results = [_header(p) for p in files]
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(_header, files, chunksize=max(1, min(256, len(files) // (4 * workers)))))
+
+    studies: dict[str, Study] = {}
+    rejects: list[tuple[str, str]] = []
+    for path, meta in results:
+        if isinstance(meta, str):
+            rejects.append((path, meta))
+            continue
+        rel = os.path.relpath(path, root)
+        m = _MIMIC_RE.search(rel)
+        subject = m.group(1) if m else (meta.patient_id or "")
+        key = meta.study_instance_uid or (f"s{m.group(2)}" if m else None)
+        if key is None:
+            rejects.append((path, "no StudyInstanceUID (and not in a p<subject>/s<study> folder)"))
+            continue
+        study = studies.get(key)
+        if study is None:
+            study_id = m.group(2) if m else key
+            study = studies[key] = Study(
+                study_id=study_id, subject_id=subject, split=hash_split(subject, *holdout),
+                labels=np.full(len(CHEXPERT_LABELS), fill, dtype=np.int8),
+            )
+        vp = meta.view_position or ""
+        view = classify_view(vp, frontal_order, lateral_views)
+        dicom_id = os.path.splitext(os.path.basename(path))[0]
+        getattr(study, view).append(ImageRecord(dicom_id, study.study_id, study.subject_id, vp, view, rel))
+    for study in studies.values():
+        _sort_views(study, frontal_order, lateral_views)
+    ordered = sorted(studies.values(), key=lambda s: (s.subject_id, s.study_id))
+    return StudyTable(root=root, studies=ordered, rejects=rejects)

@@ -1,0 +1,158 @@
+"""Study tables from the MIMIC-CXR CSVs and from a header scan: pairing, labels, counts."""
+from __future__ import annotations
+
+import csv
+import gzip
+import os
+
+import numpy as np
+import pytest
+
+from dicom_factory import make_dicom, make_tree
+from fastssl.data.mimic import (
+    CHEXPERT_LABELS,
+    classify_view,
+    load_mimic_csv,
+    mimic_path,
+    parse_labels,
+    scan_dicom_tree,
+)
+from fastssl.errors import DataError
+
+# (subject, study, [ViewPosition...]); None = tag absent / blank in the CSV.
+STUDIES = [
+    ("10000001", "50000001", ["PA", "LATERAL"]),
+    ("10000001", "50000002", ["AP", "PA", "LL"]),       # PA preferred over AP
+    ("10000002", "50000003", ["AP"]),                   # frontal only
+    ("10000003", "50000004", ["LATERAL"]),              # lateral only
+    ("10000004", "50000005", [None, "PA"]),             # frontal only + unknown
+    ("10000005", "50000006", ["AP AXIAL"]),             # other view only: neither
+    ("11000006", "50000007", ["PA", "LATERAL", None]),  # both + unknown
+]
+
+
+def write_csv(path, header, rows):
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wt", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def write_mimic_csvs(root, gz=True, labels=None):
+    ext = ".csv.gz" if gz else ".csv"
+    meta, split = [], []
+    for k, (subject, study, views) in enumerate(STUDIES):
+        for j, vp in enumerate(views):
+            dicom_id = f"{study}-{j:02d}"
+            meta.append([dicom_id, subject, study, "CHEST", vp or "", 2048, 2048])
+            split.append([dicom_id, study, subject, "test" if k == 2 else "train"])
+    write_csv(os.path.join(root, f"mimic-cxr-2.0.0-metadata{ext}"),
+              ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition",
+               "Rows", "Columns"], meta)
+    write_csv(os.path.join(root, f"mimic-cxr-2.0.0-split{ext}"), ["dicom_id", "study_id", "subject_id", "split"], split)
+    if labels is None:
+        labels = {}
+    rows = []
+    for subject, study, _ in STUDIES:
+        values = labels.get(study, ["1.0", "0.0", "-1.0", ""] + [""] * 10)
+        rows.append([subject, study] + values)
+    write_csv(os.path.join(root, f"mimic-cxr-2.0.0-chexpert{ext}"), ["subject_id", "study_id", *CHEXPERT_LABELS], rows)
+
+
+EXPECTED = dict(studies=7, both=3, frontal_only=2, lateral_only=1, neither=1, images=13,
+                frontal_images=6, lateral_images=4, other_images=1, unknown_images=2, rejects=0)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_csv_table_counts_and_order(tmp_path, gz):
+    write_mimic_csvs(tmp_path, gz=gz)
+    table = load_mimic_csv(tmp_path)
+    assert table.summary() == EXPECTED
+    by_id = {s.study_id: s for s in table.studies}
+    s2 = by_id["50000002"]
+    assert [r.view_position for r in s2.frontal] == ["PA", "AP"]
+    assert [r.view_position for r in s2.lateral] == ["LL"]
+    assert s2.frontal[0].path == "files/p10/p10000001/s50000002/50000002-01.dcm"
+    assert by_id["50000003"].split == "test" and s2.split == "train"
+    assert [r.view for r in by_id["50000005"].unknown] == ["unknown"]
+    assert [s.study_id for s in table.studies] == sorted(s.study_id for s in table.studies)
+    # configurable order: AP preferred
+    table = load_mimic_csv(tmp_path, frontal_order=("AP", "PA"))
+    assert [r.view_position for r in {s.study_id: s for s in table.studies}["50000002"].frontal] == ["AP", "PA"]
+    assert "both views 3" in table.format_summary()
+
+
+@pytest.mark.parametrize("uncertain, blank, expected", [
+    ("zeros", "zeros", [1, 0, 0, 0]),
+    ("ones", "zeros", [1, 0, 1, 0]),
+    ("ignore", "zeros", [1, 0, -1, 0]),
+    ("zeros", "ignore", [1, 0, 0, -1]),
+    ("ones", "ones", [1, 0, 1, 1]),
+])
+def test_label_policies(tmp_path, uncertain, blank, expected):
+    write_mimic_csvs(tmp_path)
+    table = load_mimic_csv(tmp_path, uncertain=uncertain, blank=blank)
+    labels = table.studies[0].labels
+    assert labels.dtype == np.int8 and labels.shape == (14,)
+    assert labels[:4].tolist() == expected
+    assert set(labels[4:].tolist()) == {expected[3]}
+
+
+def test_label_errors(tmp_path):
+    with pytest.raises(ValueError, match="uncertain"):
+        parse_labels({}, uncertain="maybe")
+    write_mimic_csvs(tmp_path, labels={"50000001": ["2.0"] + [""] * 13})
+    with pytest.raises(DataError, match="Atelectasis"):
+        load_mimic_csv(tmp_path)
+    with pytest.raises(DataError, match="metadata"):
+        load_mimic_csv(tmp_path / "nowhere")
+
+
+def test_check_files_rejects_missing(tmp_path):
+    write_mimic_csvs(tmp_path)
+    present = mimic_path("10000001", "50000001", "50000001-00")
+    os.makedirs(os.path.dirname(tmp_path / present), exist_ok=True)
+    (tmp_path / present).write_bytes(b"x")
+    table = load_mimic_csv(tmp_path, check_files=True)
+    assert table.summary()["images"] == 1 and len(table.rejects) == 12
+    assert all(reason == "no such file" for _, reason in table.rejects)
+
+
+def test_classify_view():
+    assert classify_view(" pa ") == "frontal" and classify_view("LL") == "lateral"
+    assert classify_view("") == "unknown" and classify_view(None) == "unknown"
+    assert classify_view("LAO") == "other"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_scan_pairs_by_study_uid_and_view(tmp_path, workers):
+    studies = [dict(subject_id=s, study_id=st, views=v) for s, st, v in STUDIES]
+    paths = make_tree(tmp_path, studies, size=8)
+    (tmp_path / "files" / "broken.dcm").write_bytes(b"not a dicom")
+    # enough files to use the pool when workers=2
+    table = scan_dicom_tree(tmp_path, workers=workers, paths=None if workers == 1 else paths * 5 + [str(tmp_path / "files" / "broken.dcm")])
+    summary = table.summary()
+    if workers == 1:
+        assert summary == dict(EXPECTED, rejects=1)
+    else:  # every file listed five times: same studies, five times the images
+        assert (summary["studies"], summary["both"], summary["images"]) == (7, 3, 65)
+    assert table.rejects[0][0].endswith("broken.dcm") and "not a readable DICOM" in table.rejects[0][1]
+    by_id = {s.study_id: s for s in table.studies}
+    assert [r.view_position for r in by_id["50000002"].frontal][:2] in (["PA", "AP"], ["PA", "PA"])
+    assert by_id["50000002"].frontal[0].path.startswith("files/p10/p10000001/s50000002/")
+    assert by_id["50000001"].subject_id == "10000001"
+    assert {s.split for s in table.studies} <= {"train", "validate", "test"}
+
+
+def test_scan_outside_mimic_layout_uses_uids(tmp_path):
+    uid = "1.2.826.0.1.3680043.8.498.42"
+    make_dicom(tmp_path / "a.dcm", np.zeros((4, 4)), view_position="PA", study_uid=uid, patient_id="P1")
+    make_dicom(tmp_path / "b.dcm", np.zeros((4, 4)), view_position="LATERAL", study_uid=uid, patient_id="P1")
+    make_dicom(tmp_path / "c.dcm", np.zeros((4, 4)), view_position=None, patient_id="P2")
+    table = scan_dicom_tree(tmp_path, workers=1)
+    s = table.summary()
+    assert (s["studies"], s["both"], s["neither"], s["unknown_images"]) == (2, 1, 1, 1)
+    paired = [st for st in table.studies if st.paired][0]
+    assert paired.study_id == uid and paired.subject_id == "P1"
+    assert paired.frontal[0].dicom_id == "a" and paired.lateral[0].path == "b.dcm"
