@@ -75,7 +75,7 @@ def test_assign_matches_reference(rng, dtype, rtol, n, d, k, metric):
 
 
 @needs_ext
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512_bf16", "amx"])
 def test_every_instruction_set_path_agrees(isa, tmp_path):
     """Each micro-kernel (capped by FASTSSL_CPU_ISA, read once per process) is correct."""
     script = (

@@ -1,5 +1,5 @@
 // Run-time choice of the CPU engine: the widest instruction set this CPU supports.
-// FASTSSL_CPU_ISA=generic|avx2|avx512|avx512_bf16 caps it (for tests and benchmarks).
+// FASTSSL_CPU_ISA=generic|avx2|avx512|avx512_bf16|amx caps it (for tests and benchmarks).
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -20,11 +20,15 @@ FASTSSL_DECLARE_ENGINE(generic)
 FASTSSL_DECLARE_ENGINE(avx2)
 FASTSSL_DECLARE_ENGINE(avx512)
 FASTSSL_DECLARE_ENGINE(avx512_bf16)
+FASTSSL_DECLARE_ENGINE(amx)
+namespace cpu::amx {
+bool available();
+}
 #endif
 
 namespace {
 
-enum class Isa { Generic = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3 };
+enum class Isa { Generic = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3, Amx = 4 };
 
 Isa detect() {
   Isa best = Isa::Generic;
@@ -36,6 +40,7 @@ Isa detect() {
       __builtin_cpu_supports("avx512dq"))
     best = Isa::Avx512;
   if (best == Isa::Avx512 && __builtin_cpu_supports("avx512bf16")) best = Isa::Avx512Bf16;
+  if (best == Isa::Avx512Bf16 && cpu::amx::available()) best = Isa::Amx;
 #endif
   if (const char* cap = std::getenv("FASTSSL_CPU_ISA")) {
     Isa asked = best;
@@ -43,6 +48,7 @@ Isa detect() {
     else if (!std::strcmp(cap, "avx2")) asked = Isa::Avx2;
     else if (!std::strcmp(cap, "avx512")) asked = Isa::Avx512;
     else if (!std::strcmp(cap, "avx512_bf16")) asked = Isa::Avx512Bf16;
+    else if (!std::strcmp(cap, "amx")) asked = Isa::Amx;
     if (static_cast<int>(asked) < static_cast<int>(best)) best = asked;
   }
   return best;
@@ -61,6 +67,7 @@ const char* cpu_isa() {
     case Isa::Avx2: return "avx2";
     case Isa::Avx512: return "avx512";
     case Isa::Avx512Bf16: return "avx512_bf16";
+    case Isa::Amx: return "amx";
   }
   return "generic";
 }
@@ -69,6 +76,10 @@ void assign_cpu(const MatrixView& x, const MatrixView& c, Metric metric, AssignO
                 int num_threads) {
   switch (isa()) {
 #ifdef FASTSSL_HAVE_X86
+    case Isa::Amx:
+      // AMX multiplies bf16 only; fp32 and fp16 inputs keep their precision on AVX-512.
+      if (x.dtype == DType::BF16) return cpu::amx::assign_entry(x, c, metric, out, num_threads);
+      return cpu::avx512_bf16::assign_entry(x, c, metric, out, num_threads);
     case Isa::Avx512Bf16: return cpu::avx512_bf16::assign_entry(x, c, metric, out, num_threads);
     case Isa::Avx512: return cpu::avx512::assign_entry(x, c, metric, out, num_threads);
     case Isa::Avx2: return cpu::avx2::assign_entry(x, c, metric, out, num_threads);
@@ -82,6 +93,12 @@ void assign_grouped_cpu(const MatrixView& x, const int64_t* x_offsets, const Mat
                         AssignOutput out, int num_threads) {
   switch (isa()) {
 #ifdef FASTSSL_HAVE_X86
+    case Isa::Amx:
+      if (x.dtype == DType::BF16)
+        return cpu::amx::assign_grouped_entry(x, x_offsets, c, c_offsets, groups, metric, out,
+                                              num_threads);
+      return cpu::avx512_bf16::assign_grouped_entry(x, x_offsets, c, c_offsets, groups, metric,
+                                                    out, num_threads);
     case Isa::Avx512Bf16:
       return cpu::avx512_bf16::assign_grouped_entry(x, x_offsets, c, c_offsets, groups, metric,
                                                     out, num_threads);
