@@ -175,3 +175,54 @@ def make_tree(root: str | os.PathLike, studies: Sequence[dict], *, size: int = 3
                 patient_id=subject, study_uid=study_uid, window=(2048, 4096),
             ))
     return paths
+
+
+def write_csv(path, header, rows) -> None:
+    """A .csv or .csv.gz file (gzip when the name ends with .gz)."""
+    import csv
+    import gzip
+
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wt", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def make_mimic(root, studies: Sequence[tuple], *, size: int = 24, seed: int = 0,
+               corrupt: Sequence[str] = (), splits: dict | None = None) -> list[str]:
+    """A small MIMIC-CXR copy: the DICOM tree plus metadata/split/chexpert CSVs (.csv.gz).
+
+    Args:
+        studies: (subject_id, study_id, [ViewPosition or None, ...]) tuples; image j of a
+            study gets dicom_id ``<study>-<j:02d>``.
+        corrupt: dicom_ids whose file is written truncated (a reader must reject them).
+        splits: study_id -> split (default "train").
+    Returns:
+        Every image path written, in order.
+    """
+    from fastssl.data.mimic import CHEXPERT_LABELS
+
+    root = os.fspath(root)
+    specs = [dict(subject_id=s, study_id=st, views=v) for s, st, v in studies]
+    paths = make_tree(root, specs, size=size, seed=seed)
+    for path in paths:
+        if os.path.splitext(os.path.basename(path))[0] in corrupt:
+            data = open(path, "rb").read()
+            with open(path, "wb") as handle:
+                handle.write(data[: len(data) // 2])
+    meta, split = [], []
+    for subject, study, views in studies:
+        for j, vp in enumerate(views):
+            dicom_id = f"{study}-{j:02d}"
+            meta.append([dicom_id, subject, study, "CHEST", vp or "", size, size + 8 * j])
+            split.append([dicom_id, study, subject, (splits or {}).get(study, "train")])
+    write_csv(os.path.join(root, "mimic-cxr-2.0.0-metadata.csv.gz"),
+              ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition",
+               "Rows", "Columns"], meta)
+    write_csv(os.path.join(root, "mimic-cxr-2.0.0-split.csv.gz"), ["dicom_id", "study_id", "subject_id", "split"], split)
+    rng = np.random.default_rng(seed + 1)
+    choices = np.array(["1.0", "0.0", "-1.0", ""])
+    rows = [[s, st, *rng.choice(choices, size=len(CHEXPERT_LABELS))] for s, st, _ in studies]
+    write_csv(os.path.join(root, "mimic-cxr-2.0.0-chexpert.csv.gz"), ["subject_id", "study_id", *CHEXPERT_LABELS], rows)
+    return paths

@@ -1,0 +1,138 @@
+"""The shard cache: round trip, rejects, settings guard, resume after a kill."""
+from __future__ import annotations
+
+import csv
+import filecmp
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dicom_factory import make_mimic
+from fastssl.data.cache import fit_square, open_shard, prepare_cache, read_index
+from fastssl.data.dicom import read_dicom
+from fastssl.errors import DataError
+
+STUDIES = [
+    ("10000001", "50000001", ["PA", "LATERAL"]),
+    ("10000001", "50000002", ["AP", "PA", "LL"]),
+    ("10000002", "50000003", ["AP"]),
+    ("10000003", "50000004", ["LATERAL"]),
+    ("10000004", "50000005", [None, "PA"]),
+    ("11000006", "50000007", ["PA", "LATERAL", None]),
+]
+N_IMAGES = 12
+CORRUPT = ("50000002-02",)  # a truncated lateral
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mimic")
+    make_mimic(root, STUDIES, size=24, corrupt=CORRUPT, splits={"50000003": "test"})
+    return str(root)
+
+
+def cache_files(out):
+    names = sorted(n for n in os.listdir(out) if n.endswith((".npy", ".csv")))
+    return names
+
+
+def test_fit_square_pad_and_crop():
+    image = np.ones((20, 40), dtype=np.float32)
+    padded = fit_square(image, 16, "pad")
+    assert padded.shape == (16, 16) and padded.dtype == np.float32
+    assert np.all(padded[:4] == 0) and np.all(padded[-4:] == 0) and np.allclose(padded[4:12], 1)
+    assert np.allclose(fit_square(image, 16, "crop"), 1)
+    ramp = np.tile(np.linspace(0, 1, 40, dtype=np.float32), (20, 1))
+    crop = fit_square(ramp, 10, "crop")  # the centred 20x20 square holds 0.25..0.75
+    assert 0.2 < crop.min() and crop.max() < 0.8
+
+
+def test_round_trip(tmp_path, source):
+    out = tmp_path / "cache"
+    summary = prepare_cache(source, out, size=16, shard_size=5, workers=1, progress=False)
+    assert (summary["images"], summary["written"], summary["rejects"], summary["shards"]) == (N_IMAGES, N_IMAGES - 1, 1, 3)
+    index = read_index(out)
+    assert len(index) == N_IMAGES - 1 and index.labels.shape == (N_IMAGES - 1, 14)
+    assert index.labels.dtype == np.int8 and set(np.unique(index.labels)) <= {0, 1}
+    assert set(index.view) == {"frontal", "lateral", "unknown"}
+    assert index.split[index.study_id == "50000003"].tolist() == ["test"]
+    shapes = [open_shard(out, k).shape for k in range(3)]
+    assert shapes == [(5, 16, 16), (5, 16, 16), (2, 16, 16)]
+    for i in range(len(index)):
+        stored = open_shard(out, index.shard[i])[index.offset[i]]
+        image, meta = read_dicom(os.path.join(source, index.path[i]))
+        expected = np.rint(fit_square(image, 16, "pad") * 255).astype(np.uint8)
+        np.testing.assert_array_equal(stored, expected)
+        assert meta.view_position == (index.view_position[i] or None)
+    with open(out / "rejects.csv", newline="") as handle:
+        rejects = list(csv.DictReader(handle))
+    assert len(rejects) == 1 and rejects[0]["path"].endswith("50000002-02.dcm") and rejects[0]["reason"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["size"] == 16 and manifest["dtype"] == "uint8"
+    assert manifest["n_shards"] == 3 and 0 < manifest["pixel_mean"] < 1
+
+
+def test_uint16_crop(tmp_path, source):
+    out = tmp_path / "c16"
+    prepare_cache(source, out, size=12, dtype="uint16", resize="crop", workers=1, progress=False)
+    arr = open_shard(out, 0)
+    assert arr.dtype == np.uint16 and arr.shape == (N_IMAGES, 12, 12) and arr.max() > 255
+
+
+def test_settings_guard(tmp_path, source):
+    out = tmp_path / "cache"
+    prepare_cache(source, out, size=16, shard_size=5, workers=1, progress=False)
+    with pytest.raises(ValueError, match="size: cache has 16, asked 12"):
+        prepare_cache(source, out, size=12, shard_size=5, workers=1, progress=False)
+    summary = prepare_cache(source, out, size=12, shard_size=5, workers=1, progress=False, overwrite=True)
+    assert summary["shards_skipped"] == 0 and open_shard(out, 0).shape[1:] == (12, 12)
+    with pytest.raises(ValueError, match="dtype"):
+        prepare_cache(source, out, dtype="float32")
+    with pytest.raises(DataError, match="manifest"):
+        read_index(tmp_path / "nothing")
+
+
+def run_cli(args, env=None):
+    return subprocess.run([sys.executable, "-m", "fastssl", "prepare", *args, "--quiet"], capture_output=True,
+                          text=True, env=dict(os.environ, **(env or {})), timeout=120)
+
+
+def test_resume_after_kill_matches_uninterrupted(tmp_path, source):
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    common = ["--source", source, "--size", "16", "--shard-size", "3", "--workers", "1"]
+    prepare_cache(source, ref, size=16, shard_size=3, workers=1, progress=False)
+    proc = run_cli([*common, "--out", str(out)], env={"FASTSSL_PREPARE_KILL_AFTER_SHARDS": "2"})
+    assert proc.returncode == -9, proc.stderr  # SIGKILL after two shards
+    assert cache_files(out) == ["shard_00000.npy", "shard_00001.npy"]  # no index: the run did not finish
+    with pytest.raises(DataError, match="not complete"):
+        read_index(out)
+    (out / "shard_00002.npy.tmp999").write_bytes(b"half a shard")  # what a kill mid-write leaves
+    before = [os.stat(out / f"shard_0000{k}.npy").st_mtime_ns for k in range(2)]
+    proc = run_cli([*common, "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr
+    assert "(2 already done)" in proc.stdout and "images/s" in proc.stdout
+    assert [os.stat(out / f"shard_0000{k}.npy").st_mtime_ns for k in range(2)] == before
+    assert cache_files(out) == cache_files(ref)
+    for name in cache_files(ref):
+        assert filecmp.cmp(out / name, ref / name, shallow=False), name
+    assert not [n for n in os.listdir(out) if ".tmp" in n]
+    # a finished cache: the rerun does nothing but rewrite the index
+    summary = prepare_cache(source, out, size=16, shard_size=3, workers=1, progress=False)
+    assert summary["shards_skipped"] == summary["shards"] == 4
+
+
+def test_pool_and_scan_give_the_same_pixels(tmp_path, source):
+    one, two = tmp_path / "one", tmp_path / "two"
+    prepare_cache(source, one, size=16, shard_size=4, workers=1, progress=False)
+    prepare_cache(source, two, size=16, shard_size=4, workers=2, progress=False)
+    for name in cache_files(one):
+        assert filecmp.cmp(one / name, two / name, shallow=False), name
+    scanned = tmp_path / "scan"
+    summary = prepare_cache(source, scanned, size=16, shard_size=4, workers=1, scan=True, progress=False)
+    assert (summary["written"], summary["rejects"]) == (N_IMAGES - 1, 1)
+    a, b = read_index(one), read_index(scanned)
+    assert sorted(a.dicom_id) == sorted(b.dicom_id)
