@@ -22,7 +22,10 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 @torch.compiler.assume_constant_result
 def triton_installed() -> bool:
     """Whether ``import triton`` can succeed (checked without importing it)."""
-    return importlib.util.find_spec("triton") is not None
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # e.g. sys.modules["triton"] = None (blocked)
+        return False
 
 
 def _interpreter_on() -> bool:
