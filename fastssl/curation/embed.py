@@ -1,0 +1,467 @@
+"""`fastssl embed`: image tiles -> timm features in fp16 .npy shards.
+
+Output directory::
+
+    emb_00000.npy        (rows, dim) float16, one shard (``emb_r<rank>_00000.npy`` when
+                         several ranks run); rows of rejected images are left out
+    parts/index_00000.csv, parts/rejects_00000.csv   the shard's rows and its rejects
+    index.csv            row, shard, offset, source   (row = global row over all shards)
+    rejects.csv          source, reason               (unreadable images, skipped)
+    manifest.json        model, dim, count, shards, settings
+    plan.json            what the shards were cut from (checked on resume)
+
+Resumable: a shard counts as finished when its .npy exists (each file is written to a
+temporary name and renamed, the .npy last), so rerunning the same command skips
+finished shards. One unreadable image never aborts the run: it is listed in
+rejects.csv. With torch.distributed initialised each rank embeds a contiguous slice of
+the items into its own rank-suffixed shards and rank 0 writes the merged index.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from fastssl.curation.tree import save_npy_atomic, write_text_atomic
+from fastssl.errors import DataError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy")
+
+
+# --------------------------------------------------------------------------- sources
+def list_items(source: str | os.PathLike) -> tuple[list[str], np.ndarray | None]:
+    """Items to embed: (names, array).
+
+    A folder gives its image tiles (png, jpg, jpeg, npy; recursive, sorted by relative
+    path) and array None. A .npy file of (N, H, W) or (N, H, W, C) gives names
+    "file.npy[i]" and the memory-mapped array.
+    """
+    path = Path(source)
+    if path.is_dir():
+        names = sorted(
+            p.relative_to(path).as_posix()
+            for p in path.rglob("*")
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if not names:
+            raise DataError(path, f"no image tiles ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+        return names, None
+    if path.is_file() and path.suffix.lower() == ".npy":
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DataError(path, f"cannot load as .npy ({exc})") from None
+        if array.ndim not in (3, 4):
+            raise DataError(path, f"expected (N, H, W) or (N, H, W, C) images, got shape {array.shape}")
+        return [f"{path.name}[{i}]" for i in range(array.shape[0])], array
+    raise DataError(path, "not a folder of tiles nor a .npy array file")
+
+
+def _to_float_chw(pixels: np.ndarray) -> np.ndarray:
+    """(H, W) or (H, W, C) array -> (C, H, W) float32 in [0, 1] (uint8/uint16 scaled)."""
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    if pixels.ndim != 3 or pixels.shape[2] not in (1, 3, 4):
+        raise ValueError(f"expected (H, W) or (H, W, 1|3|4) pixels, got shape {pixels.shape}")
+    pixels = pixels[:, :, :3]
+    if pixels.dtype == np.uint8:
+        out = pixels.astype(np.float32) / 255.0
+    elif pixels.dtype == np.uint16:
+        out = pixels.astype(np.float32) / 65535.0
+    elif np.issubdtype(pixels.dtype, np.floating):
+        out = pixels.astype(np.float32)
+    else:
+        raise ValueError(f"unsupported pixel dtype {pixels.dtype}")
+    if not np.isfinite(out).all():
+        raise ValueError("pixels contain NaN or inf")
+    return np.ascontiguousarray(out.transpose(2, 0, 1))
+
+
+class TileDataset:
+    """Map-style dataset over the items; never raises for a bad item.
+
+    __getitem__(i) -> (image (in_chans, S, S) float32 normalised, i, reason) where reason
+    is "" for a good item and the error for a bad one (image zeros).
+    """
+
+    def __init__(self, root: str | os.PathLike, names: Sequence[str], array: np.ndarray | None,
+                 positions: Sequence[int], img_size: int, in_chans: int,
+                 mean: Sequence[float], std: Sequence[float]):
+        self.root, self.names, self.array = Path(root), names, array
+        self.positions = np.asarray(positions, dtype=np.int64)
+        self.img_size, self.in_chans = int(img_size), int(in_chans)
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)[:in_chans]
+        self.std = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)[:in_chans]
+
+    def __len__(self) -> int:
+        return int(self.positions.shape[0])
+
+    def _read(self, item: int) -> np.ndarray:
+        if self.array is not None:
+            return _to_float_chw(np.asarray(self.array[item]))
+        path = self.root / self.names[item]
+        if path.suffix.lower() == ".npy":
+            return _to_float_chw(np.load(path, allow_pickle=False))
+        from PIL import Image
+
+        with Image.open(path) as img:
+            img.load()
+            if img.mode not in ("L", "RGB", "I;16"):
+                img = img.convert("RGB")
+            pixels = np.asarray(img)
+        return _to_float_chw(pixels)
+
+    def _resize(self, chw: np.ndarray):
+        import torch
+        import torch.nn.functional as F
+
+        x = torch.from_numpy(chw)
+        c = x.shape[0]
+        if c != self.in_chans:
+            # grey -> repeated channels; colour -> luminance for a 1-channel model
+            x = x.expand(self.in_chans, -1, -1) if c == 1 else (
+                (x * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True)
+                .expand(self.in_chans, -1, -1))
+        if x.shape[1:] != (self.img_size, self.img_size):
+            x = F.interpolate(x[None], size=(self.img_size, self.img_size), mode="bilinear",
+                              antialias=True, align_corners=False)[0]
+        return x.contiguous()
+
+    def __getitem__(self, i: int):
+        import torch
+
+        item = int(self.positions[i])
+        try:
+            x = self._resize(self._read(item))
+            x = (x - torch.from_numpy(self.mean)) / torch.from_numpy(self.std)
+            return x.float(), item, ""
+        except Exception as exc:  # one bad file must never abort the run
+            reason = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+            return torch.zeros(self.in_chans, self.img_size, self.img_size), item, reason
+
+
+# --------------------------------------------------------------------------- model
+def build_model(model: str, weights: str | None, random_init: bool, img_size: int | None,
+                in_chans: int):
+    """timm model with num_classes=0 (pooled features), weights from a local file."""
+    import timm
+    import torch
+
+    if weights is None and not random_init:
+        raise ValueError("give --weights FILE (safetensors or a torch state_dict) or "
+                         "--random-init; nothing is downloaded")
+    kwargs = {"pretrained": False, "num_classes": 0, "in_chans": in_chans}
+    if img_size is not None:
+        try:
+            net = timm.create_model(model, img_size=img_size, **kwargs)
+        except TypeError:  # convnets take any size and have no img_size argument
+            net = timm.create_model(model, **kwargs)
+    else:
+        net = timm.create_model(model, **kwargs)
+    if weights is not None:
+        path = Path(weights)
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                state = load_file(str(path))
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch.load raises many types on a damaged file
+            raise DataError(path, f"cannot load weights ({type(exc).__name__}: {exc})") from None
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        result = net.load_state_dict(state, strict=False)
+        if result.missing_keys:
+            raise DataError(path, f"weights do not fit {model}: missing {result.missing_keys[:5]}"
+                                  f"{' ...' if len(result.missing_keys) > 5 else ''}")
+        if result.unexpected_keys:  # e.g. the classifier head dropped by num_classes=0
+            log.info("ignored %d unexpected keys (%s ...)", len(result.unexpected_keys),
+                     result.unexpected_keys[0])
+    return net.eval()
+
+
+# --------------------------------------------------------------------------- job
+@dataclass
+class EmbedConfig:
+    """Settings of an embedding run (defaults are the CLI's)."""
+
+    model: str = "vit_large_patch16_224"
+    weights: str | None = None
+    random_init: bool = False
+    img_size: int | None = None  # default: the model's input size
+    in_chans: int = 3
+    batch_size: int = 64
+    shard_size: int = 65536
+    workers: int = 4
+    device: str = "auto"
+    quiet: bool = False
+
+
+def _rank_world() -> tuple[int, int]:
+    try:
+        from fastssl import distributed as d
+
+        return d.rank(), d.world_size()
+    except ImportError:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _shard_name(rank: int, world: int, shard: int) -> str:
+    return f"r{rank}_{shard:05d}" if world > 1 else f"{shard:05d}"
+
+
+def _plan_shards(n_items: int, world: int, shard_size: int) -> list[tuple[int, str, int, int]]:
+    """[(rank, name, first item, stop item)] over all ranks: each rank a contiguous slice
+    of the items, cut into shards of shard_size."""
+    plan = []
+    for r in range(world):
+        lo, hi = n_items * r // world, n_items * (r + 1) // world
+        for s, start in enumerate(range(lo, hi, shard_size)):
+            plan.append((r, _shard_name(r, world, s), start, min(start + shard_size, hi)))
+    return plan
+
+
+def _write_csv_atomic(path: Path, header: Sequence[str], rows: Sequence[Sequence]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _read_csv(path: Path) -> list[list[str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.reader(handle))[1:]
+
+
+def embed_images(source: str | os.PathLike, out_dir: str | os.PathLike,
+                 config: EmbedConfig | None = None, **overrides) -> dict:
+    """Embeds every tile of ``source`` into fp16 shards under ``out_dir``.
+
+    Args:
+        source: a folder of tiles (png, jpg, npy; recursive) or a .npy file of
+            (N, H, W[, C]) images.
+        out_dir: output directory (created; rerunning resumes).
+        config: :class:`EmbedConfig`; keyword overrides replace its fields.
+    Returns:
+        The manifest (dict): model, dim, count (rows embedded), rejected, shards, ...
+    Raises:
+        ValueError: a bad setting, or out_dir holds shards cut from other items/settings.
+        DataError: the source or the weights file cannot be used.
+    """
+    import torch
+
+    cfg = EmbedConfig(**{**asdict(config or EmbedConfig()), **overrides})
+    for name in ("batch_size", "shard_size", "in_chans"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.workers < 0:
+        raise ValueError(f"workers must be >= 0, got {cfg.workers}")
+    if cfg.weights is None and not cfg.random_init:
+        raise ValueError("give --weights FILE (safetensors or a torch state_dict) or "
+                         "--random-init; nothing is downloaded")
+    source, out = Path(source), Path(out_dir)
+    names, array = list_items(source)
+    rank, world = _rank_world()
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if cfg.device == "auto" else cfg.device))
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
+
+    net = build_model(cfg.model, cfg.weights, cfg.random_init, cfg.img_size, cfg.in_chans)
+    data_cfg = net.pretrained_cfg
+    img_size = cfg.img_size or int(data_cfg.get("input_size", (3, 224, 224))[-1])
+    mean = tuple(data_cfg.get("mean", (0.5,) * 3))
+    std = tuple(data_cfg.get("std", (0.5,) * 3))
+    if len(mean) < cfg.in_chans:
+        mean, std = (float(np.mean(mean)),) * cfg.in_chans, (float(np.mean(std)),) * cfg.in_chans
+    dim = int(net.num_features)
+
+    # The plan: refuse to mix shards cut from other items or settings.
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "parts").mkdir(exist_ok=True)
+    plan_info = {
+        "source": str(source.resolve()), "n_items": len(names),
+        "items_sha1": hashlib.sha1("\n".join(names).encode()).hexdigest(),
+        "model": cfg.model, "weights": cfg.weights, "random_init": cfg.random_init,
+        "img_size": img_size, "in_chans": cfg.in_chans, "shard_size": cfg.shard_size,
+        "world_size": world, "dim": dim,
+    }
+    plan_path = out / "plan.json"
+    if plan_path.exists():
+        old = json.loads(plan_path.read_text(encoding="utf-8"))
+        diff = sorted(k for k in plan_info if old.get(k) != plan_info[k])
+        if diff:
+            raise ValueError(f"{out} holds shards from another run (differs in {diff}); "
+                             "use a new output directory")
+    elif rank == 0:
+        write_text_atomic(plan_path, json.dumps(plan_info, indent=2, sort_keys=True))
+
+    shards = _plan_shards(len(names), world, cfg.shard_size)
+    mine = [s for s in shards if s[0] == rank]
+    todo = [s for s in mine if not (out / f"emb_{s[1]}.npy").exists()]
+    log.info("embed: %d items, %d shards on rank %d/%d (%d to do), model %s dim %d, "
+             "img %d, device %s", len(names), len(mine), rank, world, len(todo), cfg.model,
+             dim, img_size, device)
+    started = time.time()
+    n_done = 0
+    if todo:
+        positions = np.concatenate([np.arange(a, b) for _, _, a, b in todo])
+        dataset = TileDataset(source, names, array, positions, img_size, cfg.in_chans, mean, std)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers,
+            pin_memory=device.type == "cuda", persistent_workers=False,
+        )
+        net = net.to(device)
+        if device.type == "cuda":
+            net = net.to(memory_format=torch.channels_last)
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(dataset), unit="img", disable=cfg.quiet or not sys.stderr.isatty())
+        shard_iter = iter(todo)
+        current = next(shard_iter)
+        feats, items, rejects = [], [], []
+
+        def flush(shard) -> None:
+            _, name, a, b = shard
+            emb = np.concatenate(feats) if feats else np.zeros((0, dim), np.float16)
+            rows = [[off, f"emb_{name}.npy", off, names[it]] for off, it in enumerate(items)]
+            _write_csv_atomic(out / "parts" / f"index_{name}.csv", ["row", "shard", "offset", "source"], rows)
+            _write_csv_atomic(out / "parts" / f"rejects_{name}.csv", ["source", "reason"], rejects)
+            save_npy_atomic(out / f"emb_{name}.npy", emb)  # last: marks the shard finished
+
+        with torch.inference_mode():
+            for x, idx, reasons in loader:
+                ok = np.array([r == "" for r in reasons], dtype=bool)
+                out_feat = np.zeros((len(reasons), dim), np.float16)
+                if ok.any():
+                    xb = x[torch.from_numpy(ok)].to(device, non_blocking=True)
+                    if device.type == "cuda":
+                        xb = xb.contiguous(memory_format=torch.channels_last)
+                        with torch.autocast("cuda", dtype=torch.bfloat16):
+                            y = net(xb)
+                    else:
+                        y = net(xb)
+                    out_feat[ok] = y.float().cpu().numpy().astype(np.float16)
+                # Rows go to their shard in order; a batch may straddle a shard boundary.
+                for j, item in enumerate(idx.tolist()):
+                    while item >= current[3]:
+                        flush(current)
+                        n_done += len(items)
+                        feats, items, rejects = [], [], []
+                        current = next(shard_iter)
+                    if ok[j]:
+                        feats.append(out_feat[j : j + 1])
+                        items.append(item)
+                    else:
+                        rejects.append([names[item], reasons[j]])
+                        log.warning("rejected %s: %s", names[item], reasons[j])
+                bar.update(len(reasons))
+        flush(current)
+        n_done += len(items)
+        bar.close()
+    elapsed = time.time() - started
+
+    _barrier()
+    manifest = _merge(out, shards, names, cfg, dim, img_size) if rank == 0 else {}
+    _barrier()
+    if rank == 0:
+        log.info("embed: %d rows (%d rejected) in %d shards under %s; this run embedded %d in "
+                 "%.1f s", manifest["count"], manifest["rejected"], len(shards), out, n_done, elapsed)
+    return manifest
+
+
+def _merge(out: Path, shards, names, cfg: EmbedConfig, dim: int, img_size: int) -> dict:
+    """Rank 0: the global index.csv, rejects.csv and manifest.json from the shard parts."""
+    index_rows, reject_rows, shard_info = [], [], []
+    row = 0
+    for _, name, a, b in shards:
+        part = out / "parts" / f"index_{name}.csv"
+        if not (out / f"emb_{name}.npy").exists():
+            raise DataError(out / f"emb_{name}.npy", "shard missing after all ranks finished")
+        rows = _read_csv(part)
+        for _, shard_file, offset, source in rows:
+            index_rows.append([row, shard_file, offset, source])
+            row += 1
+        reject_rows += _read_csv(out / "parts" / f"rejects_{name}.csv")
+        shard_info.append({"file": f"emb_{name}.npy", "rows": len(rows), "items": [a, b]})
+    _write_csv_atomic(out / "index.csv", ["row", "shard", "offset", "source"], index_rows)
+    _write_csv_atomic(out / "rejects.csv", ["source", "reason"], reject_rows)
+    manifest = {
+        "model": cfg.model, "weights": cfg.weights, "random_init": cfg.random_init,
+        "dim": dim, "dtype": "float16", "count": row, "rejected": len(reject_rows),
+        "items": len(names), "img_size": img_size, "in_chans": cfg.in_chans,
+        "shards": shard_info,
+    }
+    write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=2))
+    return manifest
+
+
+# --------------------------------------------------------------------------- CLI
+def add_arguments(parser) -> None:
+    d = EmbedConfig()
+    parser.add_argument("source", help="folder of tiles (png, jpg, npy; recursive) or a .npy "
+                                       "file of (N, H, W[, C]) uint8 images")
+    parser.add_argument("--out", required=True, help="output directory (rerun to resume)")
+    parser.add_argument("--model", default=d.model, help="timm model name")
+    parser.add_argument("--weights", default=None,
+                        help="local weights: .safetensors or a torch state_dict (.pth/.bin)")
+    parser.add_argument("--random-init", action="store_true",
+                        help="random weights (testing only; nothing is downloaded)")
+    parser.add_argument("--img-size", type=int, default=None,
+                        help="input side in pixels (default: the model's)")
+    parser.add_argument("--in-chans", type=int, default=d.in_chans, help="model input channels")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="images per forward pass")
+    parser.add_argument("--shard-size", type=int, default=d.shard_size, help="rows per output shard")
+    parser.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes")
+    parser.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
+
+
+def run(args) -> int:
+    try:
+        from fastssl import distributed as d
+
+        d.init()
+    except ImportError:
+        pass
+    cfg = EmbedConfig(
+        model=args.model, weights=args.weights, random_init=args.random_init,
+        img_size=args.img_size, in_chans=args.in_chans, batch_size=args.batch_size,
+        shard_size=args.shard_size, workers=args.workers, device=args.device,
+        quiet=getattr(args, "quiet", False),
+    )
+    try:
+        manifest = embed_images(args.source, args.out, cfg)
+    except (ValueError, DataError) as exc:
+        log.error("%s", exc)
+        return 2
+    if manifest:
+        print(f"embedded {manifest['count']} images ({manifest['rejected']} rejected) with "
+              f"{manifest['model']} (dim {manifest['dim']}) into {len(manifest['shards'])} "
+              f"shards under {args.out}")
+    return 0

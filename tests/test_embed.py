@@ -1,0 +1,148 @@
+"""fastssl embed: shard shapes and dtypes, index, rejects, resume, array sources, CLI.
+
+A tiny timm model ("test_vit" at 32x32, random init or a saved state_dict) on CPU."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+timm = pytest.importorskip("timm")
+from PIL import Image  # noqa: E402
+
+from fastssl.curation.embed import EmbedConfig, build_model, embed_images  # noqa: E402
+from fastssl.errors import DataError  # noqa: E402
+
+MODEL = "test_vit"
+SIZE = 32
+
+
+def read_csv(path):
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture
+def tiles(tmp_path, rng):
+    """9 good tiles (grey / RGB PNG, JPG, grey and RGB .npy; some not 32x32) + 1 corrupt PNG."""
+    root = tmp_path / "tiles"
+    (root / "sub").mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(root / f"rgb_{i}.png")
+    Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8)).save(root / "sub" / "grey.png")
+    Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(root / "sub" / "a.jpg")
+    np.save(root / "sub" / "t0.npy", rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8))
+    np.save(root / "sub" / "t1.npy", rng.integers(0, 256, (24, 24, 3), dtype=np.uint8))
+    Image.fromarray(rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8)).save(root / "z.png")
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (root / "notes.txt").write_text("ignored")
+    return root
+
+
+@pytest.fixture
+def weights(tmp_path):
+    torch.manual_seed(0)
+    net = timm.create_model(MODEL, pretrained=False, num_classes=0, img_size=SIZE)
+    path = tmp_path / "w.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def config(weights, **kw):
+    base = dict(model=MODEL, weights=str(weights), img_size=SIZE, batch_size=3, shard_size=4,
+                workers=0, quiet=True)
+    return EmbedConfig(**{**base, **kw})
+
+
+def test_shards_index_rejects_and_manifest(tiles, weights, tmp_path):
+    out = tmp_path / "emb"
+    manifest = embed_images(tiles, out, config(weights))
+    # 10 images -> shards of 4, 4, 2 items; broken.png (item 0 in sorted order) rejected.
+    assert manifest["count"] == 9 and manifest["rejected"] == 1 and manifest["dim"] == 64
+    assert [s["rows"] for s in manifest["shards"]] == [3, 4, 2]
+    shards = [np.load(out / s["file"]) for s in manifest["shards"]]
+    for s in shards:
+        assert s.dtype == np.float16 and s.ndim == 2 and s.shape[1] == 64
+        assert np.isfinite(s).all()
+    index = read_csv(out / "index.csv")
+    assert [int(r["row"]) for r in index] == list(range(9))
+    sources = [r["source"] for r in index]
+    assert "broken.png" not in sources and "notes.txt" not in sources
+    assert sources == sorted(sources)
+    rejects = read_csv(out / "rejects.csv")
+    assert [r["source"] for r in rejects] == ["broken.png"] and rejects[0]["reason"]
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk["count"] == 9 and on_disk["model"] == MODEL
+
+    # A row equals the model's own output for that tile (fp16 storage tolerance).
+    row = next(r for r in index if r["source"] == "rgb_0.png")
+    stored = np.load(out / row["shard"])[int(row["offset"])].astype(np.float32)
+    net = build_model(MODEL, str(weights), False, SIZE, 3)
+    pixels = np.asarray(Image.open(tiles / "rgb_0.png"), dtype=np.float32) / 255.0
+    x = (torch.from_numpy(pixels).permute(2, 0, 1) - 0.5) / 0.5
+    with torch.no_grad():
+        want = net(x[None])[0].numpy()
+    np.testing.assert_allclose(stored, want, rtol=1e-2, atol=1e-2)
+
+
+def test_resume_skips_finished_shards(tiles, weights, tmp_path):
+    out = tmp_path / "emb"
+    embed_images(tiles, out, config(weights))
+    first = {p.name: (p.stat().st_mtime_ns, np.load(p)) for p in out.glob("emb_*.npy")}
+    (out / "emb_00001.npy").unlink()  # as if the job died while writing shard 1
+    manifest = embed_images(tiles, out, config(weights, workers=1))
+    again = {p.name: (p.stat().st_mtime_ns, np.load(p)) for p in out.glob("emb_*.npy")}
+    assert set(again) == set(first)
+    assert again["emb_00000.npy"][0] == first["emb_00000.npy"][0]  # untouched
+    assert again["emb_00002.npy"][0] == first["emb_00002.npy"][0]
+    for name in first:
+        np.testing.assert_array_equal(again[name][1], first[name][1])
+    assert manifest["count"] == 9 and len(read_csv(out / "index.csv")) == 9
+
+
+def test_changed_settings_refuse_to_resume(tiles, weights, tmp_path):
+    out = tmp_path / "emb"
+    embed_images(tiles, out, config(weights))
+    with pytest.raises(ValueError, match="shard_size"):
+        embed_images(tiles, out, config(weights, shard_size=5))
+
+
+def test_array_file_source_random_init(tmp_path, rng):
+    arr = rng.integers(0, 256, (7, 20, 20), dtype=np.uint8)
+    np.save(tmp_path / "tiles.npy", arr)
+    manifest = embed_images(tmp_path / "tiles.npy", tmp_path / "emb", model=MODEL, random_init=True,
+                            img_size=SIZE, batch_size=4, shard_size=100, workers=0, quiet=True)
+    assert manifest["count"] == 7 and len(manifest["shards"]) == 1
+    emb = np.load(tmp_path / "emb" / "emb_00000.npy")
+    assert emb.shape == (7, 64) and emb.dtype == np.float16
+    assert read_csv(tmp_path / "emb" / "index.csv")[3]["source"] == "tiles.npy[3]"
+
+
+def test_bad_inputs(tmp_path, weights):
+    with pytest.raises(ValueError, match="random-init"):
+        embed_images(tmp_path, tmp_path / "o", model=MODEL, img_size=SIZE)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no image tiles"):
+        embed_images(tmp_path / "empty", tmp_path / "o", config(weights))
+    np.save(tmp_path / "flat.npy", np.zeros(5, np.uint8))
+    with pytest.raises(DataError, match="shape"):
+        embed_images(tmp_path / "flat.npy", tmp_path / "o", config(weights))
+    (tmp_path / "bad.pth").write_bytes(b"junk")
+    with pytest.raises(DataError, match="bad.pth"):
+        build_model(MODEL, str(tmp_path / "bad.pth"), False, SIZE, 3)
+    with pytest.raises(ValueError, match="batch_size"):
+        embed_images(tmp_path / "flat.npy", tmp_path / "o", config(weights, batch_size=0))
+
+
+def test_cli(tiles, tmp_path):
+    from fastssl.cli import main
+
+    out = tmp_path / "cli"
+    rc = main(["embed", str(tiles), "--out", str(out), "--model", MODEL, "--random-init",
+               "--img-size", str(SIZE), "--workers", "0", "--shard-size", "8", "--quiet"])
+    assert rc == 0
+    assert json.loads((out / "manifest.json").read_text())["count"] == 9
+    assert sorted(p.name for p in out.glob("emb_*.npy")) == ["emb_00000.npy", "emb_00001.npy"]
