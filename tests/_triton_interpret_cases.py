@@ -1,0 +1,314 @@
+"""The Triton kernels of fastssl.ops under TRITON_INTERPRET=1, against the reference.
+
+Not collected by a plain ``pytest`` (the name does not start with test_): the interpreter
+must be switched on before Triton is first imported, so tests/test_ops_triton.py runs
+this file in a fresh process with TRITON_INTERPRET=1. To run it by hand:
+
+    TRITON_INTERPRET=1 python -m pytest tests/_triton_interpret_cases.py -q
+
+Every comparison is against the float64 reference on the same (rounded) inputs; kernel
+gradients are compared with the reference's autograd gradients for a non-unit
+grad_output. Shapes are small and odd (L=49, D=33, B=1) because each program instance
+costs about a millisecond in the interpreter.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs TRITON_INTERPRET=1 set before Triton is imported "
+                "(tests/test_ops_triton.py runs this file that way)", allow_module_level=True)
+
+import fastssl.ops as ops  # noqa: E402
+from fastssl.reference import mae as ref  # noqa: E402
+
+from _mae_helpers import (forward_loss_c, lowp_tolerance, masked_ids, max_err,  # noqa: E402
+                          randn, random_mask)
+
+pytestmark = pytest.mark.triton_interpret
+
+F64 = torch.float64
+GRAD_OUT = 1.7  # non-unit: the kernel must scale by it
+
+# (B, C, H, W, p): L = (H/p)(W/p), P = p*p*C (not always a power of two)
+LOSS_SHAPES = [(1, 1, 28, 28, 4), (2, 3, 28, 28, 4), (3, 1, 20, 12, 4), (2, 3, 16, 16, 8)]
+RATIOS = [0.0, 0.75, 0.93, "all_but_one"]
+
+
+def _loss_and_grad(pred, imgs, mask, *, impl, **kw):
+    pred = pred.detach().clone().requires_grad_()
+    loss = (ops.mae_loss(pred, imgs, mask, impl=impl, **kw) if impl != "ref" else
+            ref.mae_loss_reference(pred, imgs, mask, **kw))
+    (grad,) = torch.autograd.grad(loss, pred, torch.tensor(GRAD_OUT, dtype=loss.dtype))
+    return loss.detach(), grad
+
+
+def _ref64(pred, imgs, mask, **kw):
+    m = mask.double() if mask is not None and mask.dtype != torch.bool else mask
+    return _loss_and_grad(pred.double(), imgs.double(), m, impl="ref", **kw)
+
+
+# ------------------------------------------------------------------------ mae_loss
+@pytest.mark.parametrize("target", ["norm_pix", "pixel"])
+@pytest.mark.parametrize("ratio", RATIOS)
+@pytest.mark.parametrize("shape", LOSS_SHAPES)
+def test_mae_loss_fp32(rng, shape, ratio, target):
+    b, c, h, w, p = shape
+    length = (h // p) * (w // p)
+    imgs = randn(rng, (b, c, h, w), scale=3.0, shift=1.0)
+    pred = randn(rng, (b, length, p * p * c))
+    mask = random_mask(rng, b, length, ratio)
+    loss, grad = _loss_and_grad(pred, imgs, mask, impl="triton", patch_size=p, target=target)
+    want, want_grad = _ref64(pred, imgs, mask, patch_size=p, target=target)
+    assert loss.dtype == torch.float32 and grad.dtype == torch.float32
+    assert max_err(loss, want) <= 1e-5 * max(want.abs().item(), 1e-3), (loss, want)
+    assert max_err(grad, want_grad) <= 1e-5 * want_grad.abs().max().item() + 1e-9
+    if ratio == 0.0:  # nothing masked: exactly zero, never NaN
+        assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("target", ["norm_pix", "pixel"])
+@pytest.mark.parametrize("c", [1, 3])
+def test_mae_loss_low_precision(rng, dtype, target, c):
+    b, h, w, p = 2, 28, 28, 4
+    length = 49
+    imgs = randn(rng, (b, c, h, w), dtype, scale=2.0, shift=0.5)
+    pred = randn(rng, (b, length, p * p * c), dtype)
+    mask = random_mask(rng, b, length, 0.75)
+    loss, grad = _loss_and_grad(pred, imgs, mask, impl="triton", patch_size=p, target=target)
+    want, want_grad = _ref64(pred, imgs, mask, patch_size=p, target=target)
+    # PyTorch's own computation at this precision (MAE's formula run in `dtype`).
+    tp = pred.detach().clone().requires_grad_()
+    torch_loss = forward_loss_c(imgs, tp, mask.to(dtype), p, target == "norm_pix")
+    (torch_grad,) = torch.autograd.grad(torch_loss, tp, torch.tensor(GRAD_OUT, dtype=dtype))
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    assert max_err(loss, want) <= lowp_tolerance(want, torch_loss, dtype)
+    assert max_err(grad, want_grad) <= lowp_tolerance(want_grad, torch_grad, dtype)
+
+
+def test_mae_loss_mixed_dtypes_and_strides(rng):
+    """bf16 pred against fp32 images (autocast), images as a strided crop, bool mask."""
+    big = randn(rng, (2, 3, 32, 40))
+    imgs = big[:, :, 2:30, 5:33]  # (2, 3, 28, 28), not contiguous
+    pred = randn(rng, (2, 49, 48), torch.bfloat16)
+    mask = random_mask(rng, 2, 49, 0.75).bool()
+    loss, grad = _loss_and_grad(pred, imgs, mask, impl="triton", patch_size=4)
+    want, want_grad = _ref64(pred, imgs, mask, patch_size=4)
+    assert max_err(loss, want) <= 1e-5 * want.item()
+    assert max_err(grad, want_grad) <= 2 ** -7 * want_grad.abs().max().item()
+    # channels_last images and a pred whose last dim is strided
+    imgs_cl = imgs.contiguous(memory_format=torch.channels_last)
+    pred_wide = randn(rng, (2, 49, 96))[..., ::2]
+    loss, grad = _loss_and_grad(pred_wide, imgs_cl, mask.float(), impl="triton", patch_size=4)
+    want, want_grad = _ref64(pred_wide, imgs_cl, mask.float(), patch_size=4)
+    assert max_err(loss, want) <= 1e-5 * want.item()
+    assert max_err(grad, want_grad) <= 1e-5 * want_grad.abs().max().item()
+
+
+def test_mae_loss_float_weights_and_counts_per_sample(rng):
+    imgs = randn(rng, (3, 1, 28, 28))
+    pred = randn(rng, (3, 49, 16))
+    weights = torch.from_numpy(rng.uniform(0, 2, (3, 49)).astype("float32"))
+    weights[1] = 0.0  # a sample with nothing masked next to others
+    loss, grad = _loss_and_grad(pred, imgs, weights, impl="triton", patch_size=4)
+    want, want_grad = _ref64(pred, imgs, weights, patch_size=4)
+    assert max_err(loss, want) <= 1e-5 * want.item()
+    assert max_err(grad, want_grad) <= 1e-5 * want_grad.abs().max().item()
+    assert torch.equal(grad[1], torch.zeros_like(grad[1]))
+
+
+@pytest.mark.parametrize("target", ["norm_pix", "pixel"])
+@pytest.mark.parametrize("c", [1, 3])
+def test_mae_loss_compact_layout(rng, target, c):
+    imgs = randn(rng, (2, c, 28, 28))
+    mask = random_mask(rng, 2, 49, 0.75, same_count=True)
+    ids = masked_ids(mask)
+    pred = randn(rng, (2, ids.shape[1], 16 * c))
+    kw = dict(patch_size=4, target=target, ids_masked=ids)
+    loss, grad = _loss_and_grad(pred, imgs, None, impl="triton", **kw)
+    want, want_grad = _ref64(pred, imgs, None, **kw)
+    assert max_err(loss, want) <= 1e-5 * want.item()
+    assert max_err(grad, want_grad) <= 1e-5 * want_grad.abs().max().item()
+    loss32, _ = _loss_and_grad(pred, imgs, None, impl="triton", **dict(kw, ids_masked=ids.int()))
+    assert loss32.item() == loss.item()
+
+
+def test_mae_loss_out_of_range_ids_unvalidated_reads_nothing(rng):
+    imgs = randn(rng, (1, 1, 8, 8))
+    pred = randn(rng, (1, 2, 16))
+    ids = torch.tensor([[1, 1 << 20]])
+    loss, grad = _loss_and_grad(pred, imgs, None, impl="triton", patch_size=4, ids_masked=ids,
+                                validate=False)
+    want, _ = _ref64(pred[:, :1], imgs, None, patch_size=4, ids_masked=ids[:, :1])
+    assert abs(loss.item() - want.item() / 2) <= 1e-5 * want.item()  # 2nd row adds 0
+    assert torch.equal(grad[0, 1], torch.zeros(16))
+
+
+# --------------------------------------------------------------------- gather_tokens
+GATHER_CASES = [  # (B, L, D, mask ratio)
+    (1, 49, 33, 0.75), (2, 49, 33, 0.93), (3, 49, 8, 0.0), (2, 49, 300, "all_but_one"),
+]
+
+
+def _keep_ids(b, length, ratio):
+    keep = 1 if ratio == "all_but_one" else ref.num_kept(length, ratio)
+    return torch.stack([torch.randperm(length)[:keep] for _ in range(b)])
+
+
+@pytest.mark.parametrize("embeds", ["none", "pos", "pos3d_se", "se"])
+@pytest.mark.parametrize("case", GATHER_CASES)
+def test_gather_tokens_fp32(rng, case, embeds):
+    b, length, d, ratio = case
+    torch.manual_seed(b * length + d)
+    ids = _keep_ids(b, length, ratio)
+    x = randn(rng, (b, length, d))
+    pos = {"pos": randn(rng, (length, d)), "pos3d_se": randn(rng, (1, length, d))}.get(embeds)
+    se = randn(rng, (b, d)) if embeds in ("se", "pos3d_se") else None
+    inputs = [t for t in (x, pos, se) if t is not None]
+
+    def run(impl, tensors):
+        tensors = [t.detach().clone().requires_grad_() for t in tensors]
+        it = iter(tensors[1:])
+        p = next(it) if pos is not None else None
+        s = next(it) if se is not None else None
+        if impl == "ref":
+            out = ref.gather_tokens_reference(tensors[0], ids, pos_embed=p, sample_embed=s)
+        else:
+            out = ops.gather_tokens(tensors[0], ids, pos_embed=p, sample_embed=s, impl=impl)
+        g = torch.from_numpy(rng_g.standard_normal(out.shape)).to(out.dtype)
+        return out.detach(), torch.autograd.grad(out, tensors, g)
+
+    import numpy as np
+    rng_g = np.random.default_rng(1)
+    out, grads = run("triton", inputs)
+    rng_g = np.random.default_rng(1)
+    want, want_grads = run("ref", [t.double() for t in inputs])
+    assert out.shape == (b, ids.shape[1], d) and out.dtype == torch.float32
+    assert max_err(out, want) <= 1e-6 * want.abs().max().item()
+    for g, wg in zip(grads, want_grads):
+        assert g.shape == wg.shape
+        assert max_err(g, wg) <= 1e-6 * max(wg.abs().max().item(), 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gather_tokens_low_precision(rng, dtype):
+    b, length, d = 3, 49, 33
+    ids = _keep_ids(b, length, 0.75)
+    x, pos, se = randn(rng, (b, length, d), dtype), randn(rng, (length, d), dtype), randn(rng, (b, d), dtype)
+    g = randn(rng, (b, ids.shape[1], d), dtype)
+
+    def run(impl, x, pos, se, g):
+        x, pos, se = (t.detach().clone().requires_grad_() for t in (x, pos, se))
+        f = ref.gather_tokens_reference if impl == "ref" else ops.gather_tokens
+        kw = {} if impl == "ref" else {"impl": impl}
+        out = f(x, ids, pos_embed=pos, sample_embed=se, **kw)
+        return (out.detach(),) + torch.autograd.grad(out, (x, pos, se), g)
+
+    got = run("triton", x, pos, se, g)
+    want = run("ref", x.double(), pos.double(), se.double(), g.double())
+    torch_lowp = run("ref", x, pos, se, g)
+    for a, w, t in zip(got, want, torch_lowp):
+        assert a.dtype == dtype
+        assert max_err(a, w) <= lowp_tolerance(w, t, dtype)
+
+
+def test_gather_tokens_mixed_dtype_promotes(rng):
+    x = randn(rng, (2, 49, 33), torch.bfloat16)
+    pos = randn(rng, (49, 33))
+    ids = _keep_ids(2, 49, 0.75)
+    out = ops.gather_tokens(x, ids, pos_embed=pos, impl="triton")
+    want = ref.gather_tokens_reference(x.double(), ids, pos_embed=pos.double())
+    assert out.dtype == torch.float32 and max_err(out, want) <= 1e-6 * want.abs().max().item()
+
+
+# ------------------------------------------------------------------------- unshuffle
+@pytest.mark.parametrize("case", GATHER_CASES)
+def test_unshuffle_fp32(rng, case):
+    b, length, d, ratio = case
+    keep = 1 if ratio == "all_but_one" else ref.num_kept(length, ratio)
+    ids_restore = torch.stack([torch.randperm(length) for _ in range(b)])
+    x_vis, tok = randn(rng, (b, keep, d)), randn(rng, (1, 1, d))
+    g = randn(rng, (b, length, d))
+
+    def run(impl, x_vis, tok, g):
+        x_vis, tok = x_vis.detach().clone().requires_grad_(), tok.detach().clone().requires_grad_()
+        if impl == "ref":
+            out = ref.unshuffle_with_mask_token_reference(x_vis, tok, ids_restore)
+        else:
+            out = ops.unshuffle_with_mask_token(x_vis, tok, ids_restore, impl=impl)
+        return (out.detach(),) + torch.autograd.grad(out, (x_vis, tok), g)
+
+    got = run("triton", x_vis, tok, g)
+    want = run("ref", x_vis.double(), tok.double(), g.double())
+    for a, w in zip(got, want):
+        assert a.shape == w.shape
+        assert max_err(a, w) <= 1e-6 * max(w.abs().max().item(), 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_unshuffle_low_precision(rng, dtype):
+    b, length, d = 2, 49, 33
+    ids_restore = torch.stack([torch.randperm(length) for _ in range(b)]).int()
+    x_vis, tok, g = randn(rng, (b, 12, d), dtype), randn(rng, (d,), dtype), randn(rng, (b, length, d), dtype)
+
+    def run(impl, x_vis, tok, g):
+        x_vis, tok = x_vis.detach().clone().requires_grad_(), tok.detach().clone().requires_grad_()
+        f = ref.unshuffle_with_mask_token_reference if impl == "ref" else ops.unshuffle_with_mask_token
+        out = f(x_vis, tok, ids_restore) if impl == "ref" else f(x_vis, tok, ids_restore, impl=impl)
+        return (out.detach(),) + torch.autograd.grad(out, (x_vis, tok), g)
+
+    got = run("triton", x_vis, tok, g)
+    want = run("ref", x_vis.double(), tok.double(), g.double())
+    torch_lowp = run("ref", x_vis, tok, g)
+    for a, w, t in zip(got, want, torch_lowp):
+        assert a.dtype == dtype
+        assert max_err(a, w) <= lowp_tolerance(w, t, dtype)
+
+
+# ---------------------------------------------------------- the ops together, compiled
+def test_pipeline_compiled_with_triton_impl(rng):
+    """random_masking -> gather -> unshuffle -> mae_loss, Triton impl, under
+    torch.compile(fullgraph=True): same loss and gradients as the eager reference."""
+    b, c, p, d = 2, 1, 4, 16
+    imgs = randn(rng, (b, c, 28, 28))
+    ids_keep, ids_restore, mask = ops.random_masking(b, 49, 0.75)
+    x, pos, se, tok = (randn(rng, s) for s in ((b, 49, d), (1, 49, d), (b, d), (1, 1, d)))
+    w = randn(rng, (d, p * p * c), scale=0.3)
+
+    def step(x, pos, se, tok, impl):
+        kept = ops.gather_tokens(x, ids_keep, pos_embed=pos, sample_embed=se, impl=impl)
+        full = ops.unshuffle_with_mask_token(kept * 2.0, tok, ids_restore, impl=impl)
+        return ops.mae_loss(full @ w, imgs, mask, patch_size=p, impl=impl)
+
+    leaves = [t.clone().requires_grad_() for t in (x, pos, se, tok)]
+    want = step(*leaves, "torch")
+    want_grads = torch.autograd.grad(want, leaves)
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    leaves = [t.clone().requires_grad_() for t in (x, pos, se, tok)]
+    got = compiled(*leaves, "triton")
+    got_grads = torch.autograd.grad(got, leaves)
+    assert max_err(got, want) <= 1e-5 * want.item()
+    for a, bb in zip(got_grads, want_grads):
+        assert max_err(a, bb) <= 1e-5 * bb.abs().max().item()
+
+
+def test_gpu_check_script_dry_run():
+    """bench/gpu_triton.py's logic at tiny shapes on the CPU (its real run is on a GPU)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "gpu_triton.py"
+    if not path.exists():
+        pytest.skip("bench/gpu_triton.py is not in this checkout")
+    spec = importlib.util.spec_from_file_location("_gpu_triton", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = []
+    mod.run(lambda name, **cols: rows.append((name, cols)), dry_run=True)
+    names = [n for n, _ in rows]
+    assert any(n.startswith("check") for n in names) and any(n.startswith("time") for n in names)
+    assert all(cols.get("ok", True) for _, cols in rows), rows
