@@ -1,0 +1,268 @@
+#!/usr/bin/env python
+"""The one script a GPU session runs: build with CUDA, verify, time, print one table.
+
+    python bench/gpu_check.py [--no-build] [--skip-tests] [--skip-bench]
+
+Sections (each wrapped: a failure becomes a FAILED row and the rest still runs):
+  (a) build the extension with CUDA (pip install --no-build-isolation --no-deps -e .),
+      print GPU, torch, triton and CUDA versions;
+  (b) the card's measured ceilings: bf16 GEMM (torch.matmul 8192^3) and copy bandwidth;
+  (c) the gpu-marked tests (pytest -m gpu -q tests/);
+  (d) bench/gpu_kmeans.py and bench/gpu_triton.py, each a module with run(report);
+  (e) one markdown table on stdout, and the same table + JSON under $OUT (or
+      ./gpu_check_out/).
+``report(name, **columns)`` appends a row; ``report.context`` holds the measured
+ceilings (bf16_gemm_tflops, copy_gbps, device) for the benchmark modules.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.environ.get("OUT") or os.path.join(ROOT, "gpu_check_out")
+
+
+class Reporter:
+    """Collects rows; callable as report(name, **columns)."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+        self.context: dict = {}
+
+    def __call__(self, name: str, **columns) -> None:
+        row = {"name": name, **columns}
+        self.rows.append(row)
+        print("  row:", json.dumps(row, default=str), flush=True)
+
+
+report = Reporter()
+
+
+def section(title: str, fn, *args) -> None:
+    print(f"\n=== {title}", flush=True)
+    t0 = time.perf_counter()
+    try:
+        fn(*args)
+    except Exception as exc:  # noqa: BLE001 - every section must be survivable
+        tb = traceback.format_exc()
+        print(tb, flush=True)
+        report(title, status="FAILED", error=f"{type(exc).__name__}: {exc}"[:300])
+    print(f"=== {title}: {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+# ----------------------------------------------------------------------- (a) build
+def build(no_build: bool) -> None:
+    if no_build:
+        report("build", status="skipped (--no-build)")
+        return
+    cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps",
+           "-e", ".", "-C", "cmake.define.FASTSSL_CUDA=ON"]
+    try:  # build only for this card: half the nvcc time of the default "80;90"
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(0)
+            cmd += ["-C", f"cmake.define.CMAKE_CUDA_ARCHITECTURES={major}{minor}"]
+    except Exception:  # noqa: BLE001
+        pass
+    env = dict(os.environ, CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 4))
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=420, env=env)
+    seconds = time.perf_counter() - t0
+    with open(os.path.join(OUT, "build.log"), "w") as f:
+        f.write(" ".join(cmd) + "\n" + proc.stdout + "\n" + proc.stderr)
+    ok = proc.returncode == 0
+    if not ok:
+        print((proc.stdout + proc.stderr)[-4000:])
+    report("build", status="ok" if ok else "FAILED", seconds=round(seconds, 1),
+           note="" if ok else "see build.log")
+
+
+def versions() -> None:
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "torch_cuda": torch.version.cuda}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception as exc:  # noqa: BLE001
+        info["triton"] = f"missing ({type(exc).__name__})"
+    try:
+        import cupy
+
+        info["cupy"] = cupy.__version__
+    except Exception:  # noqa: BLE001
+        info["cupy"] = "missing"
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info["gpu"] = p.name
+        info["capability"] = f"{p.major}.{p.minor}"
+        info["sms"] = p.multi_processor_count
+        info["memory_gib"] = round(p.total_memory / 2**30, 1)
+        report.context["device"] = p.name
+    else:
+        info["gpu"] = "none visible"
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.sm,power.limit",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+        info["driver/clock/power"] = smi.stdout.strip()
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        sys.path.insert(0, ROOT)
+        from fastssl import _native
+
+        bi = _native.build_info()
+        info["fastssl_cuda_archs"] = bi.get("cuda_archs", "")
+        info["fastssl_cpu_isa"] = bi.get("cpu_isa", "")
+        info["fastssl_has_cuda"] = _native.has_cuda_ext()
+    except Exception as exc:  # noqa: BLE001
+        info["fastssl"] = f"import failed: {exc}"
+    for key, value in info.items():
+        print(f"  {key}: {value}")
+    report.context["versions"] = info
+    report("environment", status="ok", **{k: info[k] for k in ("gpu", "torch", "torch_cuda", "triton") if k in info})
+
+
+# --------------------------------------------------------------------- (b) ceilings
+def _median_ms(fn, warmup: int, reps: int) -> float:
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def ceilings() -> None:
+    import torch
+
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = _median_ms(lambda: torch.matmul(a, b), 3, 10)
+    tflops = 2 * n**3 / (ms * 1e-3) / 1e12
+    report.context["bf16_gemm_tflops"] = tflops
+    report("ceiling: bf16 GEMM 8192^3 (torch.matmul)", status="ok", ms=round(ms, 3),
+           tflops=round(tflops, 1))
+    del a, b
+    src = torch.randn(1 << 28, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = _median_ms(lambda: dst.copy_(src), 3, 10)
+    gbps = 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+    report.context["copy_gbps"] = gbps
+    report("ceiling: device copy 1 GiB (read+write)", status="ok", ms=round(ms, 3),
+           gbps=round(gbps, 1))
+    del src, dst
+    torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------ (c) tests
+def tests() -> None:
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+           "--no-header", "-rfE", "tests/"]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+        out, code = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as exc:
+        raw = exc.stdout or ""
+        out = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+        code = "timeout"
+    seconds = time.perf_counter() - t0
+    with open(os.path.join(OUT, "pytest_gpu.log"), "w") as f:
+        f.write(out)
+    lines = [ln for ln in out.strip().splitlines() if ln.strip()]
+    summary = lines[-1] if lines else "(no output)"
+    failed = [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))]
+    print("\n".join(failed[:40]) or "  (no failures listed)")
+    print("  " + summary)
+    import torch
+
+    ran = " passed" in summary or " failed" in summary
+    ok = code == 0 and (ran or not torch.cuda.is_available())
+    report("pytest -m gpu tests/", status="ok" if ok else "FAILED",
+           seconds=round(seconds, 1), summary=summary[:200],
+           first_failure=(failed[0][:200] if failed else ""))
+
+
+# --------------------------------------------------------------------- (d) modules
+def bench_module(filename: str) -> None:
+    path = os.path.join(ROOT, "bench", filename)
+    if not os.path.exists(path):
+        report(filename, status="FAILED", error="missing")
+        return
+    spec = importlib.util.spec_from_file_location(filename[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.run(report)
+
+
+# ------------------------------------------------------------------------ (e) table
+def table(rows: list[dict]) -> str:
+    columns: list[str] = []
+    for row in rows:
+        for key in row:
+            if key not in columns:
+                columns.append(key)
+
+    def cell(v) -> str:
+        if isinstance(v, float):
+            v = f"{v:.4g}"
+        return str(v).replace("|", "/").replace("\n", " ")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-build", action="store_true", help="use the installed extension")
+    parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--skip-bench", action="store_true")
+    args = parser.parse_args()
+    os.makedirs(OUT, exist_ok=True)
+    t0 = time.perf_counter()
+    section("build", build, args.no_build)
+    section("environment", versions)
+    section("ceilings", ceilings)
+    if not args.skip_tests:
+        section("tests", tests)
+    if not args.skip_bench:
+        section("gpu_kmeans.py", bench_module, "gpu_kmeans.py")
+        section("gpu_triton.py", bench_module, "gpu_triton.py")
+    total = time.perf_counter() - t0
+    report("total", status="ok", seconds=round(total, 1))
+
+    text = table(report.rows)
+    print("\n" + text)
+    with open(os.path.join(OUT, "gpu_check.md"), "w") as f:
+        f.write(f"# gpu_check {time.strftime('%Y-%m-%d %H:%M:%S')}\n\n{text}\n")
+    with open(os.path.join(OUT, "gpu_check.json"), "w") as f:
+        json.dump({"rows": report.rows, "context": report.context}, f, indent=1, default=str)
+    print(f"\nwritten: {OUT}/gpu_check.md, gpu_check.json, build.log, pytest_gpu.log")
+    return 0 if all(r.get("status") != "FAILED" for r in report.rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
