@@ -1,0 +1,248 @@
+"""Process-group setup and the few collectives fastssl jobs need.
+
+``init()`` reads the launcher's environment:
+
+    torchrun   RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
+    SLURM      SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_NODELIST (first host
+               becomes the master), SLURM_JOB_ID (picks a default port)
+
+and initialises ``torch.distributed`` (nccl when CUDA is visible, gloo otherwise). With
+none of them set, one process works alone: nothing is initialised and every helper below
+behaves as the identity (rank 0 of 1). The collectives accept numpy arrays or torch
+tensors and return the caller's type, so algorithm code never branches on the backend.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 29500
+
+__all__ = [
+    "DistInfo", "init", "shutdown", "is_initialized", "rank", "world_size", "local_rank",
+    "is_main", "barrier", "all_reduce_sum", "broadcast", "all_gather_arrays", "first_host",
+    "rank_slice",
+]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """What ``init`` found: rank, world size, local rank, backend ('' when alone)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    launcher: str  # "torchrun" | "slurm" | "none"
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a SLURM node list: 'gpu[03-05,9],cpu1' -> 'gpu03'."""
+    nodelist = nodelist.strip()
+    if not nodelist:
+        raise ValueError("SLURM_NODELIST is empty")
+    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist)
+    if m is None:
+        raise ValueError(f"cannot parse SLURM_NODELIST={nodelist!r}")
+    prefix, ranges = m.group(1), m.group(3)
+    if ranges is None:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def _launch_env() -> tuple[str, int, int, int, str | None, int | None]:
+    """(launcher, rank, world, local_rank, master_addr, master_port) from the environment."""
+    rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
+    if rank is not None and world is not None:
+        local = _env_int("LOCAL_RANK") or 0
+        return "torchrun", rank, world, local, os.environ.get("MASTER_ADDR"), _env_int("MASTER_PORT")
+    rank, world = _env_int("SLURM_PROCID"), _env_int("SLURM_NTASKS")
+    if rank is not None and world is not None and world > 1:
+        local = _env_int("SLURM_LOCALID") or 0
+        addr = os.environ.get("MASTER_ADDR") or first_host(os.environ.get("SLURM_NODELIST", ""))
+        port = _env_int("MASTER_PORT")
+        if port is None:
+            job = _env_int("SLURM_JOB_ID") or 0
+            port = DEFAULT_PORT + job % 10000  # jobs sharing a node get different ports
+        return "slurm", rank, world, local, addr, port
+    return "none", 0, 1, 0, None, None
+
+
+def init(backend: str | None = None, timeout_s: float = 1800.0) -> DistInfo:
+    """Initialises torch.distributed from torchrun / SLURM variables (idempotent).
+
+    Args:
+        backend: "nccl" | "gloo" | None (nccl when CUDA is available, else gloo).
+        timeout_s: collective timeout.
+    Returns:
+        DistInfo; world_size 1 and backend '' when no launcher variables are set.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK") or 0,
+                        dist.get_backend(), "existing")
+    launcher, rank_, world, local, addr, port = _launch_env()
+    if world <= 1:
+        return DistInfo(0, 1, 0, "", launcher)
+    if not dist.is_available():
+        raise RuntimeError("torch.distributed is not available in this torch build")
+    if rank_ < 0 or rank_ >= world:
+        raise ValueError(f"rank {rank_} is outside [0, {world}) ({launcher} variables)")
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(local % max(1, torch.cuda.device_count()))
+    addr = addr or "127.0.0.1"
+    port = port or DEFAULT_PORT
+    dist.init_process_group(
+        backend, init_method=f"tcp://{addr}:{port}", rank=rank_, world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    log.info("distributed: %s rank %d/%d (local %d) backend %s master %s:%s",
+             launcher, rank_, world, local, backend, addr, port)
+    return DistInfo(rank_, world, local, backend, launcher)
+
+
+def shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_initialized() -> bool:
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover
+        return False
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def local_rank() -> int:
+    return _env_int("LOCAL_RANK") or _env_int("SLURM_LOCALID") or 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def rank_slice(n: int, rank_: int | None = None, world: int | None = None) -> tuple[int, int]:
+    """Contiguous rows [start, stop) of n owned by a rank (balanced to within one row)."""
+    r = rank() if rank_ is None else rank_
+    w = world_size() if world is None else world
+    return n * r // w, n * (r + 1) // w
+
+
+def barrier() -> None:
+    if is_initialized():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------ collectives
+def _comm_device():
+    import torch
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _to_tensor(x: Any):
+    """(tensor on the communication device, restore function back to the caller's type)."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        dev = x.device
+        t = x.detach().to(_comm_device()).contiguous()
+        return t, lambda r: r.to(dev)
+    arr = np.ascontiguousarray(x)
+    t = torch.from_numpy(arr.copy()).to(_comm_device())
+    return t, lambda r: r.cpu().numpy()
+
+
+def all_reduce_sum(x: Any) -> Any:
+    """Element-wise sum over ranks; numpy in -> numpy out, tensor in -> tensor out.
+
+    Alone, returns x unchanged (no copy). Use float64/int64 for sums that must not
+    depend on the order in which ranks add up.
+    """
+    if not is_initialized():
+        return x
+    import torch.distributed as dist
+
+    t, back = _to_tensor(x)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return back(t)
+
+
+def broadcast(x: Any, src: int = 0) -> Any:
+    """The value of rank ``src`` on every rank. Shape and dtype must agree on all ranks."""
+    if not is_initialized():
+        return x
+    import torch.distributed as dist
+
+    t, back = _to_tensor(x)
+    dist.broadcast(t, src=src)
+    return back(t)
+
+
+def all_gather_arrays(x: Any) -> list[Any]:
+    """Every rank's array, in rank order; arrays may differ in their first dimension.
+
+    Args:
+        x: (n_r, ...) numpy array or tensor; trailing shape and dtype equal on all ranks.
+    Returns:
+        list of world_size arrays of the caller's type; [x] when alone.
+    """
+    if not is_initialized():
+        return [x]
+    import torch
+    import torch.distributed as dist
+
+    t, back = _to_tensor(x)
+    world = dist.get_world_size()
+    n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s.item()) for s in sizes]
+    longest = max(sizes)
+    padded = torch.zeros((longest,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t
+    out = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded)
+    return [back(o[:s]) for o, s in zip(out, sizes)]
