@@ -1,0 +1,99 @@
+"""fastssl.distributed: launcher parsing, single-process identity, 2-rank gloo k-means."""
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import pytest
+
+from fastssl import distributed as dist
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("nodelist, host", [
+    ("gpu[03-05,9],cpu1", "gpu03"), ("node17", "node17"), ("a[1,3]", "a1"),
+    ("n-[007-009]", "n-007"),
+])
+def test_first_host(nodelist, host):
+    assert dist.first_host(nodelist) == host
+
+
+def test_alone_without_launcher(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    info = dist.init()
+    assert (info.rank, info.world_size, info.backend) == (0, 1, "")
+    assert dist.rank() == 0 and dist.world_size() == 1 and dist.is_main()
+    x = np.arange(6.0)
+    assert dist.all_reduce_sum(x) is x
+    assert dist.all_gather_arrays(x)[0] is x
+    assert dist.rank_slice(10, 1, 3) == (3, 6)
+    dist.barrier()
+
+
+def test_slurm_env_parsing(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_NODELIST", "gpu[12-13]")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    assert dist._launch_env() == ("slurm", 3, 8, 1, "gpu12", 29500 + 4242)
+    monkeypatch.setenv("RANK", "x")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="RANK='x'"):
+        dist._launch_env()
+
+
+def _worker(rank: int, world: int, port: int, data: str, out: str, k: int, seed: int) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch
+
+    torch.set_num_threads(1)
+    from fastssl.curation import KMeans
+
+    info = dist.init(backend="gloo")
+    assert info.world_size == world and dist.rank() == rank
+    parts = dist.all_gather_arrays(np.arange(rank + 2, dtype=np.int64))  # variable sizes
+    assert [p.tolist() for p in parts] == [list(range(r + 2)) for r in range(world)]
+    assert float(dist.all_reduce_sum(torch.ones(3))[0]) == world
+    assert int(dist.broadcast(np.array([rank + 5]), src=1)[0]) == 6
+    km = KMeans(k=k, iterations=6, seed=seed, chunk_size=97, progress=False)
+    labels, dists = km.fit_predict(data)
+    if dist.is_main():
+        np.save(os.path.join(out, "centroids.npy"), km.centroids_)
+        np.save(os.path.join(out, "labels.npy"), labels)
+        np.save(os.path.join(out, "objectives.npy"), [s.objective for s in km.stats_])
+    dist.barrier()
+    dist.shutdown()
+
+
+def test_one_process_equals_two_gloo_processes(tmp_path, rng):
+    import torch.multiprocessing as mp
+
+    from fastssl.curation import KMeans
+
+    centers = rng.standard_normal((8, 16)) * 5
+    x = (centers[rng.integers(0, 8, 1001)] + rng.standard_normal((1001, 16))).astype(np.float32)
+    x[::7] += rng.standard_normal((143, 16)).astype(np.float32)  # uneven clusters
+    path = tmp_path / "x.npy"
+    np.save(path, x)
+    single = KMeans(k=8, iterations=6, seed=5, progress=False)
+    labels1, _ = single.fit_predict(str(path))
+    mp.start_processes(_worker, args=(2, _free_port(), str(path), str(tmp_path), 8, 5),
+                       nprocs=2, join=True, start_method="spawn")
+    c2 = np.load(tmp_path / "centroids.npy")
+    obj2 = np.load(tmp_path / "objectives.npy")
+    np.testing.assert_allclose(obj2, [s.objective for s in single.stats_], rtol=1e-6)
+    np.testing.assert_allclose(c2, single.centroids_, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.load(tmp_path / "labels.npy"), labels1)
