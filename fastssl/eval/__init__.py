@@ -1,0 +1,1 @@
+"""Evaluation: linear / kNN probes and AUROC with bootstrap intervals (fastssl.eval.probe)."""

@@ -1,0 +1,1 @@
+"""Models: the multi-view masked autoencoder and its baselines (fastssl.models.mvmae)."""

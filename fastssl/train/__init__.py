@@ -1,0 +1,1 @@
+"""Training loops: pretraining (fastssl.train.pretrain) and curation jobs."""
