@@ -187,7 +187,7 @@ def hierarchical_sample(
         part_pos = _ragged_positions(offsets[partial], part_sizes)
         keys = np.repeat(np.arange(partial.shape[0], dtype=np.float64), part_sizes)
         keys += rng.random(keys.shape[0])
-        shuffled = part_pos[np.argsort(keys, kind="stable")]
+        shuffled = part_pos[np.argsort(keys)]  # keys are distinct (a.s.), any sort is exact
         seg_start = np.cumsum(part_sizes) - part_sizes
         chosen = shuffled[_ragged_positions(seg_start, q[partial])]
         positions = np.concatenate([whole_pos, chosen])
