@@ -18,6 +18,7 @@ _LAZY = {
     "scan_dicom_tree": "fastssl.data.mimic",
     "StudyTable": "fastssl.data.mimic",
     "prepare_cache": "fastssl.data.cache",
+    "generate_phantom": "fastssl.data.phantom",
     "PairedViewDataset": "fastssl.data.datasets",
     "SingleViewDataset": "fastssl.data.datasets",
     "make_loader": "fastssl.data.datasets",

@@ -33,6 +33,7 @@ import logging
 import os
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
@@ -223,10 +224,13 @@ def _image_spec(rng: np.random.Generator, view: str, vp: str, no_vp: float, used
 
 # --------------------------------------------------------------------------- DICOM
 def _uid(seed_tag: str, *parts) -> str:
-    from pydicom.uid import generate_uid
+    """A deterministic UID: 2.25.<name-based UUID (version 5) of the seed and object>.
 
-    # deterministic 2.25.<int> UIDs from the seed and the object's identity
-    return generate_uid(prefix=None, entropy_srcs=["fastssl-phantom", seed_tag, *map(str, parts)])
+    (pydicom's ``generate_uid(prefix=None, entropy_srcs=...)`` ignores the entropy and
+    returns a random UUID, so it cannot give reproducible files.)
+    """
+    name = "/".join(["fastssl-phantom", seed_tag, *map(str, parts)])
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, name).int}"
 
 
 def _dataset(task: dict, im: dict, image: np.ndarray | None, size: int, run_tag: str, spacing_mm: float):
