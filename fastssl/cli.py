@@ -17,6 +17,8 @@ from typing import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "phantom": ("fastssl.data.phantom", "write a synthetic paired-view chest X-ray set (DICOM, MIMIC-CXR layout)"),
     "prepare": ("fastssl.data.cache", "convert DICOM studies once into memory-mapped .npy shards"),
+    "pretrain": ("fastssl.train.pretrain", "multi-view MAE pretraining (paired), or the single-view / supervised baselines"),
+    "probe": ("fastssl.eval.probe", "linear probe on frozen CLS features: per-label and macro AUROC with bootstrap CIs"),
     "embed": ("fastssl.curation.embed", "embed image tiles with a timm model into fp16 .npy shards"),
     "curate": ("fastssl.train.curate", "hierarchical k-means tree, balanced sample and report"),
     "demo": ("fastssl.demo", "the main job end to end on built-in phantom data"),
