@@ -136,3 +136,28 @@ def test_pool_and_scan_give_the_same_pixels(tmp_path, source):
     assert (summary["written"], summary["rejects"]) == (N_IMAGES - 1, 1)
     a, b = read_index(one), read_index(scanned)
     assert sorted(a.dicom_id) == sorted(b.dicom_id)
+
+
+def test_phantom_cache_rejects_exactly_the_corrupt_files(tmp_path):
+    phantom_mod = pytest.importorskip("fastssl.data.phantom")
+    from fastssl.data.datasets import PairedViewDataset
+
+    root = tmp_path / "phantom"
+    phantom_mod.generate_phantom(root, 30, seed=11, size=48, corrupt=3, workers=1, progress=False)
+    with open(root / "phantom_truth.csv", newline="") as handle:
+        truth = list(csv.DictReader(handle))
+    out = tmp_path / "cache"
+    summary = prepare_cache(root, out, size=32, shard_size=16, workers=2, progress=False)
+    corrupt = {r["dicom_id"] for r in truth if r["corrupt"]}
+    assert summary["written"] == len(truth) - len(corrupt) and summary["rejects"] == len(corrupt)
+    with open(out / "rejects.csv", newline="") as handle:
+        rejected = {os.path.splitext(os.path.basename(r["path"]))[0]: r["reason"] for r in csv.DictReader(handle)}
+    assert set(rejected) == corrupt and all(rejected.values())
+    index = read_index(out)
+    assert not corrupt & set(index.dicom_id.tolist())
+    # pairs: studies with a readable frontal and lateral image (with ViewPosition)
+    good = [r for r in truth if not r["corrupt"] and r["view_position"]]
+    pairs = {st for st in {r["study_id"] for r in good}
+             if {r["view"] for r in good if r["study_id"] == st} == {"frontal", "lateral"}}
+    ds = PairedViewDataset(out, split=None)
+    assert set(ds.study_ids.tolist()) == pairs

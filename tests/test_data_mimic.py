@@ -156,3 +156,60 @@ def test_scan_outside_mimic_layout_uses_uids(tmp_path):
     paired = [st for st in table.studies if st.paired][0]
     assert paired.study_id == uid and paired.subject_id == "P1"
     assert paired.frontal[0].dicom_id == "a" and paired.lateral[0].path == "b.dcm"
+
+
+# ---- on the phantom (real DICOM in the MIMIC-CXR layout, with a ground truth) ----
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    phantom_mod = pytest.importorskip("fastssl.data.phantom")
+    root = tmp_path_factory.mktemp("phantom")
+    phantom_mod.generate_phantom(root, 40, seed=5, size=48, corrupt=3, workers=1, progress=False,
+                                 no_view_position_fraction=0.1)
+    with open(root / "phantom_truth.csv", newline="") as handle:
+        truth = list(csv.DictReader(handle))
+    return root, truth
+
+
+def _expected_from_truth(truth):
+    by_study: dict[str, dict[str, set]] = {}
+    for row in truth:
+        views = by_study.setdefault(row["study_id"], {"frontal": set(), "lateral": set(), "unknown": set()})
+        # without ViewPosition an image is "unknown" whatever view it really is
+        views[row["view"] if row["view_position"] else "unknown"].add(row["dicom_id"])
+    return by_study
+
+
+def _views_of(table):
+    return {s.study_id: {v: {r.dicom_id for r in getattr(s, v)} for v in ("frontal", "lateral", "unknown")}
+            for s in table.studies}
+
+
+def test_phantom_csv_pairing_matches_truth(phantom):
+    root, truth = phantom
+    expected = _expected_from_truth(truth)
+    table = load_mimic_csv(root)
+    assert _views_of(table) == expected
+    s = table.summary()
+    assert s["images"] == len(truth) and s["other_images"] == 0
+    assert s["unknown_images"] == sum(1 for r in truth if not r["view_position"]) > 0
+    both = sum(1 for v in expected.values() if v["frontal"] and v["lateral"])
+    assert s["both"] == both and s["studies"] == len(expected)
+    for study in table.studies:  # each truth view agrees with the ViewPosition class
+        for view in ("frontal", "lateral"):
+            assert all(r.view_position in (FRONTAL if view == "frontal" else LATERAL) for r in getattr(study, view))
+
+
+FRONTAL, LATERAL = ("PA", "AP"), ("LATERAL", "LL")
+
+
+def test_phantom_scan_pairs_like_the_csvs(phantom):
+    root, truth = phantom
+    scanned = scan_dicom_tree(root, workers=2)
+    assert _views_of(scanned) == _expected_from_truth(truth)
+    # corrupt files still have readable headers (truncated pixels, no pixels, bad JPEG 2000):
+    # the scan keeps them; the cache rejects them when it reads the pixels.
+    assert scanned.rejects == []
+    by_id = {s.study_id: s for s in load_mimic_csv(root).studies}
+    for s in scanned.studies:
+        assert s.subject_id == by_id[s.study_id].subject_id
