@@ -53,7 +53,7 @@ def weights(tmp_path):
 
 def config(weights, **kw):
     base = dict(model=MODEL, weights=str(weights), img_size=SIZE, batch_size=3, shard_size=4,
-                workers=0, quiet=True)
+                workers=0, quiet=True, device="cpu")
     return EmbedConfig(**{**base, **kw})
 
 
@@ -119,6 +119,18 @@ def test_array_file_source_random_init(tmp_path, rng):
     emb = np.load(tmp_path / "emb" / "emb_00000.npy")
     assert emb.shape == (7, 64) and emb.dtype == np.float16
     assert read_csv(tmp_path / "emb" / "index.csv")[3]["source"] == "tiles.npy[3]"
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_matches_cpu(tiles, weights, tmp_path):
+    # The CUDA path (channels_last, bf16 autocast) against the fp32 CPU path.
+    cpu = embed_images(tiles, tmp_path / "cpu", config(weights))
+    gpu = embed_images(tiles, tmp_path / "gpu", config(weights, device="auto"))
+    assert gpu["count"] == cpu["count"] == 9
+    a = np.concatenate([np.load(tmp_path / "gpu" / s["file"]) for s in gpu["shards"]]).astype(np.float32)
+    b = np.concatenate([np.load(tmp_path / "cpu" / s["file"]) for s in cpu["shards"]]).astype(np.float32)
+    rel = np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)
+    assert rel.max() < 0.05, rel
 
 
 def test_bad_inputs(tmp_path, weights):
