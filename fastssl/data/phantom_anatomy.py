@@ -255,13 +255,11 @@ def _chord(dx, dy, dz, terms: tuple, h) -> tuple[np.ndarray, np.ndarray]:
     if np.any(np.isfinite(h)):
         nd = nx * dx + ny * dy + nz * dz
         hh = np.where(np.isfinite(h), h, 1e30)
-        par = np.abs(nd) < 1e-12  # ray parallel to the caps: inside the slab or not at all
-        safe = np.where(par, 1e-12, nd)
+        # A ray parallel to the caps gets nd = 1e-12: then the slab is all t (inside it)
+        # or lies at |t| ~ 1e12, far from the quadric's finite interval (outside it).
+        safe = np.where(np.abs(nd) < 1e-12, 1e-12, nd)
         s0, s1 = (-hh - nq) / safe, (hh - nq) / safe
-        inslab = np.abs(nq) <= hh
-        lo = np.where(par, np.where(inslab, -1e30, 1e30), np.minimum(s0, s1))
-        hi = np.where(par, np.where(inslab, 1e30, -1e30), np.maximum(s0, s1))
-        t0, t1 = np.maximum(t0, lo), np.minimum(t1, hi)
+        t0, t1 = np.maximum(t0, np.minimum(s0, s1)), np.minimum(t1, np.maximum(s0, s1))
     empty = (disc <= 0) | (t1 <= t0)
     return np.where(empty, 0.0, t0), np.where(empty, 0.0, t1)
 
