@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -67,7 +66,7 @@ class PretrainConfig:
     align: str = "mse"             # mse | cosine | infonce (alignment loss of paired mode)
     temperature: float = 0.5       # InfoNCE temperature
     beta_max: float = 2.0          # alignment weight reached at the end of the ramp
-    beta_ramp_epochs: float = -1   # length of the sigmoid ramp 0 -> beta_max; -1: all epochs
+    beta_ramp_epochs: float = -1.0 # length of the sigmoid ramp 0 -> beta_max; -1: all epochs
     epochs: int = 100
     batch_size: int = 64           # per rank; in paired mode a sample is a pair (2 images)
     base_lr: float = 1.5e-4        # lr = base_lr * batch_size * world_size / 256
@@ -489,40 +488,59 @@ def main(cfg: PretrainConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------ CLI
-def _field_help() -> dict[str, str]:
-    """Help strings from the dataclass source comments (one place documents a setting)."""
+def _field_help(cls) -> dict[str, str]:
+    """Help strings from a config dataclass's source comments (one place documents a setting)."""
     import inspect
 
     out = {}
     try:
-        source = inspect.getsource(PretrainConfig)
+        source = inspect.getsource(cls)
     except OSError:  # no source shipped: the flags still work, with plain names as help
         return out
     for line in source.splitlines():
         line = line.strip()
-        if ":" in line and "=" in line and "#" in line and not line.startswith(("#", "def", "\"")):
-            name = line.split(":", 1)[0].strip()
-            out[name] = line.split("#", 1)[1].strip()
+        if ":" in line and "=" in line and "#" in line and not line.startswith(("#", "def", '"')):
+            out[line.split(":", 1)[0].strip()] = line.split("#", 1)[1].strip()
     return out
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    helps = _field_help()
-    for f in fields(PretrainConfig):
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, *, required=(), skip=(),
+                            choices: dict | None = None) -> None:
+    """One flag per field of the config dataclass ``cls`` (``--name-with-dashes``); booleans
+    get ``--x/--no-x``; defaults and help come from the dataclass."""
+    choices = choices or {}
+    helps = _field_help(cls)
+    for f in fields(cls):
+        if f.name in skip:
+            continue
         flag = "--" + f.name.replace("_", "-")
         help_ = helps.get(f.name, f.name.replace("_", " "))
-        if f.name == "progress":
-            continue  # --quiet (added by the router) switches the bar off
         if isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
         else:
             parser.add_argument(flag, type=type(f.default), default=f.default, help=help_,
-                                required=f.name == "cache")
+                                required=f.name in required, choices=choices.get(f.name))
+
+
+def config_from_args(cls, args: argparse.Namespace):
+    """The dataclass ``cls`` from parsed flags; progress follows --quiet."""
+    values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+    if "progress" in {f.name for f in fields(cls)}:
+        values["progress"] = not getattr(args, "quiet", False)
+    return cls(**values)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # --progress is not a flag: --quiet (added by the router) switches the bar off.
+    from fastssl.models.mvmae import ALIGN_LOSSES, PRESETS, TARGETS
+
+    add_dataclass_arguments(parser, PretrainConfig, required=("cache",), skip=("progress",), choices=dict(
+        mode=MODES, preset=sorted(PRESETS), target=TARGETS, align=ALIGN_LOSSES, amp=("bf16", "fp16", "none"),
+        impl=("auto", "triton", "torch"), device=None))
 
 
 def run(args: argparse.Namespace) -> int:
-    values = {f.name: getattr(args, f.name) for f in fields(PretrainConfig) if hasattr(args, f.name)}
-    cfg = dataclasses.replace(PretrainConfig(), **values, progress=not getattr(args, "quiet", False))
+    cfg = config_from_args(PretrainConfig, args)
     from fastssl.errors import DataError
 
     try:
