@@ -32,13 +32,14 @@ __all__ = ["mae_loss_fwd", "mae_loss_bwd"]
 @triton.jit
 def _mae_loss_kernel(
     pred_ptr, img_ptr, w_ptr, ids_ptr, scale_ptr, grad_ptr, part_ptr,
-    R, P, C, W_PATCHES, N_PATCHES, n_row_blocks,
+    R, W_PATCHES, N_PATCHES, n_row_blocks,
     stride_pb, stride_pr,
     stride_ib, stride_ic, stride_ih, stride_iw,
     stride_wb, stride_wr,
     stride_db, stride_dr,
     eps,
     PATCH: tl.constexpr,
+    C: tl.constexpr,  # compile-time, so that the lane -> (i, q, c) divisions are cheap
     BLOCK_R: tl.constexpr,
     BLOCK_P: tl.constexpr,
     NORM_PIX: tl.constexpr,
@@ -46,6 +47,7 @@ def _mae_loss_kernel(
     HAS_IDS: tl.constexpr,
     BACKWARD: tl.constexpr,
 ):
+    P: tl.constexpr = PATCH * PATCH * C
     b = tl.program_id(0)
     rb = tl.program_id(1)
     b64 = b.to(tl.int64)
@@ -128,13 +130,13 @@ def _launch(pred, imgs, weight, ids, patch_size, norm_pix, eps, *, backward, sca
     num_warps = 8 if block_r * block_p >= 8192 else 4
     _mae_loss_kernel[(b, n_rb)](
         pred, imgs, wt, it, scale if backward else dummy, grad, part,
-        rows, p_len, c, w_patches, n_patches, n_rb,
+        rows, w_patches, n_patches, n_rb,
         pred.stride(0), pred.stride(1),
         imgs.stride(0), imgs.stride(1), imgs.stride(2), imgs.stride(3),
         wt.stride(0) if weight is not None else 0, wt.stride(1) if weight is not None else 0,
         it.stride(0) if ids is not None else 0, it.stride(1) if ids is not None else 0,
         float(eps),
-        PATCH=patch_size, BLOCK_R=block_r, BLOCK_P=block_p, NORM_PIX=norm_pix,
+        PATCH=patch_size, C=c, BLOCK_R=block_r, BLOCK_P=block_p, NORM_PIX=norm_pix,
         HAS_W=weight is not None, HAS_IDS=ids is not None, BACKWARD=backward,
         num_warps=num_warps,
     )

@@ -115,10 +115,15 @@ def _(x, ids_keep, pos_embed, sample_embed, impl):
 
 
 @torch.library.custom_op("fastssl::gather_tokens_backward", mutates_args=())
-def _gather_backward_op(grad: torch.Tensor, ids_keep: torch.Tensor, x: torch.Tensor,
-                        pos_embed: Optional[torch.Tensor], sample_embed: Optional[torch.Tensor],
+def _gather_backward_op(grad: torch.Tensor, ids_keep: torch.Tensor, length: int,
+                        x: torch.Tensor, pos_embed: Optional[torch.Tensor],
+                        sample_embed: Optional[torch.Tensor],
                         impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    length = x.shape[1]
+    # x, pos_embed and sample_embed are empty dtype carriers (see _gather_setup); the
+    # reference reads pos_embed's shape, so give it an (L, D) view of one element.
+    d = grad.shape[2]
+    if pos_embed is not None:
+        pos_embed = pos_embed.new_zeros(()).expand(length, d)
     if impl == "torch":
         gx, gpos, gse = _ref.gather_tokens_backward_reference(
             grad, ids_keep, length, x_dtype=x.dtype, pos_embed=pos_embed,
@@ -127,10 +132,10 @@ def _gather_backward_op(grad: torch.Tensor, ids_keep: torch.Tensor, x: torch.Ten
         k = _common.kernels("masking")
         pos_info = (pos_embed.shape, pos_embed.dtype) if pos_embed is not None else None
         se_dtype = sample_embed.dtype if sample_embed is not None else None
-        tune = _common.tuning(x.device)
-        if x.device.type != "cuda":
+        tune = _common.tuning(grad.device)
+        if grad.device.type != "cuda":
             tune["min_programs"] = 1  # the interpreter runs programs one after another
-        with _device_ctx(x):
+        with _device_ctx(grad):
             gx, gpos, gse = k.gather_tokens_bwd(grad, ids_keep, length, x.dtype, pos_info,
                                                 se_dtype, **tune)
     if gpos is None:
@@ -141,25 +146,32 @@ def _gather_backward_op(grad: torch.Tensor, ids_keep: torch.Tensor, x: torch.Ten
 
 
 @_gather_backward_op.register_fake
-def _(grad, ids_keep, x, pos_embed, sample_embed, impl):
-    gpos = torch.empty_like(pos_embed) if pos_embed is not None else x.new_empty(_EMPTY)
-    gse = torch.empty_like(sample_embed) if sample_embed is not None else x.new_empty(_EMPTY)
-    return torch.empty_like(x), gpos, gse
+def _(grad, ids_keep, length, x, pos_embed, sample_embed, impl):
+    b, _, d = grad.shape
+    gpos = pos_embed.new_empty((length, d)) if pos_embed is not None else x.new_empty(_EMPTY)
+    gse = sample_embed.new_empty((b, d)) if sample_embed is not None else x.new_empty(_EMPTY)
+    return x.new_empty((b, length, d)), gpos, gse
 
 
 def _gather_setup(ctx, inputs, output):
     x, ids_keep, pos_embed, sample_embed, impl = inputs
-    # Only metadata of x and the embeddings is needed in backward; saving the tensors
-    # keeps that simple (they are parameters or live activations anyway).
-    ctx.save_for_backward(ids_keep, x, pos_embed, sample_embed)
-    ctx.has = (pos_embed is not None, sample_embed is not None)
+    # Backward needs only the indices and the shapes/dtypes of the inputs: x itself is
+    # not saved, so the (B, L, D) tokens are not kept alive until backward for us.
+    ctx.save_for_backward(ids_keep)
+    ctx.length = x.shape[1]
+    ctx.dtypes = (x.dtype, None if pos_embed is None else pos_embed.dtype,
+                  None if sample_embed is None else sample_embed.dtype)
     ctx.impl = impl
 
 
 def _gather_backward(ctx, grad):
-    ids_keep, x, pos_embed, sample_embed = ctx.saved_tensors
-    gx, gpos, gse = _gather_backward_op(grad, ids_keep, x, pos_embed, sample_embed, ctx.impl)
-    return (gx, None, gpos if ctx.has[0] else None, gse if ctx.has[1] else None, None)
+    (ids_keep,) = ctx.saved_tensors
+    x_dt, pos_dt, se_dt = ctx.dtypes
+    carrier = lambda dt: None if dt is None else grad.new_empty(_EMPTY, dtype=dt)  # noqa: E731
+    gx, gpos, gse = _gather_backward_op(grad, ids_keep, ctx.length, carrier(x_dt),
+                                        carrier(pos_dt), carrier(se_dt), ctx.impl)
+    return (gx, None, gpos if pos_dt is not None else None,
+            gse if se_dt is not None else None, None)
 
 
 _gather_op.register_autograd(_gather_backward, setup_context=_gather_setup)
@@ -245,33 +257,39 @@ def _(x_vis, mask_token, ids_restore, impl):
 
 
 @torch.library.custom_op("fastssl::unshuffle_with_mask_token_backward", mutates_args=())
-def _unshuffle_backward_op(grad: torch.Tensor, ids_restore: torch.Tensor, x_vis: torch.Tensor,
-                           mask_token: torch.Tensor,
+def _unshuffle_backward_op(grad: torch.Tensor, ids_restore: torch.Tensor, k_vis: int,
+                           x_vis: torch.Tensor, mask_token: torch.Tensor,
                            impl: str) -> tuple[torch.Tensor, torch.Tensor]:
-    k_vis = x_vis.shape[1]
+    # x_vis and mask_token are empty dtype carriers (see _unshuffle_setup).
     if impl == "torch":
         return _ref.unshuffle_with_mask_token_backward_reference(
             grad, ids_restore, k_vis, x_dtype=x_vis.dtype, token_dtype=mask_token.dtype)
     k = _common.kernels("masking")
-    with _device_ctx(x_vis):
+    with _device_ctx(grad):
         return k.unshuffle_bwd(grad, ids_restore, k_vis, x_vis.dtype, mask_token.dtype,
-                               **_common.tuning(x_vis.device))
+                               **_common.tuning(grad.device))
 
 
 @_unshuffle_backward_op.register_fake
-def _(grad, ids_restore, x_vis, mask_token, impl):
-    return torch.empty_like(x_vis), torch.empty_like(mask_token)
+def _(grad, ids_restore, k_vis, x_vis, mask_token, impl):
+    b, _, d = grad.shape
+    return x_vis.new_empty((b, k_vis, d)), mask_token.new_empty((d,))
 
 
 def _unshuffle_setup(ctx, inputs, output):
     x_vis, mask_token, ids_restore, impl = inputs
-    ctx.save_for_backward(ids_restore, x_vis, mask_token)
+    ctx.save_for_backward(ids_restore)  # not x_vis: only its shape and dtype are needed
+    ctx.k_vis = x_vis.shape[1]
+    ctx.dtypes = (x_vis.dtype, mask_token.dtype)
     ctx.impl = impl
 
 
 def _unshuffle_backward(ctx, grad):
-    ids_restore, x_vis, mask_token = ctx.saved_tensors
-    gx, gtok = _unshuffle_backward_op(grad, ids_restore, x_vis, mask_token, ctx.impl)
+    (ids_restore,) = ctx.saved_tensors
+    x_dt, tok_dt = ctx.dtypes
+    gx, gtok = _unshuffle_backward_op(grad, ids_restore, ctx.k_vis,
+                                      grad.new_empty(_EMPTY, dtype=x_dt),
+                                      grad.new_empty(_EMPTY, dtype=tok_dt), ctx.impl)
     return gx, gtok, None, None
 
 
