@@ -70,6 +70,10 @@ def _worker(rank: int, world: int, port: int, data: str, out: str, k: int, seed:
     assert int(dist.broadcast(np.array([rank + 5]), src=1)[0]) == 6
     km = KMeans(k=k, iterations=6, seed=seed, chunk_size=97, progress=False)
     labels, dists = km.fit_predict(data)
+    from fastssl.curation import hierarchical_kmeans
+
+    hierarchical_kmeans(data, [12, 4], output_dir=os.path.join(out, "tree2"), iterations=3,
+                        split_k=2, resampling_steps=1, memory_budget_mb=0.03, progress=False)
     if dist.is_main():
         np.save(os.path.join(out, "centroids.npy"), km.centroids_)
         np.save(os.path.join(out, "labels.npy"), labels)
@@ -97,3 +101,12 @@ def test_one_process_equals_two_gloo_processes(tmp_path, rng):
     np.testing.assert_allclose(obj2, [s.objective for s in single.stats_], rtol=1e-6)
     np.testing.assert_allclose(c2, single.centroids_, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.load(tmp_path / "labels.npy"), labels1)
+    # the whole tree (grouped split batches shared across ranks, resampling) agrees too
+    from fastssl.curation import HierarchicalTree, hierarchical_kmeans
+
+    tree1 = hierarchical_kmeans(str(path), [12, 4], iterations=3, split_k=2, resampling_steps=1,
+                                memory_budget_mb=0.03, progress=False)
+    tree2 = HierarchicalTree.load(tmp_path / "tree2")
+    for a, b in zip(tree1.levels, tree2.levels):
+        np.testing.assert_allclose(np.asarray(b.centroids), a.centroids, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(b.assignments), a.assignments)
