@@ -1,0 +1,125 @@
+"""fastssl.eval.probe: AUROC against a brute-force pairwise count (ties, ignored labels),
+bootstrap intervals, probe on separable features, study-level averaging, and the tiny
+end-to-end job phantom -> prepare -> pretrain -> probe through the CLI."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from _mvmae_helpers import one_thread, phantom_cache
+from fastssl.eval.probe import (
+    auroc, auroc_rows, bootstrap_macro_auroc, fit_linear_probe, knn_scores, macro_auroc, midranks,
+    probe_logits, study_logits,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
+
+
+def brute_auroc(s, y):
+    pos, neg = s[y == 1], s[y == 0]
+    if pos.size == 0 or neg.size == 0:
+        return float("nan")
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return wins / (pos.size * neg.size)
+
+
+def test_midranks_average_ties():
+    np.testing.assert_array_equal(midranks(np.array([3.0, 1.0, 3.0, 2.0, 3.0])), [4, 1, 4, 2, 4])
+    x = np.array([[0.5, 0.5], [2.0, 1.0]])
+    np.testing.assert_array_equal(midranks(x), [[1.5, 1.5], [2, 1]])
+
+
+@pytest.mark.parametrize("distinct", [3, 1000])
+def test_auroc_matches_brute_force(rng, distinct):
+    for _ in range(20):
+        n = int(rng.integers(2, 60))
+        s = rng.integers(0, distinct, size=n).astype(float)  # few values: many ties
+        y = rng.integers(-1, 2, size=n)
+        assert auroc(s, y) == pytest.approx(brute_auroc(s, y), nan_ok=True)
+    s, y = rng.normal(size=(7, 40)), rng.integers(0, 2, size=(7, 40))
+    np.testing.assert_allclose(auroc_rows(s, y), [brute_auroc(a, b) for a, b in zip(s, y)])
+
+
+def test_auroc_edge_cases():
+    assert auroc([1, 2, 3], [0, 0, 1]) == 1.0 and auroc([3, 2, 1], [0, 0, 1]) == 0.0
+    assert auroc([1, 1, 1, 1], [0, 1, 0, 1]) == 0.5
+    assert np.isnan(auroc([1, 2], [1, 1])) and np.isnan(auroc([1, 2], [0, -1]))
+    with pytest.raises(ValueError, match="NaN"):
+        auroc([np.nan, 1], [0, 1])
+    with pytest.raises(ValueError, match="no label"):
+        macro_auroc(np.zeros((3, 2)), np.zeros((3, 2)))
+
+
+def test_macro_and_bootstrap(rng):
+    y = rng.integers(0, 2, size=(80, 5))
+    y[:, 4] = 0  # one class only: left out of the macro
+    s = y + rng.normal(scale=1.0, size=y.shape)
+    per, macro = macro_auroc(s, y)
+    assert np.isnan(per[4]) and macro == pytest.approx(np.mean(per[:4]))
+    ci = bootstrap_macro_auroc(s, y, n_boot=300, seed=1)
+    assert ci["macro"][0] < macro < ci["macro"][1] and ci["macro"][1] - ci["macro"][0] < 0.2
+    assert np.isnan(ci["per_label"][4]).all()
+    key = lambda r: (r["macro"], r["per_label"][:4])  # noqa: E731  (NaN != NaN: leave label 4 out)
+    assert key(ci) == key(bootstrap_macro_auroc(s, y, n_boot=300, seed=1))  # seeded
+    assert key(ci) != key(bootstrap_macro_auroc(s, y, n_boot=300, seed=2))
+    # chunking over replicates changes nothing
+    assert key(ci) == key(bootstrap_macro_auroc(s, y, n_boot=300, seed=1, max_elems=80 * 7))
+    # one replicate by hand
+    one = bootstrap_macro_auroc(s, y, n_boot=1, seed=5)
+    idx = np.random.default_rng(5).integers(0, 80, size=(1, 80))[0]
+    want = np.mean([brute_auroc(s[idx, j], y[idx, j]) for j in range(4)])
+    assert one["macro"][0] == pytest.approx(want)
+
+
+def test_probe_on_separable_features(rng):
+    y = rng.integers(0, 2, size=(300, 14))
+    y[rng.random(y.shape) < 0.1] = -1  # ignored entries
+    x = np.concatenate([2.0 * y.clip(0) + 0.3 * rng.normal(size=y.shape), rng.normal(size=(300, 6))], 1)
+    for method in ("lbfgs", "adamw"):
+        probe = fit_linear_probe(x[:200], y[:200], method=method, max_iter=200 if method == "adamw" else 50)
+        per, macro = macro_auroc(probe_logits(probe, x[200:]), y[200:])
+        assert macro > 0.99, (method, per)
+    _, kmacro = macro_auroc(knn_scores(x[:200], y[:200], x[200:], k=10), y[200:])
+    assert kmacro > 0.8  # 2^14 label combinations: neighbours share most, not all, labels
+    with pytest.raises(ValueError, match="method"):
+        fit_linear_probe(x, y, method="sgd")
+
+
+def test_study_logits_average_views():
+    logits = np.array([[1.0, 0.0], [3.0, 2.0], [5.0, 5.0]])
+    labels = np.array([[1, 0], [1, 0], [0, 1]], dtype=np.int8)
+    s, lab = study_logits(logits, labels, np.array([7, 2, 7]))
+    np.testing.assert_array_equal(s, [[3.0, 2.0], [3.0, 2.5]])  # studies in sorted order: 2, 7
+    np.testing.assert_array_equal(lab, [[1, 0], [1, 0]])
+
+
+def test_end_to_end_phantom_pretrain_probe(tmp_path, capsys):
+    from fastssl.cli import main as cli
+
+    cache = phantom_cache(str(tmp_path))
+    run = str(tmp_path / "run")
+    assert cli(["pretrain", "--cache", cache, "--out", run, "--preset", "test", "--epochs", "2",
+                "--batch-size", "4", "--workers", "0", "--mask-ratio", "0.75", "--warmup-epochs", "1",
+                "--log-every", "2", "--quiet"]) == 0
+    assert os.path.isfile(os.path.join(run, "encoder.safetensors"))
+    out = str(tmp_path / "probe")
+    assert cli(["probe", "--cache", cache, "--checkpoint", os.path.join(run, "encoder.safetensors"),
+                "--out", out, "--workers", "0", "--n-boot", "50", "--knn-k", "5", "--quiet"]) == 0
+    with open(os.path.join(out, "probe.json")) as handle:
+        r = json.load(handle)
+    assert 0.0 <= r["macro_auroc"] <= 1.0 and len(r["per_label"]) == 14 and r["labels_used"]
+    lo, hi = r["macro_ci"]
+    assert 0.0 <= lo <= hi <= 1.0 and r["feature_dim"] == 32 and r["n_test_studies"] > 0
+    assert "macro AUROC" in capsys.readouterr().out
+    # the training checkpoint works as well, and a missing file is a clear error
+    assert cli(["probe", "--cache", cache, "--checkpoint", os.path.join(run, "checkpoint.pt"),
+                "--out", out, "--workers", "0", "--n-boot", "10", "--quiet"]) == 0
+    assert cli(["probe", "--cache", cache, "--checkpoint", os.path.join(run, "nope.pt"),
+                "--out", out, "--quiet"]) == 2
