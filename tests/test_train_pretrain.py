@@ -128,3 +128,40 @@ def test_bad_settings(cache, tmp_path):
         main(_cfg(cache, tmp_path, batch_size=64))
     with pytest.raises(ValueError, match="mask_ratio"):
         main(_cfg(cache, tmp_path, mask_ratio=1.0))
+
+
+def _ddp_worker(rank, world, port, cache, out, result_dir):
+    import torch.distributed as dist
+
+    from fastssl.models.mvmae import alignment_loss
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    r = main(_cfg(cache, out, epochs=1, batch_size=4, align="infonce"))  # initialises gloo
+    # InfoNCE with negatives gathered across ranks == one process over the global batch
+    g = torch.Generator().manual_seed(0)
+    za, zb = torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g)
+    local = alignment_loss(za[4 * rank:4 * rank + 4], zb[4 * rank:4 * rank + 4], "infonce")
+    dist.all_reduce(local)
+    dist.destroy_process_group()
+    want = float(alignment_loss(za, zb, "infonce"))  # alone now: no gathering
+    with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as handle:
+        json.dump(dict(step=r["step"], total=r["total_steps"], loss=float(local) / world, want=want), handle)
+
+
+def test_two_gloo_ranks(cache, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, cache, str(tmp_path / "run"), str(tmp_path)), nprocs=2)
+    res = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    assert res[0]["step"] == res[1]["step"] == res[0]["total"] == 2  # 16 pairs / (4 x 2 ranks)
+    assert res[0]["loss"] == pytest.approx(res[0]["want"], rel=1e-5)
+    assert os.path.isfile(tmp_path / "run" / "encoder.safetensors")
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert len(ck["rng"]["generators"]) == 2  # each rank resumes its own masks
