@@ -29,7 +29,7 @@ def cache(tmp_path_factory):
 def _cfg(cache, out, **kw):
     base = PretrainConfig(cache=cache, out=str(out), preset="test", epochs=2, batch_size=4, workers=0,
                           mask_ratio=0.75, warmup_epochs=1, log_every=1, ckpt_every=1000, progress=False,
-                          base_lr=1e-3, seed=3)
+                          base_lr=1e-3, seed=3, device="cpu")  # CPU: bitwise-reproducible
     return replace(base, **kw)
 
 
@@ -138,6 +138,9 @@ def _ddp_worker(rank, world, port, cache, out, result_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    from fastssl import distributed
+
+    distributed.init(backend="gloo")  # also on a GPU machine: both ranks share one host
     r = main(_cfg(cache, out, epochs=1, batch_size=4, align="infonce"))  # initialises gloo
     # InfoNCE with negatives gathered across ranks == one process over the global batch
     g = torch.Generator().manual_seed(0)
