@@ -114,8 +114,16 @@ def init(backend: str | None = None, timeout_s: float = 1800.0) -> DistInfo:
         torch.cuda.set_device(local % max(1, torch.cuda.device_count()))
     addr = addr or "127.0.0.1"
     port = port or DEFAULT_PORT
+    if launcher == "torchrun":
+        # env:// lets torchrun's agent store serve the rendezvous (a tcp:// URL would try
+        # to listen on MASTER_PORT, which the agent already holds)
+        os.environ.setdefault("MASTER_ADDR", addr)
+        os.environ.setdefault("MASTER_PORT", str(port))
+        init_method = "env://"
+    else:
+        init_method = f"tcp://{addr}:{port}"
     dist.init_process_group(
-        backend, init_method=f"tcp://{addr}:{port}", rank=rank_, world_size=world,
+        backend, init_method=init_method, rank=rank_, world_size=world,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
     log.info("distributed: %s rank %d/%d (local %d) backend %s master %s:%s",

@@ -35,7 +35,8 @@ import numpy as np
 
 from fastssl import distributed as dist
 from fastssl.curation._source import PointSource
-from fastssl.curation.kmeans import KMeans, KMeansConfig, _one_thread, _scatter_add
+from fastssl.curation.kmeans import (KMeans, KMeansConfig, _one_thread, _progress_enabled,
+                                     _scatter_add)
 from fastssl.curation.tree import HierarchicalTree, TreeLevel, save_npy_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -549,7 +550,8 @@ def _run_step(config: HierarchicalConfig, lc: LevelConfig, depth: int, step: str
         c, lab, dd = split_clusters(inputs, labels, int(config.split_k), iters_split, seed=seed,
                                     init=config.init, impl=config.impl,
                                     memory_budget_mb=config.memory_budget_mb,
-                                    fp64_accumulate=config.fp64_accumulate, progress=bool(show))
+                                    fp64_accumulate=config.fp64_accumulate,
+                                    progress=_progress_enabled(show))
         return c, lab, dd
     # resample_i
     k = centroids.shape[0]
