@@ -35,7 +35,7 @@ def check_triton_vs_torch():
         out["loss"].backward()
         outs.append((out, {n: p.grad.clone() for n, p in m.named_parameters()}))
     (oa, ga), (ob, gb) = outs
-    rows = {k: abs(float(oa[k]) - float(ob[k])) / abs(float(ob[k])) for k in ("recon_frontal", "recon_lateral", "align")}
+    rows = {k: abs(float(oa[k].detach()) - float(ob[k].detach())) / abs(float(ob[k].detach())) for k in ("recon_frontal", "recon_lateral", "align")}
     worst = max(((ga[n] - gb[n]).norm() / gb[n].norm().clamp(min=1e-12)).item() for n in ga)
     return dict(rel_err_losses=rows, worst_rel_grad_err=worst)
 
