@@ -16,6 +16,7 @@ Implementations:
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -46,8 +47,7 @@ def _loss_dtype(pred: torch.Tensor) -> torch.dtype:
     return torch.float64 if pred.dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("fastssl::mae_loss", mutates_args=())
-def _mae_loss_op(pred: torch.Tensor, imgs: torch.Tensor, mask: Optional[torch.Tensor],
+def _mae_loss_impl(pred: torch.Tensor, imgs: torch.Tensor, mask: Optional[torch.Tensor],
                  ids_masked: Optional[torch.Tensor], patch_size: int, norm_pix: bool,
                  eps: float, impl: str) -> torch.Tensor:
     target = "norm_pix" if norm_pix else "pixel"
@@ -63,13 +63,15 @@ def _mae_loss_op(pred: torch.Tensor, imgs: torch.Tensor, mask: Optional[torch.Te
     return part.sum() / torch.where(wsum != 0, wsum, torch.ones_like(wsum))
 
 
+_mae_loss_op = torch.library.custom_op("fastssl::mae_loss", _mae_loss_impl, mutates_args=())
+
+
 @_mae_loss_op.register_fake
 def _(pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, impl):
     return pred.new_empty((), dtype=_loss_dtype(pred))
 
 
-@torch.library.custom_op("fastssl::mae_loss_backward", mutates_args=())
-def _mae_loss_backward_op(grad: torch.Tensor, pred: torch.Tensor, imgs: torch.Tensor,
+def _mae_loss_backward_impl(grad: torch.Tensor, pred: torch.Tensor, imgs: torch.Tensor,
                           mask: Optional[torch.Tensor], ids_masked: Optional[torch.Tensor],
                           patch_size: int, norm_pix: bool, eps: float,
                           impl: str) -> torch.Tensor:
@@ -86,6 +88,10 @@ def _mae_loss_backward_op(grad: torch.Tensor, pred: torch.Tensor, imgs: torch.Te
                               **_common.tuning(pred.device))
 
 
+_mae_loss_backward_op = torch.library.custom_op(
+    "fastssl::mae_loss_backward", _mae_loss_backward_impl, mutates_args=())
+
+
 @_mae_loss_backward_op.register_fake
 def _(grad, pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, impl):
     return torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
@@ -97,15 +103,18 @@ def _setup_context(ctx, inputs, output):
     ctx.config = (patch_size, norm_pix, eps, impl)
 
 
-def _backward(ctx, grad):
+def _backward(ctx, grad, backward_op=None):
     pred, imgs, mask, ids_masked = ctx.saved_tensors
     grad_pred = None
     if ctx.needs_input_grad[0]:
-        grad_pred = _mae_loss_backward_op(grad, pred, imgs, mask, ids_masked, *ctx.config)
+        grad_pred = (backward_op or _mae_loss_backward_op)(grad, pred, imgs, mask, ids_masked, *ctx.config)
     return grad_pred, None, None, None, None, None, None, None
 
 
 _mae_loss_op.register_autograd(_backward, setup_context=_setup_context)
+_mae_loss_eager = _common.eager_function(
+    _mae_loss_impl, _setup_context,
+    functools.partial(_backward, backward_op=_mae_loss_backward_impl))
 
 
 class _nullcontext:
@@ -216,5 +225,5 @@ def mae_loss(
         out_of_range, _ = _common.index_problems(ids_masked, n_patches, distinct=False)
         if out_of_range:
             raise ValueError(f"ids_masked holds values outside [0, L={n_patches})")
-    return _mae_loss_op(pred, imgs, mask, ids_masked, patch_size, target == "norm_pix",
-                        float(eps), chosen)
+    op = _mae_loss_op if torch.compiler.is_compiling() else _mae_loss_eager
+    return op(pred, imgs, mask, ids_masked, patch_size, target == "norm_pix", float(eps), chosen)

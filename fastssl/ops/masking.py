@@ -9,6 +9,7 @@ compile with ``torch.compile(fullgraph=True)``; ``impl=`` picks the fused Triton
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -86,8 +87,7 @@ def random_masking(
 
 
 # -------------------------------------------------------------------- gather_tokens
-@torch.library.custom_op("fastssl::gather_tokens", mutates_args=())
-def _gather_op(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: Optional[torch.Tensor],
+def _gather_impl(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: Optional[torch.Tensor],
                sample_embed: Optional[torch.Tensor], impl: str) -> torch.Tensor:
     if impl == "torch":
         return _ref.gather_tokens_reference(x, ids_keep, pos_embed=pos_embed,
@@ -98,6 +98,9 @@ def _gather_op(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: Optional[torc
     with _device_ctx(x):
         return k.gather_tokens_fwd(x, ids_keep, pos, se, _gather_dtype(x, pos_embed, sample_embed),
                                    **_common.tuning(x.device))
+
+
+_gather_op = torch.library.custom_op("fastssl::gather_tokens", _gather_impl, mutates_args=())
 
 
 def _gather_dtype(x, pos_embed, sample_embed) -> torch.dtype:
@@ -114,8 +117,7 @@ def _(x, ids_keep, pos_embed, sample_embed, impl):
                        dtype=_gather_dtype(x, pos_embed, sample_embed))
 
 
-@torch.library.custom_op("fastssl::gather_tokens_backward", mutates_args=())
-def _gather_backward_op(grad: torch.Tensor, ids_keep: torch.Tensor, length: int,
+def _gather_backward_impl(grad: torch.Tensor, ids_keep: torch.Tensor, length: int,
                         x: torch.Tensor, pos_embed: Optional[torch.Tensor],
                         sample_embed: Optional[torch.Tensor],
                         impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -145,6 +147,10 @@ def _gather_backward_op(grad: torch.Tensor, ids_keep: torch.Tensor, length: int,
     return gx, gpos, gse
 
 
+_gather_backward_op = torch.library.custom_op(
+    "fastssl::gather_tokens_backward", _gather_backward_impl, mutates_args=())
+
+
 @_gather_backward_op.register_fake
 def _(grad, ids_keep, length, x, pos_embed, sample_embed, impl):
     b, _, d = grad.shape
@@ -164,17 +170,20 @@ def _gather_setup(ctx, inputs, output):
     ctx.impl = impl
 
 
-def _gather_backward(ctx, grad):
+def _gather_backward(ctx, grad, backward_op=None):
     (ids_keep,) = ctx.saved_tensors
     x_dt, pos_dt, se_dt = ctx.dtypes
     carrier = lambda dt: None if dt is None else grad.new_empty(_EMPTY, dtype=dt)  # noqa: E731
-    gx, gpos, gse = _gather_backward_op(grad, ids_keep, ctx.length, carrier(x_dt),
+    gx, gpos, gse = (backward_op or _gather_backward_op)(grad, ids_keep, ctx.length, carrier(x_dt),
                                         carrier(pos_dt), carrier(se_dt), ctx.impl)
     return (gx, None, gpos if pos_dt is not None else None,
             gse if se_dt is not None else None, None)
 
 
 _gather_op.register_autograd(_gather_backward, setup_context=_gather_setup)
+_gather_eager = _common.eager_function(
+    _gather_impl, _gather_setup,
+    functools.partial(_gather_backward, backward_op=_gather_backward_impl))
 
 
 def gather_tokens(
@@ -234,12 +243,12 @@ def gather_tokens(
             raise ValueError(f"ids_keep holds values outside [0, L={length})")
         if repeated:
             raise ValueError("ids_keep repeats an index within a row; indices must be distinct")
-    return _gather_op(x, ids_keep, pos2d, sample_embed, chosen)
+    op = _gather_op if torch.compiler.is_compiling() else _gather_eager
+    return op(x, ids_keep, pos2d, sample_embed, chosen)
 
 
 # ------------------------------------------------------------- unshuffle + mask token
-@torch.library.custom_op("fastssl::unshuffle_with_mask_token", mutates_args=())
-def _unshuffle_op(x_vis: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor,
+def _unshuffle_impl(x_vis: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor,
                   impl: str) -> torch.Tensor:
     if impl == "torch":
         return _ref.unshuffle_with_mask_token_reference(x_vis, mask_token, ids_restore)
@@ -250,14 +259,17 @@ def _unshuffle_op(x_vis: torch.Tensor, mask_token: torch.Tensor, ids_restore: to
                                **_common.tuning(x_vis.device))
 
 
+_unshuffle_op = torch.library.custom_op(
+    "fastssl::unshuffle_with_mask_token", _unshuffle_impl, mutates_args=())
+
+
 @_unshuffle_op.register_fake
 def _(x_vis, mask_token, ids_restore, impl):
     return x_vis.new_empty((x_vis.shape[0], ids_restore.shape[1], x_vis.shape[2]),
                            dtype=torch.promote_types(x_vis.dtype, mask_token.dtype))
 
 
-@torch.library.custom_op("fastssl::unshuffle_with_mask_token_backward", mutates_args=())
-def _unshuffle_backward_op(grad: torch.Tensor, ids_restore: torch.Tensor, k_vis: int,
+def _unshuffle_backward_impl(grad: torch.Tensor, ids_restore: torch.Tensor, k_vis: int,
                            x_vis: torch.Tensor, mask_token: torch.Tensor,
                            impl: str) -> tuple[torch.Tensor, torch.Tensor]:
     # x_vis and mask_token are empty dtype carriers (see _unshuffle_setup).
@@ -268,6 +280,10 @@ def _unshuffle_backward_op(grad: torch.Tensor, ids_restore: torch.Tensor, k_vis:
     with _device_ctx(grad):
         return k.unshuffle_bwd(grad, ids_restore, k_vis, x_vis.dtype, mask_token.dtype,
                                **_common.tuning(grad.device))
+
+
+_unshuffle_backward_op = torch.library.custom_op(
+    "fastssl::unshuffle_with_mask_token_backward", _unshuffle_backward_impl, mutates_args=())
 
 
 @_unshuffle_backward_op.register_fake
@@ -284,16 +300,19 @@ def _unshuffle_setup(ctx, inputs, output):
     ctx.impl = impl
 
 
-def _unshuffle_backward(ctx, grad):
+def _unshuffle_backward(ctx, grad, backward_op=None):
     (ids_restore,) = ctx.saved_tensors
     x_dt, tok_dt = ctx.dtypes
-    gx, gtok = _unshuffle_backward_op(grad, ids_restore, ctx.k_vis,
+    gx, gtok = (backward_op or _unshuffle_backward_op)(grad, ids_restore, ctx.k_vis,
                                       grad.new_empty(_EMPTY, dtype=x_dt),
                                       grad.new_empty(_EMPTY, dtype=tok_dt), ctx.impl)
     return gx, gtok, None, None
 
 
 _unshuffle_op.register_autograd(_unshuffle_backward, setup_context=_unshuffle_setup)
+_unshuffle_eager = _common.eager_function(
+    _unshuffle_impl, _unshuffle_setup,
+    functools.partial(_unshuffle_backward, backward_op=_unshuffle_backward_impl))
 
 
 def unshuffle_with_mask_token(
@@ -345,4 +364,5 @@ def unshuffle_with_mask_token(
             raise ValueError(f"ids_restore holds values outside [0, L={length})")
         if not_perm:
             raise ValueError("ids_restore must be a permutation of range(L) in every row")
-    return _unshuffle_op(x_vis, mask_token.reshape(d), ids_restore, chosen)
+    op = _unshuffle_op if torch.compiler.is_compiling() else _unshuffle_eager
+    return op(x_vis, mask_token.reshape(d), ids_restore, chosen)
