@@ -26,6 +26,19 @@ SHAPES = [  # (n, d, k)
 ]
 
 
+def _centroids_as_multiplied(c, x_dtype):
+    """The engine multiplies bf16 rows (and, on AMX, fp16 rows) with bf16 centroids."""
+    if x_dtype == torch.bfloat16 or (x_dtype == torch.float16 and _cpu_isa() == "amx"):
+        return c.to(torch.bfloat16).float()
+    return c
+
+
+def _cpu_isa() -> str:
+    from fastssl._native import build_info
+
+    return build_info().get("cpu_isa", "")
+
+
 def _random(rng, shape, dtype):
     return torch.from_numpy(rng.standard_normal(shape).astype(np.float32)).to(dtype)
 
@@ -68,8 +81,8 @@ def test_assign_matches_reference(rng, dtype, rtol, n, d, k, metric):
     assert labels.dtype == torch.int64 and dist.dtype == torch.float32
     assert labels.shape == (n,) and dist.shape == (n,)
     # The engine multiplies in x's precision: bf16 rounds the centroids too.
-    c_used = c.to(dtype).float() if dtype == torch.bfloat16 else c
-    if metric == "cos" and dtype == torch.bfloat16:
+    c_used = _centroids_as_multiplied(c, dtype)
+    if metric == "cos" and c_used is not c:
         rtol = 2 ** -8  # unit centroids rounded to bf16 are no longer exactly unit
     _check_against_reference(x.float(), c_used, labels, dist, metric, rtol)
 
@@ -167,7 +180,7 @@ def test_assign_grouped_matches_per_group_loop(rng, dtype):
     x = _random(rng, (int(x_off[-1]), 48), dtype)
     c = _random(rng, (int(c_off[-1]), 48), torch.float32)
     labels, dist = kmeans.assign_grouped(x, x_off, c, c_off, impl="cpu")
-    c_used = c.to(dtype).float() if dtype == torch.bfloat16 else c
+    c_used = _centroids_as_multiplied(c, dtype)
     ref_l, ref_d = assign_grouped_reference(x.float(), torch.from_numpy(x_off), c_used,
                                             torch.from_numpy(c_off), dtype=torch.float64)
     for g in range(len(sizes_x)):
@@ -324,8 +337,8 @@ def test_grouped_property_typed_error_or_correct(problem, seed):
         return  # a typed error is an acceptable answer to malformed input
     xf = torch.as_tensor(np.asarray(x)).float() if dtype == "int16" else x.float()
     c_used = torch.from_numpy(c)
-    if dtype == "bfloat16":
-        c_used = c_used.bfloat16().float()
+    if dtype in ("bfloat16", "float16"):
+        c_used = _centroids_as_multiplied(c_used, getattr(torch, dtype))
     for g in range(len(x_off) - 1):
         lo, hi = int(x_off[g]), int(x_off[g + 1])
         if lo == hi:

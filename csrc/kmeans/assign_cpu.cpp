@@ -77,8 +77,9 @@ void assign_cpu(const MatrixView& x, const MatrixView& c, Metric metric, AssignO
   switch (isa()) {
 #ifdef FASTSSL_HAVE_X86
     case Isa::Amx:
-      // AMX multiplies bf16 only; fp32 and fp16 inputs keep their precision on AVX-512.
-      if (x.dtype == DType::BF16) return cpu::amx::assign_entry(x, c, metric, out, num_threads);
+      // AMX multiplies bf16 rows, and fp16 rows split exactly into two bf16 halves; fp32
+      // rows keep fp32 arithmetic on AVX-512.
+      if (x.dtype != DType::F32) return cpu::amx::assign_entry(x, c, metric, out, num_threads);
       return cpu::avx512_bf16::assign_entry(x, c, metric, out, num_threads);
     case Isa::Avx512Bf16: return cpu::avx512_bf16::assign_entry(x, c, metric, out, num_threads);
     case Isa::Avx512: return cpu::avx512::assign_entry(x, c, metric, out, num_threads);
@@ -94,7 +95,7 @@ void assign_grouped_cpu(const MatrixView& x, const int64_t* x_offsets, const Mat
   switch (isa()) {
 #ifdef FASTSSL_HAVE_X86
     case Isa::Amx:
-      if (x.dtype == DType::BF16)
+      if (x.dtype != DType::F32)
         return cpu::amx::assign_grouped_entry(x, x_offsets, c, c_offsets, groups, metric, out,
                                               num_threads);
       return cpu::avx512_bf16::assign_grouped_entry(x, x_offsets, c, c_offsets, groups, metric,

@@ -6,7 +6,11 @@
 // The accumulators are stored once per micro-tile and folded into the same lane-wise
 // running minimum as the AVX-512 engine, so the n x k matrix never exists.
 //
-// fp32 and fp16 inputs never come here: the dispatcher sends them to the AVX-512 engine.
+// fp16 rows are multiplied exactly too: each value is split into a bf16 head and a bf16
+// tail (x = hi + lo holds exactly: fp16 has 11 significant bits, the tail at most 3),
+// laid out as a row of twice the depth, [hi | lo], against centroids repeated as [c | c].
+// The tile unit then computes hi.c + lo.c = x.c at twice the bf16 cost, still several
+// times the fp32 rate. fp32 rows never come here: they keep fp32 on AVX-512.
 #include <immintrin.h>
 #include <omp.h>
 #include <sys/syscall.h>
@@ -91,6 +95,44 @@ float row_to_bf16_words(const MatrixView& m, int64_t row, float* tmp, uint32_t* 
   return sq;
 }
 
+// The split layout of one fp16 row: [hi(d), 0 ... | lo(d), 0 ...], each half `half`
+// bf16 long (a multiple of the tile depth). Returns the squared norm of the exact values.
+float row_to_split_words(const MatrixView& m, int64_t row, uint32_t* words, int64_t half) {
+  const int64_t d = m.cols;
+  const uint16_t* src = static_cast<const uint16_t*>(m.data) + row * m.ld;
+  uint16_t* hi = reinterpret_cast<uint16_t*>(words);
+  uint16_t* lo = hi + half;
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= d; i += 32) {
+    const __m512 a = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
+    const __m512 b =
+        _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i + 16)));
+    acc = _mm512_fmadd_ps(a, a, _mm512_fmadd_ps(b, b, acc));
+    const __m512bh head = _mm512_cvtne2ps_pbh(b, a);
+    const __m512i head_bits = (__m512i)head;
+    // Widen the heads back to fp32 (even lanes: low halves, odd lanes: high halves is
+    // the pair layout; here the 32 heads are in element order, so unpack by halves).
+    const __m512 head_a = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(head_bits)), 16));
+    const __m512 head_b = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(head_bits, 1)), 16));
+    const __m512bh tail = _mm512_cvtne2ps_pbh(_mm512_sub_ps(b, head_b), _mm512_sub_ps(a, head_a));
+    _mm512_storeu_si512(hi + i, head_bits);
+    _mm512_storeu_si512(lo + i, (__m512i)tail);
+  }
+  float sq = _mm512_reduce_add_ps(acc);
+  for (; i < d; ++i) {
+    const float v = half_to_float(src[i]);
+    sq += v * v;
+    hi[i] = float_to_bf16(v);
+    lo[i] = float_to_bf16(v - bf16_to_float(hi[i]));
+  }
+  std::memset(hi + d, 0, (half - d) * sizeof(uint16_t));
+  std::memset(lo + d, 0, (half - d) * sizeof(uint16_t));
+  return sq;
+}
+
 struct Panels {
   std::vector<uint32_t> words;  // [panel][steps][NR]
   std::vector<float> bias;      // [panel * NR]
@@ -98,9 +140,15 @@ struct Panels {
   int64_t steps = 0;            // a multiple of kStepWords
 };
 
+// Depth in words of the packed rows: bf16 pairs, or for split fp16 rows two halves of
+// round_up(d, 32) bf16 each (so each half starts on a tile step).
+int64_t packed_steps(int64_t d, bool split) {
+  return split ? round_up(d, 2 * kStepWords) : round_up(depth_steps(d, true), kStepWords);
+}
+
 void pack_centroids(const MatrixView& c, int64_t c0, int64_t k, Metric metric, Panels& out,
-                    bool parallel) {
-  out.steps = round_up(depth_steps(c.cols, true), kStepWords);
+                    bool parallel, bool split) {
+  out.steps = packed_steps(c.cols, split);
   out.panel_count = (k + NR - 1) / NR;
   out.words.assign(static_cast<size_t>(out.panel_count * out.steps * NR), 0u);
   out.bias.assign(static_cast<size_t>(out.panel_count * NR),
@@ -111,7 +159,10 @@ void pack_centroids(const MatrixView& c, int64_t c0, int64_t k, Metric metric, P
     std::vector<uint32_t> row(out.steps);
 #pragma omp for schedule(static)
     for (int64_t j = 0; j < k; ++j) {
-      const float sq = row_to_bf16_words(c, c0 + j, tmp.data(), row.data(), out.steps);
+      // Split rows: the centroid is repeated in both halves, so [hi | lo].[c | c] = x.c.
+      const int64_t words = split ? out.steps / 2 : out.steps;
+      const float sq = row_to_bf16_words(c, c0 + j, tmp.data(), row.data(), words);
+      if (split) std::memcpy(row.data() + words, row.data(), words * sizeof(uint32_t));
       out.bias[j] = metric == Metric::L2 ? sq : 0.0f;
       uint32_t* panel = out.words.data() + (j / NR) * out.steps * NR + (j % NR);
       for (int64_t s = 0; s < out.steps; ++s) panel[s * NR] = row[s];
@@ -187,9 +238,12 @@ void run_rows(const MatrixView& x, int64_t row0, int64_t rows, const Panels& pc,
     const int64_t padded_rows = round_up(block_rows, MR);
     ws.a.assign(static_cast<size_t>(padded_rows * steps), 0u);
     ws.x_sqnorm.resize(static_cast<size_t>(block_rows));
+    const bool split = x.dtype == DType::F16;
     for (int64_t r = 0; r < block_rows; ++r)
-      ws.x_sqnorm[r] = row_to_bf16_words(x, row0 + block0 + r, ws.tmp.data(),
-                                         ws.a.data() + r * steps, steps);
+      ws.x_sqnorm[r] = split ? row_to_split_words(x, row0 + block0 + r, ws.a.data() + r * steps,
+                                                  steps)
+                             : row_to_bf16_words(x, row0 + block0 + r, ws.tmp.data(),
+                                                 ws.a.data() + r * steps, steps);
     ws.best_value.assign(static_cast<size_t>(padded_rows * NR),
                          std::numeric_limits<float>::infinity());
     ws.best_index.assign(static_cast<size_t>(padded_rows * NR), 0);
@@ -243,7 +297,7 @@ bool available() {
 void assign_entry(const MatrixView& x, const MatrixView& c, Metric metric, AssignOutput out,
                   int num_threads) {
   Panels pc;
-  pack_centroids(c, 0, c.rows, metric, pc, true);
+  pack_centroids(c, 0, c.rows, metric, pc, true, x.dtype == DType::F16);
   const int64_t blocks = (x.rows + MC - 1) / MC;
   const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
 #pragma omp parallel num_threads(threads) if (blocks > 1)
@@ -281,7 +335,8 @@ void assign_grouped_entry(const MatrixView& x, const int64_t* x_offsets, const M
     for (int64_t item = 0; item < items; ++item) {
       const int64_t g = item_group[item];
       if (g != packed_group) {
-        pack_centroids(c, c_offsets[g], c_offsets[g + 1] - c_offsets[g], metric, pc, false);
+        pack_centroids(c, c_offsets[g], c_offsets[g + 1] - c_offsets[g], metric, pc, false,
+                       x.dtype == DType::F16);
         packed_group = g;
       }
       const int64_t row0 = item_row[item];
