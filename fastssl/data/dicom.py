@@ -14,6 +14,8 @@ that a long job (``fastssl prepare``) can record it and carry on.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -230,6 +232,20 @@ def _check_pixel_module(path: str, ds) -> tuple[int, int, int]:
     return allocated, stored, rep
 
 
+@contextlib.contextmanager
+def _quiet_pydicom():
+    """pydicom logs a traceback at ERROR before raising a decode failure; the failure
+    comes back to the caller as a DataError naming the file, so the log is noise (one
+    traceback per corrupt file in a long prepare run)."""
+    logger = logging.getLogger("pydicom")
+    previous = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
 def _decode(path: str, ds) -> np.ndarray:
     from pydicom.pixels import get_decoder
 
@@ -249,7 +265,7 @@ def _decode(path: str, ds) -> np.ndarray:
                 + _CODEC_HINT,
             )
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_pydicom():
             warnings.simplefilter("ignore")
             # pydicom masks the bits above BitsStored and sign-extends when
             # PixelRepresentation = 1; it also checks the Pixel Data length.
