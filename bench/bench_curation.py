@@ -77,4 +77,4 @@ def test_four_level_tree(points, record, bench_size, tmp_path):
     level1 = steps["1/kmeans"]
     record("curation_tree_cpu", f"{'-'.join(map(str, levels))}, 3 resampling", secs, n=n,
            level1_s=round(level1, 1), upper_levels_s=round(secs - level1, 2),
-           points_per_s_level1=round(n * 11 / level1))
+           level1_points_per_s=round(n * 11 / level1))  # 10 iterations + final pass (init included)
