@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include <optional>
+#include <utility>
 #include <string>
 
 #include "kmeans/assign.h"
@@ -75,14 +76,21 @@ fastssl::AssignOutput outputs(py::array& labels, py::array& dist,
   return out;
 }
 
-void assign_cpu_py(const py::array& x, bool x_bf16, const py::array& c, bool c_bf16,
-                   int metric, py::array labels, py::array dist,
-                   std::optional<py::array> x_sqnorm, int num_threads) {
+// x and the centroids as matrix views with a common d, and a valid metric code.
+std::pair<MatrixView, MatrixView> host_pair(const py::array& x, bool x_bf16, const py::array& c,
+                                            bool c_bf16, int metric) {
   const MatrixView xv = host_matrix(x, x_bf16, "x");
   const MatrixView cv = host_matrix(c, c_bf16, "centroids");
   FASTSSL_CHECK(xv.cols == cv.cols, "x has d=" + std::to_string(xv.cols) +
                                         " but centroids have d=" + std::to_string(cv.cols));
   FASTSSL_CHECK(metric == 0 || metric == 1, "metric must be 0 (l2) or 1 (ip)");
+  return {xv, cv};
+}
+
+void assign_cpu_py(const py::array& x, bool x_bf16, const py::array& c, bool c_bf16,
+                   int metric, py::array labels, py::array dist,
+                   std::optional<py::array> x_sqnorm, int num_threads) {
+  const auto [xv, cv] = host_pair(x, x_bf16, c, c_bf16, metric);
   auto out = outputs(labels, dist, x_sqnorm, xv.rows);
   py::gil_scoped_release release;
   fastssl::assign_cpu(xv, cv, static_cast<Metric>(metric), out, num_threads);
@@ -94,11 +102,7 @@ void assign_grouped_cpu_py(const py::array& x, bool x_bf16,
                            const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& c_offsets,
                            int metric, py::array labels, py::array dist,
                            std::optional<py::array> x_sqnorm, int num_threads) {
-  const MatrixView xv = host_matrix(x, x_bf16, "x");
-  const MatrixView cv = host_matrix(c, c_bf16, "centroids");
-  FASTSSL_CHECK(xv.cols == cv.cols, "x has d=" + std::to_string(xv.cols) +
-                                        " but centroids have d=" + std::to_string(cv.cols));
-  FASTSSL_CHECK(metric == 0 || metric == 1, "metric must be 0 (l2) or 1 (ip)");
+  const auto [xv, cv] = host_pair(x, x_bf16, c, c_bf16, metric);
   FASTSSL_CHECK(x_offsets.ndim() == 1 && c_offsets.ndim() == 1 &&
                     x_offsets.size() == c_offsets.size() && x_offsets.size() >= 2,
                 "x_offsets and c_offsets must be 1-D of the same length G+1 >= 2");

@@ -8,8 +8,7 @@
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fastssl._lazy import lazy_exports
 
 _LAZY = {
     "KMeans": "fastssl.curation.kmeans",
@@ -24,9 +23,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'fastssl.curation' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

@@ -5,8 +5,7 @@ datasets import torch only when touched), so ``import fastssl.data`` stays cheap
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fastssl._lazy import lazy_exports
 
 # name -> module that defines it; add one line per public name.
 _LAZY = {
@@ -29,13 +28,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'fastssl.data' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
