@@ -90,7 +90,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in COMMANDS:
         top.error(f"unknown command {name!r}; choose from {', '.join(COMMANDS)}")
     parser, module = command_parser(name)
-    pre, _ = parser.parse_known_args(rest)
+    # Find --config first with a parser that knows nothing else, so that a required flag
+    # whose value comes from the file is not reported missing.
+    finder = argparse.ArgumentParser(add_help=False)
+    finder.add_argument("--config")
+    pre, _ = finder.parse_known_args(rest)
     if pre.config:
         _apply_config(parser, _load_config(pre.config), pre.config)
     args = parser.parse_args(rest)
