@@ -14,7 +14,7 @@
 // tile's epilogue costs O(MR * NR) instead of a horizontal reduction.
 
 struct PackedCentroids {
-  std::vector<uint32_t> panels;  // [panel][steps][NR]
+  AlignedVector<uint32_t> panels;  // [panel][steps][NR]
   std::vector<float> bias;       // [panel * NR]: ||c||^2 (l2) or 0 (ip); +inf for padding
   int64_t k = 0;
   int64_t panel_count = 0;
@@ -22,11 +22,11 @@ struct PackedCentroids {
 };
 
 struct Workspace {
-  std::vector<uint32_t> a;      // packed x block: [row panel][steps][MR]
+  AlignedVector<uint32_t> a;     // packed x block: [row panel][steps][MR]
   std::vector<double> x_sqnorm;  // [MC]
-  std::vector<float> partial;   // [row panel][NCP][MR * NR]
-  std::vector<float> best_value;  // [row panel][MR][NR], lane-wise running minimum
-  std::vector<int32_t> best_index;
+  AlignedVector<float> partial;  // [row panel][NCP][MR * NR]
+  AlignedVector<float> best_value;  // [row panel][MR][NR], lane-wise running minimum
+  AlignedVector<int32_t> best_index;
   std::vector<float> tmp;
   std::vector<uint32_t> words;
 };
