@@ -175,11 +175,27 @@ def grouped_lloyd(x: np.ndarray, x_offsets: np.ndarray, centroids: np.ndarray,
 
     from fastssl.kmeans import assign_grouped
 
+    from fastssl.curation.kmeans import assign_device
+
     K, d = centroids.shape
     c = np.ascontiguousarray(centroids, dtype=np.float32)
     slab = torch.empty((4096, d), dtype=torch.float64) if fp64_accumulate else None
+    device = assign_device(impl)
+    # On a GPU the batch of groups goes up once; each step sends centroids up and labels
+    # back, and the scatter-add stays on the host copy.
+    x_assign = torch.from_numpy(np.ascontiguousarray(x)).to(device) if device is not None else x
+    run_impl = "cuda" if device is not None else impl
+
+    def assign_all(centroids_now):
+        cc = torch.from_numpy(centroids_now).to(device) if device is not None else centroids_now
+        lab, dd = assign_grouped(x_assign, x_offsets, cc, c_offsets, impl=run_impl,
+                                 check_finite=False)
+        if device is not None:
+            lab, dd = lab.cpu().numpy(), dd.cpu().numpy()
+        return lab, dd
+
     for _ in range(int(iterations)):
-        labels, _ = assign_grouped(x, x_offsets, c, c_offsets, impl=impl, check_finite=False)
+        labels, _ = assign_all(c)
         sums = torch.zeros((K, d), dtype=torch.float64 if fp64_accumulate else torch.float32)
         counts = torch.zeros(K, dtype=torch.int64)
         with _one_thread():
@@ -187,7 +203,7 @@ def grouped_lloyd(x: np.ndarray, x_offsets: np.ndarray, centroids: np.ndarray,
         nonempty = (counts > 0).numpy()
         new = (sums / counts.clamp_min(1)[:, None].to(sums.dtype)).float().numpy()
         c = np.where(nonempty[:, None], new, c).astype(np.float32)
-    labels, dists = assign_grouped(x, x_offsets, c, c_offsets, impl=impl, check_finite=False)
+    labels, dists = assign_all(c)
     return c, np.asarray(labels, dtype=np.int64), np.asarray(dists, dtype=np.float32)
 
 

@@ -61,7 +61,9 @@ class KMeansConfig:
         nonfinite: "raise" (error naming the first NaN/inf row) or "skip" (rows are left
             out and counted; they get label -1).
         metric: "l2" (squared Euclidean), the only metric Lloyd's update minimises.
-        impl: passed to fastssl.kmeans.assign ("auto" | "cpu" | "cuda" | "torch").
+        impl: passed to fastssl.kmeans.assign ("auto" | "cpu" | "cuda" | "torch"). With
+            "auto" and a visible GPU (and fastssl._C built with CUDA) each streamed chunk
+            is copied to this rank's GPU and assigned there; the update stays on the host.
         tol: stop early when the objective falls by less than tol (relative); 0 = never.
         progress: tqdm bars with points/s; None = only when stderr is a TTY.
     """
@@ -139,8 +141,74 @@ def _bar(total: int, desc: str, enabled: bool):
                 leave=False, dynamic_ncols=True)
 
 
+def assign_device(impl: str):
+    """The CUDA device that host chunks are assigned on, or None for the host engine.
+
+    "auto" picks this rank's current GPU when one is visible and fastssl._C has its CUDA
+    engine; "cuda" requires one; "cpu" and "torch" stay on the host.
+    """
+    if impl not in ("auto", "cuda"):
+        return None
+    import torch
+
+    from fastssl._native import has_cuda_ext
+    from fastssl.errors import MissingDependencyError
+
+    usable = torch.cuda.is_available() and has_cuda_ext()
+    if impl == "auto" and not usable:
+        return None
+    if not usable:
+        raise MissingDependencyError(
+            "impl='cuda': k-means needs a visible CUDA device and fastssl._C built with CUDA")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+class DeviceAssigner:
+    """Assigns host chunks on a device: each chunk is copied up once, the centroids once
+    per array object (Lloyd passes one array for a whole iteration and makes a new one
+    for the next, so arrays must not be changed in place between calls), and only labels
+    and distances come back.
+
+    Args:
+        device: a torch device (a GPU in practice; any device works, which the tests use).
+        impl: passed to fastssl.kmeans.assign ("auto" picks the CUDA engine on a GPU).
+    """
+
+    def __init__(self, device, impl: str = "auto"):
+        self.device = device
+        self.impl = impl
+        self.uploads = 0  # centroid uploads so far (observable by tests)
+        self._host_c: np.ndarray | None = None
+        self._device_c = None
+
+    def centroids(self, c: np.ndarray):
+        import torch
+
+        if c is not self._host_c:
+            self._device_c = torch.from_numpy(np.ascontiguousarray(c)).to(self.device)
+            self._host_c = c  # held, so that its id cannot be reused by a new array
+            self.uploads += 1
+        return self._device_c
+
+    def __call__(self, x: np.ndarray, c: np.ndarray):
+        import torch
+
+        from fastssl.kmeans import assign
+
+        xt = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        labels, dists = assign(xt, self.centroids(c), metric="l2", impl=self.impl,
+                               check_finite=False)
+        return labels.cpu().numpy(), dists.cpu().numpy()
+
+
 def default_assigner(impl: str = "auto") -> Assigner:
+    """fastssl.kmeans.assign on this rank's GPU when there is one (see assign_device),
+    else on the host."""
     from fastssl.kmeans import assign
+
+    device = assign_device(impl)
+    if device is not None:
+        return DeviceAssigner(device, "cuda")
 
     def run(x: np.ndarray, c: np.ndarray):
         return assign(x, c, metric="l2", impl=impl, check_finite=False)
