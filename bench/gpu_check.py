@@ -8,7 +8,8 @@ Sections (each wrapped: a failure becomes a FAILED row and the rest still runs):
       print GPU, torch, triton and CUDA versions;
   (b) the card's measured ceilings: bf16 GEMM (torch.matmul 8192^3) and copy bandwidth;
   (c) the gpu-marked tests (pytest -m gpu -q tests/);
-  (d) bench/gpu_kmeans.py and bench/gpu_triton.py, each a module with run(report);
+  (d) bench/gpu_kmeans.py, bench/gpu_triton.py and bench/gpu_curation.py, each a
+      module with run(report);
   (e) one markdown table on stdout, and the same table + JSON under $OUT (or
       ./gpu_check_out/).
 ``report(name, **columns)`` appends a row; ``report.context`` holds the measured
@@ -265,6 +266,7 @@ def main() -> int:
     if not args.skip_bench:
         section("gpu_kmeans.py", bench_module, "gpu_kmeans.py")
         section("gpu_triton.py", bench_module, "gpu_triton.py")
+        section("gpu_curation.py", bench_module, "gpu_curation.py")
     total = time.perf_counter() - t0
     report("total", status="ok", seconds=round(total, 1))
 

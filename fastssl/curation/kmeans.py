@@ -195,10 +195,30 @@ class DeviceAssigner:
 
         from fastssl.kmeans import assign
 
-        xt = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        with warnings.catch_warnings():  # memmap chunks are read-only; torch only reads
+            warnings.simplefilter("ignore", UserWarning)
+            xt = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
         labels, dists = assign(xt, self.centroids(c), metric="l2", impl=self.impl,
                                check_finite=False)
+        self._last = (xt, labels)  # for scatter_add: the chunk is not copied up twice
         return labels.cpu().numpy(), dists.cpu().numpy()
+
+    # Rows per conversion to the accumulator dtype: bounds the temporary (a 256k x 1024
+    # chunk in float64 would be 2 GiB).
+    _SLAB = 32768
+
+    def scatter_add(self, sums, counts) -> None:
+        """sums[label] += row and counts[label] += 1 for the last chunk, on the device.
+
+        sums: (k, d) float64|float32 and counts: (k,) int64 tensors on ``self.device``.
+        """
+        import torch
+
+        xt, labels = self._last
+        for a in range(0, labels.shape[0], self._SLAB):
+            b = min(labels.shape[0], a + self._SLAB)
+            sums.index_add_(0, labels[a:b], xt[a:b].to(sums.dtype))
+        counts += torch.bincount(labels, minlength=counts.shape[0])
 
 
 def default_assigner(impl: str = "auto") -> Assigner:
@@ -411,12 +431,16 @@ class KMeans:
         my_bad = bad[(bad >= start) & (bad < stop)]
         acc_dtype = torch.float64 if cfg.fp64_accumulate else torch.float32
         slab = torch.empty((_F64_SLAB, src.d), dtype=torch.float64) if cfg.fp64_accumulate else None
+        # An assigner that keeps each chunk on its device also accumulates there, so a GPU
+        # run never moves rows back to the host for the update.
+        on_device = hasattr(self.assigner, "scatter_add")
+        acc_device = getattr(self.assigner, "device", None) if on_device else None
         self.stats_ = []
         show = _progress_enabled(cfg.progress) and dist.is_main()
         for it in range(int(cfg.iterations)):
             t0 = time.perf_counter()
-            sums = torch.zeros((k, src.d), dtype=acc_dtype)
-            counts = torch.zeros(k, dtype=torch.int64)
+            sums = torch.zeros((k, src.d), dtype=acc_dtype, device=acc_device)
+            counts = torch.zeros(k, dtype=torch.int64, device=acc_device)
             total = np.zeros(1, dtype=np.float64)
             far_d = np.zeros(0, dtype=np.float32)
             far_i = np.zeros(0, dtype=np.int64)
@@ -424,14 +448,18 @@ class KMeans:
             with _bar(stop - start, f"k-means it {it + 1}/{cfg.iterations}", show) as bar:
                 for s, block in src.chunks(start, stop, chunk):
                     labels, dists, block, kept = self._assign_block(block, centroids, s, my_bad)
-                    with _one_thread():
-                        _scatter_add(sums, counts, block, labels, slab)
+                    if on_device:
+                        if block.shape[0]:
+                            self.assigner.scatter_add(sums, counts)
+                    else:
+                        with _one_thread():
+                            _scatter_add(sums, counts, block, labels, slab)
                     total += dists.sum(dtype=np.float64)
                     if keep_far:
                         far_d, far_i = _top_far(far_d, far_i, dists, s, keep_far, kept=kept)
                     bar.update(block.shape[0])
-            sums = dist.all_reduce_sum(sums)
-            counts = dist.all_reduce_sum(counts)
+            sums = dist.all_reduce_sum(sums).cpu()
+            counts = dist.all_reduce_sum(counts).cpu()
             total = dist.all_reduce_sum(total)
             if keep_far and dist.is_initialized():
                 far_d = np.concatenate(dist.all_gather_arrays(far_d))
