@@ -20,6 +20,8 @@ FASTSSL_DECLARE_ENGINE(generic)
 FASTSSL_DECLARE_ENGINE(avx2)
 FASTSSL_DECLARE_ENGINE(avx512)
 FASTSSL_DECLARE_ENGINE(avx512_bf16)
+#endif
+#ifdef FASTSSL_HAVE_AMX
 FASTSSL_DECLARE_ENGINE(amx)
 namespace cpu::amx {
 bool available();
@@ -40,7 +42,9 @@ Isa detect() {
       __builtin_cpu_supports("avx512dq"))
     best = Isa::Avx512;
   if (best == Isa::Avx512 && __builtin_cpu_supports("avx512bf16")) best = Isa::Avx512Bf16;
+#ifdef FASTSSL_HAVE_AMX
   if (best == Isa::Avx512Bf16 && cpu::amx::available()) best = Isa::Amx;
+#endif
 #endif
   if (const char* cap = std::getenv("FASTSSL_CPU_ISA")) {
     Isa asked = best;
@@ -76,11 +80,13 @@ void assign_cpu(const MatrixView& x, const MatrixView& c, Metric metric, AssignO
                 int num_threads) {
   switch (isa()) {
 #ifdef FASTSSL_HAVE_X86
+#ifdef FASTSSL_HAVE_AMX
     case Isa::Amx:
       // AMX multiplies bf16 rows, and fp16 rows split exactly into two bf16 halves; fp32
       // rows keep fp32 arithmetic on AVX-512.
       if (x.dtype != DType::F32) return cpu::amx::assign_entry(x, c, metric, out, num_threads);
       return cpu::avx512_bf16::assign_entry(x, c, metric, out, num_threads);
+#endif
     case Isa::Avx512Bf16: return cpu::avx512_bf16::assign_entry(x, c, metric, out, num_threads);
     case Isa::Avx512: return cpu::avx512::assign_entry(x, c, metric, out, num_threads);
     case Isa::Avx2: return cpu::avx2::assign_entry(x, c, metric, out, num_threads);
@@ -94,12 +100,14 @@ void assign_grouped_cpu(const MatrixView& x, const int64_t* x_offsets, const Mat
                         AssignOutput out, int num_threads) {
   switch (isa()) {
 #ifdef FASTSSL_HAVE_X86
+#ifdef FASTSSL_HAVE_AMX
     case Isa::Amx:
       if (x.dtype != DType::F32)
         return cpu::amx::assign_grouped_entry(x, x_offsets, c, c_offsets, groups, metric, out,
                                               num_threads);
       return cpu::avx512_bf16::assign_grouped_entry(x, x_offsets, c, c_offsets, groups, metric,
                                                     out, num_threads);
+#endif
     case Isa::Avx512Bf16:
       return cpu::avx512_bf16::assign_grouped_entry(x, x_offsets, c, c_offsets, groups, metric,
                                                     out, num_threads);
