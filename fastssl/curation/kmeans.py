@@ -26,6 +26,7 @@ import numpy as np
 
 from fastssl import distributed as dist
 from fastssl.curation._source import PointSource
+from fastssl.profiling import annotate
 
 log = logging.getLogger(__name__)
 
@@ -447,20 +448,24 @@ class KMeans:
             keep_far = min(k, _MAX_RESEED) if cfg.empty == "reseed" else 0
             with _bar(stop - start, f"k-means it {it + 1}/{cfg.iterations}", show) as bar:
                 for s, block in src.chunks(start, stop, chunk):
-                    labels, dists, block, kept = self._assign_block(block, centroids, s, my_bad)
-                    if on_device:
-                        if block.shape[0]:
-                            self.assigner.scatter_add(sums, counts)
-                    else:
-                        with _one_thread():
-                            _scatter_add(sums, counts, block, labels, slab)
+                    with annotate("kmeans/assign"):
+                        labels, dists, block, kept = self._assign_block(block, centroids, s,
+                                                                        my_bad)
+                    with annotate("kmeans/update"):
+                        if on_device:
+                            if block.shape[0]:
+                                self.assigner.scatter_add(sums, counts)
+                        else:
+                            with _one_thread():
+                                _scatter_add(sums, counts, block, labels, slab)
                     total += dists.sum(dtype=np.float64)
                     if keep_far:
                         far_d, far_i = _top_far(far_d, far_i, dists, s, keep_far, kept=kept)
                     bar.update(block.shape[0])
-            sums = dist.all_reduce_sum(sums).cpu()
-            counts = dist.all_reduce_sum(counts).cpu()
-            total = dist.all_reduce_sum(total)
+            with annotate("kmeans/all_reduce"):
+                sums = dist.all_reduce_sum(sums).cpu()
+                counts = dist.all_reduce_sum(counts).cpu()
+                total = dist.all_reduce_sum(total)
             if keep_far and dist.is_initialized():
                 far_d = np.concatenate(dist.all_gather_arrays(far_d))
                 far_i = np.concatenate(dist.all_gather_arrays(far_i))

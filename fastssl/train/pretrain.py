@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from fastssl.models.mvmae import MultiViewMAE, SupervisedViT, model_config
+from fastssl.profiling import annotate
 
 __all__ = ["PretrainConfig", "Schedule", "train_one_epoch", "main", "param_groups",
            "add_arguments", "run", "load_encoder"]
@@ -191,16 +192,18 @@ def train_one_epoch(model, loader, optimizer, scaler, sched: Schedule, cfg: Pret
         for group in optimizer.param_groups:
             group["lr"] = lr
         ctx = torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
-        with ctx:
+        with ctx, annotate("pretrain/forward"):
             out, images = _forward(model, batch, cfg, augment, device, generator, beta)
         loss = out["loss"]
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)  # clip the true gradient (a no-op unless fp16)
-        max_norm = cfg.clip_grad if cfg.clip_grad > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        scaler.step(optimizer)
-        scaler.update()
+        with annotate("pretrain/backward"):
+            scaler.scale(loss).backward()
+        with annotate("pretrain/optimizer"):
+            scaler.unscale_(optimizer)  # clip the true gradient (a no-op unless fp16)
+            max_norm = cfg.clip_grad if cfg.clip_grad > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            scaler.step(optimizer)
+            scaler.update()
         step, n_steps, n_images = step + 1, n_steps + 1, n_images + images
         recon = out.get("recon", loss)
         align = out.get("align", loss.new_zeros(()))
