@@ -22,7 +22,7 @@ _LAZY = {
 }
 _SUBMODULES = {
     "kmeans", "ops", "reference", "data", "models", "curation", "train", "eval",
-    "distributed", "cli", "errors", "kernels",
+    "distributed", "cli", "errors", "kernels", "profiling", "demo",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
