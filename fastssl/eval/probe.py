@@ -268,7 +268,7 @@ class ProbeConfig:
 
 
 def _load(cfg: ProbeConfig):
-    from fastssl.train.pretrain import load_encoder
+    from fastssl.train.export import load_encoder
 
     if not os.path.isfile(cfg.checkpoint):
         raise ValueError(f"checkpoint={cfg.checkpoint!r} is not a file")
@@ -331,7 +331,7 @@ def main(cfg: ProbeConfig) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fastssl.train.pretrain import add_dataclass_arguments
+    from fastssl.config import add_dataclass_arguments
 
     add_dataclass_arguments(parser, ProbeConfig, required=("cache", "checkpoint"), skip=("progress",),
                             choices=dict(method=("lbfgs", "adamw")))
@@ -339,7 +339,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fastssl.errors import DataError
-    from fastssl.train.pretrain import config_from_args
+    from fastssl.config import config_from_args
 
     cfg = config_from_args(ProbeConfig, args)
     try:

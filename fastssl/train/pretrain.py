@@ -31,17 +31,20 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from itertools import islice
 
 import torch
 import torch.distributed as dist
 
+from fastssl.config import add_dataclass_arguments, config_from_args
 from fastssl.models.mvmae import MultiViewMAE, SupervisedViT, model_config
 from fastssl.profiling import annotate
+from fastssl.train.checkpoint import atomic_torch_save, atomic_write_text, truncate_metrics
+from fastssl.train.export import export_encoder, load_encoder
 
 __all__ = ["PretrainConfig", "Schedule", "train_one_epoch", "main", "param_groups",
-           "add_arguments", "run", "load_encoder"]
+           "add_arguments", "run", "load_encoder", "export_encoder"]
 
 log = logging.getLogger(__name__)
 
@@ -258,62 +261,6 @@ def _pick_device(name: str, local_rank: int) -> torch.device:
     return torch.device(name)
 
 
-def _atomic_torch_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
-def _truncate_metrics(path: str, step: int) -> None:
-    """Drop metrics lines logged after the checkpoint we resume from (they will be redone)."""
-    if not os.path.isfile(path):
-        return
-    with open(path, encoding="utf-8") as handle:
-        lines = [ln for ln in handle if ln.strip() and json.loads(ln)["step"] <= step]
-    _atomic_write_text(path, "".join(lines))
-
-
-def export_encoder(encoder: torch.nn.Module, mcfg, path: str) -> None:
-    """Encoder weights as safetensors; the model config travels in the metadata."""
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file(state, tmp, metadata={"format": "fastssl.ViewEncoder",
-                                    "model_config": json.dumps(asdict(mcfg))})
-    os.chmod(tmp, 0o644)  # an exported artefact, readable like the other outputs
-    os.replace(tmp, path)
-
-
-def load_encoder(path: str, map_location="cpu"):
-    """A ViewEncoder from ``encoder.safetensors`` or from a pretrain ``checkpoint.pt``."""
-    from fastssl.models.mvmae import ModelConfig, ViewEncoder
-
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-        if "model_config" not in meta:
-            raise ValueError(f"{path}: no model_config in the safetensors metadata (not a fastssl export)")
-        mcfg = ModelConfig(**json.loads(meta["model_config"]))
-    else:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-        mcfg = ModelConfig(**ckpt["model_config"])
-        state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
-    encoder = ViewEncoder(mcfg)
-    encoder.load_state_dict(state)
-    return encoder
-
-
 def _datasets(cfg: PretrainConfig):
     from fastssl.data.datasets import PairedViewDataset, SingleViewDataset
 
@@ -403,7 +350,7 @@ def main(cfg: PretrainConfig) -> dict:
         torch.set_rng_state(ckpt["rng"]["torch"])
         step = int(ckpt["step"])
         if is_main:
-            _truncate_metrics(metrics_path, step)
+            truncate_metrics(metrics_path, step)
     if step >= total and os.path.isfile(enc_path):
         if is_main:
             print(f"pretrain: {cfg.out} is finished ({step} of {total} steps); nothing to do")
@@ -411,7 +358,7 @@ def main(cfg: PretrainConfig) -> dict:
 
     n_params = sum(p.numel() for p in model.parameters())
     if is_main:
-        _atomic_write_text(os.path.join(cfg.out, "config.json"), json.dumps(asdict(cfg), indent=2))
+        atomic_write_text(os.path.join(cfg.out, "config.json"), json.dumps(asdict(cfg), indent=2))
         impls = _resolved_impls(device, cfg.impl) if cfg.mode != "supervised" else {}
         amp = cfg.amp if device.type == "cuda" else "none (CPU)"
         print(f"pretrain: mode={cfg.mode} preset={cfg.preset} img={mcfg.img_size} patch={mcfg.patch_size} "
@@ -443,7 +390,7 @@ def main(cfg: PretrainConfig) -> dict:
                             else generator.get_state())
             gens = [g.cpu() for g in gens]
         if is_main:
-            _atomic_torch_save(dict(
+            atomic_torch_save(dict(
                 model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                 epoch=step_ // steps_per_epoch, step=step_, config=asdict(cfg), model_config=asdict(mcfg),
                 rng=dict(torch=torch.get_rng_state(), generators=gens)), ckpt_path)
@@ -462,7 +409,6 @@ def main(cfg: PretrainConfig) -> dict:
     start_step, stopped = step, False
 
     def on_step(s: int) -> bool:
-        nonlocal stopped
         stop = cfg.stop_after_steps > 0 and s - start_step >= cfg.stop_after_steps
         if s % cfg.ckpt_every == 0 or s % steps_per_epoch == 0 or stop:
             save(s)
@@ -491,48 +437,6 @@ def main(cfg: PretrainConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------ CLI
-def _field_help(cls) -> dict[str, str]:
-    """Help strings from a config dataclass's source comments (one place documents a setting)."""
-    import inspect
-
-    out = {}
-    try:
-        source = inspect.getsource(cls)
-    except OSError:  # no source shipped: the flags still work, with plain names as help
-        return out
-    for line in source.splitlines():
-        line = line.strip()
-        if ":" in line and "=" in line and "#" in line and not line.startswith(("#", "def", '"')):
-            out[line.split(":", 1)[0].strip()] = line.split("#", 1)[1].strip()
-    return out
-
-
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, *, required=(), skip=(),
-                            choices: dict | None = None) -> None:
-    """One flag per field of the config dataclass ``cls`` (``--name-with-dashes``); booleans
-    get ``--x/--no-x``; defaults and help come from the dataclass."""
-    choices = choices or {}
-    helps = _field_help(cls)
-    for f in fields(cls):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        help_ = helps.get(f.name, f.name.replace("_", " "))
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, help=help_,
-                                required=f.name in required, choices=choices.get(f.name))
-
-
-def config_from_args(cls, args: argparse.Namespace):
-    """The dataclass ``cls`` from parsed flags; progress follows --quiet."""
-    values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
-    if "progress" in {f.name for f in fields(cls)}:
-        values["progress"] = not getattr(args, "quiet", False)
-    return cls(**values)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # --progress is not a flag: --quiet (added by the router) switches the bar off.
     from fastssl.models.mvmae import ALIGN_LOSSES, PRESETS, TARGETS
