@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 
+from _eval_helpers import brute_auroc
 from _mvmae_helpers import one_thread, phantom_cache
 from fastssl.eval.probe import (
     auroc, auroc_rows, bootstrap_macro_auroc, fit_linear_probe, knn_scores, macro_auroc, midranks,
@@ -20,14 +21,6 @@ from fastssl.eval.probe import (
 def _one_thread():
     with one_thread():
         yield
-
-
-def brute_auroc(s, y):
-    pos, neg = s[y == 1], s[y == 0]
-    if pos.size == 0 or neg.size == 0:
-        return float("nan")
-    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    return wins / (pos.size * neg.size)
 
 
 def test_midranks_average_ties():

@@ -22,110 +22,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastssl.eval.stats import (  # noqa: F401  (re-exported: the probe's public API)
+    auroc, auroc_rows, bootstrap_macro_auroc, macro_auroc, midranks,
+)
+
 __all__ = ["ProbeConfig", "midranks", "auroc", "auroc_rows", "macro_auroc", "bootstrap_macro_auroc",
            "extract_features", "fit_linear_probe", "study_logits", "knn_scores", "main",
            "add_arguments", "run"]
 
 log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------ AUROC
-def midranks(x: np.ndarray) -> np.ndarray:
-    """Average ranks (1-based) along the last axis; tied values share their mean rank.
-
-    x: (..., N) float -> (..., N) float64.
-    """
-    x = np.asarray(x)
-    flat = x.reshape(-1, x.shape[-1])
-    n = flat.shape[1]
-    order = np.argsort(flat, axis=1, kind="stable")
-    xs = np.take_along_axis(flat, order, axis=1)
-    idx = np.broadcast_to(np.arange(n), xs.shape)
-    new = np.ones(xs.shape, dtype=bool)  # first element of a tie group
-    new[:, 1:] = xs[:, 1:] != xs[:, :-1]
-    last = np.ones(xs.shape, dtype=bool)  # last element of a tie group
-    last[:, :-1] = new[:, 1:]
-    start = np.maximum.accumulate(np.where(new, idx, 0), axis=1)
-    end = np.minimum.accumulate(np.where(last, idx, n)[:, ::-1], axis=1)[:, ::-1]
-    ranks = np.empty(xs.shape, dtype=np.float64)
-    np.put_along_axis(ranks, order, (start + end) / 2.0 + 1.0, axis=1)
-    return ranks.reshape(x.shape)
-
-
-def auroc_rows(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """AUROC of every row: scores (R, N) finite floats, labels (R, N) in {0, 1, -1 = ignore}.
-
-    Returns (R,) float64; NaN where a row lacks positives or negatives.
-    """
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
-    if scores.shape != labels.shape or scores.ndim != 2:
-        raise ValueError(f"scores {scores.shape} and labels {labels.shape}: expected equal (R, N)")
-    if not np.isfinite(scores).all():
-        raise ValueError("scores hold NaN or inf")
-    valid = labels >= 0
-    # Ignored entries rank above every finite score: a rank counts only smaller or tied
-    # values, so they change no valid entry's rank.
-    ranks = midranks(np.where(valid, scores, np.inf))
-    pos = valid & (labels == 1)
-    n_pos = pos.sum(1).astype(np.float64)
-    n_neg = (valid & (labels == 0)).sum(1).astype(np.float64)
-    u = (ranks * pos).sum(1) - n_pos * (n_pos + 1) / 2
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = u / (n_pos * n_neg)
-    out[(n_pos == 0) | (n_neg == 0)] = np.nan
-    return out
-
-
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """AUROC of one score vector: scores (N,), labels (N,) in {0, 1, -1 = ignore}; NaN if
-    one class is absent."""
-    return float(auroc_rows(np.asarray(scores)[None], np.asarray(labels)[None])[0])
-
-
-def macro_auroc(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, float]:
-    """scores, labels (N, C) -> (per-label AUROC (C,) with NaN for labels lacking a class,
-    their mean over the defined labels)."""
-    per = auroc_rows(np.asarray(scores).T, np.asarray(labels).T)
-    if np.isnan(per).all():
-        raise ValueError("no label has both positives and negatives in the test split: AUROC undefined")
-    return per, float(np.nanmean(per))
-
-
-def bootstrap_macro_auroc(scores: np.ndarray, labels: np.ndarray, *, n_boot: int = 1000, seed: int = 0,
-                          alpha: float = 0.05, max_elems: int = 1 << 22) -> dict:
-    """Percentile bootstrap over rows (studies): resample N of N with replacement.
-
-    Args:
-        scores, labels: (N, C). The macro mean of a replicate covers the labels defined on
-            the full set; a label lacking a class in a replicate is left out of its mean.
-        max_elems: replicates are processed in chunks of about this many entries.
-    Returns:
-        dict(macro=(lo, hi), per_label=[(lo, hi)] * C (NaN for undefined labels), n_boot, seed, alpha).
-    """
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
-    n, c = scores.shape
-    if n_boot < 1:
-        raise ValueError(f"n_boot={n_boot}; expected >= 1")
-    full, _ = macro_auroc(scores, labels)
-    used = ~np.isnan(full)
-    rng = np.random.default_rng(seed)
-    per = np.full((n_boot, c), np.nan)
-    chunk = max(1, max_elems // max(1, n))
-    for r0 in range(0, n_boot, chunk):
-        idx = rng.integers(0, n, size=(min(chunk, n_boot - r0), n))
-        for j in np.flatnonzero(used):
-            per[r0:r0 + idx.shape[0], j] = auroc_rows(scores[idx, j], labels[idx, j])
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows of tiny test sets
-            macro = np.nanmean(per[:, used], axis=1)
-            q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
-            macro_ci = np.nanpercentile(macro, q)
-            label_ci = np.nanpercentile(per, q, axis=0).T
-    return dict(macro=tuple(float(v) for v in macro_ci), per_label=[tuple(map(float, r)) for r in label_ci],
-                n_boot=n_boot, seed=seed, alpha=alpha)
 
 
 # --------------------------------------------------------------------------- features
