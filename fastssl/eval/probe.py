@@ -19,7 +19,6 @@ and label: study, subject, label, score, target; see fastssl.eval.report) and ro
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -279,18 +278,11 @@ def save_probe(path: str, probe: dict) -> None:
     os.replace(tmp, path)
 
 
-def write_json(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(obj, handle, indent=2)
-    os.replace(tmp, path)
-
-
 def main(cfg: ProbeConfig) -> dict:
     """Features -> probe (L2 chosen on validation) -> study logits -> AUROC with patient
     CIs; writes out/probe.json, out/scores.csv, out/roc.png and returns the JSON's dict."""
     from fastssl.data.mimic import CHEXPERT_LABELS
-    from fastssl.eval.report import auroc_summary, plot_roc, study_table, write_scores_csv
+    from fastssl.eval.report import auroc_summary, plot_roc, study_table, write_json, write_scores_csv
 
     device = pick_device(cfg.device)
     encoder = load_eval_encoder(cfg.checkpoint, cfg.seed)

@@ -18,7 +18,7 @@ import numpy as np
 
 from fastssl.eval.stats import bootstrap_macro_auroc, macro_auroc
 
-__all__ = ["study_table", "write_scores_csv", "read_scores_csv", "auroc_summary", "summary_lines",
+__all__ = ["study_table", "write_scores_csv", "write_json", "read_scores_csv", "auroc_summary", "summary_lines",
            "roc_points", "plot_roc", "SCORES_COLUMNS"]
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,16 @@ def write_scores_csv(path: str, studies, subjects, scores: np.ndarray, labels: n
         for i, (study, subject) in enumerate(zip(studies, subjects)):
             for j, name in enumerate(names):
                 writer.writerow([study, subject, name, repr(float(scores[i, j])), int(labels[i, j])])
+    os.replace(tmp, path)
+
+
+def write_json(path: str, obj: dict) -> None:
+    """obj as indented JSON at ``path`` (temporary name, then rename)."""
+    import json
+
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(obj, handle, indent=2)
     os.replace(tmp, path)
 
 
