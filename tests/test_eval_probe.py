@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from _eval_helpers import brute_auroc
+from _eval_helpers import brute_auroc, independent_study_scores
 from _mvmae_helpers import one_thread, phantom_cache
 from fastssl.eval.probe import (
     auroc, auroc_rows, bootstrap_macro_auroc, fit_linear_probe, knn_scores, macro_auroc, midranks,
@@ -109,30 +109,6 @@ def pretrained(tmp_path_factory):
     return cache, run
 
 
-def independent_study_scores(cache: str, checkpoint: str, head: dict) -> dict:
-    """study id -> (C,) mean over the study's test images of the probe's logits, computed
-    image by image in float64 (the oracle of the study-level averaging)."""
-    import torch
-
-    from fastssl.data.augment import CenterResize
-    from fastssl.data.cache import read_manifest
-    from fastssl.data.datasets import SingleViewDataset
-    from fastssl.train.export import load_encoder
-
-    encoder = load_encoder(checkpoint).eval()
-    manifest = read_manifest(cache)
-    resize = CenterResize(out_size=encoder.cfg.img_size, mean=manifest["pixel_mean"], std=manifest["pixel_std"])
-    ds = SingleViewDataset(cache, split="test")
-    per_study: dict[str, list] = {}
-    for i in range(len(ds)):
-        image, _, study, view = ds[i]
-        with torch.no_grad():
-            feat = encoder(resize(image[None]), int(view)).double().numpy()[0]
-        logit = (feat - head["mean"]) / head["std"] @ head["weight"].astype(np.float64) + head["bias"]
-        per_study.setdefault(str(ds.study_ids[int(study)]), []).append(logit)
-    return {k: np.mean(v, axis=0) for k, v in per_study.items()}
-
-
 def test_end_to_end_phantom_pretrain_probe(pretrained, tmp_path, capsys):
     """Also pins the study-level averaging (issue 15.5): every study's score in scores.csv
     equals the mean of its images' logits computed independently, image by image."""
@@ -154,7 +130,16 @@ def test_end_to_end_phantom_pretrain_probe(pretrained, tmp_path, capsys):
     # scores.csv: one row per (test study, label); the study's score is its images' mean logit
     table = read_scores_csv(out)
     assert table["scores"].shape == (r["n_test_studies"], 14) and os.path.getsize(os.path.join(out, "roc.png")) > 0
-    want = independent_study_scores(cache, enc, dict(np.load(os.path.join(out, "probe.npz"))))
+    from fastssl.train.export import load_encoder
+
+    encoder = load_encoder(enc).eval()
+    head = dict(np.load(os.path.join(out, "probe.npz")))
+
+    def image_logits(x, view):
+        feat = encoder(x, view).double().numpy()[0]
+        return (feat - head["mean"]) / head["std"] @ head["weight"].astype(np.float64) + head["bias"]
+
+    want = independent_study_scores(cache, encoder.cfg.img_size, image_logits)
     assert sorted(want) == list(table["studies"])
     np.testing.assert_allclose(table["scores"], [want[s] for s in table["studies"]], rtol=1e-4, atol=1e-4)
     # the reported AUROC is the pairwise count over those study scores

@@ -326,14 +326,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fastssl.config import config_from_args
-    from fastssl.errors import DataError
-    from fastssl.eval.report import summary_lines
+    from fastssl.eval.report import run_job, summary_lines
 
     cfg = config_from_args(ProbeConfig, args)
-    try:
-        r = main(cfg)
-    except (ValueError, DataError) as exc:
-        log.error("%s", exc)
+    r = run_job(main, cfg)
+    if r is None:
         return 2
     chosen = r["l2_selection"]
     how = f"chosen on {chosen['chosen_on']}" if chosen["chosen_on"] else "fixed"

@@ -18,7 +18,7 @@ import numpy as np
 
 from fastssl.eval.stats import bootstrap_macro_auroc, macro_auroc
 
-__all__ = ["study_table", "write_scores_csv", "write_json", "read_scores_csv", "auroc_summary", "summary_lines",
+__all__ = ["study_table", "write_scores_csv", "write_json", "run_job", "read_scores_csv", "auroc_summary", "summary_lines",
            "roc_points", "plot_roc", "SCORES_COLUMNS"]
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,18 @@ def write_scores_csv(path: str, studies, subjects, scores: np.ndarray, labels: n
             for j, name in enumerate(names):
                 writer.writerow([study, subject, name, repr(float(scores[i, j])), int(labels[i, j])])
     os.replace(tmp, path)
+
+
+def run_job(main, cfg) -> dict | None:
+    """``main(cfg)`` for a CLI command: a ValueError or DataError is logged as one line and
+    gives None (the command then exits with 2)."""
+    from fastssl.errors import DataError
+
+    try:
+        return main(cfg)
+    except (ValueError, DataError) as exc:
+        log.error("%s", exc)
+        return None
 
 
 def write_json(path: str, obj: dict) -> None:
