@@ -106,3 +106,17 @@ def test_paired_bootstrap_detects_a_real_difference_only(rng):
         paired_bootstrap(weak, strong[:-1], labels, subjects)
     with pytest.raises(ValueError, match="clusters"):
         bootstrap_macro_auroc(weak, labels, subjects[:-1])
+
+
+def test_paired_bootstrap_averages_runs_over_seeds(rng):
+    """K runs per side: each side's macro is the mean over its runs, and every replicate
+    uses the same patient draw for all runs (compared with runs bootstrapped one by one)."""
+    scores, labels, subjects = small_case(rng, n=30, n_patients=9, distinct=50)
+    runs_a = [scores + rng.normal(size=scores.shape) for _ in range(3)]
+    runs_b = [scores + 0.5 * rng.normal(size=scores.shape) for _ in range(2)]
+    r = paired_bootstrap(runs_a, runs_b, labels, subjects, n_boot=80, seed=4)
+    macro = lambda runs: np.mean([macro_auroc(s, labels)[1] for s in runs])  # noqa: E731
+    assert r["delta"] == pytest.approx(macro(runs_b) - macro(runs_a)) and r["n_runs"] == (3, 2)
+    rep = lambda runs: np.mean([brute_replicates(s, labels, subjects, 80, 4) for s in runs], axis=0)  # noqa: E731
+    d = np.nanmean(rep(runs_b) - rep(runs_a), axis=1)
+    np.testing.assert_allclose(r["ci"], np.percentile(d[~np.isnan(d)], [2.5, 97.5]))

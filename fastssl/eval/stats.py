@@ -201,36 +201,46 @@ def bootstrap_macro_auroc(scores: np.ndarray, labels: np.ndarray, clusters=None,
                 n_boot=n_boot, seed=seed, alpha=alpha, n_clusters=n_clusters)
 
 
-def paired_bootstrap(scores_a: np.ndarray, scores_b: np.ndarray, labels: np.ndarray, clusters=None, *,
-                     n_boot: int = 2000, seed: int = 0, alpha: float = 0.05,
-                     max_elems: int = 1 << 22) -> dict:
-    """Delta macro AUROC (B - A) of two score sets on the same studies, with a paired
-    cluster bootstrap: every replicate weights both runs' studies identically.
+def _runs(scores) -> np.ndarray:
+    """(N, C) or a sequence of K (N, C) score sets (seeds) -> (K, N, C) float64."""
+    arr = np.asarray(scores, dtype=np.float64)
+    if arr.ndim not in (2, 3):
+        raise ValueError(f"scores have shape {arr.shape}; expected (N, C) or (K runs, N, C)")
+    return arr[None] if arr.ndim == 2 else arr
+
+
+def paired_bootstrap(scores_a, scores_b, labels: np.ndarray, clusters=None, *, n_boot: int = 2000,
+                     seed: int = 0, alpha: float = 0.05, max_elems: int = 1 << 22) -> dict:
+    """Delta macro AUROC (B - A) of two methods on the same studies, with a paired
+    cluster bootstrap: every replicate weights all runs' studies identically.
 
     Args:
-        scores_a, scores_b, labels: (N, C), rows are the same studies in the same order.
-        clusters: (N,) subject_id per study (None: studies).
+        scores_a, scores_b: (N, C), or (K, N, C) for K runs of a method (seeds; the two
+            sides may have different K): a side's macro AUROC is the mean over its runs.
+            Rows are the same studies in the same order everywhere.
+        labels: (N, C). clusters: (N,) subject_id per study (None: studies).
     Returns:
         dict(macro_a, macro_b, delta, ci=(lo, hi), p_value, per_label_delta (C,) list with
         None for undefined labels, n_boot, seed, alpha, n_clusters). The p-value is
         two-sided, from the bootstrap distribution shifted to the null (Hall & Wilson):
         (1 + #{|d*_r - d| >= |d|}) / (1 + R), where d is the observed delta.
     """
-    scores_a, scores_b = np.asarray(scores_a, dtype=np.float64), np.asarray(scores_b, dtype=np.float64)
-    if scores_a.shape != scores_b.shape:
-        raise ValueError(f"scores_a {scores_a.shape} and scores_b {scores_b.shape}: expected the same studies")
-    per_a, macro_a = macro_auroc(scores_a, labels)
-    per_b, macro_b = macro_auroc(scores_b, labels)
+    runs_a, runs_b = _runs(scores_a), _runs(scores_b)
+    if runs_a.shape[1:] != runs_b.shape[1:]:
+        raise ValueError(f"scores_a {runs_a.shape[1:]} and scores_b {runs_b.shape[1:]}: expected the same studies")
+    per_a = np.mean([macro_auroc(s, labels)[0] for s in runs_a], axis=0)
+    per_b = np.mean([macro_auroc(s, labels)[0] for s in runs_b], axis=0)
     used = np.flatnonzero(~np.isnan(per_a))
-    kw = dict(n_boot=n_boot, seed=seed, columns=used, max_elems=max_elems)
-    boot_a = bootstrap_aurocs(scores_a, labels, clusters, **kw)  # same seed: same draws
-    boot_b = bootstrap_aurocs(scores_b, labels, clusters, **kw)
+    kw = dict(n_boot=n_boot, seed=seed, columns=used, max_elems=max_elems)  # same seed: same draws
+    boot_a = np.mean([bootstrap_aurocs(s, labels, clusters, **kw) for s in runs_a], axis=0)
+    boot_b = np.mean([bootstrap_aurocs(s, labels, clusters, **kw) for s in runs_b], axis=0)
     d_star = _nan_stats(np.nanmean, boot_b[:, used] - boot_a[:, used], axis=1)
     d_star = d_star[~np.isnan(d_star)]
+    macro_a, macro_b = float(np.mean(per_a[used])), float(np.mean(per_b[used]))
     delta = macro_b - macro_a
     lo, hi = np.percentile(d_star, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     p = (1 + np.count_nonzero(np.abs(d_star - delta) >= abs(delta))) / (1 + d_star.size)
     per_delta = [None if np.isnan(x) else float(x) for x in per_b - per_a]
     return dict(macro_a=macro_a, macro_b=macro_b, delta=delta, ci=(float(lo), float(hi)), p_value=float(p),
-                per_label_delta=per_delta, n_boot=n_boot, seed=seed, alpha=alpha,
-                n_clusters=int(cluster_codes(clusters, scores_a.shape[0]).max()) + 1)
+                per_label_delta=per_delta, n_boot=n_boot, seed=seed, alpha=alpha, n_runs=(len(runs_a), len(runs_b)),
+                n_clusters=int(cluster_codes(clusters, runs_a.shape[1]).max()) + 1)
