@@ -179,8 +179,9 @@ def _expected_from_truth(truth):
     by_study: dict[str, dict[str, set]] = {}
     for row in truth:
         views = by_study.setdefault(row["study_id"], {"frontal": set(), "lateral": set(), "unknown": set()})
-        # without ViewPosition an image is "unknown" whatever view it really is
-        views[row["view"] if row["view_position"] else "unknown"].add(row["dicom_id"])
+        # without ViewPosition an image's view comes from ViewCodeSequence or a procedure
+        # naming one view, else it is "unknown"; the phantom states which (expected_view)
+        views[row["expected_view"]].add(row["dicom_id"])
     return by_study
 
 
@@ -196,7 +197,12 @@ def test_phantom_csv_pairing_matches_truth(phantom):
     assert _views_of(table) == expected
     s = table.summary()
     assert s["images"] == len(truth) and s["other_images"] == 0
-    assert s["unknown_images"] == sum(1 for r in truth if not r["view_position"]) > 0
+    assert s["unknown_images"] == sum(1 for r in truth if r["expected_view"] == "unknown") > 0
+    # some images without ViewPosition were resolved, each from the field the phantom kept
+    resolved = [r for r in truth if not r["view_position"] and r["expected_view"] != "unknown"]
+    assert resolved
+    sources = {r.dicom_id: r.view_source for s in table.studies for r in s.images()}
+    assert {sources[r["dicom_id"]] for r in resolved} == {"ViewCodeSequence", "ProcedureDescription"}
     both = sum(1 for v in expected.values() if v["frontal"] and v["lateral"])
     assert s["both"] == both and s["studies"] == len(expected)
     for study in table.studies:  # each truth view agrees with the ViewPosition class
