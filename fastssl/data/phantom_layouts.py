@@ -106,9 +106,9 @@ def raster_bytes(layout: str, im: dict, image: np.ndarray) -> bytes:
         stored = np.round(disp * 4095).astype(np.uint16)
         if im["photometric"] == "MONOCHROME1":
             stored = 4095 - stored
-        Image.fromarray(stored, mode="I;16").save(buf, format="PNG")
+        Image.fromarray(stored).save(buf, format="PNG")  # uint16 -> mode I;16, a 16-bit PNG
     else:
-        Image.fromarray(np.round(disp * 255).astype(np.uint8), mode="L").save(buf, format="JPEG", quality=95)
+        Image.fromarray(np.round(disp * 255).astype(np.uint8)).save(buf, format="JPEG", quality=95)
     data = buf.getvalue()
     if im["corrupt"] == "truncated":
         return data[: len(data) // 2]
