@@ -38,6 +38,7 @@ import numpy as np
 from fastssl.data.mimic import CHEXPERT_LABELS, FRONTAL_VIEWS, LABEL_POLICIES, LATERAL_VIEWS, StudyTable
 from fastssl.data.sources import SOURCE_KINDS, SourceSpec, TableOptions, load_sources, parse_source
 from fastssl.errors import DataError
+from fastssl.jobs import atomic_write_json
 
 __all__ = [
     "prepare_cache", "read_index", "read_manifest", "open_shard", "fit_square", "CacheIndex",
@@ -53,10 +54,6 @@ INDEX_COLUMNS = ["row", "shard", "offset", "dataset", "study_id", "subject_id", 
                  "view_position", "view_source", "split", *CHEXPERT_LABELS, "other_labels", "path"]
 # Columns a format-1 cache lacks, read as "".
 _V2_COLUMNS = ("dataset", "view_source", "other_labels")
-# Settings that change the bytes of a shard or the rows of the index: a rerun must match.
-_CONFIG_KEYS = ("format_version", "size", "dtype", "resize", "shard_size", "voi", "uncertain",
-                "blank", "label_source", "frontal_order", "lateral_views", "n_images", "n_shards",
-                "plan_sha256")
 # Test hook: SIGKILL this process after writing that many shards (simulates a killed job).
 _KILL_ENV = "FASTSSL_PREPARE_KILL_AFTER_SHARDS"
 
@@ -79,10 +76,6 @@ def _replace_atomically(path: str, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def _write_json(path: str, data: Any) -> None:
-    _replace_atomically(path, lambda h: h.write(json.dumps(data, indent=1, sort_keys=True).encode()))
 
 
 def _write_csv(path: str, header: Sequence[str], rows) -> None:
@@ -182,14 +175,6 @@ def _index_row(k: int, offset: int, fields: dict) -> list:
             fields["other_labels"], fields["path"]]
 
 
-def _clear(out: str) -> None:
-    for name in os.listdir(out):
-        full = os.path.join(out, name)
-        if name.startswith("shard_") or name in ("index.csv", "rejects.csv", "manifest.json") or ".tmp" in name:
-            os.remove(full)
-    shutil.rmtree(os.path.join(out, "parts"), ignore_errors=True)
-
-
 def _shard_done(out: str, k: int, n: int, config: dict) -> bool:
     part = os.path.join(out, "parts", f"shard_{k:05d}.json")
     npy = os.path.join(out, shard_name(k))
@@ -250,24 +235,20 @@ def build_table(source, options: TableOptions, scan: bool | None = None) -> Stud
     return table
 
 
-def _open_output(out: str, config: dict, overwrite: bool) -> None:
-    """Create ``out``; refuse (or with ``overwrite`` clear) a cache of other settings;
-    remove a killed run's temporaries."""
+def _open_output(out: str, config: dict, inputs: Sequence[str], overwrite: bool) -> None:
+    """Under the output lock: remove a killed run's temporaries; resume a cache of the
+    same settings and CSV inputs, refuse another one naming the differences (or with
+    ``overwrite`` clear it)."""
+    from fastssl.jobs import (JobFingerprint, check_resume, clear_outputs, fingerprint_files, remove_stale_tmp,
+                              write_fingerprint)
+
+    for folder in (out, os.path.join(out, "parts")):
+        remove_stale_tmp(folder)
+    fingerprint = JobFingerprint("prepare", config, fingerprint_files(sorted(set(inputs))))
+    if check_resume(out, fingerprint, overwrite=overwrite) == "new":
+        clear_outputs(out)
+        write_fingerprint(out, fingerprint)
     os.makedirs(os.path.join(out, "parts"), exist_ok=True)
-    if os.path.isfile(os.path.join(out, "manifest.json")):
-        old = read_manifest(out)
-        diff = {k: (old.get(k), config[k]) for k in _CONFIG_KEYS if old.get(k) != config[k]}
-        if diff:
-            if not overwrite:
-                lines = ", ".join(f"{k}: cache has {a!r}, asked {b!r}" for k, (a, b) in diff.items())
-                raise ValueError(f"{out} holds a cache built with other settings ({lines}); "
-                                 "pass overwrite=True (--overwrite) or choose another output directory")
-            log.warning("%s: overwriting a cache built with other settings (%s)", out, sorted(diff))
-            _clear(out)
-            os.makedirs(os.path.join(out, "parts"), exist_ok=True)
-    for name in os.listdir(out):  # temporaries of a killed run
-        if ".tmp" in name:
-            os.remove(os.path.join(out, name))
 
 
 def prepare_cache(
@@ -325,6 +306,22 @@ def prepare_cache(
     """
     out = os.fspath(out)
     workers = _check_settings(out, size, dtype, resize, shard_size, workers, voi, uncertain, blank)
+    from fastssl.jobs import OutputLock
+
+    with OutputLock(out):  # a second prepare into the same --out fails at once
+        return _prepare_locked(source, out, table, scan, workers, progress, overwrite, dict(
+            size=size, dtype=dtype, resize=resize, shard_size=shard_size, voi=voi, uncertain=uncertain,
+            blank=blank, label_source=label_source, frontal_order=frontal_order, lateral_views=lateral_views,
+            holdout=holdout, seed=seed, labels_csv=labels_csv, split_csv=split_csv))
+
+
+def _prepare_locked(source, out: str, table: StudyTable | None, scan: bool | None, workers: int, progress: bool,
+                    overwrite: bool, s: dict) -> dict[str, Any]:
+    """prepare_cache's work, under the output lock; ``s`` holds its settings."""
+    size, dtype, resize, shard_size, voi = s["size"], s["dtype"], s["resize"], s["shard_size"], s["voi"]
+    uncertain, blank, label_source = s["uncertain"], s["blank"], s["label_source"]
+    frontal_order, lateral_views, holdout, seed = s["frontal_order"], s["lateral_views"], s["holdout"], s["seed"]
+    labels_csv, split_csv = s["labels_csv"], s["split_csv"]
     start = time.perf_counter()
     if table is None:
         options = TableOptions(uncertain=uncertain, blank=blank, label_source=label_source,
@@ -343,12 +340,12 @@ def prepare_cache(
         frontal_order=[v.upper() for v in frontal_order], lateral_views=[v.upper() for v in lateral_views],
         n_images=len(plan), n_shards=n_shards, plan_sha256=_plan_sha(plan),
     )
-    datasets = sorted({s.dataset for s in table.studies})
-    _open_output(out, config, overwrite)
+    datasets = sorted({st.dataset for st in table.studies})
+    _open_output(out, config, table.inputs, overwrite)
     about = dict(source=os.path.abspath(table.root) if table.root else "", datasets=datasets,
                  sources=[str(s) for s in ([source] if isinstance(source, (str, os.PathLike)) else source)])
     manifest_path = os.path.join(out, "manifest.json")
-    _write_json(manifest_path, dict(config, **about, complete=False))
+    atomic_write_json(manifest_path, dict(config, **about, complete=False))
     bounds = [(k * shard_size, min(len(plan), (k + 1) * shard_size)) for k in range(n_shards)]
     todo = [k for k, (a, b) in enumerate(bounds) if not _shard_done(out, k, b - a, config)]
     skipped = n_shards - len(todo)
@@ -365,7 +362,7 @@ def prepare_cache(
         images_per_s=round(len(tasks) / seconds, 1) if seconds > 0 else 0.0,
         pixel_mean=round(mean, 6), pixel_std=round(std, 6), workers=workers, datasets=datasets,
     )
-    _write_json(manifest_path, dict(config, **about, complete=True, written=written, rejects=rejected,
+    atomic_write_json(manifest_path, dict(config, **about, complete=True, written=written, rejects=rejected,
                                      pixel_mean=summary["pixel_mean"], pixel_std=summary["pixel_std"]))
     return summary
 
@@ -403,7 +400,7 @@ def _convert_shards(out: str, plan: list, bounds: list, todo: list[int], tasks: 
                 rows.append(_index_row(k, i - a, fields))
                 s1, s2 = s1 + t1, s2 + t2
             _replace_atomically(os.path.join(out, shard_name(k)), lambda h, arr=shard: np.save(h, arr))
-            _write_json(os.path.join(out, "parts", f"shard_{k:05d}.json"), dict(
+            atomic_write_json(os.path.join(out, "parts", f"shard_{k:05d}.json"), dict(
                 plan_sha256=config["plan_sha256"], n=b - a, rows=rows, rejects=rejects,
                 pixel_sum=s1, pixel_sumsq=s2))
             written += 1

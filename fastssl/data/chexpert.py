@@ -130,10 +130,12 @@ def load_chexpert(
     csv_dir = _find_csv_dir(root, ("train.csv", "valid.csv"))
     has_test = any(os.path.isfile(os.path.join(csv_dir, n)) for n in _SPLIT_FILES[2][1])
     rows: list[tuple[str, str, dict]] = []  # (split, "file:line", row)
+    inputs = []
     for split, names in _SPLIT_FILES:
         for name in names:
             path = os.path.join(csv_dir, name)
             if os.path.isfile(path):
+                inputs.append(path)
                 rows.extend((split, f"{path}:{n}", row) for n, row in _read_csv(path, ("Path",) + CHEXPERT_LABELS))
                 break
     if not rows:
@@ -165,7 +167,7 @@ def load_chexpert(
         view, vp, source = chexpert_view(row.get("Frontal/Lateral"), row.get("AP/PA"), rel, frontal_order)
         getattr(study, view).append(ImageRecord(image_id, study_id, subject, vp, view, rel, source))
     return finish_table(base, studies.values(), rejects, frontal_order=frontal_order,
-                        lateral_views=lateral_views, dataset=dataset)
+                        lateral_views=lateral_views, dataset=dataset, inputs=inputs)
 
 
 _PLUS_SPLITS = {"train": "train", "valid": "validate", "validate": "validate", "test": "test"}
@@ -234,7 +236,7 @@ def load_chexpert_plus(
         path = os.path.splitext(rel)[0] + suffix
         getattr(study, view).append(ImageRecord(image_id, study_id, subject, vp, view, path, source))
     return finish_table(image_dir, studies.values(), rejects, frontal_order=frontal_order,
-                        lateral_views=lateral_views, dataset=dataset)
+                        lateral_views=lateral_views, dataset=dataset, inputs=(csv_path, labels))
 
 
 def _plus_csv(root: str) -> str:

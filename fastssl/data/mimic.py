@@ -111,6 +111,7 @@ class StudyTable:
     studies: list[Study]
     rejects: list[tuple[str, str]] = field(default_factory=list)
     dataset: str = ""
+    inputs: list[str] = field(default_factory=list)  # the CSVs it was read from (for resume identity)
 
     def images(self) -> Iterator[tuple[int, ImageRecord]]:
         """(study index, image) for every image, study by study, preferred views first."""
@@ -282,16 +283,17 @@ def _normalise_views(frontal_order, lateral_views) -> tuple[tuple[str, ...], tup
 
 def finish_table(root: str, studies: Iterable[Study], rejects: list[tuple[str, str]], *,
                  frontal_order: Sequence[str] = FRONTAL_VIEWS, lateral_views: Sequence[str] = LATERAL_VIEWS,
-                 dataset: str = "") -> StudyTable:
+                 dataset: str = "", inputs: Iterable[str | None] = ()) -> StudyTable:
     """Sort each study's views and the studies, enforce patient-level splits, name the
-    dataset: the last step of every source."""
+    dataset, record the CSVs read (``inputs``): the last step of every source."""
     studies = list(studies)
     for study in studies:
         _sort_views(study, frontal_order, lateral_views)
         study.dataset = study.dataset or dataset
     enforce_patient_splits(studies, source=root)
     ordered = sorted(studies, key=lambda s: (s.subject_id, s.study_id))
-    return StudyTable(root=root, studies=ordered, rejects=rejects, dataset=dataset)
+    return StudyTable(root=root, studies=ordered, rejects=rejects, dataset=dataset,
+                      inputs=[os.fspath(p) for p in inputs if p])
 
 
 def enforce_patient_splits(studies: Sequence[Study], *, source: str = "") -> int:
@@ -442,7 +444,7 @@ def load_mimic_csv(
     for study in studies.values():
         study.split = study.split or "unknown"
     return finish_table(root, studies.values(), rejects, frontal_order=frontal_order,
-                        lateral_views=lateral_views, dataset=dataset)
+                        lateral_views=lateral_views, dataset=dataset, inputs=(metadata, split, labels))
 
 
 # ---------------------------------------------------------------- from a DICOM tree
@@ -576,7 +578,7 @@ def scan_dicom_tree(
         dicom_id = os.path.splitext(os.path.basename(path))[0]
         getattr(study, view).append(ImageRecord(dicom_id, study.study_id, study.subject_id, vp, view, rel, source))
     return finish_table(root, studies.values(), rejects, frontal_order=frontal_order,
-                        lateral_views=lateral_views, dataset=dataset)
+                        lateral_views=lateral_views, dataset=dataset, inputs=(labels_csv, split_csv))
 
 
 def _read_headers(files: Sequence[str], workers: int | None) -> list[tuple[str, object]]:

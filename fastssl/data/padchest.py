@@ -186,7 +186,7 @@ def load_padchest(
         getattr(study, view).append(ImageRecord(os.path.splitext(image)[0], study_id, subject, vp, view,
                                                 path, source, hints))
     return finish_table(root, studies.values(), rejects, frontal_order=frontal_order,
-                        lateral_views=lateral_views, dataset=dataset)
+                        lateral_views=lateral_views, dataset=dataset, inputs=(csv_path,))
 
 
 def _find(root: str) -> str:

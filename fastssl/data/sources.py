@@ -179,8 +179,9 @@ def pool_tables(tables: Sequence[StudyTable]) -> StudyTable:
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ValueError(f"dataset {repeated} given twice: pool each dataset once")
-    studies, rejects = [], []
+    studies, rejects, inputs = [], [], []
     for table in tables:
+        inputs.extend(table.inputs)
         root = os.path.abspath(table.root)
         for study in table.studies:
             prefix = f"{table.dataset}:"
@@ -191,7 +192,7 @@ def pool_tables(tables: Sequence[StudyTable]) -> StudyTable:
         rejects.extend(table.rejects)
     enforce_patient_splits(studies, source="pooled sources")
     studies.sort(key=lambda s: (s.subject_id, s.study_id))
-    return StudyTable(root="", studies=studies, rejects=rejects, dataset="+".join(names))
+    return StudyTable(root="", studies=studies, rejects=rejects, dataset="+".join(names), inputs=inputs)
 
 
 def _rebase(record: ImageRecord, prefix: str, root: str) -> ImageRecord:
