@@ -355,6 +355,8 @@ def _prepare_locked(source, out: str, table: StudyTable | None, scan: bool | Non
              for k in todo for i in range(*bounds[k])]
     _convert_shards(out, plan, bounds, todo, tasks, config, workers, progress)
     written, rejected, mean, std = _merge_parts(out, n_shards, table.rejects, size)
+    if not written:  # an empty cache would only fail later, in pretrain or probe
+        raise DataError(out, f"none of the {len(plan)} images could be read; the reasons are in rejects.csv")
     seconds = time.perf_counter() - start
     summary = dict(
         out=out, images=len(plan), written=written, rejects=rejected, shards=n_shards,
