@@ -22,9 +22,11 @@ _FLOATS = (np.float16, np.float32, np.float64)
 def _open_shard(path: Path) -> np.ndarray:
     if not path.exists():
         raise DataError(path, "shard is missing")
+    if path.is_file() and path.stat().st_size == 0:
+        raise DataError(path, "empty file (0 bytes): not a .npy array")
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as exc:  # numpy: "mmap length is greater than file size", pickles
+    except (ValueError, EOFError) as exc:  # "mmap length is greater than file size", pickles
         raise DataError(path, f"truncated or not a plain .npy array ({exc})") from None
     except OSError as exc:
         raise DataError(path, f"cannot read ({exc})") from None

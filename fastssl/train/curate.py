@@ -127,7 +127,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "sampled subset (fresh, SDC) or from the current centroids (warm)")
     parser.add_argument("--sample-size", default=None,
                         help="inputs per cluster in a resampling step: one value or one per "
-                             "level (default: half the mean cluster size)")
+                             "level, null for the default (half the mean cluster size)")
     parser.add_argument("--sampling-strategy", default="closest",
                         help="which inputs a resampling step takes per cluster: closest | "
                              "random, one value or one per level (SDC, paper 2: closest)")
