@@ -19,6 +19,8 @@ import torch
 from fastssl import kmeans
 from fastssl.errors import MissingDependencyError
 
+import _kmeans_oracle as oracle
+
 HERE = pathlib.Path(__file__).resolve().parent
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 gpu = pytest.mark.gpu
@@ -75,28 +77,6 @@ def test_recorded_configs_cover_every_architecture_dtype_and_width():
 
 
 # --------------------------------------------------------------------------- GPU
-def _gpu_oracle_check(x, c, metric, labels, distances, rtol):
-    from fastssl._assign_common import normalized_centroids
-
-    c_used = normalized_centroids(c, x.dtype) if metric == "cos" else c.to(x.dtype)
-    xd, cd = x.double(), c_used.double()
-    if metric == "cos":
-        xd = torch.nn.functional.normalize(xd, dim=1)
-    dots = xd @ cd.T
-    if metric == "l2":
-        xsq, csq = (xd * xd).sum(1, keepdim=True), (cd * cd).sum(1)
-        scores, scale = xsq - 2 * dots + csq, xsq[:, 0] + csq.max()
-        want_of = lambda best: best.clamp_min(0)  # noqa: E731
-    else:
-        scores, scale = -dots, xd.norm(dim=1) * cd.norm(dim=1).max()
-        want_of = lambda best: -best  # noqa: E731
-    best = scores.min(1).values
-    regret = (scores.gather(1, labels[:, None])[:, 0] - best) / scale
-    dist_err = (distances.double() - want_of(best)).abs() / scale
-    assert regret.max().item() <= rtol and dist_err.max().item() <= rtol, (
-        regret.max().item(), dist_err.max().item())
-
-
 GPU_CASES = [  # (label, dtype, precision, relative tolerance of the score scale)
     ("bf16", torch.bfloat16, None, 3e-5), ("fp16", torch.float16, None, 3e-5),
     ("fp32-3xtf32", torch.float32, "3xtf32", 3e-5), ("fp32-tf32", torch.float32, "tf32", 3e-3),
@@ -118,8 +98,8 @@ def test_gpu_matches_float64(n, k, d, metric, label, dtype, precision, rtol):
     c = torch.randn(k, d, device="cuda", generator=gen)
     labels, distances = _triton_assign.run("assign", x, "torch", c, metric, True,
                                            precision=precision)
-    torch.cuda.synchronize()
-    _gpu_oracle_check(x, c, metric, labels, distances, rtol)
+    oracle.check_against_float64(x, oracle.as_multiplied(x, c, metric), metric, labels,
+                                 distances, rtol)
 
 
 @gpu
