@@ -15,8 +15,9 @@ earlier one: ties go to the lowest index. Scores never leave registers; per row 
 split the kernel writes one float32 score and one int64 index. The launcher adds
 ``||x||^2`` (l2) or divides by ``||x||`` (cos) and reduces over splits.
 
-Splits exist for short inputs (few row tiles, many centroids), where row tiles alone
-would leave most SMs idle.
+Splits serve short inputs (few row tiles, many centroids: row tiles alone would leave
+most SMs idle) and large k (work items run split-major, so all programs sweep one
+L2-sized panel of centroids together instead of streaming all k from HBM each).
 
 Nothing here imports fastssl: the launcher takes tensors its caller validated
 (fastssl._triton_assign prepares them).
@@ -196,6 +197,23 @@ def _program_count(device: torch.device, items: int) -> int:
     return min(items, sms)
 
 
+L2_SHARE = 0.4  # of the L2 cache, for the centroid panel that all programs sweep together
+
+
+def _default_splits(device: torch.device, row_tiles: int, col_tiles: int, c_bytes: int) -> int:
+    """Enough centroid splits to (a) give every SM work when row tiles are few and (b)
+    keep each split's centroid panel in L2. Work items run split-major, so all programs
+    sweep the same panel at once: with k = 100k, d = 1024 bf16 (200 MB of centroids) a
+    single sweep would stream every centroid tile from HBM once per program."""
+    programs = _program_count(device, 1 << 30)
+    occupancy = programs // max(row_tiles, 1)
+    panels = 1
+    if device.type == "cuda":
+        l2 = torch.cuda.get_device_properties(device).L2_cache_size
+        panels = triton.cdiv(c_bytes, max(1, int(L2_SHARE * l2)))
+    return max(1, min(col_tiles, max(occupancy, panels)))
+
+
 def assign_partial(
     x: torch.Tensor,
     c: torch.Tensor,
@@ -215,8 +233,8 @@ def assign_partial(
         c_sqnorm: (k,) float32 ||c||^2 for l2; None for inner-product scores.
         precision: float32 inputs only: "tf32" | "3xtf32" | "ieee".
         config: tiles and pipelining; None = pick_config().
-        splits: centroid ranges processed independently; None picks enough to give
-            every SM work when row tiles are few.
+        splits: centroid ranges processed independently (then reduced); None =
+            _default_splits (SM occupancy for short x, L2-sized centroid panels).
         use_tma: None = whenever the device and strides allow.
     Returns:
         best (S, n) float32 score (smaller is better: ||c||^2 - 2 x.c or -x.c) and idx
@@ -229,8 +247,7 @@ def assign_partial(
     row_tiles = triton.cdiv(n, cfg.block_m)
     col_tiles = triton.cdiv(k, cfg.block_n)
     if splits is None:
-        programs = _program_count(x.device, 1 << 30)
-        splits = max(1, min(col_tiles, programs // max(row_tiles, 1)))
+        splits = _default_splits(x.device, row_tiles, col_tiles, k * d * x.element_size())
     tiles_per_split = triton.cdiv(col_tiles, splits)
     splits = triton.cdiv(col_tiles, tiles_per_split)
     tma = _tma_ok(x) and _tma_ok(c) if use_tma is None else use_tma

@@ -83,14 +83,7 @@ GPU_CASES = [  # (label, dtype, precision, relative tolerance of the score scale
 ]
 
 
-@gpu
-@needs_cuda
-@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
-@pytest.mark.parametrize("n, k, d", [(20000, 1000, 256), (4099, 4097, 1024), (1, 300, 7),
-                                     (65536, 1, 128), (3000, 70, 33)])
-@pytest.mark.parametrize("metric", ["l2", "ip", "cos"])
-@pytest.mark.parametrize("label, dtype, precision, rtol", GPU_CASES, ids=[c[0] for c in GPU_CASES])
-def test_gpu_matches_float64(n, k, d, metric, label, dtype, precision, rtol):
+def _gpu_check(n, k, d, metric, dtype, precision, rtol):
     from fastssl import _triton_assign
 
     gen = torch.Generator(device="cuda").manual_seed(n + k + d)
@@ -100,6 +93,26 @@ def test_gpu_matches_float64(n, k, d, metric, label, dtype, precision, rtol):
                                            precision=precision)
     oracle.check_against_float64(x, oracle.as_multiplied(x, c, metric), metric, labels,
                                  distances, rtol)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+@pytest.mark.parametrize("metric", ["l2", "ip", "cos"])
+@pytest.mark.parametrize("label, dtype, precision, rtol", GPU_CASES, ids=[c[0] for c in GPU_CASES])
+def test_gpu_matches_float64(metric, label, dtype, precision, rtol):
+    """Several row and centroid tiles, two splits' worth of columns, TMA (d = 1024)."""
+    _gpu_check(4099, 4097, 1024, metric, dtype, precision, rtol)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+@pytest.mark.parametrize("n, k, d", [(1, 300, 7), (3000, 70, 33), (65536, 1, 128)])
+@pytest.mark.parametrize("metric", ["l2", "cos"])
+def test_gpu_odd_shapes_bf16(n, k, d, metric):
+    """One row, one centroid, d not a multiple of 8 (pointer loads instead of TMA)."""
+    _gpu_check(n, k, d, metric, torch.bfloat16, None, 3e-5)
 
 
 @gpu
