@@ -10,7 +10,8 @@ Steps, in priority order:
   tune     the Triton kernel's candidate tiles at n = 1M, k = 16k (bf16 at d = 128 and
            1024, fp32-tf32 at d = 1024); prints the kernels/assign.py TUNED entries to
            record, and the sweep below uses the winners (its rows say so).
-  sweep    n = 4M (fp32: 1M), d in {128, 256, 1024}, k in {16k, 100k}, bf16 and fp32:
+  sweep    n = 4M, d in {128, 256, 1024}, k in {16k, 100k}, bf16; fp32 (to fit the
+           budget) n = 1M, d in {128, 1024}, k = 16k:
              triton      fastssl's fused Triton kernel (fp32: tf32 products)
              cuda        fastssl's CUDA C++ engine (fp32: tf32)
              torch       chunked torch.addmm(||c||^2 as a 1-D bias, x, c^T, alpha=-2)
@@ -65,6 +66,8 @@ class Plan:
     n32: int  # rows for fp32 inputs
     ds: tuple
     ks: tuple
+    ds32: tuple  # fp32 rows: fewer, to fit the check's budget
+    ks32: tuple
     tune_n: int
     lloyd_ds: tuple
     reps: int
@@ -72,9 +75,10 @@ class Plan:
     @staticmethod
     def make(dry_run: bool) -> "Plan":
         if dry_run:
-            return Plan(torch.device("cpu"), True, 300, 200, (16, 40), (37, 70), 200, (40,), 2)
+            return Plan(torch.device("cpu"), True, 300, 200, (16, 40), (37, 70), (40,), (37,),
+                        200, (40,), 2)
         return Plan(torch.device("cuda"), False, 4 << 20, 1 << 20, (128, 256, 1024),
-                    (16384, 100_000), 1 << 20, (128, 1024), 3)
+                    (16384, 100_000), (128, 1024), (16384,), 1 << 20, (128, 1024), 2)
 
 
 # ------------------------------------------------------------------------- timing
@@ -83,9 +87,11 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_ms(fn, device, reps: int, budget_s: float = 20.0) -> float:
-    """Median ms of fn() after one warm-up (CUDA events on a GPU); fewer reps when slow."""
-    fn()
+def _time_ms(fn, device, reps: int, budget_s: float = 6.0, warm: bool = False) -> float:
+    """Median ms of fn() after one warm-up unless ``warm`` (CUDA events on a GPU); fewer
+    reps when the first ones took longer than budget_s."""
+    if not warm:
+        fn()
     _sync(device)
     times, stop_at = [], time.perf_counter() + budget_s
     for _ in range(reps):
@@ -105,16 +111,16 @@ def _time_ms(fn, device, reps: int, budget_s: float = 20.0) -> float:
     return statistics.median(times)
 
 
-def _peak_extra_gib(fn, device) -> float | str:
-    """Peak device memory fn() allocates above what was allocated before it."""
+def _with_peak(fn, device):
+    """(fn(), GiB of device memory it allocated at its peak above what was allocated)."""
     if device.type != "cuda":
-        return "-"
+        return fn(), "-"
     _sync(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
-    fn()
+    out = fn()
     _sync(device)
-    return round((torch.cuda.max_memory_allocated(device) - base) / GIB, 3)
+    return out, round((torch.cuda.max_memory_allocated(device) - base) / GIB, 3)
 
 
 def _out_of_time(report, name: str) -> bool:
@@ -340,12 +346,11 @@ def _sweep_row(report, plan: Plan, n: int, d: int, k: int, dtype, config) -> Non
             cols[f"{name}_ms"] = f"skipped: {fn}"
             continue
         try:
-            labels = fn()
+            labels, cols[f"{name}_peak_gib"] = _with_peak(fn, plan.device)  # + warm-up
             mine = labels if name == "triton" else mine
             agree = (labels[:65536].long() == mine[:65536]).double().mean().item() if mine is not None else None
-            ms[name] = _time_ms(fn, plan.device, plan.reps)
+            ms[name] = _time_ms(fn, plan.device, plan.reps, warm=True)
             cols[f"{name}_ms"] = round(ms[name], 3)
-            cols[f"{name}_peak_gib"] = _peak_extra_gib(fn, plan.device)
             if name != "triton":
                 cols[f"{name}_agree"] = round(agree, 5) if agree is not None else "-"
             del labels
@@ -374,9 +379,9 @@ def sweep(report, plan: Plan, chosen: dict) -> None:
         n = plan.n16 if dtype != torch.float32 else plan.n32
         torch.backends.cuda.matmul.allow_tf32 = dtype == torch.float32  # torch fp32 = tf32
         try:
-            widths = sorted(plan.ds, key=lambda v: v != 1024)  # the goal rows first
-            for d in widths:
-                for k in plan.ks:
+            ds, ks = (plan.ds, plan.ks) if dtype != torch.float32 else (plan.ds32, plan.ks32)
+            for d in sorted(ds, key=lambda v: v != 1024):  # the goal rows first
+                for k in ks:
                     if _out_of_time(report, f"sweep {str(dtype)[6:]} d={d} k={k}"):
                         return
                     _step(report, f"sweep {str(dtype)[6:]} d={d} k={k}", _sweep_row, report,
@@ -425,9 +430,9 @@ def _lloyd_row(report, plan: Plan, n: int, d: int, k: int) -> None:
             cols[f"{name}_ms"] = f"skipped: {fn}"
             continue
         try:
-            ms[name] = _time_ms(fn, plan.device, plan.reps)
+            cols[f"{name}_peak_gib"] = _with_peak(fn, plan.device)[1]  # + warm-up
+            ms[name] = _time_ms(fn, plan.device, plan.reps, warm=True)
             cols[f"{name}_ms"] = round(ms[name], 3)
-            cols[f"{name}_peak_gib"] = _peak_extra_gib(fn, plan.device)
         except Exception as exc:  # noqa: BLE001
             traceback.print_exc()
             cols[f"{name}_ms"] = f"FAILED {type(exc).__name__}: {exc}"[:160]

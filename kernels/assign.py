@@ -151,8 +151,10 @@ def _assign_kernel(
                     score = bias[None, :] - 2.0 * acc
                 else:
                     score = tl.where((cols < k)[None, :], -acc, float("inf"))
-                tile_best = tl.min(score, axis=1)
-                tile_arg = tl.argmin(score, axis=1, tie_break_left=True)
+                # one reduction for both (value, first index): the epilogue runs on the
+                # CUDA cores between tensor-core tiles, so its cost is per element
+                tile_best, tile_arg = tl.min(score, axis=1, return_indices=True,
+                                             return_indices_tie_break_left=True)
                 better = tile_best < best  # strict: an earlier tile keeps a tie
                 best = tl.where(better, tile_best, best)
                 best_idx = tl.where(better, off_n + tile_arg.to(tl.int64), best_idx)
