@@ -136,8 +136,9 @@ def check_model_config(cfg: ModelConfig) -> None:
                           ("recon_reduction", RECON_REDUCTIONS)):
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"{name}={getattr(cfg, name)!r}; expected one of {allowed}")
-    if cfg.embed_dim % cfg.num_heads or cfg.decoder_dim % cfg.decoder_heads:
-        raise ValueError("embed_dim / decoder_dim must be multiples of num_heads / decoder_heads")
+    for dim, heads in (("embed_dim", "num_heads"), ("decoder_dim", "decoder_heads")):
+        if getattr(cfg, dim) % getattr(cfg, heads):
+            raise ValueError(f"{dim}={getattr(cfg, dim)} is not a multiple of {heads}={getattr(cfg, heads)}")
     if not cfg.decoder_embed and cfg.decoder_dim != cfg.embed_dim:
         raise ValueError(f"decoder_dim={cfg.decoder_dim} differs from embed_dim={cfg.embed_dim}: "
                          "that needs decoder_embed=True (a projection)")
