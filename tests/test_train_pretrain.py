@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from _mvmae_helpers import one_thread, phantom_cache
+from fastssl.errors import DataError, OutputLocked, ResumeMismatch
 from fastssl.models.mvmae import MultiViewMAE, model_config
 from fastssl.train.pretrain import (
     PretrainConfig, Schedule, load_encoder, main, param_groups, sigmoid_annealing, train_one_epoch,
@@ -191,8 +192,65 @@ def test_resume_continues_exactly(cache, tmp_path, capsys):
     enc = load_encoder(str(tmp_path / "a" / "encoder.safetensors"))
     for k, v in enc.state_dict().items():
         assert torch.equal(v, ca["model"]["encoder." + k])
-    with pytest.raises(ValueError, match="other settings"):
+    # a finished run with other settings is refused, naming them (not "nothing to do")
+    with pytest.raises(ResumeMismatch, match='mode: "flu" -> "single"'):
         main(_cfg(cache, tmp_path / "a", mode="single"))
+
+
+def test_resume_identity_refuses_changed_settings(cache, tmp_path, caplog):
+    """Issue 11 items 3 and 6 / 12.6: every result-affecting setting is part of the run's
+    identity; damaged outputs of a killed run are repaired or refused with one line."""
+    out = tmp_path / "run"
+    main(_cfg(cache, out, stop_after_steps=2))
+    for change, named in ((dict(mask_ratio=0.5, base_lr=2e-3), ("mask_ratio: 0.75 -> 0.5", "base_lr: 0.001 -> 0.002")),
+                          (dict(weight_decay=0.1, augment=False), ("weight_decay", "augment: true -> false")),
+                          (dict(beta_max=1.0, warmup_epochs=2.0), ("beta_max", "warmup_epochs")),
+                          (dict(recipe="mae"), ("recipe", "beta2: 0.999 -> 0.95")),
+                          (dict(epochs=3), ("epochs: 2 -> 3",)),
+                          (dict(cache=cache + "/."), ("cache",))):
+        with pytest.raises(ResumeMismatch) as exc:
+            main(replace(_cfg(cache, out), **change))
+        for name in named:
+            assert name in str(exc.value), (name, str(exc.value))
+        assert "--overwrite" in str(exc.value)
+    # settings that do not change the weights may change
+    assert main(_cfg(cache, out, stop_after_steps=1, log_every=5, workers=0, val_batches=1))["step"] == 3
+    # a torn last metrics line (killed mid-write) is cut away; stale temporary files go
+    with open(out / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 4, "loss": 0.')
+    (out / ".checkpoint.pt.tmp999999999").write_bytes(b"partial")
+    assert main(_cfg(cache, out, stop_after_steps=1))["step"] == 4
+    assert not (out / ".checkpoint.pt.tmp999999999").exists()
+    assert [m["step"] for m in _metrics(out) if "loss" in m] == [1, 2, 3, 4]
+    # a damaged checkpoint: one line naming the file and --no-resume; --no-resume starts over
+    raw = bytearray((out / "checkpoint.pt").read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    (out / "checkpoint.pt").write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"checkpoint.pt.*--no-resume"):
+        main(_cfg(cache, out))
+    assert main(_cfg(cache, out, resume=False, stop_after_steps=1))["step"] == 1
+    # a truncated encoder.safetensors does not count as finished: it is exported again
+    done = main(_cfg(cache, out))
+    assert done["finished"]
+    good = (out / "encoder.safetensors").read_bytes()
+    (out / "encoder.safetensors").write_bytes(good[: len(good) // 2])
+    again = main(_cfg(cache, out))
+    assert again["finished"] and again["metrics"] is not None  # not "nothing to do"
+    from fastssl.jobs import verify_safetensors
+
+    assert verify_safetensors(out / "encoder.safetensors")
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    for k, v in load_encoder(str(out / "encoder.safetensors")).state_dict().items():
+        assert torch.equal(v, ckpt["model"]["encoder." + k])
+    # --overwrite replaces a different run
+    with caplog.at_level("WARNING"):
+        assert main(_cfg(cache, out, mask_ratio=0.5, overwrite=True, stop_after_steps=1))["step"] == 1
+    assert "mask_ratio" in caplog.text and "removing" in caplog.text
+    # a second job into the same --out fails at once
+    from fastssl.jobs import OutputLock
+
+    with OutputLock(out), pytest.raises(OutputLocked, match="in use by another job"):
+        main(_cfg(cache, out, mask_ratio=0.5, overwrite=True))
 
 
 def test_logged_lr_and_beta_equal_the_schedule(cache, tmp_path):

@@ -55,9 +55,10 @@ MODES = ("flu", "paired", "single", "supervised")
 CHECKPOINT, METRICS, METRICS_CSV, ENCODER = "checkpoint.pt", "metrics.jsonl", "metrics.csv", "encoder.safetensors"
 CSV_FIELDS = ("step", "epoch", "loss", "recon", "align", "beta", "lr", "grad_norm", "cos_matched",
               "cos_unmatched", "imgs_per_s", "val_recon")
-# Settings that a resumed run must share with its checkpoint (they change the model or
-# the meaning of a step); the others (epochs, workers, log_every...) may change.
-_RESUME_KEYS = ("recipe", "mode", "preset", "img_size", "patch_size", "target", "align", "batch_size", "seed")
+# Settings that do not change the trained weights: a resume may change them. Every other
+# field (and the world size and the cache's content) is the run's identity (job.json).
+_NOT_IDENTITY = ("out", "workers", "device", "impl", "compile", "log_every", "val_batches", "ckpt_every",
+                 "resume", "overwrite", "verify_data", "stop_after_steps", "progress")
 
 # What each recipe sets (PretrainConfig fields left at None take these values). "mvmae" is
 # the released MVMAE configuration (agostini335/MVMAE, config/config_base.yaml and the
@@ -127,7 +128,9 @@ class PretrainConfig:
     log_every: int = 20            # steps between metrics lines (and always at the end of an epoch)
     val_batches: int = 20          # validation reconstruction loss per epoch over this many batches (0: off)
     ckpt_every: int = 500          # steps between checkpoints (also at every epoch end)
-    resume: bool = True            # continue from out/checkpoint.pt when present
+    resume: bool = True            # continue from out/checkpoint.pt when present (--no-resume: start over)
+    overwrite: bool = False        # replace an --out that holds a run with other settings
+    verify_data: bool = False      # hash every byte of the cache for the resume identity (default: sampled blocks)
     stop_after_steps: int = 0      # >0: checkpoint and exit after this many steps of this invocation
     progress: bool = True          # tqdm bar (only on a terminal)
 
@@ -498,10 +501,9 @@ class MetricsLog:
         self.tb = SummaryWriter(os.path.join(out, "tb"), purge_step=step or None)
 
     def _rewrite_csv(self) -> None:
-        rows = []
-        if os.path.isfile(self.jsonl):
-            with open(self.jsonl, encoding="utf-8") as handle:
-                rows = [json.loads(line) for line in handle if line.strip()]
+        from fastssl.jobs import read_jsonl
+
+        rows = read_jsonl(self.jsonl)
         atomic_write_text(self.csv, ",".join(CSV_FIELDS) + "\n" + "".join(map(self._csv_line, rows)))
 
     @staticmethod
@@ -594,17 +596,52 @@ def _setup(cfg: PretrainConfig) -> _Run:
                 _schedule(cfg, steps_per_epoch, world), model, optimizer, scaler, generator)
 
 
+def _fingerprint(cfg: PretrainConfig, world: int):
+    """The run's identity: result-affecting settings (resolved, + world size) and the cache's
+    index, manifest and shards (size + sampled-block sha256; every byte with verify_data)."""
+    from fastssl.jobs import JobFingerprint, fingerprint_files
+
+    settings = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IDENTITY}
+    settings["world_size"] = world
+    names = sorted(n for n in os.listdir(cfg.cache)
+                   if n in ("index.csv", "manifest.json") or (n.startswith("shard_") and n.endswith(".npy")))
+    inputs = fingerprint_files([os.path.join(cfg.cache, n) for n in names], full=cfg.verify_data)
+    return JobFingerprint("pretrain", settings, inputs)
+
+
+def _open_output(run: _Run) -> None:
+    """Rank 0 checks out/job.json against this run (a different run is refused, naming the
+    differences, unless --overwrite or --no-resume, which clear the directory) and removes
+    stale temporary files; the other ranks wait for its verdict."""
+    from fastssl.jobs import check_resume, clear_outputs, remove_stale_tmp, write_fingerprint
+
+    verdict, error = [None], None
+    if run.is_main:
+        try:
+            remove_stale_tmp(run.cfg.out)
+            fp = _fingerprint(run.cfg, run.world)
+            status = check_resume(run.cfg.out, fp, overwrite=run.cfg.overwrite or not run.cfg.resume)
+            if status == "new" or not run.cfg.resume:  # --no-resume: start over in this --out
+                clear_outputs(run.cfg.out)
+                write_fingerprint(run.cfg.out, fp)
+        except ValueError as exc:  # ResumeMismatch: every rank stops with its message
+            verdict, error = [str(exc)], exc
+    if run.world > 1:
+        dist.broadcast_object_list(verdict, src=0)
+    if error is not None:
+        raise error
+    if verdict[0] is not None:
+        raise ValueError(verdict[0])
+
+
 def _resume(run: _Run) -> int:
-    """Loads out/checkpoint.pt into the run when resuming; returns the step reached (0: fresh)."""
-    ckpt_path, cfg = run.path(CHECKPOINT), run.cfg
-    if not (cfg.resume and os.path.isfile(ckpt_path)):
+    """Loads out/checkpoint.pt (its sha256 checked) into the run; returns the step reached (0: fresh)."""
+    from fastssl.jobs import load_checkpoint
+
+    ckpt_path = run.path(CHECKPOINT)
+    if not os.path.isfile(ckpt_path):
         return 0
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    diff = {k: (ckpt["config"].get(k), getattr(cfg, k)) for k in _RESUME_KEYS
-            if ckpt["config"].get(k) != getattr(cfg, k)}
-    if diff:
-        raise ValueError(f"{ckpt_path} was written with other settings {diff} (checkpoint, now); "
-                         "use another --out or --no-resume")
+    ckpt = load_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
     run.model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scaler.load_state_dict(ckpt["scaler"])
@@ -701,16 +738,29 @@ def main(cfg: PretrainConfig, callbacks=()) -> dict:
     Returns:
         A summary dict: step, total_steps, finished, stopped, out, metrics (last values).
     """
+    from fastssl.jobs import OutputLock
+
     cfg = cfg.resolved()
     run = _setup(cfg)
+    lock = OutputLock(cfg.out) if run.is_main else contextlib.nullcontext()  # one job per --out
+    with lock:
+        _open_output(run)
+        return _run_locked(run, callbacks)
+
+
+def _run_locked(run: _Run, callbacks) -> dict:
+    from fastssl.jobs import verify_safetensors
+
+    cfg = run.cfg
     step = _resume(run)
     total, enc_path = run.sched.total_steps, run.path(ENCODER)
-    if step >= total and os.path.isfile(enc_path):
+    if step >= total and verify_safetensors(enc_path):
         if run.is_main:
             print(f"pretrain: {cfg.out} is finished ({step} of {total} steps); nothing to do")
         return dict(step=step, total_steps=total, finished=True, stopped=False, out=cfg.out, metrics=None)
-    if run.is_main:
-        atomic_write_text(run.path("config.json"), json.dumps(asdict(cfg), indent=2))
+    if run.is_main:  # config.json: the resolved settings, usable as --config (keys = flags)
+        settings = {k: v for k, v in asdict(cfg).items() if k != "progress"}
+        atomic_write_text(run.path("config.json"), json.dumps(settings, indent=2))
         print(_banner(run, step))
     net = torch.compile(run.model) if cfg.compile else run.model
     if run.world > 1:
@@ -722,7 +772,7 @@ def main(cfg: PretrainConfig, callbacks=()) -> dict:
     finally:
         logger.close()
     finished = step >= total
-    if finished and run.is_main:
+    if finished and run.is_main:  # (also re-exports an encoder.safetensors that fails verification)
         export_encoder(run.model.encoder, run.mcfg, enc_path)
         print(f"pretrain: done, {step} steps; encoder -> {enc_path}")
     elif run.is_main:
