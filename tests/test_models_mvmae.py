@@ -276,3 +276,18 @@ def test_decoder_view_embedding_on_cls_changes_the_prediction():
     a = on(f, None, views=1, mask_ratio=0.5, generator=torch.Generator().manual_seed(0))["pred"]
     b = off(f, None, views=1, mask_ratio=0.5, generator=torch.Generator().manual_seed(0))["pred"]
     torch.testing.assert_close(a, b)
+
+
+def test_unknown_view_embedding_is_trained_in_flu_not_in_paired(model):
+    """Issue 8 item 4: flu batches give the unknown slot (id 2) data, so its embedding gets a
+    gradient; paired batches never do (pretrain warns when the cache has such images)."""
+    images = torch.randn(2, 3, 1, 32, 32)
+    available = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    views = torch.tensor([[0, 1, 2], [2, 0, 0]])
+    model(images, available=available, views=views, mask_ratio=0.75, beta=1.0)["loss"].backward()
+    assert float(model.encoder.view_embed.weight.grad[2].abs().sum()) > 0
+    assert float(model.decoder_view_embed.weight.grad[2].abs().sum()) > 0
+    model.zero_grad()
+    f, l = _pair(2)
+    model(f, l, mask_ratio=0.75, beta=1.0)["loss"].backward()
+    assert float(model.encoder.view_embed.weight.grad[2].abs().sum()) == 0

@@ -250,6 +250,7 @@ class StudyViewsDataset(_CacheDataset):
         split: "train" | "validate" | "test", a list of them, or None for all.
         max_views: slots per study (the released config: 3).
         seed: the draw of a study's images depends only on (seed, epoch, study).
+        dataset: only studies of this dataset (or list) of a pooled cache.
     Batches (``get_batch``):
         images (B, V, 1, S, S) uint8|uint16 (missing slots are 0), available (B, V) bool,
         views (B, V) int64 (VIEW_IDS; missing slots 0), labels (B, 14) int8,
@@ -257,12 +258,12 @@ class StudyViewsDataset(_CacheDataset):
     """
 
     def __init__(self, cache_dir: str | os.PathLike, split: str | Sequence[str] | None = "train",
-                 max_views: int = 3, seed: int = 0):
+                 max_views: int = 3, seed: int = 0, dataset: str | Sequence[str] | None = None):
         super().__init__(cache_dir)
         if max_views < 1:
             raise ValueError(f"max_views={max_views}; expected >= 1")
         index = self.index
-        rows = np.flatnonzero(_split_mask(index, split))
+        rows = np.flatnonzero(_split_mask(index, split) & index.select(dataset=dataset))
         study_ids, inverse = np.unique(index.study_id[rows], return_inverse=True)
         order = np.argsort(inverse.reshape(-1), kind="stable")  # index order within a study
         self.rows = rows[order]

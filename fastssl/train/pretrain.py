@@ -399,7 +399,13 @@ def _datasets(cfg: PretrainConfig):
     if cfg.mode == "flu":
         return StudyViewsDataset(cfg.cache, split="train", max_views=cfg.max_views, seed=cfg.seed)
     if cfg.mode == "paired":
-        return PairedViewDataset(cfg.cache, split="train", seed=cfg.seed)
+        data = PairedViewDataset(cfg.cache, split="train", seed=cfg.seed)
+        unknown = int(np.isin(data.index.view[data.index.split == "train"], ("unknown", "other")).sum())
+        if unknown:
+            log.warning("paired mode never trains the view embedding 'unknown' (id 2), but %d train images "
+                        "have no frontal/lateral view: --mode flu trains it; otherwise evaluate such images "
+                        "with an explicit view", unknown)
+        return data
     return SingleViewDataset(cfg.cache, split="train", views="all")
 
 
