@@ -42,6 +42,7 @@ def test_paired_shapes_and_loss_composition(model):
     for k in ("loss", "recon", "align", "beta"):
         assert out[k].dim() == 0 and torch.isfinite(out[k])
     torch.testing.assert_close(out["loss"], out["recon"] + 1.5 * out["align"])
+    torch.testing.assert_close(out["recon"].detach(), (out["recon_frontal"] + out["recon_lateral"]) / 2)
     out["loss"].backward()
     assert all(p.grad is not None for p in model.parameters())  # every parameter is used
 

@@ -346,7 +346,8 @@ class MultiViewMAE(nn.Module):
                 mask_ratio: float = 0.93, beta: float = 0.0, views=None, available=None,
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Paired: frontal, lateral (B, 1, H, W) -> forward_studies over (B, 2) slots, frontal
-        view id 0 and lateral 1; pred / mask rows alternate frontal, lateral per study.
+        view id 0 and lateral 1; pred / mask rows alternate frontal, lateral per study; also
+        recon_frontal, recon_lateral (detached; recon is their mean).
 
         Single (lateral=None): frontal holds any images, views int | (B,) (default
         unknown) -> forward_studies over (B, 1) slots: no alignment (align = 0).
@@ -367,9 +368,15 @@ class MultiViewMAE(nn.Module):
         if lateral.shape[0] != b:
             raise ValueError(f"frontal has {b} images and lateral {lateral.shape[0]}; expected pairs")
         v = torch.tensor([VIEW_IDS["frontal"], VIEW_IDS["lateral"]], device=dev).expand(b, 2)
-        return self.forward_studies(torch.stack([frontal, lateral], dim=1),
-                                    torch.ones(b, 2, dtype=torch.bool, device=dev), v,
-                                    mask_ratio=mask_ratio, beta=beta, generator=generator)
+        out = self.forward_studies(torch.stack([frontal, lateral], dim=1),
+                                   torch.ones(b, 2, dtype=torch.bool, device=dev), v,
+                                   mask_ratio=mask_ratio, beta=beta, generator=generator)
+        with torch.no_grad():  # per-view values for logs and benchmarks; recon is their mean
+            scale = self._recon_scale(b, b, out["mask"], mask_ratio)
+            for name, rows, images in (("recon_frontal", slice(0, None, 2), frontal),
+                                       ("recon_lateral", slice(1, None, 2), lateral)):
+                out[name] = self.recon_loss(out["pred"][rows], images, out["mask"][rows]) * scale
+        return out
 
     def encode(self, images: torch.Tensor, views=None) -> torch.Tensor:
         """CLS features of unmasked images: (B, 1, H, W), views int | (B,) -> (B, D)."""
