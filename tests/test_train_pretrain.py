@@ -422,3 +422,42 @@ def test_augment_and_normalisation_settings_reach_the_transform(cache):
     off = _augment(replace(cfg, augment=False), cfg.model_config(), manifest)
     x = torch.full((1, 1, 32, 32), 255, dtype=torch.uint8)
     torch.testing.assert_close(off(x), torch.full((1, 1, 32, 32), (1 - 0.3) / 0.2))
+
+
+@pytest.mark.slow  # ~40 s: a CLI subprocess and two in-process runs
+def test_sigkill_at_a_random_moment_then_resume_equals_uninterrupted(cache, tmp_path):
+    """A CLI run killed with SIGKILL after a few steps (checkpoint every step, so the kill can
+    land inside a save), resumed by the same settings, ends bitwise equal to a run never
+    interrupted, each step logged once."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    kw = dict(epochs=3, ckpt_every=1)
+    ref = main(_cfg(cache, tmp_path / "ref", **kw))
+    out = tmp_path / "killed"
+    argv = [sys.executable, "-m", "fastssl", "pretrain", "--cache", cache, "--out", str(out), "--preset", "test",
+            "--epochs", "3", "--batch-size", "4", "--workers", "0", "--mask-ratio", "0.75", "--warmup-epochs", "1",
+            "--log-every", "1", "--ckpt-every", "1", "--base-lr", "0.001", "--seed", "3", "--device", "cpu",
+            "--val-batches", "2", "--quiet"]
+    proc = subprocess.Popen(argv, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isfile(out / "metrics.jsonl") and len(_metrics(out)) >= 4:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    time.sleep(float(torch.rand(1)) * 0.3)  # somewhere in the next steps, maybe inside a save
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = main(_cfg(cache, out, **kw))
+    assert resumed["finished"] and resumed["step"] == ref["step"]
+    a = torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=True)
+    b = torch.load(out / "checkpoint.pt", weights_only=True)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    steps = [m["step"] for m in _metrics(out) if "loss" in m]
+    assert steps == list(range(1, ref["step"] + 1))
+    assert not [n for n in os.listdir(out) if ".tmp" in n]
