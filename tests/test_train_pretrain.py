@@ -159,6 +159,23 @@ def test_recipes_resolve_and_the_cli_builds_the_same_config(cache):
         assert cli.resolved().model_config() == api.resolved().model_config()
     with pytest.raises(ValueError, match="recipe"):
         PretrainConfig(cache=cache, recipe="simclr").resolved()
+    with pytest.raises(ValueError, match="preset"):
+        PretrainConfig(cache=cache, preset="vit_huge").resolved()
+    with pytest.raises(ValueError, match="decoder_dim=100 is not a multiple of decoder_heads=12"):
+        PretrainConfig(cache=cache, decoder_dim=100, decoder_embed=True).resolved()
+
+
+def test_config_json_round_trips_through_the_cli(cache, tmp_path):
+    """A run's config.json (the resolved settings) is accepted by --config and gives the same run."""
+    from fastssl.cli import _apply_config, _load_config, command_parser
+    from fastssl.config import config_from_args
+
+    cfg = _cfg(cache, tmp_path, epochs=1, recipe="mae", align="ntxent")
+    main(cfg)
+    parser, _ = command_parser("pretrain")
+    _apply_config(parser, _load_config(str(tmp_path / "config.json")), "config.json")
+    again = config_from_args(PretrainConfig, parser.parse_args(["--quiet"]))
+    assert again.resolved() == cfg.resolved()
 
 
 def test_resume_continues_exactly(cache, tmp_path, capsys):

@@ -138,10 +138,10 @@ class PretrainConfig:
         """A copy with every None field replaced by the recipe's value (and checked)."""
         if self.recipe not in RECIPE_DEFAULTS:
             raise ValueError(f"recipe={self.recipe!r}; expected one of {tuple(RECIPE_DEFAULTS)}")
-        from fastssl.models.mvmae import _recipe_fields
+        from fastssl.models.mvmae import PRESETS, _recipe_fields
 
-        if self.preset not in __import__("fastssl.models.mvmae", fromlist=["PRESETS"]).PRESETS:
-            self.model_config()  # raises naming the preset
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset={self.preset!r}; expected one of {sorted(PRESETS)}")
         model_defaults = _recipe_fields(self.preset, self.recipe)
         values = {}
         for f in fields(self):
@@ -151,6 +151,7 @@ class PretrainConfig:
             values[f.name] = v
         out = PretrainConfig(**values)
         out.validate()
+        out.model_config()  # the model fields checked too (ValueError naming the field)
         return out
 
     def validate(self) -> None:
