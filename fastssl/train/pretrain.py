@@ -1,26 +1,39 @@
-"""``fastssl pretrain``: multi-view MAE pretraining (and its two baselines) over a cache.
+"""``fastssl pretrain``: multi-view MAE pretraining (and its baselines) over a cache.
 
 One dataclass holds every setting (:class:`PretrainConfig`; the CLI flags are its fields);
-:func:`train_one_epoch` is the whole inner loop; :func:`main` prints the derived
-quantities, then trains, logs, checkpoints and exports.
+fields left at None take the recipe's value (``--recipe mvmae``: the released MVMAE
+configuration, the default; ``--recipe mae``: fastssl's MAE-style variant), the same way
+for the Python API and the CLI. :func:`train_one_epoch` is the whole inner loop;
+:func:`main` prints the derived quantities, then trains, logs, checkpoints and exports.
 
 Modes:
-    paired      MultiViewMAE on (frontal, lateral) pairs of a study: mean of the two
-                reconstruction losses + beta * alignment, beta on a sigmoid ramp 0 -> beta_max.
+    flu         (the mvmae recipe's) every image of every train study is reconstructed, up
+                to 3 per study in view slots (StudyViewsDataset); the pooled latents of the
+                images of one study are aligned (alignment loss with an availability mask).
+    paired      studies with a frontal and a lateral image, one of each per epoch
+                (``--mode paired --beta-max 0``: the matched no-alignment ablation).
     single      the same MAE on single images of every view, no alignment (baseline).
     supervised  SupervisedViT on single images with BCE over the 14 labels (baseline).
+Loss = reconstruction + beta * alignment; beta per epoch by the released SigmoidAnnealing
+(or per step on a sigmoid ramp 0 -> beta_max with ``--beta-schedule ramp``).
 
 Files in ``out``:
-    config.json          the settings of the run
-    metrics.jsonl        one line per log step: step, epoch, loss, recon, align, beta, lr,
-                         grad_norm, imgs_per_s (means over the window and over ranks)
-    checkpoint.pt        model, optimizer, scaler, epoch, step, RNG states, config;
-                         written to a temporary name and renamed (a killed job keeps the old one)
+    config.json          the resolved settings of the run (usable as ``--config``)
+    job.json             the run's identity: result-affecting settings + the cache's content
+    metrics.jsonl        records every log_every steps and at the end of every epoch: step,
+                         epoch, loss, recon, align, beta, lr, grad_norm, cos_matched,
+                         cos_unmatched, imgs_per_s (window means over steps and ranks); after
+                         each epoch {step, epoch, val_recon} (validate split)
+    metrics.csv          the same records, columns CSV_FIELDS (empty cell = not in the record)
+    tb/                  TensorBoard event files (when the ``tensorboard`` extra is installed)
+    checkpoint.pt        model, optimizer, scaler, epoch, step, RNG states, config
+                         (+ checkpoint.pt.sha256; written atomically)
     encoder.safetensors  the final encoder weights (+ model config in the metadata)
 
 Rerunning the same command resumes from checkpoint.pt (the batch order, masks and
 augmentations continue exactly: they come from seeded generators saved in the
-checkpoint); a finished run is detected and left alone. DDP: launch with torchrun.
+checkpoint); a finished run is detected and left alone; a run with other settings in the
+same ``--out`` is refused, naming them (``--overwrite`` replaces it). DDP: launch with torchrun.
 """
 from __future__ import annotations
 
