@@ -429,7 +429,7 @@ def main(cfg: PretrainConfig) -> dict:
             break
     finished = step >= total
     if finished and is_main:
-        export_encoder(model.encoder, mcfg, enc_path)
+        export_encoder(model.encoder, mcfg, enc_path, manifest=read_manifest(cfg.cache))
         print(f"pretrain: done, {step} steps; encoder -> {enc_path}")
     elif is_main:
         print(f"pretrain: stopped at step {step} of {total}; rerun the same command to continue")
