@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "curate": ("fastssl.train.curate", "hierarchical k-means tree, balanced sample and report"),
     "demo": ("fastssl.demo", "the main job end to end on built-in phantom data"),
     "plot": ("fastssl.plots", "PNG training curves and reconstructions of a pretraining run"),
+    "export": ("fastssl.train.export", "timm-ready encoder files (one per view) from a pretrain checkpoint"),
 }
 
 

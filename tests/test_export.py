@@ -165,3 +165,22 @@ def test_embed_resamples_pos_embed_like_timm(tmp_path, caplog):
     with torch.no_grad():
         want = ref((x - mean) / std).numpy()
     np.testing.assert_allclose(got.astype(np.float32), want, atol=2e-3, rtol=2e-3)
+
+
+def test_cli_exports_every_view_from_a_checkpoint(tmp_path, capsys):
+    from dataclasses import asdict
+
+    from fastssl.cli import main as cli
+
+    enc = _encoder("patches")
+    torch.save(dict(model={f"encoder.{k}": v for k, v in enc.state_dict().items()}, model_config=asdict(enc.cfg)),
+               tmp_path / "checkpoint.pt")
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "manifest.json").write_text(json.dumps(MANIFEST))
+    out = tmp_path / "export" / "encoder.safetensors"
+    assert cli(["export", str(tmp_path / "checkpoint.pt"), "--cache", str(tmp_path / "cache"), "--out", str(out),
+                "--views", "frontal,lateral"]) == 0
+    assert capsys.readouterr().out.split() == [str(out), str(tmp_path / "export" / "encoder_lateral.safetensors")]
+    meta = read_export_metadata(str(tmp_path / "export" / "encoder_lateral.safetensors"))
+    assert meta["view"] == "lateral" and float(meta["pixel_std"]) == MANIFEST["pixel_std"]
+    assert cli(["export", str(tmp_path / "nope.pt"), "--cache", str(tmp_path / "cache"), "--out", str(out)]) == 2

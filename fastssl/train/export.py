@@ -25,6 +25,9 @@ Loading it with timm (three lines)::
 
 ``model(x)`` is then fastssl's CLS feature ``ViewEncoder(x, views=view)``, and
 ``timm.data.resolve_data_config(model=model)`` gives the size and mean/std it expects.
+
+``fastssl export RUN/checkpoint.pt --cache CACHE --out DIR/encoder.safetensors --views
+frontal,lateral`` writes the files of other views from a finished (or running) run.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ from typing import Sequence
 import torch
 
 __all__ = ["export_encoder", "load_encoder", "timm_state_dict", "timm_kwargs", "pixel_stats",
-           "read_export_metadata", "export_path"]
+           "read_export_metadata", "export_path", "add_arguments", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -285,3 +288,34 @@ def load_encoder(path: str, map_location="cpu"):
     encoder = ViewEncoder(ModelConfig(**fields))
     encoder.load_state_dict(state)
     return encoder
+
+
+# ------------------------------------------------------------------------------ CLI
+def add_arguments(parser) -> None:
+    parser.add_argument("checkpoint", help="a pretrain checkpoint.pt or an exported encoder*.safetensors")
+    parser.add_argument("--cache", required=True, help="the cache the run trained on (its manifest.json "
+                                                       "holds the pixel mean/std)")
+    parser.add_argument("--out", required=True, help="file of the first view, e.g. DIR/encoder.safetensors; "
+                                                     "the others go to DIR/encoder_<view>.safetensors")
+    parser.add_argument("--views", default="frontal",
+                        help="comma list of views to fold, one file each: frontal,lateral,unknown")
+
+
+def run(args) -> int:
+    """``fastssl export``: timm-ready files, one per view, from a run's checkpoint."""
+    from fastssl.data.cache import read_manifest
+    from fastssl.errors import DataError
+
+    try:
+        if not os.path.isfile(args.checkpoint):
+            raise ValueError(f"checkpoint={args.checkpoint!r} is not a file")
+        encoder = load_encoder(args.checkpoint)
+        views = tuple(v.strip() for v in args.views.split(",") if v.strip())
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        written = export_encoder(encoder, encoder.cfg, args.out, manifest=read_manifest(args.cache), views=views)
+    except (ValueError, DataError) as exc:
+        log.error("%s", exc)
+        return 2
+    for path in written:
+        print(path)
+    return 0
