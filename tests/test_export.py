@@ -184,3 +184,23 @@ def test_cli_exports_every_view_from_a_checkpoint(tmp_path, capsys):
     meta = read_export_metadata(str(tmp_path / "export" / "encoder_lateral.safetensors"))
     assert meta["view"] == "lateral" and float(meta["pixel_std"]) == MANIFEST["pixel_std"]
     assert cli(["export", str(tmp_path / "nope.pt"), "--cache", str(tmp_path / "cache"), "--out", str(out)]) == 2
+
+
+def test_embed_with_an_export_uses_its_normalisation(tmp_path):
+    """`fastssl embed --weights encoder.safetensors` gives the exported encoder's features:
+    the pixel mean/std come from the file, not from the timm model's defaults."""
+    from fastssl.curation.embed import embed_images
+    from fastssl.models.mvmae import ModelConfig
+
+    torch.manual_seed(0)
+    enc = ViewEncoder(ModelConfig(img_size=32, patch_size=16, embed_dim=192, depth=12, num_heads=3)).eval()
+    path = export_encoder(enc, enc.cfg, str(tmp_path / "encoder.safetensors"), manifest=MANIFEST)[0]
+    tiles = np.random.default_rng(1).integers(0, 256, size=(4, 32, 32), dtype=np.uint8)
+    np.save(tmp_path / "tiles.npy", tiles)
+    embed_images(tmp_path / "tiles.npy", tmp_path / "emb", model="vit_tiny_patch16_224", weights=path,
+                 img_size=32, in_chans=1, workers=0, quiet=True)
+    got = np.load(tmp_path / "emb" / "emb_00000.npy").astype(np.float32)
+    x = (torch.from_numpy(tiles).float()[:, None] / 255 - MANIFEST["pixel_mean"]) / MANIFEST["pixel_std"]
+    with torch.no_grad():
+        want = enc(x, views=VIEW_IDS["frontal"]).numpy()
+    np.testing.assert_allclose(got, want, atol=5e-3, rtol=5e-3)

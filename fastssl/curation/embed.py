@@ -194,7 +194,21 @@ def build_model(model: str, weights: str | None, random_init: bool, img_size: in
         if result.unexpected_keys:  # e.g. the classifier head dropped by num_classes=0
             log.info("ignored %d unexpected keys (%s ...)", len(result.unexpected_keys),
                      result.unexpected_keys[0])
+        if path.suffix == ".safetensors":
+            _use_export_normalisation(net, path)
     return net.eval()
+
+
+def _use_export_normalisation(net, path: Path) -> None:
+    """A `fastssl pretrain` export names the pixel mean/std its encoder was trained with
+    (metadata ``pretrained_cfg``); the model's own defaults would silently differ."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        data_cfg = json.loads((f.metadata() or {}).get("pretrained_cfg", "{}"))
+    if "mean" in data_cfg and "std" in data_cfg:
+        net.pretrained_cfg = dict(net.pretrained_cfg, mean=tuple(data_cfg["mean"]), std=tuple(data_cfg["std"]))
+        log.info("%s: pixel mean %s std %s from the file's metadata", path, data_cfg["mean"], data_cfg["std"])
 
 
 def _resample_pos_embed(state: dict, net, path: Path) -> dict:
