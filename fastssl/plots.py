@@ -123,10 +123,14 @@ def plot_pretrain_curves(run_dir: str | os.PathLike, out_png: str | os.PathLike 
 
 
 def _savefig(fig, path: Path) -> None:
-    """Written to a temporary name and renamed, as every output of fastssl."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    """PNG written to a temporary name and renamed, as every output of fastssl."""
+    import io
+
+    from fastssl.jobs import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 # ----------------------------------------------------------------- reconstructions

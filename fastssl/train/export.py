@@ -225,7 +225,9 @@ def export_encoder(encoder: torch.nn.Module, mcfg, path: str, *, manifest: dict,
         that, timm's VisionTransformer is built from it and must reproduce the encoder's
         CLS feature (RuntimeError otherwise).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save as save_bytes
+
+    from fastssl.jobs import atomic_write_bytes
 
     if not isinstance(manifest, dict):
         raise TypeError(f"manifest: expected the cache's manifest.json as a dict, got {type(manifest).__name__}")
@@ -237,10 +239,8 @@ def export_encoder(encoder: torch.nn.Module, mcfg, path: str, *, manifest: dict,
         state, unfolded = timm_state_dict(encoder, view)
         _check_against_timm(encoder, state, kwargs, view)
         out = export_path(path, view, first=i == 0)
-        tmp = f"{out}.tmp{os.getpid()}"
-        save_file(state, tmp, metadata=_metadata(encoder, mcfg, kwargs, view, manifest, unfolded))
-        os.chmod(tmp, 0o644)  # an exported artefact, readable like the other outputs
-        os.replace(tmp, out)
+        atomic_write_bytes(out, save_bytes(state, metadata=_metadata(encoder, mcfg, kwargs, view, manifest,
+                                                                     unfolded)))
         written.append(out)
     return written
 
