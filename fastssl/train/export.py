@@ -192,7 +192,7 @@ def _check_against_timm(encoder, state: dict, kwargs: dict, view: str) -> None:
                            f"(> {_CHECK_ATOL}); the export does not follow the model")
 
 
-def _metadata(encoder, mcfg, kwargs: dict, view: str, manifest: dict, unfolded: dict) -> dict[str, str]:
+def _metadata(mcfg, kwargs: dict, view: str, manifest: dict, unfolded: dict) -> dict[str, str]:
     from safetensors.torch import save as save_bytes
 
     mean, std = pixel_stats(manifest)
@@ -239,8 +239,8 @@ def export_encoder(encoder: torch.nn.Module, mcfg, path: str, *, manifest: dict,
         state, unfolded = timm_state_dict(encoder, view)
         _check_against_timm(encoder, state, kwargs, view)
         out = export_path(path, view, first=i == 0)
-        atomic_write_bytes(out, save_bytes(state, metadata=_metadata(encoder, mcfg, kwargs, view, manifest,
-                                                                     unfolded)))
+        metadata = _metadata(mcfg, kwargs, view, manifest, unfolded)
+        atomic_write_bytes(out, save_bytes(state, metadata=metadata))
         written.append(out)
     return written
 
