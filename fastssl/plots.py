@@ -57,7 +57,7 @@ def _pyplot():
 # ------------------------------------------------------------------------- curves
 def read_metrics(run_dir: str | os.PathLike) -> tuple[list[dict], Path]:
     """The records of ``metrics.jsonl`` (preferred) or ``metrics.csv`` of a run, and the
-    file read. CSV cells become floats; empty cells are left out of their record."""
+    file read. Numeric CSV cells become floats; empty cells are left out of their record."""
     run_dir = Path(run_dir)
     jsonl, csv_path = run_dir / "metrics.jsonl", run_dir / "metrics.csv"
     if jsonl.is_file():
@@ -66,8 +66,16 @@ def read_metrics(run_dir: str | os.PathLike) -> tuple[list[dict], Path]:
     if csv_path.is_file():
         with open(csv_path, newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in rows], csv_path
+        return [{k: _number(v) for k, v in row.items() if v not in ("", None)} for row in rows], csv_path
     raise FileNotFoundError(f"{run_dir}: neither metrics.jsonl nor metrics.csv (not a pretrain run dir?)")
+
+
+def _number(cell: str):
+    """A CSV cell as a float when it is one (a text column stays text and is not plotted)."""
+    try:
+        return float(cell)
+    except ValueError:
+        return cell
 
 
 def curve_series(records: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray]]:

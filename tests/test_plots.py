@@ -72,6 +72,8 @@ def test_curves_from_jsonl_equal_the_file(tmp_path, rng):
 
 def test_curves_from_csv_when_there_is_no_jsonl(tmp_path, rng):
     records = _records(rng, n=8)
+    for rec in records:
+        rec["phase"] = "train"  # a text column is kept out of the plot, not a crash
     keys = sorted({k for r in records for k in r})
     with open(tmp_path / "metrics.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=keys)
@@ -81,6 +83,7 @@ def test_curves_from_csv_when_there_is_no_jsonl(tmp_path, rng):
     _png_ok(tmp_path / "c.png")
     for key in ("recon", "val_recon", "lr", "cos_matched"):
         _check_series(out["series"], records, key)
+    assert "phase" not in out["series"]
 
 
 def test_no_metrics_is_a_clear_error(tmp_path):
