@@ -128,6 +128,17 @@ def test_a_wrong_fold_is_caught_at_export(tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+def test_a_cls_token_that_is_not_additive_is_refused(tmp_path):
+    class Doubled(ViewEncoder):
+        def _cls(self, batch):
+            return 2 * super()._cls(batch)
+
+    torch.manual_seed(0)
+    enc = Doubled(model_config("test")).eval()
+    with pytest.raises(ValueError, match="cannot be folded"):
+        export_encoder(enc, enc.cfg, str(tmp_path / "encoder.safetensors"), manifest=MANIFEST)
+
+
 def test_bad_arguments(tmp_path):
     enc = _encoder("patches")
     out = str(tmp_path / "e.safetensors")

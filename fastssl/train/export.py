@@ -124,19 +124,20 @@ def _block_inputs(encoder, view: int) -> torch.Tensor:
 
 def _view_reaches_cls(encoder) -> bool:
     """Whether the encoder adds its view embedding to the CLS token as well as to the
-    patches (MVMAE's released recipe) or to the patches only: the CLS input of two views
-    differs by exactly their embeddings' difference, or not at all."""
-    from fastssl.models.mvmae import VIEW_IDS
-
-    f, lat = VIEW_IDS["frontal"], VIEW_IDS["lateral"]
-    cls_diff = _block_inputs(encoder, f)[0, 0] - _block_inputs(encoder, lat)[0, 0]
-    table = encoder.view_embed.weight.detach().float().cpu()
-    if torch.allclose(cls_diff, torch.zeros_like(cls_diff), atol=1e-6):
+    patches (MVMAE's released recipe) or to the patches only: the CLS token entering the
+    first block is cls_token + its position row, plus the view row or not."""
+    vit = encoder.vit
+    cls_in = _block_inputs(encoder, 0)[0, 0]
+    plain = vit.cls_token[0, 0].detach().float().cpu()
+    if not vit.no_embed_class:
+        plain = plain + vit.pos_embed[0, 0].detach().float().cpu()
+    row = encoder.view_embed.weight[0].detach().float().cpu()
+    if torch.allclose(cls_in, plain, atol=1e-6):
         return False
-    if torch.allclose(cls_diff, table[f] - table[lat], atol=1e-5):
+    if torch.allclose(cls_in, plain + row, atol=1e-5):
         return True
-    raise ValueError("export_encoder: the CLS token depends on the view in a way that is not an "
-                     "added view embedding; it cannot be folded into pos_embed")
+    raise ValueError("export_encoder: the CLS token entering the blocks is neither cls_token + pos_embed "
+                     "nor that plus the view embedding; it cannot be folded into pos_embed")
 
 
 def timm_state_dict(encoder, view: str = "frontal") -> tuple[dict, dict]:
