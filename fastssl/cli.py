@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "embed": ("fastssl.curation.embed", "embed image tiles with a timm model into fp16 .npy shards"),
     "curate": ("fastssl.train.curate", "hierarchical k-means tree, balanced sample and report"),
     "demo": ("fastssl.demo", "the main job end to end on built-in phantom data"),
+    "plot": ("fastssl.plots", "PNG training curves and reconstructions of a pretraining run"),
+    "export": ("fastssl.train.export", "timm-ready encoder files (one per view) from a pretrain checkpoint"),
 }
 
 
