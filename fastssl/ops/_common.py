@@ -5,6 +5,7 @@ resolves to impl="triton".
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -71,6 +72,11 @@ def resolve(op: str, impl: str, device: torch.device, dtype: torch.dtype) -> str
 def kernels(name: str) -> ModuleType:
     """fastssl.kernels.<name>, imported on first use (this is where Triton loads)."""
     return importlib.import_module(f"fastssl.kernels.{name}")
+
+
+def device_ctx(t: torch.Tensor):
+    """Triton launches on the tensor's own CUDA device (a no-op on the CPU)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def tuning(device: torch.device) -> dict:

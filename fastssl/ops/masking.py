@@ -22,18 +22,6 @@ __all__ = ["random_masking", "gather_tokens", "unshuffle_with_mask_token"]
 _EMPTY = (0,)  # placeholder shape for an absent gradient (custom ops return tensors only)
 
 
-def _device_ctx(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else _NullContext()
-
-
-class _NullContext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 # ------------------------------------------------------------------- random masking
 def random_masking(
     batch: int,
@@ -95,7 +83,7 @@ def _gather_impl(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: Optional[to
     k = _common.kernels("masking")
     pos = pos_embed.contiguous() if pos_embed is not None else None
     se = sample_embed.contiguous() if sample_embed is not None else None
-    with _device_ctx(x):
+    with _common.device_ctx(x):
         return k.gather_tokens_fwd(x, ids_keep, pos, se, _gather_dtype(x, pos_embed, sample_embed),
                                    **_common.tuning(x.device))
 
@@ -137,7 +125,7 @@ def _gather_backward_impl(grad: torch.Tensor, ids_keep: torch.Tensor, length: in
         tune = _common.tuning(grad.device)
         if grad.device.type != "cuda":
             tune["min_programs"] = 1  # the interpreter runs programs one after another
-        with _device_ctx(grad):
+        with _common.device_ctx(grad):
             gx, gpos, gse = k.gather_tokens_bwd(grad, ids_keep, length, x.dtype, pos_info,
                                                 se_dtype, **tune)
     if gpos is None:
@@ -253,7 +241,7 @@ def _unshuffle_impl(x_vis: torch.Tensor, mask_token: torch.Tensor, ids_restore: 
     if impl == "torch":
         return _ref.unshuffle_with_mask_token_reference(x_vis, mask_token, ids_restore)
     k = _common.kernels("masking")
-    with _device_ctx(x_vis):
+    with _common.device_ctx(x_vis):
         return k.unshuffle_fwd(x_vis, mask_token.contiguous(), ids_restore,
                                torch.promote_types(x_vis.dtype, mask_token.dtype),
                                **_common.tuning(x_vis.device))
@@ -277,7 +265,7 @@ def _unshuffle_backward_impl(grad: torch.Tensor, ids_restore: torch.Tensor, k_vi
         return _ref.unshuffle_with_mask_token_backward_reference(
             grad, ids_restore, k_vis, x_dtype=x_vis.dtype, token_dtype=mask_token.dtype)
     k = _common.kernels("masking")
-    with _device_ctx(grad):
+    with _common.device_ctx(grad):
         return k.unshuffle_bwd(grad, ids_restore, k_vis, x_vis.dtype, mask_token.dtype,
                                **_common.tuning(grad.device))
 
