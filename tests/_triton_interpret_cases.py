@@ -324,6 +324,61 @@ def test_gather_tokens_fp32(rng, case, embeds):
         assert max_err(g, wg) <= 1e-6 * max(wg.abs().max().item(), 1.0)
 
 
+def _masking(b, length, ratio):
+    """(ids_keep, ids_restore) of random per-row permutations, as random_masking's."""
+    keep = 1 if ratio == "all_but_one" else ref.num_kept(length, ratio)
+    perm = torch.stack([torch.randperm(length) for _ in range(b)])
+    return perm[:, :keep], torch.argsort(perm, dim=1)
+
+
+def _gather_grads64(ids_keep, x, pos, se, g):
+    leaves = [t.detach().double().requires_grad_() for t in (x, pos, se)]
+    out = ref.gather_tokens_reference(leaves[0], ids_keep, pos_embed=leaves[1],
+                                      sample_embed=leaves[2])
+    return torch.autograd.grad(out, leaves, g.double())
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_tokens_backward_from_ids_restore(rng, ratio, dtype):
+    """The op's backward driven by random_masking's ids_restore (no inverse rebuilt)."""
+    b, length, d = 3, 49, 33
+    torch.manual_seed(7)
+    ids_keep, ids_restore = _masking(b, length, ratio)
+    x, pos, se = randn(rng, (b, length, d), dtype), randn(rng, (1, length, d)), randn(rng, (b, d))
+    leaves = [t.clone().requires_grad_() for t in (x, pos, se)]
+    out = ops.gather_tokens(leaves[0], ids_keep, ids_restore=ids_restore, pos_embed=leaves[1],
+                            sample_embed=leaves[2], impl="triton")
+    g = randn(rng, out.shape)
+    grads = torch.autograd.grad(out, leaves, g)
+    want = _gather_grads64(ids_keep, x, pos, se, g)
+    tol = 1e-6 if dtype == torch.float32 else 2 ** -7  # one bf16 ulp (the interpreter truncates)
+    for a, w in zip(grads, want):
+        assert a.shape == w.shape
+        assert max_err(a, w) <= tol * max(w.abs().max().item(), 1.0)
+
+
+@pytest.mark.parametrize("tiles", [(2, 8, 16, 2), (1, 4, 32, 3), (4, 16, 8, 4)])
+def test_gather_tokens_bwd_split_reductions_deterministic(rng, tiles):
+    """Small tiles force several batch slices and L tiles: grad_pos and grad_se come from
+    partials reduced by the last program to arrive; the result is exact and bitwise the
+    same on a second run."""
+    from fastssl.kernels import masking as k
+    b, length, d = 5, 49, 33
+    torch.manual_seed(3)
+    ids_keep, ids_restore = _masking(b, length, 0.75)
+    g = randn(rng, (b, ids_keep.shape[1], d))
+    first = k.gather_tokens_bwd(g, ids_restore, torch.float32, ((1, length, d), torch.float32),
+                                torch.float32, tiles=tiles)
+    again = k.gather_tokens_bwd(g, ids_restore.int(), torch.float32,
+                                ((1, length, d), torch.float32), torch.float32, tiles=tiles)
+    x, pos, se = randn(rng, (b, length, d)), randn(rng, (1, length, d)), randn(rng, (b, d))
+    want = _gather_grads64(ids_keep, x, pos, se, g)
+    for a, a2, w in zip(first, again, want):
+        assert a.shape == w.shape and torch.equal(a, a2)
+        assert max_err(a, w) <= 1e-6 * max(w.abs().max().item(), 1.0)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gather_tokens_low_precision(rng, dtype):
     b, length, d = 3, 49, 33

@@ -313,6 +313,9 @@ def test_mae_loss_ids_out_of_range_unchecked_with_validate_false(rng):
     ("se_shape", ValueError, r"sample_embed has shape \(3, 4\); expected \(B, D\) = \(2, 4\)"),
     ("batch", ValueError, "batch sizes differ"),
     ("x_dtype", TypeError, "x has dtype int64"),
+    ("restore_not_inverse", ValueError, "ids_restore must be the inverse"),
+    ("restore_not_perm", ValueError, "ids_restore must be the inverse"),
+    ("restore_shape", ValueError, r"ids_restore has shape \(2, 5\); expected \(B, L\) = \(2, 6\)"),
 ])
 def test_gather_tokens_bad_input(rng, case, exc, match):
     x, ids = randn(rng, (2, 6, 4)), torch.tensor([[0, 5], [2, 3]])
@@ -331,8 +334,25 @@ def test_gather_tokens_bad_input(rng, case, exc, match):
         ids = ids[:1]
     elif case == "x_dtype":
         x = x.long()
+    elif case == "restore_not_inverse":  # a permutation, but not ids_keep's inverse
+        kw["ids_restore"] = torch.tensor([[1, 2, 3, 4, 5, 0], [0, 1, 2, 3, 4, 5]])
+    elif case == "restore_not_perm":
+        kw["ids_restore"] = torch.tensor([[0, 1, 1, 3, 4, 1], [2, 3, 0, 1, 4, 5]])
+    elif case == "restore_shape":
+        kw["ids_restore"] = torch.zeros(2, 5, dtype=torch.long)
     with pytest.raises(exc, match=match):
         ops.gather_tokens(x, ids, **kw)
+
+
+def test_gather_tokens_with_ids_restore_validates_and_skips(rng):
+    """A consistent ids_restore passes validation; validate=False makes no check."""
+    ids_keep, ids_restore, _ = ops.random_masking(3, 6, 0.5)
+    x = randn(rng, (3, 6, 4)).requires_grad_()
+    out = ops.gather_tokens(x, ids_keep, ids_restore=ids_restore, impl="torch")
+    out.backward(torch.ones_like(out))
+    assert torch.equal(x.grad.sum(-1), 4.0 * (ids_restore < 3).float())  # K = 3 kept
+    wrong = torch.roll(ids_restore, 1, dims=1)
+    ops.gather_tokens(x, ids_keep, ids_restore=wrong, impl="torch", validate=False)
 
 
 @pytest.mark.parametrize("case, exc, match", [
