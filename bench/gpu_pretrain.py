@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -62,6 +61,9 @@ import fastssl  # noqa: E402
 if not os.path.isdir(os.path.join(ROOT, "fastssl", "kernels")):
     fastssl.__path__.append(ROOT)  # source tree, not installed: fastssl.kernels -> ./kernels
 from fastssl.models import mvmae  # noqa: E402
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from gpu_triton import median_ms as _median_ms, sync as _sync  # noqa: E402
 
 COLUMNS = ("fastssl", "fastssl_eager", "ref_eager", "ref_compile")
 OP_KERNELS = {  # Triton kernel name prefix -> op
@@ -113,31 +115,6 @@ def step_flops(cfg: mvmae.ModelConfig, mask_ratio: float, images: int) -> float:
 
 
 # --------------------------------------------------------------------------- timing
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median_ms(fn, device, iters, warmup=2) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
-
-
 def ceilings(device, tiny: bool) -> dict:
     """Measured bf16 GEMM FLOP/s and copy bandwidth (bytes read + written per s)."""
     n = 256 if tiny else 8192
