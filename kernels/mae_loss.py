@@ -4,14 +4,18 @@ The loss is ``mean over G groups of sum_g(w * mse) / sum_g(w)``, where group g i
 g-th of G equal consecutive slices of the batch (G=2: the frontal then the lateral views
 of a paired batch, each normalised by its own weight sum; G=1: MAE's loss).
 
-Three kernels per forward, one per backward, and no scalar glue on the host side:
+Per forward three kernels (two in the compact layout), per backward one (two when the
+weights must be summed again), and no scalar glue on the host side:
 
-* ``_weight_sum_kernel`` (one program per group): ``inv_w[g] = 1 / sum_g(w)`` (1 when the
-  sum is 0: nothing to reconstruct gives a zero loss and gradient, never NaN).
+* ``_weight_sum_kernel`` (full layout only; one program per (group, chunk of about 1024
+  rows), so that a (B, L) mask is summed in parallel): partial weight sums, (G, chunks).
+  Every program of the main kernel adds its group's <= 64 partials itself, in a fixed
+  order, and takes ``inv_w = 1 / sum_g(w)`` (1 when the sum is 0: nothing to reconstruct
+  gives a zero loss and gradient, never NaN). In the compact layout the count is known.
 * ``_mae_loss_kernel``, one program per (sample, block of rows), in one of three modes:
   - FORWARD: per-row MSE against the target read straight from ``imgs`` (strided address
     math, no (B, L, P) target is ever written), weighted, summed and scaled by
-    ``inv_w[g]`` into one fp32 partial per program.
+    its group's ``inv_w`` into one fp32 partial per program.
   - SINGLE_PASS: the same, and in the same pass the gradient for an incoming gradient of
     1 on the mean loss, ``2 w (pred - target) / (P G sum_g(w))``. Each live row of pred
     and imgs is read once for both.
@@ -35,38 +39,50 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["mae_loss_forward", "mae_loss_backward", "inverse_weight_sums"]
+__all__ = ["mae_loss_forward", "mae_loss_backward", "weight_sums"]
 
 FORWARD, SINGLE_PASS, BACKWARD = 0, 1, 2
 
 
 @triton.jit
-def _weight_sum_kernel(w_ptr, inv_ptr, rows_per_group, R, stride_wb, stride_wr,
-                       HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+def _weight_sum_kernel(w_ptr, part_ptr, rows_per_group, rows_per_chunk, R, stride_wb,
+                       stride_wr, MAX_CHUNKS: tl.constexpr, BLOCK: tl.constexpr):
     g = tl.program_id(0)
+    chunk = tl.program_id(1)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    end = tl.minimum((chunk + 1) * rows_per_chunk, rows_per_group)
+    for start in range(chunk * rows_per_chunk, end, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        flat = g.to(tl.int64) * rows_per_group + idx
+        acc += tl.load(w_ptr + (flat // R) * stride_wb + (flat % R) * stride_wr,
+                       mask=idx < end, other=0).to(tl.float32)
+    tl.store(part_ptr + g * MAX_CHUNKS + chunk, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _group_inverse_weight(wpart_ptr, group, n_chunks, rows_per_group,
+                          HAS_W: tl.constexpr, MAX_CHUNKS: tl.constexpr):
+    """1 / (the group's weight sum), or 1 when that sum is 0; the same in every program."""
     if HAS_W:
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, rows_per_group, BLOCK):
-            idx = start + tl.arange(0, BLOCK)
-            flat = g.to(tl.int64) * rows_per_group + idx
-            acc += tl.load(w_ptr + (flat // R) * stride_wb + (flat % R) * stride_wr,
-                           mask=idx < rows_per_group, other=0).to(tl.float32)
-        total = tl.sum(acc, axis=0)
+        cs = tl.arange(0, MAX_CHUNKS)
+        total = tl.sum(tl.load(wpart_ptr + group * MAX_CHUNKS + cs, mask=cs < n_chunks,
+                               other=0.0), axis=0)
     else:  # compact layout: every row weighs 1
-        total = rows_per_group.to(tl.float32)
-    tl.store(inv_ptr + g, 1.0 / tl.where(total != 0.0, total, 1.0))
+        total = rows_per_group * 1.0  # (a constexpr when it is 1: no .to())
+    return 1.0 / tl.where(total != 0.0, total, 1.0)
 
 
 @triton.jit
 def _mae_loss_kernel(
-    pred_ptr, img_ptr, w_ptr, ids_ptr, inv_ptr, gl_ptr, gg_ptr, grad_ptr, part_ptr,
-    R, W_PATCHES, N_PATCHES, n_row_blocks, samples_per_group,
+    pred_ptr, img_ptr, w_ptr, ids_ptr, wpart_ptr, gl_ptr, gg_ptr, grad_ptr, part_ptr,
+    R, W_PATCHES, N_PATCHES, n_row_blocks, samples_per_group, n_chunks,
     stride_pb, stride_pr,
     stride_ib, stride_ic, stride_ih, stride_iw,
     stride_wb, stride_wr,
     stride_db, stride_dr,
     eps,
     N_GROUPS: tl.constexpr,
+    MAX_CHUNKS: tl.constexpr,
     PATCH: tl.constexpr,
     C: tl.constexpr,  # compile-time, so that the lane -> (i, q, c) divisions are cheap
     BLOCK_R: tl.constexpr,
@@ -82,7 +98,8 @@ def _mae_loss_kernel(
     rb = tl.program_id(1)
     b64 = b.to(tl.int64)
     group = b // samples_per_group
-    inv_w = tl.load(inv_ptr + group)
+    inv_w = _group_inverse_weight(wpart_ptr, group, n_chunks, samples_per_group * R, HAS_W,
+                                  MAX_CHUNKS)
     rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     write_ok = row_ok
@@ -172,42 +189,51 @@ def _weight_view(weight):
     return weight
 
 
-def inverse_weight_sums(pred, weight, groups: int) -> torch.Tensor:
-    """(G,) float32 ``1 / sum of the weights of each group's rows`` (1 / 1 for a zero sum);
-    pred (B, R, P) gives the shapes, weight (B, R) or None (every row weighs 1)."""
+MAX_CHUNKS = 64
+
+
+def weight_sums(pred, weight, groups: int):
+    """((G, MAX_CHUNKS) float32 partial weight sums of each group's rows, chunks used),
+    what the loss kernels reduce to 1 / sum_g(w); None when every row weighs 1 (weight
+    None). pred (B, R, P) gives the shapes, weight (B, R) bool or float."""
+    if weight is None:
+        return None
     weight = _weight_view(weight)
     b, rows, _ = pred.shape
-    inv_w = torch.empty(groups, dtype=torch.float32, device=pred.device)
-    w = weight if weight is not None else inv_w
-    _weight_sum_kernel[(groups,)](
-        w, inv_w, (b // groups) * rows, rows,
-        w.stride(0) if weight is not None else 0, w.stride(1) if weight is not None else 0,
-        HAS_W=weight is not None, BLOCK=1024, num_warps=4)
-    return inv_w
+    per_group = (b // groups) * rows
+    per_chunk = max(1024, triton.cdiv(per_group, MAX_CHUNKS))
+    n_chunks = triton.cdiv(per_group, per_chunk)
+    part = torch.empty((groups, MAX_CHUNKS), dtype=torch.float32, device=pred.device)
+    _weight_sum_kernel[(groups, n_chunks)](
+        weight, part, per_group, per_chunk, rows, weight.stride(0), weight.stride(1),
+        MAX_CHUNKS=MAX_CHUNKS, BLOCK=1024, num_warps=4)
+    return part, n_chunks
 
 
-def _launch(mode, pred, imgs, weight, ids, inv_w, groups, patch_size, norm_pix, eps, *,
+def _launch(mode, pred, imgs, weight, ids, wsums, groups, patch_size, norm_pix, eps, *,
             grad=None, part=None, grad_loss=None, grad_groups=None, skip_unit=False,
             max_tile=4096):
     b, rows, p_len = pred.shape
     block_r, block_p = _blocks(rows, p_len, max_tile)
     n_rb = triton.cdiv(rows, block_r)
-    dummy = inv_w  # unused pointer arguments (the constexpr flags switch their use off)
+    dummy = pred  # unused pointer arguments (the constexpr flags switch their use off)
     wt = weight if weight is not None else dummy
     it = ids if ids is not None else dummy
+    wpart, n_chunks = wsums if wsums is not None else (dummy, 0)
     _mae_loss_kernel[(b, n_rb)](
-        pred, imgs, wt, it, inv_w,
+        pred, imgs, wt, it, wpart,
         grad_loss if grad_loss is not None else dummy,
         grad_groups if grad_groups is not None else dummy,
         grad if grad is not None else dummy, part if part is not None else dummy,
         rows, imgs.shape[3] // patch_size,
         (imgs.shape[2] // patch_size) * (imgs.shape[3] // patch_size), n_rb, b // groups,
+        n_chunks,
         pred.stride(0), pred.stride(1),
         imgs.stride(0), imgs.stride(1), imgs.stride(2), imgs.stride(3),
         wt.stride(0) if weight is not None else 0, wt.stride(1) if weight is not None else 0,
         it.stride(0) if ids is not None else 0, it.stride(1) if ids is not None else 0,
         float(eps),
-        N_GROUPS=groups, PATCH=patch_size, C=imgs.shape[1], BLOCK_R=block_r, BLOCK_P=block_p,
+        N_GROUPS=groups, MAX_CHUNKS=MAX_CHUNKS, PATCH=patch_size, C=imgs.shape[1], BLOCK_R=block_r, BLOCK_P=block_p,
         NORM_PIX=norm_pix, HAS_W=weight is not None, HAS_IDS=ids is not None, MODE=mode,
         SKIP_UNIT=skip_unit, num_warps=8 if block_r * block_p >= 8192 else 4,
     )
@@ -226,34 +252,34 @@ def mae_loss_forward(pred, imgs, weight, ids, *, groups: int, patch_size: int,
         groups: G, dividing B: the loss is the mean of the G groups' normalised losses.
         max_tile: elements per program (rows * next_pow2(P)); larger suits the interpreter.
     Returns:
-        loss () float32, per_group (G,) float32, inv_w (G,) float32 (1 / each group's
-        weight sum, what mae_loss_backward needs), grad (B, R, P) in pred's dtype or None.
+        loss () float32, per_group (G,) float32, wsums (the weight_sums result, what
+        mae_loss_backward needs), grad (B, R, P) in pred's dtype or None.
     """
     if pred.stride(2) != 1:
         pred = pred.contiguous()
     weight = _weight_view(weight)
     b, rows, p_len = pred.shape
-    inv_w = inverse_weight_sums(pred, weight, groups)
+    wsums = weight_sums(pred, weight, groups)
     block_r, _ = _blocks(rows, p_len, max_tile)
     part = torch.empty(b * triton.cdiv(rows, block_r), dtype=torch.float32, device=pred.device)
     grad = torch.empty((b, rows, p_len), dtype=pred.dtype, device=pred.device) if with_grad else None
-    _launch(SINGLE_PASS if with_grad else FORWARD, pred, imgs, weight, ids, inv_w, groups,
+    _launch(SINGLE_PASS if with_grad else FORWARD, pred, imgs, weight, ids, wsums, groups,
             patch_size, norm_pix, eps, grad=grad, part=part, max_tile=max_tile)
     loss = torch.empty((), dtype=torch.float32, device=pred.device)
     per_group = torch.empty(groups, dtype=torch.float32, device=pred.device)
     _finalize_kernel[(1,)](part, loss, per_group, part.numel() // groups, N_GROUPS=groups,
                            BLOCK=1024, num_warps=4)
-    return loss, per_group, inv_w, grad
+    return loss, per_group, wsums, grad
 
 
-def mae_loss_backward(grad_loss, grad_groups, pred, imgs, weight, ids, inv_w, *, groups: int,
+def mae_loss_backward(grad_loss, grad_groups, pred, imgs, weight, ids, wsums, *, groups: int,
                       patch_size: int, norm_pix: bool, eps: float, out=None,
                       max_tile: int = 4096) -> torch.Tensor:
     """d total / d pred for ``total = grad_loss * loss + sum(grad_groups * per_group)``.
 
     Args:
         grad_loss: () or (1,) float tensor on pred's device; grad_groups: (G,) float.
-        inv_w: (G,) float32 from mae_loss_forward.
+        wsums: weight_sums(pred, weight, groups), as mae_loss_forward returns it.
         out: (B, R, P) the gradient mae_loss_forward(with_grad=True) wrote. Groups whose
             incoming gradient is the unit one (grad_loss == 1, grad_groups[g] == 0) keep
             it untouched; the others are recomputed into it. None: a new tensor, every
@@ -265,7 +291,7 @@ def mae_loss_backward(grad_loss, grad_groups, pred, imgs, weight, ids, inv_w, *,
         pred = pred.contiguous()
     skip_unit = out is not None
     grad = out if out is not None else torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
-    _launch(BACKWARD, pred, imgs, _weight_view(weight), ids, inv_w, groups, patch_size,
+    _launch(BACKWARD, pred, imgs, _weight_view(weight), ids, wsums, groups, patch_size,
             norm_pix, eps, grad=grad, grad_loss=grad_loss.reshape(1),
             grad_groups=grad_groups.reshape(groups), skip_unit=skip_unit, max_tile=max_tile)
     return grad

@@ -197,7 +197,7 @@ def _bwd_tiles(bsz, length, d, max_tile, min_programs):
 
 
 def gather_tokens_bwd(grad_out, ids_restore, x_dtype, pos_shape_dtype, se_dtype, *,
-                      max_tile: int = 4096, min_programs: int = 512, tiles=None):
+                      max_tile: int = 4096, min_programs: int = 1024, tiles=None):
     """Gradients of gather_tokens_fwd, in one launch (plus the zeroed arrival counters).
 
     Args:
@@ -207,7 +207,8 @@ def gather_tokens_bwd(grad_out, ids_restore, x_dtype, pos_shape_dtype, se_dtype,
         pos_shape_dtype: (shape, dtype) of pos_embed or None; se_dtype: dtype or None.
         min_programs: split the batch into slices until the grid has about this many
             programs (each slice adds one fp32 (L, D) partial of grad_pos, reduced in a
-            fixed order by the slice that finishes last: deterministic).
+            fixed order by the slice that finishes last: deterministic). 1024 is ~8 per
+            SM of an H100/H200, a guess to be tuned on the device.
         tiles: (BLOCK_B, BLOCK_L, BLOCK_D, samples per slice) to override the choice
             (tests use it to exercise the split reductions).
     Returns:

@@ -69,7 +69,7 @@ def _(pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, groups, impl):
 
 
 def _backward_impl(grad_loss, grad_groups, pred, imgs, mask, ids_masked, patch_size, norm_pix,
-                   eps, groups, impl, *, inv_w=None, out=None):
+                   eps, groups, impl, *, wsums=None, out=None):
     """d (grad_loss * loss + sum(grad_groups * per_group)) / d pred. With ``out`` (the
     single-pass gradient of the forward, Triton only) only groups whose incoming gradient
     is not the unit one are recomputed into it, decided on the device."""
@@ -80,10 +80,10 @@ def _backward_impl(grad_loss, grad_groups, pred, imgs, mask, ids_masked, patch_s
             groups=groups, grad_groups=grad_groups)
     k = _common.kernels("mae_loss")
     with _common.device_ctx(pred):
-        if inv_w is None:
-            inv_w = k.inverse_weight_sums(pred, mask, groups)
+        if out is None:  # not saved by a single-pass forward: sum the weights again
+            wsums = k.weight_sums(pred, mask, groups)
         return k.mae_loss_backward(grad_loss.float(), grad_groups.float(), pred, imgs, mask,
-                                   ids_masked, inv_w, groups=groups, patch_size=patch_size,
+                                   ids_masked, wsums, groups=groups, patch_size=patch_size,
                                    norm_pix=norm_pix, eps=eps, out=out,
                                    **_common.tuning(pred.device))
 
@@ -146,9 +146,9 @@ class _MaeLossEager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, groups, impl,
                 single_pass):
-        ctx.unit_grad = ctx.inv_w = None
+        ctx.unit_grad = ctx.wsums = None
         if impl == "triton" and single_pass:
-            loss, per_group, ctx.inv_w, ctx.unit_grad = _triton_forward(
+            loss, per_group, ctx.wsums, ctx.unit_grad = _triton_forward(
                 pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, groups, with_grad=True)
         else:
             loss, per_group = _mae_loss_impl(pred, imgs, mask, ids_masked, patch_size, norm_pix,
@@ -163,7 +163,7 @@ class _MaeLossEager(torch.autograd.Function):
         grad_loss, grad_groups = _incoming(grad_loss, grad_groups, pred, ctx.config[3])
         unit_grad, ctx.unit_grad = ctx.unit_grad, None  # handed out once: no reuse
         grad_pred = _backward_impl(grad_loss, grad_groups, pred, imgs, mask, ids_masked,
-                                   *ctx.config, inv_w=ctx.inv_w, out=unit_grad)
+                                   *ctx.config, wsums=ctx.wsums, out=unit_grad)
         return grad_pred, None, None, None, None, None, None, None, None, None
 
 
