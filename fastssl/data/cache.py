@@ -279,6 +279,8 @@ def prepare_cache(
             table = load_mimic_csv(source, label_source=label_source, frontal_order=frontal_order,
                                    lateral_views=lateral_views, uncertain=uncertain, blank=blank)
     log.info("study table: %s", table.format_summary().replace("\n", "; "))
+    if not table.studies:   # an empty cache would "succeed" and fail later, far from the cause
+        raise ValueError(f"{table.root}: no usable DICOM study ({len(table.rejects)} files rejected); nothing to prepare")
     plan = _plan(table)
     n_shards = (len(plan) + shard_size - 1) // shard_size
     config = dict(
