@@ -332,6 +332,8 @@ def _prepare_locked(source, out: str, table: StudyTable | None, scan: bool | Non
                                split_csv=os.fspath(split_csv) if split_csv else None)
         table = build_table(source, options, scan)
     log.info("study table: %s", table.format_summary().replace("\n", "; "))
+    if not table.studies:   # an empty cache would "succeed" and fail later, far from the cause
+        raise ValueError(f"{table.root}: no usable DICOM study ({len(table.rejects)} files rejected); nothing to prepare")
     plan = _plan(table)
     n_shards = (len(plan) + shard_size - 1) // shard_size
     config = dict(
