@@ -117,11 +117,12 @@ def test_dicom_png_and_jpeg_give_the_same_pixels(caches):
 
 
 def test_sixteen_bit_png_round_trip(tmp_path):
-    """Stored 12-bit values 1000..1100 (steps finer than 8 bits) survive reading and a
-    uint16 cache; MONOCHROME1 inverts; the image is never truncated to 8 bits."""
+    """Stored 12-bit values 100..200 (steps finer than 8 bits) survive reading and a
+    uint16 cache; BitsStored from the CSV sets the range; MONOCHROME1 inverts; the image
+    is never truncated to 8 bits."""
     from PIL import Image
 
-    stored = np.tile(np.arange(1000, 1101, dtype=np.uint16), (101, 1))
+    stored = np.tile(np.arange(100, 201, dtype=np.uint16), (101, 1))
     folder = tmp_path / "0"
     folder.mkdir()
     Image.fromarray(stored).save(folder / "a.png")
@@ -130,8 +131,9 @@ def test_sixteen_bit_png_round_trip(tmp_path):
     assert np.unique(image).size == 101  # an 8-bit step would leave ~7 levels
     assert np.allclose(read_image(folder / "a.png", hints={"bits_stored": 12, "monochrome1": True}),
                        1 - stored / 4095.0, atol=1e-7)
-    assert np.allclose(read_image(folder / "a.png", voi="minmax"), (stored - 1000) / 100.0, atol=1e-6)
-    assert np.allclose(read_image(folder / "a.png"), stored / 4095.0, atol=1e-7)  # 12 bits found from the max
+    assert np.allclose(read_image(folder / "a.png", voi="minmax"), (stored - 100) / 100.0, atol=1e-6)
+    assert np.allclose(read_image(folder / "a.png"), stored / 1023.0, atol=1e-7)  # no hint: 10 bits hold the max
+    assert np.allclose(read_image(folder / "a.png", voi="none"), stored / 65535.0, atol=1e-7)
     # through prepare: a PadChest CSV naming the file, uint16 cache, no resize
     header = "ImageID,ImageDir,StudyID,PatientID,Projection,Labels,BitsStored_DICOM\n"
     (tmp_path / "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv").write_text(
