@@ -196,3 +196,24 @@ def test_missing_directory_and_unknown_kind_are_one_line_errors(tmp_path, capsys
         prepare_cache(f"padchest:{tmp_path / 'nowhere'}", tmp_path / "c", progress=False)
     with pytest.raises(DataError, match="PADCHEST"):
         prepare_cache(f"padchest:{tmp_path}", tmp_path / "c", progress=False)
+
+
+def test_resume_identity_covers_the_dataset_csvs(phantoms, tmp_path):
+    """A rerun resumes (every shard skipped); an edited dataset CSV is refused, naming
+    the file, even where the edit leaves the plan unchanged (a column fastssl ignores)."""
+    import shutil
+
+    from fastssl.errors import ResumeMismatch
+
+    root = tmp_path / "chexpert"
+    shutil.copytree(phantoms["chexpert"][0], root)
+    out = tmp_path / "cache"
+    prepare_cache(f"chexpert:{root}", out, size=16, shard_size=8, workers=1, progress=False)
+    again = prepare_cache(f"chexpert:{root}", out, size=16, shard_size=8, workers=1, progress=False)
+    assert again["shards_skipped"] == again["shards"] > 0
+    train = root / "CheXpert-v1.0-small" / "train.csv"
+    train.write_text(train.read_text().replace(",Female,", ",Male,", 1))
+    with pytest.raises(ResumeMismatch, match="train.csv: size"):
+        prepare_cache(f"chexpert:{root}", out, size=16, shard_size=8, workers=1, progress=False)
+    redone = prepare_cache(f"chexpert:{root}", out, size=16, shard_size=8, workers=1, progress=False, overwrite=True)
+    assert redone["shards_skipped"] == 0
