@@ -529,8 +529,18 @@ def open_shard(cache_dir: str | os.PathLike, k: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- CLI
 
+class _SourcesAction(argparse.Action):
+    """--source, repeatable; sources given on the command line replace those of a
+    --config file (whose ``source:`` may be one string or a list)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest, None)
+        fresh = current is None or current is self.default or isinstance(current, str)
+        setattr(namespace, self.dest, ([] if fresh else list(current)) + [values])
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", required=True, action="append", metavar="[KIND:]DIR",
+    parser.add_argument("--source", required=True, action=_SourcesAction, metavar="[KIND:]DIR",
                         help="a dataset: KIND is one of " + ", ".join(SOURCE_KINDS) + "; a bare DIR is MIMIC-CXR "
                         "(its CSVs + files/) or any DICOM tree. Repeat to pool datasets into one cache")
     parser.add_argument("--out", required=True, help="cache directory (created; rerun to resume)")
@@ -586,7 +596,8 @@ def _holdout(value) -> tuple[float, float]:
 def run(args: argparse.Namespace) -> int:
     try:
         summary = prepare_cache(
-            _as_list(args.source), args.out, size=args.size, dtype=args.dtype, resize=args.resize,
+            [args.source] if isinstance(args.source, str) else list(args.source), args.out, size=args.size,
+            dtype=args.dtype, resize=args.resize,
             shard_size=args.shard_size, workers=args.workers, voi=args.voi, uncertain=args.uncertain,
             blank=args.blank, label_source=args.label_source, frontal_order=_as_list(args.frontal_order),
             lateral_views=_as_list(args.lateral_views), scan=True if args.scan else None,

@@ -55,7 +55,7 @@ class SourceSpec:
     root: str
 
     def __str__(self) -> str:
-        return f"{self.kind}:{self.root}"
+        return self.root if self.kind == "auto" else f"{self.kind}:{self.root}"
 
 
 @dataclass(frozen=True)
