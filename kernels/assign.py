@@ -31,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["AssignConfig", "TUNED", "pick_config", "assign_partial", "finish", "PRECISIONS"]
+__all__ = ["AssignConfig", "TUNED", "pick_config", "assign_partial", "finish", "row_sqnorms",
+           "PRECISIONS"]
 
 # float32 inputs: tf32 (one tensor-core product) or tf32x3 (split products, ~fp32).
 PRECISIONS = {"tf32": "tf32", "3xtf32": "tf32x3", "ieee": "ieee"}
@@ -281,3 +282,28 @@ def finish(best: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.T
         return idx[0], best[0]
     win = best.argmin(dim=0, keepdim=True)  # first minimum on ties
     return idx.gather(0, win)[0], best.gather(0, win)[0]
+
+
+@triton.jit
+def _row_sqnorm_kernel(x_ptr, out_ptr, n, d, stride_x,
+                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    total = tl.zeros((BLOCK_R,), tl.float32)
+    for off in range(0, d, BLOCK_D):
+        cols = off + tl.arange(0, BLOCK_D)
+        v = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :],
+                    mask=(rows[:, None] < n) & (cols[None, :] < d), other=0.0).to(tl.float32)
+        total += tl.sum(v * v, axis=1)
+    tl.store(out_ptr + rows, total, mask=rows < n)
+
+
+def row_sqnorms(x: torch.Tensor) -> torch.Tensor:
+    """(n,) float32 ||x_i||^2 of an (n, d) tensor with unit inner stride: one read of x,
+    float32 accumulation (no float32 copy of x, which torch's x.float() would write)."""
+    n, d = x.shape
+    out = torch.empty(n, dtype=torch.float32, device=x.device)
+    block_d = min(128, _pow2_at_least(d, 16))
+    block_r = 64 if x.device.type == "cuda" else min(256, _pow2_at_least(n, 16))
+    _row_sqnorm_kernel[(triton.cdiv(n, block_r),)](x, out, n, d, x.stride(0),
+                                                  BLOCK_R=block_r, BLOCK_D=block_d)
+    return out

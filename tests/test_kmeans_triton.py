@@ -71,7 +71,8 @@ def test_recorded_configs_cover_every_architecture_dtype_and_width():
             for bucket in assign_kernels.D_BUCKETS:
                 cfg = assign_kernels.TUNED[(major, dtype, bucket)]
                 assert cfg.block_m >= 16 and cfg.block_n >= 16 and cfg.block_k >= 16
-                per_stage = (cfg.block_m + cfg.block_n) * cfg.block_k * (4 if dtype == "float32" else 2)
+                size = 4 if dtype == "float32" else 2
+                per_stage = (cfg.block_m + cfg.block_n) * cfg.block_k * size
                 limit = (227 if major == 9 else 163) * 1024
                 assert per_stage * cfg.num_stages <= limit, (major, dtype, bucket, cfg)
 
