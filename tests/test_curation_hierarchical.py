@@ -19,7 +19,7 @@ def mixture(rng, n=3000, d=8, comps=30):
     return (centers[lab] + rng.standard_normal((n, d))).astype(np.float32), lab
 
 
-KW = dict(iterations=4, resampling_steps=2, split_k=3, resample_level1=True, progress=False)
+KW = dict(iterations=4, resampling_steps=3, split_k=3, resample_level1=True, progress=False)  # 1 + 2 resampled
 
 
 def assert_trees_equal(a: HierarchicalTree, b: HierarchicalTree):

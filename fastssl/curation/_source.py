@@ -22,9 +22,11 @@ _FLOATS = (np.float16, np.float32, np.float64)
 def _open_shard(path: Path) -> np.ndarray:
     if not path.exists():
         raise DataError(path, "shard is missing")
+    if path.is_file() and path.stat().st_size == 0:
+        raise DataError(path, "empty file (0 bytes): not a .npy array")
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as exc:  # numpy: "mmap length is greater than file size", pickles
+    except (ValueError, EOFError) as exc:  # "mmap length is greater than file size", pickles
         raise DataError(path, f"truncated or not a plain .npy array ({exc})") from None
     except OSError as exc:
         raise DataError(path, f"cannot read ({exc})") from None
@@ -36,12 +38,15 @@ def _open_shard(path: Path) -> np.ndarray:
 
 
 def expand_paths(data: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """A .npy file, a directory (its *.npy, sorted), a glob, or a list of those."""
+    """A .npy file, a directory (an embed output directory: its shards in manifest order;
+    otherwise its *.npy sorted by name), a glob, or a list of those."""
     items = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     paths: list[Path] = []
     for item in items:
         p = Path(item)
-        if p.is_dir():
+        if p.is_dir() and (p / "manifest.json").exists():
+            paths.extend(manifest_shards(p))
+        elif p.is_dir():
             found = sorted(p.glob("*.npy"))
             if not found:
                 raise DataError(p, "directory holds no .npy shards")
@@ -54,6 +59,22 @@ def expand_paths(data: str | os.PathLike | Sequence[str | os.PathLike]) -> list[
         else:
             paths.append(p)
     return paths
+
+
+def manifest_shards(directory: Path) -> list[Path]:
+    """The shards of a ``fastssl embed`` output directory in manifest.json's order: the
+    order of the rows of its index.csv (never the file names' order)."""
+    import json
+
+    path = directory / "manifest.json"
+    try:
+        shards = json.loads(path.read_text(encoding="utf-8"))["shards"]
+        files = [directory / entry["file"] for entry in shards]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(path, f"not an embed manifest with a 'shards' list ({exc})") from None
+    if not files:
+        raise DataError(path, "lists no shards")
+    return files
 
 
 class PointSource:

@@ -2,7 +2,7 @@
 
 Output directory::
 
-    emb_00000.npy        (rows, dim) float16, one shard (``emb_r<rank>_00000.npy`` when
+    emb_00000.npy        (rows, dim) float16, one shard (``emb_r<rank:05d>_00000.npy`` when
                          several ranks run); rows of rejected images are left out
     parts/index_00000.csv, parts/rejects_00000.csv   the shard's rows and its rejects
     index.csv            row, shard, offset, source   (row = global row over all shards)
@@ -231,7 +231,9 @@ def _barrier() -> None:
 
 
 def _shard_name(rank: int, world: int, shard: int) -> str:
-    return f"r{rank}_{shard:05d}" if world > 1 else f"{shard:05d}"
+    """Zero-padded, so that sorting by name keeps the rows' order for any number of ranks
+    (readers follow manifest.json's order anyway)."""
+    return f"r{rank:05d}_{shard:05d}" if world > 1 else f"{shard:05d}"
 
 
 def _plan_shards(n_items: int, world: int, shard_size: int) -> list[tuple[int, str, int, int]]:

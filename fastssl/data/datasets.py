@@ -121,6 +121,7 @@ class SingleViewDataset(_CacheDataset):
         cache_dir: a complete ``fastssl prepare`` cache.
         split: "train" | "validate" | "test", a list of them, or None for all.
         views: "all" or a subset of ("frontal", "lateral", "other", "unknown").
+        dataset: only rows of this dataset (or list) of a pooled cache, e.g. "mimic-cxr".
     Items:
         image: (1, S, S) uint8|uint16; labels: (14,) int8 (-1 = ignore);
         study_index: int64 index into ``self.study_ids``; view_id: int64 (VIEW_IDS).
@@ -128,13 +129,14 @@ class SingleViewDataset(_CacheDataset):
     """
 
     def __init__(self, cache_dir: str | os.PathLike, split: str | Sequence[str] | None = "train",
-                 views: str | Sequence[str] = "all"):
+                 views: str | Sequence[str] = "all", dataset: str | Sequence[str] | None = None):
         super().__init__(cache_dir)
         views = VIEWS if views == "all" else ((views,) if isinstance(views, str) else tuple(views))
         bad = sorted(set(views) - set(VIEWS))
         if bad:
             raise ValueError(f"views={views!r}: {bad} not in {VIEWS} (or 'all')")
         mask = _split_mask(self.index, split) & np.isin(self.index.view, list(views))
+        mask &= self.index.select(dataset=dataset)
         self.rows = np.flatnonzero(mask)
         self.study_ids, study_index = np.unique(self.index.study_id[self.rows], return_inverse=True)
         self.study_index = study_index.astype(np.int64).reshape(-1)
@@ -160,6 +162,7 @@ class PairedViewDataset(_CacheDataset):
         seed: the draw of a study's images depends only on (seed, epoch, study).
         preferred_only: always take the preferred image of each view (PA before AP,
             as ordered in the cache) instead of a random one.
+        dataset: only studies of this dataset (or list) of a pooled cache.
     Items:
         frontal, lateral: (1, S, S) uint8|uint16; labels: (14,) int8;
         study_index: int64 index into ``self.study_ids``.
@@ -169,10 +172,10 @@ class PairedViewDataset(_CacheDataset):
     """
 
     def __init__(self, cache_dir: str | os.PathLike, split: str | Sequence[str] | None = "train",
-                 seed: int = 0, preferred_only: bool = False):
+                 seed: int = 0, preferred_only: bool = False, dataset: str | Sequence[str] | None = None):
         super().__init__(cache_dir)
         index = self.index
-        rows = np.flatnonzero(_split_mask(index, split))
+        rows = np.flatnonzero(_split_mask(index, split) & index.select(dataset=dataset))
         # Group rows by study, keeping index order (preferred view first within a study).
         study_ids, inverse = np.unique(index.study_id[rows], return_inverse=True)
         inverse = inverse.reshape(-1)

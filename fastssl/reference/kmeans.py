@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from fastssl._assign_common import normalized_centroids
+
 _METRICS = ("l2", "ip", "cos")
 
 
@@ -29,9 +31,9 @@ def assign_reference(
     """
     if metric not in _METRICS:
         raise ValueError(f"metric={metric!r}; expected one of {_METRICS}")
-    c = centroids.to(device=x.device, dtype=dtype)
-    if metric == "cos":
-        c = torch.nn.functional.normalize(c, dim=1)
+    c = centroids.to(device=x.device)
+    # cos: the library's one normalisation (float64, rounded once to dtype)
+    c = normalized_centroids(c, dtype) if metric == "cos" else c.to(dtype)
     c_sqnorm = (c * c).sum(1)
     labels = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
     distances = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
