@@ -278,9 +278,13 @@ def _fit(cfg: ProbeConfig, feats: dict) -> tuple[dict, dict]:
 def save_probe(path: str, probe: dict) -> None:
     """The fitted probe as .npz: weight (D, C), bias (C,), mean (D,), std (D,); apply it
     to CLS features x (N, D) as ((x - mean) / std) @ weight + bias."""
-    tmp = f"{path}.tmp{os.getpid()}.npz"
-    np.savez(tmp, **{k: np.asarray(probe[k]) for k in ("weight", "bias", "mean", "std")})
-    os.replace(tmp, path)
+    import io
+
+    from fastssl.jobs import atomic_write_bytes
+
+    data = io.BytesIO()
+    np.savez(data, **{k: np.asarray(probe[k]) for k in ("weight", "bias", "mean", "std")})
+    atomic_write_bytes(path, data.getvalue())
 
 
 def main(cfg: ProbeConfig) -> dict:

@@ -41,14 +41,17 @@ def write_scores_csv(path: str, studies, subjects, scores: np.ndarray, labels: n
     scores, labels = np.asarray(scores), np.asarray(labels)
     if scores.shape != labels.shape or scores.shape != (len(studies), len(names)):
         raise ValueError(f"scores {scores.shape}, labels {labels.shape}: expected ({len(studies)}, {len(names)})")
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(SCORES_COLUMNS)
-        for i, (study, subject) in enumerate(zip(studies, subjects)):
-            for j, name in enumerate(names):
-                writer.writerow([study, subject, name, repr(float(scores[i, j])), int(labels[i, j])])
-    os.replace(tmp, path)
+    import io
+
+    from fastssl.jobs import atomic_write_text
+
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(SCORES_COLUMNS)
+    for i, (study, subject) in enumerate(zip(studies, subjects)):
+        for j, name in enumerate(names):
+            writer.writerow([study, subject, name, repr(float(scores[i, j])), int(labels[i, j])])
+    atomic_write_text(path, text.getvalue())
 
 
 def run_job(main, cfg) -> dict | None:
@@ -64,13 +67,10 @@ def run_job(main, cfg) -> dict | None:
 
 
 def write_json(path: str, obj: dict) -> None:
-    """obj as indented JSON at ``path`` (temporary name, then rename)."""
-    import json
+    """obj as indented JSON at ``path`` (temporary name, then rename; fastssl.jobs)."""
+    from fastssl.jobs import atomic_write_json
 
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(obj, handle, indent=2)
-    os.replace(tmp, path)
+    atomic_write_json(path, obj)
 
 
 def read_scores_csv(path: str) -> dict:
@@ -171,8 +171,12 @@ def plot_roc(path: str, scores: np.ndarray, labels: np.ndarray, names, title: st
            title=f"{title + ': ' if title else ''}macro AUROC {macro:.3f}")
     ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False, title="label  AUROC (+pos)")
     fig.subplots_adjust(left=0.08, right=0.62, bottom=0.1, top=0.92)
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=90)
+    import io
+
+    from fastssl.jobs import atomic_write_bytes
+
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=90)
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, png.getvalue())
     return path
