@@ -538,21 +538,32 @@ def _exchange_parts(computed: dict, batches, x_offsets, c_offsets, d: int) -> di
 
 def _assemble_split(batches, computed: dict, parts_dir: Path | None, order: np.ndarray,
                     x_offsets: np.ndarray, c_offsets: np.ndarray, n: int, d: int):
-    """The non-empty sub-clusters' centroids, labels and distances from the parts."""
-    K = int(c_offsets[-1])
-    cent = np.zeros((K, d), dtype=np.float32)
-    out_labels = np.zeros(n, dtype=np.int64)
-    out_dists = np.zeros(n, dtype=np.float32)
-    for g0, g1 in batches:
-        part = computed[(g0, g1)] if (g0, g1) in computed else \
+    """The non-empty sub-clusters' centroids, labels and distances from the parts.
+
+    Two passes over the parts (the first reads only labels), so the (K', d) centroid
+    array is allocated once at its final size (at T1 scale 14 GB, not twice that).
+    """
+    def part(g0, g1):
+        return computed[(g0, g1)] if (g0, g1) in computed else \
             _load_part(_part_path(parts_dir, g0, g1))
-        rows = order[x_offsets[g0] : x_offsets[g1]]
-        cent[c_offsets[g0] : c_offsets[g1]] = part[0]
-        out_labels[rows] = part[1] + c_offsets[g0]
-        out_dists[rows] = part[2]
-    used = np.bincount(out_labels, minlength=K) > 0
+
+    K = int(c_offsets[-1])
+    used = np.zeros(K, dtype=bool)
+    for g0, g1 in batches:
+        used[c_offsets[g0] + np.unique(part(g0, g1)[1])] = True
     remap = np.cumsum(used) - 1
-    return np.ascontiguousarray(cent[used]), remap[out_labels], out_dists
+    cent = np.empty((int(used.sum()), d), dtype=np.float32)
+    out_labels = np.empty(n, dtype=np.int64)
+    out_dists = np.empty(n, dtype=np.float32)
+    for g0, g1 in batches:
+        c, lab, dd = part(g0, g1)
+        rows = order[x_offsets[g0] : x_offsets[g1]]
+        slots = np.arange(c_offsets[g0], c_offsets[g1])
+        keep = used[slots]
+        cent[remap[slots[keep]]] = c[keep]
+        out_labels[rows] = remap[lab + c_offsets[g0]]
+        out_dists[rows] = dd
+    return cent, out_labels, out_dists
 
 
 # ------------------------------------------------------------------ resampling
