@@ -342,9 +342,11 @@ def _sqdist(xt, rows: np.ndarray, centre_rows: np.ndarray) -> np.ndarray:
     """(len(rows),) float64 squared distances between x[rows] and x[centre_rows]."""
     import torch
 
-    a = xt[torch.from_numpy(rows)]
-    b = xt[torch.from_numpy(centre_rows)]
-    return ((a - b) ** 2).sum(1).double().numpy()
+    # every row (the usual case: all groups still growing): no gather of x
+    a = xt if rows.shape[0] == xt.shape[0] else xt[torch.from_numpy(rows)]
+    diff = xt[torch.from_numpy(centre_rows)]
+    diff.sub_(a).pow_(2)
+    return diff.sum(1).double().numpy()
 
 
 def _grouped_greedy_pick(xt, D: np.ndarray, x_offsets: np.ndarray, sizes: np.ndarray,
