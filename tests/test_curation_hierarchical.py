@@ -278,3 +278,11 @@ def test_split_independent_of_memory_budget(rng, tmp_path):
     t2 = hierarchical_kmeans(x, [30, 5], split_k=3, iterations=3, memory_budget_mb=0.01,
                              progress=False)
     assert_trees_equal(t1, t2)
+
+
+def test_repr_is_a_summary_not_the_arrays(rng):
+    """12.12: print(tree) shows sizes, not arrays."""
+    x, _ = mixture(rng, n=300)
+    tree = hierarchical_kmeans(x, [9, 3], iterations=2, progress=False)
+    assert repr(tree) == "HierarchicalTree(n_points=300, dim=8, k per level=[9, 3])"
+    assert repr(tree.levels[1]) == "TreeLevel(k=3, n_inputs=9, d=8)"
