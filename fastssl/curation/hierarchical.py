@@ -46,7 +46,7 @@ import numpy as np
 from fastssl import distributed as dist
 from fastssl.curation._source import PointSource
 from fastssl.curation.kmeans import (KMeans, KMeansConfig, _one_thread, _progress_enabled,
-                                     _scatter_add)
+                                     _scatter_add, assign_device)
 from fastssl.curation.tree import HierarchicalTree, TreeLevel, save_npy_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -237,8 +237,6 @@ def grouped_lloyd(x: np.ndarray, x_offsets: np.ndarray, centroids: np.ndarray,
 
     from fastssl.kmeans import assign_grouped
 
-    from fastssl.curation.kmeans import assign_device
-
     K, d = centroids.shape
     c = np.ascontiguousarray(centroids, dtype=np.float32)
     slab = torch.empty((4096, d), dtype=torch.float64) if fp64_accumulate else None
@@ -294,7 +292,7 @@ def keyed_uniform(seed: int, *keys) -> np.ndarray:
 
 def _grouped_init(x: np.ndarray, x_offsets: np.ndarray, c_offsets: np.ndarray, seed: int,
                   parents: np.ndarray, run: int, init: str,
-                  candidates: int | None = None) -> np.ndarray:
+                  candidates: int | None = None, device=None) -> np.ndarray:
     """k_g starting centres inside every group, vectorised over groups.
 
     "random": k_g distinct members per group. "kmeans++": greedy k-means++ as SDC (each
@@ -306,6 +304,8 @@ def _grouped_init(x: np.ndarray, x_offsets: np.ndarray, c_offsets: np.ndarray, s
         x: (m, d) rows sorted by group; x_offsets (G+1,), c_offsets (G+1,) CSR offsets.
         parents: (G,) global id of each group (the key of its random draws).
         run: index of this initialisation among the split's best-of-N runs.
+        device: torch device for the distance evaluations (the split's GPU when there is
+            one: at T1 they read every row ~170 times per run); None = the host.
     Returns:
         (c_offsets[-1], d) float32 centres.
     """
@@ -321,6 +321,8 @@ def _grouped_init(x: np.ndarray, x_offsets: np.ndarray, c_offsets: np.ndarray, s
         grp = np.flatnonzero(ks > 0)
         return np.ascontiguousarray(x[order[_ranges(x_offsets[grp], ks[grp])]], dtype=np.float32)
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    if device is not None:
+        xt = xt.to(device)
     picks = np.empty(int(c_offsets[-1]), dtype=np.int64)
     active = np.flatnonzero(ks > 0)
     u0 = keyed_uniform(seed, parents[active], run, 0, 0)
@@ -343,10 +345,10 @@ def _sqdist(xt, rows: np.ndarray, centre_rows: np.ndarray) -> np.ndarray:
     import torch
 
     # every row (the usual case: all groups still growing): no gather of x
-    a = xt if rows.shape[0] == xt.shape[0] else xt[torch.from_numpy(rows)]
-    diff = xt[torch.from_numpy(centre_rows)]
+    a = xt if rows.shape[0] == xt.shape[0] else xt[torch.from_numpy(rows).to(xt.device)]
+    diff = xt[torch.from_numpy(centre_rows).to(xt.device)]
     diff.sub_(a).pow_(2)
-    return diff.sum(1).double().numpy()
+    return diff.sum(1).double().cpu().numpy()
 
 
 def _grouped_greedy_pick(xt, D: np.ndarray, x_offsets: np.ndarray, sizes: np.ndarray,
@@ -420,9 +422,11 @@ def split_batch(x: np.ndarray, x_offsets: np.ndarray, c_offsets: np.ndarray,
     sizes = np.diff(x_offsets)
     seg = np.repeat(np.arange(sizes.shape[0]), sizes)
     crow = np.repeat(np.arange(sizes.shape[0]), np.diff(c_offsets))
+    device = assign_device(impl)
     best = None
     for run in range(int(n_init)):
-        c0 = _grouped_init(x, x_offsets, c_offsets, seed, parents, run, init, candidates)
+        c0 = _grouped_init(x, x_offsets, c_offsets, seed, parents, run, init, candidates,
+                           device)
         c, lab, dd = grouped_lloyd(x, x_offsets, c0, c_offsets, iterations, impl=impl,
                                    fp64_accumulate=fp64_accumulate)
         inertia = np.bincount(seg, weights=dd.astype(np.float64), minlength=sizes.shape[0])
