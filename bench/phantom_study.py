@@ -209,6 +209,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--finetune-base-lr", type=float, default=1e-3, help="lr = base_lr * batch / 256 (few epochs)")
     p.add_argument("--mask-ratio", type=float, default=0.0, help="0: the recipe's")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--jobs", type=int, default=1, help="(method, seed) runs at a time, each on one thread")
     p.add_argument("--quiet", action="store_true", help="warnings only from the fastssl commands")
     args = p.parse_args(argv)
     for key, value in SIZES["smoke" if args.smoke else "full"].items():
@@ -220,6 +221,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     if bad or not args.seed_list:
         p.error(f"--methods {bad} unknown (choose from {list(METHODS)})" if bad else "--seeds is empty")
     return args
+
+
+def _one_run(args, cache: str, quiet: list[str], method: str, seed: int) -> tuple[dict, dict]:
+    """Pretraining (if any), probe and fine-tuning of (method, seed) -> (results, seconds)."""
+    if args.jobs > 1:
+        import torch
+
+        torch.set_num_threads(1)  # the cores go to parallel runs, not to threads of one
+    timings: dict = {}
+    run = os.path.join(args.out, method, f"seed{seed}")
+    checkpoint = _encoder(args, cache, run, method, seed, timings, quiet)
+    return _evaluate(args, cache, run, method, checkpoint, seed, timings, quiet), timings
+
+
+def _all_runs(args, cache: str, quiet: list[str]) -> dict:
+    """{(method, seed): (results, seconds)}; --jobs N runs N at a time in forked processes
+    (each one thread: small models use cores better side by side than split)."""
+    tasks = [(m, seed) for seed in args.seed_list for m in args.method_list]
+    if args.jobs <= 1:
+        return {t: _one_run(args, cache, quiet, *t) for t in tasks}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+        futures = {t: pool.submit(_one_run, args, cache, quiet, *t) for t in tasks}
+        return {t: f.result() for t, f in futures.items()}
 
 
 def main(argv=None) -> int:
@@ -236,11 +263,10 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     cache = _data(args, args.out, timings, quiet)
     runs: dict = {}
-    for seed in args.seed_list:
-        for m in args.method_list:
-            run = os.path.join(args.out, m, f"seed{seed}")
-            checkpoint = _encoder(args, cache, run, m, seed, timings, quiet)
-            runs.setdefault(m, {})[seed] = _evaluate(args, cache, run, m, checkpoint, seed, timings, quiet)
+    for (m, seed), (result, seconds) in _all_runs(args, cache, quiet).items():
+        runs.setdefault(m, {})[seed] = result
+        for name, value in seconds.items():
+            timings[name] = round(timings.get(name, 0.0) + value, 1)
     table = summarise(runs, args.method_list, args.seed_list, args.n_boot)
     some = runs[args.method_list[0]][args.seed_list[0]]["probe"]["dir"]
     with open(os.path.join(some, "probe.json"), encoding="utf-8") as handle:
