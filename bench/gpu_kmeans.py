@@ -292,8 +292,8 @@ def tune(report, plan: Plan, chosen: dict) -> None:
         bucket = next(b for b in kernel.D_BUCKETS if d <= b)
         report(f"tune {str(dtype)[6:]} d={d} n={plan.tune_n} k=16384", status="ok",
                ms=ms, tflops=flops / (ms * 1e-3) / 1e12,
-               all_ms=" ".join(f"{r[1].block_m}x{r[1].block_n}x{r[1].block_k}"
-                               f"/w{r[1].num_warps}/s{r[1].num_stages}={r[0]:.2f}" for r in results),
+               all_ms=" ".join(f"{c.block_m}x{c.block_n}x{c.block_k}/w{c.num_warps}"
+                               f"/s{c.num_stages}={t:.2f}" for t, c in results),
                record=f"TUNED[({major}, {str(dtype)[6:]!r}, {bucket})] = {best}")
         del x, c
         torch.cuda.empty_cache()
@@ -348,7 +348,8 @@ def _sweep_row(report, plan: Plan, n: int, d: int, k: int, dtype, config) -> Non
         try:
             labels, cols[f"{name}_peak_gib"] = _with_peak(fn, plan.device)  # + warm-up
             mine = labels if name == "triton" else mine
-            agree = (labels[:65536].long() == mine[:65536]).double().mean().item() if mine is not None else None
+            agree = None if mine is None else (
+                labels[:65536].long() == mine[:65536]).double().mean().item()
             ms[name] = _time_ms(fn, plan.device, plan.reps, warm=True)
             cols[f"{name}_ms"] = round(ms[name], 3)
             if name != "triton":
@@ -439,7 +440,8 @@ def _lloyd_row(report, plan: Plan, n: int, d: int, k: int) -> None:
     ratio = ms["flash"] / ms["triton_fp32"] if "flash" in ms and "triton_fp32" in ms else "-"
     report(f"lloyd iteration bf16 n={n} d={d} k={k}", status="ok" if ms else "FAILED",
            x_fp32_vs_flash=ratio if isinstance(ratio, str) else round(ratio, 3), **cols,
-           goal="" if isinstance(ratio, str) else f">=1.0x flash: {'met' if ratio >= 1 else 'not met'}")
+           goal="" if isinstance(ratio, str) else
+           f">=1.0x flash: {'met' if ratio >= 1 else 'not met'}")
     del x, c
 
 

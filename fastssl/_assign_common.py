@@ -19,8 +19,9 @@ from fastssl import _arrays
 COS_EPS = 1e-12  # as torch.nn.functional.normalize
 FP32_PRECISIONS = ("3xtf32", "tf32")
 
-__all__ = ["COS_EPS", "FP32_PRECISIONS", "default_fp32_precision", "normalized_centroids", "first_nonfinite_row", "check_finite",
-           "to_device_tensor", "stream_context"]
+__all__ = ["COS_EPS", "FP32_PRECISIONS", "default_fp32_precision", "normalized_centroids",
+           "first_nonfinite_row", "check_finite", "to_device_tensor", "stream_context",
+           "device_of", "device_operands", "as_callers_arrays"]
 
 
 @functools.lru_cache(maxsize=None)

@@ -19,8 +19,6 @@ from fastssl import _assign_common as common
 
 __all__ = ["run", "unavailable"]
 
-_NORM_CHUNK_BYTES = 256 << 20  # float32 temporaries of the row-norm pass
-
 
 def unavailable(device) -> str | None:
     """None when the Triton kernel can run on ``device``, else the reason in words."""
@@ -34,18 +32,6 @@ def unavailable(device) -> str | None:
         return None
     return ("x is in host memory; impl='triton' needs a CUDA tensor or cupy array (or "
             "TRITON_INTERPRET=1, Triton's CPU interpreter, for tests)")
-
-
-def _row_sqnorms(x):
-    """(n,) float32 ||x_i||^2 in row chunks, so the float32 copy stays bounded."""
-    import torch
-
-    n, d = x.shape
-    out = torch.empty(n, dtype=torch.float32, device=x.device)
-    rows = max(1, _NORM_CHUNK_BYTES // (4 * d))
-    for start in range(0, n, rows):
-        out[start : start + rows] = x[start : start + rows].float().square().sum(1)
-    return out
 
 
 def _unit_inner_stride(t):
@@ -98,11 +84,15 @@ def run(
         best, idx = kernel.assign_partial(xt, c, c_sqnorm, precision=name, config=config,
                                           splits=splits, use_tma=use_tma)
         labels, score = kernel.finish(best, idx)
-        if metric == "l2":
-            distances = (score + _row_sqnorms(xt)).clamp_min_(0.0)
-        elif metric == "cos":
-            distances = score.neg_().div_(_row_sqnorms(xt).sqrt_().clamp_min_(common.COS_EPS))
-        else:
-            distances = score.neg_()
-        return common.as_callers_arrays(kind, labels, distances)
+        return common.as_callers_arrays(kind, labels, _distances(kernel, score, xt, metric))
+
+
+def _distances(kernel, score, xt, metric: str):
+    """The reported distance from the kernel's best score (see the module docstring)."""
+    if metric == "ip":
+        return score.neg_()
+    x_sq = kernel.row_sqnorms(xt)
+    if metric == "l2":
+        return score.add_(x_sq).clamp_min_(0.0)
+    return score.neg_().div_(x_sq.sqrt_().clamp_min_(common.COS_EPS))
 

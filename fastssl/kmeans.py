@@ -18,6 +18,7 @@ Implementations (``impl=``):
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,7 @@ _FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 # keeps the CUDA engine everywhere until a device run fills this in.
 AUTO_DEVICE_ENGINE: dict[int, str] = {}
 
-__all__ = ["assign", "assign_grouped", "METRICS", "IMPLS"]
+__all__ = ["assign", "assign_grouped", "assign_topk", "METRICS", "IMPLS"]
 
 
 # ----------------------------------------------------------------------------- checks
@@ -166,6 +167,16 @@ def _triton_unavailable(op: str, x: Any, kind: str) -> str | None:
     return _triton_assign.unavailable(device_of(x, kind))
 
 
+def _resolve_topk(impl: str) -> str:
+    def available(name: str) -> str | None:
+        return None if name == "torch" else (
+            "only the PyTorch path computes top-k (impl='torch', on any device); the "
+            "fused engines keep one centroid per row")
+
+    return resolve_impl("assign_topk", impl, choices=IMPLS, auto=lambda: "torch",
+                        available=available)
+
+
 # ------------------------------------------------------------------------ host paths
 def _host_centroids(centroids: Any, metric: str) -> tuple[np.ndarray, bool]:
     """Centroids as a host array the native engine reads (normalised for cos)."""
@@ -255,30 +266,37 @@ def _local_groups(groups: tuple[np.ndarray, np.ndarray], start: int, stop: int):
     return local_x.astype(np.int64), local_c.astype(np.int64), int(co[g0])
 
 
-def _run_torch_reference(x, centroids, metric, chunk_rows, check_finite, groups):
-    """The "torch" impl over numpy or torch input (any device), in row chunks."""
+def _run_torch_reference(x, centroids, metric, chunk_rows, check_finite, groups, topk=None):
+    """The "torch" impl over numpy or torch input (any device), in row chunks; (n,)
+    outputs, or (n, topk) when topk is given."""
     import torch
 
-    from fastssl.reference.kmeans import assign_grouped_reference, assign_reference
+    from fastssl.reference.kmeans import (assign_grouped_reference, assign_reference,
+                                          assign_topk_reference)
 
     def as_tensor(a):
         if isinstance(a, np.ndarray):
             if _arrays.dtype_name(a) == "bfloat16":
                 return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
-            return torch.from_numpy(np.ascontiguousarray(a))
+            with warnings.catch_warnings():  # read-only memmap chunks: torch only reads
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.from_numpy(np.ascontiguousarray(a))
         if not isinstance(a, torch.Tensor):
             return torch.from_dlpack(a)
         return a
 
     c = as_tensor(centroids)
     first = as_tensor(x[:1])
-    labels = torch.empty(x.shape[0], dtype=torch.int64, device=first.device)
-    distances = torch.empty(x.shape[0], dtype=torch.float32, device=first.device)
+    shape = (x.shape[0],) if topk is None else (x.shape[0], topk)
+    labels = torch.empty(shape, dtype=torch.int64, device=first.device)
+    distances = torch.empty(shape, dtype=torch.float32, device=first.device)
     for start, stop in _arrays.row_chunks(x.shape[0], chunk_rows):
         chunk = as_tensor(x[start:stop])
         if check_finite:
             _check_finite(chunk, "x", start)
-        if groups is None:
+        if topk is not None:
+            lab, dist = assign_topk_reference(chunk, c, topk, metric=metric)
+        elif groups is None:
             lab, dist = assign_reference(chunk, c, metric=metric)
         else:
             xo, co, c_first = _local_groups(groups, start, stop)
@@ -291,9 +309,9 @@ def _run_torch_reference(x, centroids, metric, chunk_rows, check_finite, groups)
     return labels, distances
 
 
-def _run(op, x, centroids, metric, chunk_size, impl, check_finite, groups):
+def _run(op, x, centroids, metric, chunk_size, impl, check_finite, groups, topk=None):
     kind = _check_pair(x, centroids, metric)
-    chosen = _resolve(op, impl, x, kind)
+    chosen = _resolve(op, impl, x, kind) if topk is None else _resolve_topk(impl)
     if check_finite:
         _check_finite(centroids, "centroids")
     chunk_rows = chunk_size
@@ -312,7 +330,7 @@ def _run(op, x, centroids, metric, chunk_size, impl, check_finite, groups):
         return _triton_assign.run(op, x, kind, centroids, metric, check_finite)
     if chosen == "torch":
         labels, distances = _run_torch_reference(x, centroids, metric, chunk_rows,
-                                                 check_finite, groups)
+                                                 check_finite, groups, topk)
         if kind == _arrays.NUMPY:
             return labels.numpy(), distances.numpy()
         if kind == _arrays.CUPY:
@@ -393,3 +411,36 @@ def assign_grouped(
     _check_pair(x, centroids, metric)
     groups = _check_offsets(x_offsets, c_offsets, x.shape[0], centroids.shape[0])
     return _run("assign_grouped", x, centroids, metric, chunk_size, impl, check_finite, groups)
+
+
+def assign_topk(
+    x: Any,
+    centroids: Any,
+    topk: int,
+    *,
+    metric: str = "l2",
+    chunk_size: int | None = None,
+    impl: str = "auto",
+    check_finite: bool = True,
+) -> tuple[Any, Any]:
+    """The ``topk`` nearest centroids of every row of ``x``, nearest first.
+
+    Runs the PyTorch path (``impl="torch"``, which "auto" picks) on x's device, in row
+    chunks (a memmap is streamed); the fused engines keep only one centroid per row.
+
+    Args:
+        x: (n, d), as for :func:`assign`.
+        centroids: (k, d).
+        topk: 1 <= topk <= k.
+        metric, chunk_size, check_finite: as for :func:`assign`.
+    Returns:
+        labels (n, topk) int64 and distances (n, topk) float32, best first; equal scores
+        keep index order (ties go to the lowest index). Same array type as ``x``.
+    """
+    if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)):
+        raise TypeError(f"topk must be an int, got {type(topk).__name__}")
+    k = centroids.shape[0] if hasattr(centroids, "shape") else None
+    if topk < 1 or (k is not None and topk > k):
+        raise ValueError(f"topk={topk}; expected 1 <= topk <= k={k} (the number of centroids)")
+    return _run("assign_topk", x, centroids, metric, chunk_size, impl, check_finite, None,
+                int(topk))

@@ -31,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["AssignConfig", "TUNED", "pick_config", "assign_partial", "finish", "PRECISIONS"]
+__all__ = ["AssignConfig", "TUNED", "pick_config", "assign_partial", "finish", "row_sqnorms",
+           "PRECISIONS"]
 
 # float32 inputs: tf32 (one tensor-core product) or tf32x3 (split products, ~fp32).
 PRECISIONS = {"tf32": "tf32", "3xtf32": "tf32x3", "ieee": "ieee"}
@@ -57,14 +58,18 @@ class AssignConfig:
 #   sm_90, 16-bit: 128x256x64, 3 stages = 3 x 48 KiB of shared memory, 8 warps (two
 #     warpgroups, a 128x256 fp32 accumulator = 128 registers per thread);
 #   sm_90, fp32: 128x128x32, 3 stages = 3 x 32 KiB;
-#   sm_80: 128x128x64 (16-bit) / 128x128x32 (fp32), 3 stages, within 164 KiB.
+#   sm_80: 128x128x64 (16-bit) / 128x64x32 (fp32), 3 stages, within 164 KiB.
+# Compiled offline for sm_90a with Triton 3.8 (tests/test_kmeans_triton.py does it on
+# the CPU): every sm_90 entry lowers to wgmma with TMA loads (cp.async.bulk.tensor) and
+# a 3-4 stage pipeline; 128x256 tiles use 255 registers with 8-16 bytes of spills,
+# 128x128 tiles 126-239 registers and none. On sm_80, fp32 3xtf32 spills ~100 bytes.
 # bench/gpu_kmeans.py --tune times candidates per row and prints entries to paste here.
 D_BUCKETS = (64, 128, 256, 512, 1 << 30)
 _H16 = AssignConfig(128, 256, 64, 8, 3)
 _H16_SMALL_D = AssignConfig(128, 256, 64, 8, 4)
 _H32 = AssignConfig(128, 128, 32, 8, 3)
 _A16 = AssignConfig(128, 128, 64, 8, 3)
-_A32 = AssignConfig(128, 128, 32, 8, 3)
+_A32 = AssignConfig(128, 64, 32, 4, 3)
 TUNED: dict[tuple[int, str, int], AssignConfig] = {}
 for _bucket in D_BUCKETS:
     for _dt in ("bfloat16", "float16"):
@@ -277,3 +282,28 @@ def finish(best: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.T
         return idx[0], best[0]
     win = best.argmin(dim=0, keepdim=True)  # first minimum on ties
     return idx.gather(0, win)[0], best.gather(0, win)[0]
+
+
+@triton.jit
+def _row_sqnorm_kernel(x_ptr, out_ptr, n, d, stride_x,
+                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    total = tl.zeros((BLOCK_R,), tl.float32)
+    for off in range(0, d, BLOCK_D):
+        cols = off + tl.arange(0, BLOCK_D)
+        v = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :],
+                    mask=(rows[:, None] < n) & (cols[None, :] < d), other=0.0).to(tl.float32)
+        total += tl.sum(v * v, axis=1)
+    tl.store(out_ptr + rows, total, mask=rows < n)
+
+
+def row_sqnorms(x: torch.Tensor) -> torch.Tensor:
+    """(n,) float32 ||x_i||^2 of an (n, d) tensor with unit inner stride: one read of x,
+    float32 accumulation (no float32 copy of x, which torch's x.float() would write)."""
+    n, d = x.shape
+    out = torch.empty(n, dtype=torch.float32, device=x.device)
+    block_d = min(128, _pow2_at_least(d, 16))
+    block_r = 64 if x.device.type == "cuda" else min(256, _pow2_at_least(n, 16))
+    _row_sqnorm_kernel[(triton.cdiv(n, block_r),)](x, out, n, d, x.stride(0),
+                                                  BLOCK_R=block_r, BLOCK_D=block_d)
+    return out

@@ -71,7 +71,8 @@ def test_recorded_configs_cover_every_architecture_dtype_and_width():
             for bucket in assign_kernels.D_BUCKETS:
                 cfg = assign_kernels.TUNED[(major, dtype, bucket)]
                 assert cfg.block_m >= 16 and cfg.block_n >= 16 and cfg.block_k >= 16
-                per_stage = (cfg.block_m + cfg.block_n) * cfg.block_k * (4 if dtype == "float32" else 2)
+                size = 4 if dtype == "float32" else 2
+                per_stage = (cfg.block_m + cfg.block_n) * cfg.block_k * size
                 limit = (227 if major == 9 else 163) * 1024
                 assert per_stage * cfg.num_stages <= limit, (major, dtype, bucket, cfg)
 
@@ -98,18 +99,20 @@ def _gpu_check(n, k, d, metric, dtype, precision, rtol):
 @gpu
 @needs_cuda
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
-@pytest.mark.parametrize("metric", ["l2", "ip", "cos"])
-@pytest.mark.parametrize("label, dtype, precision, rtol", GPU_CASES, ids=[c[0] for c in GPU_CASES])
+@pytest.mark.parametrize("metric, label, dtype, precision, rtol", [
+    (metric, *case) for case in GPU_CASES for metric in ("l2", "ip", "cos")
+    if metric == "l2" or case[0] in ("bf16", "fp32-3xtf32")], ids=str)
 def test_gpu_matches_float64(metric, label, dtype, precision, rtol):
-    """Several row and centroid tiles, two splits' worth of columns, TMA (d = 1024)."""
+    """Several row and centroid tiles, TMA (d = 1024). Every metric for bf16 and fp32
+    (3xtf32), l2 for the others: each combination is one more compilation."""
     _gpu_check(4099, 4097, 1024, metric, dtype, precision, rtol)
 
 
 @gpu
 @needs_cuda
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
-@pytest.mark.parametrize("n, k, d", [(1, 300, 7), (3000, 70, 33), (65536, 1, 128)])
-@pytest.mark.parametrize("metric", ["l2", "cos"])
+@pytest.mark.parametrize("n, k, d, metric", [(1, 300, 7, "l2"), (3000, 70, 33, "cos"),
+                                             (65536, 1, 128, "l2")])
 def test_gpu_odd_shapes_bf16(n, k, d, metric):
     """One row, one centroid, d not a multiple of 8 (pointer loads instead of TMA)."""
     _gpu_check(n, k, d, metric, torch.bfloat16, None, 3e-5)
@@ -145,3 +148,54 @@ def test_gpu_runs_on_the_callers_stream():
         labels = kmeans.assign(x2, c, impl="triton", check_finite=False)[0]
     side.synchronize()
     assert torch.equal(labels, want)
+
+
+# ------------------------------------------------- offline compile for the GPU targets
+def _compile_offline(capability: int, dtype: str, use_tma: bool, cfg, precision="tf32"):
+    """triton.compile of the assignment kernel for an sm_<capability> target, on a
+    machine without a GPU, specialised as a launch with 16-byte aligned pointers and
+    strides would be (Triton's JIT gives such arguments the same divisibility hint)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fastssl.kernels import assign as kernel
+
+    constexprs = {"METRIC": kernel.METRIC_L2, "PRECISION": precision, "USE_TMA": use_tma,
+                  "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
+                  "NUM_STAGES": cfg.num_stages, "UPCAST": False}
+    x_type = (f"tensordesc<{dtype}[{cfg.block_m}, {cfg.block_k}]>" if use_tma else f"*{dtype}")
+    c_type = (f"tensordesc<{dtype}[{cfg.block_n}, {cfg.block_k}]>" if use_tma else f"*{dtype}")
+    types = {"x_src": x_type, "c_src": c_type, "csq_ptr": "*fp32", "best_ptr": "*fp32",
+             "idx_ptr": "*i64"}
+    names = kernel._assign_kernel.arg_names
+    signature = {a: "constexpr" if a in constexprs else types.get(a, "i32") for a in names}
+    aligned = {"csq_ptr", "best_ptr", "idx_ptr", "stride_x", "stride_c", "d"}
+    aligned |= set() if use_tma else {"x_src", "c_src"}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(names) if a in aligned}
+    src = ASTSource(fn=kernel._assign_kernel, signature=signature, constexprs=constexprs,
+                    attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+
+
+@pytest.mark.slow  # ~10 s: three compilations through ptxas
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="the interpreter replaces triton.compile's GPU pipeline")
+def test_recorded_configs_lower_to_wgmma_tma_and_a_pipeline_without_a_gpu():
+    """What a Hopper run would execute, checked on the CPU: the recorded bf16 and fp32
+    configs compile for sm_90a to wgmma fed by TMA (or, for unaligned strides, cp.async)
+    with more than one stage of shared memory; on sm_80 the same kernel uses mma.sync."""
+    from fastssl.kernels import assign as kernel
+
+    bf16 = kernel.TUNED[(9, "bfloat16", 1 << 30)]
+    tma = _compile_offline(90, "bf16", True, bf16)
+    stage_bytes = (bf16.block_m + bf16.block_n) * bf16.block_k * 2
+    assert "wgmma.mma_async" in tma.asm["ptx"] and "cp.async.bulk.tensor" in tma.asm["ptx"]
+    assert tma.metadata.shared >= 2 * stage_bytes, "the mainloop is not pipelined"
+    pointers = _compile_offline(90, "fp32", False, kernel.TUNED[(9, "float32", 1 << 30)],
+                                precision="tf32x3")
+    assert "wgmma.mma_async" in pointers.asm["ptx"] and "cp.async" in pointers.asm["ptx"]
+    ampere = _compile_offline(80, "bf16", False, kernel.TUNED[(8, "bfloat16", 1 << 30)])
+    assert "mma.sync" in ampere.asm["ptx"] and "wgmma" not in ampere.asm["ptx"]
