@@ -289,17 +289,31 @@ def _state_from_safetensors(path: str) -> tuple[dict, dict]:
     return json.loads(meta["model_config"]), state
 
 
+def _state_from_checkpoint(path: str, map_location) -> tuple[dict, dict]:
+    """(ModelConfig fields, ViewEncoder state dict) of a pretrain checkpoint.pt."""
+    from fastssl.errors import DataError
+
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        fields, model = ckpt["model_config"], ckpt["model"]
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # torch.load raises many types on a file that is not a checkpoint
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise DataError(path, f"not a fastssl checkpoint.pt or encoder*.safetensors ({reason})") from None
+    return fields, {k[len("encoder."):]: v for k, v in model.items() if k.startswith("encoder.")}
+
+
 def load_encoder(path: str, map_location="cpu"):
     """A ViewEncoder from an exported ``encoder*.safetensors`` (timm layout, or the older
-    fastssl layout with ``vit.`` keys) or from a pretrain ``checkpoint.pt``."""
+    fastssl layout with ``vit.`` keys) or from a pretrain ``checkpoint.pt``
+    (DataError naming the file when it is neither)."""
     from fastssl.models.mvmae import ModelConfig, ViewEncoder
 
     if path.endswith(".safetensors"):
         fields, state = _state_from_safetensors(path)
     else:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-        fields = ckpt["model_config"]
-        state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
+        fields, state = _state_from_checkpoint(path, map_location)
     encoder = ViewEncoder(ModelConfig(**fields))
     encoder.load_state_dict(state)
     return encoder
