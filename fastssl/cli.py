@@ -67,6 +67,8 @@ RANGES: dict[str, dict[str, Range]] = {
     "demo": dict(studies=_COUNT, phantom_size=Range(32, 16384, integer=True), img_size=_SIDE, epochs=_COUNT,
                  batch_size=_COUNT, base_lr=_POS, points=_COUNT, dim=_COUNT, components=_COUNT,
                  target=Range(0, 1, low_open=True), seed=_SEED),
+    "plot": dict(samples=_COUNT),
+    "export": dict(),
 }
 # Errors a user causes and can fix (bad values, paths, data): one line, exit code 2.
 # Anything else is a bug and keeps its traceback (FASTSSL_DEBUG=1 shows one for these too).

@@ -225,6 +225,10 @@ CASES = [   # (command line with {t} = the junk dir, words the one-line error mu
     ("curate --data {t}/missing.npy --out {t}/k", "missing.npy"),
     ("demo --out {t}/d --studies 0", "--studies: got 0"),
     ("demo --out {t}/d --target 0", "--target: got 0.0"),
+    ("plot {t}/missing", "missing is not a directory"),
+    ("plot {t}/nodicom --samples 0", "--samples: got 0"),
+    ("export {t}/missing.pt --cache {t}/c --out {t}/x", "missing.pt"),
+    ("export {t}/afile --cache {t}/missing --out {t}/x", "afile"),
 ]
 
 
