@@ -259,6 +259,14 @@ def test_scan_trusts_the_folders_patient_over_a_colliding_study_uid(tmp_path):
     table = scan_dicom_tree(tmp_path, workers=1)
     assert [(s.subject_id, s.study_id, s.paired) for s in table.studies] == [
         ("10000001", "50000001", False), ("10000002", "50000009", False)]
+    # outside the MIMIC folders the PatientID decides: a UID claimed by two patients is not merged
+    make_dicom(tmp_path / "x.dcm", np.zeros((4, 4)), view_position="PA", study_uid="1.2.5", patient_id="A",
+               sop_uid="1.2.3.5")
+    make_dicom(tmp_path / "y.dcm", np.zeros((4, 4)), view_position="LATERAL", study_uid="1.2.5", patient_id="B",
+               sop_uid="1.2.3.6")
+    table = scan_dicom_tree(tmp_path, workers=1, paths=[str(tmp_path / "x.dcm"), str(tmp_path / "y.dcm")])
+    assert [(s.subject_id, s.paired) for s in table.studies] == [("A", False)]
+    assert table.rejects == [(str(tmp_path / "y.dcm"), "study 1.2.5 also belongs to patient A; this file's patient is B")]
 
 
 def test_scan_keeps_a_repeated_sop_instance_uid_once(tmp_path):
