@@ -28,6 +28,7 @@ _LAZY = {
     "generate_phantom": "fastssl.data.phantom",
     "PairedViewDataset": "fastssl.data.datasets",
     "SingleViewDataset": "fastssl.data.datasets",
+    "StudyViewsDataset": "fastssl.data.datasets",
     "make_loader": "fastssl.data.datasets",
     "BatchAugment": "fastssl.data.augment",
     "CenterResize": "fastssl.data.augment",

@@ -330,6 +330,8 @@ def _prepare_table(table: StudyTable, out: str, settings: dict, sources: list[st
     """prepare_cache's work on a ready table, under the output lock."""
     start = time.perf_counter()
     log.info("study table: %s", table.format_summary().replace("\n", "; "))
+    if not table.studies:   # an empty cache would "succeed" and fail later, far from the cause
+        raise ValueError(f"{table.root}: no usable DICOM study ({len(table.rejects)} files rejected); nothing to prepare")
     plan = _plan(table)
     size, shard_size = settings["size"], settings["shard_size"]
     n_shards = (len(plan) + shard_size - 1) // shard_size
