@@ -146,8 +146,7 @@ def test_sixteen_bit_png_round_trip(tmp_path):
 def test_pooled_cache_over_every_layout(phantoms, tmp_path, capsys):
     sources = [a for layout, (root, _) in phantoms.items() for a in ("--source", f"{layout}:{root}")]
     sources = sources[2:]  # mimic-dicom and mimic-jpg are one dataset: pool the JPG one with the others
-    assert cli_main(["prepare", *sources, "--out", str(tmp_path / "pool"), "--size", "16", "--workers", "2",
-                     "--quiet"]) == 0
+    assert cli_main(["prepare", *sources, "--out", str(tmp_path / "pool"), "--size", "16", "--workers", "2"]) == 0
     assert "datasets: chexpert, mimic-cxr, padchest" in capsys.readouterr().out
     index = read_index(tmp_path / "pool")
     assert sorted(np.unique(index.dataset)) == ["chexpert", "mimic-cxr", "padchest"]

@@ -283,6 +283,7 @@ def test_scan_keeps_a_repeated_sop_instance_uid_once(tmp_path):
     (dict(workers=-3), "--workers -3"),
     (dict(size=4), "--size 4"),
     (dict(size=100_000), "--size 100000"),
+    (dict(workers=1.5), "--workers 1.5"),
     (dict(shard_size=0), "--shard-size 0"),
 ])
 def test_prepare_rejects_bad_settings_before_any_work(tmp_path, kwargs, match):
@@ -300,10 +301,11 @@ def test_prepare_cli_errors_are_one_line_exit_2(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "a_file").write_text("x")
     for args, needle in (
-        (["--source", str(tmp_path / "empty"), "--out", str(tmp_path / "c")], "no images found"),
-        (["--source", str(tmp_path / "empty"), "--out", str(tmp_path / "a_file")], "is a file"),
-        (["--source", str(tmp_path / "empty"), "--out", str(tmp_path / "c"), "--workers", "-3"], "--workers -3"),
-        (["--source", str(tmp_path / "empty"), "--out", str(tmp_path / "c"), "--size", "100000"], "--size 100000"),
+        (["--source", str(tmp_path / "empty"), "--out", str(tmp_path / "c")], "no usable DICOM study"),
+        (["--source", f"padchest:{tmp_path / 'empty'}", "--out", str(tmp_path / "c")], "PADCHEST"),
+        (["--source", str(tmp_path / "empty"), "--out", str(tmp_path / "a_file")], "not a directory"),
+        (["--source", str(tmp_path / "empty"), "--out", str(tmp_path / "c"), "--workers", "-3"], "--workers"),
+        (["--source", str(tmp_path / "empty"), "--out", str(tmp_path / "c"), "--size", "100000"], "--size"),
         (["--source", str(tmp_path / "empty"), "--out", str(tmp_path / "c"), "--holdout", "0.5"], "--holdout"),
     ):
         result = _cli(*args)
