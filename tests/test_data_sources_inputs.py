@@ -326,3 +326,24 @@ def test_cli_sources_replace_those_of_a_config_file(tmp_path, caplog):
     assert cli_main(["prepare", "--config", str(tmp_path / "one.yaml"), "--source",
                      f"padchest:{tmp_path / 'from_flag'}", *out]) == 2
     assert "padchest:" in caplog.text and "from_flag" in caplog.text and "from_file" not in caplog.text
+
+
+def test_a_format_1_cache_is_still_read(tmp_path):
+    """Caches written before the dataset/view_source/other_labels columns stay readable."""
+    import csv
+    import json
+
+    make_tree(tmp_path / "tree", [dict(subject_id="10000001", study_id="50000001", views=["PA", "LATERAL"])], size=8)
+    cache = tmp_path / "cache"
+    prepare_cache(str(tmp_path / "tree"), cache, size=8, workers=1, progress=False)
+    with open(cache / "index.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    old_columns = [c for c in rows[0] if c not in ("dataset", "view_source", "other_labels")]
+    write_csv(cache / "index.csv", old_columns, [[r[c] for c in old_columns] for r in rows])
+    manifest = json.loads((cache / "manifest.json").read_text())
+    (cache / "manifest.json").write_text(json.dumps(dict(manifest, format_version=1)))
+    index = read_index(cache)
+    assert len(index) == 2 and index.dataset.tolist() == ["", ""] and index.view.tolist() == ["frontal", "lateral"]
+    assert index.select(split=index.split[0]).all()
+    with pytest.raises(ValueError, match="not in this cache"):
+        index.select(dataset="mimic-cxr")
