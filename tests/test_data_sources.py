@@ -134,6 +134,7 @@ def test_sixteen_bit_png_round_trip(tmp_path):
     assert np.allclose(read_image(folder / "a.png", voi="minmax"), (stored - 100) / 100.0, atol=1e-6)
     assert np.allclose(read_image(folder / "a.png"), stored / 1023.0, atol=1e-7)  # no hint: 10 bits hold the max
     assert np.allclose(read_image(folder / "a.png", voi="none"), stored / 65535.0, atol=1e-7)
+    assert np.allclose(read_image(folder / "a.png", hints={"window": (150, 100)}), (stored - 100) / 100.0, atol=1e-6)
     # through prepare: a PadChest CSV naming the file, uint16 cache, no resize
     header = "ImageID,ImageDir,StudyID,PatientID,Projection,Labels,BitsStored_DICOM\n"
     (tmp_path / "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv").write_text(
