@@ -45,7 +45,7 @@ RANGES: dict[str, dict[str, Range]] = {
     "phantom": dict(studies=_COUNT, size=Range(32, 16384, integer=True), seed=_SEED, workers=_COUNT,
                     both_views_fraction=_FRACTION, lateral_only_fraction=_FRACTION,
                     no_view_position_fraction=_FRACTION, corrupt=_NONNEG, uncertain_fraction=_FRACTION),
-    "prepare": dict(size=_SIDE, shard_size=Range(1, 1 << 20, integer=True), workers=_COUNT),
+    "prepare": dict(size=_SIDE, shard_size=Range(1, 1 << 20, integer=True), workers=_COUNT, seed=_SEED),
     "pretrain": dict(img_size=Range(0, 16384, integer=True), patch_size=Range(0, 1024, integer=True),
                      mask_ratio=Range(0, 1, high_open=True), temperature=_POS, beta_max=Range(0),
                      beta_ramp_epochs=Range(-1), epochs=_COUNT, batch_size=_COUNT, base_lr=_POS,
