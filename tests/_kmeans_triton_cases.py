@@ -115,3 +115,40 @@ def test_nonfinite_row_is_named():
     x[13, 2] = float("nan")
     with pytest.raises(ValueError, match="x row 13"):
         kmeans.assign(x, torch.randn(3, 8), impl="triton")
+
+
+def test_gpu_benchmark_rows_run_on_the_cpu(monkeypatch):
+    """bench/gpu_kmeans.py's sweep and Lloyd rows at a tiny size (the GPU session runs
+    them once, at full size: a bug found there costs its device time)."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "gpu_kmeans.py"
+    spec = importlib.util.spec_from_file_location("gpu_kmeans_under_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "_compiled_chunk_fn", lambda: bench._addmm_argmin)  # no C++ build
+    rows = []
+
+    def report(name, **columns):
+        rows.append((name, columns))
+
+    report.context = {}
+    plan = bench.Plan.make(dry_run=True)
+    bench._sweep_row(report, plan, 70, 24, 33, torch.bfloat16, None)
+    bench._lloyd_row(report, plan, 70, 24, 9)
+    (sweep_name, sweep), (lloyd_name, lloyd) = rows
+    assert sweep["status"] == "ok" and isinstance(sweep["triton_ms"], float), sweep
+    assert sweep["torch_agree"] >= 0.9 and sweep["compiled_agree"] >= 0.9, sweep
+    assert sweep["cuda_ms"].startswith("skipped") and sweep["flash_ms"].startswith("skipped")
+    assert isinstance(lloyd["triton_fp32_ms"], float) and isinstance(lloyd["triton_fp64_ms"], float)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(50, 8, generator=gen)
+    c = x[:5].clone()
+    new, labels = bench.lloyd_step(x, c, torch.float64, bench.triton_assign)
+    for j in range(5):  # each new centroid is the mean of its members (or unchanged)
+        members = x[labels == j].double()
+        want = members.mean(0) if len(members) else c[j].double()
+        assert torch.allclose(new[j].double(), want, atol=1e-6)
