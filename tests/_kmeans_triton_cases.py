@@ -37,6 +37,7 @@ SHAPES = [  # (n, k, d)
 ]
 RTOL = 2e-5  # of the row's score scale: float32 accumulation over d <= 70
 SMALL_TILES = kernel.AssignConfig(16, 16, 16, 4, 1)  # many tiles even at these sizes
+RESIDENT = kernel.AssignConfig(16, 16, 0, 4, 1, resident=True)  # x tile loaded once
 
 
 def _random(gen, shape, dtype=torch.float32, scale=1.0):
@@ -68,6 +69,25 @@ def test_small_tiles_and_splits(precision, splits):
                                            precision=precision, config=SMALL_TILES,
                                            splits=splits)
     check_against_float64(x, c, "l2", labels, distances)
+
+
+@pytest.mark.parametrize("use_tma", [False, True])
+@pytest.mark.parametrize("metric", ["l2", "ip", "cos"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_resident_x_tile(dtype, metric, use_tma):
+    """The small-d variant: the whole (padded) row in one depth block, several centroid
+    tiles and two splits; d = 40 (pointer loads) and 64 (16-byte rows: TMA)."""
+    gen = torch.Generator().manual_seed(9)
+    d = 64 if use_tma else 40
+    x, c = _random(gen, (45, d), dtype), _random(gen, (71, d))
+    labels, distances = _triton_assign.run("assign", x, "torch", c, metric, True,
+                                           config=RESIDENT, splits=2, use_tma=use_tma)
+    check_against_float64(x, oracle.as_multiplied(x, c, metric), metric, labels, distances)
+
+
+def test_resident_config_refuses_wide_rows():
+    with pytest.raises(ValueError, match="d=300 > 256"):
+        RESIDENT.for_width(300)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
