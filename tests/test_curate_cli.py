@@ -152,3 +152,89 @@ class _no_raise:
 
     def __exit__(self, *exc):
         return False
+
+
+# ---------------------------------------------------------------- resume identity, lock
+def _small_run(tmp_path, *extra):
+    x = np.random.default_rng(0).standard_normal((400, 6)).astype(np.float32)
+    data = tmp_path / "emb"
+    data.mkdir(exist_ok=True)
+    if not (data / "x.npy").exists():
+        np.save(data / "x.npy", x)
+    return ["curate", "--data", str(data / "x.npy"), "--out", str(tmp_path / "out"),
+            "--levels", "12,3", "--iterations", "3", "--quiet", *extra]
+
+
+def test_resaved_shard_is_a_different_run(tmp_path, caplog):
+    """11.4: same name, shape and dtype, new values: refused, naming the file."""
+    assert main(_small_run(tmp_path)) == 0
+    np.save(tmp_path / "emb" / "x.npy",
+            np.random.default_rng(1).standard_normal((400, 6)).astype(np.float32))
+    assert main(_small_run(tmp_path)) == 2
+    assert "x.npy: content changed" in caplog.text
+    assert main(_small_run(tmp_path, "--overwrite")) == 0
+
+
+def test_changed_setting_is_named(tmp_path, caplog):
+    """12.12: the refusal names the setting and both values."""
+    assert main(_small_run(tmp_path)) == 0
+    assert main(_small_run(tmp_path, "--sampling-strategy", "random")) == 2
+    assert "sampling_strategy" in caplog.text and '"closest" -> "random"' in caplog.text.replace(
+        "'", '"')
+
+
+def test_second_job_into_the_same_out_fails_at_once(tmp_path, caplog):
+    """11.8: the output lock (held here as a running job would) refuses a second job."""
+    from fastssl.jobs import OutputLock
+
+    with OutputLock(tmp_path / "out"):
+        assert main(_small_run(tmp_path)) == 2
+    assert "in use by another job" in caplog.text
+    assert main(_small_run(tmp_path)) == 0
+
+
+@pytest.mark.slow  # subprocesses (~15 s of CPU on 2 cores)
+def test_sigkill_at_random_moments_then_resume_gives_the_same_tree(tmp_path):
+    """Killed (SIGKILL) inside Lloyd steps, the split and resampling, at random moments;
+    each rerun resumes from the checkpoints inside the step; the final tree equals an
+    uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fastssl.curation import HierarchicalTree
+
+    x, _, _ = long_tailed_mixture(3000, 8, 30, seed=2)
+    np.save(tmp_path / "x.npy", x)
+
+    def command(out):
+        return [sys.executable, "-m", "fastssl", "curate", "--data", str(tmp_path / "x.npy"),
+                "--out", str(out), "--levels", "40,8,3", "--split-k", "3", "--iterations", "12",
+                "--split-inits", "3", "--resampling-steps", "3", "--checkpoint-every", "1",
+                "--memory-budget-mb", "0.02", "--target-size", "0", "--quiet"]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    assert main(command(tmp_path / "ref")[3:]) == 0  # uninterrupted, in this process
+    rng = np.random.default_rng(7)
+    progress = tmp_path / "run" / "tree" / "progress.json"
+    kills = 0
+    for _ in range(3):
+        proc = subprocess.Popen(command(tmp_path / "run"), env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while not progress.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(float(rng.uniform(0.0, 1.0)))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 1
+    assert subprocess.run(command(tmp_path / "run"), env=env, capture_output=True).returncode == 0
+    ref = HierarchicalTree.load(tmp_path / "ref" / "tree")
+    got = HierarchicalTree.load(tmp_path / "run" / "tree")
+    for a, b in zip(ref.levels, got.levels):
+        for name in ("centroids", "assignments", "members"):
+            np.testing.assert_array_equal(np.asarray(getattr(a, name)), np.asarray(getattr(b, name)))

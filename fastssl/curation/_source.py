@@ -77,6 +77,22 @@ def manifest_shards(directory: Path) -> list[Path]:
     return files
 
 
+def _content_hash(name: str | None, part: np.ndarray) -> str:
+    """sha256 of sampled blocks of a shard file, or of 8 evenly spaced row blocks of an array."""
+    import hashlib
+
+    if name is not None:
+        from fastssl.jobs import fingerprint_files
+
+        return next(iter(fingerprint_files([name]).values()))["sha256"]
+    digest = hashlib.sha256()
+    rows = part.shape[0]
+    block = max(1, min(rows, (64 * 1024) // max(1, part.itemsize * part.shape[1])))
+    for start in sorted({int(i * max(0, rows - block) / 7) for i in range(8)}):
+        digest.update(np.ascontiguousarray(part[start : start + block]).tobytes())
+    return digest.hexdigest()
+
+
 class PointSource:
     """(n, d) points over one or more 2-D arrays, optionally restricted to sorted rows.
 
@@ -156,10 +172,12 @@ class PointSource:
         return self.names[part], index - int(self.part_offsets[part])
 
     def fingerprint(self) -> dict:
-        """Identifies the data for resume checks (names, shapes, dtypes)."""
+        """Identifies the data for resume checks: per part its name, shape, dtype and a
+        sha256 of sampled blocks (files: fastssl.jobs.fingerprint_files; arrays: 8 evenly
+        spaced row blocks), so re-saved shards with new values are a different run."""
         return {
             "n": self.n, "d": self.d,
-            "parts": [[nm or "<array>", int(p.shape[0]), str(p.dtype)]
+            "parts": [[nm or "<array>", int(p.shape[0]), str(p.dtype), _content_hash(nm, p)]
                       for nm, p in zip(self.names, self.parts)],
             "subset": self.rows is not None,
         }

@@ -247,7 +247,7 @@ def default_assigner(impl: str = "auto") -> Assigner:
 
 # ---------------------------------------------------------------------- k-means++
 def kmeans_plusplus(sample: np.ndarray, k: int, rng: np.random.Generator,
-                    candidates: int | None = None) -> np.ndarray:
+                    candidates: int | None = None, device=None) -> np.ndarray:
     """Greedy k-means++ centres chosen among the rows of ``sample``.
 
     Each new centre draws ``candidates`` (default 2 + floor(ln k)) rows by D^2 sampling
@@ -259,6 +259,8 @@ def kmeans_plusplus(sample: np.ndarray, k: int, rng: np.random.Generator,
         k: number of centres.
         rng: numpy Generator (all randomness comes from it).
         candidates: D^2 draws per centre.
+        device: torch device for the products (the assigner's GPU when there is one:
+            at k = 100k the initialisation is ~1e18 flops); None = the host.
     Returns:
         (k,) int64 indices of the chosen rows (duplicates only when the sample holds
         fewer than k distinct rows).
@@ -275,16 +277,19 @@ def kmeans_plusplus(sample: np.ndarray, k: int, rng: np.random.Generator,
     if m * sample.shape[1] * L < (1 << 24):
         torch.set_num_threads(1)
     try:
-        return _greedy_kmeanspp(sample, k, rng, L)
+        return _greedy_kmeanspp(sample, k, rng, L, device)
     finally:
         torch.set_num_threads(threads)
 
 
-def _greedy_kmeanspp(sample: np.ndarray, k: int, rng: np.random.Generator, L: int) -> np.ndarray:
+def _greedy_kmeanspp(sample: np.ndarray, k: int, rng: np.random.Generator, L: int,
+                     device=None) -> np.ndarray:
     import torch
 
     m = sample.shape[0]
     S = torch.from_numpy(np.ascontiguousarray(sample, dtype=np.float32))
+    if device is not None:
+        S = S.to(device)
     sq = (S * S).sum(1)
     chosen = np.empty(k, dtype=np.int64)
     chosen[0] = rng.integers(m)
@@ -294,10 +299,10 @@ def _greedy_kmeanspp(sample: np.ndarray, k: int, rng: np.random.Generator, L: in
         cum = torch.cumsum(D.double(), 0)
         total = float(cum[-1])
         if total > 0:
-            u = torch.from_numpy(rng.random(L) * total)
+            u = torch.from_numpy(rng.random(L) * total).to(S.device)
             cand = torch.searchsorted(cum, u).clamp_max_(m - 1)
         else:  # every sample row coincides with a centre: any row is as good
-            cand = torch.from_numpy(rng.integers(m, size=L))
+            cand = torch.from_numpy(rng.integers(m, size=L)).to(S.device)
         C = S[cand]
         dist = sq[:, None] - 2 * (S @ C.T) + (C * C).sum(1)[None, :]
         dist.clamp_min_(0)
@@ -390,7 +395,8 @@ class KMeans:
         mine = rows[(rows >= start) & (rows < stop)]
         sample = np.concatenate(dist.all_gather_arrays(src.take(mine).astype(np.float32)))
         if dist.is_main():
-            picks = kmeans_plusplus(sample, k, rng, cfg.init_candidates)
+            picks = kmeans_plusplus(sample, k, rng, cfg.init_candidates,
+                                    device=getattr(self.assigner, "device", None))
             centroids = np.ascontiguousarray(sample[picks])
         else:
             centroids = np.empty((k, src.d), dtype=np.float32)

@@ -16,6 +16,7 @@ are skipped); a different tree config is refused unless --overwrite.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -151,7 +152,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nonfinite", choices=("raise", "skip"), default="raise",
                         help="rows with NaN/inf: stop with an error, or leave them out")
     parser.add_argument("--overwrite", action=bool_flag, default=False,
-                        help="replace a tree of a different config found in --out")
+                        help="replace a run of other settings or other data found in --out")
+    parser.add_argument("--verify-data", action=bool_flag, default=False,
+                        help="fingerprint the shards by a full sha256 (default: size and "
+                             "sampled blocks, cheap at hundreds of GB)")
     parser.add_argument("--target-size", type=_target, default=0.1,
                         help="points to keep: a count, or a fraction of the points if < 1; 0 = no sample")
     parser.add_argument("--sample-strategy", choices=("random", "closest", "furthest"),
@@ -439,6 +443,59 @@ def run(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out)
     dist.init()
+    try:
+        with _job_guard(args, config, out):
+            return _run_locked(args, config, out)
+    except (ValueError, DataError, OSError) as exc:  # ResumeMismatch, OutputLocked are ValueErrors
+        log.error("%s", exc)
+        return 2
+
+
+@contextlib.contextmanager
+def _job_guard(args, config, out: Path):
+    """fastssl.jobs on the main rank: the output lock, stale temporary files removed, and
+    the run's fingerprint (tree settings + a content hash of every shard) checked against
+    a previous run in --out (refused naming the differences unless --overwrite)."""
+    from fastssl import distributed as dist
+    from fastssl import jobs
+    from fastssl.curation._source import expand_paths
+
+    if not dist.is_main():
+        yield
+        return
+    settings = _flat(config.to_json())
+    inputs = jobs.fingerprint_files([str(p) for p in expand_paths(args.data)],
+                                    full=bool(getattr(args, "verify_data", False)))
+    fingerprint = jobs.JobFingerprint("curate", settings, inputs)
+    with jobs.OutputLock(out):
+        for sub in (out, out / "tree", *sorted((out / "tree" / "work").glob("level_*"))):
+            jobs.remove_stale_tmp(sub)
+        if jobs.check_resume(out, fingerprint, overwrite=args.overwrite) == "new":
+            jobs.clear_outputs(out)
+            jobs.write_fingerprint(out, fingerprint)
+        yield
+
+
+def _flat(value, prefix: str = "") -> dict:
+    """{"levels.2.k": 35000, "iterations": 50, ...}: one entry per setting, so that a
+    refused resume names the setting that changed."""
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = ((str(i + 1), v) for i, v in enumerate(value))
+    else:
+        return {prefix.rstrip("."): value}
+    out = {}
+    for key, v in items:
+        out.update(_flat(v, f"{prefix}{key}."))
+    return out
+
+
+def _run_locked(args, config, out: Path) -> int:
+    from fastssl import distributed as dist
+    from fastssl.curation.hierarchical import hierarchical_kmeans
+    from fastssl.errors import DataError
+
     t0 = time.perf_counter()
     log.info("curate: levels %s, split_k %s, %s iterations, %s k-means runs per level "
              "(resampling %s), budget %.0f MiB", [lv.k for lv in config.levels], config.split_k,
