@@ -25,3 +25,11 @@ class DataError(Exception):
 
 class MissingDependencyError(ImportError):
     """A feature needs an optional component (Triton, the native extension, cupy...)."""
+
+
+class ResumeMismatch(ValueError):
+    """An output dir holds a run whose settings or inputs differ from the requested one."""
+
+
+class OutputLocked(ValueError):
+    """Another live job holds the output dir's lock."""

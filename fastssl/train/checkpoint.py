@@ -1,31 +1,16 @@
-"""Checkpoint and metrics files of a training run: atomic writes, resume truncation."""
+"""Checkpoint and metrics files of a training run: the names pretrain imports, on fastssl.jobs."""
 from __future__ import annotations
 
-import json
 import os
 
-import torch
+from fastssl.jobs import atomic_write_text, save_checkpoint, truncate_jsonl
 
 __all__ = ["atomic_torch_save", "atomic_write_text", "truncate_metrics"]
 
-
-def atomic_torch_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+# torch.save atomically, with a sha256 sidecar that fastssl.jobs.load_checkpoint verifies
+atomic_torch_save = save_checkpoint
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
-def truncate_metrics(path: str, step: int) -> None:
+def truncate_metrics(path: str | os.PathLike, step: int) -> None:
     """Drop metrics lines logged after the checkpoint we resume from (they will be redone)."""
-    if not os.path.isfile(path):
-        return
-    with open(path, encoding="utf-8") as handle:
-        lines = [ln for ln in handle if ln.strip() and json.loads(ln)["step"] <= step]
-    atomic_write_text(path, "".join(lines))
+    truncate_jsonl(path, lambda record: record["step"] <= step)

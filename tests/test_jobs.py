@@ -1,0 +1,296 @@
+"""fastssl.jobs: fingerprints, resume refusal, output lock, atomic writes, checkpoints, JSONL, safetensors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastssl import jobs
+from fastssl.errors import DataError, OutputLocked, ResumeMismatch
+from fastssl.train.checkpoint import atomic_torch_save, truncate_metrics
+
+
+def _write(path, data: bytes):
+    with open(path, "wb") as handle:
+        handle.write(data)
+    return str(path)
+
+
+def _flip(path, offset):
+    with open(path, "rb+") as handle:
+        handle.seek(offset)
+        byte = handle.read(1)
+        handle.seek(offset)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+
+
+def _dead_pid():
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+def test_sampled_fingerprint_sees_first_last_and_size_but_full_sees_every_byte(tmp_path):
+    rng = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 256, (40 * jobs.BLOCK_SIZE + 123,), generator=rng, dtype=torch.uint8).numpy().tobytes()
+    path = _write(tmp_path / "big.bin", data)
+    base = jobs.fingerprint_files([path])[path]
+    assert base["hashed"] == "sampled" and base["size"] == len(data)
+    for offset in (0, len(data) - 1):               # first and last blocks are always sampled
+        _flip(path, offset)
+        assert jobs.fingerprint_files([path])[path]["sha256"] != base["sha256"]
+        _flip(path, offset)
+    middle = 3 * jobs.BLOCK_SIZE + 7                # block 3 of 41 is not among the 8 sampled
+    assert 3 not in [o // jobs.BLOCK_SIZE for o in jobs._sampled_offsets(len(data))]
+    full_before = jobs.fingerprint_files([path], full=True)[path]["sha256"]
+    _flip(path, middle)
+    assert jobs.fingerprint_files([path])[path]["sha256"] == base["sha256"]
+    assert jobs.fingerprint_files([path], full=True)[path]["sha256"] != full_before
+
+
+def test_small_file_is_hashed_whole(tmp_path):
+    path = _write(tmp_path / "small.bin", bytes(range(256)) * 100)
+    before = jobs.fingerprint_files([path])[path]
+    assert before["hashed"] == "full"
+    _flip(path, 12_345)
+    assert jobs.fingerprint_files([path])[path]["sha256"] != before["sha256"]
+
+
+def test_fingerprint_of_missing_or_directory_input_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        jobs.fingerprint_files([tmp_path / "nope"])
+    with pytest.raises(IsADirectoryError, match="not a regular file"):
+        jobs.fingerprint_files([tmp_path])
+
+
+# --------------------------------------------------------------------------- resume identity
+
+def _fp(tmp_path, **settings):
+    data = _write(tmp_path / "input.npy", b"x" * 1000) if not (tmp_path / "input.npy").exists() else str(tmp_path / "input.npy")
+    base = {"lr": 0.001, "epochs": 10, "mode": "paired"}
+    return jobs.JobFingerprint("pretrain", {**base, **settings}, jobs.fingerprint_files([data]))
+
+
+def test_resume_same_fingerprint_and_new_on_empty_dir(tmp_path):
+    out = tmp_path / "run"
+    fp = _fp(tmp_path)
+    assert jobs.check_resume(out, fp) == "new"
+    jobs.write_fingerprint(out, fp)
+    assert jobs.check_resume(out, _fp(tmp_path)) == "resume"
+    with jobs.OutputLock(out):                       # the lock file alone is not a run
+        pass
+    os.remove(out / "job.json")
+    assert jobs.check_resume(out, fp) == "new"
+
+
+def test_resume_refuses_naming_each_difference(tmp_path):
+    out = tmp_path / "run"
+    jobs.write_fingerprint(out, _fp(tmp_path))
+    _write(out / "checkpoint.pt", b"ck")
+    with pytest.raises(ResumeMismatch) as err:
+        jobs.check_resume(out, _fp(tmp_path, lr=0.002, epochs=None, seed=3))
+    msg = str(err.value)
+    assert isinstance(err.value, ValueError)
+    assert "lr: 0.001 -> 0.002" in msg and "epochs: 10 -> null" in msg and "seed: (unset) -> 3" in msg
+    assert "mode" not in msg
+    assert "--overwrite" in msg and "checkpoint.pt" in msg and "job.json" in msg and "another --out" in msg
+    assert jobs.check_resume(out, _fp(tmp_path, lr=0.002), ignore=["lr"]) == "resume"
+
+
+def test_resume_refuses_changed_input_and_other_job(tmp_path):
+    out = tmp_path / "run"
+    jobs.write_fingerprint(out, _fp(tmp_path))
+    _write(tmp_path / "input.npy", b"x" * 999 + b"y")
+    with pytest.raises(ResumeMismatch, match=r"input .*input.npy: content changed"):
+        jobs.check_resume(out, _fp(tmp_path))
+    _write(tmp_path / "input.npy", b"x" * 10)
+    with pytest.raises(ResumeMismatch, match=r"size 1000 -> 10 bytes"):
+        jobs.check_resume(out, _fp(tmp_path))
+    other = jobs.JobFingerprint("curate", _fp(tmp_path).settings, _fp(tmp_path).inputs)
+    with pytest.raises(ResumeMismatch, match="job: pretrain -> curate"):
+        jobs.check_resume(out, other)
+
+
+def test_touching_an_input_is_not_a_change(tmp_path):
+    out = tmp_path / "run"
+    jobs.write_fingerprint(out, _fp(tmp_path))
+    os.utime(tmp_path / "input.npy", ns=(1, 1))
+    assert jobs.check_resume(out, _fp(tmp_path)) == "resume"
+
+
+def test_overwrite_returns_new_changes_nothing_then_clear_keeps_the_lock(tmp_path, caplog):
+    out = tmp_path / "run"
+    jobs.write_fingerprint(out, _fp(tmp_path))
+    os.makedirs(out / "sub")
+    with jobs.OutputLock(out):
+        with caplog.at_level("WARNING", logger="fastssl.jobs"):
+            assert jobs.check_resume(out, _fp(tmp_path, lr=1.0), overwrite=True) == "new"
+        assert "removing" in caplog.text and "job.json" in caplog.text
+        assert sorted(os.listdir(out)) == [".fastssl.lock", "job.json", "sub"]
+        assert jobs.clear_outputs(out) == ["job.json", "sub"]
+        assert os.listdir(out) == [".fastssl.lock"]
+
+
+def test_foreign_or_unreadable_dir_is_refused(tmp_path):
+    out = tmp_path / "run"
+    os.makedirs(out)
+    _write(out / "notes.txt", b"mine")
+    with pytest.raises(ResumeMismatch, match="has no job.json"):
+        jobs.check_resume(out, _fp(tmp_path))
+    _write(out / "job.json", b"{not json")
+    with pytest.raises(ResumeMismatch, match="job.json is unreadable"):
+        jobs.check_resume(out, _fp(tmp_path))
+
+
+# --------------------------------------------------------------------------- lock
+
+def test_second_lock_fails_at_once_naming_the_holder(tmp_path):
+    with jobs.OutputLock(tmp_path / "out"):
+        with pytest.raises(OutputLocked, match=rf"pid {os.getpid()} on host "):
+            with jobs.OutputLock(tmp_path / "out"):
+                pass
+    with jobs.OutputLock(tmp_path / "out"):           # released on exit
+        pass
+
+
+def test_lock_of_a_killed_process_is_released(tmp_path):
+    code = ("import sys, time; from fastssl.jobs import OutputLock\n"
+            "lock = OutputLock(sys.argv[1]).__enter__(); print('held', flush=True); time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "held"
+        with pytest.raises(OutputLocked, match=f"pid {child.pid}"):
+            jobs.OutputLock(tmp_path).__enter__()
+    finally:
+        child.kill()
+        child.wait()
+    with jobs.OutputLock(tmp_path):
+        pass
+
+
+# --------------------------------------------------------------------------- atomic writes, tmp cleanup
+
+def test_atomic_write_keeps_old_content_when_the_write_fails(tmp_path):
+    path = tmp_path / "a.json"
+    jobs.atomic_write_json(path, {"b": 1, "a": [1, 2]})
+    assert json.loads(path.read_text()) == {"a": [1, 2], "b": 1}
+
+    class Unserialisable:
+        pass
+    with pytest.raises(TypeError):
+        jobs._atomic_write_with(path, lambda h: (h.write("partial"), json.dump(Unserialisable(), h)), "w")
+    assert json.loads(path.read_text()) == {"a": [1, 2], "b": 1}
+    assert os.listdir(tmp_path) == ["a.json"]
+    jobs.atomic_write_bytes(path, b"\x00\x01")
+    assert path.read_bytes() == b"\x00\x01"
+
+
+def test_remove_stale_tmp_only_removes_files_of_dead_writers(tmp_path):
+    dead = _dead_pid()
+    names = [f".ckpt.pt.tmp{dead}", f"index.csv.tmp{dead}", f".tree.json.tmp-{dead}",   # dead writers
+             f".x.tmp{os.getpid()}", "tmpdata.npy", "a.tmp"]                            # alive / not ours
+    for name in names:
+        _write(tmp_path / name, b"")
+    assert sorted(jobs.remove_stale_tmp(tmp_path)) == sorted(names[:3])
+    assert sorted(os.listdir(tmp_path)) == sorted(names[3:])
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def _state():
+    return {"step": 7, "w": torch.randn(64, 33, generator=torch.Generator().manual_seed(1))}
+
+
+def test_checkpoint_roundtrip_and_plain_torch_load_still_works(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    jobs.save_checkpoint(_state(), path)
+    assert (tmp_path / "checkpoint.pt.sha256").read_text().split() == [jobs._sha256_file(str(path))]
+    for loaded in (jobs.load_checkpoint(path), torch.load(path, weights_only=True)):
+        assert loaded["step"] == 7 and torch.equal(loaded["w"], _state()["w"])
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "checkpoint.pt.sha256"]
+
+
+def test_damaged_checkpoint_is_named_with_advice(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    atomic_torch_save(_state(), path)                 # the old name writes the sidecar too
+    _flip(path, os.path.getsize(path) // 2)
+    with pytest.raises(DataError, match=r"checkpoint.pt: damaged checkpoint \(sha256 .*--no-resume"):
+        jobs.load_checkpoint(path)
+    jobs.save_checkpoint(_state(), path)
+    with open(path, "rb+") as handle:
+        handle.truncate(os.path.getsize(path) - 100)
+    with pytest.raises(DataError, match="damaged checkpoint"):
+        jobs.load_checkpoint(path)
+    os.remove(tmp_path / "checkpoint.pt.sha256")     # an older run: no sidecar, torch's error is wrapped
+    with pytest.raises(DataError, match=r"damaged checkpoint \((RuntimeError|OSError).*--no-resume"):
+        jobs.load_checkpoint(path)
+
+
+def test_checkpoint_verifies_after_a_crash_between_sidecar_and_replace(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    jobs.save_checkpoint({"step": 1}, path)
+    real_replace = os.replace
+
+    def crash_on_checkpoint(src, dst):
+        if os.fspath(dst) == str(path):
+            raise KeyboardInterrupt("killed")
+        real_replace(src, dst)
+    monkeypatch.setattr(jobs.os, "replace", crash_on_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        jobs.save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert jobs.load_checkpoint(path)["step"] == 1    # sidecar accepted old and new digests
+    assert len((tmp_path / "checkpoint.pt.sha256").read_text().split()) == 2
+    jobs.save_checkpoint({"step": 3}, path)
+    assert len((tmp_path / "checkpoint.pt.sha256").read_text().split()) == 1
+    assert jobs.load_checkpoint(path)["step"] == 3
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "checkpoint.pt.sha256"]
+
+
+# --------------------------------------------------------------------------- JSONL
+
+def test_read_jsonl_skips_a_torn_last_line_and_rejects_damage_inside(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    _write(path, b'{"step": 1}\n{"step": 2}\n{"st')
+    assert jobs.read_jsonl(path) == [{"step": 1}, {"step": 2}]
+    _write(path, b'{"step": 1}\n{"step": 2}')          # complete record without its newline: kept
+    assert jobs.read_jsonl(path) == [{"step": 1}, {"step": 2}]
+    _write(path, b'{"step": 1}\n\x00\x00\n{"step": 3}\n')
+    with pytest.raises(DataError, match="metrics.jsonl: line 2 is not JSON"):
+        jobs.read_jsonl(path)
+    assert jobs.read_jsonl(tmp_path / "missing.jsonl") == []
+
+
+def test_truncate_jsonl_and_truncate_metrics(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    _write(path, b"".join(b'{"step": %d}\n' % s for s in range(1, 6)) + b'{"step": 6, "lo')
+    assert jobs.truncate_jsonl(path, lambda rec: rec["step"] != 2) == 4
+    assert path.read_bytes() == b'{"step": 1}\n{"step": 3}\n{"step": 4}\n{"step": 5}\n'
+    truncate_metrics(str(path), 3)
+    assert jobs.read_jsonl(path) == [{"step": 1}, {"step": 3}]
+    assert jobs.truncate_jsonl(tmp_path / "missing.jsonl", bool) == 0
+
+
+# --------------------------------------------------------------------------- safetensors
+
+def test_verify_safetensors(tmp_path):
+    from safetensors.torch import save_file
+    path = str(tmp_path / "enc.safetensors")
+    save_file({"a": torch.randn(5, 3), "b": torch.zeros(4, dtype=torch.bfloat16)}, path, metadata={"k": "v"})
+    assert jobs.verify_safetensors(path)
+    data = open(path, "rb").read()
+    assert not jobs.verify_safetensors(_write(tmp_path / "cut.safetensors", data[:-1]))
+    assert not jobs.verify_safetensors(_write(tmp_path / "hdr.safetensors", data[:8] + b"!" + data[9:]))
+    assert not jobs.verify_safetensors(_write(tmp_path / "len.safetensors", b"\xff" * 8 + data[8:]))
+    assert not jobs.verify_safetensors(_write(tmp_path / "tiny.safetensors", b"\x01"))
+    assert not jobs.verify_safetensors(tmp_path / "missing.safetensors")
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + header_len])
+    header["a"]["shape"] = [5, 4]                     # claims more bytes than its offsets hold
+    raw = json.dumps(header).encode()
+    assert not jobs.verify_safetensors(_write(tmp_path / "shape.safetensors",
+                                              len(raw).to_bytes(8, "little") + raw + data[8 + header_len:]))
