@@ -25,7 +25,8 @@ L = (224/p)^2 patches, K = int(L (1 - mask)) kept, Ke = 1 + K encoder tokens (CL
 Ld = 1 + L decoder tokens, D / Dd encoder / decoder width, r the MLP ratio, N / Nd depths:
 
     block(n, w)  = (8 + 4 r) n w^2 * 2 + 4 n^2 w       (qkv, proj, MLP; QK^T and AV)
-    forward      = 2 L P D  +  N block(Ke, D)  +  2 Ke D Dd  +  Nd block(Ld, Dd)  +  2 L Dd P
+    forward      = 2 L P D  +  N block(Ke, D)  +  [2 Ke D Dd]  +  Nd block(Ld, Dd)  +  2 L Dd P
+                   ([..] only with a decoder projection, cfg.decoder_embed: the MAE recipe)
     step         = 3 forward - 2 L P D                  (backward = 2x forward for every
                                                           matmul; the patch embedding's
                                                           input gradient is not computed)
@@ -87,12 +88,14 @@ class Cell:
 
 # ------------------------------------------------------------------------ model, FLOPs
 def model_cfg(name: str) -> mvmae.ModelConfig:
+    """The MVMAE recipe's model (decoder as wide as the encoder, 4 blocks) at 224 px."""
     if name == "vitb16":
         return mvmae.model_config("vit_base", in_chans=1, img_size=224, patch_size=16)
     if name == "vitl16":
         if "vit_large" in mvmae.PRESETS:
             return mvmae.model_config("vit_large", in_chans=1, img_size=224, patch_size=16)
-        return mvmae.model_config("vit_base", embed_dim=1024, depth=24, num_heads=16)
+        return mvmae.model_config("vit_base", embed_dim=1024, depth=24, num_heads=16,
+                                  decoder_dim=1024, decoder_heads=16)
     return mvmae.model_config("test")
 
 
@@ -108,7 +111,7 @@ def step_flops(cfg: mvmae.ModelConfig, mask_ratio: float, images: int) -> float:
     ld = 1 + length
     patch_embed = 2 * length * p_len * cfg.embed_dim
     fwd = (patch_embed + cfg.depth * _block_flops(ke, cfg.embed_dim, cfg.mlp_ratio)
-           + 2 * ke * cfg.embed_dim * cfg.decoder_dim
+           + (2 * ke * cfg.embed_dim * cfg.decoder_dim if cfg.decoder_embed else 0)
            + cfg.decoder_depth * _block_flops(ld, cfg.decoder_dim, cfg.mlp_ratio)
            + 2 * length * cfg.decoder_dim * p_len)
     return images * (3 * fwd - patch_embed)

@@ -145,18 +145,22 @@ def _check_mae(report, device, gen, dtype, tiny):
             pred_l, mask_l, kw = pred[:, : ids.shape[1]].contiguous(), None, {"ids_masked": ids}
         else:
             pred_l, mask_l, kw = pred, mask, {}
-        leaf = pred_l.detach().requires_grad_()
-        loss = ops.mae_loss(leaf, imgs, mask_l, patch_size=p, impl="triton", **kw)
-        (grad,) = torch.autograd.grad(loss, leaf, torch.tensor(1.5, device=device))
-        leaf64 = pred_l.detach().double().requires_grad_()
-        want = ref.mae_loss_reference(leaf64, imgs.double(), mask_l, patch_size=p, **kw)
-        (want_grad,) = torch.autograd.grad(want, leaf64, torch.tensor(1.5, device=device,
-                                                                       dtype=torch.float64))
-        err_l, err_g = _maxerr(loss, want), _maxerr(grad, want_grad) / want_grad.abs().max().item()
-        tol_g = 1e-5 if dtype == torch.float32 else 2 ** -7
-        ok = err_l <= 1e-4 * abs(want.item()) and err_g <= tol_g
-        report(f"check mae_loss {layout} {str(dtype)[6:]}", ok=ok, loss_err=f"{err_l:.2e}",
-               grad_rel_err=f"{err_g:.2e}", tol=f"{tol_g:.0e}")
+        # Incoming gradient 1 (the single pass) and 1.5 (recomputed), two views (groups=2).
+        for incoming in (1.0, 1.5):
+            leaf = pred_l.detach().requires_grad_()
+            loss = ops.mae_loss(leaf, imgs, mask_l, patch_size=p, impl="triton", groups=2, **kw)
+            (grad,) = torch.autograd.grad(loss, leaf, torch.tensor(incoming, device=device))
+            leaf64 = pred_l.detach().double().requires_grad_()
+            want = ref.mae_loss_reference(leaf64, imgs.double(), mask_l, patch_size=p, groups=2,
+                                          **kw)
+            (want_grad,) = torch.autograd.grad(
+                want, leaf64, torch.tensor(incoming, device=device, dtype=torch.float64))
+            err_l = _maxerr(loss, want)
+            err_g = _maxerr(grad, want_grad) / want_grad.abs().max().item()
+            tol_g = 1e-5 if dtype == torch.float32 else 2 ** -7
+            ok = err_l <= 1e-4 * abs(want.item()) and err_g <= tol_g
+            report(f"check mae_loss {layout} {str(dtype)[6:]} grad_out={incoming}", ok=ok,
+                   loss_err=f"{err_l:.2e}", grad_rel_err=f"{err_g:.2e}", tol=f"{tol_g:.0e}")
 
 
 def _check_tokens(report, device, gen, dtype, tiny):
@@ -176,10 +180,20 @@ def _check_tokens(report, device, gen, dtype, tiny):
         return max(_maxerr(a, w) / max(w.abs().max().item(), 1e-6)
                    for a, w in zip((out,) + grads, (want,) + wgrads))
 
-    e = errs(lambda x, p, s: _gather_triton(x, ids_keep, p, s),
-             lambda x, p, s: _gather_ref(x, ids_keep, p, s), (x, pos, se))
-    report(f"check gather_tokens {str(dtype)[6:]}", ok=e <= tol, rel_err=f"{e:.2e}",
-           tol=f"{tol:.0e}")
+    for restore in (None, ids_restore):  # the inverse rebuilt, and random_masking's
+        e = errs(lambda x, p, s: _gather_triton(x, ids_keep, p, s, ids_restore=restore),
+                 lambda x, p, s: _gather_ref(x, ids_keep, p, s), (x, pos, se))
+        report(f"check gather_tokens {str(dtype)[6:]} ids_restore={restore is not None}",
+               ok=e <= tol, rel_err=f"{e:.2e}", tol=f"{tol:.0e}")
+    # The embeddings' gradients are reduced across programs (last arrival): a race would
+    # show as results that move between runs. Bitwise equal over repeats, or not ok.
+    leaves = [t.detach().requires_grad_() for t in (x, pos, se)]
+    g = torch.randn(b, ids_keep.shape[1], d, device=device, generator=gen).to(dtype)
+    runs = [torch.autograd.grad(_gather_triton(*leaves[:1], ids_keep, *leaves[1:],
+                                               ids_restore=ids_restore), leaves, g)
+            for _ in range(5)]
+    same = all(torch.equal(a, b_) for r in runs[1:] for a, b_ in zip(runs[0], r))
+    report(f"check gather_tokens {str(dtype)[6:]} backward deterministic x5", ok=same)
     k = ids_keep.shape[1]
     tok = torch.randn(d, device=device, generator=gen).to(dtype)
     e = errs(lambda xv, t: ops.unshuffle_with_mask_token(xv, t, ids_restore, impl="triton"),

@@ -75,13 +75,12 @@ def _group_inverse_weight(wpart_ptr, group, n_chunks, rows_per_group,
 @triton.jit
 def _mae_loss_kernel(
     pred_ptr, img_ptr, w_ptr, ids_ptr, wpart_ptr, gl_ptr, gg_ptr, grad_ptr, part_ptr,
-    R, W_PATCHES, N_PATCHES, n_row_blocks, samples_per_group, n_chunks,
+    R, W_PATCHES, N_PATCHES, n_row_blocks, samples_per_group, n_chunks, n_groups,
     stride_pb, stride_pr,
     stride_ib, stride_ic, stride_ih, stride_iw,
     stride_wb, stride_wr,
     stride_db, stride_dr,
     eps,
-    N_GROUPS: tl.constexpr,
     MAX_CHUNKS: tl.constexpr,
     PATCH: tl.constexpr,
     C: tl.constexpr,  # compile-time, so that the lane -> (i, q, c) divisions are cheap
@@ -103,13 +102,14 @@ def _mae_loss_kernel(
     rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     write_ok = row_ok
+    unit = 1.0 / (n_groups * 1.0)  # d loss / d per_group[g] (the loss is their mean)
     if MODE == 2:
         # Per-group scale of the gradient: d loss_total / d per_group[g].
-        coef = tl.load(gl_ptr).to(tl.float32) / N_GROUPS + tl.load(gg_ptr + group).to(tl.float32)
+        coef = tl.load(gl_ptr).to(tl.float32) * unit + tl.load(gg_ptr + group).to(tl.float32)
         if SKIP_UNIT:  # grad already holds the unit-gradient result for this group
-            write_ok = tl.where(coef != 1.0 / N_GROUPS, row_ok, False)
+            write_ok = tl.where(coef != unit, row_ok, False)
     else:
-        coef = 1.0 / N_GROUPS
+        coef = unit
 
     # Row weight: the mask value (full layout) or 1 (compact layout). A zero weight means
     # the row contributes nothing, so its pred and pixels are never read.
@@ -162,18 +162,22 @@ def _mae_loss_kernel(
 
 
 @triton.jit
-def _finalize_kernel(part_ptr, loss_ptr, group_ptr, per_group, N_GROUPS: tl.constexpr,
-                     BLOCK: tl.constexpr):
-    total = 0.0
-    for g in tl.static_range(N_GROUPS):
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, per_group, BLOCK):
-            idx = start + tl.arange(0, BLOCK)
-            acc += tl.load(part_ptr + g * per_group + idx, mask=idx < per_group, other=0.0)
-        s = tl.sum(acc, axis=0)
-        tl.store(group_ptr + g, s)
+def _finalize_kernel(part_ptr, loss_ptr, group_ptr, n_groups, per_group,
+                     BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
+    # (groups, partials) tiles: any number of groups (e.g. one per image) in a few steps.
+    total = tl.zeros([BLOCK_G], dtype=tl.float32)
+    for g0 in range(0, n_groups, BLOCK_G):
+        gs = g0 + tl.arange(0, BLOCK_G)
+        g_ok = gs < n_groups
+        acc = tl.zeros([BLOCK_G, BLOCK_C], dtype=tl.float32)
+        for c0 in range(0, per_group, BLOCK_C):
+            cs = c0 + tl.arange(0, BLOCK_C)
+            acc += tl.load(part_ptr + gs.to(tl.int64)[:, None] * per_group + cs[None, :],
+                           mask=g_ok[:, None] & (cs < per_group)[None, :], other=0.0)
+        s = tl.sum(acc, axis=1)
+        tl.store(group_ptr + gs, s, mask=g_ok)
         total += s
-    tl.store(loss_ptr, total / N_GROUPS)
+    tl.store(loss_ptr, tl.sum(total, axis=0) / n_groups)
 
 
 def _blocks(rows: int, p_len: int, max_tile: int) -> tuple[int, int]:
@@ -227,13 +231,13 @@ def _launch(mode, pred, imgs, weight, ids, wsums, groups, patch_size, norm_pix, 
         grad if grad is not None else dummy, part if part is not None else dummy,
         rows, imgs.shape[3] // patch_size,
         (imgs.shape[2] // patch_size) * (imgs.shape[3] // patch_size), n_rb, b // groups,
-        n_chunks,
+        n_chunks, groups,
         pred.stride(0), pred.stride(1),
         imgs.stride(0), imgs.stride(1), imgs.stride(2), imgs.stride(3),
         wt.stride(0) if weight is not None else 0, wt.stride(1) if weight is not None else 0,
         it.stride(0) if ids is not None else 0, it.stride(1) if ids is not None else 0,
         float(eps),
-        N_GROUPS=groups, MAX_CHUNKS=MAX_CHUNKS, PATCH=patch_size, C=imgs.shape[1], BLOCK_R=block_r, BLOCK_P=block_p,
+        MAX_CHUNKS=MAX_CHUNKS, PATCH=patch_size, C=imgs.shape[1], BLOCK_R=block_r, BLOCK_P=block_p,
         NORM_PIX=norm_pix, HAS_W=weight is not None, HAS_IDS=ids is not None, MODE=mode,
         SKIP_UNIT=skip_unit, num_warps=8 if block_r * block_p >= 8192 else 4,
     )
@@ -267,8 +271,10 @@ def mae_loss_forward(pred, imgs, weight, ids, *, groups: int, patch_size: int,
             patch_size, norm_pix, eps, grad=grad, part=part, max_tile=max_tile)
     loss = torch.empty((), dtype=torch.float32, device=pred.device)
     per_group = torch.empty(groups, dtype=torch.float32, device=pred.device)
-    _finalize_kernel[(1,)](part, loss, per_group, part.numel() // groups, N_GROUPS=groups,
-                           BLOCK=1024, num_warps=4)
+    per_group_parts = part.numel() // groups
+    block_c = min(triton.next_power_of_2(per_group_parts), 1024)
+    _finalize_kernel[(1,)](part, loss, per_group, groups, per_group_parts,
+                           BLOCK_G=1024 // block_c, BLOCK_C=block_c, num_warps=4)
     return loss, per_group, wsums, grad
 
 

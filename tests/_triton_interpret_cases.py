@@ -238,6 +238,23 @@ def test_mae_loss_backward_leaves_unit_groups_untouched(rng):
     assert max_err(out[2:], want[2:]) <= 1e-5 * want.abs().max().item()
 
 
+def test_mae_loss_one_group_per_image(rng):
+    """groups=B: the mean over images of each image's masked MSE (MultiViewMAE's loss),
+    per-image losses out for logs, even when the images mask different counts."""
+    b, length = 6, 49
+    imgs = randn(rng, (b, 1, 28, 28))
+    pred = randn(rng, (b, length, 16)).requires_grad_()
+    mask = random_mask(rng, b, length, 0.75)  # counts differ per image
+    loss, per_image = ops.mae_loss(pred, imgs, mask, patch_size=4, groups=b, return_groups=True,
+                                   impl="triton", target="pixel")
+    (loss + 0.5 * per_image[::2].mean()).backward()
+    _, want_images, want_grad = _ref_groups64(pred, imgs, mask, 1.0, [0.5 / 3, 0.0] * 3,
+                                              patch_size=4, groups=b, target="pixel")
+    assert per_image.shape == (b,)
+    assert max_err(per_image, want_images) <= 1e-5 * want_images.abs().max().item()
+    assert max_err(pred.grad, want_grad) <= 1e-5 * want_grad.abs().max().item()
+
+
 def test_mae_loss_retain_graph_and_second_backward(rng, launches):
     """A second backward over a retained graph recomputes (the single-pass gradient was
     handed out once) and accumulates the same gradient again."""

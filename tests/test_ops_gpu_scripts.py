@@ -21,18 +21,21 @@ def _load(name):
 
 
 def test_step_flops_formula():
-    """ViT-B/16, 224 px, 1 channel, mask 0.75, 4-block 512-wide decoder, per image:
-    forward = patch embed + 12 encoder blocks on 50 tokens + decoder embed + 4 decoder
-    blocks on 197 tokens + prediction head, counted by hand."""
+    """ViT-B/16, 224 px, 1 channel, mask 0.75, MVMAE's decoder (4 blocks as wide as the
+    encoder, no projection), per image: patch embed + 12 encoder blocks on 50 tokens +
+    4 decoder blocks on 197 tokens + prediction head, counted by hand."""
     mod = _load("gpu_pretrain")
     cfg = mod.model_cfg("vitb16")
-    assert (cfg.num_patches, cfg.embed_dim, cfg.decoder_dim) == (196, 768, 512)
+    assert (cfg.num_patches, cfg.embed_dim, cfg.decoder_dim, cfg.decoder_depth) == (196, 768, 768, 4)
+    assert not cfg.decoder_embed
     patch = 2 * 196 * 256 * 768
     enc = 12 * (24 * 50 * 768 ** 2 + 4 * 50 ** 2 * 768)
-    dec = cfg.decoder_depth * (24 * 197 * 512 ** 2 + 4 * 197 ** 2 * 512)
-    fwd = patch + enc + 2 * 50 * 768 * 512 + dec + 2 * 196 * 512 * 256
+    dec = 4 * (24 * 197 * 768 ** 2 + 4 * 197 ** 2 * 768)
+    fwd = patch + enc + dec + 2 * 196 * 768 * 256
     assert mod.step_flops(cfg, 0.75, 1) == 3 * fwd - patch
     assert mod.step_flops(cfg, 0.75, 256) == 256 * (3 * fwd - patch)
+    large = mod.model_cfg("vitl16")
+    assert (large.embed_dim, large.depth, large.decoder_dim) == (1024, 24, 1024)
 
 
 @pytest.mark.slow

@@ -90,8 +90,10 @@ def test_validation_is_the_one_sync():
 
 
 def test_multiview_mae_step_makes_no_host_sync():
-    """MultiViewMAE's paired training step (needs the model to pass validate=False for
-    the indices it draws, and a Python float for beta rather than a new device tensor)."""
+    """MultiViewMAE's paired training step. Pins the model's side: validate=False for the
+    indices it draws, no host-to-device copies (beta and the view ids made on the device)
+    and no boolean-mask indexing / nonzero when every view slot is present (the paired
+    and single entry points)."""
     from fastssl.models.mvmae import MultiViewMAE, model_config
 
     torch.manual_seed(0)

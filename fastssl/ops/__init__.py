@@ -1,9 +1,10 @@
 """Masked-autoencoder ops with autograd and implementation dispatch.
 
     random_masking(batch, num_patches, mask_ratio, *, device, generator)
-    gather_tokens(x, ids_keep, *, pos_embed, sample_embed, impl, validate)
+    gather_tokens(x, ids_keep, *, ids_restore, pos_embed, sample_embed, impl, validate)
     unshuffle_with_mask_token(x_vis, mask_token, ids_restore, *, impl, validate)
-    mae_loss(pred, imgs, mask, *, patch_size, target, eps, ids_masked, impl, validate)
+    mae_loss(pred, imgs, mask, *, patch_size, target, eps, ids_masked, groups, return_groups,
+             impl, validate)
 
 ``impl``: "auto" (Triton for CUDA tensors when installed, the PyTorch reference
 otherwise; FASTSSL_IMPL overrides it), "triton" (CUDA, or CPU under TRITON_INTERPRET=1)
