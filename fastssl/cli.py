@@ -182,7 +182,7 @@ def command_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
     module = importlib.import_module(COMMANDS[name][0])
     parser = _Parser(prog=f"fastssl {name}", description=COMMANDS[name][1], formatter_class=_HelpFormatter)
     parser.add_argument("--config", metavar="FILE", help="YAML file of flag values (flags override it)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars and no banners: warnings and errors only")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars, no start banners, no info logs (results are still printed)")
     module.add_arguments(parser)
     return parser, module
 
@@ -206,13 +206,8 @@ def _parse(name: str, rest: list[str]) -> tuple[argparse.Namespace, object]:
 
 def _run(name: str, module, args: argparse.Namespace) -> int:
     """The command, with user errors as one line on stderr and exit code 2."""
-    import contextlib
-
     try:
-        with contextlib.ExitStack() as stack:
-            if args.quiet:      # banners and summaries are prints: --quiet means warnings and errors only
-                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
-            return int(module.run(args) or 0)
+        return int(module.run(args) or 0)
     except USER_ERRORS as exc:
         if os.environ.get("FASTSSL_DEBUG") == "1":
             raise

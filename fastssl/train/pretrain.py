@@ -361,7 +361,7 @@ def main(cfg: PretrainConfig) -> dict:
         atomic_write_text(os.path.join(cfg.out, "config.json"), json.dumps(asdict(cfg), indent=2))
         impls = _resolved_impls(device, cfg.impl) if cfg.mode != "supervised" else {}
         amp = cfg.amp if device.type == "cuda" else "none (CPU)"
-        print(f"pretrain: mode={cfg.mode} preset={cfg.preset} img={mcfg.img_size} patch={mcfg.patch_size} "
+        (print if cfg.progress else log.info)(f"pretrain: mode={cfg.mode} preset={cfg.preset} img={mcfg.img_size} patch={mcfg.patch_size} "
               f"L={mcfg.num_patches} visible={int(mcfg.num_patches * (1 - cfg.mask_ratio))} "
               f"params={n_params / 1e6:.2f}M\n"
               f"  device={device} world_size={world} amp={amp} compile={cfg.compile} ops={impls}\n"
