@@ -25,9 +25,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("fastssl.data.cache", "convert DICOM studies once into memory-mapped .npy shards"),
     "pretrain": ("fastssl.train.pretrain", "multi-view MAE pretraining (paired), or the single-view / supervised baselines"),
     "probe": ("fastssl.eval.probe", "linear probe on frozen CLS features: per-label and macro AUROC with bootstrap CIs"),
+    "finetune": ("fastssl.eval.finetune", "full fine-tuning with study-level logits, model selection on validation AUROC"),
+    "compare": ("fastssl.eval.compare", "paired patient-bootstrap test of two runs' macro AUROC (their scores.csv)"),
     "embed": ("fastssl.curation.embed", "embed image tiles with a timm model into fp16 .npy shards"),
     "curate": ("fastssl.train.curate", "hierarchical k-means tree, balanced sample and report"),
     "demo": ("fastssl.demo", "the main job end to end on built-in phantom data"),
+    "plot": ("fastssl.plots", "PNG training curves and reconstructions of a pretraining run"),
+    "export": ("fastssl.train.export", "timm-ready encoder files (one per view) from a pretrain checkpoint"),
 }
 
 
@@ -41,21 +45,30 @@ RANGES: dict[str, dict[str, Range]] = {
     "phantom": dict(studies=_COUNT, size=Range(32, 16384, integer=True), seed=_SEED, workers=_COUNT,
                     both_views_fraction=_FRACTION, lateral_only_fraction=_FRACTION,
                     no_view_position_fraction=_FRACTION, corrupt=_NONNEG, uncertain_fraction=_FRACTION),
-    "prepare": dict(size=_SIDE, shard_size=Range(1, 1 << 20, integer=True), workers=_COUNT),
+    "prepare": dict(size=Range(8, 8192, integer=True), shard_size=Range(1, 1 << 20, integer=True), workers=_COUNT, seed=_SEED),
     "pretrain": dict(img_size=Range(0, 16384, integer=True), patch_size=Range(0, 1024, integer=True),
                      mask_ratio=Range(0, 1, high_open=True), temperature=_POS, beta_max=Range(0),
                      beta_ramp_epochs=Range(-1), epochs=_COUNT, batch_size=_COUNT, base_lr=_POS,
                      min_lr=Range(0), warmup_epochs=Range(0), weight_decay=Range(0),
                      beta1=Range(0, 1, high_open=True), beta2=Range(0, 1, high_open=True),
                      clip_grad=Range(0), crop_min=Range(0, 1, low_open=True), workers=_NONNEG, seed=_SEED,
-                     log_every=_COUNT, ckpt_every=_COUNT, stop_after_steps=_NONNEG),
+                     log_every=_COUNT, ckpt_every=_COUNT, stop_after_steps=_NONNEG,
+                     decoder_dim=_COUNT, decoder_heads=_COUNT, decoder_depth=_COUNT, beta_steepness=_POS,
+                     warmup_start=Range(0, 1), max_views=_COUNT, pixel_mean=Range(-1), pixel_std=Range(-1),
+                     val_batches=_NONNEG),
+    "finetune": dict(epochs=_COUNT, warmup_epochs=_NONNEG, batch_size=_COUNT, base_lr=_POS, weight_decay=Range(0),
+                     layer_decay=Range(0, 1, low_open=True), clip_grad=Range(0), crop_min=Range(0, 1, low_open=True),
+                     eval_batch_size=_COUNT, seed=_SEED, n_boot=_NONNEG, stop_after_epochs=_NONNEG),
+    "compare": dict(n_boot=_COUNT, seed=_SEED, alpha=Range(0, 1, low_open=True, high_open=True)),
+    "plot": dict(samples=_COUNT),
     "probe": dict(batch_size=_COUNT, workers=_NONNEG, l2=Range(0), max_iter=_COUNT, n_boot=_NONNEG,
                   seed=_SEED, knn_k=_NONNEG),
     "embed": dict(img_size=_SIDE, in_chans=Range(1, 64, integer=True), batch_size=_COUNT,
                   shard_size=_COUNT, workers=_NONNEG),
-    "curate": dict(iterations=_COUNT, split_k=_COUNT, split_iterations=_COUNT, resampling_steps=_NONNEG,
+    "curate": dict(iterations=_COUNT, split_k=_COUNT, split_iterations=_COUNT, resampling_steps=_COUNT,
                    sample_size=_COUNT, init_sample_size=_COUNT, seed=_SEED, memory_budget_mb=_POS,
-                   target_size=Range(0)),
+                   target_size=Range(0), split_inits=_COUNT, init_sample_per_centroid=_COUNT,
+                   checkpoint_every=_NONNEG),
     "demo": dict(studies=_COUNT, phantom_size=Range(32, 16384, integer=True), img_size=_SIDE, epochs=_COUNT,
                  batch_size=_COUNT, base_lr=_POS, points=_COUNT, dim=_COUNT, components=_COUNT,
                  target=Range(0, 1, low_open=True), seed=_SEED),
@@ -65,6 +78,7 @@ RANGES: dict[str, dict[str, Range]] = {
 # EOFError and UnpicklingError: numpy and torch reading an empty or foreign file.
 USER_ERRORS = (ValueError, TypeError, DataError, OSError, EOFError, pickle.UnpicklingError, MissingDependencyError)
 _DEVICE = re.compile(r"(auto|cpu|cuda(:\d+)?|mps)")
+_FILE_OUTS = {"compare", "export"}     # their --out is a file; every other command's is a directory
 
 
 class _Parser(argparse.ArgumentParser):
@@ -108,8 +122,8 @@ def _is_bool_flag(action: argparse.Action) -> bool:
 def _config_value(action: argparse.Action, value):
     """A --config value as the flag would have given it: strict booleans, the flag's type
     applied to strings and numbers (YAML's 3 for a float flag, "0.5" for a number)."""
-    if _is_bool_flag(action):
-        return parse_bool(value, name=action.dest)
+    if _is_bool_flag(action):   # None only for a tri-state flag (default None: "the recipe's")
+        return None if value is None and action.default is None else parse_bool(value, name=action.dest)
     if value is None or action.type is None:
         return value
     if isinstance(value, list):
@@ -145,12 +159,13 @@ def check_args(name: str, args: argparse.Namespace) -> None:
     """ValueError naming the first flag of command ``name`` that cannot work: a number outside
     its range, an unknown device or timm model, an --out that is a file."""
     for dest, allowed in RANGES.get(name, {}).items():
-        check_range(dest, getattr(args, dest), allowed, optional=True)
+        for value in _numbers(dest, getattr(args, dest)):
+            check_range(dest, value, allowed, optional=True)
     device = getattr(args, "device", None)
     if isinstance(device, str) and not _DEVICE.fullmatch(device):
         raise ValueError(f"--device: {device!r} is not one of auto, cpu, cuda, cuda:N, mps")
     out = getattr(args, "out", None)
-    if isinstance(out, str) and os.path.exists(out) and not os.path.isdir(out):
+    if name not in _FILE_OUTS and isinstance(out, str) and os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out}: exists and is not a directory")
     model = getattr(args, "model", None)
     if name == "embed" and isinstance(model, str):
@@ -158,6 +173,24 @@ def check_args(name: str, args: argparse.Namespace) -> None:
 
         if not model.startswith(("hf-hub:", "hf_hub:", "local-dir:")) and not timm.is_model(model):
             raise ValueError(f"--model {model!r}: not a timm model name (see timm.list_models())")
+
+
+def _numbers(dest: str, value) -> list:
+    """The number(s) of a setting: per-level settings are comma lists ("1,10,10"; "null"
+    for a level's default); a non-number is a ValueError naming the flag."""
+    if not isinstance(value, str):
+        return list(value) if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for piece in value.replace(" ", "").split(","):
+        if piece.lower() in ("", "null", "none"):
+            out.append(None)
+            continue
+        try:
+            number = float(piece)
+        except ValueError:
+            raise ValueError(f"{flag_name(dest)}: {value!r} is not a number or a comma list of numbers") from None
+        out.append(int(number) if number.is_integer() else number)
+    return out
 
 
 def _clip_workers(args: argparse.Namespace) -> None:

@@ -86,7 +86,7 @@ def test_uint16_crop(tmp_path, source):
 def test_settings_guard(tmp_path, source):
     out = tmp_path / "cache"
     prepare_cache(source, out, size=16, shard_size=5, workers=1, progress=False)
-    with pytest.raises(ValueError, match="size: cache has 16, asked 12"):
+    with pytest.raises(ValueError, match="size: 16 -> 12"):
         prepare_cache(source, out, size=12, shard_size=5, workers=1, progress=False)
     summary = prepare_cache(source, out, size=12, shard_size=5, workers=1, progress=False, overwrite=True)
     assert summary["shards_skipped"] == 0 and open_shard(out, 0).shape[1:] == (12, 12)

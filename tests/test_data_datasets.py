@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from dicom_factory import make_mimic
 from fastssl.data.augment import BatchAugment, CenterResize, to_unit
 from fastssl.data.cache import open_shard, prepare_cache
-from fastssl.data.datasets import PairedViewDataset, SingleViewDataset, make_loader
+from fastssl.data.datasets import VIEW_IDS, PairedViewDataset, SingleViewDataset, StudyViewsDataset, make_loader
 
 STUDIES = [
     ("10000001", "50000001", ["PA", "LATERAL"]),
@@ -98,6 +98,68 @@ def test_paired_dataset_pairs_and_epoch_draws(caches):
     f, _ = pref.choose(np.array([s2]))
     assert pref.index.view_position[f[0]] == "PA"
     assert len(PairedViewDataset(caches["zeros"], split="test")) == 1
+
+
+def test_study_views_dataset_is_the_released_flu_policy(caches):
+    """Every train study with an image (single-image ones too); up to 3 slots in index
+    order; a study with 4 images gets a seeded subset of 3 that changes with the epoch."""
+    ds = StudyViewsDataset(caches["zeros"], split="train", max_views=3, seed=0)
+    index = ds.index
+    train_rows = set(np.flatnonzero(index.split == "train").tolist())
+    assert len(ds) == 6  # 50000008 is in the test split
+    per_study = {int(s): set(np.flatnonzero((index.study_id == s) & (index.split == "train")).tolist())
+                 for s in ds.study_ids}
+    subsets = set()
+    for epoch in range(8):
+        ds.set_epoch(epoch)
+        images, available, views, labels, study = ds.get_batch(np.arange(len(ds)))
+        assert images.shape == (6, 3, 1, 16, 16) and available.dtype == torch.bool
+        seen = set()
+        for i, sid in enumerate(ds.study_ids):
+            rows = ds.rows[ds.slots(np.array([i]))[0]]
+            rows = rows[available[i].numpy()]
+            assert set(rows.tolist()) <= per_study[int(sid)] and len(set(rows.tolist())) == rows.size
+            assert rows.size == min(3, len(per_study[int(sid)]))
+            for j, r in enumerate(rows):
+                np.testing.assert_array_equal(images[i, j, 0].numpy(),
+                                              open_shard(caches["zeros"], index.shard[r])[index.offset[r]])
+                assert int(views[i, j]) == VIEW_IDS[index.view[r]]
+            assert int(images[i, rows.size:].abs().sum()) == 0  # missing slots are zero
+            if len(per_study[int(sid)]) == 4:
+                subsets.add(tuple(sorted(rows.tolist())))
+            seen |= set(rows.tolist())
+        assert len(train_rows - seen) == 1  # only the 4-image study leaves one image out
+    assert len(subsets) > 1  # the subset changes with the epoch
+    again = StudyViewsDataset(caches["zeros"], split="train", seed=0)
+    again.set_epoch(7)
+    assert torch.equal(again.get_batch(np.arange(6))[0], images)  # (seed, epoch) fixes the draw
+    assert 2 in views[available].tolist()  # the unknown view slot gets data
+    with pytest.raises(ValueError, match="max_views"):
+        StudyViewsDataset(caches["zeros"], max_views=0)
+
+
+def test_augment_hflip_and_torchvision_jitter():
+    """hflip=1 mirrors the identity crop; the torchvision-style jitter equals torchvision's
+    adjust_brightness / adjust_contrast on float images in the drawn order."""
+    tvf = pytest.importorskip("torchvision.transforms.v2.functional", reason="torchvision is the oracle")
+    x = torch.rand(6, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    flip = BatchAugment(out_size=16, scale=(1, 1), ratio=(1, 1), max_rotation_deg=0, brightness=0,
+                        contrast=0, mean=0.0, std=1.0, hflip=1.0)
+    torch.testing.assert_close(flip(x), x.flip(-1), atol=1e-5, rtol=0)
+    aug = BatchAugment(out_size=16, brightness=0.4, contrast=0.4, jitter_p=0.5, jitter_style="torchvision")
+    bright = torch.tensor([0.7, 1.3, 1.1, 0.6, 1.4, 0.9]).view(6, 1, 1, 1)
+    contr = torch.tensor([1.2, 0.8, 0.6, 1.4, 1.0, 0.7]).view(6, 1, 1, 1)
+    g = torch.Generator().manual_seed(3)
+    got = aug._torchvision_jitter(x, bright, contr, g)
+    v = torch.rand(6, 2, 1, 1, generator=torch.Generator().manual_seed(3))
+    for i in range(6):
+        want = x[i]
+        if v[i, 0] < 0.5:
+            ops = [(tvf.adjust_brightness, bright[i]), (tvf.adjust_contrast, contr[i])]
+            for fn, factor in (ops if v[i, 1] < 0.5 else ops[::-1]):
+                want = fn(want, float(factor))
+        torch.testing.assert_close(got[i], want, atol=1e-6, rtol=0)
+    assert (v[:, 0] < 0.5).any() and (v[:, 0] >= 0.5).any()  # both branches were checked
 
 
 @pytest.mark.parametrize("workers", [0, 2])

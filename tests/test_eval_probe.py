@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 
+from _eval_helpers import brute_auroc, independent_study_scores
 from _mvmae_helpers import one_thread, phantom_cache
 from fastssl.eval.probe import (
     auroc, auroc_rows, bootstrap_macro_auroc, fit_linear_probe, knn_scores, macro_auroc, midranks,
@@ -20,14 +21,6 @@ from fastssl.eval.probe import (
 def _one_thread():
     with one_thread():
         yield
-
-
-def brute_auroc(s, y):
-    pos, neg = s[y == 1], s[y == 0]
-    if pos.size == 0 or neg.size == 0:
-        return float("nan")
-    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    return wins / (pos.size * neg.size)
 
 
 def test_midranks_average_ties():
@@ -100,26 +93,71 @@ def test_study_logits_average_views():
     np.testing.assert_array_equal(lab, [[1, 0], [1, 0]])
 
 
-def test_end_to_end_phantom_pretrain_probe(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A tiny phantom cache and a 2-epoch paired pretraining run on it (shared by the
+    evaluation tests of this module)."""
     from fastssl.cli import main as cli
 
-    cache = phantom_cache(str(tmp_path))
-    run = str(tmp_path / "run")
-    assert cli(["pretrain", "--cache", cache, "--out", run, "--preset", "test", "--epochs", "2",
-                "--batch-size", "4", "--workers", "0", "--mask-ratio", "0.75", "--warmup-epochs", "1",
-                "--log-every", "2", "--quiet"]) == 0
-    assert os.path.isfile(os.path.join(run, "encoder.safetensors"))
+    root = tmp_path_factory.mktemp("probe")
+    cache = phantom_cache(str(root))
+    run = str(root / "run")
+    with one_thread():
+        assert cli(["pretrain", "--cache", cache, "--out", run, "--preset", "test", "--epochs", "2",
+                    "--batch-size", "4", "--workers", "0", "--mask-ratio", "0.75", "--warmup-epochs", "1",
+                    "--log-every", "2", "--quiet"]) == 0
+    return cache, run
+
+
+def test_end_to_end_phantom_pretrain_probe(pretrained, tmp_path, capsys):
+    """Also pins the study-level averaging (issue 15.5): every study's score in scores.csv
+    equals the mean of its images' logits computed independently, image by image."""
+    from fastssl.cli import main as cli
+    from fastssl.eval.report import read_scores_csv
+
+    cache, run = pretrained
+    enc = os.path.join(run, "encoder.safetensors")
     out = str(tmp_path / "probe")
-    assert cli(["probe", "--cache", cache, "--checkpoint", os.path.join(run, "encoder.safetensors"),
-                "--out", out, "--workers", "0", "--n-boot", "50", "--knn-k", "5", "--quiet"]) == 0
+    assert cli(["probe", "--cache", cache, "--checkpoint", enc, "--out", out, "--workers", "0",
+                "--n-boot", "50", "--knn-k", "5", "--quiet"]) == 0
     with open(os.path.join(out, "probe.json")) as handle:
         r = json.load(handle)
     assert 0.0 <= r["macro_auroc"] <= 1.0 and len(r["per_label"]) == 14 and r["labels_used"]
     lo, hi = r["macro_ci"]
     assert 0.0 <= lo <= hi <= 1.0 and r["feature_dim"] == 32 and r["n_test_studies"] > 0
     assert "macro AUROC" in capsys.readouterr().out
-    # the training checkpoint works as well, and a missing file is a clear error
+    assert r["l2_selection"]["chosen_on"] == "validate" and len(r["l2_selection"]["validation_macro_auroc"]) == 6
+    # scores.csv: one row per (test study, label); the study's score is its images' mean logit
+    table = read_scores_csv(out)
+    assert table["scores"].shape == (r["n_test_studies"], 14) and os.path.getsize(os.path.join(out, "roc.png")) > 0
+    from fastssl.train.export import load_encoder
+
+    encoder = load_encoder(enc).eval()
+    head = dict(np.load(os.path.join(out, "probe.npz")))
+
+    def image_logits(x, view):
+        feat = encoder(x, view).double().numpy()[0]
+        return (feat - head["mean"]) / head["std"] @ head["weight"].astype(np.float64) + head["bias"]
+
+    want = independent_study_scores(cache, encoder.cfg.img_size, image_logits)
+    assert sorted(want) == list(table["studies"])
+    np.testing.assert_allclose(table["scores"], [want[s] for s in table["studies"]], rtol=1e-4, atol=1e-4)
+    # the reported AUROC is the pairwise count over those study scores
+    j = r["labels_used"][0]
+    k = table["names"].index(j)
+    assert r["per_label"][j]["auroc"] == pytest.approx(brute_auroc(table["scores"][:, k], table["labels"][:, k]))
+
+
+def test_probe_accepts_training_checkpoint_random_init_and_fixed_l2(pretrained, tmp_path):
+    from fastssl.cli import main as cli
+
+    cache, run = pretrained
+    out = str(tmp_path / "probe")
     assert cli(["probe", "--cache", cache, "--checkpoint", os.path.join(run, "checkpoint.pt"),
-                "--out", out, "--workers", "0", "--n-boot", "10", "--quiet"]) == 0
+                "--out", out, "--workers", "0", "--n-boot", "10", "--l2-grid", "", "--no-plots", "--quiet"]) == 0
+    with open(os.path.join(out, "probe.json")) as handle:
+        assert json.load(handle)["l2_selection"] == dict(l2=1e-4, chosen_on=None)
+    assert cli(["probe", "--cache", cache, "--checkpoint", "random:test", "--out", out, "--workers", "0",
+                "--n-boot", "10", "--quiet"]) == 0
     assert cli(["probe", "--cache", cache, "--checkpoint", os.path.join(run, "nope.pt"),
                 "--out", out, "--quiet"]) == 2

@@ -39,12 +39,81 @@ def test_paired_shapes_and_loss_composition(model):
     cfg = model.cfg
     assert out["pred"].shape == (8, cfg.num_patches, cfg.patch_size ** 2)
     assert out["mask"].shape == (8, cfg.num_patches)
-    for k in ("loss", "recon", "recon_frontal", "recon_lateral", "align", "beta"):
+    for k in ("loss", "recon", "align", "beta"):
         assert out[k].dim() == 0 and torch.isfinite(out[k])
-    torch.testing.assert_close(out["recon"], (out["recon_frontal"] + out["recon_lateral"]) / 2)
     torch.testing.assert_close(out["loss"], out["recon"] + 1.5 * out["align"])
+    torch.testing.assert_close(out["recon"].detach(), (out["recon_frontal"] + out["recon_lateral"]) / 2)
     out["loss"].backward()
     assert all(p.grad is not None for p in model.parameters())  # every parameter is used
+
+
+def _studies_by_hand(model, images, available, views, ratio, seed):
+    """The parts in float64-free plain PyTorch: the available images in (study, slot) order
+    with their view ids, one masked pass, mean-pooled latents (CLS + visible tokens),
+    the released reconstruction reduction and alignment_loss over the slots."""
+    b, v = available.shape
+    flat = torch.cat([images[i, j][None] for i in range(b) for j in range(v) if available[i, j]])
+    ids = torch.tensor([int(views[i, j]) for i in range(b) for j in range(v) if available[i, j]])
+    out = model.reconstruct(flat, ids, ratio, torch.Generator().manual_seed(seed))
+    pooled = out["latent"].mean(dim=1)
+    z = torch.zeros(b, v, pooled.shape[1])
+    z[available] = pooled
+    # released: per image mean((pred - x)^2 * mask_pixels) / ratio; per slot the mean over the
+    # batch of avail x that; the mean over the slots.
+    p = model.cfg.patch_size
+    side = model.cfg.img_size // p
+    pred_img = out["pred"].reshape(-1, side, side, p, p).permute(0, 1, 3, 2, 4).reshape(flat.shape)
+    mask_img = out["mask"].reshape(-1, side, 1, side, 1).expand(-1, side, p, side, p).reshape(flat.shape)
+    per_image = (((pred_img - flat) ** 2 * mask_img) / ratio).mean(dim=(1, 2, 3))
+    slot_loss = torch.zeros(b, v)
+    slot_loss[available] = per_image
+    recon = slot_loss.mean(dim=0).mean()
+    return dict(pred=out["pred"], z=z, recon=recon)
+
+
+def test_paired_aligns_mean_pooled_latents_with_lateral_view_ids(model):
+    """Issue 15 items 1-2: alignment on the mean-pooled latent (not CLS), lateral images
+    with the lateral view id, both checked against the model's parts."""
+    f, l = _pair(3, seed=2)
+    out = model(f, l, mask_ratio=0.75, beta=1.0, generator=torch.Generator().manual_seed(4))
+    views = torch.tensor([[0, 1]] * 3)
+    want = _studies_by_hand(model, torch.stack([f, l], 1), torch.ones(3, 2, dtype=torch.bool), views, 0.75, 4)
+    torch.testing.assert_close(out["pred"], want["pred"])
+    torch.testing.assert_close(out["align"], alignment_loss(want["z"], None, model.cfg.align))
+    torch.testing.assert_close(out["recon"], want["recon"])
+    assert out["views"].tolist() == [0, 1] * 3
+
+
+def test_flu_masks_reconstruct_every_image_and_align_only_pairs(model):
+    """Flu: each available image is reconstructed (single-image studies too), alignment
+    only between images of one study, missing slots change nothing."""
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(4, 3, 1, 32, 32, generator=g)
+    available = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 1, 0]], dtype=torch.bool)
+    views = torch.tensor([[0, 1, 0], [0, 0, 0], [0, 1, 2], [0, 2, 0]])
+    out = model(images, available=available, views=views, mask_ratio=0.75, beta=2.0,
+                generator=torch.Generator().manual_seed(9))
+    assert out["pred"].shape[0] == 7 and out["study"].tolist() == [0, 0, 1, 2, 2, 2, 3]
+    assert out["views"].tolist() == [0, 1, 0, 0, 1, 2, 2]
+    want = _studies_by_hand(model, images, available, views, 0.75, 9)
+    torch.testing.assert_close(out["pred"], want["pred"])
+    torch.testing.assert_close(out["recon"], want["recon"])
+    torch.testing.assert_close(out["align"], alignment_loss(want["z"], available, "mse"))
+    # released mse: studies 0 (1 pair x2) and 2 (3 pairs x2) only, / V^2 = 9, mean over 4 studies
+    zn = F.normalize(want["z"], dim=-1)
+    d = want["z"].shape[-1]
+    by_hand = sum(2 * float(((zn[s, i] - zn[s, j]) ** 2).mean()) for s, i, j in
+                  [(0, 0, 1), (2, 0, 1), (2, 0, 2), (2, 1, 2)]) / 9 / 4
+    assert float(out["align"]) == pytest.approx(by_hand, rel=1e-5) and d == 32
+    images2 = images.clone()
+    images2[~available] = 100.0  # what sits in a missing slot is never read
+    out2 = model(images2, available=available, views=views, mask_ratio=0.75, beta=2.0,
+                 generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(out2["loss"], out["loss"])
+    single = torch.tensor([[1, 0, 0]] * 4, dtype=torch.bool)  # no study has two images
+    out3 = model(images, available=single, views=views, mask_ratio=0.75, beta=2.0)
+    assert float(out3["align"]) == 0.0 and float(out3["recon"]) > 0
+    assert float(out3["monitor"][1]) == 0  # no matched pair in the batch
 
 
 @pytest.mark.parametrize("ratio", [0.75, 0.93, 0.5])
@@ -82,33 +151,6 @@ def test_single_mode_has_no_alignment(model):
     torch.testing.assert_close(out["loss"], out["recon"])
 
 
-def test_alignment_zero_for_identical_positive_otherwise():
-    z = torch.randn(5, 16)
-    for kind in ("mse", "cosine"):
-        assert float(alignment_loss(z, z, kind)) == pytest.approx(0.0, abs=1e-6)
-        assert float(alignment_loss(z, torch.randn(5, 16), kind)) > 0.1
-        assert float(alignment_loss(z, 3 * z, kind)) == pytest.approx(0.0, abs=1e-6)  # scale-free
-    a, b = F.normalize(z, dim=1), F.normalize(torch.randn(5, 16), dim=1)
-    cos = (a * b).sum(1)
-    torch.testing.assert_close(alignment_loss(z, b, "mse"), (2 - 2 * cos).mean())
-    torch.testing.assert_close(alignment_loss(z, b, "cosine"), (1 - cos).mean())
-
-
-def test_infonce_matches_hand_computation():
-    za, zb = torch.randn(3, 4), torch.randn(3, 4)
-    a, b = F.normalize(za, dim=1), F.normalize(zb, dim=1)
-    t = 0.5
-    total = 0.0
-    for x, y in ((a, b), (b, a)):
-        for i in range(3):
-            logits = [float(x[i] @ y[j]) / t for j in range(3)]
-            total += -(logits[i] - math.log(sum(math.exp(v) for v in logits)))
-    want = total / 6
-    assert float(alignment_loss(za, zb, "infonce", temperature=t)) == pytest.approx(want, rel=1e-5)
-    with pytest.raises(ValueError, match="kind"):
-        alignment_loss(za, zb, "l1")
-
-
 def test_paired_model_overfits_a_batch():
     torch.manual_seed(0)
     model = MultiViewMAE(model_config("test", target="global"))
@@ -129,7 +171,7 @@ def test_norm_pix_and_global_targets_differ(model):
     f, l = _pair()
     g = torch.Generator().manual_seed(0)
     a = model(f, l, mask_ratio=0.75, generator=g)["recon"]
-    model.cfg = model_config("test", target="global")
+    model.cfg = model_config("test", target="norm_pix")
     g = torch.Generator().manual_seed(0)
     b = model(f, l, mask_ratio=0.75, generator=g)["recon"]
     assert not torch.allclose(a, b)
@@ -163,7 +205,11 @@ def test_bad_input_names_argument_and_shape(model):
     with pytest.raises(ValueError, match="preset"):
         model_config("vit_huge")
     with pytest.raises(ValueError, match="align"):
-        model_config("test", align="l2")
+        model_config("test", align="l1")
+    with pytest.raises(ValueError, match="recipe"):
+        model_config("test", recipe="simclr")
+    with pytest.raises(ValueError, match="decoder_embed"):
+        model_config("test", decoder_dim=64)
     with pytest.raises(ValueError, match="multiple"):
         model_config("test", img_size=36)
 
@@ -175,3 +221,74 @@ def test_presets_build_the_paper_encoder():
     assert enc.vit.patch_embed.proj.in_channels == 1
     assert tuple(enc.vit.pos_embed.shape) == (1, 197, 768)
     assert sum(p.numel() for p in enc.parameters()) == pytest.approx(85.6e6, rel=0.01)
+
+
+def test_mvmae_recipe_builds_the_released_model():
+    """Released (agostini335/MVMAE NetworksMAE.py, ConfigMAENetworks.py ViTbase*): qk-norm in
+    encoder and decoder, decoder width 768 = encoder, 12 heads, 4 blocks, no projection,
+    the decoder view embedding on CLS too, no CLS position embedding, PyTorch default init
+    of Linear layers, trunc_normal(0.02) tokens."""
+    cfg = model_config("vit_base", recipe="mvmae")
+    assert (cfg.decoder_dim, cfg.decoder_heads, cfg.decoder_depth) == (768, 12, 4)
+    assert cfg.qk_norm and not cfg.decoder_embed and cfg.decoder_view_embed_cls and not cfg.cls_pos_embed
+    assert (cfg.target, cfg.align, cfg.recon_reduction, cfg.init) == ("global", "mse", "released", "released")
+    assert cfg == model_config() and cfg == __import__("fastssl.models.mvmae", fromlist=["x"]).ModelConfig()
+    torch.manual_seed(0)
+    m = MultiViewMAE(model_config("vit_tiny", recipe="mvmae", depth=2))
+    assert isinstance(m.decoder_embed, torch.nn.Identity)
+    assert isinstance(m.encoder.vit.blocks[0].attn.q_norm, torch.nn.LayerNorm)
+    assert isinstance(m.decoder_blocks[0].attn.k_norm, torch.nn.LayerNorm)
+    assert float(m.encoder.vit.pos_embed[0, 0].abs().max()) == 0.0  # the unused CLS row
+    assert m.encoder.vit.norm.eps == 1e-5 and m.decoder_norm.eps == 1e-5
+    # PyTorch's Linear init is U(-1/sqrt(fan_in), 1/sqrt(fan_in)): std 1/sqrt(3 fan_in);
+    # timm's / MAE's would be 0.02 (trunc normal) or xavier.
+    w = m.encoder.vit.blocks[0].mlp.fc1.weight
+    assert float(w.std()) == pytest.approx(1 / math.sqrt(3 * 192), rel=0.05)
+    assert float(w.abs().max()) <= 1 / math.sqrt(192)
+    assert float(m.decoder_pred.weight.std()) == pytest.approx(1 / math.sqrt(3 * 192), rel=0.05)
+    for t in (m.encoder.vit.pos_embed[0, 1:], m.encoder.view_embed.weight, m.mask_token,
+              m.decoder_pos_embed, m.encoder.vit.cls_token):
+        assert float(t.std()) == pytest.approx(0.02, rel=0.35)  # (timm: cls_token std 1e-6)
+
+
+def test_mae_recipe_keeps_the_mae_choices():
+    cfg = model_config("vit_base", recipe="mae")
+    assert (cfg.decoder_dim, cfg.decoder_heads, cfg.decoder_depth) == (512, 16, 4)
+    assert not cfg.qk_norm and cfg.decoder_embed and cfg.cls_pos_embed and cfg.init == "mae"
+    assert cfg.align == "l2" and cfg.recon_reduction == "image"
+    torch.manual_seed(0)
+    m = MultiViewMAE(model_config("test", recipe="mae"))
+    assert isinstance(m.decoder_embed, torch.nn.Linear)
+    assert isinstance(m.encoder.vit.blocks[0].attn.q_norm, torch.nn.Identity)
+
+
+def test_decoder_view_embedding_on_cls_changes_the_prediction():
+    torch.manual_seed(0)
+    on = MultiViewMAE(model_config("test"))
+    off = MultiViewMAE(model_config("test", decoder_view_embed_cls=False))
+    off.load_state_dict(on.state_dict())
+    f, _ = _pair(2)
+    a = on(f, None, views=1, mask_ratio=0.5, generator=torch.Generator().manual_seed(0))["pred"]
+    b = off(f, None, views=1, mask_ratio=0.5, generator=torch.Generator().manual_seed(0))["pred"]
+    assert not torch.allclose(a, b)
+    with torch.no_grad():
+        on.decoder_view_embed.weight.zero_()
+        off.decoder_view_embed.weight.zero_()
+    a = on(f, None, views=1, mask_ratio=0.5, generator=torch.Generator().manual_seed(0))["pred"]
+    b = off(f, None, views=1, mask_ratio=0.5, generator=torch.Generator().manual_seed(0))["pred"]
+    torch.testing.assert_close(a, b)
+
+
+def test_unknown_view_embedding_is_trained_in_flu_not_in_paired(model):
+    """Issue 8 item 4: flu batches give the unknown slot (id 2) data, so its embedding gets a
+    gradient; paired batches never do (pretrain warns when the cache has such images)."""
+    images = torch.randn(2, 3, 1, 32, 32)
+    available = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    views = torch.tensor([[0, 1, 2], [2, 0, 0]])
+    model(images, available=available, views=views, mask_ratio=0.75, beta=1.0)["loss"].backward()
+    assert float(model.encoder.view_embed.weight.grad[2].abs().sum()) > 0
+    assert float(model.decoder_view_embed.weight.grad[2].abs().sum()) > 0
+    model.zero_grad()
+    f, l = _pair(2)
+    model(f, l, mask_ratio=0.75, beta=1.0)["loss"].backward()
+    assert float(model.encoder.view_embed.weight.grad[2].abs().sum()) == 0

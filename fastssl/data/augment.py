@@ -28,7 +28,16 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 
 
 class BatchAugment:
-    """Random resized crop + small rotation + brightness/contrast, then normalisation.
+    """Random resized crop + small rotation + horizontal flip + brightness/contrast, then
+    normalisation.
+
+    Two jitter styles: ``jitter_style="fixed"`` (fastssl's MAE recipe) applies brightness
+    then contrast around the image's mean, clamping once; ``"torchvision"`` (the released
+    MVMAE recipe: ``RandomApply([ColorJitter(0.4, 0.4)], p=0.8)``) applies, with
+    probability ``jitter_p``, brightness ``clamp(x b)`` and contrast
+    ``clamp(c x + (1 - c) mean(x))`` in a random order per image, as torchvision does
+    (saturation and hue are no-ops on one channel; torchvision's uint8 rounding between
+    the two is not reproduced).
 
     Args:
         out_size: side of the output images.
@@ -39,6 +48,9 @@ class BatchAugment:
         contrast: factor c in [1 - c, 1 + c] applied around each image's mean.
         mean, std: the normalisation (x - mean) / std applied last (dataset statistics
             of the [0, 1] pixels, e.g. the cache manifest's pixel_mean / pixel_std).
+        hflip: probability of a horizontal flip.
+        jitter_p: probability that an image is jittered ("torchvision" style only).
+        jitter_style: "fixed" | "torchvision" (see above).
     Call:
         x: (B, 1, S, S) uint8 | uint16 | float tensor on any device.
         generator: an optional torch.Generator on x's device, for reproducible draws.
@@ -47,7 +59,8 @@ class BatchAugment:
 
     def __init__(self, out_size: int = 224, scale: tuple[float, float] = (0.5, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), max_rotation_deg: float = 10.0,
-                 brightness: float = 0.1, contrast: float = 0.1, mean: float = 0.5, std: float = 0.25):
+                 brightness: float = 0.1, contrast: float = 0.1, mean: float = 0.5, std: float = 0.25,
+                 hflip: float = 0.0, jitter_p: float = 1.0, jitter_style: str = "fixed"):
         if not 0 < scale[0] <= scale[1] <= 1:
             raise ValueError(f"scale={scale}; expected 0 < min <= max <= 1")
         if not 0 < ratio[0] <= ratio[1]:
@@ -56,6 +69,11 @@ class BatchAugment:
             raise ValueError(f"brightness={brightness}, contrast={contrast}; expected in [0, 1)")
         if std <= 0:
             raise ValueError(f"std={std}; expected > 0")
+        if not 0 <= hflip <= 1 or not 0 <= jitter_p <= 1:
+            raise ValueError(f"hflip={hflip}, jitter_p={jitter_p}; expected probabilities in [0, 1]")
+        if jitter_style not in ("fixed", "torchvision"):
+            raise ValueError(f"jitter_style={jitter_style!r}; expected 'fixed' or 'torchvision'")
+        self.hflip, self.jitter_p, self.jitter_style = hflip, jitter_p, jitter_style
         self.out_size, self.scale, self.ratio = int(out_size), scale, ratio
         self.max_rotation = math.radians(max_rotation_deg)
         self.brightness, self.contrast, self.mean, self.std = brightness, contrast, mean, std
@@ -63,7 +81,8 @@ class BatchAugment:
     def __repr__(self) -> str:
         return (f"BatchAugment(out_size={self.out_size}, scale={self.scale}, ratio={self.ratio}, "
                 f"max_rotation_deg={math.degrees(self.max_rotation):g}, brightness={self.brightness}, "
-                f"contrast={self.contrast}, mean={self.mean}, std={self.std})")
+                f"contrast={self.contrast}, mean={self.mean}, std={self.std}, hflip={self.hflip}, "
+                f"jitter_p={self.jitter_p}, jitter_style={self.jitter_style!r})")
 
     def theta(self, batch: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
         """(B, 2, 3) affine maps from output to input coordinates ([-1, 1] both)."""
@@ -91,14 +110,34 @@ class BatchAugment:
             raise ValueError(f"x: expected square images (B, 1, S, S), got shape {tuple(x.shape)}")
         b = x.shape[0]
         theta = self.theta(b, x.device, generator)
+        if self.hflip > 0:  # mirror the output: x_in = theta @ (-x_out, y_out, 1)
+            flip = torch.rand(b, device=x.device, generator=generator) < self.hflip
+            theta[:, :, 0] = torch.where(flip[:, None], -theta[:, :, 0], theta[:, :, 0])
         grid = F.affine_grid(theta, [b, 1, self.out_size, self.out_size], align_corners=False)
         y = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         u = torch.rand(b, 2, 1, 1, device=x.device, generator=generator)
         bright = 1 + self.brightness * (2 * u[:, :1] - 1)
         contr = 1 + self.contrast * (2 * u[:, 1:] - 1)
-        m = y.mean(dim=(2, 3), keepdim=True)
-        y = ((y * bright - m * bright) * contr + m * bright).clamp_(0.0, 1.0)
+        if self.jitter_style == "torchvision":
+            y = self._torchvision_jitter(y, bright, contr, generator)
+        else:
+            m = y.mean(dim=(2, 3), keepdim=True)
+            y = ((y * bright - m * bright) * contr + m * bright).clamp_(0.0, 1.0)
         return (y - self.mean) / self.std
+
+    def _torchvision_jitter(self, y, bright, contr, generator):
+        """y (B, 1, H, W) in [0, 1], factors (B, 1, 1, 1) -> jittered y (see the class doc)."""
+        v = torch.rand(y.shape[0], 2, 1, 1, device=y.device, generator=generator)
+        apply, bright_first = v[:, :1] < self.jitter_p, v[:, 1:] < 0.5
+
+        def brightness(t):
+            return (t * bright).clamp(0.0, 1.0)
+
+        def contrast(t):
+            return (contr * t + (1 - contr) * t.mean(dim=(2, 3), keepdim=True)).clamp(0.0, 1.0)
+
+        out = torch.where(bright_first, contrast(brightness(y)), brightness(contrast(y)))
+        return torch.where(apply, out, y)
 
 
 class CenterResize:

@@ -35,17 +35,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from fastssl.data.mimic import (
-    CHEXPERT_LABELS,
-    FRONTAL_VIEWS,
-    LATERAL_VIEWS,
-    LABEL_POLICIES,
-    StudyTable,
-    find_csv,
-    load_mimic_csv,
-    scan_dicom_tree,
-)
+from fastssl.data.mimic import CHEXPERT_LABELS, FRONTAL_VIEWS, LABEL_POLICIES, LATERAL_VIEWS, StudyTable
+from fastssl.data.sources import SOURCE_KINDS, SourceSpec, TableOptions, load_sources, parse_source
 from fastssl.errors import DataError
+from fastssl.jobs import atomic_write_json
 
 __all__ = [
     "prepare_cache", "read_index", "read_manifest", "open_shard", "fit_square", "CacheIndex",
@@ -54,15 +47,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: dataset, view_source and other_labels columns (1 is still read)
 DTYPES = {"uint8": 255, "uint16": 65535}
 RESIZE_MODES = ("pad", "crop")
-INDEX_COLUMNS = ["row", "shard", "offset", "study_id", "subject_id", "dicom_id", "view",
-                 "view_position", "split", *CHEXPERT_LABELS, "path"]
-# Settings that change the bytes of a shard or the rows of the index: a rerun must match.
-_CONFIG_KEYS = ("format_version", "size", "dtype", "resize", "shard_size", "voi", "uncertain",
-                "blank", "label_source", "frontal_order", "lateral_views", "n_images", "n_shards",
-                "plan_sha256")
+INDEX_COLUMNS = ["row", "shard", "offset", "dataset", "study_id", "subject_id", "dicom_id", "view",
+                 "view_position", "view_source", "split", *CHEXPERT_LABELS, "other_labels", "path"]
+# Columns a format-1 cache lacks, read as "".
+_V2_COLUMNS = ("dataset", "view_source", "other_labels")
 # Test hook: SIGKILL this process after writing that many shards (simulates a killed job).
 _KILL_ENV = "FASTSSL_PREPARE_KILL_AFTER_SHARDS"
 
@@ -85,10 +76,6 @@ def _replace_atomically(path: str, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def _write_json(path: str, data: Any) -> None:
-    _replace_atomically(path, lambda h: h.write(json.dumps(data, indent=1, sort_keys=True).encode()))
 
 
 def _write_csv(path: str, header: Sequence[str], rows) -> None:
@@ -134,14 +121,15 @@ def fit_square(image: np.ndarray, size: int, mode: str = "pad") -> np.ndarray:
     return out
 
 
-def _convert(task: tuple[str, int, str, str, str]) -> tuple[np.ndarray | None, str, float, float]:
-    """Pool worker: path -> (quantised (S, S) image or None, reject reason, sum, sum of
-    squares of the [0, 1] values). Never raises: a failure is a reason string."""
-    from fastssl.data.dicom import read_dicom
+def _convert(task: tuple) -> tuple[np.ndarray | None, str, float, float]:
+    """Pool worker: (path, size, dtype, resize, voi, pixel hints) -> (quantised (S, S)
+    image or None, reject reason, sum, sum of squares of the [0, 1] values). Never
+    raises: a failure is a reason string."""
+    from fastssl.data.images import read_image
 
-    path, size, dtype, resize, voi = task
+    path, size, dtype, resize, voi, hints = task
     try:
-        image, _ = read_dicom(path, voi=voi)
+        image = read_image(path, voi=voi, hints=hints)
         small = fit_square(image, size, resize)
         q = np.rint(small * DTYPES[dtype]).astype(dtype)
         scaled = q.astype(np.float64) / DTYPES[dtype]
@@ -160,14 +148,15 @@ def _worker_init() -> None:
 # ---------------------------------------------------------------- the job
 
 def _plan(table: StudyTable) -> list[tuple[str, dict]]:
-    """(absolute path, index fields) for every image, in cache order."""
+    """(path to read, index fields) for every image, in cache order."""
     plan = []
-    for _, study in enumerate(table.studies):
+    for study in table.studies:
         labels = [int(v) for v in study.labels]
         for rec in study.images():
-            fields = dict(study_id=study.study_id, subject_id=study.subject_id, dicom_id=rec.dicom_id,
-                          view=rec.view, view_position=rec.view_position, split=study.split,
-                          labels=labels, path=rec.path)
+            fields = dict(dataset=study.dataset, study_id=study.study_id, subject_id=study.subject_id,
+                          dicom_id=rec.dicom_id, view=rec.view, view_position=rec.view_position,
+                          view_source=rec.view_source, split=study.split, labels=labels,
+                          other_labels=study.other_labels, path=rec.path, pixel=[list(h) for h in rec.pixel])
             plan.append((os.path.join(table.root, rec.path), fields))
     return plan
 
@@ -180,12 +169,10 @@ def _plan_sha(plan: list[tuple[str, dict]]) -> str:
     return digest.hexdigest()
 
 
-def _clear(out: str) -> None:
-    for name in os.listdir(out):
-        full = os.path.join(out, name)
-        if name.startswith("shard_") or name in ("index.csv", "rejects.csv", "manifest.json") or ".tmp" in name:
-            os.remove(full)
-    shutil.rmtree(os.path.join(out, "parts"), ignore_errors=True)
+def _index_row(k: int, offset: int, fields: dict) -> list:
+    return [k, offset, fields["dataset"], fields["study_id"], fields["subject_id"], fields["dicom_id"],
+            fields["view"], fields["view_position"], fields["view_source"], fields["split"], *fields["labels"],
+            fields["other_labels"], fields["path"]]
 
 
 def _shard_done(out: str, k: int, n: int, config: dict) -> bool:
@@ -203,8 +190,69 @@ def _shard_done(out: str, k: int, n: int, config: dict) -> bool:
             and arr.shape == (n, config["size"], config["size"]) and arr.dtype == np.dtype(config["dtype"]))
 
 
+MAX_SIZE = 8192  # a side beyond any radiograph cache: 8192^2 uint16 is 128 MiB per image
+MAX_SHARD_SIZE = 1 << 20
+
+
+def _check_settings(out: str, size, dtype: str, resize: str, shard_size, workers, voi: str,
+                    uncertain: str, blank: str) -> int:
+    """Every argument checked before any work, one-line errors naming the flag; returns
+    the number of workers."""
+    from fastssl.data.dicom import VOI_MODES
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}; expected one of {sorted(DTYPES)}")
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize={resize!r}; expected one of {RESIZE_MODES}")
+    if isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= MAX_SIZE:
+        raise ValueError(f"--size {size!r}; expected an int in 8..{MAX_SIZE}")
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or not 1 <= shard_size <= MAX_SHARD_SIZE:
+        raise ValueError(f"--shard-size {shard_size!r}; expected an int in 1..{MAX_SHARD_SIZE}")
+    if voi not in VOI_MODES:
+        raise ValueError(f"voi={voi!r}; expected one of {VOI_MODES}")
+    for name, value in (("uncertain", uncertain), ("blank", blank)):
+        if value not in LABEL_POLICIES:
+            raise ValueError(f"{name}={value!r}; expected one of {sorted(LABEL_POLICIES)}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise ValueError(f"--workers {workers!r}; expected an int >= 0 (0 or 1: no worker processes)")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out!r} is a file; expected a directory (created if missing)")
+    return (os.cpu_count() or 1) if workers is None else workers
+
+
+def build_table(source, options: TableOptions, scan: bool | None = None) -> StudyTable:
+    """``source`` (a directory, "KIND:DIR", or a list of them) -> the (pooled) table.
+    ``scan`` True/False forces a bare directory to dicom-scan / mimic-dicom."""
+    specs = [source] if isinstance(source, (str, os.PathLike, SourceSpec)) else list(source)
+    specs = [parse_source(s) for s in specs]
+    if scan is not None:
+        kind = "dicom-scan" if scan else "mimic-dicom"
+        specs = [SourceSpec(kind, s.root) if s.kind == "auto" else s for s in specs]
+    table = load_sources(specs, options)
+    if not any(True for _ in table.images()):
+        listed = f"; {len(table.rejects)} files or rows rejected, first: {table.rejects[0]}" if table.rejects else ""
+        raise DataError(", ".join(str(s.root) for s in specs), f"no images found{listed}")
+    return table
+
+
+def _open_output(out: str, config: dict, inputs: Sequence[str], overwrite: bool) -> None:
+    """Under the output lock: remove a killed run's temporaries; resume a cache of the
+    same settings and CSV inputs, refuse another one naming the differences (or with
+    ``overwrite`` clear it)."""
+    from fastssl.jobs import (JobFingerprint, check_resume, clear_outputs, fingerprint_files, remove_stale_tmp,
+                              write_fingerprint)
+
+    for folder in (out, os.path.join(out, "parts")):
+        remove_stale_tmp(folder)
+    fingerprint = JobFingerprint("prepare", config, fingerprint_files(sorted(set(inputs))))
+    if check_resume(out, fingerprint, overwrite=overwrite) == "new":
+        clear_outputs(out)
+        write_fingerprint(out, fingerprint)
+    os.makedirs(os.path.join(out, "parts"), exist_ok=True)
+
+
 def prepare_cache(
-    source: str | os.PathLike,
+    source,
     out: str | os.PathLike,
     *,
     size: int = 256,
@@ -222,102 +270,107 @@ def prepare_cache(
     overwrite: bool = False,
     progress: bool = True,
     table: StudyTable | None = None,
+    holdout: tuple[float, float] = (0.05, 0.05),
+    seed: int | None = None,
+    labels_csv: str | os.PathLike | None = None,
+    split_csv: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Convert every image of a MIMIC-CXR-shaped dataset once into a shard cache.
+    """Convert every image of one or more datasets once into a shard cache.
 
     Args:
-        source: dataset root: the MIMIC-CXR CSVs + ``files/`` (read with
-            :func:`load_mimic_csv`), or any DICOM tree (headers scanned).
+        source: a dataset root, "KIND:DIR" (kinds in :mod:`fastssl.data.sources`), or a
+            list of them, pooled into one cache with a ``dataset`` column. A bare
+            directory is read with its MIMIC-CXR CSVs when it has them, else scanned.
         out: cache directory (created).
-        size: side S of the stored square images.
+        size: side S of the stored square images (8..8192).
         dtype: "uint8" or "uint16" (the [0, 1] image times 255 or 65535, rounded).
         resize: "pad" (keep the whole film, black bars) or "crop" (centred square).
         shard_size: images per ``shard_XXXXX.npy`` (n, S, S).
         workers: conversion processes (default: all cores; 0 or 1: in this process).
-        voi: passed to :func:`read_dicom` ("auto" | "none" | "minmax").
+        voi: "auto" | "none" | "minmax", for DICOM (:func:`read_dicom`) and PNG/JPEG
+            (:func:`fastssl.data.images.read_image`).
         uncertain, blank, label_source, frontal_order, lateral_views: study table options.
-        scan: force (True) or forbid (False) the header scan; default: scan when no
-            metadata CSV is in ``source``.
+        scan: force (True) or forbid (False) the header scan of a bare directory.
         overwrite: replace a cache built with other settings (else a ValueError).
         progress: a tqdm bar (only when stderr is a terminal).
         table: a ready StudyTable (then source is only recorded).
+        holdout, seed: (validate, test) patient fractions and the seed of the hash split
+            for datasets without an official split.
+        labels_csv, split_csv: the user's labels / split for a scanned DICOM tree.
     Returns:
         Summary dict: images, written, rejects, shards, shards_skipped, seconds,
-        images_per_s, pixel_mean, pixel_std, out.
+        images_per_s, pixel_mean, pixel_std, out, datasets.
     Raises:
         ValueError: a bad argument, or an existing cache with other settings.
-        DataError: unreadable CSVs.
+        DataError: unreadable CSVs, or no image at all in the sources.
     """
-    source, out = os.fspath(source), os.fspath(out)
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}; expected one of {sorted(DTYPES)}")
-    if resize not in RESIZE_MODES:
-        raise ValueError(f"resize={resize!r}; expected one of {RESIZE_MODES}")
-    if not isinstance(size, int) or size < 8:
-        raise ValueError(f"size={size!r}; expected an int >= 8")
-    if not isinstance(shard_size, int) or shard_size < 1:
-        raise ValueError(f"shard_size={shard_size!r}; expected an int >= 1")
-    from fastssl.data.dicom import VOI_MODES
+    out = os.fspath(out)
+    workers = _check_settings(out, size, dtype, resize, shard_size, workers, voi, uncertain, blank)
+    options = TableOptions(uncertain=uncertain, blank=blank, label_source=label_source,
+                           frontal_order=tuple(v.strip().upper() for v in frontal_order),
+                           lateral_views=tuple(v.strip().upper() for v in lateral_views), workers=workers,
+                           holdout=tuple(holdout), seed=seed,
+                           labels_csv=os.fspath(labels_csv) if labels_csv else None,
+                           split_csv=os.fspath(split_csv) if split_csv else None)
+    # The settings that change a shard's bytes or the index's rows (with the plan's hash).
+    settings = dict(format_version=FORMAT_VERSION, size=size, dtype=dtype, resize=resize, shard_size=shard_size,
+                    voi=voi, uncertain=uncertain, blank=blank, label_source=label_source,
+                    frontal_order=list(options.frontal_order), lateral_views=list(options.lateral_views))
+    from fastssl.jobs import OutputLock
 
-    if voi not in VOI_MODES:
-        raise ValueError(f"voi={voi!r}; expected one of {VOI_MODES}")
-    for name, value in (("uncertain", uncertain), ("blank", blank)):
-        if value not in LABEL_POLICIES:
-            raise ValueError(f"{name}={value!r}; expected one of {sorted(LABEL_POLICIES)}")
-    workers = (os.cpu_count() or 1) if workers is None else int(workers)
+    with OutputLock(out):  # a second prepare into the same --out fails at once
+        if table is None:
+            table = build_table(source, options, scan)
+        sources = [str(x) for x in ([source] if isinstance(source, (str, os.PathLike)) else source)]
+        return _prepare_table(table, out, settings, sources, workers, progress, overwrite)
+
+
+def _prepare_table(table: StudyTable, out: str, settings: dict, sources: list[str], workers: int,
+                   progress: bool, overwrite: bool) -> dict[str, Any]:
+    """prepare_cache's work on a ready table, under the output lock."""
     start = time.perf_counter()
-
-    if table is None:
-        if not os.path.isdir(source):
-            raise ValueError(f"source={source!r} is not a directory")
-        use_scan = scan if scan is not None else find_csv(source, "metadata") is None
-        if use_scan:
-            log.info("%s: no metadata CSV, scanning DICOM headers", source)
-            table = scan_dicom_tree(source, workers=workers, frontal_order=frontal_order,
-                                    lateral_views=lateral_views, blank=blank)
-        else:
-            table = load_mimic_csv(source, label_source=label_source, frontal_order=frontal_order,
-                                   lateral_views=lateral_views, uncertain=uncertain, blank=blank)
     log.info("study table: %s", table.format_summary().replace("\n", "; "))
     if not table.studies:   # an empty cache would "succeed" and fail later, far from the cause
         raise ValueError(f"{table.root}: no usable DICOM study ({len(table.rejects)} files rejected); nothing to prepare")
     plan = _plan(table)
+    size, shard_size = settings["size"], settings["shard_size"]
     n_shards = (len(plan) + shard_size - 1) // shard_size
-    config = dict(
-        format_version=FORMAT_VERSION, size=size, dtype=dtype, resize=resize, shard_size=shard_size,
-        voi=voi, uncertain=uncertain, blank=blank, label_source=label_source,
-        frontal_order=[v.upper() for v in frontal_order], lateral_views=[v.upper() for v in lateral_views],
-        n_images=len(plan), n_shards=n_shards, plan_sha256=_plan_sha(plan),
-    )
-
-    os.makedirs(os.path.join(out, "parts"), exist_ok=True)
+    config = dict(settings, n_images=len(plan), n_shards=n_shards, plan_sha256=_plan_sha(plan))
+    datasets = sorted({st.dataset for st in table.studies})
+    _open_output(out, config, table.inputs, overwrite)
+    about = dict(source=os.path.abspath(table.root) if table.root else "", datasets=datasets, sources=sources)
     manifest_path = os.path.join(out, "manifest.json")
-    if os.path.isfile(manifest_path):
-        old = read_manifest(out)
-        diff = {k: (old.get(k), config[k]) for k in _CONFIG_KEYS if old.get(k) != config[k]}
-        if diff:
-            if not overwrite:
-                lines = ", ".join(f"{k}: cache has {a!r}, asked {b!r}" for k, (a, b) in diff.items())
-                raise ValueError(f"{out} holds a cache built with other settings ({lines}); "
-                                 "pass overwrite=True (--overwrite) or choose another output directory")
-            log.warning("%s: overwriting a cache built with other settings (%s)", out, sorted(diff))
-            _clear(out)
-            os.makedirs(os.path.join(out, "parts"), exist_ok=True)
-    for name in os.listdir(out):  # temporaries of a killed run
-        if ".tmp" in name:
-            os.remove(os.path.join(out, name))
-    _write_json(manifest_path, dict(config, source=os.path.abspath(table.root), complete=False))
-
+    atomic_write_json(manifest_path, dict(config, **about, complete=False))
     bounds = [(k * shard_size, min(len(plan), (k + 1) * shard_size)) for k in range(n_shards)]
     todo = [k for k, (a, b) in enumerate(bounds) if not _shard_done(out, k, b - a, config)]
-    skipped = n_shards - len(todo)
-    if skipped:
-        log.info("%s: %d of %d shards already done, skipped", out, skipped, n_shards)
-    tasks = [(plan[i][0], size, dtype, resize, voi) for k in todo for i in range(*bounds[k])]
-    kill_after = int(os.environ.get(_KILL_ENV, "0") or 0)
+    if n_shards - len(todo):
+        log.info("%s: %d of %d shards already done, skipped", out, n_shards - len(todo), n_shards)
+    tasks = [(plan[i][0], size, settings["dtype"], settings["resize"], settings["voi"],
+              tuple(map(tuple, plan[i][1]["pixel"]))) for k in todo for i in range(*bounds[k])]
+    _convert_shards(out, plan, bounds, todo, tasks, config, workers, progress)
+    written, rejected, mean, std = _merge_parts(out, n_shards, table.rejects, size)
+    if not written:  # an empty cache would only fail later, in pretrain or probe
+        raise DataError(out, f"none of the {len(plan)} images could be read; the reasons are in rejects.csv")
+    seconds = time.perf_counter() - start
+    summary = dict(
+        out=out, images=len(plan), written=written, rejects=rejected, shards=n_shards,
+        shards_skipped=n_shards - len(todo), seconds=round(seconds, 3),
+        images_per_s=round(len(tasks) / seconds, 1) if seconds > 0 else 0.0,
+        pixel_mean=round(mean, 6), pixel_std=round(std, 6), workers=workers, datasets=datasets,
+    )
+    atomic_write_json(manifest_path, dict(config, **about, complete=True, written=written, rejects=rejected,
+                                          pixel_mean=summary["pixel_mean"], pixel_std=summary["pixel_std"]))
+    return summary
 
+
+def _convert_shards(out: str, plan: list, bounds: list, todo: list[int], tasks: list, config: dict,
+                    workers: int, progress: bool) -> None:
+    """Read, resize and store the images of the shards in ``todo``; each shard's part
+    file (its index rows and rejects) is written last, marking it done."""
     from tqdm import tqdm
 
+    size, dtype = config["size"], config["dtype"]
+    kill_after = int(os.environ.get(_KILL_ENV, "0") or 0)
     bar = tqdm(total=len(tasks), unit="img", desc="prepare", dynamic_ncols=True,
                disable=not progress or not sys.stderr.isatty())
     written = 0
@@ -340,13 +393,10 @@ def prepare_cache(
                     rejects.append([path, reason])
                     continue
                 shard[i - a] = image
-                rows.append([k, i - a, fields["study_id"], fields["subject_id"], fields["dicom_id"],
-                             fields["view"], fields["view_position"], fields["split"], *fields["labels"],
-                             fields["path"]])
+                rows.append(_index_row(k, i - a, fields))
                 s1, s2 = s1 + t1, s2 + t2
             _replace_atomically(os.path.join(out, shard_name(k)), lambda h, arr=shard: np.save(h, arr))
-            # The part file is written last: its presence marks the shard finished.
-            _write_json(os.path.join(out, "parts", f"shard_{k:05d}.json"), dict(
+            atomic_write_json(os.path.join(out, "parts", f"shard_{k:05d}.json"), dict(
                 plan_sha256=config["plan_sha256"], n=b - a, rows=rows, rejects=rejects,
                 pixel_sum=s1, pixel_sumsq=s2))
             written += 1
@@ -358,8 +408,10 @@ def prepare_cache(
             pool.terminate()
             pool.join()
 
-    # Merge the parts (all shards are done now) into the index and the rejects table.
-    index_rows, reject_rows, s1, s2, n_ok = [], [], 0.0, 0.0, 0
+
+def _merge_parts(out: str, n_shards: int, table_rejects: list, size: int) -> tuple[int, int, float, float]:
+    """All parts -> index.csv and rejects.csv; returns (written, rejected, pixel mean, std)."""
+    index_rows, reject_rows, s1, s2 = [], [list(r) for r in table_rejects], 0.0, 0.0
     for k in range(n_shards):
         with open(os.path.join(out, "parts", f"shard_{k:05d}.json"), encoding="utf-8") as handle:
             part = json.load(handle)
@@ -367,24 +419,11 @@ def prepare_cache(
             index_rows.append([len(index_rows), *row])
         reject_rows.extend(part["rejects"])
         s1, s2 = s1 + part["pixel_sum"], s2 + part["pixel_sumsq"]
-    reject_rows = [list(r) for r in table.rejects] + reject_rows
     _write_csv(os.path.join(out, "index.csv"), INDEX_COLUMNS, index_rows)
     _write_csv(os.path.join(out, "rejects.csv"), ["path", "reason"], reject_rows)
     n_px = max(1, len(index_rows)) * size * size
     mean = s1 / n_px
-    std = float(np.sqrt(max(0.0, s2 / n_px - mean * mean)))
-    seconds = time.perf_counter() - start
-    n_done = len(tasks)
-    summary = dict(
-        out=out, images=len(plan), written=len(index_rows), rejects=len(reject_rows), shards=n_shards,
-        shards_skipped=skipped, seconds=round(seconds, 3),
-        images_per_s=round(n_done / seconds, 1) if seconds > 0 else 0.0,
-        pixel_mean=round(mean, 6), pixel_std=round(std, 6), workers=workers,
-    )
-    _write_json(manifest_path, dict(config, source=os.path.abspath(table.root), complete=True,
-                                     written=len(index_rows), rejects=len(reject_rows),
-                                     pixel_mean=summary["pixel_mean"], pixel_std=summary["pixel_std"]))
-    return summary
+    return len(index_rows), len(reject_rows), mean, float(np.sqrt(max(0.0, s2 / n_px - mean * mean)))
 
 
 # ---------------------------------------------------------------- reading a cache
@@ -405,7 +444,8 @@ class CacheIndex:
     """index.csv as arrays (one entry per stored image, in index order).
 
     shard, offset: (n,) int32; labels: (n, 14) int8; the string columns are numpy
-    unicode arrays (fixed width, never pickled objects).
+    unicode arrays (fixed width, never pickled objects). ``dataset``, ``view_source``
+    and ``other_labels`` are "" in a format-1 cache.
     """
 
     cache_dir: str
@@ -420,9 +460,27 @@ class CacheIndex:
     split: np.ndarray
     labels: np.ndarray
     path: np.ndarray
+    dataset: np.ndarray | None = None
+    view_source: np.ndarray | None = None
+    other_labels: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.shard.size)
+
+    def select(self, split=None, dataset=None) -> np.ndarray:
+        """(n,) bool: rows in ``split`` and ``dataset`` (each a name, a list of names, or
+        None for all). ValueError names a dataset this cache does not hold."""
+        mask = np.ones(len(self), dtype=bool)
+        if split is not None:
+            mask &= np.isin(self.split, [split] if isinstance(split, str) else list(split))
+        if dataset is not None:
+            wanted = [dataset] if isinstance(dataset, str) else list(dataset)
+            have = sorted(set(self.dataset.tolist()))
+            missing = [d for d in wanted if d not in have]
+            if missing:
+                raise ValueError(f"dataset={dataset!r}: {missing} not in this cache (has {have})")
+            mask &= np.isin(self.dataset, wanted)
+        return mask
 
 
 def read_index(cache_dir: str | os.PathLike) -> CacheIndex:
@@ -432,18 +490,22 @@ def read_index(cache_dir: str | os.PathLike) -> CacheIndex:
     path = os.path.join(cache_dir, "index.csv")
     if not manifest.get("complete") or not os.path.isfile(path):
         raise DataError(cache_dir, "cache is not complete; rerun `fastssl prepare` with the same settings")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(cache_dir, f"cache format {manifest.get('format_version')}, this fastssl reads {FORMAT_VERSION}")
+    version = manifest.get("format_version")
+    if version not in (1, FORMAT_VERSION):
+        raise DataError(cache_dir, f"cache format {version}, this fastssl reads 1..{FORMAT_VERSION}")
+    expected = INDEX_COLUMNS if version == FORMAT_VERSION else [c for c in INDEX_COLUMNS if c not in _V2_COLUMNS]
     with open(path, encoding="utf-8", newline="") as handle:
         reader = csv.reader(handle)
         header = next(reader, None)
-        if header != INDEX_COLUMNS:
-            raise DataError(path, f"unexpected columns {header}; expected {INDEX_COLUMNS}")
+        if header != expected:
+            raise DataError(path, f"unexpected columns {header}; expected {expected}")
         rows = list(reader)
-    col = {name: i for i, name in enumerate(INDEX_COLUMNS)}
+    col = {name: i for i, name in enumerate(header)}
     lab = [col[name] for name in CHEXPERT_LABELS]
 
     def strings(name):
+        if name not in col:
+            return np.full(len(rows), "", dtype="<U1")
         return np.array([r[col[name]] for r in rows], dtype=str) if rows else np.zeros(0, dtype="<U1")
 
     return CacheIndex(
@@ -453,7 +515,8 @@ def read_index(cache_dir: str | os.PathLike) -> CacheIndex:
         study_id=strings("study_id"), subject_id=strings("subject_id"), dicom_id=strings("dicom_id"),
         view=strings("view"), view_position=strings("view_position"), split=strings("split"),
         labels=np.array([[int(r[i]) for i in lab] for r in rows], dtype=np.int8).reshape(len(rows), len(lab)),
-        path=strings("path"),
+        path=strings("path"), dataset=strings("dataset"), view_source=strings("view_source"),
+        other_labels=strings("other_labels"),
     )
 
 
@@ -468,28 +531,50 @@ def open_shard(cache_dir: str | os.PathLike, k: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- CLI
 
+class _SourcesAction(argparse.Action):
+    """--source, repeatable; sources given on the command line replace those of a
+    --config file (whose ``source:`` may be one string or a list)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest, None)
+        fresh = current is None or current is self.default or isinstance(current, str)
+        setattr(namespace, self.dest, ([] if fresh else list(current)) + [values])
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", required=True, help="dataset root: MIMIC-CXR CSVs + files/, or any DICOM tree")
+    parser.add_argument("--source", required=True, action=_SourcesAction, metavar="[KIND:]DIR",
+                        help="a dataset: KIND is one of " + ", ".join(SOURCE_KINDS) + "; a bare DIR is MIMIC-CXR "
+                        "(its CSVs + files/) or any DICOM tree. Repeat to pool datasets into one cache")
     parser.add_argument("--out", required=True, help="cache directory (created; rerun to resume)")
-    parser.add_argument("--size", type=int, default=256, help="side of the stored square images")
+    parser.add_argument("--size", type=int, default=256, help=f"side of the stored square images (8..{MAX_SIZE})")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="uint8", help="stored pixel type")
     parser.add_argument("--resize", choices=RESIZE_MODES, default="pad",
                         help="keep the aspect ratio by padding (whole film) or by a centred square crop")
     parser.add_argument("--shard-size", type=int, default=1024, help="images per .npy shard")
     parser.add_argument("--workers", type=int, default=None, help="conversion processes (default: all cores)")
     parser.add_argument("--voi", choices=("auto", "none", "minmax"), default="auto",
-                        help="VOI: LUT/window from the file (auto), full stored range (none), image min..max")
+                        help="VOI: LUT/window from the file or the dataset's CSV (auto), full stored range "
+                             "(none), image min..max")
     parser.add_argument("--uncertain", choices=sorted(LABEL_POLICIES), default="zeros",
                         help="uncertain (-1) CheXpert labels become 0, 1 or -1 (ignore)")
     parser.add_argument("--blank", choices=sorted(LABEL_POLICIES), default="zeros",
                         help="blank CheXpert labels become 0, 1 or -1 (ignore)")
     parser.add_argument("--labels", dest="label_source", choices=("chexpert", "negbio"), default="chexpert",
-                        help="which labels CSV to read")
+                        help="which MIMIC-CXR labels CSV to read")
+    parser.add_argument("--labels-csv", default=None,
+                        help="your labels for a dicom-scan (study_id + the 14 CheXpert columns) or "
+                             "chexpert-plus (path_to_image + the 14) source")
+    parser.add_argument("--split-csv", default=None,
+                        help="your split for a dicom-scan source: subject_id (or study_id) + split")
+    parser.add_argument("--holdout", default="0.05,0.05",
+                        help="validate,test patient fractions for datasets without an official split")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the patient-level hash split (default: the unseeded hash)")
     parser.add_argument("--frontal-order", default=",".join(FRONTAL_VIEWS),
                         help="frontal ViewPositions, preferred first (comma-separated)")
     parser.add_argument("--lateral-views", default=",".join(LATERAL_VIEWS),
                         help="lateral ViewPositions (comma-separated)")
-    parser.add_argument("--scan", action="store_true", help="ignore the CSVs and pair by scanning DICOM headers")
+    parser.add_argument("--scan", action="store_true", help="ignore the CSVs of a bare DIR and scan DICOM headers")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a cache in --out that was built with other settings")
 
@@ -500,14 +585,26 @@ def _as_list(value) -> list[str]:
     return [v.strip() for v in str(value).split(",") if v.strip()]
 
 
+def _holdout(value) -> tuple[float, float]:
+    try:
+        parts = tuple(float(v) for v in _as_list(value))
+    except ValueError:
+        parts = ()
+    if len(parts) != 2:
+        raise ValueError(f"--holdout {value!r}; expected 'validate,test' fractions, e.g. 0.05,0.05")
+    return parts  # type: ignore[return-value]
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         summary = prepare_cache(
-            args.source, args.out, size=args.size, dtype=args.dtype, resize=args.resize,
+            [args.source] if isinstance(args.source, str) else list(args.source), args.out, size=args.size,
+            dtype=args.dtype, resize=args.resize,
             shard_size=args.shard_size, workers=args.workers, voi=args.voi, uncertain=args.uncertain,
             blank=args.blank, label_source=args.label_source, frontal_order=_as_list(args.frontal_order),
             lateral_views=_as_list(args.lateral_views), scan=True if args.scan else None,
-            overwrite=args.overwrite, progress=not args.quiet,
+            overwrite=args.overwrite, progress=not args.quiet, holdout=_holdout(args.holdout), seed=args.seed,
+            labels_csv=args.labels_csv, split_csv=args.split_csv,
         )
     except (ValueError, DataError) as exc:
         log.error("%s", exc)
@@ -515,6 +612,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"prepare: {summary['written']} of {summary['images']} images in {summary['shards']} shards "
         f"({summary['shards_skipped']} already done), {summary['rejects']} rejected (rejects.csv)\n"
+        f"         datasets: {', '.join(summary['datasets'])}\n"
         f"         {summary['seconds']:.1f} s, {summary['images_per_s']:.1f} images/s with "
         f"{summary['workers']} workers; pixel mean {summary['pixel_mean']:.4f} std {summary['pixel_std']:.4f}\n"
         f"         -> {summary['out']}"

@@ -5,6 +5,9 @@
   study), so any worker and any rerun draws the same).
 * :class:`SingleViewDataset`: one item per image (all views, or e.g. frontal only), for
   the unpaired baseline and for probing.
+* :class:`StudyViewsDataset`: one item per study with any image (the released MVMAE's
+  "FLU" policy): up to ``max_views`` view slots filled with the study's images (a seeded
+  random subset per epoch when it has more), an availability mask for the rest.
 
 Shards are memory-mapped lazily, once per process (DataLoader workers reopen them
 after fork). Batches are gathered with one fancy-index per shard: index a dataset with a
@@ -23,7 +26,7 @@ import torch
 from fastssl.data.cache import CacheIndex, open_shard, read_index
 from fastssl.data.mimic import VIEWS
 
-__all__ = ["PairedViewDataset", "SingleViewDataset", "make_loader", "VIEW_IDS"]
+__all__ = ["PairedViewDataset", "SingleViewDataset", "StudyViewsDataset", "make_loader", "VIEW_IDS"]
 
 # View-type ids for the model's view embedding: "other" views count as unknown.
 VIEW_IDS = {"frontal": 0, "lateral": 1, "other": 2, "unknown": 2}
@@ -121,6 +124,7 @@ class SingleViewDataset(_CacheDataset):
         cache_dir: a complete ``fastssl prepare`` cache.
         split: "train" | "validate" | "test", a list of them, or None for all.
         views: "all" or a subset of ("frontal", "lateral", "other", "unknown").
+        dataset: only rows of this dataset (or list) of a pooled cache, e.g. "mimic-cxr".
     Items:
         image: (1, S, S) uint8|uint16; labels: (14,) int8 (-1 = ignore);
         study_index: int64 index into ``self.study_ids``; view_id: int64 (VIEW_IDS).
@@ -128,13 +132,14 @@ class SingleViewDataset(_CacheDataset):
     """
 
     def __init__(self, cache_dir: str | os.PathLike, split: str | Sequence[str] | None = "train",
-                 views: str | Sequence[str] = "all"):
+                 views: str | Sequence[str] = "all", dataset: str | Sequence[str] | None = None):
         super().__init__(cache_dir)
         views = VIEWS if views == "all" else ((views,) if isinstance(views, str) else tuple(views))
         bad = sorted(set(views) - set(VIEWS))
         if bad:
             raise ValueError(f"views={views!r}: {bad} not in {VIEWS} (or 'all')")
         mask = _split_mask(self.index, split) & np.isin(self.index.view, list(views))
+        mask &= self.index.select(dataset=dataset)
         self.rows = np.flatnonzero(mask)
         self.study_ids, study_index = np.unique(self.index.study_id[self.rows], return_inverse=True)
         self.study_index = study_index.astype(np.int64).reshape(-1)
@@ -160,6 +165,7 @@ class PairedViewDataset(_CacheDataset):
         seed: the draw of a study's images depends only on (seed, epoch, study).
         preferred_only: always take the preferred image of each view (PA before AP,
             as ordered in the cache) instead of a random one.
+        dataset: only studies of this dataset (or list) of a pooled cache.
     Items:
         frontal, lateral: (1, S, S) uint8|uint16; labels: (14,) int8;
         study_index: int64 index into ``self.study_ids``.
@@ -169,10 +175,10 @@ class PairedViewDataset(_CacheDataset):
     """
 
     def __init__(self, cache_dir: str | os.PathLike, split: str | Sequence[str] | None = "train",
-                 seed: int = 0, preferred_only: bool = False):
+                 seed: int = 0, preferred_only: bool = False, dataset: str | Sequence[str] | None = None):
         super().__init__(cache_dir)
         index = self.index
-        rows = np.flatnonzero(_split_mask(index, split))
+        rows = np.flatnonzero(_split_mask(index, split) & index.select(dataset=dataset))
         # Group rows by study, keeping index order (preferred view first within a study).
         study_ids, inverse = np.unique(index.study_id[rows], return_inverse=True)
         inverse = inverse.reshape(-1)
@@ -208,9 +214,8 @@ class PairedViewDataset(_CacheDataset):
         nl = self.l_ptr[studies + 1] - self.l_ptr[studies]
         if self.preferred_only:
             return self.f_rows[self.f_ptr[studies]], self.l_rows[self.l_ptr[studies]]
-        mask = (1 << 64) - 1
+        key = _epoch_key(self.seed, epoch)
         with np.errstate(over="ignore"):
-            key = _splitmix64(np.array([(self.seed & mask) * 0x100000001B3 + (epoch & mask) & mask], dtype=np.uint64))
             s2 = studies.astype(np.uint64) * np.uint64(2)
             hf = _splitmix64(key ^ _splitmix64(s2))
             hl = _splitmix64(key ^ _splitmix64(s2 + np.uint64(1)))
@@ -225,6 +230,84 @@ class PairedViewDataset(_CacheDataset):
         f, l = self.choose(s)
         both = self._images(np.concatenate([f, l]))
         return both[: s.size], both[s.size:], torch.from_numpy(self.labels[s]), torch.from_numpy(s)
+
+
+def _epoch_key(seed: int, epoch: int) -> np.ndarray:
+    mask = (1 << 64) - 1
+    return _splitmix64(np.array([(seed & mask) * 0x100000001B3 + (epoch & mask) & mask], dtype=np.uint64))
+
+
+class StudyViewsDataset(_CacheDataset):
+    """Every study of a split that has an image, its images in view slots (released "FLU").
+
+    A study with n images fills min(n, max_views) slots in cache-index order; with more
+    than ``max_views`` images a random subset (seeded by (seed, epoch, study), like
+    PairedViewDataset's draw) is taken each epoch. Every image of every study is thus
+    reconstructed, single-image studies included; alignment covers the available pairs.
+
+    Args:
+        cache_dir: a complete ``fastssl prepare`` cache.
+        split: "train" | "validate" | "test", a list of them, or None for all.
+        max_views: slots per study (the released config: 3).
+        seed: the draw of a study's images depends only on (seed, epoch, study).
+        dataset: only studies of this dataset (or list) of a pooled cache.
+    Batches (``get_batch``):
+        images (B, V, 1, S, S) uint8|uint16 (missing slots are 0), available (B, V) bool,
+        views (B, V) int64 (VIEW_IDS; missing slots 0), labels (B, 14) int8,
+        study_index (B,) int64 into ``self.study_ids``.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike, split: str | Sequence[str] | None = "train",
+                 max_views: int = 3, seed: int = 0, dataset: str | Sequence[str] | None = None):
+        super().__init__(cache_dir)
+        if max_views < 1:
+            raise ValueError(f"max_views={max_views}; expected >= 1")
+        index = self.index
+        rows = np.flatnonzero(_split_mask(index, split) & index.select(dataset=dataset))
+        study_ids, inverse = np.unique(index.study_id[rows], return_inverse=True)
+        order = np.argsort(inverse.reshape(-1), kind="stable")  # index order within a study
+        self.rows = rows[order]
+        self.ptr = np.concatenate([[0], np.cumsum(np.bincount(inverse.reshape(-1),
+                                                              minlength=study_ids.size))]).astype(np.int64)
+        self.study_ids = study_ids
+        self.view_ids = np.array([VIEW_IDS[v] for v in index.view[self.rows]], dtype=np.int64)
+        self.labels = index.labels[self.rows[self.ptr[:-1]]]
+        self.max_views, self.seed, self.epoch = int(max_views), int(seed), 0
+
+    def __len__(self) -> int:
+        return int(self.study_ids.size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose draw the next iteration uses."""
+        self.epoch = int(epoch)
+
+    def slots(self, studies: np.ndarray, epoch: int | None = None) -> np.ndarray:
+        """(B,) study indices -> (B, max_views) positions into ``self.rows`` (-1 = empty)."""
+        epoch = self.epoch if epoch is None else epoch
+        out = np.full((studies.size, self.max_views), -1, dtype=np.int64)
+        key = _epoch_key(self.seed, epoch)
+        for i, s in enumerate(studies.tolist()):
+            lo, hi = int(self.ptr[s]), int(self.ptr[s + 1])
+            pos = np.arange(lo, hi)
+            if pos.size > self.max_views:
+                with np.errstate(over="ignore"):
+                    h = _splitmix64(key ^ _splitmix64(np.uint64(s) * np.uint64(0x9E3779B1) + pos.astype(np.uint64)))
+                pos = np.sort(pos[np.argsort(h, kind="stable")[: self.max_views]])
+            out[i, : pos.size] = pos
+        return out
+
+    def get_batch(self, indices):
+        """indices (B,) -> images (B, V, 1, S, S), available (B, V), views (B, V), labels (B, 14),
+        study_index (B,); one gather over the shards for the whole batch."""
+        s = _as_indices(indices, len(self))
+        pos = self.slots(s)
+        available = pos >= 0
+        flat = self._images(self.rows[pos[available]])                      # (N, 1, S, S)
+        images = torch.zeros((s.size, self.max_views) + tuple(flat.shape[1:]), dtype=flat.dtype)
+        mask = torch.from_numpy(available)
+        images[mask] = flat
+        views = np.where(available, self.view_ids[np.maximum(pos, 0)], 0)
+        return images, mask, torch.from_numpy(views), torch.from_numpy(self.labels[s]), torch.from_numpy(s)
 
 
 def make_loader(dataset: _CacheDataset, batch_size: int, *, shuffle: bool = True, drop_last: bool = True,

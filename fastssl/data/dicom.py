@@ -64,6 +64,9 @@ class DicomMeta:
     pixel_spacing: tuple[float, float] | None = None
     photometric_interpretation: str | None = None
     transfer_syntax: str | None = None
+    # Where a missing ViewPosition can be recovered from (fastssl.data.mimic.resolve_view).
+    procedure_description: str | None = None  # PerformedProcedureStepDescription
+    view_code_meaning: str | None = None  # ViewCodeSequence[0].CodeMeaning
 
 
 def _text(ds, keyword: str) -> str | None:
@@ -110,7 +113,16 @@ def _meta(ds, path: str) -> DicomMeta:
         pixel_spacing=spacing,
         photometric_interpretation=_text(ds, "PhotometricInterpretation"),
         transfer_syntax=tsyntax,
+        procedure_description=_text(ds, "PerformedProcedureStepDescription"),
+        view_code_meaning=_view_code_meaning(ds),
     )
+
+
+def _view_code_meaning(ds) -> str | None:
+    try:
+        return _text(ds.ViewCodeSequence[0], "CodeMeaning")
+    except Exception:  # absent, empty or malformed sequence
+        return None
 
 
 def _check_file(path: str, max_file_bytes: int) -> None:

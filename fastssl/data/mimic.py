@@ -31,9 +31,10 @@ import numpy as np
 from fastssl.errors import DataError
 
 __all__ = [
-    "CHEXPERT_LABELS", "FRONTAL_VIEWS", "LATERAL_VIEWS", "LABEL_POLICIES", "VIEWS",
+    "CHEXPERT_LABELS", "FRONTAL_VIEWS", "LATERAL_VIEWS", "LABEL_POLICIES", "VIEWS", "SPLITS",
     "ImageRecord", "Study", "StudyTable", "load_mimic_csv", "scan_dicom_tree",
-    "find_csv", "mimic_path", "parse_labels",
+    "find_csv", "mimic_path", "parse_labels", "resolve_view", "enforce_patient_splits",
+    "read_study_labels", "read_split_csv",
 ]
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ LATERAL_VIEWS = ("LATERAL", "LL")
 VIEWS = ("frontal", "lateral", "other", "unknown")
 # What uncertain (-1) and blank labels become: 0, 1, or -1 = "ignore" (a mask value).
 LABEL_POLICIES = {"zeros": 0, "ones": 1, "ignore": -1}
+# Split names, most held out first: a patient found in two splits goes to the first one.
+SPLITS = ("test", "validate", "train")
 
 _PREFIX = "mimic-cxr-2.0.0-"
 
@@ -63,6 +66,12 @@ class ImageRecord:
     view_position: str
     view: str  # one of VIEWS
     path: str
+    # Which field gave view_position: "ViewPosition", "ViewCodeSequence",
+    # "ProcedureDescription", a dataset's own column name, or "" (none: view unknown).
+    view_source: str = ""
+    # Reading hints for PNG/JPG pixels as (name, value) pairs, e.g. ("bits_stored", 12),
+    # ("monochrome1", True); see fastssl.data.images.read_image.
+    pixel: tuple = ()
 
 
 @dataclass
@@ -81,6 +90,10 @@ class Study:
     lateral: list[ImageRecord] = field(default_factory=list)
     other: list[ImageRecord] = field(default_factory=list)
     unknown: list[ImageRecord] = field(default_factory=list)
+    dataset: str = ""  # the source's dataset name ("mimic-cxr", "chexpert", ...)
+    # The dataset's own findings that map to none of the 14 labels (";"-joined), kept
+    # for users who want them (PadChest); "" for datasets labelled with the 14.
+    other_labels: str = ""
 
     @property
     def paired(self) -> bool:
@@ -97,6 +110,8 @@ class StudyTable:
     root: str
     studies: list[Study]
     rejects: list[tuple[str, str]] = field(default_factory=list)
+    dataset: str = ""
+    inputs: list[str] = field(default_factory=list)  # the CSVs it was read from (for resume identity)
 
     def images(self) -> Iterator[tuple[int, ImageRecord]]:
         """(study index, image) for every image, study by study, preferred views first."""
@@ -147,9 +162,10 @@ def classify_view(view_position: str | None, frontal_order: Sequence[str] = FRON
     return "other"
 
 
-def mimic_path(subject_id: str, study_id: str, dicom_id: str) -> str:
-    """The MIMIC-CXR relative path ``files/p1X/p<subject>/s<study>/<dicom_id>.dcm``."""
-    return f"files/p{subject_id[:2]}/p{subject_id}/s{study_id}/{dicom_id}.dcm"
+def mimic_path(subject_id: str, study_id: str, dicom_id: str, suffix: str = ".dcm") -> str:
+    """The MIMIC-CXR relative path ``files/p1X/p<subject>/s<study>/<dicom_id>.dcm``
+    (``.jpg`` in MIMIC-CXR-JPG)."""
+    return f"files/p{subject_id[:2]}/p{subject_id}/s{study_id}/{dicom_id}{suffix}"
 
 
 def find_csv(root: str | os.PathLike, name: str) -> str | None:
@@ -211,6 +227,40 @@ def parse_labels(row: dict[str, str], *, uncertain: str = "zeros", blank: str = 
     return out
 
 
+_VIEW_CODE_WORDS = (  # ViewCodeSequence CodeMeaning -> ViewPosition (first match wins)
+    ("postero-anterior", "PA"), ("posteroanterior", "PA"), ("antero-posterior", "AP"),
+    ("anteroposterior", "AP"), ("left lateral", "LL"), ("latero-lateral", "LATERAL"),
+    ("lateral", "LATERAL"),
+)
+_PROCEDURE_VIEWS = (("PA", re.compile(r"\bPA\b")), ("AP", re.compile(r"\bAP\b")),
+                    ("LATERAL", re.compile(r"\bLAT(ERAL)?\b")))
+
+
+def resolve_view(view_position: str | None, *, view_code: str | None = None,
+                 procedure: str | None = None) -> tuple[str, str]:
+    """The ViewPosition of an image, from the first field that states it.
+
+    1. ``view_position`` (tag (0018,5101) or the CSV column) when not blank;
+    2. ``view_code``: the ViewCodeSequence CodeMeaning ("postero-anterior" -> PA,
+       "antero-posterior" -> AP, "left lateral" -> LL, other "lateral" -> LATERAL);
+    3. ``procedure``: the PerformedProcedureStepDescription when it names exactly one
+       view ("CHEST (PORTABLE AP)" -> AP); "CHEST (PA AND LAT)" names two and says
+       nothing about one image.
+    Returns (view_position, source field) or ("", "") when none says.
+    """
+    vp = (view_position or "").strip().upper()
+    if vp:
+        return vp, "ViewPosition"
+    code = (view_code or "").strip().lower()
+    for words, position in _VIEW_CODE_WORDS:
+        if words in code:
+            return position, "ViewCodeSequence"
+    named = [position for position, pattern in _PROCEDURE_VIEWS if pattern.search((procedure or "").upper())]
+    if len(named) == 1:
+        return named[0], "ProcedureDescription"
+    return "", ""
+
+
 def _sort_views(study: Study, frontal_order: Sequence[str], lateral_views: Sequence[str]) -> None:
     # PA before AP (or the configured order); ties by dicom_id so the order is stable.
     rank_f = {v: i for i, v in enumerate(frontal_order)}
@@ -231,6 +281,71 @@ def _normalise_views(frontal_order, lateral_views) -> tuple[tuple[str, ...], tup
     return frontal, lateral
 
 
+def finish_table(root: str, studies: Iterable[Study], rejects: list[tuple[str, str]], *,
+                 frontal_order: Sequence[str] = FRONTAL_VIEWS, lateral_views: Sequence[str] = LATERAL_VIEWS,
+                 dataset: str = "", inputs: Iterable[str | None] = ()) -> StudyTable:
+    """Sort each study's views and the studies, enforce patient-level splits, name the
+    dataset, record the CSVs read (``inputs``): the last step of every source."""
+    studies = list(studies)
+    for study in studies:
+        _sort_views(study, frontal_order, lateral_views)
+        study.dataset = study.dataset or dataset
+    enforce_patient_splits(studies, source=root)
+    ordered = sorted(studies, key=lambda s: (s.subject_id, s.study_id))
+    return StudyTable(root=root, studies=ordered, rejects=rejects, dataset=dataset,
+                      inputs=[os.fspath(p) for p in inputs if p])
+
+
+def enforce_patient_splits(studies: Sequence[Study], *, source: str = "") -> int:
+    """Put every patient in one split: a patient found in several goes wholly into the
+    most held-out one (test, then validate, then train, then others by name), so no
+    image of a test patient is ever trained on. Returns the number of studies moved."""
+    rank = {name: i for i, name in enumerate(SPLITS)}
+    chosen: dict[str, str] = {}
+    for study in studies:
+        have = chosen.get(study.subject_id)
+        if have is None or (rank.get(study.split, 99), study.split) < (rank.get(have, 99), have):
+            chosen[study.subject_id] = study.split
+    moved = 0
+    for study in studies:
+        if study.split != chosen[study.subject_id]:
+            study.split = chosen[study.subject_id]
+            moved += 1
+    if moved:
+        log.warning("%s: %d studies of patients found in two splits moved to the patient's most held-out split",
+                    source or "study table", moved)
+    return moved
+
+
+def read_study_labels(path: str, key: str = "study_id", *, uncertain: str = "zeros", blank: str = "zeros",
+                      ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """A labels CSV (``key`` column + the 14 CheXpert columns) -> ({key: (14,) int8},
+    {key of a bad row: "file:line: reason"}); a bad row is reported, never fatal."""
+    labels: dict[str, np.ndarray] = {}
+    bad: dict[str, str] = {}
+    for n, row in _read_csv(path, (key,) + CHEXPERT_LABELS):
+        ident = (row[key] or "").strip()
+        try:
+            labels[ident] = parse_labels(row, uncertain=uncertain, blank=blank, source=path, line=n)
+        except DataError as exc:
+            bad[ident] = f"{path}:{n}: {exc.reason}"
+    return labels, bad
+
+
+def read_split_csv(path: str) -> tuple[str, dict[str, str]]:
+    """A split CSV keyed by ``subject_id`` (whole patients, preferred) or ``study_id`` ->
+    (key column, {id: split}). The split column is ``split``; ``.csv`` or ``.csv.gz``."""
+    out: dict[str, str] = {}
+    key = None
+    for _, row in _read_csv(path, ("split",)):
+        if key is None:
+            key = "subject_id" if "subject_id" in row else "study_id" if "study_id" in row else ""
+            if not key:
+                raise DataError(path, f"needs a subject_id or study_id column beside split; found {sorted(row)}")
+        out[(row[key] or "").strip()] = (row["split"] or "").strip()
+    return key or "subject_id", out
+
+
 # ---------------------------------------------------------------- from the CSVs
 
 def load_mimic_csv(
@@ -245,8 +360,11 @@ def load_mimic_csv(
     uncertain: str = "zeros",
     blank: str = "zeros",
     check_files: bool = False,
+    suffix: str = ".dcm",
+    dataset: str = "mimic-cxr",
 ) -> StudyTable:
-    """Build the study table from the MIMIC-CXR CSVs.
+    """Build the study table from the MIMIC-CXR CSVs (the DICOM and the JPG releases
+    ship the same ones).
 
     Args:
         root: the dataset root (holding ``files/`` and, by default, the CSVs).
@@ -256,8 +374,13 @@ def load_mimic_csv(
         lateral_views: lateral ViewPositions (default LATERAL, LL).
         uncertain, blank: label policies, "zeros" (default) | "ones" | "ignore" (-1).
         check_files: stat every image; missing ones become rejects instead of images.
+        suffix: image file suffix: ".dcm" (MIMIC-CXR) or ".jpg" (MIMIC-CXR-JPG).
+        dataset: the name recorded in the cache's ``dataset`` column.
+    A blank ViewPosition is resolved from ViewCodeSequence_CodeMeaning, then from
+    PerformedProcedureStepDescription (:func:`resolve_view`). Rows with empty ids, a
+    repeated dicom_id, or (in the labels CSV) a bad label are listed in ``rejects``.
     Raises:
-        DataError: a CSV is missing, unreadable, lacks a column or has a bad label.
+        DataError: a CSV is missing, unreadable or lacks a column.
         ValueError: a bad policy or view list.
     """
     root = os.fspath(root)
@@ -278,28 +401,34 @@ def load_mimic_csv(
             splits[row["dicom_id"].strip()] = row["split"].strip()
     else:
         log.warning("%s: no split CSV; every study gets split 'train'", root)
+    rejects: list[tuple[str, str]] = []
     study_labels: dict[str, np.ndarray] = {}
+    bad_labels: dict[str, str] = {}  # study -> why its labels row is unusable: its images are rejected
     if labels is not None:
-        for n, row in _read_csv(labels, ("study_id",) + CHEXPERT_LABELS):
-            study_labels[row["study_id"].strip()] = parse_labels(
-                row, uncertain=uncertain, blank=blank, source=labels, line=n)
+        study_labels, bad_labels = read_study_labels(labels, uncertain=uncertain, blank=blank)
     else:
         log.warning("%s: no %s labels CSV; labels follow the blank policy (%s)", root, label_source, blank)
     no_labels = np.full(len(CHEXPERT_LABELS), LABEL_POLICIES[blank], dtype=np.int8)
 
     studies: dict[str, Study] = {}
-    rejects: list[tuple[str, str]] = []
+    seen: dict[str, str] = {}
     for n, row in _read_csv(metadata, ("dicom_id", "subject_id", "study_id", "ViewPosition")):
         dicom_id, subject, study_id = row["dicom_id"].strip(), row["subject_id"].strip(), row["study_id"].strip()
+        where = f"{metadata}:{n}"
         if not (dicom_id and subject and study_id):
-            rejects.append((f"{metadata}:{n}", "empty dicom_id, subject_id or study_id"))
+            rejects.append((where, "empty dicom_id, subject_id or study_id"))
             continue
-        path = mimic_path(subject, study_id, dicom_id)
+        if dicom_id in seen:
+            rejects.append((where, f"dicom_id {dicom_id} repeated (first at {seen[dicom_id]}); kept once"))
+            continue
+        seen[dicom_id] = where
+        path = mimic_path(subject, study_id, dicom_id, suffix)
+        if study_id in bad_labels:
+            rejects.append((os.path.join(root, path), f"labels CSV row unusable ({bad_labels[study_id]})"))
+            continue
         if check_files and not os.path.isfile(os.path.join(root, path)):
             rejects.append((os.path.join(root, path), "no such file"))
             continue
-        vp = (row["ViewPosition"] or "").strip().upper()
-        view = classify_view(vp, frontal_order, lateral_views)
         study = studies.get(study_id)
         if study is None:
             study = studies[study_id] = Study(
@@ -308,13 +437,14 @@ def load_mimic_csv(
             )
         if not study.split:  # a study's split is its images' split; take the first known one
             study.split = splits.get(dicom_id, "")
-        getattr(study, view).append(ImageRecord(dicom_id, study_id, subject, vp, view, path))
+        vp, source = resolve_view(row["ViewPosition"], view_code=row.get("ViewCodeSequence_CodeMeaning"),
+                                  procedure=row.get("PerformedProcedureStepDescription"))
+        view = classify_view(vp, frontal_order, lateral_views)
+        getattr(study, view).append(ImageRecord(dicom_id, study_id, subject, vp, view, path, source))
     for study in studies.values():
-        if not study.split:
-            study.split = "unknown"
-        _sort_views(study, frontal_order, lateral_views)
-    ordered = sorted(studies.values(), key=lambda s: (s.subject_id, s.study_id))
-    return StudyTable(root=root, studies=ordered, rejects=rejects)
+        study.split = study.split or "unknown"
+    return finish_table(root, studies.values(), rejects, frontal_order=frontal_order,
+                        lateral_views=lateral_views, dataset=dataset, inputs=(metadata, split, labels))
 
 
 # ---------------------------------------------------------------- from a DICOM tree
@@ -334,18 +464,34 @@ def _header(path: str) -> tuple[str, object]:
         return path, f"{type(exc).__name__}: {exc}"
 
 
-def list_dicom_files(root: str | os.PathLike, suffixes: Sequence[str] = (".dcm", ".dicom")) -> list[str]:
-    """Every file under root whose name ends with one of suffixes, sorted."""
+def list_dicom_files(root: str | os.PathLike, suffixes: Sequence[str] = (".dcm", ".dicom"),
+                     errors: list[tuple[str, str]] | None = None) -> list[str]:
+    """Every file under root whose name ends with one of suffixes, sorted.
+
+    A directory that cannot be listed is appended to ``errors`` as (path, OS error)
+    when a list is given (else it is logged): it is never skipped silently."""
     out = []
-    for folder, dirs, files in os.walk(os.fspath(root)):
+
+    def unreadable(exc: OSError) -> None:
+        reason = f"unreadable directory ({exc.strerror or type(exc).__name__})"
+        if errors is None:
+            log.warning("%s: %s", exc.filename, reason)
+        else:
+            errors.append((os.fspath(exc.filename), reason))
+
+    for folder, dirs, files in os.walk(os.fspath(root), onerror=unreadable):
         dirs.sort()
         out.extend(os.path.join(folder, f) for f in sorted(files) if f.lower().endswith(tuple(suffixes)))
     return out
 
 
-def hash_split(subject_id: str, validate: float = 0.05, test: float = 0.05) -> str:
-    """A deterministic split by patient (all studies of a patient fall together)."""
-    u = int.from_bytes(hashlib.sha1(subject_id.encode()).digest()[:8], "little") / 2**64
+def hash_split(subject_id: str, validate: float = 0.05, test: float = 0.05, seed: int | None = None) -> str:
+    """A deterministic split by patient (all studies of a patient fall together).
+
+    ``seed`` None keeps the historical (unseeded) assignment; another seed draws
+    another, equally patient-level, split."""
+    key = subject_id if seed is None else f"{int(seed)}:{subject_id}"
+    u = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "little") / 2**64
     return "test" if u < test else "validate" if u < test + validate else "train"
 
 
@@ -355,37 +501,50 @@ def scan_dicom_tree(
     workers: int | None = None,
     frontal_order: Sequence[str] = FRONTAL_VIEWS,
     lateral_views: Sequence[str] = LATERAL_VIEWS,
+    uncertain: str = "zeros",
     blank: str = "zeros",
     holdout: tuple[float, float] = (0.05, 0.05),
     paths: Sequence[str] | None = None,
+    labels_csv: str | os.PathLike | None = None,
+    split_csv: str | os.PathLike | None = None,
+    seed: int | None = None,
+    dataset: str = "dicom",
 ) -> StudyTable:
     """Pair a DICOM tree by StudyInstanceUID and ViewPosition, reading headers only.
 
     Args:
         root: the tree to scan (``*.dcm``, ``*.dicom``).
         workers: header-reading processes (default: all cores; 0 or 1: in this process).
-        blank: label policy for the (absent) labels: every label follows it.
+        uncertain, blank: label policies for ``labels_csv``; without it every label
+            follows ``blank``.
         holdout: (validate, test) fractions of patients; split by a hash of the patient
-            so that it is stable across runs and never splits a patient.
+            (and ``seed``) so that it is stable across runs and never splits a patient.
         paths: files to read instead of walking ``root``.
+        labels_csv: the user's labels: ``study_id`` + the 14 CheXpert columns.
+        split_csv: the user's split: ``subject_id`` (or ``study_id``) + ``split``; ids
+            it does not list fall back to the hash split.
+        seed: seeds the hash split (None: the historical unseeded one).
     Returns:
         A StudyTable; ``study_id`` / ``subject_id`` come from the MIMIC-CXR folders
         ``p<subject>/s<study>`` when the path has them, else StudyInstanceUID/PatientID.
-        ``dicom_id`` is the file name without its suffix.
+        A study is keyed by (patient, study): a file in another patient's folder whose
+        StudyInstanceUID collides stays with its folder's patient. ``dicom_id`` is the
+        file name without its suffix. Unreadable directories and files, and repeated
+        SOPInstanceUIDs (the first path in sorted order is kept), are in ``rejects``.
     """
     root = os.fspath(root)
     frontal_order, lateral_views = _normalise_views(frontal_order, lateral_views)
     fill = _check_policy("blank", blank)
-    files = list(paths) if paths is not None else list_dicom_files(root)
-    workers = (os.cpu_count() or 1) if workers is None else workers
-    if workers <= 1 or len(files) < 64:  # a pool costs more than it saves on a few files
-        results = [_header(p) for p in files]
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(_header, files, chunksize=max(1, min(256, len(files) // (4 * workers)))))
-
-    studies: dict[str, Study] = {}
+    _check_policy("uncertain", uncertain)
     rejects: list[tuple[str, str]] = []
+    files = list(paths) if paths is not None else list_dicom_files(root, errors=rejects)
+    results = _read_headers(files, workers)
+    user_labels, bad_labels = ({}, {}) if labels_csv is None else read_study_labels(
+        os.fspath(labels_csv), uncertain=uncertain, blank=blank)
+    split_key, user_splits = ("", {}) if split_csv is None else read_split_csv(os.fspath(split_csv))
+
+    studies: dict[tuple[str, str], Study] = {}
+    first_sop: dict[str, str] = {}
     for path, meta in results:
         if isinstance(meta, str):
             rejects.append((path, meta))
@@ -393,22 +552,39 @@ def scan_dicom_tree(
         rel = os.path.relpath(path, root)
         m = _MIMIC_RE.search(rel)
         subject = m.group(1) if m else (meta.patient_id or "")
-        key = meta.study_instance_uid or (f"s{m.group(2)}" if m else None)
-        if key is None:
+        uid = meta.study_instance_uid or (f"s{m.group(2)}" if m else None)
+        if uid is None:
             rejects.append((path, "no StudyInstanceUID (and not in a p<subject>/s<study> folder)"))
             continue
-        study = studies.get(key)
+        if meta.sop_instance_uid and meta.sop_instance_uid in first_sop:
+            rejects.append((path, f"duplicate SOPInstanceUID of {first_sop[meta.sop_instance_uid]}; kept once"))
+            continue
+        study_id = m.group(2) if m else uid
+        if study_id in bad_labels:
+            rejects.append((path, f"labels CSV row unusable ({bad_labels[study_id]})"))
+            continue
+        first_sop.setdefault(meta.sop_instance_uid or path, path)
+        study = studies.get((subject, uid))
         if study is None:
-            study_id = m.group(2) if m else key
-            study = studies[key] = Study(
-                study_id=study_id, subject_id=subject, split=hash_split(subject, *holdout),
-                labels=np.full(len(CHEXPERT_LABELS), fill, dtype=np.int8),
+            key = subject if split_key == "subject_id" else study_id
+            study = studies[(subject, uid)] = Study(
+                study_id=study_id, subject_id=subject,
+                split=user_splits.get(key) or hash_split(subject, *holdout, seed=seed),
+                labels=user_labels.get(study_id, np.full(len(CHEXPERT_LABELS), fill, dtype=np.int8)).copy(),
             )
-        vp = meta.view_position or ""
+        vp, source = resolve_view(meta.view_position, view_code=meta.view_code_meaning,
+                                  procedure=meta.procedure_description)
         view = classify_view(vp, frontal_order, lateral_views)
         dicom_id = os.path.splitext(os.path.basename(path))[0]
-        getattr(study, view).append(ImageRecord(dicom_id, study.study_id, study.subject_id, vp, view, rel))
-    for study in studies.values():
-        _sort_views(study, frontal_order, lateral_views)
-    ordered = sorted(studies.values(), key=lambda s: (s.subject_id, s.study_id))
-    return StudyTable(root=root, studies=ordered, rejects=rejects)
+        getattr(study, view).append(ImageRecord(dicom_id, study.study_id, study.subject_id, vp, view, rel, source))
+    return finish_table(root, studies.values(), rejects, frontal_order=frontal_order,
+                        lateral_views=lateral_views, dataset=dataset, inputs=(labels_csv, split_csv))
+
+
+def _read_headers(files: Sequence[str], workers: int | None) -> list[tuple[str, object]]:
+    """(path, DicomMeta or reject reason) for every file, in order."""
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    if workers <= 1 or len(files) < 64:  # a pool costs more than it saves on a few files
+        return [_header(p) for p in files]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(_header, files, chunksize=max(1, min(256, len(files) // (4 * workers)))))

@@ -6,6 +6,10 @@
     DIR/mimic-cxr-2.0.0-metadata.csv.gz   DIR/mimic-cxr-2.0.0-split.csv.gz
     DIR/mimic-cxr-2.0.0-chexpert.csv.gz   DIR/phantom_truth.csv   DIR/phantom_config.json
 
+``--layout mimic-jpg|chexpert|padchest`` writes the same studies in that dataset's files
+and CSVs instead (:mod:`fastssl.data.phantom_layouts`); ``phantom_truth.csv`` then holds
+the ids, views and labels a reader of that layout must find.
+
 Each study is a 3-D thorax with findings placed in 3-D (see
 :mod:`fastssl.data.phantom_anatomy`), projected into a frontal (PA/AP) and/or a lateral
 view, so a finding shows in both. Files are real Part-10 DICOM (Explicit VR Little
@@ -39,6 +43,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from fastssl.data import phantom_layouts
 from fastssl.data.phantom_anatomy import (
     DEFAULT_FINDING_RATES,
     FINDINGS,
@@ -60,7 +65,7 @@ METADATA_COLUMNS = (
     "Rows", "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",
     "ViewCodeSequence_CodeMeaning", "PatientOrientationCodeSequence_CodeMeaning",
 )
-TRUTH_COLUMNS = ("dicom_id", "study_id", "subject_id", "view", "view_position", "corrupt", "findings")
+TRUTH_COLUMNS = phantom_layouts.TRUTH_COLUMNS
 CORRUPT_KINDS = ("truncated", "no pixel data", "unsupported transfer syntax (JPEG 2000)")
 
 DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
@@ -68,7 +73,7 @@ CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"  # Computed Radiography Image Storage
 JPEG2000 = "1.2.840.10008.1.2.4.90"  # JPEG 2000 Image Compression (Lossless Only)
 # Fixed so that files are byte-identical across runs (2.25 = UUID-derived root).
 IMPLEMENTATION_UID = "2.25.176585463121092755302290137931473461870"
-FORMAT_VERSION = 1  # bump when the same seed would produce different files
+FORMAT_VERSION = 2  # bump when the same seed would produce different files (2: ViewCodeSequence kept)
 
 _VIEW_MEANING = {"PA": "postero-anterior", "AP": "antero-posterior", "LATERAL": "lateral", "LL": "left lateral"}
 _PROCEDURE = {"both": "CHEST (PA AND LAT)", "frontal_PA": "CHEST (PA AND LAT)",
@@ -140,7 +145,7 @@ def _dicom_id(rng: np.random.Generator) -> str:
 
 def _plan(studies: int, seed: int, size: int, both: float, lateral_only: float, no_vp: float,
           corrupt: int, split: tuple[float, float, float], rates: Mapping[str, float],
-          uncertain: float) -> tuple[list[dict], list[dict]]:
+          uncertain: float, file_layout: str = "mimic-dicom") -> tuple[list[dict], list[dict]]:
     """Everything but the pixels, drawn in the parent from the seed: (studies, rows).
 
     ``studies``: one task per study for a worker; ``rows``: one record per file.
@@ -156,7 +161,6 @@ def _plan(studies: int, seed: int, size: int, both: float, lateral_only: float, 
     splits = rng.choice(3, size=len(per_subject), p=split)
     base_days = rng.integers(0, 365 * 90, size=len(per_subject))
     tasks: list[dict] = []
-    rows: list[dict] = []
     used_ids: set[str] = set()
     k = 0
     for subj_index, (n_st, sid) in enumerate(zip(per_subject, subject_ids)):
@@ -196,11 +200,8 @@ def _plan(studies: int, seed: int, size: int, both: float, lateral_only: float, 
             spec = _image_spec(crng, view, vp, 0.0, used_ids)
             spec["corrupt"] = CORRUPT_KINDS[i % len(CORRUPT_KINDS)]
             tasks[t]["images"].append(spec)
-    for t in tasks:
-        sub = f"files/p{str(t['subject_id'])[:2]}/p{t['subject_id']}/s{t['study_id']}"
-        for im in t["images"]:
-            im["path"] = f"{sub}/{im['dicom_id']}.dcm"
-            rows.append(dict(task=t, image=im))
+    phantom_layouts.assign_paths(file_layout, tasks)
+    rows = [dict(task=t, image=im) for t in tasks for im in t["images"]]
     return tasks, rows
 
 
@@ -212,7 +213,10 @@ def _image_spec(rng: np.random.Generator, view: str, vp: str, no_vp: float, used
     u = rng.random(4)
     return dict(
         dicom_id=dicom_id, view=view,
-        view_position=None if u[0] < no_vp else vp,
+        view_position=None if u[0] < no_vp else vp, position=vp,
+        # Half of the images without ViewPosition keep their ViewCodeSequence (from the id,
+        # so no draw changes): the reader must recover the view from it.
+        view_code_kept=bool(u[0] < no_vp and int(dicom_id[:8], 16) % 2 == 0),
         photometric="MONOCHROME1" if u[1] < 0.3 else "MONOCHROME2",
         encoding="plain" if u[2] < 0.6 else ("rescale" if u[2] < 0.8 else "voilut"),
         modality="CR" if u[3] < 0.3 else "DX",
@@ -268,10 +272,11 @@ def _dataset(task: dict, im: dict, image: np.ndarray | None, size: int, run_tag:
     ds.PerformedProcedureStepDescription = task["procedure"]
     if im["view_position"] is not None:
         ds.ViewPosition = im["view_position"]
+    if im["view_position"] is not None or im.get("view_code_kept"):
         code = Dataset()
-        code.CodeValue = im["view_position"]
+        code.CodeValue = im["position"]
         code.CodingSchemeDesignator = "99FASTSSL"  # a private scheme: no SNOMED code is claimed
-        code.CodeMeaning = _VIEW_MEANING[im["view_position"]]
+        code.CodeMeaning = _VIEW_MEANING[im["position"]]
         ds.ViewCodeSequence = DicomSequence([code])
     ds.StudyInstanceUID = _uid(run_tag, "study", task["study_id"])
     ds.SeriesInstanceUID = _uid(run_tag, "series", im["dicom_id"])
@@ -365,19 +370,22 @@ def _corrupt_bytes(kind: str, task: dict, im: dict, image: np.ndarray, size: int
 
 def _work(args: tuple) -> int:
     """Render and write the missing files of one study; returns the number written."""
-    task, out_dir, size, run_tag, rates, uncertain = args
-    missing = [im for im in task["images"] if not os.path.exists(os.path.join(out_dir, im["path"]))]
+    task, out_dir, size, run_tag, rates, uncertain, layout = args
+    missing = [im for im in task["images"] if not phantom_layouts.is_absent(im)
+               and not os.path.exists(os.path.join(out_dir, im["path"]))]
     if not missing:
         return 0
     # the views render from independent streams: rendering only the missing ones is exact
     views = sorted({im["view"] for im in missing})
     res = render_study(task["seed"], size, views=views, frontal_position=task["frontal_position"],
                        finding_rates=rates, uncertain_fraction=uncertain, anatomy_seed=task["anatomy_seed"])
-    os.makedirs(os.path.join(out_dir, os.path.dirname(task["images"][0]["path"])), exist_ok=True)
     for im in missing:
+        os.makedirs(os.path.join(out_dir, os.path.dirname(im["path"])), exist_ok=True)
         image = res[im["view"]]
         spacing = res["meta"][im["view"]]["pixel_spacing_mm"]
-        if im["corrupt"]:
+        if layout != "mimic-dicom":
+            data = phantom_layouts.raster_bytes(layout, im, image)
+        elif im["corrupt"]:
             data = _corrupt_bytes(im["corrupt"], task, im, image, size, run_tag, spacing)
         else:
             data = _dicom_bytes(_dataset(task, im, image, size, run_tag, spacing))
@@ -417,8 +425,13 @@ def _label(v: float | None) -> str:
     return "" if v is None else f"{v:.1f}"
 
 
-def _tables(tasks: list[dict], size: int) -> dict[str, bytes]:
-    meta, split, chex, truth = [], [], [], []
+def _tables(tasks: list[dict], size: int, layout: str = "mimic-dicom") -> dict[str, bytes]:
+    """file name -> bytes of every CSV of the layout, the truth included."""
+    truth = _csv_bytes(TRUTH_COLUMNS, phantom_layouts.truth_rows(layout, tasks))
+    if layout not in ("mimic-dicom", "mimic-jpg"):
+        out = {name: _csv_bytes(header, rows) for name, (header, rows) in phantom_layouts.layout_tables(layout, tasks).items()}
+        return dict(out, **{"phantom_truth.csv": truth})
+    meta, split, chex = [], [], []
     for t in sorted(tasks, key=lambda t: (t["subject_id"], t["study_id"])):
         chex.append({"subject_id": t["subject_id"], "study_id": t["study_id"],
                      **{c: _label(t["labels"].get(c)) for c in CHEXPERT_COLUMNS}})
@@ -429,19 +442,16 @@ def _tables(tasks: list[dict], size: int) -> dict[str, bytes]:
                 "PerformedProcedureStepDescription": t["procedure"], "ViewPosition": vp,
                 "Rows": size, "Columns": size, "StudyDate": t["study_date"], "StudyTime": t["study_time"],
                 "ProcedureCodeSequence_CodeMeaning": t["procedure"],
-                "ViewCodeSequence_CodeMeaning": _VIEW_MEANING.get(vp, ""),
+                "ViewCodeSequence_CodeMeaning": _VIEW_MEANING[im["position"]] if vp or im["view_code_kept"] else "",
                 "PatientOrientationCodeSequence_CodeMeaning": t["orientation"],
             })
             split.append({"dicom_id": im["dicom_id"], "study_id": t["study_id"], "subject_id": t["subject_id"],
                           "split": t["split"]})
-            truth.append({"dicom_id": im["dicom_id"], "study_id": t["study_id"], "subject_id": t["subject_id"],
-                          "view": im["view"], "view_position": vp, "corrupt": im["corrupt"],
-                          "findings": ";".join(t["findings"])})
     return {
         "mimic-cxr-2.0.0-metadata.csv.gz": _gzip(_csv_bytes(METADATA_COLUMNS, meta)),
         "mimic-cxr-2.0.0-split.csv.gz": _gzip(_csv_bytes(("dicom_id", "study_id", "subject_id", "split"), split)),
         "mimic-cxr-2.0.0-chexpert.csv.gz": _gzip(_csv_bytes(("subject_id", "study_id") + CHEXPERT_COLUMNS, chex)),
-        "phantom_truth.csv": _csv_bytes(TRUTH_COLUMNS, truth),
+        "phantom_truth.csv": truth,
     }
 
 
@@ -461,6 +471,7 @@ def generate_phantom(
     uncertain_fraction: float = 0.05,
     finding_rates: Mapping[str, float] | None = None,
     progress: bool = True,
+    layout: str = "mimic-dicom",
 ) -> PhantomSummary:
     """Write (or complete) a synthetic MIMIC-CXR-like dataset in ``out_dir``.
 
@@ -478,6 +489,8 @@ def generate_phantom(
         uncertain_fraction: chance that a present finding is labelled -1.0.
         finding_rates: per-finding prevalence overriding DEFAULT_FINDING_RATES.
         progress: a tqdm bar (only on a terminal).
+        layout: "mimic-dicom" | "mimic-jpg" | "chexpert" | "padchest": the same studies
+            in that dataset's files and CSVs (:mod:`fastssl.data.phantom_layouts`).
 
     Raises:
         ValueError: a bad argument (the message names the flag), or ``out_dir`` holds a
@@ -493,6 +506,8 @@ def generate_phantom(
         raise ValueError(f"--corrupt {corrupt}; must be >= 0")
     if seed < 0:
         raise ValueError(f"--seed {seed}; must be >= 0")
+    if layout not in phantom_layouts.LAYOUTS:
+        raise ValueError(f"--layout {layout!r}; expected one of {phantom_layouts.LAYOUTS}")
     both = _check_fraction("--both-views-fraction", both_views_fraction)
     lat = _check_fraction("--lateral-only-fraction", lateral_only_fraction)
     if both + lat > 1.0:
@@ -515,7 +530,7 @@ def generate_phantom(
     os.makedirs(out, exist_ok=True)
     config = dict(format=FORMAT_VERSION, studies=studies, seed=seed, size=size, both_views_fraction=both,
                   lateral_only_fraction=lat, no_view_position_fraction=no_vp, corrupt=corrupt,
-                  split=list(split_t), uncertain_fraction=unc, finding_rates=rates)
+                  split=list(split_t), uncertain_fraction=unc, finding_rates=rates, layout=layout)
     config_bytes = (json.dumps(config, indent=1, sort_keys=True) + "\n").encode()
     config_path = os.path.join(out, "phantom_config.json")
     if os.path.exists(config_path):
@@ -530,9 +545,9 @@ def generate_phantom(
         _write_atomic(config_path, config_bytes)
         written = 1
 
-    tasks, rows = _plan(studies, seed, size, both, lat, no_vp, corrupt, split_t, rates, unc)
+    tasks, rows = _plan(studies, seed, size, both, lat, no_vp, corrupt, split_t, rates, unc, layout)
     run_tag = str(seed)
-    jobs = [(t, out, size, run_tag, rates, unc) for t in tasks]
+    jobs = [(t, out, size, run_tag, rates, unc, layout) for t in tasks]
     bar = None
     if progress and sys.stderr.isatty():
         from tqdm import tqdm
@@ -557,7 +572,8 @@ def generate_phantom(
             pool.join()
         if bar is not None:
             bar.close()
-    for name, data in _tables(tasks, size).items():
+    for name, data in _tables(tasks, size, layout).items():
+        os.makedirs(os.path.dirname(os.path.join(out, name)), exist_ok=True)
         written += _write_if_changed(os.path.join(out, name), data)
 
     layouts = [{im["view"] for im in t["images"] if not im["corrupt"]} for t in tasks]
@@ -589,6 +605,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--split", default="0.98,0.01,0.01", help="train,validate,test weights per subject")
     parser.add_argument("--uncertain-fraction", type=float, default=0.05,
                         help="chance a present finding is labelled -1.0 (uncertain)")
+    parser.add_argument("--layout", choices=phantom_layouts.LAYOUTS, default="mimic-dicom",
+                        help="write the studies in this dataset's files and CSVs (prepare reads each)")
 
 
 def run(args) -> int:
@@ -596,7 +614,7 @@ def run(args) -> int:
         args.out, args.studies, seed=args.seed, size=args.size, workers=args.workers,
         both_views_fraction=args.both_views_fraction, lateral_only_fraction=args.lateral_only_fraction,
         no_view_position_fraction=args.no_view_position_fraction, corrupt=args.corrupt, split=args.split,
-        uncertain_fraction=args.uncertain_fraction, progress=not args.quiet,
+        uncertain_fraction=args.uncertain_fraction, progress=not args.quiet, layout=args.layout,
     )
     print(summary)
     return 0

@@ -5,15 +5,20 @@ test splits gets its CLS feature (centre resize, dataset normalisation, its view
 embedding); a logistic regression with 14 outputs is fitted on the train images (each
 image carries its study's labels; -1 = ignore); on the test split, a study's logits are
 the mean of its images' logits; the score is the macro AUROC over the labels that have
-both classes among the test studies, with a seeded study-level bootstrap interval.
+both classes among the test studies, with a seeded bootstrap interval that resamples
+patients (subject_id), not studies (fastssl.eval.stats).
 
-AUROC is the Mann-Whitney statistic with average ranks for ties (a positive and a
-negative with equal scores count 1/2), vectorised over bootstrap replicates.
+Regularisation: ``--l2-grid`` (default 1e-6 ... 1e-1, by decades) fits one probe per
+value on the train images and keeps the one with the best macro AUROC on the validation
+studies (ties: the larger penalty); the test split is never looked at for the choice.
+
+Outputs: probe.json (settings, the L2 choice, AUROC and CIs), probe.npz (the fitted
+head: weight, bias, feature mean and std), scores.csv (per test study
+and label: study, subject, label, score, target; see fastssl.eval.report) and roc.png.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -22,110 +27,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastssl.eval.stats import (  # noqa: F401  (re-exported: the probe's public API)
+    auroc, auroc_rows, bootstrap_macro_auroc, macro_auroc, midranks,
+)
+
 __all__ = ["ProbeConfig", "midranks", "auroc", "auroc_rows", "macro_auroc", "bootstrap_macro_auroc",
-           "extract_features", "fit_linear_probe", "study_logits", "knn_scores", "main",
-           "add_arguments", "run"]
+           "extract_features", "fit_linear_probe", "study_logits", "knn_scores", "select_l2",
+           "load_eval_encoder", "main", "add_arguments", "run"]
 
 log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------ AUROC
-def midranks(x: np.ndarray) -> np.ndarray:
-    """Average ranks (1-based) along the last axis; tied values share their mean rank.
-
-    x: (..., N) float -> (..., N) float64.
-    """
-    x = np.asarray(x)
-    flat = x.reshape(-1, x.shape[-1])
-    n = flat.shape[1]
-    order = np.argsort(flat, axis=1, kind="stable")
-    xs = np.take_along_axis(flat, order, axis=1)
-    idx = np.broadcast_to(np.arange(n), xs.shape)
-    new = np.ones(xs.shape, dtype=bool)  # first element of a tie group
-    new[:, 1:] = xs[:, 1:] != xs[:, :-1]
-    last = np.ones(xs.shape, dtype=bool)  # last element of a tie group
-    last[:, :-1] = new[:, 1:]
-    start = np.maximum.accumulate(np.where(new, idx, 0), axis=1)
-    end = np.minimum.accumulate(np.where(last, idx, n)[:, ::-1], axis=1)[:, ::-1]
-    ranks = np.empty(xs.shape, dtype=np.float64)
-    np.put_along_axis(ranks, order, (start + end) / 2.0 + 1.0, axis=1)
-    return ranks.reshape(x.shape)
-
-
-def auroc_rows(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """AUROC of every row: scores (R, N) finite floats, labels (R, N) in {0, 1, -1 = ignore}.
-
-    Returns (R,) float64; NaN where a row lacks positives or negatives.
-    """
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
-    if scores.shape != labels.shape or scores.ndim != 2:
-        raise ValueError(f"scores {scores.shape} and labels {labels.shape}: expected equal (R, N)")
-    if not np.isfinite(scores).all():
-        raise ValueError("scores hold NaN or inf")
-    valid = labels >= 0
-    # Ignored entries rank above every finite score: a rank counts only smaller or tied
-    # values, so they change no valid entry's rank.
-    ranks = midranks(np.where(valid, scores, np.inf))
-    pos = valid & (labels == 1)
-    n_pos = pos.sum(1).astype(np.float64)
-    n_neg = (valid & (labels == 0)).sum(1).astype(np.float64)
-    u = (ranks * pos).sum(1) - n_pos * (n_pos + 1) / 2
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = u / (n_pos * n_neg)
-    out[(n_pos == 0) | (n_neg == 0)] = np.nan
-    return out
-
-
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """AUROC of one score vector: scores (N,), labels (N,) in {0, 1, -1 = ignore}; NaN if
-    one class is absent."""
-    return float(auroc_rows(np.asarray(scores)[None], np.asarray(labels)[None])[0])
-
-
-def macro_auroc(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, float]:
-    """scores, labels (N, C) -> (per-label AUROC (C,) with NaN for labels lacking a class,
-    their mean over the defined labels)."""
-    per = auroc_rows(np.asarray(scores).T, np.asarray(labels).T)
-    if np.isnan(per).all():
-        raise ValueError("no label has both positives and negatives in the test split: AUROC undefined")
-    return per, float(np.nanmean(per))
-
-
-def bootstrap_macro_auroc(scores: np.ndarray, labels: np.ndarray, *, n_boot: int = 1000, seed: int = 0,
-                          alpha: float = 0.05, max_elems: int = 1 << 22) -> dict:
-    """Percentile bootstrap over rows (studies): resample N of N with replacement.
-
-    Args:
-        scores, labels: (N, C). The macro mean of a replicate covers the labels defined on
-            the full set; a label lacking a class in a replicate is left out of its mean.
-        max_elems: replicates are processed in chunks of about this many entries.
-    Returns:
-        dict(macro=(lo, hi), per_label=[(lo, hi)] * C (NaN for undefined labels), n_boot, seed, alpha).
-    """
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
-    n, c = scores.shape
-    if n_boot < 1:
-        raise ValueError(f"n_boot={n_boot}; expected >= 1")
-    full, _ = macro_auroc(scores, labels)
-    used = ~np.isnan(full)
-    rng = np.random.default_rng(seed)
-    per = np.full((n_boot, c), np.nan)
-    chunk = max(1, max_elems // max(1, n))
-    for r0 in range(0, n_boot, chunk):
-        idx = rng.integers(0, n, size=(min(chunk, n_boot - r0), n))
-        for j in np.flatnonzero(used):
-            per[r0:r0 + idx.shape[0], j] = auroc_rows(scores[idx, j], labels[idx, j])
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows of tiny test sets
-            macro = np.nanmean(per[:, used], axis=1)
-            q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
-            macro_ci = np.nanpercentile(macro, q)
-            label_ci = np.nanpercentile(per, q, axis=0).T
-    return dict(macro=tuple(float(v) for v in macro_ci), per_label=[tuple(map(float, r)) for r in label_ci],
-                n_boot=n_boot, seed=seed, alpha=alpha)
 
 
 # --------------------------------------------------------------------------- features
@@ -163,7 +73,7 @@ def extract_features(encoder: torch.nn.Module, dataset, transform, *, batch_size
 
 
 def fit_linear_probe(x: np.ndarray, y: np.ndarray, *, method: str = "lbfgs", l2: float = 1e-4,
-                     max_iter: int = 200, lr: float = 1e-2, seed: int = 0) -> dict:
+                     max_iter: int = 200, lr: float = 1e-2, seed: int = 0, init: dict | None = None) -> dict:
     """Logistic regression with C outputs on standardised features (masked BCE).
 
     Args:
@@ -171,6 +81,7 @@ def fit_linear_probe(x: np.ndarray, y: np.ndarray, *, method: str = "lbfgs", l2:
         method: "lbfgs" (full batch, strong Wolfe line search) or "adamw" (full-batch
             steps, lr ``lr``, decoupled weight decay ``l2``).
         l2: for lbfgs, penalty l2/2 * ||W||^2 added to the mean BCE.
+        init: a fitted probe to start from (weight, bias; a warm start along an L2 grid).
     Returns:
         dict(weight (D, C), bias (C,), mean (D,), std (D,), loss) as numpy; apply with
         :func:`probe_logits`.
@@ -184,14 +95,18 @@ def fit_linear_probe(x: np.ndarray, y: np.ndarray, *, method: str = "lbfgs", l2:
     mean, std = xt.mean(0), xt.std(0).clamp(min=1e-6)
     xt = (xt - mean) / std
     yt = torch.as_tensor(y, dtype=torch.int64)
-    w = torch.zeros(x.shape[1], y.shape[1], requires_grad=True)
-    b = torch.zeros(y.shape[1], requires_grad=True)
+    w = torch.zeros(x.shape[1], y.shape[1])
+    b = torch.zeros(y.shape[1])
+    if init is not None:
+        w.copy_(torch.as_tensor(init["weight"])), b.copy_(torch.as_tensor(init["bias"]))
+    w.requires_grad_(True), b.requires_grad_(True)
 
     def objective():
         return masked_bce(xt @ w + b, yt)
 
     if method == "lbfgs":
-        opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+        opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-5,
+                                line_search_fn="strong_wolfe")
 
         def closure():
             opt.zero_grad()
@@ -250,71 +165,152 @@ class ProbeConfig:
     """Every setting of a probe run (the CLI's flags)."""
 
     cache: str = ""               # a `fastssl prepare` cache directory
-    checkpoint: str = ""          # encoder.safetensors or checkpoint.pt from `fastssl pretrain`
-    out: str = "runs/probe"       # output directory (probe.json)
+    checkpoint: str = ""          # encoder.safetensors / checkpoint.pt, or random:PRESET[:IMG[:PATCH]] (untrained)
+    out: str = "runs/probe"       # output directory (probe.json, scores.csv, roc.png)
     train_split: str = "train"    # split the probe is fitted on
+    val_split: str = "validate"   # split the L2 penalty is chosen on (with --l2-grid)
     test_split: str = "test"      # split it is scored on
     views: str = "all"            # images used: all, or a comma list of frontal,lateral,other,unknown
     batch_size: int = 256         # feature extraction batch
     workers: int = 2              # DataLoader processes for feature extraction
     device: str = "auto"          # auto | cpu | cuda
     method: str = "lbfgs"         # lbfgs | adamw
-    l2: float = 1e-4              # L2 penalty (lbfgs) or weight decay (adamw)
+    l2: float = 1e-4              # L2 penalty (lbfgs) or weight decay (adamw) when --l2-grid is empty
+    l2_grid: str = "1e-6,1e-5,1e-4,1e-3,1e-2,1e-1"  # L2 values tried; the best validation macro AUROC wins ('' = use --l2)
     max_iter: int = 200           # optimiser iterations
-    n_boot: int = 1000            # bootstrap replicates over test studies
-    seed: int = 0                 # bootstrap and probe seed
+    n_boot: int = 1000            # bootstrap replicates over test patients (subject_id clusters)
+    seed: int = 0                 # bootstrap, probe and random-init seed
     knn_k: int = 0                # >0: also a cosine kNN probe with this k
+    plots: bool = True            # roc.png (needs matplotlib)
     progress: bool = True         # tqdm bar (only on a terminal)
 
 
-def _load(cfg: ProbeConfig):
+def load_eval_encoder(spec: str, seed: int = 0):
+    """A ViewEncoder to evaluate: a file of ``fastssl pretrain`` (loaded with
+    fastssl.train.export.load_encoder), or ``random:PRESET[:IMG[:PATCH]]`` for an untrained
+    encoder of that architecture (the random-init baseline), seeded by ``seed``."""
+    from fastssl.models.mvmae import ViewEncoder, model_config
+
+    if spec.startswith("random:"):
+        parts = spec.split(":")[1:]
+        try:
+            sizes = [int(v) or None for v in parts[1:3]]
+        except ValueError:
+            raise ValueError(f"checkpoint={spec!r}; expected random:PRESET[:IMG[:PATCH]] with integer sizes") from None
+        sizes += [None] * (2 - len(sizes))
+        torch.manual_seed(seed)
+        return ViewEncoder(model_config(parts[0], img_size=sizes[0], patch_size=sizes[1]))
     from fastssl.train.export import load_encoder
 
-    if not os.path.isfile(cfg.checkpoint):
-        raise ValueError(f"checkpoint={cfg.checkpoint!r} is not a file")
-    return load_encoder(cfg.checkpoint)
+    if not os.path.isfile(spec):
+        raise ValueError(f"checkpoint={spec!r} is not a file (nor random:PRESET)")
+    return load_encoder(spec)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def eval_transform(cache: str, img_size: int):
+    """The evaluation transform of a cache: centre resize + the manifest's pixel mean/std."""
+    from fastssl.data.augment import CenterResize
+    from fastssl.data.cache import read_manifest
+
+    manifest = read_manifest(cache)
+    return CenterResize(out_size=img_size, mean=float(manifest.get("pixel_mean", 0.5)),
+                        std=float(manifest.get("pixel_std", 0.25)) or 0.25)
+
+
+def split_dataset(cfg, split: str):
+    """The SingleViewDataset of ``split`` restricted to cfg.views; ValueError if empty."""
+    from fastssl.data.datasets import SingleViewDataset
+
+    views = "all" if cfg.views == "all" else tuple(v.strip() for v in cfg.views.split(",") if v.strip())
+    ds = SingleViewDataset(cfg.cache, split=split, views=views)
+    if len(ds) == 0:
+        raise ValueError(f"split {split!r} of {cfg.cache} has no images with views={cfg.views!r}")
+    return ds
+
+
+def parse_grid(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"l2_grid={text!r}; expected a comma list of numbers") from None
+    if any(v < 0 for v in values):
+        raise ValueError(f"l2_grid={text!r}; expected values >= 0")
+    return values
+
+
+def select_l2(cfg: ProbeConfig, tr: dict, val: dict) -> tuple[dict, float, dict]:
+    """Fit one probe per --l2-grid value on the train images, score each on the validation
+    studies (macro AUROC of study-mean logits); the best wins, ties to the larger L2.
+    The grid runs from the largest penalty down, each fit starting from the previous
+    solution. -> (probe, l2, {l2: validation macro AUROC})."""
+    fits, scores, previous = {}, {}, None
+    for l2 in sorted(parse_grid(cfg.l2_grid), reverse=True):
+        fits[l2] = previous = fit_linear_probe(tr["features"], tr["labels"], method=cfg.method, l2=l2,
+                                               max_iter=cfg.max_iter, seed=cfg.seed, init=previous)
+        s, y = study_logits(probe_logits(fits[l2], val["features"]), val["labels"], val["study_index"])
+        scores[l2] = macro_auroc(s, y)[1]
+        log.info("probe: l2=%g validation macro AUROC %.4f", l2, scores[l2])
+    best = max(scores, key=lambda v: (scores[v], v))
+    return fits[best], best, scores
+
+
+def _fit(cfg: ProbeConfig, feats: dict) -> tuple[dict, dict]:
+    """The probe and how its L2 was chosen."""
+    tr = feats[cfg.train_split]
+    if not cfg.l2_grid.strip():
+        probe = fit_linear_probe(tr["features"], tr["labels"], method=cfg.method, l2=cfg.l2,
+                                 max_iter=cfg.max_iter, seed=cfg.seed)
+        return probe, dict(l2=cfg.l2, chosen_on=None)
+    try:
+        probe, l2, grid = select_l2(cfg, tr, feats[cfg.val_split])
+    except ValueError as exc:
+        raise ValueError(f"choosing the L2 on split {cfg.val_split!r}: {exc}; "
+                         "pass --l2-grid '' to use a fixed --l2") from None
+    return probe, dict(l2=l2, chosen_on=cfg.val_split, validation_macro_auroc={repr(k): v for k, v in grid.items()})
+
+
+def save_probe(path: str, probe: dict) -> None:
+    """The fitted probe as .npz: weight (D, C), bias (C,), mean (D,), std (D,); apply it
+    to CLS features x (N, D) as ((x - mean) / std) @ weight + bias."""
+    import io
+
+    from fastssl.jobs import atomic_write_bytes
+
+    data = io.BytesIO()
+    np.savez(data, **{k: np.asarray(probe[k]) for k in ("weight", "bias", "mean", "std")})
+    atomic_write_bytes(path, data.getvalue())
 
 
 def main(cfg: ProbeConfig) -> dict:
-    """Features -> probe -> AUROC; writes out/probe.json atomically and returns its dict."""
-    from fastssl.data.augment import CenterResize
-    from fastssl.data.cache import read_manifest
-    from fastssl.data.datasets import SingleViewDataset
+    """Features -> probe (L2 chosen on validation) -> study logits -> AUROC with patient
+    CIs; writes out/probe.json, out/scores.csv, out/roc.png and returns the JSON's dict."""
     from fastssl.data.mimic import CHEXPERT_LABELS
+    from fastssl.eval.report import auroc_summary, plot_roc, study_table, write_json, write_scores_csv
 
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if cfg.device == "auto" else cfg.device))
-    encoder = _load(cfg)
-    manifest = read_manifest(cfg.cache)
-    transform = CenterResize(out_size=encoder.cfg.img_size, mean=float(manifest.get("pixel_mean", 0.5)),
-                             std=float(manifest.get("pixel_std", 0.25)) or 0.25)
-    views = "all" if cfg.views == "all" else tuple(v.strip() for v in cfg.views.split(",") if v.strip())
-    feats = {}
-    for split in (cfg.train_split, cfg.test_split):
-        ds = SingleViewDataset(cfg.cache, split=split, views=views)
-        if len(ds) == 0:
-            raise ValueError(f"split {split!r} of {cfg.cache} has no images with views={cfg.views!r}")
-        feats[split] = extract_features(encoder, ds, transform, batch_size=cfg.batch_size, device=device,
-                                        workers=cfg.workers, progress=cfg.progress)
+    device = pick_device(cfg.device)
+    encoder = load_eval_encoder(cfg.checkpoint, cfg.seed)
+    transform = eval_transform(cfg.cache, encoder.cfg.img_size)
+    splits = [cfg.train_split, cfg.test_split] + ([cfg.val_split] if cfg.l2_grid.strip() else [])
+    datasets = {split: split_dataset(cfg, split) for split in splits}
+    feats = {split: extract_features(encoder, ds, transform, batch_size=cfg.batch_size, device=device,
+                                     workers=cfg.workers, progress=cfg.progress) for split, ds in datasets.items()}
     tr, te = feats[cfg.train_split], feats[cfg.test_split]
-    probe = fit_linear_probe(tr["features"], tr["labels"], method=cfg.method, l2=cfg.l2,
-                             max_iter=cfg.max_iter, seed=cfg.seed)
+    probe, l2_info = _fit(cfg, feats)
     scores, labels = study_logits(probe_logits(probe, te["features"]), te["labels"], te["study_index"])
-    per, macro = macro_auroc(scores, labels)
-    ci = bootstrap_macro_auroc(scores, labels, n_boot=cfg.n_boot, seed=cfg.seed)
+    studies, subjects = study_table(datasets[cfg.test_split], te["study_index"])
     names = list(CHEXPERT_LABELS)
     result = dict(
-        checkpoint=os.path.abspath(cfg.checkpoint), cache=os.path.abspath(cfg.cache),
-        config=asdict(cfg), feature_dim=int(tr["features"].shape[1]),
+        checkpoint=cfg.checkpoint if cfg.checkpoint.startswith("random:") else os.path.abspath(cfg.checkpoint),
+        cache=os.path.abspath(cfg.cache), config=asdict(cfg), feature_dim=int(tr["features"].shape[1]),
         n_train_images=int(tr["features"].shape[0]), n_test_images=int(te["features"].shape[0]),
-        n_test_studies=int(scores.shape[0]), probe_train_loss=probe["loss"],
-        macro_auroc=macro, macro_ci=list(ci["macro"]), ci_level=1 - ci["alpha"],
-        labels_used=[n for n, a in zip(names, per) if not np.isnan(a)],
-        per_label={n: dict(auroc=None if np.isnan(a) else float(a),
-                           ci=None if np.isnan(a) else list(ci["per_label"][j]),
-                           n_pos=int((labels[:, j] == 1).sum()), n_neg=int((labels[:, j] == 0).sum()))
-                   for j, (n, a) in enumerate(zip(names, per))},
-    )
+        probe_train_loss=probe["loss"], l2_selection=l2_info,
+        **auroc_summary(scores, labels, subjects, names, n_boot=cfg.n_boot, seed=cfg.seed))
     if cfg.knn_k > 0:
         kscores, _ = study_logits(knn_scores(tr["features"], tr["labels"], te["features"], k=cfg.knn_k),
                                   te["labels"], te["study_index"])
@@ -322,11 +318,11 @@ def main(cfg: ProbeConfig) -> dict:
         result["knn"] = dict(k=cfg.knn_k, macro_auroc=kmacro,
                              per_label={n: None if np.isnan(a) else float(a) for n, a in zip(names, kper)})
     os.makedirs(cfg.out, exist_ok=True)
-    path = os.path.join(cfg.out, "probe.json")
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(result, handle, indent=2)
-    os.replace(tmp, path)
+    write_scores_csv(os.path.join(cfg.out, "scores.csv"), studies, subjects, scores, labels, names)
+    save_probe(os.path.join(cfg.out, "probe.npz"), probe)
+    if cfg.plots:
+        plot_roc(os.path.join(cfg.out, "roc.png"), scores, labels, names, title="linear probe, test studies")
+    write_json(os.path.join(cfg.out, "probe.json"), result)
     return result
 
 
@@ -338,24 +334,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastssl.errors import DataError
     from fastssl.config import config_from_args
+    from fastssl.eval.report import run_job, summary_lines
 
     cfg = config_from_args(ProbeConfig, args)
-    try:
-        r = main(cfg)
-    except (ValueError, DataError) as exc:
-        log.error("%s", exc)
+    r = run_job(main, cfg)
+    if r is None:
         return 2
+    chosen = r["l2_selection"]
+    how = f"chosen on {chosen['chosen_on']}" if chosen["chosen_on"] else "fixed"
     lines = [f"probe: {r['n_test_studies']} test studies ({r['n_test_images']} images), "
-             f"probe fitted on {r['n_train_images']} images, features {r['feature_dim']}-d",
-             f"  macro AUROC {r['macro_auroc']:.4f}  {100 * r['ci_level']:.0f}% CI "
-             f"[{r['macro_ci'][0]:.4f}, {r['macro_ci'][1]:.4f}] over {len(r['labels_used'])} labels"]
-    for name, v in r["per_label"].items():
-        if v["auroc"] is not None:
-            lines.append(f"  {name:<28s} {v['auroc']:.4f}  (+{v['n_pos']} / -{v['n_neg']})")
+             f"probe fitted on {r['n_train_images']} images, features {r['feature_dim']}-d, "
+             f"l2={chosen['l2']:g} ({how})", *summary_lines(r)]
     if "knn" in r:
         lines.append(f"  kNN (k={r['knn']['k']}) macro AUROC {r['knn']['macro_auroc']:.4f}")
-    lines.append(f"  -> {os.path.join(cfg.out, 'probe.json')}")
+    lines.append(f"  -> {cfg.out}/probe.json, probe.npz, scores.csv" + (", roc.png" if cfg.plots else ""))
     print("\n".join(lines))
     return 0

@@ -6,9 +6,12 @@
   and ``gather_tokens`` (kept tokens + position + view embedding in one pass).
 * :class:`MultiViewMAE`: the encoder, a decoder of ``decoder_depth`` timm Blocks with its
   own position and view embeddings (input built by ``unshuffle_with_mask_token``), a
-  linear head to p*p*C pixels and ``fastssl.ops.mae_loss``. Paired mode reconstructs each
-  view from its own visible patches and aligns the two views' pooled latents; single
-  mode (the unpaired baseline) is the same MAE without alignment.
+  linear head to p*p*C pixels and ``fastssl.ops.mae_loss``. A batch of studies in view
+  slots (flu: every image of a study; paired: frontal + lateral) reconstructs each image
+  from its own visible patches and aligns the pooled latents of the images of a study
+  (``fastssl.models.alignment``); single mode (the unpaired baseline) is the same MAE
+  without alignment. ``model_config(preset, recipe)`` builds the released MVMAE model
+  ("mvmae") or fastssl's MAE-style variant ("mae").
 * :class:`SupervisedViT`: the same encoder + a linear head over the CLS feature, trained
   with BCE-with-logits on the 14 CheXpert labels (the supervised baseline).
 
@@ -20,31 +23,36 @@ K=int(L*(1-mask_ratio)) visible patches, D encoder width, Dd decoder width):
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from functools import partial
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block, VisionTransformer
 
+from fastssl.models.alignment import ALIGN_LOSSES, alignment_loss, pair_cosines
 from fastssl.ops import gather_tokens, mae_loss, random_masking, unshuffle_with_mask_token
+from fastssl.reference.mae import num_kept
 
-__all__ = ["ModelConfig", "PRESETS", "model_config", "ViewEncoder", "MultiViewMAE",
-           "SupervisedViT", "alignment_loss", "ALIGN_LOSSES", "TARGETS", "VIEW_IDS",
+__all__ = ["ModelConfig", "PRESETS", "RECIPES", "MODEL_RECIPES", "model_config", "ViewEncoder",
+           "MultiViewMAE", "SupervisedViT", "alignment_loss", "ALIGN_LOSSES", "TARGETS", "VIEW_IDS",
            "NUM_LABELS"]
 
 VIEW_IDS = {"frontal": 0, "lateral": 1, "unknown": 2}  # as fastssl.data.datasets.VIEW_IDS
 NUM_VIEWS = 3
 NUM_LABELS = 14
-ALIGN_LOSSES = ("mse", "cosine", "infonce")
 TARGETS = ("norm_pix", "global")  # global: the input is already normalised -> raw pixel MSE
+INITS = ("released", "mae")
+RECON_REDUCTIONS = ("released", "image")
+RECIPES = ("mvmae", "mae")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture. Defaults are ViT-B/16 at 224 px with MVMAE's 4-block decoder."""
+    """Architecture and loss. The defaults are the released MVMAE model at ViT-B/16, 224 px
+    (``model_config("vit_base", recipe="mvmae")``); ``recipe="mae"`` gives fastssl's
+    MAE-style variant. See :func:`model_config`."""
 
     img_size: int = 224
     patch_size: int = 16
@@ -53,12 +61,19 @@ class ModelConfig:
     depth: int = 12
     num_heads: int = 12
     mlp_ratio: float = 4.0
-    decoder_dim: int = 512
+    decoder_dim: int = 768         # released: = embed_dim (no projection); MAE: 512
     decoder_depth: int = 4
-    decoder_heads: int = 16
-    target: str = "norm_pix"       # "norm_pix" (MAE) | "global" (MVMAE: pixel target on normalised input)
-    align: str = "mse"             # "mse" | "cosine" | "infonce"
-    temperature: float = 0.5       # InfoNCE only
+    decoder_heads: int = 12        # released: = num_heads; MAE: 16
+    decoder_embed: bool = False    # a linear projection embed_dim -> decoder_dim (MAE); off: widths must match
+    decoder_view_embed_cls: bool = True  # the decoder's view embedding is added to CLS too (released)
+    qk_norm: bool = True           # LayerNorm on queries and keys, encoder and decoder (released)
+    cls_pos_embed: bool = False    # a position embedding on CLS (timm/MAE); released: none (the row stays 0)
+    final_norm_eps: float = 1e-5   # eps of the encoder's and decoder's last LayerNorm (released: torch default)
+    init: str = "released"         # released: PyTorch defaults + trunc_normal(0.02) tokens/embeddings | mae
+    target: str = "global"         # "global" (MVMAE: pixel MSE on the normalised input) | "norm_pix" (MAE)
+    recon_reduction: str = "released"  # released: sum of per-image losses / (studies x slots) x (masked/L)/ratio | image: mean
+    align: str = "mse"             # one of fastssl.models.alignment.ALIGN_LOSSES
+    temperature: float = 0.5       # ntxent / infonce only
     drop_path: float = 0.0
 
     @property
@@ -66,32 +81,69 @@ class ModelConfig:
         return (self.img_size // self.patch_size) ** 2
 
 
-PRESETS: dict[str, ModelConfig] = {
-    "vit_base": ModelConfig(),
-    "vit_small": ModelConfig(embed_dim=384, num_heads=6, decoder_dim=256, decoder_heads=8),
-    "vit_tiny": ModelConfig(embed_dim=192, num_heads=3, decoder_dim=128, decoder_heads=4),
+# Encoder sizes, and the MAE recipe's decoder (width, heads, depth) for each.
+PRESETS: dict[str, dict] = {
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12, mae_decoder=(512, 16, 4)),
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6, mae_decoder=(256, 8, 4)),
+    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3, mae_decoder=(128, 4, 4)),
     # CPU tests and smoke runs: 32 px, 16 patches of 8 px, two blocks of width 32.
-    "test": ModelConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
-                        decoder_dim=32, decoder_depth=2, decoder_heads=2),
+    "test": dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mae_decoder=(32, 2, 2),
+                 decoder_depth=2),
+}
+
+# Model fields each recipe sets (the decoder sizes follow from the preset, see model_config).
+MODEL_RECIPES: dict[str, dict] = {
+    "mvmae": dict(decoder_embed=False, decoder_view_embed_cls=True, qk_norm=True, cls_pos_embed=False,
+                  final_norm_eps=1e-5, init="released", target="global", recon_reduction="released",
+                  align="mse"),
+    "mae": dict(decoder_embed=True, decoder_view_embed_cls=False, qk_norm=False, cls_pos_embed=True,
+                final_norm_eps=1e-6, init="mae", target="global", recon_reduction="image", align="l2"),
 }
 
 
-def model_config(preset: str = "vit_base", **overrides) -> ModelConfig:
-    """A preset with fields replaced, checked (ValueError naming the field)."""
+def _recipe_fields(preset: str, recipe: str) -> dict:
+    spec = dict(PRESETS[preset])
+    dim, heads, depth = spec.pop("mae_decoder")
+    fields_ = dict(spec, **MODEL_RECIPES[recipe])
+    if recipe == "mae":
+        fields_.update(decoder_dim=dim, decoder_heads=heads, decoder_depth=depth)
+    else:
+        fields_.update(decoder_dim=spec["embed_dim"], decoder_heads=spec["num_heads"])
+    return fields_
+
+
+def model_config(preset: str = "vit_base", recipe: str = "mvmae", **overrides) -> ModelConfig:
+    """A preset's encoder with a recipe's decoder and loss, fields replaced by ``overrides``
+    (None = keep), checked (ValueError naming the field)."""
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r}; expected one of {sorted(PRESETS)}")
-    cfg = replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe={recipe!r}; expected one of {RECIPES}")
+    fields_ = _recipe_fields(preset, recipe)
+    fields_.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = ModelConfig(**fields_)
+    check_model_config(cfg)
+    return cfg
+
+
+def check_model_config(cfg: ModelConfig) -> None:
+    """ValueError naming the first inconsistent field of ``cfg``."""
+    from fastssl.models.alignment import ALIGN_LOSSES
+
     if cfg.img_size % cfg.patch_size:
         raise ValueError(f"img_size={cfg.img_size} is not a multiple of patch_size={cfg.patch_size}")
-    if cfg.target not in TARGETS:
-        raise ValueError(f"target={cfg.target!r}; expected one of {TARGETS}")
-    if cfg.align not in ALIGN_LOSSES:
-        raise ValueError(f"align={cfg.align!r}; expected one of {ALIGN_LOSSES}")
-    if cfg.embed_dim % cfg.num_heads or cfg.decoder_dim % cfg.decoder_heads:
-        raise ValueError("embed_dim / decoder_dim must be multiples of num_heads / decoder_heads")
+    for name, allowed in (("target", TARGETS), ("align", ALIGN_LOSSES), ("init", INITS),
+                          ("recon_reduction", RECON_REDUCTIONS)):
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"{name}={getattr(cfg, name)!r}; expected one of {allowed}")
+    for dim, heads in (("embed_dim", "num_heads"), ("decoder_dim", "decoder_heads")):
+        if getattr(cfg, dim) % getattr(cfg, heads):
+            raise ValueError(f"{dim}={getattr(cfg, dim)} is not a multiple of {heads}={getattr(cfg, heads)}")
+    if not cfg.decoder_embed and cfg.decoder_dim != cfg.embed_dim:
+        raise ValueError(f"decoder_dim={cfg.decoder_dim} differs from embed_dim={cfg.embed_dim}: "
+                         "that needs decoder_embed=True (a projection)")
     if cfg.temperature <= 0:
         raise ValueError(f"temperature={cfg.temperature}; expected > 0")
-    return cfg
 
 
 def _check_images(images: torch.Tensor, cfg: ModelConfig, name: str = "images") -> None:
@@ -116,11 +168,24 @@ def _view_ids(views, batch: int, device) -> torch.Tensor:
     return views.to(device=device, dtype=torch.long)
 
 
+def _released_init(module: nn.Module, tokens) -> None:
+    """The released code's initialisation: PyTorch's defaults for every Linear, Conv2d and
+    LayerNorm (timm's ViT init is undone), trunc_normal(std 0.02) for the tokens and
+    embeddings in ``tokens``."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.LayerNorm)):
+            m.reset_parameters()
+    for t in tokens:
+        nn.init.trunc_normal_(t, std=0.02)
+
+
 class ViewEncoder(nn.Module):
     """timm ViT with one input channel and a view-type embedding on every patch token.
 
     The timm model provides patch_embed, cls_token, pos_embed (1, 1+L, D, CLS row first),
-    blocks and norm; its classifier is absent (num_classes=0).
+    blocks and norm; its classifier is absent (num_classes=0). With
+    ``cfg.cls_pos_embed=False`` (released) the CLS row of pos_embed is 0 and never used,
+    so the weights still load into a timm ViT unchanged.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -129,16 +194,25 @@ class ViewEncoder(nn.Module):
         self.vit = VisionTransformer(
             img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, num_classes=0,
             embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
-            qkv_bias=True, class_token=True, global_pool="token", drop_path_rate=cfg.drop_path)
+            qkv_bias=True, qk_norm=cfg.qk_norm, class_token=True, global_pool="token",
+            drop_path_rate=cfg.drop_path)
+        self.vit.norm.eps = cfg.final_norm_eps
         self.view_embed = nn.Embedding(NUM_VIEWS, cfg.embed_dim)
-        nn.init.normal_(self.view_embed.weight, std=0.02)
+        if cfg.init == "released":
+            _released_init(self.vit, (self.vit.cls_token, self.vit.pos_embed, self.view_embed.weight))
+        else:
+            nn.init.normal_(self.view_embed.weight, std=0.02)
+        if not cfg.cls_pos_embed:
+            with torch.no_grad():
+                self.vit.pos_embed[:, :1].zero_()
 
     @property
     def num_patches(self) -> int:
         return self.cfg.num_patches
 
     def _cls(self, batch: int) -> torch.Tensor:
-        return (self.vit.cls_token + self.vit.pos_embed[:, :1]).expand(batch, -1, -1)
+        cls = self.vit.cls_token + self.vit.pos_embed[:, :1] if self.cfg.cls_pos_embed else self.vit.cls_token
+        return cls.expand(batch, -1, -1)
 
     def forward_masked(self, images: torch.Tensor, views: torch.Tensor, ids_keep: torch.Tensor,
                        *, impl: str = "auto") -> torch.Tensor:
@@ -164,73 +238,38 @@ class ViewEncoder(nn.Module):
         return self.forward_features(images, views)[:, 0]
 
 
-def _gather_with_grad(z: torch.Tensor) -> torch.Tensor:
-    """(B, D) per rank -> (world*B, D) in rank order; the local rows keep their gradient,
-    the other ranks' rows are constants (each rank back-propagates its own part)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return z
-    parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, z.detach().contiguous())
-    parts[dist.get_rank()] = z
-    return torch.cat(parts, dim=0)
-
-
-def alignment_loss(za: torch.Tensor, zb: torch.Tensor, kind: str = "mse",
-                   temperature: float = 0.5) -> torch.Tensor:
-    """Alignment between two views' pooled latents; inputs are L2-normalised here.
-
-    Args:
-        za, zb: (B, D) float, row b of both from the same study.
-        kind: "mse": mean over the batch of ||za - zb||^2 = 2 (1 - cos) (summed over D, so
-              its scale does not depend on the width); "cosine": mean of 1 - cos (the
-              negative cosine shifted by 1, so identical views give 0);
-              "infonce": symmetric cross-view InfoNCE, logits cos / temperature, the
-              positive of za[b] is zb[b], negatives every other zb of the global batch
-              (gathered across ranks), and vice versa.
-    Returns:
-        0-dim float32 tensor.
-    """
-    if za.dim() != 2 or za.shape != zb.shape:
-        raise ValueError(f"za {tuple(za.shape)} and zb {tuple(zb.shape)}: expected equal (B, D)")
-    za = F.normalize(za.float(), dim=-1)
-    zb = F.normalize(zb.float(), dim=-1)
-    if kind == "mse":
-        return (za - zb).pow(2).sum(-1).mean()
-    if kind == "cosine":
-        return (1 - (za * zb).sum(-1)).mean()
-    if kind == "infonce":
-        all_a, all_b = _gather_with_grad(za), _gather_with_grad(zb)
-        rank = dist.get_rank() if all_a.shape[0] != za.shape[0] else 0
-        target = torch.arange(za.shape[0], device=za.device) + rank * za.shape[0]
-        loss_a = F.cross_entropy(za @ all_b.T / temperature, target)
-        loss_b = F.cross_entropy(zb @ all_a.T / temperature, target)
-        return (loss_a + loss_b) / 2
-    raise ValueError(f"kind={kind!r}; expected one of {ALIGN_LOSSES}")
-
-
 class MultiViewMAE(nn.Module):
-    """Masked autoencoder over frontal + lateral pairs (paired) or single images (baseline).
+    """Masked autoencoder over the view slots of studies (flu / paired) or single images.
 
-    ``forward(frontal, lateral, mask_ratio=, beta=)``: paired mode. Both views go through
-    the encoder and decoder as one batch of 2B (shared weights, independent masks).
-    ``forward(images, None, views=...)``: single-view mode, no alignment.
+    ``forward_studies(images (B, V, 1, H, W), available (B, V), views (B, V))``: the
+    general form. Every available image is masked, encoded and reconstructed (shared
+    weights, independent masks, one batch of N = available.sum() images); the mean-pooled
+    latents (CLS + visible tokens, after the final norm) of the images of one study are
+    aligned (:func:`fastssl.models.alignment.alignment_loss`, with the availability mask).
+    ``forward(frontal, lateral)``: paired mode (V = 2, frontal then lateral).
+    ``forward(images, None, views=...)``: single-view mode (V = 1, no alignment).
     """
 
     def __init__(self, cfg: ModelConfig, *, impl: str = "auto"):
         super().__init__()
+        check_model_config(cfg)
         self.cfg, self.impl = cfg, impl
         self.encoder = ViewEncoder(cfg)
         d, dd, p = cfg.embed_dim, cfg.decoder_dim, cfg.patch_size
-        self.decoder_embed = nn.Linear(d, dd)
+        self.decoder_embed = nn.Linear(d, dd) if cfg.decoder_embed else nn.Identity()
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.num_patches, dd))
         self.decoder_view_embed = nn.Embedding(NUM_VIEWS, dd)
         self.decoder_blocks = nn.Sequential(*[
-            Block(dd, cfg.decoder_heads, cfg.mlp_ratio, qkv_bias=True,
+            Block(dd, cfg.decoder_heads, cfg.mlp_ratio, qkv_bias=True, qk_norm=cfg.qk_norm,
                   norm_layer=partial(nn.LayerNorm, eps=1e-6)) for _ in range(cfg.decoder_depth)])
-        self.decoder_norm = nn.LayerNorm(dd, eps=1e-6)
+        self.decoder_norm = nn.LayerNorm(dd, eps=cfg.final_norm_eps)
         self.decoder_pred = nn.Linear(dd, p * p * cfg.in_chans)
-        for t in (self.mask_token, self.decoder_pos_embed, self.decoder_view_embed.weight):
+        tokens = (self.mask_token, self.decoder_pos_embed, self.decoder_view_embed.weight)
+        if cfg.init == "released":
+            _released_init(nn.ModuleList([self.decoder_blocks, self.decoder_norm, self.decoder_pred]), tokens)
+            return
+        for t in tokens:
             nn.init.normal_(t, std=0.02)
         for m in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
             if isinstance(m, nn.Linear):  # MAE's decoder init
@@ -240,10 +279,13 @@ class MultiViewMAE(nn.Module):
     def decode(self, latent: torch.Tensor, views: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """latent (B, 1+K, D), views (B,), ids_restore (B, L) -> pred (B, L, p*p*C)."""
         y = self.decoder_embed(latent)                                     # (B, 1+K, Dd)
+        view = self.decoder_view_embed(views)[:, None]                     # (B, 1, Dd)
         patches = unshuffle_with_mask_token(y[:, 1:], self.mask_token, ids_restore, impl=self.impl)
-        patches = (patches + self.decoder_pos_embed[:, 1:]
-                   + self.decoder_view_embed(views)[:, None])              # (B, L, Dd)
-        y = torch.cat([y[:, :1] + self.decoder_pos_embed[:, :1], patches.to(y.dtype)], dim=1)
+        patches = patches + self.decoder_pos_embed[:, 1:] + view           # (B, L, Dd)
+        cls = y[:, :1] + self.decoder_pos_embed[:, :1]
+        if self.cfg.decoder_view_embed_cls:
+            cls = cls + view
+        y = torch.cat([cls, patches.to(y.dtype)], dim=1)
         y = self.decoder_norm(self.decoder_blocks(y))
         return self.decoder_pred(y[:, 1:])
 
@@ -259,42 +301,82 @@ class MultiViewMAE(nn.Module):
         return dict(latent=latent, pred=pred, mask=mask, ids_restore=ids_restore)
 
     def recon_loss(self, pred: torch.Tensor, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean over the images of each image's MSE over its masked patches."""
         target = "norm_pix" if self.cfg.target == "norm_pix" else "pixel"
         return mae_loss(pred, images, mask, patch_size=self.cfg.patch_size, target=target, impl=self.impl)
 
+    def _recon_scale(self, n_images: int, slots: int, mask: torch.Tensor, mask_ratio: float) -> float:
+        """The released reduction: each image's loss is its masked-pixel MSE x (masked/L) /
+        mask_ratio (``mean((pred - x)^2 * mask) / mask_ratio``), summed over the available
+        slots and divided by studies x slots (missing slots count as 0)."""
+        if self.cfg.recon_reduction == "image" or mask_ratio == 0:
+            return 1.0
+        n = mask.shape[1]
+        masked_fraction = (n - num_kept(n, mask_ratio)) / n
+        return n_images / slots * masked_fraction / mask_ratio
+
+    def forward_studies(self, images: torch.Tensor, available: torch.Tensor, views: torch.Tensor, *,
+                        mask_ratio: float = 0.93, beta: float = 0.0,
+                        generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """images (B, V, 1, H, W) float (missing slots: anything), available (B, V) bool,
+        views (B, V) int64 -> dict(loss, recon, align, beta, monitor (4,), pred (N, L, P),
+        mask (N, L), latent_pooled (N, D), study (N,), views (N,)), N = available.sum(), the
+        images in (study, slot) order. loss = recon + beta * align."""
+        if images.dim() != 5 or images.shape[:2] != available.shape or views.shape != available.shape:
+            raise ValueError(f"images {tuple(images.shape)}, available {tuple(available.shape)}, views "
+                             f"{tuple(views.shape)}: expected (B, V, C, H, W), (B, V), (B, V)")
+        b, v = available.shape
+        available = available.to(device=images.device, dtype=torch.bool)
+        flat = images[available]                                            # (N, 1, H, W)
+        _check_images(flat, self.cfg)
+        view_ids = views.to(images.device, torch.long)[available]
+        study = torch.arange(b, device=images.device)[:, None].expand(b, v)[available]
+        out = self.reconstruct(flat, view_ids, mask_ratio, generator)
+        recon = self.recon_loss(out["pred"], flat, out["mask"])
+        recon = recon * self._recon_scale(flat.shape[0], b * v, out["mask"], mask_ratio)
+        pooled = out["latent"].mean(dim=1)                                  # CLS + visible tokens
+        z = pooled.new_zeros(b, v, pooled.shape[-1]).index_put((available.nonzero(as_tuple=True)), pooled)
+        align = alignment_loss(z, available, self.cfg.align, self.cfg.temperature)
+        beta_t = recon.new_tensor(float(beta))
+        return dict(loss=recon + beta_t * align, recon=recon, align=align, beta=beta_t,
+                    monitor=pair_cosines(pooled.detach(), study), pred=out["pred"], mask=out["mask"],
+                    latent_pooled=pooled, study=study, views=view_ids)
+
     def forward(self, frontal: torch.Tensor, lateral: torch.Tensor | None = None, *,
-                mask_ratio: float = 0.93, beta: float = 0.0, views=None,
+                mask_ratio: float = 0.93, beta: float = 0.0, views=None, available=None,
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Paired: frontal, lateral (B, 1, H, W) -> dict(loss, recon, recon_frontal,
-        recon_lateral, align, beta, pred (2B, L, P), mask (2B, L)); frontal rows first.
-        loss = (recon_frontal + recon_lateral) / 2 + beta * align.
+        """Paired: frontal, lateral (B, 1, H, W) -> forward_studies over (B, 2) slots, frontal
+        view id 0 and lateral 1; pred / mask rows alternate frontal, lateral per study; also
+        recon_frontal, recon_lateral (detached; recon is their mean).
 
         Single (lateral=None): frontal holds any images, views int | (B,) (default
-        unknown) -> dict(loss, recon, pred (B, L, P), mask (B, L)); align is 0.
+        unknown) -> forward_studies over (B, 1) slots: no alignment (align = 0).
+
+        Studies (``available`` given): frontal is (B, V, 1, H, W), views (B, V) ->
+        :meth:`forward_studies` (through ``forward``, so that DDP sees the call).
         """
+        if available is not None:
+            return self.forward_studies(frontal, available, views, mask_ratio=mask_ratio, beta=beta,
+                                        generator=generator)
         _check_images(frontal, self.cfg, "frontal" if lateral is not None else "images")
-        b = frontal.shape[0]
+        b, dev = frontal.shape[0], frontal.device
         if lateral is None:
-            v = _view_ids(views, b, frontal.device)
-            out = self.reconstruct(frontal, v, mask_ratio, generator)
-            recon = self.recon_loss(out["pred"], frontal, out["mask"])
-            zero = recon.new_zeros(())
-            return dict(loss=recon, recon=recon, align=zero, beta=zero, pred=out["pred"], mask=out["mask"])
+            v = _view_ids(views, b, dev)[:, None]
+            return self.forward_studies(frontal[:, None], torch.ones(b, 1, dtype=torch.bool, device=dev), v,
+                                        mask_ratio=mask_ratio, beta=0.0, generator=generator)
         _check_images(lateral, self.cfg, "lateral")
         if lateral.shape[0] != b:
             raise ValueError(f"frontal has {b} images and lateral {lateral.shape[0]}; expected pairs")
-        images = torch.cat([frontal, lateral], dim=0)
-        v = torch.cat([_view_ids(VIEW_IDS["frontal"], b, images.device),
-                       _view_ids(VIEW_IDS["lateral"], b, images.device)])
-        out = self.reconstruct(images, v, mask_ratio, generator)
-        rf = self.recon_loss(out["pred"][:b], frontal, out["mask"][:b])
-        rl = self.recon_loss(out["pred"][b:], lateral, out["mask"][b:])
-        pooled = out["latent"].mean(dim=1)  # CLS + visible tokens
-        align = alignment_loss(pooled[:b], pooled[b:], self.cfg.align, self.cfg.temperature)
-        recon = (rf + rl) / 2
-        beta_t = recon.new_tensor(float(beta))
-        return dict(loss=recon + beta_t * align, recon=recon, recon_frontal=rf, recon_lateral=rl,
-                    align=align, beta=beta_t, pred=out["pred"], mask=out["mask"])
+        v = torch.tensor([VIEW_IDS["frontal"], VIEW_IDS["lateral"]], device=dev).expand(b, 2)
+        out = self.forward_studies(torch.stack([frontal, lateral], dim=1),
+                                   torch.ones(b, 2, dtype=torch.bool, device=dev), v,
+                                   mask_ratio=mask_ratio, beta=beta, generator=generator)
+        with torch.no_grad():  # per-view values for logs and benchmarks; recon is their mean
+            scale = self._recon_scale(b, b, out["mask"], mask_ratio)
+            for name, rows, images in (("recon_frontal", slice(0, None, 2), frontal),
+                                       ("recon_lateral", slice(1, None, 2), lateral)):
+                out[name] = self.recon_loss(out["pred"][rows], images, out["mask"][rows]) * scale
+        return out
 
     def encode(self, images: torch.Tensor, views=None) -> torch.Tensor:
         """CLS features of unmasked images: (B, 1, H, W), views int | (B,) -> (B, D)."""

@@ -1,44 +1,60 @@
-"""``fastssl pretrain``: multi-view MAE pretraining (and its two baselines) over a cache.
+"""``fastssl pretrain``: multi-view MAE pretraining (and its baselines) over a cache.
 
 One dataclass holds every setting (:class:`PretrainConfig`; the CLI flags are its fields);
-:func:`train_one_epoch` is the whole inner loop; :func:`main` prints the derived
-quantities, then trains, logs, checkpoints and exports.
+fields left at None take the recipe's value (``--recipe mvmae``: the released MVMAE
+configuration, the default; ``--recipe mae``: fastssl's MAE-style variant), the same way
+for the Python API and the CLI. :func:`train_one_epoch` is the whole inner loop;
+:func:`main` prints the derived quantities, then trains, logs, checkpoints and exports.
 
 Modes:
-    paired      MultiViewMAE on (frontal, lateral) pairs of a study: mean of the two
-                reconstruction losses + beta * alignment, beta on a sigmoid ramp 0 -> beta_max.
+    flu         (the mvmae recipe's) every image of every train study is reconstructed, up
+                to 3 per study in view slots (StudyViewsDataset); the pooled latents of the
+                images of one study are aligned (alignment loss with an availability mask).
+    paired      studies with a frontal and a lateral image, one of each per epoch
+                (``--mode paired --beta-max 0``: the matched no-alignment ablation).
     single      the same MAE on single images of every view, no alignment (baseline).
     supervised  SupervisedViT on single images with BCE over the 14 labels (baseline).
+Loss = reconstruction + beta * alignment; beta per epoch by the released SigmoidAnnealing
+(or per step on a sigmoid ramp 0 -> beta_max with ``--beta-schedule ramp``).
 
 Files in ``out``:
-    config.json          the settings of the run
-    metrics.jsonl        one line per log step: step, epoch, loss, recon, align, beta, lr,
-                         grad_norm, imgs_per_s (means over the window and over ranks)
-    checkpoint.pt        model, optimizer, scaler, epoch, step, RNG states, config;
-                         written to a temporary name and renamed (a killed job keeps the old one)
+    config.json          the resolved settings of the run (usable as ``--config``)
+    job.json             the run's identity: result-affecting settings + the cache's content
+    metrics.jsonl        records every log_every steps and at the end of every epoch: step,
+                         epoch, loss, recon, align, beta, lr, grad_norm, cos_matched,
+                         cos_unmatched, imgs_per_s (window means over steps and ranks); after
+                         each epoch {step, epoch, val_recon} (validate split)
+    metrics.csv          the same records, columns CSV_FIELDS (empty cell = not in the record)
+    tb/                  TensorBoard event files (when the ``tensorboard`` extra is installed)
+    checkpoint.pt        model, optimizer, scaler, epoch, step, RNG states, config
+                         (+ checkpoint.pt.sha256; written atomically)
     encoder.safetensors  the final encoder weights (+ model config in the metadata)
 
 Rerunning the same command resumes from checkpoint.pt (the batch order, masks and
 augmentations continue exactly: they come from seeded generators saved in the
-checkpoint); a finished run is detected and left alone. DDP: launch with torchrun.
+checkpoint); a finished run is detected and left alone; a run with other settings in the
+same ``--out`` is refused, naming them (``--overwrite`` replaces it). DDP: launch with torchrun.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from itertools import islice
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from fastssl.config import add_dataclass_arguments, config_from_args
-from fastssl.models.mvmae import MultiViewMAE, SupervisedViT, model_config
+from fastssl.models.mvmae import MultiViewMAE, SupervisedViT
+from fastssl.reference.mae import num_kept
 from fastssl.profiling import annotate
 from fastssl.train.checkpoint import atomic_torch_save, atomic_write_text, truncate_metrics
 from fastssl.train.export import export_encoder, load_encoder
@@ -48,51 +64,108 @@ __all__ = ["PretrainConfig", "Schedule", "train_one_epoch", "main", "param_group
 
 log = logging.getLogger(__name__)
 
-MODES = ("paired", "single", "supervised")
-CHECKPOINT, METRICS, ENCODER = "checkpoint.pt", "metrics.jsonl", "encoder.safetensors"
-# Settings that a resumed run must share with its checkpoint (they change the model or
-# the meaning of a step); the others (epochs, workers, log_every...) may change.
-_RESUME_KEYS = ("mode", "preset", "img_size", "patch_size", "target", "align", "batch_size", "seed")
+MODES = ("flu", "paired", "single", "supervised")
+CHECKPOINT, METRICS, METRICS_CSV, ENCODER = "checkpoint.pt", "metrics.jsonl", "metrics.csv", "encoder.safetensors"
+CSV_FIELDS = ("step", "epoch", "loss", "recon", "align", "beta", "lr", "grad_norm", "cos_matched",
+              "cos_unmatched", "imgs_per_s", "val_recon")
+# Settings that do not change the trained weights: a resume may change them. Every other
+# field (and the world size and the cache's content) is the run's identity (job.json).
+_NOT_IDENTITY = ("out", "workers", "device", "impl", "compile", "log_every", "val_batches", "ckpt_every",
+                 "resume", "overwrite", "verify_data", "stop_after_steps", "progress")
+
+# What each recipe sets (PretrainConfig fields left at None take these values). "mvmae" is
+# the released MVMAE configuration (agostini335/MVMAE, config/config_base.yaml and the
+# modules it names; README table); "mae" is fastssl's earlier MAE-style choice.
+RECIPE_DEFAULTS: dict[str, dict] = {
+    "mvmae": dict(mode="flu", base_lr=1.2e-4, beta2=0.999, decay_all=True, lr_per_epoch=True,
+                  warmup_start=0.5, beta_schedule="released", beta_steepness=0.02, augment_style="mvmae"),
+    "mae": dict(mode="paired", base_lr=1.5e-4, beta2=0.95, decay_all=False, lr_per_epoch=False,
+                warmup_start=0.0, beta_schedule="ramp", beta_steepness=10.0, augment_style="mae"),
+}
+# Model fields a run may override (None: the recipe's, see fastssl.models.mvmae.MODEL_RECIPES).
+_MODEL_OVERRIDES = ("target", "align", "recon_reduction", "qk_norm", "decoder_embed", "decoder_dim",
+                    "decoder_heads", "decoder_depth", "init")
 
 
 @dataclass
 class PretrainConfig:
-    """Every setting of a pretraining run (the CLI's flags, with ``-`` for ``_``)."""
+    """Every setting of a pretraining run (the CLI's flags, with ``-`` for ``_``). Fields
+    left at None take the recipe's value (:meth:`resolved`); config.json records both."""
 
     cache: str = ""                # a `fastssl prepare` cache directory
     out: str = "runs/pretrain"     # output directory (rerun the same command to resume)
-    mode: str = "paired"           # paired | single | supervised
+    recipe: str = "mvmae"          # mvmae (the released MVMAE configuration) | mae (fastssl's MAE-style variant)
+    mode: str | None = None        # flu (every image, alignment where a study has two) | paired | single | supervised
     preset: str = "vit_base"       # vit_tiny | vit_small | vit_base (B/16) | test (CPU)
     img_size: int = 0              # 0: the preset's (224)
     patch_size: int = 0            # 0: the preset's (16)
+    max_views: int = 3             # flu: view slots per study (a random subset of a study with more images)
     mask_ratio: float = 0.93       # MVMAE's (13 of 196 patches visible); MAE's is 0.75
-    target: str = "global"         # global (MVMAE: dataset mean/std on the input, pixel MSE) | norm_pix (MAE)
-    align: str = "mse"             # mse | cosine | infonce (alignment loss of paired mode)
-    temperature: float = 0.5       # InfoNCE temperature
-    beta_max: float = 2.0          # alignment weight reached at the end of the ramp
-    beta_ramp_epochs: float = -1.0 # length of the sigmoid ramp 0 -> beta_max; -1: all epochs
+    target: str | None = None      # global (dataset mean/std on the input, pixel MSE) | norm_pix (MAE)
+    align: str | None = None       # mse (released) | l2 | cosine | ntxent | infonce
+    temperature: float = 0.5       # ntxent / infonce temperature
+    recon_reduction: str | None = None  # released (sum over images / (studies x slots)) | image (mean)
+    qk_norm: bool | None = None    # LayerNorm on queries and keys (released: on)
+    decoder_embed: bool | None = None  # projection encoder -> decoder width (MAE); released: none
+    decoder_dim: int | None = None     # released: the encoder's width; MAE: 512 (B), 256 (S), 128 (Ti)
+    decoder_heads: int | None = None   # released: the encoder's heads; MAE: 16 (B)
+    decoder_depth: int | None = None   # 4 (the test preset: 2)
+    init: str | None = None        # released (PyTorch defaults, trunc_normal tokens) | mae
+    beta_max: float = 2.0          # alignment weight: the released annealing's final_beta, or the ramp's end
+    beta_schedule: str | None = None   # released (per-epoch SigmoidAnnealing from the warm-up on) | ramp (per step)
+    beta_steepness: float | None = None  # released 0.02 (per epoch); ramp 10 (over the ramp)
+    beta_ramp_epochs: float = -1.0 # ramp only: length of the sigmoid ramp 0 -> beta_max; -1: all epochs
     epochs: int = 100
-    batch_size: int = 64           # per rank; in paired mode a sample is a pair (2 images)
-    base_lr: float = 1.5e-4        # lr = base_lr * batch_size * world_size / 256
+    batch_size: int = 64           # per rank; a sample is a study (flu, paired) or an image
+    base_lr: float | None = None   # lr = base_lr * batch_size * world_size / 256 (released 1.2e-4)
     min_lr: float = 0.0            # floor of the cosine
-    warmup_epochs: float = 5.0     # linear warm-up, then cosine to min_lr (per step)
-    weight_decay: float = 0.05     # AdamW; none on norms, biases, embeddings and tokens
+    warmup_epochs: float = 5.0     # warm-up, then cosine to min_lr
+    warmup_start: float | None = None  # lr factor at the start of the warm-up (released LinearLR: 0.5)
+    lr_per_epoch: bool | None = None   # lr (and beta) change once per epoch (released) or every step
+    weight_decay: float = 0.05     # AdamW
+    decay_all: bool | None = None  # decay on every parameter (released) or not on norms/biases/embeddings (MAE)
     beta1: float = 0.9
-    beta2: float = 0.95
+    beta2: float | None = None     # released 0.999 (AdamW default); MAE 0.95
     clip_grad: float = 1.0         # max global grad norm (0: off)
     amp: str = "bf16"              # bf16 | fp16 | none (autocast on CUDA only)
     compile: bool = False          # torch.compile the model
     impl: str = "auto"             # fastssl.ops implementation: auto | triton | torch
-    augment: bool = True           # random resized crop + rotation + brightness/contrast (BatchAugment)
+    augment: bool = True           # augmentation (augment_style); off: centre resize only
+    augment_style: str | None = None  # mvmae: RandomResizedCrop 1:1 + hflip + ColorJitter(0.4, 0.4) p=0.8 | mae
     crop_min: float = 0.5          # smallest crop area fraction
+    pixel_mean: float = -1.0       # input normalisation; -1: the cache manifest's (released: MIMIC's 0.5056)
+    pixel_std: float = -1.0        # -1: the cache manifest's (released: 0.252)
     workers: int = 4               # DataLoader processes
     seed: int = 0
     device: str = "auto"           # auto | cpu | cuda
-    log_every: int = 20            # steps between metrics lines
+    log_every: int = 20            # steps between metrics lines (and always at the end of an epoch)
+    val_batches: int = 20          # validation reconstruction loss per epoch over this many batches (0: off)
     ckpt_every: int = 500          # steps between checkpoints (also at every epoch end)
-    resume: bool = True            # continue from out/checkpoint.pt when present
+    resume: bool = True            # continue from out/checkpoint.pt when present (--no-resume: start over)
+    overwrite: bool = False        # replace an --out that holds a run with other settings
+    verify_data: bool = False      # hash every byte of the cache for the resume identity (default: sampled blocks)
     stop_after_steps: int = 0      # >0: checkpoint and exit after this many steps of this invocation
     progress: bool = True          # tqdm bar (only on a terminal)
+
+    def resolved(self) -> "PretrainConfig":
+        """A copy with every None field replaced by the recipe's value (and checked)."""
+        if self.recipe not in RECIPE_DEFAULTS:
+            raise ValueError(f"recipe={self.recipe!r}; expected one of {tuple(RECIPE_DEFAULTS)}")
+        from fastssl.models.mvmae import PRESETS, _recipe_fields
+
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset={self.preset!r}; expected one of {sorted(PRESETS)}")
+        model_defaults = _recipe_fields(self.preset, self.recipe)
+        values = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is None:
+                v = RECIPE_DEFAULTS[self.recipe].get(f.name, model_defaults.get(f.name))
+            values[f.name] = v
+        out = PretrainConfig(**values)
+        out.validate()
+        out.model_config()  # the model fields checked too (ValueError naming the field)
+        return out
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -101,22 +174,46 @@ class PretrainConfig:
             raise ValueError(f"mask_ratio={self.mask_ratio}; expected in [0, 1)")
         if self.amp not in ("bf16", "fp16", "none"):
             raise ValueError(f"amp={self.amp!r}; expected bf16 | fp16 | none")
-        for name in ("epochs", "batch_size", "log_every", "ckpt_every"):
+        for name in ("epochs", "batch_size", "log_every", "ckpt_every", "max_views"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; expected >= 1")
-        if self.base_lr <= 0 or self.warmup_epochs < 0:
+        if self.base_lr is not None and self.base_lr <= 0 or self.warmup_epochs < 0:
             raise ValueError(f"base_lr={self.base_lr}, warmup_epochs={self.warmup_epochs}; expected > 0, >= 0")
         if not 0 < self.crop_min <= 1:
             raise ValueError(f"crop_min={self.crop_min}; expected in (0, 1]")
+        if self.clip_grad < 0 or self.val_batches < 0:
+            raise ValueError(f"clip_grad={self.clip_grad}, val_batches={self.val_batches}; expected >= 0")
+        if self.warmup_start is not None and not 0 <= self.warmup_start <= 1:
+            raise ValueError(f"warmup_start={self.warmup_start}; expected in [0, 1]")
+        if self.beta_schedule is not None and self.beta_schedule not in ("released", "ramp"):
+            raise ValueError(f"beta_schedule={self.beta_schedule!r}; expected released | ramp")
+        if self.augment_style is not None and self.augment_style not in ("mvmae", "mae"):
+            raise ValueError(f"augment_style={self.augment_style!r}; expected mvmae | mae")
 
     def model_config(self):
-        return model_config(self.preset, img_size=self.img_size or None, patch_size=self.patch_size or None,
-                            target=self.target, align=self.align, temperature=self.temperature)
+        from fastssl.models.mvmae import model_config
+
+        return model_config(self.preset, recipe=self.recipe, img_size=self.img_size or None,
+                            patch_size=self.patch_size or None, temperature=self.temperature,
+                            **{k: getattr(self, k) for k in _MODEL_OVERRIDES})
+
+
+def sigmoid_annealing(epoch: int, final: float, start: int, end: int, steepness: float,
+                      initial: float = 0.0) -> float:
+    """The released per-epoch beta (MVMAE ``SigmoidAnnealing``): a logistic curve of the
+    epoch, constant before ``start`` and from ``end`` on. Its midpoint is
+    ``int(start + (end - start) / 2)`` measured from ``start`` (shifted twice, as released),
+    so at (start, end) = (5, 100), final 2, steepness 0.02 it runs 0.52 -> 1.41."""
+    midpoint = int(start + (end - start) / 2)
+    t = min(max(epoch, start), end) - start  # before start: the value at start; from end on: at end
+    return initial + (final - initial) / (1 + math.exp(-steepness * (t - midpoint)))
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """Per-step learning rate (linear warm-up, cosine) and alignment weight (sigmoid ramp)."""
+    """Learning rate (warm-up from ``warmup_start`` x lr, then cosine) and alignment weight,
+    per step or, with ``per_epoch``, constant within an epoch (the released recipe:
+    LinearLR(start 0.5) then CosineAnnealingLR stepped per epoch, SigmoidAnnealing beta)."""
 
     lr: float
     min_lr: float
@@ -124,17 +221,31 @@ class Schedule:
     total_steps: int
     beta_max: float
     ramp_steps: int
-    steepness: float = 10.0  # logistic slope over the ramp: sigmoid(k (t - 1/2)), t in [0, 1]
+    steepness: float = 10.0  # ramp: logistic slope over the ramp, sigmoid(k (t - 1/2)), t in [0, 1]
+    steps_per_epoch: int = 1
+    per_epoch: bool = False  # lr by epoch (warmup/total counted in epochs: warmup_steps // steps_per_epoch)
+    warmup_start: float = 0.0
+    beta_released: bool = False  # beta = sigmoid_annealing(epoch, beta_max, warm-up epochs, epochs, steepness)
+
+    def _lr_at(self, t: float, warmup: float, total: float) -> float:
+        if t < warmup:
+            return self.lr * (self.warmup_start + (1 - self.warmup_start) * t / warmup)
+        frac = (t - warmup) / max(1, total - warmup)
+        return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
     def lr_at(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.lr * step / self.warmup_steps
-        t = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
-        return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+        if self.per_epoch:
+            spe = self.steps_per_epoch
+            return self._lr_at(step // spe, self.warmup_steps / spe, self.total_steps // spe)
+        return self._lr_at(step, self.warmup_steps, self.total_steps)
 
     def beta_at(self, step: int) -> float:
-        """0 at step 0, beta_max from ramp_steps on; the logistic curve in between,
+        """Ramp: 0 at step 0, beta_max from ramp_steps on; the logistic curve in between,
         shifted and rescaled so that its ends are exactly 0 and beta_max."""
+        if self.beta_released:
+            spe = self.steps_per_epoch
+            return sigmoid_annealing(step // spe, self.beta_max, self.warmup_steps // spe,
+                                     self.total_steps // spe, self.steepness)
         if self.ramp_steps <= 0 or step >= self.ramp_steps:
             return self.beta_max
         sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
@@ -143,20 +254,30 @@ class Schedule:
         return self.beta_max * (sig(self.steepness * (t - 0.5)) - lo) / (hi - lo)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on weight matrices; none on 1-D params (norms, biases),
-    position / view embeddings and the CLS and mask tokens (as MAE)."""
+def param_groups(model: torch.nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:
+    """AdamW groups. ``decay_all`` (released): one group, decay on every parameter.
+    Otherwise (MAE): decay on weight matrices; none on 1-D params (norms, biases),
+    position / view embeddings and the CLS and mask tokens."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if decay_all:
+        return [dict(params=[p for _, p in params], weight_decay=weight_decay)]
     no_decay_names = ("pos_embed", "view_embed", "cls_token", "mask_token")
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
+    for name, p in params:
         (no_decay if p.ndim <= 1 or any(k in name for k in no_decay_names) else decay).append(p)
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
 
 def _forward(model, batch, cfg: PretrainConfig, augment, device, generator, beta: float):
     """One batch of the dataset -> the model's output dict; also the images counted."""
+    if cfg.mode == "flu":
+        images, available, views = (t.to(device, non_blocking=True) for t in batch[:3])
+        flat = augment(images[available], generator)                       # (N, 1, H, W)
+        x = flat.new_zeros(images.shape[:2] + flat.shape[1:])
+        x[available] = flat
+        out = model(x, available=available, views=views, mask_ratio=cfg.mask_ratio, beta=beta,
+                    generator=generator)
+        return out, flat.shape[0]
     if cfg.mode == "paired":
         frontal, lateral = (t.to(device, non_blocking=True) for t in batch[:2])
         out = model(augment(frontal, generator), augment(lateral, generator),
@@ -169,6 +290,46 @@ def _forward(model, batch, cfg: PretrainConfig, augment, device, generator, beta
     return model(x, views, labels), x.shape[0]
 
 
+class _Window:
+    """Sums of the logged quantities over the steps since the last record, on the device
+    (no host sync per step); :meth:`record` pools them over ranks."""
+
+    KEYS = ("loss", "recon", "align", "beta", "grad_norm")
+
+    def __init__(self, device):
+        self.sums = torch.zeros(len(self.KEYS) + 4, device=device)  # + matched/unmatched cosine sums, counts
+        self.steps, self.images, self.t0 = 0, 0, time.perf_counter()
+
+    def add(self, out: dict, beta: float, grad_norm: torch.Tensor, images: int) -> None:
+        loss = out["loss"].detach().float()
+        monitor = out.get("monitor", loss.new_zeros(4))
+        self.sums += torch.cat([torch.stack([loss, out.get("recon", loss).detach().float(),
+                                             out.get("align", loss.new_zeros(())).detach().float(),
+                                             loss.new_tensor(beta), grad_norm.detach().float()]),
+                                monitor.to(loss.device, torch.float32)])
+        self.steps, self.images = self.steps + 1, self.images + images
+
+    def record(self, step: int, epoch: int, lr: float) -> dict:
+        """Window means (over steps and ranks) as one metrics record; resets the window."""
+        stats = self.sums.clone()
+        stats[: len(self.KEYS)] /= self.steps
+        images = self.images
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stats)
+            stats[: len(self.KEYS)] /= dist.get_world_size()
+            images *= dist.get_world_size()
+        values = stats.tolist()  # the one host sync of the window
+        if not math.isfinite(values[0]):
+            raise FloatingPointError(f"loss is {values[0]} at step {step} (epoch {epoch}); "
+                                     "lower the lr or use amp=bf16")
+        m_sum, m_n, u_sum, u_n = values[len(self.KEYS):]
+        rec = dict(step=step, epoch=epoch, **dict(zip(self.KEYS, values[: len(self.KEYS)])), lr=lr,
+                   cos_matched=m_sum / m_n if m_n else None, cos_unmatched=u_sum / u_n if u_n else None,
+                   imgs_per_s=images / max(time.perf_counter() - self.t0, 1e-9))
+        self.__init__(self.sums.device)
+        return rec
+
+
 def train_one_epoch(model, loader, optimizer, scaler, sched: Schedule, cfg: PretrainConfig, *,
                     epoch: int, step: int, augment, device, generator, on_step=None,
                     log_fn=None) -> tuple[int, bool]:
@@ -179,7 +340,8 @@ def train_one_epoch(model, loader, optimizer, scaler, sched: Schedule, cfg: Pret
         augment: callable (B, 1, S, S) integer images, generator -> (B, 1, H, W) float.
         generator: torch.Generator on ``device`` for masks and augmentation.
         on_step: called with the global step after each optimizer step; returns True to stop.
-        log_fn: called every cfg.log_every steps with a dict of window means (all ranks).
+        log_fn: called with a record of window means (all ranks) every cfg.log_every steps
+            and with the last partial window when the epoch ends or the run stops.
     Returns:
         (global step after the last batch, stopped early).
     """
@@ -187,9 +349,8 @@ def train_one_epoch(model, loader, optimizer, scaler, sched: Schedule, cfg: Pret
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
     use_amp = device.type == "cuda" and amp_dtype is not None
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    keys = ("loss", "recon", "align", "beta", "grad_norm")
-    window = torch.zeros(len(keys), device=device)  # summed on the device: no sync per step
-    n_steps, n_images, t0 = 0, 0, time.perf_counter()
+    max_norm = cfg.clip_grad if cfg.clip_grad > 0 else float("inf")
+    window, lr, stopped = _Window(device), sched.lr_at(step), False
     for batch in loader:
         lr, beta = sched.lr_at(step), sched.beta_at(step)
         for group in optimizer.param_groups:
@@ -197,40 +358,24 @@ def train_one_epoch(model, loader, optimizer, scaler, sched: Schedule, cfg: Pret
         ctx = torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
         with ctx, annotate("pretrain/forward"):
             out, images = _forward(model, batch, cfg, augment, device, generator, beta)
-        loss = out["loss"]
         optimizer.zero_grad(set_to_none=True)
         with annotate("pretrain/backward"):
-            scaler.scale(loss).backward()
+            scaler.scale(out["loss"]).backward()
         with annotate("pretrain/optimizer"):
             scaler.unscale_(optimizer)  # clip the true gradient (a no-op unless fp16)
-            max_norm = cfg.clip_grad if cfg.clip_grad > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             scaler.step(optimizer)
             scaler.update()
-        step, n_steps, n_images = step + 1, n_steps + 1, n_images + images
-        recon = out.get("recon", loss)
-        align = out.get("align", loss.new_zeros(()))
-        window += torch.stack([loss.detach().float(), recon.detach().float(), align.detach().float(),
-                               loss.new_tensor(beta, dtype=torch.float32), grad_norm.detach().float()])
-        if step % cfg.log_every == 0:
-            stats = window / n_steps
-            if dist.is_available() and dist.is_initialized():
-                dist.all_reduce(stats)
-                stats /= dist.get_world_size()
-                n_images *= dist.get_world_size()
-            values = stats.tolist()  # the one host sync of the window
-            if not math.isfinite(values[0]):
-                raise FloatingPointError(f"loss is {values[0]} at step {step} (epoch {epoch}); "
-                                         "lower the lr or use amp=bf16")
-            elapsed = time.perf_counter() - t0
-            if log_fn is not None:
-                log_fn(dict(step=step, epoch=epoch, **dict(zip(keys, values)), lr=lr,
-                            imgs_per_s=n_images / elapsed))
-            window.zero_()
-            n_steps, n_images, t0 = 0, 0, time.perf_counter()
+        step += 1
+        window.add(out, beta, grad_norm, images)
+        if step % cfg.log_every == 0 and log_fn is not None:
+            log_fn(window.record(step, epoch, lr))
         if on_step is not None and on_step(step):
-            return step, True
-    return step, False
+            stopped = True
+            break
+    if window.steps and log_fn is not None:  # the last partial window of the epoch / run
+        log_fn(window.record(step, epoch, lr))
+    return step, stopped
 
 
 # ----------------------------------------------------------------------- run plumbing
@@ -261,22 +406,44 @@ def _pick_device(name: str, local_rank: int) -> torch.device:
     return torch.device(name)
 
 
-def _datasets(cfg: PretrainConfig):
-    from fastssl.data.datasets import PairedViewDataset, SingleViewDataset
 
+def _datasets(cfg: PretrainConfig):
+    from fastssl.data.datasets import PairedViewDataset, SingleViewDataset, StudyViewsDataset
+
+    if cfg.mode == "flu":
+        return StudyViewsDataset(cfg.cache, split="train", max_views=cfg.max_views, seed=cfg.seed)
     if cfg.mode == "paired":
-        return PairedViewDataset(cfg.cache, split="train", seed=cfg.seed)
+        data = PairedViewDataset(cfg.cache, split="train", seed=cfg.seed)
+        unknown = int(np.isin(data.index.view[data.index.split == "train"], ("unknown", "other")).sum())
+        if unknown:
+            log.warning("paired mode never trains the view embedding 'unknown' (id 2), but %d train images "
+                        "have no frontal/lateral view: --mode flu trains it; otherwise evaluate such images "
+                        "with an explicit view", unknown)
+        return data
     return SingleViewDataset(cfg.cache, split="train", views="all")
 
 
+def _normalisation(cfg: PretrainConfig, manifest: dict) -> tuple[float, float]:
+    mean = cfg.pixel_mean if cfg.pixel_mean >= 0 else float(manifest.get("pixel_mean", 0.5))
+    std = cfg.pixel_std if cfg.pixel_std > 0 else float(manifest.get("pixel_std", 0.25)) or 0.25
+    return mean, std
+
+
 def _augment(cfg: PretrainConfig, mcfg, manifest: dict):
+    """The training transform: released MVMAE (RandomResizedCrop(scale crop_min..1, ratio
+    1:1), horizontal flip, ColorJitter(0.4, 0.4) with p = 0.8) or fastssl's MAE style
+    (crop with ratio 3:4..4:3, rotation +-10 deg, brightness/contrast 0.1); then (x - mean) / std."""
     from fastssl.data.augment import BatchAugment, CenterResize
 
-    mean, std = float(manifest.get("pixel_mean", 0.5)), float(manifest.get("pixel_std", 0.25)) or 0.25
-    if cfg.augment:
-        return BatchAugment(out_size=mcfg.img_size, scale=(cfg.crop_min, 1.0), mean=mean, std=std)
-    center = CenterResize(out_size=mcfg.img_size, mean=mean, std=std)
-    return lambda x, generator=None: center(x)
+    mean, std = _normalisation(cfg, manifest)
+    if not cfg.augment:
+        center = CenterResize(out_size=mcfg.img_size, mean=mean, std=std)
+        return lambda x, generator=None: center(x)
+    if cfg.augment_style == "mvmae":
+        return BatchAugment(out_size=mcfg.img_size, scale=(cfg.crop_min, 1.0), ratio=(1.0, 1.0),
+                            max_rotation_deg=0.0, brightness=0.4, contrast=0.4, mean=mean, std=std,
+                            hflip=0.5, jitter_p=0.8, jitter_style="torchvision")
+    return BatchAugment(out_size=mcfg.img_size, scale=(cfg.crop_min, 1.0), mean=mean, std=std)
 
 
 def _loader(dataset, cfg: PretrainConfig, epoch: int, skip: int, rank: int, world: int, pin: bool):
@@ -285,7 +452,7 @@ def _loader(dataset, cfg: PretrainConfig, epoch: int, skip: int, rank: int, worl
     from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
     if hasattr(dataset, "set_epoch"):
-        dataset.set_epoch(epoch)  # the paired dataset's per-epoch view draw
+        dataset.set_epoch(epoch)  # the per-epoch view draw of the study datasets
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
                                  drop_last=True)
     sampler.set_epoch(epoch)
@@ -303,147 +470,377 @@ def _resolved_impls(device: torch.device, impl: str) -> dict[str, str]:
             for op in ("gather_tokens", "unshuffle_with_mask_token", "mae_loss")}
 
 
-def main(cfg: PretrainConfig) -> dict:
-    """Runs (or resumes, or recognises as finished) a pretraining job. Returns a summary
-    dict: step, total_steps, epochs_done, out, finished, stopped, last metrics."""
-    from fastssl.data.cache import read_manifest
+@torch.no_grad()
+def validation_recon(model, cfg: PretrainConfig, mcfg, manifest: dict, device, rank: int = 0,
+                     world: int = 1) -> float | None:
+    """Mean reconstruction loss (per image, over its masked patches) over the first
+    ``cfg.val_batches`` batches of the validate split: centre-resized images, masks from a
+    generator seeded with cfg.seed, so every epoch scores the same masked inputs.
+    None when the cache has no validate images or val_batches is 0."""
+    from fastssl.data.augment import CenterResize
+    from fastssl.data.datasets import SingleViewDataset
 
-    cfg.validate()
+    data = SingleViewDataset(cfg.cache, split="validate", views="all")
+    n = min(len(data), cfg.val_batches * cfg.batch_size)
+    if n == 0:
+        return None
+    mean, std = _normalisation(cfg, manifest)
+    center = CenterResize(out_size=mcfg.img_size, mean=mean, std=std)
+    generator = torch.Generator(device).manual_seed(cfg.seed + 7919 * rank)
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for lo in range(rank * cfg.batch_size, n, world * cfg.batch_size):
+        images, _, _, views = data.get_batch(np.arange(lo, min(lo + cfg.batch_size, n)))
+        x = center(images.to(device))
+        out = model.reconstruct(x, views.to(device), cfg.mask_ratio, generator)
+        loss = model.recon_loss(out["pred"], x, out["mask"]).double()
+        total += torch.stack([loss * x.shape[0], loss.new_tensor(float(x.shape[0]))])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total)
+    model.train(was_training)
+    return float(total[0] / total[1])
+
+
+class MetricsLog:
+    """Where the records go: metrics.jsonl and metrics.csv (columns CSV_FIELDS), TensorBoard
+    event files under ``tb/`` when ``tensorboard`` is installed, and the user's callbacks.
+    Only rank 0 writes (``enabled``)."""
+
+    def __init__(self, out: str, step: int, callbacks=(), enabled: bool = True):
+        self.jsonl, self.csv = os.path.join(out, METRICS), os.path.join(out, METRICS_CSV)
+        self.callbacks, self.enabled, self.last, self.tb = list(callbacks or ()), enabled, {}, None
+        if not enabled:
+            return
+        truncate_metrics(self.jsonl, step)  # drop what a killed run logged after its checkpoint
+        self._rewrite_csv()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # the optional extra: metrics.csv and metrics.jsonl still hold everything
+            return
+        self.tb = SummaryWriter(os.path.join(out, "tb"), purge_step=step or None)
+
+    def _rewrite_csv(self) -> None:
+        from fastssl.jobs import read_jsonl
+
+        rows = read_jsonl(self.jsonl)
+        atomic_write_text(self.csv, ",".join(CSV_FIELDS) + "\n" + "".join(map(self._csv_line, rows)))
+
+    @staticmethod
+    def _csv_line(rec: dict) -> str:
+        return ",".join("" if rec.get(k) is None else repr(rec[k]) for k in CSV_FIELDS) + "\n"
+
+    def __call__(self, rec: dict) -> None:
+        self.last.update(rec)
+        if not self.enabled:
+            return
+        with open(self.jsonl, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(rec) + "\n")
+        with open(self.csv, "a", encoding="utf-8") as handle:
+            handle.write(self._csv_line(rec))
+        if self.tb is not None:
+            for k, v in rec.items():
+                if k not in ("step", "epoch") and v is not None:
+                    self.tb.add_scalar(k, v, rec["step"])
+            self.tb.flush()
+        for callback in self.callbacks:
+            callback(dict(rec))
+        if "loss" in rec:
+            log.info("step %d loss %.4f recon %.4f align %.4g beta %.3f lr %.2e %.0f img/s", rec["step"],
+                     rec["loss"], rec["recon"], rec["align"], rec["beta"], rec["lr"], rec["imgs_per_s"])
+        else:
+            log.info("epoch %d val_recon %.4f", rec["epoch"], rec["val_recon"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+@dataclass
+class _Run:
+    """What main sets up once: the process, data, schedule, model and optimiser state."""
+
+    cfg: PretrainConfig
+    mcfg: object
+    rank: int
+    world: int
+    device: torch.device
+    dataset: object
+    steps_per_epoch: int
+    sched: Schedule
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: object
+    generator: torch.Generator
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.cfg.out, name)
+
+
+def _schedule(cfg: PretrainConfig, steps_per_epoch: int, world: int) -> Schedule:
+    total = steps_per_epoch * cfg.epochs
+    ramp_epochs = cfg.epochs if cfg.beta_ramp_epochs < 0 else cfg.beta_ramp_epochs
+    if cfg.warmup_epochs >= cfg.epochs:
+        log.warning("warmup_epochs=%g >= epochs=%d: the run ends inside the warm-up (the lr never "
+                    "reaches its peak%s)", cfg.warmup_epochs, cfg.epochs,
+                    "; the released beta never starts annealing" if cfg.beta_schedule == "released" else "")
+    return Schedule(lr=cfg.base_lr * cfg.batch_size * world / 256, min_lr=cfg.min_lr,
+                    warmup_steps=round(cfg.warmup_epochs * steps_per_epoch), total_steps=total,
+                    beta_max=cfg.beta_max if cfg.mode in ("paired", "flu") else 0.0,
+                    ramp_steps=round(ramp_epochs * steps_per_epoch), steepness=cfg.beta_steepness,
+                    steps_per_epoch=steps_per_epoch, per_epoch=cfg.lr_per_epoch,
+                    warmup_start=cfg.warmup_start, beta_released=cfg.beta_schedule == "released")
+
+
+def _setup(cfg: PretrainConfig) -> _Run:
     mcfg = cfg.model_config()
     rank, world, local = _dist_init()
-    is_main = rank == 0
     device = _pick_device(cfg.device, local)
     os.makedirs(cfg.out, exist_ok=True)
-    ckpt_path, metrics_path = os.path.join(cfg.out, CHECKPOINT), os.path.join(cfg.out, METRICS)
-    enc_path = os.path.join(cfg.out, ENCODER)
-
     dataset = _datasets(cfg)
     steps_per_epoch = len(dataset) // (cfg.batch_size * world)
     if steps_per_epoch < 1:
         raise ValueError(f"the train split of {cfg.cache} has {len(dataset)} {cfg.mode} samples: fewer "
                          f"than one global batch of batch_size={cfg.batch_size} x world={world}")
-    total = steps_per_epoch * cfg.epochs
-    eff_batch = cfg.batch_size * world
-    lr = cfg.base_lr * eff_batch / 256
-    ramp_epochs = cfg.epochs if cfg.beta_ramp_epochs < 0 else cfg.beta_ramp_epochs
-    sched = Schedule(lr=lr, min_lr=cfg.min_lr, warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
-                     total_steps=total, beta_max=cfg.beta_max if cfg.mode == "paired" else 0.0,
-                     ramp_steps=round(ramp_epochs * steps_per_epoch))
-
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = (MultiViewMAE(mcfg, impl=cfg.impl) if cfg.mode != "supervised" else SupervisedViT(mcfg)).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, betas=(cfg.beta1, cfg.beta2))
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.decay_all),
+                                  lr=cfg.base_lr, betas=(cfg.beta1, cfg.beta2))
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp == "fp16")
     generator = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
-    step = 0
-    if cfg.resume and os.path.isfile(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        diff = {k: (ckpt["config"].get(k), getattr(cfg, k)) for k in _RESUME_KEYS
-                if ckpt["config"].get(k) != getattr(cfg, k)}
-        if diff:
-            raise ValueError(f"{ckpt_path} was written with other settings {diff} (checkpoint, now); "
-                             "use another --out or --no-resume")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        generator.set_state(ckpt["rng"]["generators"][rank])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        step = int(ckpt["step"])
-        if is_main:
-            truncate_metrics(metrics_path, step)
-    if step >= total and os.path.isfile(enc_path):
-        if is_main:
-            print(f"pretrain: {cfg.out} is finished ({step} of {total} steps); nothing to do")
-        return dict(step=step, total_steps=total, finished=True, stopped=False, out=cfg.out, metrics=None)
+    return _Run(cfg, mcfg, rank, world, device, dataset, steps_per_epoch,
+                _schedule(cfg, steps_per_epoch, world), model, optimizer, scaler, generator)
 
-    n_params = sum(p.numel() for p in model.parameters())
-    if is_main:
-        atomic_write_text(os.path.join(cfg.out, "config.json"), json.dumps(asdict(cfg), indent=2))
-        impls = _resolved_impls(device, cfg.impl) if cfg.mode != "supervised" else {}
-        amp = cfg.amp if device.type == "cuda" else "none (CPU)"
-        (print if cfg.progress else log.info)(f"pretrain: mode={cfg.mode} preset={cfg.preset} img={mcfg.img_size} patch={mcfg.patch_size} "
-              f"L={mcfg.num_patches} visible={int(mcfg.num_patches * (1 - cfg.mask_ratio))} "
-              f"params={n_params / 1e6:.2f}M\n"
-              f"  device={device} world_size={world} amp={amp} compile={cfg.compile} ops={impls}\n"
-              f"  samples={len(dataset)} batch/rank={cfg.batch_size} effective_batch={eff_batch} "
-              f"images/step={eff_batch * (2 if cfg.mode == 'paired' else 1)}\n"
-              f"  steps/epoch={steps_per_epoch} total_steps={total} warmup_steps={sched.warmup_steps} "
-              f"lr={lr:.3e} (base_lr {cfg.base_lr:g} x {eff_batch}/256) min_lr={cfg.min_lr:g} "
-              f"wd={cfg.weight_decay} clip={cfg.clip_grad}\n"
-              f"  target={cfg.target} align={cfg.align if cfg.mode == 'paired' else '-'} "
-              f"beta: 0 -> {sched.beta_max} over {sched.ramp_steps} steps (sigmoid)"
-              + (f"\n  resuming at step {step} (epoch {step // steps_per_epoch})" if step else ""))
 
-    net = model
-    if cfg.compile:
-        net = torch.compile(net)
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None)
-    augment = _augment(cfg, mcfg, read_manifest(cfg.cache))
+def _fingerprint(cfg: PretrainConfig, world: int):
+    """The run's identity: result-affecting settings (resolved, + world size) and the cache's
+    index, manifest and shards (size + sampled-block sha256; every byte with verify_data)."""
+    from fastssl.jobs import JobFingerprint, fingerprint_files
 
-    def save(step_: int) -> None:
-        gens = [generator.get_state()]
-        if world > 1:  # every rank's generator, so each resumes its own masks
-            gens = [torch.empty_like(gens[0]) for _ in range(world)]
-            dist.all_gather(gens, generator.get_state().to(device) if device.type == "cuda"
-                            else generator.get_state())
-            gens = [g.cpu() for g in gens]
-        if is_main:
-            atomic_torch_save(dict(
-                model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                epoch=step_ // steps_per_epoch, step=step_, config=asdict(cfg), model_config=asdict(mcfg),
-                rng=dict(torch=torch.get_rng_state(), generators=gens)), ckpt_path)
+    settings = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IDENTITY}
+    settings["world_size"] = world
+    names = sorted(n for n in os.listdir(cfg.cache)
+                   if n in ("index.csv", "manifest.json") or (n.startswith("shard_") and n.endswith(".npy")))
+    inputs = fingerprint_files([os.path.join(cfg.cache, n) for n in names], full=cfg.verify_data)
+    return JobFingerprint("pretrain", settings, inputs)
 
-    last = {}
 
-    def log_fn(rec: dict) -> None:
-        last.update(rec)
-        if is_main:
-            with open(metrics_path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(rec) + "\n")
-            log.info("step %d/%d loss %.4f recon %.4f align %.4f beta %.3f lr %.2e %.0f img/s",
-                     rec["step"], total, rec["loss"], rec["recon"], rec["align"], rec["beta"],
-                     rec["lr"], rec["imgs_per_s"])
+def _open_output(run: _Run) -> None:
+    """Rank 0 checks out/job.json against this run (a different run is refused, naming the
+    differences, unless --overwrite or --no-resume, which clear the directory) and removes
+    stale temporary files; the other ranks wait for its verdict."""
+    from fastssl.jobs import check_resume, clear_outputs, remove_stale_tmp, write_fingerprint
 
-    start_step, stopped = step, False
+    verdict, error = [None], None
+    if run.is_main:
+        try:
+            remove_stale_tmp(run.cfg.out)
+            fp = _fingerprint(run.cfg, run.world)
+            status = check_resume(run.cfg.out, fp, overwrite=run.cfg.overwrite or not run.cfg.resume)
+            if status == "new" or not run.cfg.resume:  # --no-resume: start over in this --out
+                clear_outputs(run.cfg.out)
+                write_fingerprint(run.cfg.out, fp)
+        except ValueError as exc:  # ResumeMismatch: every rank stops with its message
+            verdict, error = [str(exc)], exc
+    if run.world > 1:
+        dist.broadcast_object_list(verdict, src=0)
+    if error is not None:
+        raise error
+    if verdict[0] is not None:
+        raise ValueError(verdict[0])
+
+
+def _resume(run: _Run) -> int:
+    """Loads out/checkpoint.pt (its sha256 checked) into the run; returns the step reached (0: fresh)."""
+    from fastssl.jobs import load_checkpoint
+
+    ckpt_path = run.path(CHECKPOINT)
+    if not os.path.isfile(ckpt_path):
+        return 0
+    ckpt = load_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scaler.load_state_dict(ckpt["scaler"])
+    run.generator.set_state(ckpt["rng"]["generators"][run.rank])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    return int(ckpt["step"])
+
+
+def _save(run: _Run, step: int) -> None:
+    gens = [run.generator.get_state()]
+    if run.world > 1:  # every rank's generator, so each resumes its own masks
+        gens = [torch.empty_like(gens[0]) for _ in range(run.world)]
+        state = run.generator.get_state()
+        dist.all_gather(gens, state.to(run.device) if run.device.type == "cuda" else state)
+        gens = [g.cpu() for g in gens]
+    if run.is_main:
+        atomic_torch_save(dict(
+            model=run.model.state_dict(), optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(),
+            epoch=step // run.steps_per_epoch, step=step, config=asdict(run.cfg), model_config=asdict(run.mcfg),
+            rng=dict(torch=torch.get_rng_state(), generators=gens)), run.path(CHECKPOINT))
+
+
+def _banner(run: _Run, step: int) -> str:
+    cfg, mcfg, sched = run.cfg, run.mcfg, run.sched
+    n_params = sum(p.numel() for p in run.model.parameters())
+    impls = _resolved_impls(run.device, cfg.impl) if cfg.mode != "supervised" else {}
+    amp = cfg.amp if run.device.type == "cuda" else "none (CPU)"
+    eff_batch = cfg.batch_size * run.world
+    if sched.beta_released:
+        beta = (f"released SigmoidAnnealing per epoch (start {sched.warmup_steps // run.steps_per_epoch}, "
+                f"steepness {cfg.beta_steepness:g}): {sched.beta_at(0):.3f} -> "
+                f"{sched.beta_at(sched.total_steps - 1):.3f}")
+    else:
+        beta = f"0 -> {sched.beta_max} over {sched.ramp_steps} steps (sigmoid)"
+    return (f"pretrain: recipe={cfg.recipe} mode={cfg.mode} preset={cfg.preset} img={mcfg.img_size} "
+            f"patch={mcfg.patch_size} L={mcfg.num_patches} visible={num_kept(mcfg.num_patches, cfg.mask_ratio)} "
+            f"params={n_params / 1e6:.2f}M\n"
+            f"  device={run.device} world_size={run.world} amp={amp} compile={cfg.compile} ops={impls}\n"
+            f"  samples={len(run.dataset)} batch/rank={cfg.batch_size} effective_batch={eff_batch}\n"
+            f"  steps/epoch={run.steps_per_epoch} total_steps={sched.total_steps} "
+            f"warmup_steps={sched.warmup_steps} (from {cfg.warmup_start:g} x lr, "
+            f"lr set per {'epoch' if cfg.lr_per_epoch else 'step'}) "
+            f"lr={sched.lr:.3e} (base_lr {cfg.base_lr:g} x {eff_batch}/256) min_lr={cfg.min_lr:g}\n"
+            f"  wd={cfg.weight_decay} ({'all params' if cfg.decay_all else 'not on norms/biases/embeddings'}) "
+            f"betas=({cfg.beta1}, {cfg.beta2}) clip={cfg.clip_grad} augment={cfg.augment and cfg.augment_style}\n"
+            f"  target={mcfg.target} recon={mcfg.recon_reduction} qk_norm={mcfg.qk_norm} "
+            f"decoder={mcfg.decoder_dim}x{mcfg.decoder_depth} init={mcfg.init} "
+            f"align={mcfg.align if cfg.mode in ('paired', 'flu') else '-'} beta: {beta}"
+            + (f"\n  resuming at step {step} (epoch {step // run.steps_per_epoch})" if step else ""))
+
+
+def _train(run: _Run, net, step: int, logger: MetricsLog) -> tuple[int, bool]:
+    """The epochs from ``step`` on: train, checkpoint, validate; returns (step, stopped)."""
+    from fastssl.data.cache import read_manifest
+
+    cfg, spe = run.cfg, run.steps_per_epoch
+    manifest = read_manifest(cfg.cache)
+    augment = _augment(cfg, run.mcfg, manifest)
+    start_step = step
 
     def on_step(s: int) -> bool:
         stop = cfg.stop_after_steps > 0 and s - start_step >= cfg.stop_after_steps
-        if s % cfg.ckpt_every == 0 or s % steps_per_epoch == 0 or stop:
-            save(s)
+        if s % cfg.ckpt_every == 0 or s % spe == 0 or stop:
+            _save(run, s)
         return stop
 
-    pin = device.type == "cuda"
-    for epoch in range(step // steps_per_epoch, cfg.epochs):
-        loader = _loader(dataset, cfg, epoch, step - epoch * steps_per_epoch, rank, world, pin)
-        if cfg.progress and is_main:
+    for epoch in range(step // spe, cfg.epochs):
+        loader = _loader(run.dataset, cfg, epoch, step - epoch * spe, run.rank, run.world,
+                         run.device.type == "cuda")
+        if cfg.progress and run.is_main:
             from tqdm import tqdm
 
             loader = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
                           disable=None)  # disable=None: off when not a terminal
-        step, stopped = train_one_epoch(net, loader, optimizer, scaler, sched, cfg, epoch=epoch, step=step,
-                                        augment=augment, device=device, generator=generator,
-                                        on_step=on_step, log_fn=log_fn)
+        step, stopped = train_one_epoch(net, loader, run.optimizer, run.scaler, run.sched, cfg, epoch=epoch,
+                                        step=step, augment=augment, device=run.device,
+                                        generator=run.generator, on_step=on_step, log_fn=logger)
         if stopped:
-            break
+            return step, True
+        if cfg.mode != "supervised" and cfg.val_batches > 0:
+            val = validation_recon(run.model, cfg, run.mcfg, manifest, run.device, run.rank, run.world)
+            if val is not None:
+                logger(dict(step=step, epoch=epoch, val_recon=val))
+    return step, False
+
+
+def main(cfg: PretrainConfig, callbacks=()) -> dict:
+    """Runs (or resumes, or recognises as finished) a pretraining job.
+
+    Args:
+        cfg: the settings; None fields take the recipe's values (``cfg.resolved()``).
+        callbacks: callables, each called on rank 0 with every metrics record (a dict:
+            the training window's means, or ``{step, epoch, val_recon}`` after an epoch).
+    Returns:
+        A summary dict: step, total_steps, finished, stopped, out, metrics (last values).
+    """
+    from fastssl.jobs import OutputLock
+
+    cfg = cfg.resolved()
+    run = _setup(cfg)
+    lock = OutputLock(cfg.out) if run.is_main else contextlib.nullcontext()  # one job per --out
+    with lock:
+        _open_output(run)
+        return _run_locked(run, callbacks)
+
+
+def _run_locked(run: _Run, callbacks) -> dict:
+    from fastssl.jobs import verify_safetensors
+
+    cfg = run.cfg
+    step = _resume(run)
+    total, enc_path = run.sched.total_steps, run.path(ENCODER)
+    if step >= total and verify_safetensors(enc_path):
+        if run.is_main:
+            print(f"pretrain: {cfg.out} is finished ({step} of {total} steps); nothing to do")
+        return dict(step=step, total_steps=total, finished=True, stopped=False, out=cfg.out, metrics=None)
+    if run.is_main:  # config.json: the resolved settings, usable as --config (keys = flags)
+        settings = {k: v for k, v in asdict(cfg).items() if k != "progress"}
+        atomic_write_text(run.path("config.json"), json.dumps(settings, indent=2))
+        (print if cfg.progress else log.info)(_banner(run, step))   # --quiet: no banner
+    net = torch.compile(run.model) if cfg.compile else run.model
+    if run.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    logger = MetricsLog(cfg.out, step, callbacks, enabled=run.is_main)
+    try:
+        step, stopped = _train(run, net, step, logger)
+    finally:
+        logger.close()
     finished = step >= total
-    if finished and is_main:
-        export_encoder(model.encoder, mcfg, enc_path)
+    if finished and run.is_main:  # (also re-exports an encoder.safetensors that fails verification)
+        from fastssl.data.cache import read_manifest
+
+        mean, std = _normalisation(cfg, read_manifest(cfg.cache))  # what training fed the encoder
+        export_encoder(run.model.encoder, run.mcfg, enc_path, manifest=dict(pixel_mean=mean, pixel_std=std))
         print(f"pretrain: done, {step} steps; encoder -> {enc_path}")
-    elif is_main:
+    elif run.is_main:
         print(f"pretrain: stopped at step {step} of {total}; rerun the same command to continue")
-    return dict(step=step, total_steps=total, finished=finished, stopped=stopped, out=cfg.out, metrics=last)
+    return dict(step=step, total_steps=total, finished=finished, stopped=stopped, out=cfg.out,
+                metrics=logger.last)
 
 
 # ------------------------------------------------------------------------------ CLI
+def _recipe_flags(parser: argparse.ArgumentParser, choices: dict) -> list[str]:
+    """Flags for the fields whose default is None (the recipe's value): same names and help
+    as the dataclass fields, default None so that the recipe fills what is not given."""
+    helps = {}
+    for line in inspect.getsource(PretrainConfig).splitlines():
+        line = line.strip()
+        if "| None = None" in line and "#" in line:
+            helps[line.split(":", 1)[0]] = line.split("#", 1)[1].strip()
+    kinds = {"str": str, "int": int, "float": float, "bool": bool}
+    names = []
+    for f in fields(PretrainConfig):
+        if f.default is not None:
+            continue
+        kind = kinds[str(f.type).split("|")[0].strip()]
+        flag = "--" + f.name.replace("_", "-")
+        help_ = helps.get(f.name, f.name) + " (default: the recipe's)%(default).0s"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            parser.add_argument(flag, type=kind, default=None, help=help_, choices=choices.get(f.name))
+        names.append(f.name)
+    return names
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # --progress is not a flag: --quiet (added by the router) switches the bar off.
-    from fastssl.models.mvmae import ALIGN_LOSSES, PRESETS, TARGETS
+    from fastssl.models.alignment import ALIGN_LOSSES
+    from fastssl.models.mvmae import INITS, PRESETS, RECON_REDUCTIONS, TARGETS
 
-    add_dataclass_arguments(parser, PretrainConfig, required=("cache",), skip=("progress",), choices=dict(
-        mode=MODES, preset=sorted(PRESETS), target=TARGETS, align=ALIGN_LOSSES, amp=("bf16", "fp16", "none"),
-        impl=("auto", "triton", "torch"), device=None))
+    choices = dict(mode=MODES, preset=sorted(PRESETS), target=TARGETS, align=ALIGN_LOSSES,
+                   amp=("bf16", "fp16", "none"), impl=("auto", "triton", "torch"), device=None,
+                   recipe=tuple(RECIPE_DEFAULTS), init=INITS, recon_reduction=RECON_REDUCTIONS,
+                   beta_schedule=("released", "ramp"), augment_style=("mvmae", "mae"))
+    recipe_fields = _recipe_flags(parser, choices)
+    add_dataclass_arguments(parser, PretrainConfig, required=("cache",), skip=("progress", *recipe_fields),
+                            choices=choices)
 
 
 def run(args: argparse.Namespace) -> int:
