@@ -16,7 +16,8 @@ import re
 import sys
 from typing import Sequence
 
-from fastssl.config import Range, check_range, flag_name, parse_bool
+from fastssl.config import COMMAND_RANGES as RANGES
+from fastssl.config import check_ranges, flag_name, parse_bool
 from fastssl.errors import DataError, MissingDependencyError
 
 # command -> (module, one-line help)
@@ -35,44 +36,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-# Allowed values of every numeric flag, checked after parsing (flags and --config alike)
-# and before a command starts work; None values mean "the default" and pass.
-# tests/test_cli.py checks that every int/float flag of every command is listed here.
-_COUNT, _NONNEG, _POS = Range(1, integer=True), Range(0, integer=True), Range(0, low_open=True)
-_FRACTION, _SIDE = Range(0, 1), Range(8, 16384, integer=True)
-_SEED = Range(0, 2**63 - 1, integer=True)
-RANGES: dict[str, dict[str, Range]] = {
-    "phantom": dict(studies=_COUNT, size=Range(32, 16384, integer=True), seed=_SEED, workers=_COUNT,
-                    both_views_fraction=_FRACTION, lateral_only_fraction=_FRACTION,
-                    no_view_position_fraction=_FRACTION, corrupt=_NONNEG, uncertain_fraction=_FRACTION),
-    "prepare": dict(size=Range(8, 8192, integer=True), shard_size=Range(1, 1 << 20, integer=True), workers=_COUNT, seed=_SEED),
-    "pretrain": dict(img_size=Range(0, 16384, integer=True), patch_size=Range(0, 1024, integer=True),
-                     mask_ratio=Range(0, 1, high_open=True), temperature=_POS, beta_max=Range(0),
-                     beta_ramp_epochs=Range(-1), epochs=_COUNT, batch_size=_COUNT, base_lr=_POS,
-                     min_lr=Range(0), warmup_epochs=Range(0), weight_decay=Range(0),
-                     beta1=Range(0, 1, high_open=True), beta2=Range(0, 1, high_open=True),
-                     clip_grad=Range(0), crop_min=Range(0, 1, low_open=True), workers=_NONNEG, seed=_SEED,
-                     log_every=_COUNT, ckpt_every=_COUNT, stop_after_steps=_NONNEG,
-                     decoder_dim=_COUNT, decoder_heads=_COUNT, decoder_depth=_COUNT, beta_steepness=_POS,
-                     warmup_start=Range(0, 1), max_views=_COUNT, pixel_mean=Range(-1), pixel_std=Range(-1),
-                     val_batches=_NONNEG),
-    "finetune": dict(epochs=_COUNT, warmup_epochs=_NONNEG, batch_size=_COUNT, base_lr=_POS, weight_decay=Range(0),
-                     layer_decay=Range(0, 1, low_open=True), clip_grad=Range(0), crop_min=Range(0, 1, low_open=True),
-                     eval_batch_size=_COUNT, seed=_SEED, n_boot=_NONNEG, stop_after_epochs=_NONNEG),
-    "compare": dict(n_boot=_COUNT, seed=_SEED, alpha=Range(0, 1, low_open=True, high_open=True)),
-    "plot": dict(samples=_COUNT),
-    "probe": dict(batch_size=_COUNT, workers=_NONNEG, l2=Range(0), max_iter=_COUNT, n_boot=_NONNEG,
-                  seed=_SEED, knn_k=_NONNEG),
-    "embed": dict(img_size=_SIDE, in_chans=Range(1, 64, integer=True), batch_size=_COUNT,
-                  shard_size=_COUNT, workers=_NONNEG),
-    "curate": dict(iterations=_COUNT, split_k=_COUNT, split_iterations=_COUNT, resampling_steps=_COUNT,
-                   sample_size=_COUNT, init_sample_size=_COUNT, seed=_SEED, memory_budget_mb=_POS,
-                   target_size=Range(0), split_inits=_COUNT, init_sample_per_centroid=_COUNT,
-                   checkpoint_every=_NONNEG),
-    "demo": dict(studies=_COUNT, phantom_size=Range(32, 16384, integer=True), img_size=_SIDE, epochs=_COUNT,
-                 batch_size=_COUNT, base_lr=_POS, points=_COUNT, dim=_COUNT, components=_COUNT,
-                 target=Range(0, 1, low_open=True), seed=_SEED),
-}
 # Errors a user causes and can fix (bad values, paths, data): one line, exit code 2.
 # Anything else is a bug and keeps its traceback (FASTSSL_DEBUG=1 shows one for these too).
 # EOFError and UnpicklingError: numpy and torch reading an empty or foreign file.
@@ -99,18 +62,25 @@ class _HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def _load_config(parser: argparse.ArgumentParser, path: str) -> dict:
+def _load_config(path: str, parser: argparse.ArgumentParser | None = None) -> dict:
+    """The mapping in YAML (or JSON) file ``path``; errors go through ``parser.error`` (one
+    line, exit 2), or are a ValueError without a parser."""
     import yaml
+
+    def fail(message: str):
+        if parser is None:
+            raise ValueError(message)
+        parser.error(message)
 
     try:
         with open(path, encoding="utf-8") as handle:
             data = yaml.safe_load(handle) or {}
     except OSError as exc:
-        parser.error(f"--config {path}: cannot read ({exc.strerror})")
+        fail(f"--config {path}: cannot read ({exc.strerror})")
     except yaml.YAMLError as exc:
-        parser.error(f"--config {path}: not valid YAML ({' '.join(str(exc).split())})")
+        fail(f"--config {path}: not valid YAML ({' '.join(str(exc).split())})")
     if not isinstance(data, dict):
-        parser.error(f"--config {path}: expected a mapping of flag names to values")
+        fail(f"--config {path}: expected a mapping of flag names to values")
     return data
 
 
@@ -158,9 +128,7 @@ def _apply_config(parser: argparse.ArgumentParser, config: dict, path: str) -> N
 def check_args(name: str, args: argparse.Namespace) -> None:
     """ValueError naming the first flag of command ``name`` that cannot work: a number outside
     its range, an unknown device or timm model, an --out that is a file."""
-    for dest, allowed in RANGES.get(name, {}).items():
-        for value in _numbers(dest, getattr(args, dest)):
-            check_range(dest, value, allowed, optional=True)
+    check_ranges(args, RANGES.get(name, {}))
     device = getattr(args, "device", None)
     if isinstance(device, str) and not _DEVICE.fullmatch(device):
         raise ValueError(f"--device: {device!r} is not one of auto, cpu, cuda, cuda:N, mps")
@@ -173,24 +141,6 @@ def check_args(name: str, args: argparse.Namespace) -> None:
 
         if not model.startswith(("hf-hub:", "hf_hub:", "local-dir:")) and not timm.is_model(model):
             raise ValueError(f"--model {model!r}: not a timm model name (see timm.list_models())")
-
-
-def _numbers(dest: str, value) -> list:
-    """The number(s) of a setting: per-level settings are comma lists ("1,10,10"; "null"
-    for a level's default); a non-number is a ValueError naming the flag."""
-    if not isinstance(value, str):
-        return list(value) if isinstance(value, (list, tuple)) else [value]
-    out = []
-    for piece in value.replace(" ", "").split(","):
-        if piece.lower() in ("", "null", "none"):
-            out.append(None)
-            continue
-        try:
-            number = float(piece)
-        except ValueError:
-            raise ValueError(f"{flag_name(dest)}: {value!r} is not a number or a comma list of numbers") from None
-        out.append(int(number) if number.is_integer() else number)
-    return out
 
 
 def _clip_workers(args: argparse.Namespace) -> None:
@@ -228,7 +178,7 @@ def _parse(name: str, rest: list[str]) -> tuple[argparse.Namespace, object]:
     finder.add_argument("--config")
     pre, _ = finder.parse_known_args(rest)
     if pre.config:
-        _apply_config(parser, _load_config(parser, pre.config), pre.config)
+        _apply_config(parser, _load_config(pre.config, parser), pre.config)
     args = parser.parse_args(rest)
     try:
         check_args(name, args)

@@ -88,6 +88,17 @@ def test_range_and_bool_helpers():
             parse_bool(bad, name="fp64_accumulate")
 
 
+def test_python_api_configs_check_the_same_ranges():
+    from fastssl.eval.finetune import FinetuneConfig
+    from fastssl.train.pretrain import PretrainConfig
+
+    PretrainConfig(cache="c").resolved()
+    with pytest.raises(ValueError, match=r"^--beta2: got 1.0; allowed: a number in \[0, 1\)$"):
+        PretrainConfig(cache="c", beta2=1.0).resolved()
+    with pytest.raises(ValueError, match=r"^--clip-grad: got -1.0; allowed: a number >= 0$"):
+        FinetuneConfig(cache="c", checkpoint="k", clip_grad=-1.0).validate()
+
+
 def test_config_supplies_a_required_flag_and_flags_override_it(tmp_path, monkeypatch):
     seen = _fake_run(monkeypatch, "pretrain")
     config = tmp_path / "c.yaml"
