@@ -179,12 +179,7 @@ def _parse(name: str, rest: list[str]) -> tuple[argparse.Namespace, object]:
     pre, _ = finder.parse_known_args(rest)
     if pre.config:
         _apply_config(parser, _load_config(pre.config, parser), pre.config)
-    args = parser.parse_args(rest)
-    try:
-        check_args(name, args)
-    except ValueError as exc:
-        parser.error(str(exc))
-    return args, module
+    return parser.parse_args(rest), module
 
 
 def _run(name: str, module, args: argparse.Namespace) -> int:
@@ -216,6 +211,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in COMMANDS:
         top.error(f"unknown command {name!r}; choose from {', '.join(COMMANDS)}")
     args, module = _parse(name, rest)
+    try:
+        check_args(name, args)
+    except ValueError as exc:   # returned, not raised: callers of main() get the exit code
+        print(f"fastssl {name}: error: {exc} (see fastssl {name} --help)", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

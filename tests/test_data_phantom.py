@@ -281,5 +281,5 @@ def test_cli(tmp_path, capsys):
                  "--seed", "2", "--corrupt", "1", "--quiet"]) == 0
     assert "3 studies" in capsys.readouterr().out
     assert len(_csv(out / "phantom_truth.csv")) >= 4
-    with pytest.raises(ValueError, match="--studies"):
-        main(["phantom", "--out", str(tmp_path / "bad"), "--studies", "0", "--quiet"])
+    assert main(["phantom", "--out", str(tmp_path / "bad"), "--studies", "0", "--quiet"]) == 2
+    assert "--studies" in capsys.readouterr().err  # one line, no traceback
