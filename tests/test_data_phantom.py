@@ -278,7 +278,7 @@ def test_cli(tmp_path, capsys):
 
     out = tmp_path / "cli"
     assert main(["phantom", "--out", str(out), "--studies", "3", "--size", "40", "--workers", "1",
-                 "--seed", "2", "--corrupt", "1", "--quiet"]) == 0
+                 "--seed", "2", "--corrupt", "1"]) == 0
     assert "3 studies" in capsys.readouterr().out
     assert len(_csv(out / "phantom_truth.csv")) >= 4
     assert main(["phantom", "--out", str(tmp_path / "bad"), "--studies", "0", "--quiet"]) == 2
