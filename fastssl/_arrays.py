@@ -23,6 +23,8 @@ def array_kind(a: Any, name: str) -> str:
         return NUMPY
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(a, torch.Tensor):
+        if a.layout != torch.strided:
+            raise TypeError(f"{name} is a sparse torch tensor ({a.layout}); pass {name}.to_dense()")
         return TORCH
     cupy = sys.modules.get("cupy")
     if cupy is not None and isinstance(a, cupy.ndarray):
@@ -80,3 +82,37 @@ def torch_to_host_words(t: "torch.Tensor") -> tuple[np.ndarray, bool]:
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(np.uint16), True
     return t.numpy(), False
+
+
+def _native_rows(a: np.ndarray) -> bool:
+    """True when the native engine can read ``a`` as is: native byte order, unit column
+    stride, and a positive row stride of at least one row (no reversed or broadcast rows)."""
+    if not a.dtype.isnative:
+        return False
+    if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
+        return True
+    if a.shape[1] > 1 and a.strides[1] != a.itemsize:
+        return False
+    return a.shape[0] == 1 or a.strides[0] >= a.shape[1] * a.itemsize
+
+
+def host_rows(a: np.ndarray, *, copy: bool = False) -> np.ndarray:
+    """``a`` itself when the engine reads it as is (and not ``copy``), else one native-order,
+    C-contiguous copy (big-endian input, ``x[::-1]``, ``np.broadcast_to`` views). For a chunk
+    of a memmap (``copy=True``) this is where its rows are read."""
+    if _native_rows(a) and not copy:
+        return a
+    return np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("="))
+
+
+def native_layout(a: Any) -> Any:
+    """An (n, d) input in a layout every assignment path reads: numpy arrays are converted by
+    :func:`host_rows` (one copy, and only when needed), except memory-mapped ones, whose
+    chunks are converted one at a time as they are streamed; non-contiguous torch tensors
+    (``expand``, transposes) become contiguous. Other arrays pass unchanged."""
+    if isinstance(a, np.ndarray):
+        return a if is_memmap(a) else host_rows(a)
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(a, torch.Tensor) and not a.is_contiguous():
+        return a.contiguous()
+    return a

@@ -16,7 +16,8 @@ import re
 import sys
 from typing import Sequence
 
-from fastssl.config import Range, check_range, flag_name, parse_bool
+from fastssl.config import COMMAND_RANGES as RANGES
+from fastssl.config import check_ranges, flag_name, parse_bool
 from fastssl.errors import DataError, MissingDependencyError
 
 # command -> (module, one-line help)
@@ -35,46 +36,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-# Allowed values of every numeric flag, checked after parsing (flags and --config alike)
-# and before a command starts work; None values mean "the default" and pass.
-# tests/test_cli.py checks that every int/float flag of every command is listed here.
-_COUNT, _NONNEG, _POS = Range(1, integer=True), Range(0, integer=True), Range(0, low_open=True)
-_FRACTION, _SIDE = Range(0, 1), Range(8, 16384, integer=True)
-_SEED = Range(0, 2**63 - 1, integer=True)
-RANGES: dict[str, dict[str, Range]] = {
-    "phantom": dict(studies=_COUNT, size=Range(32, 16384, integer=True), seed=_SEED, workers=_COUNT,
-                    both_views_fraction=_FRACTION, lateral_only_fraction=_FRACTION,
-                    no_view_position_fraction=_FRACTION, corrupt=_NONNEG, uncertain_fraction=_FRACTION),
-    "prepare": dict(size=_SIDE, shard_size=Range(1, 1 << 20, integer=True), workers=_COUNT, seed=_SEED),
-    "pretrain": dict(img_size=Range(0, 16384, integer=True), patch_size=Range(0, 1024, integer=True),
-                     mask_ratio=Range(0, 1, high_open=True), temperature=_POS, beta_max=Range(0),
-                     beta_ramp_epochs=Range(-1), epochs=_COUNT, batch_size=_COUNT, base_lr=_POS,
-                     min_lr=Range(0), warmup_epochs=Range(0), weight_decay=Range(0),
-                     beta1=Range(0, 1, high_open=True), beta2=Range(0, 1, high_open=True),
-                     clip_grad=Range(0), crop_min=Range(0, 1, low_open=True), workers=_NONNEG, seed=_SEED,
-                     log_every=_COUNT, ckpt_every=_COUNT, stop_after_steps=_NONNEG),
-    "probe": dict(batch_size=_COUNT, workers=_NONNEG, l2=Range(0), max_iter=_COUNT, n_boot=_NONNEG,
-                  seed=_SEED, knn_k=_NONNEG),
-    "finetune": dict(epochs=_COUNT, warmup_epochs=_NONNEG, batch_size=_COUNT, base_lr=_POS, weight_decay=Range(0),
-                     layer_decay=Range(0, 1, low_open=True), clip_grad=Range(0), crop_min=Range(0, 1, low_open=True),
-                     eval_batch_size=_COUNT, seed=_SEED, n_boot=_COUNT, stop_after_epochs=_NONNEG),
-    "compare": dict(n_boot=_COUNT, seed=_SEED, alpha=Range(0, 1, low_open=True, high_open=True)),
-    "embed": dict(img_size=_SIDE, in_chans=Range(1, 64, integer=True), batch_size=_COUNT,
-                  shard_size=_COUNT, workers=_NONNEG),
-    "curate": dict(iterations=_COUNT, split_k=_COUNT, split_iterations=_COUNT, resampling_steps=_NONNEG,
-                   sample_size=_COUNT, init_sample_size=_COUNT, seed=_SEED, memory_budget_mb=_POS,
-                   target_size=Range(0)),
-    "demo": dict(studies=_COUNT, phantom_size=Range(32, 16384, integer=True), img_size=_SIDE, epochs=_COUNT,
-                 batch_size=_COUNT, base_lr=_POS, points=_COUNT, dim=_COUNT, components=_COUNT,
-                 target=Range(0, 1, low_open=True), seed=_SEED),
-    "plot": dict(samples=_COUNT),
-    "export": dict(),
-}
 # Errors a user causes and can fix (bad values, paths, data): one line, exit code 2.
 # Anything else is a bug and keeps its traceback (FASTSSL_DEBUG=1 shows one for these too).
 # EOFError and UnpicklingError: numpy and torch reading an empty or foreign file.
 USER_ERRORS = (ValueError, TypeError, DataError, OSError, EOFError, pickle.UnpicklingError, MissingDependencyError)
 _DEVICE = re.compile(r"(auto|cpu|cuda(:\d+)?|mps)")
+_FILE_OUTS = {"compare", "export"}     # their --out is a file; every other command's is a directory
 
 
 class _Parser(argparse.ArgumentParser):
@@ -95,18 +62,25 @@ class _HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def _load_config(parser: argparse.ArgumentParser, path: str) -> dict:
+def _load_config(path: str, parser: argparse.ArgumentParser | None = None) -> dict:
+    """The mapping in YAML (or JSON) file ``path``; errors go through ``parser.error`` (one
+    line, exit 2), or are a ValueError without a parser."""
     import yaml
+
+    def fail(message: str):
+        if parser is None:
+            raise ValueError(message)
+        parser.error(message)
 
     try:
         with open(path, encoding="utf-8") as handle:
             data = yaml.safe_load(handle) or {}
     except OSError as exc:
-        parser.error(f"--config {path}: cannot read ({exc.strerror})")
+        fail(f"--config {path}: cannot read ({exc.strerror})")
     except yaml.YAMLError as exc:
-        parser.error(f"--config {path}: not valid YAML ({' '.join(str(exc).split())})")
+        fail(f"--config {path}: not valid YAML ({' '.join(str(exc).split())})")
     if not isinstance(data, dict):
-        parser.error(f"--config {path}: expected a mapping of flag names to values")
+        fail(f"--config {path}: expected a mapping of flag names to values")
     return data
 
 
@@ -118,8 +92,8 @@ def _is_bool_flag(action: argparse.Action) -> bool:
 def _config_value(action: argparse.Action, value):
     """A --config value as the flag would have given it: strict booleans, the flag's type
     applied to strings and numbers (YAML's 3 for a float flag, "0.5" for a number)."""
-    if _is_bool_flag(action):
-        return parse_bool(value, name=action.dest)
+    if _is_bool_flag(action):   # None only for a tri-state flag (default None: "the recipe's")
+        return None if value is None and action.default is None else parse_bool(value, name=action.dest)
     if value is None or action.type is None:
         return value
     if isinstance(value, list):
@@ -154,13 +128,12 @@ def _apply_config(parser: argparse.ArgumentParser, config: dict, path: str) -> N
 def check_args(name: str, args: argparse.Namespace) -> None:
     """ValueError naming the first flag of command ``name`` that cannot work: a number outside
     its range, an unknown device or timm model, an --out that is a file."""
-    for dest, allowed in RANGES.get(name, {}).items():
-        check_range(dest, getattr(args, dest), allowed, optional=True)
+    check_ranges(args, RANGES.get(name, {}))
     device = getattr(args, "device", None)
     if isinstance(device, str) and not _DEVICE.fullmatch(device):
         raise ValueError(f"--device: {device!r} is not one of auto, cpu, cuda, cuda:N, mps")
     out = getattr(args, "out", None)
-    if isinstance(out, str) and os.path.exists(out) and not os.path.isdir(out):
+    if name not in _FILE_OUTS and isinstance(out, str) and os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out}: exists and is not a directory")
     model = getattr(args, "model", None)
     if name == "embed" and isinstance(model, str):
@@ -192,7 +165,7 @@ def command_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
     module = importlib.import_module(COMMANDS[name][0])
     parser = _Parser(prog=f"fastssl {name}", description=COMMANDS[name][1], formatter_class=_HelpFormatter)
     parser.add_argument("--config", metavar="FILE", help="YAML file of flag values (flags override it)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars and no banners: warnings and errors only")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars, no start banners, no info logs (results are still printed)")
     module.add_arguments(parser)
     return parser, module
 
@@ -205,24 +178,14 @@ def _parse(name: str, rest: list[str]) -> tuple[argparse.Namespace, object]:
     finder.add_argument("--config")
     pre, _ = finder.parse_known_args(rest)
     if pre.config:
-        _apply_config(parser, _load_config(parser, pre.config), pre.config)
-    args = parser.parse_args(rest)
-    try:
-        check_args(name, args)
-    except ValueError as exc:
-        parser.error(str(exc))
-    return args, module
+        _apply_config(parser, _load_config(pre.config, parser), pre.config)
+    return parser.parse_args(rest), module
 
 
 def _run(name: str, module, args: argparse.Namespace) -> int:
     """The command, with user errors as one line on stderr and exit code 2."""
-    import contextlib
-
     try:
-        with contextlib.ExitStack() as stack:
-            if args.quiet:      # banners and summaries are prints: --quiet means warnings and errors only
-                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
-            return int(module.run(args) or 0)
+        return int(module.run(args) or 0)
     except USER_ERRORS as exc:
         if os.environ.get("FASTSSL_DEBUG") == "1":
             raise
@@ -248,6 +211,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in COMMANDS:
         top.error(f"unknown command {name!r}; choose from {', '.join(COMMANDS)}")
     args, module = _parse(name, rest)
+    try:
+        check_args(name, args)
+    except ValueError as exc:   # returned, not raised: callers of main() get the exit code
+        print(f"fastssl {name}: error: {exc} (see fastssl {name} --help)", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

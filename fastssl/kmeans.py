@@ -231,8 +231,8 @@ def _run_native_host(
         chunk = x[start:stop]
         if chunk.dtype == np.float64:
             chunk = chunk.astype(np.float32)
-        elif chunk_rows or chunk.strides[1] != chunk.itemsize:
-            chunk = np.ascontiguousarray(chunk)  # the read of a memmap chunk happens here
+        elif chunk_rows:
+            chunk = _arrays.host_rows(chunk, copy=True)  # the read of a memmap chunk happens here
         if check_finite:
             _check_finite(_bf16_words_to_float32(chunk) if x_bf16 else chunk, "x", start)
         sq = x_sqnorm[start:stop] if x_sqnorm is not None else None
@@ -280,7 +280,7 @@ def _run_torch_reference(x, centroids, metric, chunk_rows, check_finite, groups,
                 return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
             with warnings.catch_warnings():  # read-only memmap chunks: torch only reads
                 warnings.simplefilter("ignore", UserWarning)
-                return torch.from_numpy(np.ascontiguousarray(a))
+                return torch.from_numpy(_arrays.host_rows(a))
         if not isinstance(a, torch.Tensor):
             return torch.from_dlpack(a)
         return a
@@ -311,6 +311,7 @@ def _run_torch_reference(x, centroids, metric, chunk_rows, check_finite, groups,
 
 def _run(op, x, centroids, metric, chunk_size, impl, check_finite, groups, topk=None):
     kind = _check_pair(x, centroids, metric)
+    x, centroids = _arrays.native_layout(x), _arrays.native_layout(centroids)  # byte order, strides
     chosen = _resolve(op, impl, x, kind) if topk is None else _resolve_topk(impl)
     if check_finite:
         _check_finite(centroids, "centroids")

@@ -62,7 +62,7 @@ def test_every_command_documents_its_flags_with_each_default_once(name, capsys):
 def test_every_numeric_flag_has_a_range(name):
     parser, _ = cli.command_parser(name)
     dests = {a.dest for a in parser._actions}
-    ranges = cli.RANGES[name]
+    ranges = cli.RANGES.get(name, {})
     assert set(ranges) <= dests, f"RANGES[{name!r}] names flags that do not exist: {set(ranges) - dests}"
     exempt = {"levels"}            # a list of counts, checked by curate's own parser
     for action in parser._actions:
@@ -88,6 +88,17 @@ def test_range_and_bool_helpers():
             parse_bool(bad, name="fp64_accumulate")
 
 
+def test_python_api_configs_check_the_same_ranges():
+    from fastssl.eval.finetune import FinetuneConfig
+    from fastssl.train.pretrain import PretrainConfig
+
+    PretrainConfig(cache="c").resolved()
+    with pytest.raises(ValueError, match=r"^--beta2: got 1.0; allowed: a number in \[0, 1\)$"):
+        PretrainConfig(cache="c", beta2=1.0).resolved()
+    with pytest.raises(ValueError, match=r"^--clip-grad: got -1.0; allowed: a number >= 0$"):
+        FinetuneConfig(cache="c", checkpoint="k", clip_grad=-1.0).validate()
+
+
 def test_config_supplies_a_required_flag_and_flags_override_it(tmp_path, monkeypatch):
     seen = _fake_run(monkeypatch, "pretrain")
     config = tmp_path / "c.yaml"
@@ -111,8 +122,11 @@ def test_config_booleans_are_strict_quoted_or_not(tmp_path, monkeypatch, text, v
 
 @pytest.mark.parametrize("text, match", [('overwrite: "maybe"', "--overwrite: 'maybe' is not a boolean"),
                                          ("overwrite: 1", "--overwrite: 1 is not a boolean"),
-                                         ("iterations: 2.5", "--iterations: 2.5 is not an integer"),
-                                         ("iterations: abc", "--iterations: invalid value 'abc'"),
+                                         ("split_k: 2.5", "--split-k: 2.5 is not an integer"),
+                                         ("split_k: abc", "--split-k: invalid value 'abc'"),
+                                         ("iterations: abc", "--iterations: 'abc' is not a number"),
+                                         ("iterations: 10,x", "--iterations: '10,x' is not a number"),
+                                         ("iterations: 10,0", "--iterations: got 0; allowed: an integer >= 1"),
                                          ("iterations: -4", "--iterations: got -4; allowed: an integer >= 1")])
 def test_config_bad_values_are_one_line_errors(tmp_path, capsys, caplog, text, match):
     config = tmp_path / "c.yaml"
@@ -166,16 +180,20 @@ def test_shipped_curate_config_parses():
     assert config
 
 
-def test_quiet_silences_banners_and_workers_beyond_the_cores_are_clipped_without_warning(monkeypatch, capsys):
-    seen = _fake_run(monkeypatch, "prepare")
-    with __import__("warnings").catch_warnings():
-        __import__("warnings").simplefilter("error")
-        assert cli.main(["prepare", "--source", ".", "--out", "o", "--quiet", "--workers", "100000"]) == 0
-    captured = capsys.readouterr()
-    assert captured.out == "" and captured.err == ""
+def test_quiet_means_no_progress_and_workers_beyond_the_cores_are_clipped_without_warning(monkeypatch, capsys):
+    import warnings
+
+    from fastssl.config import config_from_args
+    from fastssl.train.pretrain import PretrainConfig
+
+    seen = _fake_run(monkeypatch, "pretrain")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cli.main(["pretrain", "--cache", "c", "--quiet", "--workers", "100000"]) == 0
+    assert capsys.readouterr().err == ""
     assert 1 <= seen["workers"] <= (os.cpu_count() or 1)
-    assert cli.main(["prepare", "--source", ".", "--out", "o"]) == 0
-    assert "banner" in capsys.readouterr().out
+    cfg = config_from_args(PretrainConfig, argparse.Namespace(**seen))
+    assert cfg.progress is False and cfg.workers == seen["workers"]   # pretrain prints no banner
 
 
 # --------------------------------------------------------------------------- user errors, every command
@@ -202,7 +220,7 @@ CASES = [   # (command line with {t} = the junk dir, words the one-line error mu
     ("prepare --source {t}/nodicom --out {t}/afile", "is not a directory"),
     ("prepare --source {t}/nodicom --out {t}/c --workers -3", "--workers: got -3"),
     ("prepare --source {t}/nodicom --out {t}/c --size 100000", "--size: got 100000"),
-    ("prepare --source {t}/nodicom --out {t}/c", "no usable DICOM study"),
+    ("prepare --source {t}/nodicom --out {t}/c", "{t}/nodicom: no "),            # not an empty cache
     ("prepare --source {t}/missing --out {t}/c", "missing"),
     ("pretrain --cache {t}/c --device tpu", "--device: 'tpu'"),
     ("pretrain --cache {t}/c --clip-grad -1", "--clip-grad: got -1.0"),
@@ -216,13 +234,21 @@ CASES = [   # (command line with {t} = the junk dir, words the one-line error mu
     ("embed {t}/tiles --out {t}/e --model nosuchmodel --random-init", "--model 'nosuchmodel'"),
     ("embed {t}/tiles --out {t}/e --random-init --batch-size 0", "--batch-size: got 0"),
     ("embed {t}/missing --out {t}/e --random-init --model vit_tiny_patch16_224", "missing"),
-    ("curate --data {t}/x.npy --out {t}/k --target-size nan", "--target-size: got nan"),
+    ("curate --data {t}/x.npy --out {t}/k --target-size nan", "--target-size nan"),
     ("curate --data {t}/x.npy --out {t}/k --iterations -1", "--iterations: got -1"),
-    ("curate --data {t}/x.npy --out {t}/k --resampling-steps -1", "--resampling-steps: got -1"),
+    ("curate --data {t}/x.npy --out {t}/k --resampling-steps 0", "--resampling-steps: got 0"),
+    ("curate --data {t}/x.npy --out {t}/k --resampling-steps 1,10,-1", "--resampling-steps: got -1"),
     ("curate --data {t}/x.npy --out {t}/k --sample-size 0", "--sample-size: got 0"),
     ("curate --data {t}/x.npy --out {t}/k --levels abc", "--levels"),
     ("curate --data {t}/empty.npy --out {t}/k --levels 2", "error"),
     ("curate --data {t}/missing.npy --out {t}/k", "missing.npy"),
+    ("finetune --cache {t}/c --checkpoint {t}/x.npy --epochs 0", "--epochs: got 0"),
+    ("finetune --cache {t}/missing --checkpoint {t}/missing.pt --out {t}/f", "missing"),
+    ("compare {t}/missing_a {t}/missing_b", "missing_a"),
+    ("compare {t}/afile {t}/afile --alpha 1.5", "--alpha: got 1.5"),
+    ("plot {t}/missing_run", "missing_run"),
+    ("export {t}/missing.pt --cache {t}/c --out {t}/e.safetensors", "missing"),
+    ("export {t}/x.npy --cache {t}/missing --out {t}/e.safetensors", "x.npy: not a fastssl checkpoint"),
     ("demo --out {t}/d --studies 0", "--studies: got 0"),
     ("demo --out {t}/d --target 0", "--target: got 0.0"),
     ("plot {t}/missing", "missing is not a directory"),

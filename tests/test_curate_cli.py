@@ -126,7 +126,7 @@ def test_paper2_T1_runs_scaled_down(tmp_path):
     (["--sample-size", "0"], "--sample-size"),
     (["--sampling-strategy", "furthest"], "--sampling-strategy"),
     (["--iterations", "5,5"], "2 values for 3 levels"),
-    (["--split-inits", "0"], "split_inits"),
+    (["--split-inits", "0"], "split-inits"),
 ])
 def test_bad_settings_fail_before_any_work(tmp_path, capsys, caplog, flags, message):
     np.save(tmp_path / "x.npy", np.ones((50, 4), np.float32))

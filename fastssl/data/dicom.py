@@ -25,9 +25,19 @@ import numpy as np
 
 from fastssl.errors import DataError
 
-__all__ = ["DicomMeta", "read_dicom", "read_dicom_header", "VOI_MODES"]
+__all__ = ["DicomMeta", "read_dicom", "read_dicom_header", "VOI_MODES", "MAX_PIXELS", "MAX_FILE_BYTES"]
 
 VOI_MODES = ("auto", "none", "minmax")
+
+# Limits that keep one hostile file from taking a worker's memory (prepare runs one reader
+# per core). Generous for radiographs: the largest detectors are ~4300 x 4300.
+MAX_PIXELS = 16384 * 16384          # Rows x Columns read_dicom decodes (multi-frame is refused)
+MAX_FILE_BYTES = 2 << 30            # larger files are not read at all
+# RLE (PS3.5 G.3.1): a replicate run turns 2 bytes into at most 128, so the decoded size is
+# at most 64x the encoded one; a header claiming more is a lie (or the file is truncated).
+_RLE_MAX_RATIO = 64
+# Groups a DICOM dataset without preamble can start with: file meta, then identifying data.
+_FIRST_GROUPS = {0x0002, 0x0008}
 
 # Header elements read for `meta`; pixel elements are read separately.
 _CODEC_HINT = (
@@ -115,11 +125,37 @@ def _view_code_meaning(ds) -> str | None:
         return None
 
 
-def _dcmread(path: str, **kwargs):
-    import pydicom
-
+def _check_file(path: str, max_file_bytes: int) -> None:
+    """Refuse, before pydicom reads anything, what cannot be a DICOM file worth reading:
+    a directory, an empty or oversized file, bytes with neither a "DICM" marker at 128 nor
+    a plausible first data element (e.g. a zero-filled file, which pydicom would otherwise
+    scan to the end)."""
+    if os.path.isdir(path):
+        raise DataError(path, "is a directory, not a DICOM file")
     if not os.path.isfile(path):
         raise DataError(path, "no such file")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise DataError(path, "empty file (0 bytes)")
+    if size > max_file_bytes:
+        raise DataError(path, f"file of {size} bytes exceeds the {max_file_bytes}-byte limit for one image")
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(132)
+    except OSError as exc:
+        raise DataError(path, f"cannot read ({exc.strerror or exc})") from None
+    if head[128:132] == b"DICM":
+        return
+    if len(head) >= 8 and (int.from_bytes(head[:2], "little") in _FIRST_GROUPS
+                           or int.from_bytes(head[:2], "big") in _FIRST_GROUPS):
+        return      # a bare dataset (no preamble), as some archives store them
+    raise DataError(path, 'not a DICOM file (no "DICM" marker at byte 128 and no DICOM data element at the start)')
+
+
+def _dcmread(path: str, max_file_bytes: int = MAX_FILE_BYTES, **kwargs):
+    import pydicom
+
+    _check_file(path, max_file_bytes)
     try:
         with warnings.catch_warnings():
             # pydicom warns about many harmless deviations; errors are what we act on.
@@ -128,7 +164,13 @@ def _dcmread(path: str, **kwargs):
     except DataError:
         raise
     except Exception as exc:  # pydicom raises many types on bad bytes; name them all the same way
-        raise DataError(path, f"not a readable DICOM file ({type(exc).__name__}: {exc})") from None
+        raise DataError(path, f"not a readable DICOM file ({type(exc).__name__}: {_one_line(exc)})") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    """The whole message of ``exc`` on one line (decoder errors list every plugin's reason
+    on its own line; the first line alone says nothing)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def read_dicom_header(path: str | os.PathLike) -> DicomMeta:
@@ -233,6 +275,8 @@ def _check_pixel_module(path: str, ds) -> tuple[int, int, int]:
     rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
     if not rows or not cols or rows < 1 or cols < 1:
         raise DataError(path, f"wrong sizes: Rows={rows}, Columns={cols}")
+    if rows == 1 or cols == 1:   # e.g. an RLE header whose Rows/Columns were damaged
+        raise DataError(path, f"wrong sizes: Rows={rows}, Columns={cols} is a strip, not a radiograph")
     allocated, stored = _int(ds, "BitsAllocated"), _int(ds, "BitsStored")
     rep = _int(ds, "PixelRepresentation")
     if allocated not in (8, 16, 32):
@@ -242,6 +286,27 @@ def _check_pixel_module(path: str, ds) -> tuple[int, int, int]:
     if rep not in (0, 1):
         raise DataError(path, f"PixelRepresentation={rep}; 0 (unsigned) or 1 (signed) expected")
     return allocated, stored, rep
+
+
+def _check_pixel_length(path: str, ds, allocated: int, max_pixels: int) -> None:
+    """Compare what the header claims (Rows x Columns x BitsAllocated) with the cap and with
+    the Pixel Data actually present, before any decoder allocates the claimed size."""
+    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
+    if rows * cols > max_pixels:
+        raise DataError(path, f"Rows x Columns = {rows} x {cols} exceeds the limit of {max_pixels} pixels")
+    need = rows * cols * allocated // 8
+    try:
+        have = len(ds.PixelData)
+        tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+        encapsulated = tsyntax is not None and tsyntax.is_encapsulated
+    except ValueError:  # not a transfer syntax: _decode names it
+        return
+    if not encapsulated and have < need:
+        raise DataError(path, f"truncated or short pixel data ({have} bytes; Rows x Columns x BitsAllocated "
+                              f"= {rows} x {cols} x {allocated} needs {need})")
+    if encapsulated and tsyntax == "1.2.840.10008.1.2.5" and need > _RLE_MAX_RATIO * have:
+        raise DataError(path, f"RLE pixel data of {have} bytes cannot hold Rows x Columns = {rows} x {cols} "
+                              f"x {allocated} bits ({need} bytes; RLE expands at most {_RLE_MAX_RATIO}x)")
 
 
 @contextlib.contextmanager
@@ -285,14 +350,15 @@ def _decode(path: str, ds) -> np.ndarray:
     except MemoryError:
         raise DataError(path, "pixel data too large to decode") from None
     except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = _one_line(exc)
         if "shorter than" in reason or "truncat" in reason.lower() or "length" in reason.lower():
             raise DataError(path, f"truncated or short pixel data ({reason})") from None
         raise DataError(path, f"cannot decode pixel data ({type(exc).__name__}: {reason})") from None
     return arr
 
 
-def read_dicom(path: str | os.PathLike, *, voi: str = "auto") -> tuple[np.ndarray, DicomMeta]:
+def read_dicom(path: str | os.PathLike, *, voi: str = "auto", max_pixels: int = MAX_PIXELS,
+               max_file_bytes: int = MAX_FILE_BYTES) -> tuple[np.ndarray, DicomMeta]:
     """Read a greyscale radiograph.
 
     Args:
@@ -301,6 +367,8 @@ def read_dicom(path: str | os.PathLike, *, voi: str = "auto") -> tuple[np.ndarra
             "none" (ignore VOI: the full stored range, i.e. every value BitsStored allows,
             mapped through the modality LUT, scaled linearly to [0, 1]), or "minmax"
             (this image's own min..max after the modality LUT).
+        max_pixels: larger Rows x Columns are refused before decoding (memory stays bounded).
+        max_file_bytes: larger files are refused before reading.
     Returns:
         image: (Rows, Columns) float32 in [0, 1], higher = brighter (MONOCHROME1 inverted).
         meta: :class:`DicomMeta` (ViewPosition, PatientID, StudyInstanceUID, ...).
@@ -317,17 +385,18 @@ def read_dicom(path: str | os.PathLike, *, voi: str = "auto") -> tuple[np.ndarra
             # pydicom warns on every non-conformant value it meets (e.g. a UID with a
             # bad character); those do not stop us reading pixels, so keep logs clean.
             warnings.simplefilter("ignore")
-            return _read(path, voi)
+            return _read(path, voi, max_pixels, max_file_bytes)
     except (DataError, MemoryError):
         raise
     except Exception as exc:  # last line of defence: bad bytes never escape as another type
-        raise DataError(path, f"unreadable DICOM ({type(exc).__name__}: {exc})") from None
+        raise DataError(path, f"unreadable DICOM ({type(exc).__name__}: {_one_line(exc)})") from None
 
 
-def _read(path: str, voi: str) -> tuple[np.ndarray, DicomMeta]:
-    ds = _dcmread(path, force=True)
+def _read(path: str, voi: str, max_pixels: int, max_file_bytes: int) -> tuple[np.ndarray, DicomMeta]:
+    ds = _dcmread(path, max_file_bytes, force=True)
     meta = _meta(ds, path)
     allocated, stored_bits, rep = _check_pixel_module(path, ds)
+    _check_pixel_length(path, ds, allocated, max_pixels)
     arr = _decode(path, ds)
     if arr.ndim != 2 or arr.shape != (meta.rows, meta.columns):
         raise DataError(path, f"wrong sizes: decoded pixels {arr.shape}, header Rows x Columns = ({meta.rows}, {meta.columns})")

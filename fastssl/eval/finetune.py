@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from fastssl.config import COMMAND_RANGES, check_ranges
 from fastssl.eval.probe import (
     eval_transform, extract_features, load_eval_encoder, pick_device, split_dataset, study_logits,
 )
@@ -100,6 +101,7 @@ class FinetuneConfig:
             raise ValueError(f"base_lr={self.base_lr}, layer_decay={self.layer_decay}; expected > 0, in (0, 1]")
         if self.amp not in ("bf16", "none"):
             raise ValueError(f"amp={self.amp!r}; expected bf16 | none")
+        check_ranges(self, COMMAND_RANGES["finetune"])   # every numeric flag's range (one-line errors)
 
 
 # ------------------------------------------------------------------------ the model

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fastssl.config import add_dataclass_arguments, config_from_args
+from fastssl.config import COMMAND_RANGES, add_dataclass_arguments, check_ranges, config_from_args
 from fastssl.models.mvmae import MultiViewMAE, SupervisedViT
 from fastssl.reference.mae import num_kept
 from fastssl.profiling import annotate
@@ -189,6 +189,7 @@ class PretrainConfig:
             raise ValueError(f"beta_schedule={self.beta_schedule!r}; expected released | ramp")
         if self.augment_style is not None and self.augment_style not in ("mvmae", "mae"):
             raise ValueError(f"augment_style={self.augment_style!r}; expected mvmae | mae")
+        check_ranges(self, COMMAND_RANGES["pretrain"])   # every numeric flag's range (one-line errors)
 
     def model_config(self):
         from fastssl.models.mvmae import model_config
