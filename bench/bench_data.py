@@ -107,8 +107,9 @@ def _fake_cache(root, studies: int, size: int = 256, shard_size: int = 1024) -> 
         np.save(os.path.join(root, shard_name(k)), rng.integers(0, 256, (m, size, size), dtype=np.uint8))
         for o in range(m):
             i = k * shard_size + o
-            rows.append([i, k, o, f"s{i // 2}", f"p{i // 4}", f"d{i}", "frontal" if i % 2 == 0 else "lateral",
-                         "PA" if i % 2 == 0 else "LATERAL", "train", *([0] * len(CHEXPERT_LABELS)), f"f{i}.dcm"])
+            rows.append([i, k, o, "mimic-cxr", f"s{i // 2}", f"p{i // 4}", f"d{i}",
+                         "frontal" if i % 2 == 0 else "lateral", "PA" if i % 2 == 0 else "LATERAL", "ViewPosition",
+                         "train", *([0] * len(CHEXPERT_LABELS)), "", f"f{i}.dcm"])
     with open(os.path.join(root, "index.csv"), "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(INDEX_COLUMNS)

@@ -39,8 +39,8 @@ def _gather_ref(x, ids, pos, se, ids_restore):
 
 
 def _gather_triton(x, ids, pos, se, ids_restore):
-    return ops.gather_tokens(x, ids, pos_embed=pos, sample_embed=se, impl="triton",
-                             validate=False)
+    return ops.gather_tokens(x, ids, ids_restore=ids_restore, pos_embed=pos, sample_embed=se,
+                             impl="triton", validate=False)
 
 
 def _unshuffle_ref(x, ids, pos, se, ids_restore):

@@ -11,8 +11,10 @@ the one table that script prints. Rows:
   (inputs read once, gradients written once) and its fraction of the copy roof; the goal
   and whether it is met.
 
-Goals: mae_loss fwd+bwd >= 3x eager and >= 2x compile at >= 70% of copy bandwidth;
-gather_tokens fwd+bwd >= 1.5x eager at >= 70%.
+Goals (issue 10): mae_loss fwd+bwd >= 2x torch.compile and >= 70% of copy bandwidth in
+GPU time (bytes needed: the masked rows of pred and image and the mask read once, the
+gradient written once); gather_tokens fwd+bwd (backward fed by ids_restore) >= 1.5x
+compile and >= 70%; both faster than eager in wall time.
 
 ``run(report, dry_run=True)`` exercises the same logic on the CPU at tiny shapes (needs
 TRITON_INTERPRET=1 before Triton is imported; compile is skipped); the tests use it.
@@ -20,6 +22,7 @@ Written for torch >= 2.4 and triton >= 3.0 (the GPU box has torch 2.11, triton 3
 """
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from typing import Callable
@@ -29,20 +32,21 @@ import torch
 import fastssl.ops as ops
 from fastssl.reference import mae as ref
 
-MAE_GOAL = "fwd+bwd >= 3x eager, >= 2x compile, >= 70% copy BW"
-GATHER_GOAL = "fwd+bwd >= 1.5x eager, >= 70% copy BW"
+MAE_GOAL = "fwd+bwd GPU time >= 2x compile at >= 70% copy BW; wall < eager"
+GATHER_GOAL = "fwd+bwd GPU time >= 1.5x compile at >= 70% copy BW; wall < eager"
 
 
 # ------------------------------------------------------------------------- timing
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _median_ms(fn: Callable[[], object], device: torch.device, iters: int, warmup: int) -> float:
+def median_ms(fn: Callable[[], object], device: torch.device, iters: int, warmup: int = 2) -> float:
+    """Median milliseconds of ``fn`` (CUDA events around each call; host clock on CPU)."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    sync(device)
     times = []
     for _ in range(iters):
         if device.type == "cuda":
@@ -63,7 +67,7 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int, iters: int) -> float:
     """(read + write) bytes / s of a device-to-device copy of ``nbytes``."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    ms = _median_ms(lambda: dst.copy_(src), device, iters, warmup=3)
+    ms = median_ms(lambda: dst.copy_(src), device, iters, warmup=3)
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
@@ -126,9 +130,9 @@ def _gather_ref(x, ids, pos, se):
     return ref.gather_tokens_reference(x, ids, pos_embed=pos, sample_embed=se)
 
 
-def _gather_triton(x, ids, pos, se):
-    return ops.gather_tokens(x, ids, pos_embed=pos, sample_embed=se, impl="triton",
-                             validate=False)
+def _gather_triton(x, ids, pos, se, ids_restore=None):
+    return ops.gather_tokens(x, ids, ids_restore=ids_restore, pos_embed=pos, sample_embed=se,
+                             impl="triton", validate=False)
 
 
 # ------------------------------------------------------------------------- checks
@@ -213,7 +217,7 @@ def _time_row(report, name, goal, steps, nbytes, copy_gbps, device, iters, warmu
         if step is None:
             continue
         try:
-            ms[provider] = _median_ms(step, device, iters, warmup)
+            ms[provider] = median_ms(step, device, iters, warmup)
             dev[provider] = _device_ms(step, device)
         except Exception as exc:  # a provider failing must not hide the others' numbers
             report(f"{name} [{provider} failed]", ok=False, error=f"{type(exc).__name__}: {exc}"[:200])
@@ -231,8 +235,13 @@ def _time_row(report, name, goal, steps, nbytes, copy_gbps, device, iters, warmu
     frac = gbps / copy_gbps if tri else float("nan")
     sp_eager = ms["eager"] / tri if tri and "eager" in ms else float("nan")
     sp_comp = ms["compile"] / tri if tri and "compile" in ms else float("nan")
-    met = (sp_eager >= need["eager"] and frac >= need["frac"]
-           and ("compile" not in need or sp_comp >= need["compile"]))
+    # The goals: GPU time against compile and the copy roof, wall time against eager (the
+    # host overhead counts there). Without kernel times (CPU dry run) wall time stands in.
+    kern = dev if device.type == "cuda" and dev.get("triton", 0) > 0 else ms
+    k_frac = nbytes / (kern["triton"] * 1e-3) / 1e9 / copy_gbps if "triton" in kern else 0.0
+    k_comp = kern["compile"] / kern["triton"] if "compile" in kern and "triton" in kern else 0.0
+    met = (sp_eager >= need["eager"] and k_frac >= need["frac"]
+           and ("compile" not in need or k_comp >= need["compile"]))
     report(name, eager_ms=_f(ms.get("eager")), compile_ms=_f(ms.get("compile")),
            triton_ms=_f(tri), x_eager=_f(sp_eager, 2), x_compile=_f(sp_comp, 2),
            GBps=_f(gbps, 0), frac_copy=_f(frac, 2), goal=goal, met=bool(met))
@@ -275,14 +284,17 @@ def run(report: Callable[..., None], *, dry_run: bool = False) -> None:
     for name, b, c, img, p, ratio in mae_shapes:
         for dtype in (torch.bfloat16, torch.float32):
             pred, imgs, mask = _mae_inputs(b, c, img, p, ratio, dtype, device, gen)
-            nbytes = 2 * _nbytes(pred) + _nbytes(imgs) + _nbytes(mask)  # pred, imgs, mask, grad
+            # Bytes needed: the masked rows of pred and of the image read once, the mask
+            # read once, the (dense) gradient written once.
+            live = mask.float().mean().item()
+            nbytes = int(live * (_nbytes(pred) + _nbytes(imgs))) + _nbytes(mask) + _nbytes(pred)
             comp = compile_fn(_mae_ref) if compile_fn else None
             steps = {"eager": _mae_fwd_bwd(_mae_ref, pred, imgs, mask, p),
                      "compile": _mae_fwd_bwd(comp, pred, imgs, mask, p) if comp else None,
                      "triton": _mae_fwd_bwd(_mae_triton, pred, imgs, mask, p)}
             _time_row(report, f"time mae_loss fwd+bwd {name} {str(dtype)[6:]}", MAE_GOAL, steps,
                       nbytes, copy_gbps, device, iters, warmup,
-                      {"eager": 3.0, "compile": 2.0, "frac": 0.7})
+                      {"eager": 1.0, "compile": 2.0, "frac": 0.7})
 
     tok_shapes = [("vitb16 d768 m0.75", 256, 196, 768, 0.75),
                   ("vitb16 d768 m0.93", 256, 196, 768, 0.93),
@@ -296,13 +308,14 @@ def run(report: Callable[..., None], *, dry_run: bool = False) -> None:
         es = x.element_size()  # out is fp32 when the embeddings are fp32: count its size
         out_es = torch.promote_types(x.dtype, pos.dtype).itemsize
         nbytes = (b * k * d * (es + 2 * out_es) + b * length * d * es  # x read, out w, g r, gx w
-                  + 2 * _nbytes(pos) + 2 * _nbytes(se))
+                  + 2 * _nbytes(pos) + 2 * _nbytes(se) + _nbytes(ids_restore))
+        tri_fn = functools.partial(_gather_triton, ids_restore=ids_restore)
         comp = compile_fn(_gather_ref) if compile_fn else None
         steps = {"eager": _gather_fwd_bwd(_gather_ref, x, pos, se, ids_keep),
                  "compile": _gather_fwd_bwd(comp, x, pos, se, ids_keep) if comp else None,
-                 "triton": _gather_fwd_bwd(_gather_triton, x, pos, se, ids_keep)}
+                 "triton": _gather_fwd_bwd(tri_fn, x, pos, se, ids_keep)}
         _time_row(report, f"time gather_tokens fwd+bwd {name} bf16", GATHER_GOAL, steps, nbytes,
-                  copy_gbps, device, iters, warmup, {"eager": 1.5, "frac": 0.7})
+                  copy_gbps, device, iters, warmup, {"eager": 1.0, "compile": 1.5, "frac": 0.7})
 
         xv = x[:, :k].contiguous().requires_grad_()
         tok = torch.randn(d, device=device, generator=gen).requires_grad_()

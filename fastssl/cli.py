@@ -10,8 +10,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import pickle
+import re
 import sys
 from typing import Sequence
+
+from fastssl.config import Range, check_range, flag_name, parse_bool
+from fastssl.errors import DataError, MissingDependencyError
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -24,40 +30,151 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "embed": ("fastssl.curation.embed", "embed image tiles with a timm model into fp16 .npy shards"),
     "curate": ("fastssl.train.curate", "hierarchical k-means tree, balanced sample and report"),
     "demo": ("fastssl.demo", "the main job end to end on built-in phantom data"),
+    "plot": ("fastssl.plots", "PNG training curves and reconstructions of a pretraining run"),
+    "export": ("fastssl.train.export", "timm-ready encoder files (one per view) from a pretrain checkpoint"),
 }
 
 
-def _load_config(path: str) -> dict:
+# Allowed values of every numeric flag, checked after parsing (flags and --config alike)
+# and before a command starts work; None values mean "the default" and pass.
+# tests/test_cli.py checks that every int/float flag of every command is listed here.
+_COUNT, _NONNEG, _POS = Range(1, integer=True), Range(0, integer=True), Range(0, low_open=True)
+_FRACTION, _SIDE = Range(0, 1), Range(8, 16384, integer=True)
+_SEED = Range(0, 2**63 - 1, integer=True)
+RANGES: dict[str, dict[str, Range]] = {
+    "phantom": dict(studies=_COUNT, size=Range(32, 16384, integer=True), seed=_SEED, workers=_COUNT,
+                    both_views_fraction=_FRACTION, lateral_only_fraction=_FRACTION,
+                    no_view_position_fraction=_FRACTION, corrupt=_NONNEG, uncertain_fraction=_FRACTION),
+    "prepare": dict(size=_SIDE, shard_size=Range(1, 1 << 20, integer=True), workers=_COUNT),
+    "pretrain": dict(img_size=Range(0, 16384, integer=True), patch_size=Range(0, 1024, integer=True),
+                     mask_ratio=Range(0, 1, high_open=True), temperature=_POS, beta_max=Range(0),
+                     beta_ramp_epochs=Range(-1), epochs=_COUNT, batch_size=_COUNT, base_lr=_POS,
+                     min_lr=Range(0), warmup_epochs=Range(0), weight_decay=Range(0),
+                     beta1=Range(0, 1, high_open=True), beta2=Range(0, 1, high_open=True),
+                     clip_grad=Range(0), crop_min=Range(0, 1, low_open=True), workers=_NONNEG, seed=_SEED,
+                     log_every=_COUNT, ckpt_every=_COUNT, stop_after_steps=_NONNEG),
+    "probe": dict(batch_size=_COUNT, workers=_NONNEG, l2=Range(0), max_iter=_COUNT, n_boot=_NONNEG,
+                  seed=_SEED, knn_k=_NONNEG),
+    "embed": dict(img_size=_SIDE, in_chans=Range(1, 64, integer=True), batch_size=_COUNT,
+                  shard_size=_COUNT, workers=_NONNEG),
+    "curate": dict(iterations=_COUNT, split_k=_COUNT, split_iterations=_COUNT, resampling_steps=_NONNEG,
+                   sample_size=_COUNT, init_sample_size=_COUNT, seed=_SEED, memory_budget_mb=_POS,
+                   target_size=Range(0)),
+    "demo": dict(studies=_COUNT, phantom_size=Range(32, 16384, integer=True), img_size=_SIDE, epochs=_COUNT,
+                 batch_size=_COUNT, base_lr=_POS, points=_COUNT, dim=_COUNT, components=_COUNT,
+                 target=Range(0, 1, low_open=True), seed=_SEED),
+}
+# Errors a user causes and can fix (bad values, paths, data): one line, exit code 2.
+# Anything else is a bug and keeps its traceback (FASTSSL_DEBUG=1 shows one for these too).
+# EOFError and UnpicklingError: numpy and torch reading an empty or foreign file.
+USER_ERRORS = (ValueError, TypeError, DataError, OSError, EOFError, pickle.UnpicklingError, MissingDependencyError)
+_DEVICE = re.compile(r"(auto|cpu|cuda(:\d+)?|mps)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (no usage dump) and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows a flag's default once: not when the help already states it, nor for None/False."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text.lower() or action.default in (None, False, "", argparse.SUPPRESS)
+                or action.option_strings == [] or action.nargs == 0 and action.default is False):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _load_config(parser: argparse.ArgumentParser, path: str) -> dict:
     import yaml
 
     try:
         with open(path, encoding="utf-8") as handle:
             data = yaml.safe_load(handle) or {}
     except OSError as exc:
-        raise SystemExit(f"--config {path}: cannot read ({exc.strerror})")
+        parser.error(f"--config {path}: cannot read ({exc.strerror})")
     except yaml.YAMLError as exc:
-        raise SystemExit(f"--config {path}: not valid YAML ({exc})")
+        parser.error(f"--config {path}: not valid YAML ({' '.join(str(exc).split())})")
     if not isinstance(data, dict):
-        raise SystemExit(f"--config {path}: expected a mapping of flag names to values")
+        parser.error(f"--config {path}: expected a mapping of flag names to values")
     return data
 
 
+def _is_bool_flag(action: argparse.Action) -> bool:
+    return isinstance(action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction,
+                               argparse._StoreFalseAction))
+
+
+def _config_value(action: argparse.Action, value):
+    """A --config value as the flag would have given it: strict booleans, the flag's type
+    applied to strings and numbers (YAML's 3 for a float flag, "0.5" for a number)."""
+    if _is_bool_flag(action):
+        return parse_bool(value, name=action.dest)
+    if value is None or action.type is None:
+        return value
+    if isinstance(value, list):
+        return [_config_value(action, v) for v in value] if action.nargs in ("+", "*") else value
+    if action.type is int and isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"{flag_name(action.dest)}: {value!r} is not an integer")
+        return int(value)
+    try:
+        return action.type(value if isinstance(value, str) else str(value))
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+        raise ValueError(f"{flag_name(action.dest)}: invalid value {value!r} ({exc})") from None
+
+
 def _apply_config(parser: argparse.ArgumentParser, config: dict, path: str) -> None:
-    known = {action.dest for action in parser._actions}
-    unknown = sorted(set(k.replace("-", "_") for k in config) - known)
+    actions = {action.dest: action for action in parser._actions}
+    config = {k.replace("-", "_"): v for k, v in config.items()}
+    if "progress" in config and "progress" not in actions:    # a run's own config.json
+        config["quiet"] = not parse_bool(config.pop("progress"), name="progress")
+    unknown = sorted(set(config) - set(actions))
     if unknown:
-        raise SystemExit(
-            f"--config {path}: unknown keys {unknown}; see `--help` for the accepted flags"
-        )
-    parser.set_defaults(**{k.replace("-", "_"): v for k, v in config.items()})
-    # A value from the file satisfies a required flag.
-    for action in parser._actions:
-        if action.dest in {k.replace("-", "_") for k in config}:
-            action.required = False
+        parser.error(f"--config {path}: unknown keys {unknown}")
+    try:
+        values = {key: _config_value(actions[key], value) for key, value in config.items()}
+    except ValueError as exc:
+        parser.error(f"--config {path}: {exc}")
+    parser.set_defaults(**values)
+    for key in values:          # a value from the file satisfies a required flag
+        actions[key].required = False
+
+
+def check_args(name: str, args: argparse.Namespace) -> None:
+    """ValueError naming the first flag of command ``name`` that cannot work: a number outside
+    its range, an unknown device or timm model, an --out that is a file."""
+    for dest, allowed in RANGES.get(name, {}).items():
+        check_range(dest, getattr(args, dest), allowed, optional=True)
+    device = getattr(args, "device", None)
+    if isinstance(device, str) and not _DEVICE.fullmatch(device):
+        raise ValueError(f"--device: {device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+    out = getattr(args, "out", None)
+    if isinstance(out, str) and os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out}: exists and is not a directory")
+    model = getattr(args, "model", None)
+    if name == "embed" and isinstance(model, str):
+        import timm
+
+        if not model.startswith(("hf-hub:", "hf_hub:", "local-dir:")) and not timm.is_model(model):
+            raise ValueError(f"--model {model!r}: not a timm model name (see timm.list_models())")
+
+
+def _clip_workers(args: argparse.Namespace) -> None:
+    """More worker processes than usable cores only slows a job down: use the cores, say so once."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if isinstance(getattr(args, "workers", None), int) and args.workers > cores:
+        logging.getLogger("fastssl.cli").info("--workers %d: this machine has %d usable cores; using %d",
+                                              args.workers, cores, cores)
+        args.workers = cores
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastssl", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="fastssl", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, summary) in COMMANDS.items():
@@ -67,14 +184,47 @@ def build_parser() -> argparse.ArgumentParser:
 
 def command_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
     module = importlib.import_module(COMMANDS[name][0])
-    parser = argparse.ArgumentParser(
-        prog=f"fastssl {name}", description=COMMANDS[name][1],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = _Parser(prog=f"fastssl {name}", description=COMMANDS[name][1], formatter_class=_HelpFormatter)
     parser.add_argument("--config", metavar="FILE", help="YAML file of flag values (flags override it)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars and no banners: warnings and errors only")
     module.add_arguments(parser)
     return parser, module
+
+
+def _parse(name: str, rest: list[str]) -> tuple[argparse.Namespace, object]:
+    parser, module = command_parser(name)
+    # Find --config first with a parser that knows nothing else, so that a required flag
+    # whose value comes from the file is not reported missing.
+    finder = argparse.ArgumentParser(add_help=False)
+    finder.add_argument("--config")
+    pre, _ = finder.parse_known_args(rest)
+    if pre.config:
+        _apply_config(parser, _load_config(parser, pre.config), pre.config)
+    args = parser.parse_args(rest)
+    try:
+        check_args(name, args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return args, module
+
+
+def _run(name: str, module, args: argparse.Namespace) -> int:
+    """The command, with user errors as one line on stderr and exit code 2."""
+    import contextlib
+
+    try:
+        with contextlib.ExitStack() as stack:
+            if args.quiet:      # banners and summaries are prints: --quiet means warnings and errors only
+                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+            return int(module.run(args) or 0)
+    except USER_ERRORS as exc:
+        if os.environ.get("FASTSSL_DEBUG") == "1":
+            raise
+        print(f"fastssl {name}: error: {' '.join(str(exc).split()) or type(exc).__name__}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fastssl {name}: interrupted", file=sys.stderr)
+        return 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -91,21 +241,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         top.error(f"unknown command {name!r}; choose from {', '.join(COMMANDS)}")
-    parser, module = command_parser(name)
-    # Find --config first with a parser that knows nothing else, so that a required flag
-    # whose value comes from the file is not reported missing.
-    finder = argparse.ArgumentParser(add_help=False)
-    finder.add_argument("--config")
-    pre, _ = finder.parse_known_args(rest)
-    if pre.config:
-        _apply_config(parser, _load_config(pre.config), pre.config)
-    args = parser.parse_args(rest)
+    args, module = _parse(name, rest)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    return int(module.run(args) or 0)
+    _clip_workers(args)
+    return _run(name, module, args)
 
 
 if __name__ == "__main__":

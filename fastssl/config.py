@@ -7,9 +7,67 @@ turns parsed flags back into the dataclass.
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
+import math
+from dataclasses import dataclass, fields
 
-__all__ = ["add_dataclass_arguments", "config_from_args"]
+__all__ = ["add_dataclass_arguments", "config_from_args", "parse_bool", "Range", "check_range", "flag_name"]
+
+_TRUE, _FALSE = ("true", "yes", "on"), ("false", "no", "off")
+
+
+def flag_name(name: str) -> str:
+    """``clip_grad`` -> ``--clip-grad`` (how errors name a setting)."""
+    return "--" + name.replace("_", "-")
+
+
+def parse_bool(value, *, name: str) -> bool:
+    """A bool from a bool or one of true/false/yes/no/on/off (any case); anything else is a
+    ValueError naming the setting (a quoted YAML ``"no"`` must not read as true)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"{flag_name(name)}: {value!r} is not a boolean; use true/false, yes/no or on/off")
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric setting: ``low``/``high`` (None: unbounded), closed unless
+    ``low_open``/``high_open``; ``integer`` demands a whole number. NaN and inf never pass."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+
+    def __contains__(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        if self.integer and value != int(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        if self.low is not None and self.high is not None:
+            return f"{kind} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
+        if self.high is not None:
+            return f"{kind} {'<' if self.high_open else '<='} {self.high:g}"
+        return f"any finite {'integer' if self.integer else 'number'}"
+
+
+def check_range(name: str, value, allowed: Range, *, optional: bool = False) -> None:
+    """ValueError ``--name: got V; allowed: ...`` unless ``value`` is in ``allowed``
+    (``optional``: None passes too, for "default" settings)."""
+    if optional and value is None:
+        return
+    if value not in allowed:
+        raise ValueError(f"{flag_name(name)}: got {value!r}; allowed: {allowed}")
 
 
 def _field_help(cls) -> dict[str, str]:

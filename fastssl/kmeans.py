@@ -5,28 +5,41 @@ They take numpy arrays (np.memmap streamed in row chunks), torch tensors on the 
 a GPU, or cupy arrays (zero-copy through DLPack), and return the caller's array type.
 
 Implementations (``impl=``):
-    "cpu"   the native C++ engine (fused distance + running argmin, AVX-512/AVX2)
-    "cuda"  the native CUDA engine (tensor cores), for CUDA tensors and cupy arrays
-    "torch" the PyTorch reference in fastssl.reference (chunked matmul + argmin)
-    "auto"  "cuda" for device arrays, "cpu" for host arrays, "torch" when the extension
-            is missing; FASTSSL_IMPL overrides "auto".
+    "cpu"    the native C++ engine (fused distance + running argmin, AVX-512/AVX2/AMX)
+    "cuda"   the native CUDA engine (tensor cores), for CUDA tensors and cupy arrays;
+             the only device engine of ``assign_grouped``
+    "triton" the fused Triton kernel (fastssl.kernels.assign: wgmma/TMA on sm_90, mma on
+             sm_80), ``assign`` only, CUDA tensors and cupy arrays
+    "torch"  the PyTorch reference in fastssl.reference (chunked matmul + argmin)
+    "auto"   device arrays: the engine measured fastest on the device's architecture
+             (AUTO_DEVICE_ENGINE), "cuda" where nothing is recorded, "torch" without
+             the extension; host arrays: "cpu", "torch" without the extension.
+             FASTSSL_IMPL overrides "auto".
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
 
 from fastssl import _arrays
+from fastssl._assign_common import check_finite as _check_finite
+from fastssl._assign_common import COS_EPS, device_of, normalized_centroids
 from fastssl._dispatch import resolve_impl
 from fastssl._native import has_cpu_ext, has_cuda_ext, native
 
 METRICS = {"l2": 0, "ip": 1, "cos": 1}
-IMPLS = ("cpu", "cuda", "torch")
+IMPLS = ("cpu", "cuda", "triton", "torch")
 _FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
-_COS_EPS = 1e-12  # as torch.nn.functional.normalize
 
-__all__ = ["assign", "assign_grouped", "METRICS", "IMPLS"]
+# impl="auto" for plain assign on a device, by compute capability major, from a measured
+# run of bench/gpu_kmeans.py (the engine with the higher rate at d = 128..1024, bf16).
+# Nothing is recorded yet: the Triton kernel has not been timed on a GPU, so "auto"
+# keeps the CUDA engine everywhere until a device run fills this in.
+AUTO_DEVICE_ENGINE: dict[int, str] = {}
+
+__all__ = ["assign", "assign_grouped", "assign_topk", "METRICS", "IMPLS"]
 
 
 # ----------------------------------------------------------------------------- checks
@@ -56,29 +69,6 @@ def _check_pair(x: Any, centroids: Any, metric: str) -> str:
             "their second dimensions (d) must match"
         )
     return kind
-
-
-def _first_nonfinite_row(a: Any) -> int | None:
-    """Index of the first row holding NaN or inf, or None. Any supported array type."""
-    if isinstance(a, np.ndarray):
-        finite = np.isfinite(a.astype(np.float32) if a.dtype.kind != "f" else a).all(axis=1)
-        bad = np.flatnonzero(~finite)
-        return int(bad[0]) if bad.size else None
-    import torch
-
-    if not isinstance(a, torch.Tensor):  # cupy
-        a = torch.from_dlpack(a)
-    bad = torch.nonzero(~torch.isfinite(a).all(dim=1))
-    return int(bad[0, 0]) if bad.numel() else None
-
-
-def _check_finite(a: Any, name: str, offset: int = 0) -> None:
-    row = _first_nonfinite_row(a)
-    if row is not None:
-        raise ValueError(
-            f"{name} row {offset + row} holds NaN or inf (pass check_finite=False to skip "
-            "this check)"
-        )
 
 
 def _check_offsets(x_offsets: Any, c_offsets: Any, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -126,12 +116,29 @@ def _on_cuda(a: Any, kind: str) -> bool:
     return kind == _arrays.CUPY or (kind == _arrays.TORCH and a.device.type == "cuda")
 
 
+def _device_auto(x: Any, kind: str) -> str:
+    """The engine "auto" picks for device arrays: AUTO_DEVICE_ENGINE's measured entry for
+    the architecture if any (and if it can run), else "cuda"."""
+    import torch
+
+    device = device_of(x, kind)
+    measured = AUTO_DEVICE_ENGINE.get(torch.cuda.get_device_capability(device)[0])
+    if measured == "triton":
+        from fastssl import _triton_assign
+
+        if _triton_assign.unavailable(device) is None:
+            return "triton"
+    return "cuda"
+
+
 def _resolve(op: str, impl: str, x: Any, kind: str) -> str:
     on_cuda = _on_cuda(x, kind)
 
     def auto() -> str:
         if on_cuda:
-            return "cuda" if has_cuda_ext() else "torch"
+            if not has_cuda_ext():
+                return "torch"
+            return _device_auto(x, kind) if op == "assign" else "cuda"
         return "cpu" if has_cpu_ext() else "torch"
 
     def available(name: str) -> str | None:
@@ -143,9 +150,31 @@ def _resolve(op: str, impl: str, x: Any, kind: str) -> str:
             if not on_cuda:
                 return "x is in host memory; impl='cuda' needs a CUDA tensor or cupy array"
             return None if has_cuda_ext() else "fastssl._C was built without CUDA"
+        if name == "triton":
+            return _triton_unavailable(op, x, kind)
         return None  # torch runs everywhere
 
     return resolve_impl(op, impl, choices=IMPLS, auto=auto, available=available)
+
+
+def _triton_unavailable(op: str, x: Any, kind: str) -> str | None:
+    from fastssl import _triton_assign
+
+    if op != "assign":
+        return "the Triton kernel does plain assignment; assign_grouped runs with impl='cuda'"
+    if kind == _arrays.NUMPY:
+        return "x is a numpy array; impl='triton' needs a CUDA tensor or cupy array"
+    return _triton_assign.unavailable(device_of(x, kind))
+
+
+def _resolve_topk(impl: str) -> str:
+    def available(name: str) -> str | None:
+        return None if name == "torch" else (
+            "only the PyTorch path computes top-k (impl='torch', on any device); the "
+            "fused engines keep one centroid per row")
+
+    return resolve_impl("assign_topk", impl, choices=IMPLS, auto=lambda: "torch",
+                        available=available)
 
 
 # ------------------------------------------------------------------------ host paths
@@ -155,19 +184,21 @@ def _host_centroids(centroids: Any, metric: str) -> tuple[np.ndarray, bool]:
         kind = _arrays.array_kind(centroids, "centroids")
         if kind == _arrays.CUPY:
             centroids = centroids.get()
+        elif metric == "cos":
+            import torch
+
+            centroids = normalized_centroids(centroids.detach().cpu(), torch.float32).numpy()
+            return _arrays.host_words(np.ascontiguousarray(centroids))
         else:
             centroids = centroids.detach().cpu()
-            if metric == "cos" or str(centroids.dtype) == "torch.float64":
+            if str(centroids.dtype) == "torch.float64":
                 centroids = centroids.float()
             words, is_bf16 = _arrays.torch_to_host_words(centroids)
-            if metric != "cos":
-                return np.ascontiguousarray(words), is_bf16
-            centroids = words
-    if metric == "cos" or centroids.dtype == np.float64:
-        centroids = np.asarray(centroids, dtype=np.float32)
-    if metric == "cos":
-        norms = np.linalg.norm(centroids.astype(np.float64), axis=1, keepdims=True)
-        centroids = (centroids / np.maximum(norms, _COS_EPS)).astype(np.float32)
+            return np.ascontiguousarray(words), is_bf16
+    if metric == "cos":  # the engine reads float32 centroids for cos
+        centroids = normalized_centroids(centroids, np.float32)
+    elif centroids.dtype == np.float64:
+        centroids = centroids.astype(np.float32)
     words, is_bf16 = _arrays.host_words(np.ascontiguousarray(centroids))
     return words, is_bf16
 
@@ -177,7 +208,7 @@ def _bf16_words_to_float32(words: np.ndarray) -> np.ndarray:
 
 
 def _finish_cos(distances: np.ndarray, x_sqnorm: np.ndarray) -> None:
-    distances /= np.maximum(np.sqrt(x_sqnorm), _COS_EPS)
+    distances /= np.maximum(np.sqrt(x_sqnorm), COS_EPS)
 
 
 def _run_native_host(
@@ -235,30 +266,37 @@ def _local_groups(groups: tuple[np.ndarray, np.ndarray], start: int, stop: int):
     return local_x.astype(np.int64), local_c.astype(np.int64), int(co[g0])
 
 
-def _run_torch_reference(x, centroids, metric, chunk_rows, check_finite, groups):
-    """The "torch" impl over numpy or torch input (any device), in row chunks."""
+def _run_torch_reference(x, centroids, metric, chunk_rows, check_finite, groups, topk=None):
+    """The "torch" impl over numpy or torch input (any device), in row chunks; (n,)
+    outputs, or (n, topk) when topk is given."""
     import torch
 
-    from fastssl.reference.kmeans import assign_grouped_reference, assign_reference
+    from fastssl.reference.kmeans import (assign_grouped_reference, assign_reference,
+                                          assign_topk_reference)
 
     def as_tensor(a):
         if isinstance(a, np.ndarray):
             if _arrays.dtype_name(a) == "bfloat16":
                 return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
-            return torch.from_numpy(np.ascontiguousarray(a))
+            with warnings.catch_warnings():  # read-only memmap chunks: torch only reads
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.from_numpy(np.ascontiguousarray(a))
         if not isinstance(a, torch.Tensor):
             return torch.from_dlpack(a)
         return a
 
     c = as_tensor(centroids)
     first = as_tensor(x[:1])
-    labels = torch.empty(x.shape[0], dtype=torch.int64, device=first.device)
-    distances = torch.empty(x.shape[0], dtype=torch.float32, device=first.device)
+    shape = (x.shape[0],) if topk is None else (x.shape[0], topk)
+    labels = torch.empty(shape, dtype=torch.int64, device=first.device)
+    distances = torch.empty(shape, dtype=torch.float32, device=first.device)
     for start, stop in _arrays.row_chunks(x.shape[0], chunk_rows):
         chunk = as_tensor(x[start:stop])
         if check_finite:
             _check_finite(chunk, "x", start)
-        if groups is None:
+        if topk is not None:
+            lab, dist = assign_topk_reference(chunk, c, topk, metric=metric)
+        elif groups is None:
             lab, dist = assign_reference(chunk, c, metric=metric)
         else:
             xo, co, c_first = _local_groups(groups, start, stop)
@@ -271,9 +309,9 @@ def _run_torch_reference(x, centroids, metric, chunk_rows, check_finite, groups)
     return labels, distances
 
 
-def _run(op, x, centroids, metric, chunk_size, impl, check_finite, groups):
+def _run(op, x, centroids, metric, chunk_size, impl, check_finite, groups, topk=None):
     kind = _check_pair(x, centroids, metric)
-    chosen = _resolve(op, impl, x, kind)
+    chosen = _resolve(op, impl, x, kind) if topk is None else _resolve_topk(impl)
     if check_finite:
         _check_finite(centroids, "centroids")
     chunk_rows = chunk_size
@@ -286,9 +324,13 @@ def _run(op, x, centroids, metric, chunk_size, impl, check_finite, groups):
         from fastssl import _cuda_assign
 
         return _cuda_assign.run(op, x, kind, centroids, metric, check_finite, groups)
+    if chosen == "triton":
+        from fastssl import _triton_assign
+
+        return _triton_assign.run(op, x, kind, centroids, metric, check_finite)
     if chosen == "torch":
         labels, distances = _run_torch_reference(x, centroids, metric, chunk_rows,
-                                                 check_finite, groups)
+                                                 check_finite, groups, topk)
         if kind == _arrays.NUMPY:
             return labels.numpy(), distances.numpy()
         if kind == _arrays.CUPY:
@@ -331,7 +373,7 @@ def assign(
             wins), "cos" cosine similarity (largest wins).
         chunk_size: rows per chunk for host inputs; None streams a memmap in ~64 MiB
             chunks and hands an in-memory array over whole.
-        impl: "auto" | "cpu" | "cuda" | "torch" (see the module docstring).
+        impl: "auto" | "cpu" | "cuda" | "triton" | "torch" (see the module docstring).
         check_finite: raise ValueError naming the first row with NaN or inf.
     Returns:
         labels: (n,) int64 index of the chosen centroid (ties: the lowest index).
@@ -369,3 +411,36 @@ def assign_grouped(
     _check_pair(x, centroids, metric)
     groups = _check_offsets(x_offsets, c_offsets, x.shape[0], centroids.shape[0])
     return _run("assign_grouped", x, centroids, metric, chunk_size, impl, check_finite, groups)
+
+
+def assign_topk(
+    x: Any,
+    centroids: Any,
+    topk: int,
+    *,
+    metric: str = "l2",
+    chunk_size: int | None = None,
+    impl: str = "auto",
+    check_finite: bool = True,
+) -> tuple[Any, Any]:
+    """The ``topk`` nearest centroids of every row of ``x``, nearest first.
+
+    Runs the PyTorch path (``impl="torch"``, which "auto" picks) on x's device, in row
+    chunks (a memmap is streamed); the fused engines keep only one centroid per row.
+
+    Args:
+        x: (n, d), as for :func:`assign`.
+        centroids: (k, d).
+        topk: 1 <= topk <= k.
+        metric, chunk_size, check_finite: as for :func:`assign`.
+    Returns:
+        labels (n, topk) int64 and distances (n, topk) float32, best first; equal scores
+        keep index order (ties go to the lowest index). Same array type as ``x``.
+    """
+    if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)):
+        raise TypeError(f"topk must be an int, got {type(topk).__name__}")
+    k = centroids.shape[0] if hasattr(centroids, "shape") else None
+    if topk < 1 or (k is not None and topk > k):
+        raise ValueError(f"topk={topk}; expected 1 <= topk <= k={k} (the number of centroids)")
+    return _run("assign_topk", x, centroids, metric, chunk_size, impl, check_finite, None,
+                int(topk))

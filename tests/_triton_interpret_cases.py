@@ -148,6 +148,136 @@ def test_mae_loss_out_of_range_ids_unvalidated_reads_nothing(rng):
     assert torch.equal(grad[0, 1], torch.zeros(16))
 
 
+# ------------------------------------------------------- mae_loss: single pass, groups
+def _ref_groups64(pred, imgs, mask, grad_loss, grad_groups, **kw):
+    """float64 reference of d(grad_loss * loss + grad_groups . per_group) / d pred."""
+    leaf = pred.detach().double().requires_grad_()
+    m = mask.double() if mask is not None and mask.dtype != torch.bool else mask
+    per_group = ref.mae_loss_per_group_reference(leaf, imgs.double(), m, **kw)
+    total = grad_loss * per_group.mean() + (torch.tensor(grad_groups, dtype=F64) * per_group).sum()
+    (grad,) = torch.autograd.grad(total, leaf)
+    return per_group.mean().detach(), per_group.detach(), grad
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The kernel modes launched ("forward", "single_pass", "backward[skip]")."""
+    from fastssl.kernels import mae_loss as k
+    seen = []
+    real = k._launch
+    names = {k.FORWARD: "forward", k.SINGLE_PASS: "single_pass", k.BACKWARD: "backward"}
+
+    def spy(mode, *args, **kw):
+        seen.append(names[mode] + ("[skip]" if kw.get("skip_unit") else ""))
+        return real(mode, *args, **kw)
+    monkeypatch.setattr(k, "_launch", spy)
+    return seen
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("ratio", RATIOS)
+@pytest.mark.parametrize("shape", [(2, 1, 28, 28, 4), (4, 3, 20, 12, 4)])
+def test_mae_loss_single_pass_unit_gradient(rng, shape, ratio, groups, launches):
+    """loss.backward() (incoming gradient 1): the forward's single pass writes the
+    gradient and backward keeps it (the backward launch skips every group)."""
+    b, c, h, w, p = shape
+    length = (h // p) * (w // p)
+    imgs = randn(rng, (b, c, h, w), scale=3.0, shift=1.0)
+    pred = randn(rng, (b, length, p * p * c)).requires_grad_()
+    mask = random_mask(rng, b, length, ratio)
+    loss, per_group = ops.mae_loss(pred, imgs, mask, patch_size=p, impl="triton", groups=groups,
+                                   return_groups=True)
+    loss.backward()
+    want, want_groups, want_grad = _ref_groups64(pred, imgs, mask, 1.0, [0.0] * groups,
+                                                 patch_size=p, groups=groups)
+    assert launches == ["single_pass", "backward[skip]"]
+    assert max_err(loss, want) <= 1e-5 * max(want.abs().item(), 1e-3)
+    assert max_err(per_group, want_groups) <= 1e-5 * max(want_groups.abs().max().item(), 1e-3)
+    assert max_err(pred.grad, want_grad) <= 1e-5 * want_grad.abs().max().item() + 1e-9
+    if ratio == 0.0:
+        assert loss.item() == 0.0 and torch.equal(pred.grad, torch.zeros_like(pred.grad))
+
+
+@pytest.mark.parametrize("grad_loss, grad_groups", [
+    (1.0, [0.0, 0.7]),   # group 0 keeps the single-pass gradient, group 1 is recomputed
+    (1.7, [0.0, 0.0]),   # non-unit: both recomputed
+    (0.0, [0.0, 1.0]),   # only the second group's own loss
+    (1.0, [0.0, 0.0]),   # unit: both kept
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mae_loss_groups_incoming_gradients(rng, grad_loss, grad_groups, dtype):
+    b, c, p, length = 4, 1, 4, 49
+    imgs = randn(rng, (b, c, 28, 28), scale=2.0, shift=0.5)
+    pred = randn(rng, (b, length, p * p * c), dtype).requires_grad_()
+    mask = random_mask(rng, b, length, 0.75).bool()
+    loss, per_group = ops.mae_loss(pred, imgs, mask, patch_size=p, impl="triton", groups=2,
+                                   return_groups=True, target="pixel")
+    total = grad_loss * loss + (torch.tensor(grad_groups) * per_group).sum()
+    total.backward()
+    _, want_groups, want_grad = _ref_groups64(pred, imgs, mask, grad_loss, grad_groups,
+                                              patch_size=p, groups=2, target="pixel")
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    assert max_err(per_group, want_groups) <= tol * want_groups.abs().max().item()
+    assert pred.grad.dtype == dtype
+    assert max_err(pred.grad, want_grad) <= tol * want_grad.abs().max().item()
+
+
+def test_mae_loss_backward_leaves_unit_groups_untouched(rng):
+    """The skip is decided on the device: a unit-gradient group's rows of ``out`` are not
+    written (poisoned values survive), the other group is recomputed into it."""
+    from fastssl.kernels import mae_loss as k
+    imgs = randn(rng, (4, 1, 28, 28))
+    pred = randn(rng, (4, 49, 16))
+    mask = random_mask(rng, 4, 49, 0.75)
+    out = torch.full((4, 49, 16), 123.0)
+    wsums = k.weight_sums(pred, mask, 2)
+    k.mae_loss_backward(torch.tensor(1.0), torch.tensor([0.0, 0.3]), pred, imgs, mask, None,
+                        wsums, groups=2, patch_size=4, norm_pix=True, eps=1e-6, out=out)
+    _, _, want = _ref_groups64(pred, imgs, mask, 1.0, [0.0, 0.3], patch_size=4, groups=2)
+    assert bool((out[:2] == 123.0).all())
+    assert max_err(out[2:], want[2:]) <= 1e-5 * want.abs().max().item()
+
+
+def test_mae_loss_retain_graph_and_second_backward(rng, launches):
+    """A second backward over a retained graph recomputes (the single-pass gradient was
+    handed out once) and accumulates the same gradient again."""
+    imgs = randn(rng, (2, 1, 20, 12))
+    pred = randn(rng, (2, 15, 16)).requires_grad_()
+    mask = random_mask(rng, 2, 15, 0.75)
+    loss = ops.mae_loss(pred, imgs, mask, patch_size=4, impl="triton")
+    loss.backward(retain_graph=True)
+    first = pred.grad.clone()
+    loss.backward(torch.tensor(0.5))
+    _, _, want = _ref_groups64(pred, imgs, mask, 1.0, [0.0], patch_size=4)
+    assert max_err(first, want) <= 1e-5 * want.abs().max().item()
+    assert max_err(pred.grad, 1.5 * want) <= 1.5e-5 * want.abs().max().item()
+    assert launches == ["single_pass", "backward[skip]", "backward"]
+
+
+def test_mae_loss_no_grad_and_eval_launch_forward_only(rng, launches):
+    imgs = randn(rng, (2, 1, 8, 8))
+    pred = randn(rng, (2, 4, 16))
+    mask = random_mask(rng, 2, 4, 0.5)
+    a = ops.mae_loss(pred, imgs, mask, patch_size=4, impl="triton")  # no requires_grad
+    with torch.no_grad():
+        b = ops.mae_loss(pred.requires_grad_(), imgs, mask, patch_size=4, impl="triton")
+    assert launches == ["forward", "forward"] and a.item() == b.item()
+
+
+def test_mae_loss_groups_compact_layout(rng):
+    imgs = randn(rng, (4, 1, 28, 28))
+    mask = random_mask(rng, 4, 49, 0.93, same_count=True)
+    ids = masked_ids(mask)
+    pred = randn(rng, (4, ids.shape[1], 16)).requires_grad_()
+    loss, per_group = ops.mae_loss(pred, imgs, None, ids_masked=ids, patch_size=4, groups=2,
+                                   return_groups=True, impl="triton")
+    (loss + per_group[0]).backward()
+    _, want_groups, want_grad = _ref_groups64(pred, imgs, None, 1.0, [1.0, 0.0], patch_size=4,
+                                              ids_masked=ids, groups=2)
+    assert max_err(per_group, want_groups) <= 1e-5 * want_groups.abs().max().item()
+    assert max_err(pred.grad, want_grad) <= 1e-5 * want_grad.abs().max().item()
+
+
 # --------------------------------------------------------------------- gather_tokens
 GATHER_CASES = [  # (B, L, D, mask ratio)
     (1, 49, 33, 0.75), (2, 49, 33, 0.93), (3, 49, 8, 0.0), (2, 49, 300, "all_but_one"),
@@ -192,6 +322,61 @@ def test_gather_tokens_fp32(rng, case, embeds):
     for g, wg in zip(grads, want_grads):
         assert g.shape == wg.shape
         assert max_err(g, wg) <= 1e-6 * max(wg.abs().max().item(), 1.0)
+
+
+def _masking(b, length, ratio):
+    """(ids_keep, ids_restore) of random per-row permutations, as random_masking's."""
+    keep = 1 if ratio == "all_but_one" else ref.num_kept(length, ratio)
+    perm = torch.stack([torch.randperm(length) for _ in range(b)])
+    return perm[:, :keep], torch.argsort(perm, dim=1)
+
+
+def _gather_grads64(ids_keep, x, pos, se, g):
+    leaves = [t.detach().double().requires_grad_() for t in (x, pos, se)]
+    out = ref.gather_tokens_reference(leaves[0], ids_keep, pos_embed=leaves[1],
+                                      sample_embed=leaves[2])
+    return torch.autograd.grad(out, leaves, g.double())
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_tokens_backward_from_ids_restore(rng, ratio, dtype):
+    """The op's backward driven by random_masking's ids_restore (no inverse rebuilt)."""
+    b, length, d = 3, 49, 33
+    torch.manual_seed(7)
+    ids_keep, ids_restore = _masking(b, length, ratio)
+    x, pos, se = randn(rng, (b, length, d), dtype), randn(rng, (1, length, d)), randn(rng, (b, d))
+    leaves = [t.clone().requires_grad_() for t in (x, pos, se)]
+    out = ops.gather_tokens(leaves[0], ids_keep, ids_restore=ids_restore, pos_embed=leaves[1],
+                            sample_embed=leaves[2], impl="triton")
+    g = randn(rng, out.shape)
+    grads = torch.autograd.grad(out, leaves, g)
+    want = _gather_grads64(ids_keep, x, pos, se, g)
+    tol = 1e-6 if dtype == torch.float32 else 2 ** -7  # one bf16 ulp (the interpreter truncates)
+    for a, w in zip(grads, want):
+        assert a.shape == w.shape
+        assert max_err(a, w) <= tol * max(w.abs().max().item(), 1.0)
+
+
+@pytest.mark.parametrize("tiles", [(2, 8, 16, 2), (1, 4, 32, 3), (4, 16, 8, 4)])
+def test_gather_tokens_bwd_split_reductions_deterministic(rng, tiles):
+    """Small tiles force several batch slices and L tiles: grad_pos and grad_se come from
+    partials reduced by the last program to arrive; the result is exact and bitwise the
+    same on a second run."""
+    from fastssl.kernels import masking as k
+    b, length, d = 5, 49, 33
+    torch.manual_seed(3)
+    ids_keep, ids_restore = _masking(b, length, 0.75)
+    g = randn(rng, (b, ids_keep.shape[1], d))
+    first = k.gather_tokens_bwd(g, ids_restore, torch.float32, ((1, length, d), torch.float32),
+                                torch.float32, tiles=tiles)
+    again = k.gather_tokens_bwd(g, ids_restore.int(), torch.float32,
+                                ((1, length, d), torch.float32), torch.float32, tiles=tiles)
+    x, pos, se = randn(rng, (b, length, d)), randn(rng, (1, length, d)), randn(rng, (b, d))
+    want = _gather_grads64(ids_keep, x, pos, se, g)
+    for a, a2, w in zip(first, again, want):
+        assert a.shape == w.shape and torch.equal(a, a2)
+        assert max_err(a, w) <= 1e-6 * max(w.abs().max().item(), 1.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -282,12 +467,45 @@ def test_pipeline_compiled_with_triton_impl(rng):
     def step(x, pos, se, tok, impl):
         kept = ops.gather_tokens(x, ids_keep, pos_embed=pos, sample_embed=se, impl=impl)
         full = ops.unshuffle_with_mask_token(kept * 2.0, tok, ids_restore, impl=impl)
-        return ops.mae_loss(full @ w, imgs, mask, patch_size=p, impl=impl)
+        loss, per_view = ops.mae_loss(full @ w, imgs, mask, patch_size=p, impl=impl, groups=2,
+                                      return_groups=True)
+        return loss + 0.25 * per_view[0]
 
     leaves = [t.clone().requires_grad_() for t in (x, pos, se, tok)]
     want = step(*leaves, "torch")
     want_grads = torch.autograd.grad(want, leaves)
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    leaves = [t.clone().requires_grad_() for t in (x, pos, se, tok)]
+    got = compiled(*leaves, "triton")
+    got_grads = torch.autograd.grad(got, leaves)
+    assert max_err(got, want) <= 1e-5 * want.item()
+    for a, bb in zip(got_grads, want_grads):
+        assert max_err(a, bb) <= 1e-5 * bb.abs().max().item()
+
+
+@pytest.mark.slow
+def test_pipeline_inductor_fullgraph(rng):
+    """The same pipeline through Inductor (fullgraph=True) on the CPU: the Triton ops stay
+    opaque custom ops (their fake implementations give Inductor the shapes), the code
+    around them is generated C++. ~1-2 minutes on a 2-core box, most of it Inductor's
+    first C++ build."""
+    b, p, d = 2, 4, 16
+    imgs = randn(rng, (b, 1, 28, 28))
+    ids_keep, ids_restore, mask = ops.random_masking(b, 49, 0.75)
+    x, pos, se, tok = (randn(rng, s) for s in ((b, 49, d), (1, 49, d), (b, d), (1, 1, d)))
+    w = randn(rng, (d, p * p), scale=0.3)
+
+    def step(x, pos, se, tok, impl):
+        kept = ops.gather_tokens(x, ids_keep, ids_restore=ids_restore, pos_embed=pos,
+                                 sample_embed=se, impl=impl)
+        full = ops.unshuffle_with_mask_token(torch.tanh(kept), tok, ids_restore, impl=impl)
+        return ops.mae_loss(full @ w, imgs, mask, patch_size=p, impl=impl, groups=2)
+
+    leaves = [t.clone().requires_grad_() for t in (x, pos, se, tok)]
+    want = step(*leaves, "torch")
+    want_grads = torch.autograd.grad(want, leaves)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="inductor", fullgraph=True)
     leaves = [t.clone().requires_grad_() for t in (x, pos, se, tok)]
     got = compiled(*leaves, "triton")
     got_grads = torch.autograd.grad(got, leaves)

@@ -69,3 +69,172 @@ def test_curate_cli_bad_data(tmp_path):
     np.save(tmp_path / "b.npy", np.ones((10, 5), np.float32))
     assert main(["curate", "--data", str(tmp_path / "a.npy"), str(tmp_path / "b.npy"),
                  "--out", str(tmp_path / "o"), "--levels", "2", "--quiet"]) == 2
+
+
+def _parsed(config_path, *flags):
+    from fastssl.cli import _apply_config, _load_config, command_parser
+
+    parser, _ = command_parser("curate")
+    _apply_config(parser, _load_config(str(config_path)), str(config_path))
+    return parser.parse_args(list(flags))
+
+
+@pytest.mark.parametrize("tree, levels, sample_sizes", [
+    ("T1", [100_000, 35_000, 350, 62], [None, 50, 50, 50]),
+    ("T2", [100_000, 100_000, 10_000, 2048], [None, 50, 17, 5]),
+])
+def test_paper2_configs_as_shipped(tree, levels, sample_sizes):
+    """Paper 2's released trees (lely475/ssl-data-curation 4levels_path_images_T1/T2.yaml)."""
+    from importlib.resources import files
+
+    from fastssl.train.curate import tree_config
+
+    path = files("fastssl") / "configs" / f"paper2_{tree}.yaml"
+    config = tree_config(_parsed(path, "--data", "x.npy"))
+    assert [lv.k for lv in config.levels] == levels and config.split_k == 35
+    assert [lv.sample_size for lv in config.levels] == sample_sizes
+    assert config.iterations == 50 and config.split_inits == 10 and config.fp64_accumulate
+    assert config.resampling_init == "fresh"
+    assert [config.level_value(d, "sampling_strategy") for d in (1, 2, 3, 4)] == ["closest"] * 4
+    # steps as SDC counts them: [1, 10, 10, 10] = level 1 once (+ split), 1 + 9 resampled above
+    assert config.steps(1) == ["kmeans", "split"]
+    assert config.steps(2) == ["kmeans"] + [f"resample_{i}" for i in range(1, 10)]
+
+
+def test_paper2_T1_runs_scaled_down(tmp_path):
+    """The shipped T1 config end to end with only the sizes scaled (levels, split, sample)."""
+    paths, comp, _ = long_tailed_mixture(3000, 8, 30, families=4, seed=1,
+                                         out_dir=tmp_path / "emb", shard_rows=1000)
+    from importlib.resources import files
+
+    cfg = files("fastssl") / "configs" / "paper2_T1.yaml"
+    assert main(["curate", "--config", str(cfg), "--data", *map(str, paths), "--out",
+                 str(tmp_path / "out"), "--levels", "100,35,8,3", "--split-k", "3",
+                 "--sample-size", "null,3,2,2", "--iterations", "4", "--split-inits", "2",
+                 "--resampling-steps", "1,3,3,3", "--quiet"]) == 0
+    tree = json.loads((tmp_path / "out" / "tree" / "tree.json").read_text())
+    steps = [(s["level"], s["step"]) for s in tree["meta"]["steps"]]
+    assert steps[:2] == [(1, "kmeans"), (1, "split")] and (2, "resample_2") in steps
+    assert (1, "resample_1") not in steps and tree["meta"]["config"]["resampling_init"] == "fresh"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--target-size", "nan"], "target-size"),
+    (["--iterations", "-1"], "--iterations"),
+    (["--resampling-steps", "-1"], "--resampling-steps"),
+    (["--resampling-steps", "0"], "--resampling-steps"),
+    (["--sample-size", "0"], "--sample-size"),
+    (["--sampling-strategy", "furthest"], "--sampling-strategy"),
+    (["--iterations", "5,5"], "2 values for 3 levels"),
+    (["--split-inits", "0"], "split_inits"),
+])
+def test_bad_settings_fail_before_any_work(tmp_path, capsys, caplog, flags, message):
+    np.save(tmp_path / "x.npy", np.ones((50, 4), np.float32))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) if flags[0] == "--target-size" else _no_raise():
+        code = main(["curate", "--data", str(tmp_path / "x.npy"), "--out", str(out),
+                     "--levels", "8,4,2", *flags])
+        assert code == 2
+    assert message in capsys.readouterr().err + caplog.text
+    assert not out.exists()  # nothing was built
+
+
+def test_zero_byte_shard_is_a_one_line_error(tmp_path, caplog):
+    (tmp_path / "empty.npy").write_bytes(b"")
+    assert main(["curate", "--data", str(tmp_path / "empty.npy"), "--out", str(tmp_path / "o"),
+                 "--levels", "2", "--quiet"]) == 2
+    assert "empty.npy" in caplog.text and "Traceback" not in caplog.text
+
+
+class _no_raise:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---------------------------------------------------------------- resume identity, lock
+def _small_run(tmp_path, *extra):
+    x = np.random.default_rng(0).standard_normal((400, 6)).astype(np.float32)
+    data = tmp_path / "emb"
+    data.mkdir(exist_ok=True)
+    if not (data / "x.npy").exists():
+        np.save(data / "x.npy", x)
+    return ["curate", "--data", str(data / "x.npy"), "--out", str(tmp_path / "out"),
+            "--levels", "12,3", "--iterations", "3", "--quiet", *extra]
+
+
+def test_resaved_shard_is_a_different_run(tmp_path, caplog):
+    """11.4: same name, shape and dtype, new values: refused, naming the file."""
+    assert main(_small_run(tmp_path)) == 0
+    np.save(tmp_path / "emb" / "x.npy",
+            np.random.default_rng(1).standard_normal((400, 6)).astype(np.float32))
+    assert main(_small_run(tmp_path)) == 2
+    assert "x.npy: content changed" in caplog.text
+    assert main(_small_run(tmp_path, "--overwrite")) == 0
+
+
+def test_changed_setting_is_named(tmp_path, caplog):
+    """12.12: the refusal names the setting and both values."""
+    assert main(_small_run(tmp_path)) == 0
+    assert main(_small_run(tmp_path, "--sampling-strategy", "random")) == 2
+    assert "sampling_strategy" in caplog.text and '"closest" -> "random"' in caplog.text.replace(
+        "'", '"')
+
+
+def test_second_job_into_the_same_out_fails_at_once(tmp_path, caplog):
+    """11.8: the output lock (held here as a running job would) refuses a second job."""
+    from fastssl.jobs import OutputLock
+
+    with OutputLock(tmp_path / "out"):
+        assert main(_small_run(tmp_path)) == 2
+    assert "in use by another job" in caplog.text
+    assert main(_small_run(tmp_path)) == 0
+
+
+@pytest.mark.slow  # subprocesses (~15 s of CPU on 2 cores)
+def test_sigkill_at_random_moments_then_resume_gives_the_same_tree(tmp_path):
+    """Killed (SIGKILL) inside Lloyd steps, the split and resampling, at random moments;
+    each rerun resumes from the checkpoints inside the step; the final tree equals an
+    uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fastssl.curation import HierarchicalTree
+
+    x, _, _ = long_tailed_mixture(3000, 8, 30, seed=2)
+    np.save(tmp_path / "x.npy", x)
+
+    def command(out):
+        return [sys.executable, "-m", "fastssl", "curate", "--data", str(tmp_path / "x.npy"),
+                "--out", str(out), "--levels", "40,8,3", "--split-k", "3", "--iterations", "12",
+                "--split-inits", "3", "--resampling-steps", "3", "--checkpoint-every", "1",
+                "--memory-budget-mb", "0.02", "--target-size", "0", "--quiet"]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    assert main(command(tmp_path / "ref")[3:]) == 0  # uninterrupted, in this process
+    rng = np.random.default_rng(7)
+    progress = tmp_path / "run" / "tree" / "progress.json"
+    kills = 0
+    for _ in range(3):
+        proc = subprocess.Popen(command(tmp_path / "run"), env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while not progress.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(float(rng.uniform(0.0, 1.0)))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 1
+    assert subprocess.run(command(tmp_path / "run"), env=env, capture_output=True).returncode == 0
+    ref = HierarchicalTree.load(tmp_path / "ref" / "tree")
+    got = HierarchicalTree.load(tmp_path / "run" / "tree")
+    for a, b in zip(ref.levels, got.levels):
+        for name in ("centroids", "assignments", "members"):
+            np.testing.assert_array_equal(np.asarray(getattr(a, name)), np.asarray(getattr(b, name)))

@@ -19,7 +19,7 @@ def mixture(rng, n=3000, d=8, comps=30):
     return (centers[lab] + rng.standard_normal((n, d))).astype(np.float32), lab
 
 
-KW = dict(iterations=4, resampling_steps=2, split_k=3, resample_level1=True, progress=False)
+KW = dict(iterations=4, resampling_steps=3, split_k=3, resample_level1=True, progress=False)  # 1 + 2 resampled
 
 
 def assert_trees_equal(a: HierarchicalTree, b: HierarchicalTree):
@@ -144,3 +144,137 @@ def test_nonfinite_rows_skipped(rng, tmp_path):
     assert tree.n_points == 498 and tree.meta["skipped_rows"] == 2
     ids = np.load(tmp_path / tree.meta["point_ids"])
     assert ids.shape == (498,) and 3 not in ids and 77 not in ids
+
+
+# ---------------------------------------------------------------- SDC's resampling, wiring
+def _oracle_level(x, k, iterations, seed, strategy, init, sample_size):
+    """One level with one resampling step, rebuilt from the parts (KMeans, resample_rows)."""
+    from fastssl.curation import KMeansConfig
+    from fastssl.curation.hierarchical import _step_seed
+
+    s0, s1 = _step_seed(seed, 1, 0), _step_seed(seed, 1, 1)
+    first = KMeans(KMeansConfig(k=k, iterations=iterations, seed=s0, progress=False)).fit(x)
+    labels, dists = first.predict()
+    level = TreeLevel.from_assignments(first.centroids_, labels, dists)
+    rows = resample_rows(level, sample_size, strategy, np.random.default_rng(s1))
+    second = KMeans(KMeansConfig(k=k, iterations=iterations, seed=s1, progress=False))
+    second.fit(x[rows], init_centroids=first.centroids_ if init == "warm" else None)
+    return second.centroids_, second.predict(x)[0]
+
+
+@pytest.mark.parametrize("strategy", ["closest", "random"])
+@pytest.mark.parametrize("init", ["fresh", "warm"])
+def test_resampling_step_equals_its_parts(rng, strategy, init):
+    """resampling_steps=2 = the first k-means + one resampled (SDC's count); the step uses
+    the level's sampling_strategy and resampling_init (15.7: an ignored strategy fails)."""
+    x, _ = mixture(rng, n=900, comps=12)
+    tree = hierarchical_kmeans(x, [12], iterations=5, resampling_steps=2, resample_level1=True,
+                               sample_size=20, sampling_strategy=strategy, resampling_init=init,
+                               seed=3, progress=False)
+    assert [s["step"] for s in tree.meta["steps"]] == ["kmeans", "resample_1"]
+    c, lab = _oracle_level(x, 12, 5, 3, strategy, init, 20)
+    np.testing.assert_allclose(tree.levels[0].centroids, c, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(tree.levels[0].assignments, lab)
+    other = "random" if strategy == "closest" else "closest"
+    c_other, _ = _oracle_level(x, 12, 5, 3, other, init, 20)
+    assert np.abs(c_other - c).max() > 1e-3  # the strategy changes the result
+
+
+def test_per_level_settings_reach_their_level(rng):
+    x, _ = mixture(rng, n=1200, comps=20)
+    tree = hierarchical_kmeans(x, [{"k": 40, "resampling_steps": 1},
+                                   {"k": 10, "resampling_steps": 3, "iterations": 2},
+                                   {"k": 3, "resampling_steps": 1}],
+                               iterations=4, progress=False)
+    steps = [(s["level"], s["step"]) for s in tree.meta["steps"]]
+    assert steps == [(1, "kmeans"), (2, "kmeans"), (2, "resample_1"), (2, "resample_2"),
+                     (3, "kmeans")]
+
+
+def test_fp64_accumulate_is_used(rng):
+    """15.6: 200k rows around 1e4; float64 sums give the float64 mean, float32 sums do not."""
+    n, d = 200_000, 4
+    x = (1e4 + rng.standard_normal((n, d))).astype(np.float32)
+    x[: n // 2, 0] += 8.0  # two clusters along the first axis
+    init = x[[0, n - 1]].copy()
+    truth_labels = KMeans(k=2).predict(x, centroids=init)[0]
+    truth = np.stack([x[truth_labels == j].astype(np.float64).mean(0) for j in range(2)])
+    from fastssl.curation.hierarchical import _step_seed
+
+    errs, trees = {}, {}
+    for fp64 in (True, False):
+        km = KMeans(k=2, iterations=1, fp64_accumulate=fp64, progress=False).fit(x, init)
+        errs[fp64] = np.abs(km.centroids_ - truth).max()
+        # the tree passes the setting to its k-means: same as KMeans with that setting
+        tree = hierarchical_kmeans(x, [2], iterations=2, fp64_accumulate=fp64, init="random",
+                                   resampling_steps=1, progress=False)
+        same = KMeans(k=2, iterations=2, fp64_accumulate=fp64, init="random",
+                      seed=_step_seed(0, 1, 0), progress=False).fit(x)
+        np.testing.assert_array_equal(tree.levels[0].centroids, same.centroids_)
+        trees[fp64] = np.asarray(tree.levels[0].centroids)
+    assert errs[True] <= 2e-3 < 0.05 < errs[False]
+    assert np.abs(trees[True] - trees[False]).max() > 1e-3
+
+
+# ---------------------------------------------------------------- SDC's split
+def test_split_best_of_n_equals_min_over_runs(rng):
+    """Per parent, the kept run is the one with the lowest inertia among the greedy
+    k-means++ runs (computed here run by run)."""
+    from fastssl.curation.hierarchical import _grouped_init, split_batch
+
+    sizes = np.array([60, 3, 45, 80, 1])
+    x = np.concatenate([rng.standard_normal((s, 5)) * (1 + g) + 7 * g
+                        for g, s in enumerate(sizes)]).astype(np.float32)
+    xo = np.concatenate([[0], np.cumsum(sizes)])
+    co = np.concatenate([[0], np.cumsum(np.minimum(sizes, 4))])
+    parents = np.array([10, 11, 12, 13, 14])
+    seg = np.repeat(np.arange(5), sizes)
+    runs = []
+    for run in range(4):
+        c0 = _grouped_init(x, xo, co, 5, parents, run, "kmeans++")
+        c, lab, dd = grouped_lloyd(x, xo, c0, co, 3)
+        runs.append((c, lab, dd, np.bincount(seg, weights=dd.astype(np.float64), minlength=5)))
+    best = np.argmin(np.stack([r[3] for r in runs]), axis=0)
+    c, lab, dd = split_batch(x, xo, co, parents, 3, seed=5, n_init=4)
+    for g in range(5):
+        r = runs[best[g]]
+        np.testing.assert_array_equal(lab[xo[g] : xo[g + 1]], r[1][xo[g] : xo[g + 1]])
+        np.testing.assert_array_equal(c[co[g] : co[g + 1]], r[0][co[g] : co[g + 1]])
+    assert len({tuple(r[3]) for r in runs}) > 1  # the runs do differ
+
+
+def test_greedy_init_lowers_the_initial_potential(rng):
+    """Greedy k-means++ (2 + ln k candidates, the best kept) against plain (1 candidate),
+    summed over many parents."""
+    from fastssl.curation.hierarchical import _grouped_init
+
+    G, size, k = 200, 40, 6
+    x = np.concatenate([rng.standard_normal((size, 4)) + rng.standard_normal((size, 4)) *
+                        (rng.random() * 5) for _ in range(G)]).astype(np.float32)
+    xo = np.arange(G + 1) * size
+    co = np.arange(G + 1) * k
+    pots = {}
+    for cand in (1, None):
+        c0 = _grouped_init(x, xo, co, 0, np.arange(G), 0, "kmeans++", candidates=cand)
+        _, _, dd = grouped_lloyd(x, xo, c0, co, 0)
+        pots[cand] = float(dd.astype(np.float64).sum())
+    assert pots[None] < 0.95 * pots[1]
+
+
+def test_split_independent_of_memory_budget(rng, tmp_path):
+    """Draws keyed per parent: one batch, many batches, and parts on disk agree exactly."""
+    x, _ = mixture(rng, n=1500)
+    parents = rng.integers(0, 25, 1500)
+    src = PointSource.from_data(x)
+    one = split_clusters(src, parents, 4, 3, seed=2, n_init=2)
+    many = split_clusters(src, parents, 4, 3, seed=2, n_init=2, memory_budget_mb=0.01)
+    disk = split_clusters(src, parents, 4, 3, seed=2, n_init=2, memory_budget_mb=0.01,
+                          parts_dir=tmp_path / "parts")
+    assert len(list((tmp_path / "parts").glob("part_*.npz"))) > 3
+    for a, b, c in zip(one, many, disk):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+    t1 = hierarchical_kmeans(x, [30, 5], split_k=3, iterations=3, progress=False)
+    t2 = hierarchical_kmeans(x, [30, 5], split_k=3, iterations=3, memory_budget_mb=0.01,
+                             progress=False)
+    assert_trees_equal(t1, t2)

@@ -196,3 +196,41 @@ def test_kmeans_on_gpu_matches_host(rng):
     host = KMeans(KMeansConfig(impl="cpu", **cfg)).fit(x)
     gpu = KMeans(KMeansConfig(impl="cuda", **cfg)).fit(x)
     assert abs(gpu.stats_[-1].objective - host.stats_[-1].objective) <= 1e-4 * host.stats_[-1].objective
+
+
+def test_kmeans_plusplus_on_a_device_equals_the_host(rng):
+    """The initialisation runs where the assigner runs (a GPU in practice); the picks do
+    not depend on it (here the device is the CPU, the code path the same)."""
+    import torch
+
+    from fastssl.curation.kmeans import kmeans_plusplus
+
+    sample = rng.standard_normal((500, 7)).astype(np.float32)
+    host = kmeans_plusplus(sample, 20, np.random.default_rng(3))
+    dev = kmeans_plusplus(sample, 20, np.random.default_rng(3), device=torch.device("cpu"))
+    np.testing.assert_array_equal(host, dev)
+
+
+def test_init_sample_grows_with_k(rng):
+    """init_sample_per_centroid: the k-means++ candidate sample is per-centroid x k."""
+    from fastssl.curation import KMeansConfig
+
+    x = rng.standard_normal((40_000, 3)).astype(np.float32)
+    seen = {}
+
+    def spy(sample, k, rng_, candidates=None, device=None):
+        seen["m"] = sample.shape[0]
+        return np.arange(k)
+
+    import fastssl.curation.kmeans as km_mod
+
+    orig = km_mod.kmeans_plusplus
+    km_mod.kmeans_plusplus = spy
+    try:
+        KMeans(KMeansConfig(k=1000, iterations=0, init_sample_per_centroid=30,
+                            progress=False)).fit(x)
+        assert seen["m"] == 30_000
+        KMeans(KMeansConfig(k=10, iterations=0, progress=False)).fit(x)
+        assert seen["m"] == 16_384  # the floor
+    finally:
+        km_mod.kmeans_plusplus = orig

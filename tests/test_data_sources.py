@@ -117,11 +117,12 @@ def test_dicom_png_and_jpeg_give_the_same_pixels(caches):
 
 
 def test_sixteen_bit_png_round_trip(tmp_path):
-    """Stored 12-bit values 1000..1100 (steps finer than 8 bits) survive reading and a
-    uint16 cache; MONOCHROME1 inverts; the image is never truncated to 8 bits."""
+    """Stored 12-bit values 100..200 (steps finer than 8 bits) survive reading and a
+    uint16 cache; BitsStored from the CSV sets the range; MONOCHROME1 inverts; the image
+    is never truncated to 8 bits."""
     from PIL import Image
 
-    stored = np.tile(np.arange(1000, 1101, dtype=np.uint16), (101, 1))
+    stored = np.tile(np.arange(100, 201, dtype=np.uint16), (101, 1))
     folder = tmp_path / "0"
     folder.mkdir()
     Image.fromarray(stored).save(folder / "a.png")
@@ -130,8 +131,9 @@ def test_sixteen_bit_png_round_trip(tmp_path):
     assert np.unique(image).size == 101  # an 8-bit step would leave ~7 levels
     assert np.allclose(read_image(folder / "a.png", hints={"bits_stored": 12, "monochrome1": True}),
                        1 - stored / 4095.0, atol=1e-7)
-    assert np.allclose(read_image(folder / "a.png", voi="minmax"), (stored - 1000) / 100.0, atol=1e-6)
-    assert np.allclose(read_image(folder / "a.png"), stored / 4095.0, atol=1e-7)  # 12 bits found from the max
+    assert np.allclose(read_image(folder / "a.png", voi="minmax"), (stored - 100) / 100.0, atol=1e-6)
+    assert np.allclose(read_image(folder / "a.png"), stored / 1023.0, atol=1e-7)  # no hint: 10 bits hold the max
+    assert np.allclose(read_image(folder / "a.png", voi="none"), stored / 65535.0, atol=1e-7)
     # through prepare: a PadChest CSV naming the file, uint16 cache, no resize
     header = "ImageID,ImageDir,StudyID,PatientID,Projection,Labels,BitsStored_DICOM\n"
     (tmp_path / "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv").write_text(
@@ -194,3 +196,24 @@ def test_missing_directory_and_unknown_kind_are_one_line_errors(tmp_path, capsys
         prepare_cache(f"padchest:{tmp_path / 'nowhere'}", tmp_path / "c", progress=False)
     with pytest.raises(DataError, match="PADCHEST"):
         prepare_cache(f"padchest:{tmp_path}", tmp_path / "c", progress=False)
+
+
+def test_resume_identity_covers_the_dataset_csvs(phantoms, tmp_path):
+    """A rerun resumes (every shard skipped); an edited dataset CSV is refused, naming
+    the file, even where the edit leaves the plan unchanged (a column fastssl ignores)."""
+    import shutil
+
+    from fastssl.errors import ResumeMismatch
+
+    root = tmp_path / "chexpert"
+    shutil.copytree(phantoms["chexpert"][0], root)
+    out = tmp_path / "cache"
+    prepare_cache(f"chexpert:{root}", out, size=16, shard_size=8, workers=1, progress=False)
+    again = prepare_cache(f"chexpert:{root}", out, size=16, shard_size=8, workers=1, progress=False)
+    assert again["shards_skipped"] == again["shards"] > 0
+    train = root / "CheXpert-v1.0-small" / "train.csv"
+    train.write_text(train.read_text().replace(",Female,", ",Male,", 1))
+    with pytest.raises(ResumeMismatch, match="train.csv: size"):
+        prepare_cache(f"chexpert:{root}", out, size=16, shard_size=8, workers=1, progress=False)
+    redone = prepare_cache(f"chexpert:{root}", out, size=16, shard_size=8, workers=1, progress=False, overwrite=True)
+    assert redone["shards_skipped"] == 0

@@ -179,7 +179,8 @@ def test_two_ranks_write_rank_suffixed_shards(tiles, weights, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     # 10 items -> rank 0 items 0-4 (shards of 4 + 1), rank 1 items 5-9.
     assert [s["file"] for s in manifest["shards"]] == [
-        "emb_r0_00000.npy", "emb_r0_00001.npy", "emb_r1_00000.npy", "emb_r1_00001.npy"]
+        "emb_r00000_00000.npy", "emb_r00000_00001.npy", "emb_r00001_00000.npy",
+        "emb_r00001_00001.npy"]
     assert manifest["count"] == 9 and manifest["rejected"] == 1
     # Same rows as a single-process run, in the same order.
     single = embed_images(tiles, tmp_path / "one", config(weights))
@@ -189,3 +190,50 @@ def test_two_ranks_write_rank_suffixed_shards(tiles, weights, tmp_path):
     np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=1e-2, atol=1e-2)
     assert [r["source"] for r in read_csv(out / "index.csv")] == \
         [r["source"] for r in read_csv(tmp_path / "one" / "index.csv")]
+
+
+def test_twelve_ranks_curated_indices_map_to_their_tiles(tmp_path, rng, monkeypatch, weights):
+    """12 simulated ranks (names r00000..r00011, which sort like the ranks); curation reads
+    the shards in the manifest's order, so every row it numbers is the tile index.csv
+    gives for that row. With unpadded names sorted, r10/r11 came before r2."""
+    from fastssl.curation import embed as embed_mod
+    from fastssl.curation._source import PointSource
+    from fastssl.train import curate
+
+    arr = rng.integers(0, 256, (30, 20, 20), dtype=np.uint8)
+    np.save(tmp_path / "tiles.npy", arr)
+    out = tmp_path / "emb"
+    monkeypatch.setattr(embed_mod, "_barrier", lambda: None)
+    for rank in list(range(1, 12)) + [0]:  # rank 0 merges, so it finishes last
+        monkeypatch.setattr(embed_mod, "_rank_world", lambda r=rank: (r, 12))
+        embed_images(tmp_path / "tiles.npy", out, config(weights, batch_size=8, shard_size=2))
+    index = read_csv(out / "index.csv")
+    assert [r["source"] for r in index] == [f"tiles.npy[{i}]" for i in range(30)]
+    src = PointSource.from_data(str(out))
+    rows = src.take(np.arange(30))
+    for i, entry in enumerate(index):  # row i of curation = the shard row index.csv names
+        np.testing.assert_array_equal(rows[i], np.load(out / entry["shard"])[int(entry["offset"])])
+    # the embedding of tile i is itself: row i equals a one-process embedding of tile i
+    monkeypatch.setattr(embed_mod, "_rank_world", lambda: (0, 1))
+    single = embed_images(tmp_path / "tiles.npy", tmp_path / "one",
+                          config(weights, batch_size=8, shard_size=100))
+    ref = np.load(tmp_path / "one" / single["shards"][0]["file"]).astype(np.float32)
+    np.testing.assert_allclose(rows.astype(np.float32), ref, rtol=1e-2, atol=1e-2)
+    # and the curate job's indices point at those rows
+    args = curate_args(tmp_path, str(out))
+    assert curate.run(args) == 0
+    picked = np.load(tmp_path / "cur" / "curated_indices.npy")
+    assert picked.size == 6 and np.unique(picked).size == 6
+    np.testing.assert_allclose(src.take(picked).astype(np.float32), ref[picked], rtol=1e-2,
+                               atol=1e-2)
+
+
+def curate_args(tmp_path, data):
+    import argparse
+
+    from fastssl.train import curate
+
+    parser = argparse.ArgumentParser()
+    curate.add_arguments(parser)
+    return parser.parse_args(["--data", data, "--out", str(tmp_path / "cur"), "--levels", "4,2",
+                              "--iterations", "3", "--target-size", "6"])

@@ -81,7 +81,7 @@ def _finetune(cache, out, *extra):
                 *extra])
 
 
-def test_finetune_end_to_end_and_resume(cache, tmp_path, capsys):
+def test_finetune_end_to_end_and_resume(cache, tmp_path, capsys, caplog):
     from fastssl.eval.report import read_scores_csv
 
     full = tmp_path / "full"
@@ -111,6 +111,10 @@ def test_finetune_end_to_end_and_resume(cache, tmp_path, capsys):
         a, b = (x.get("model", x) for x in (a, b))
         assert all(torch.equal(a[k], b[k]) for k in a), name
     assert (part / "scores.csv").read_text() == (full / "scores.csv").read_text()
-    # finished: nothing to do; other settings: refused
+    # finished: nothing to do; other settings: refused, naming them, unless --overwrite
     assert _finetune(cache, part) == 0
+    caplog.clear()
     assert _finetune(cache, part, "--base-lr", "0.01") == 2
+    assert "base_lr: 0.05 -> 0.01" in caplog.text
+    assert _finetune(cache, part, "--base-lr", "0.01", "--epochs", "2", "--overwrite") == 0
+    assert json.loads((part / "finetune.json").read_text())["config"]["base_lr"] == 0.01

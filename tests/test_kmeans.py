@@ -392,3 +392,79 @@ def test_native_layer_rejects_malformed_calls_without_crashing():
         ro = np.empty(4, np.int64)
         ro.flags.writeable = False
         ext.assign_cpu(x, False, c, False, 0, ro, dist)
+
+
+def test_engines_import_nothing_from_the_dispatch_module():
+    """The engines sit below fastssl.kmeans: importing them (and the reference) must not
+    import it, so kmeans.py can import them without a cycle."""
+    code = ("import sys, fastssl._cuda_assign, fastssl._triton_assign, fastssl.reference.kmeans;"
+            "print('fastssl.kmeans' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_cosine_centroids_are_normalised_once_in_float64():
+    """One normalisation everywhere: float64, then a single rounding to the target dtype.
+    (Normalising in float32 first rounds twice: 27 of these 400k fp16 values differ.)"""
+    from fastssl._assign_common import normalized_centroids
+
+    rng = np.random.default_rng(4)
+    c = rng.standard_normal((4000, 100)) * 3
+    exact = c / np.linalg.norm(c, axis=1, keepdims=True)
+    got = normalized_centroids(torch.from_numpy(c), torch.float16)
+    assert torch.equal(got, torch.from_numpy(exact).to(torch.float16))
+    assert np.array_equal(normalized_centroids(c, np.float16), exact.astype(np.float16))
+    assert torch.equal(normalized_centroids(torch.zeros(2, 3), torch.float32), torch.zeros(2, 3))
+
+
+# ----------------------------------------------------------------------------- top-k
+@pytest.mark.parametrize("metric", ["l2", "ip", "cos"])
+def test_assign_topk_matches_float64_sort(rng, metric):
+    x = _random(rng, (97, 33), torch.float32)
+    c = _random(rng, (41, 33), torch.float32)
+    labels, dist = kmeans.assign_topk(x, c, 5, metric=metric)
+    x64, c64 = x.double(), c.double()
+    if metric == "cos":
+        x64 = torch.nn.functional.normalize(x64, dim=1)
+        c64 = torch.nn.functional.normalize(c64, dim=1)
+    dots = x64 @ c64.T
+    scores = ((x64 * x64).sum(1, keepdim=True) - 2 * dots + (c64 * c64).sum(1)
+              if metric == "l2" else -dots)
+    want = scores.sort(dim=1).values[:, :5]
+    assert labels.shape == dist.shape == (97, 5) and labels.dtype == torch.int64
+    assert torch.allclose(scores.gather(1, labels), want, atol=1e-4)  # the 5 best, in order
+    assert torch.allclose(dist.double(), want.clamp_min(0) if metric == "l2" else -want, atol=1e-4)
+    assert torch.equal(labels[:, 0], kmeans.assign(x, c, metric=metric, impl="torch")[0])
+
+
+def test_assign_topk_ties_streams_and_types(tmp_path, rng):
+    base = rng.standard_normal((4, 6)).astype(np.float32)
+    c = np.concatenate([base, base, base[:1]])  # copies of every centroid
+    labels, dist = kmeans.assign_topk(base, c, 3)
+    assert isinstance(labels, np.ndarray) and labels.shape == (4, 3)
+    assert np.array_equal(labels[:, :2], np.stack([np.arange(4), np.arange(4) + 4], 1))
+    assert labels[0, 2] == 8 and np.all(dist[:, :2] == dist[:, :1])  # 0, 4, then 8
+    x = rng.standard_normal((300, 6)).astype(np.float32)
+    path = tmp_path / "x.npy"
+    np.save(path, x)
+    streamed = kmeans.assign_topk(np.load(path, mmap_mode="r"), c, 4, chunk_size=64)
+    whole = kmeans.assign_topk(torch.from_numpy(x), torch.from_numpy(c), 4)
+    assert np.array_equal(streamed[0], whole[0].numpy())
+
+
+@pytest.mark.parametrize("topk, error, message", [
+    (0, ValueError, "topk=0"), (10, ValueError, "k=9"), (2.0, TypeError, "topk must be an int")])
+def test_assign_topk_bad_arguments(topk, error, message):
+    x = np.ones((3, 2), np.float32)
+    with pytest.raises(error, match=message):
+        kmeans.assign_topk(x, np.ones((9, 2), np.float32), topk)
+
+
+def test_assign_topk_runs_only_on_the_torch_path():
+    from fastssl.errors import MissingDependencyError
+
+    x = np.ones((3, 2), np.float32)
+    with pytest.raises(MissingDependencyError, match="only the PyTorch path computes top-k"):
+        kmeans.assign_topk(x, x, 2, impl="cpu")

@@ -18,6 +18,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from fastssl import _native  # noqa: E402
+from fastssl._assign_common import normalized_centroids  # noqa: E402
 from fastssl.kmeans import assign, assign_grouped  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,8 +54,8 @@ def _oracle_scores(x, c, metric, groups=None):
     xd = x.detach().double().cpu()
     cd = c.detach().to(x.dtype).double().cpu() if metric != "cos" else None
     if metric == "cos":
-        cn = torch.nn.functional.normalize(c.detach().float().cpu(), dim=1).to(x.dtype)
-        cd = cn.double()
+        # the engine's own normalisation: float64, rounded once to x's dtype
+        cd = normalized_centroids(c.detach().cpu(), x.dtype).double()
         xd = torch.nn.functional.normalize(xd, dim=1)
     dots = xd @ cd.T
     if metric == "l2":

@@ -199,6 +199,35 @@ def test_random_masking_bad(args, match):
         ops.random_masking(*args)
 
 
+@pytest.mark.parametrize("target", ["norm_pix", "pixel"])
+def test_groups_are_the_mean_of_separate_calls(rng, target):
+    """groups=2 over a paired batch == the mean of the two views' own losses, each view
+    normalised by its own masked count (not the pooled count)."""
+    imgs = randn(rng, (4, 1, 8, 8), F64)
+    pred = randn(rng, (4, 4, 16), F64)
+    mask = random_mask(rng, 4, 4, 0.5).double()
+    mask[2:, :] = 1.0  # the second view masks more: pooled and per-view means differ
+    kw = dict(patch_size=4, target=target, impl="torch")
+    first = ops.mae_loss(pred[:2], imgs[:2], mask[:2], **kw)
+    second = ops.mae_loss(pred[2:], imgs[2:], mask[2:], **kw)
+    loss, per_group = ops.mae_loss(pred, imgs, mask, groups=2, return_groups=True, **kw)
+    assert torch.allclose(per_group, torch.stack([first, second]), rtol=1e-13, atol=0)
+    assert abs(loss.item() - (first.item() + second.item()) / 2) <= 1e-13
+    assert abs(loss.item() - ops.mae_loss(pred, imgs, mask, **kw).item()) > 1e-6
+
+
+def test_gradcheck_loss_groups(rng):
+    imgs = randn(rng, (4, 1, 4, 6), F64)
+    mask = random_mask(rng, 4, 6, 0.5).double()
+    pred = randn(rng, (4, 6, 4), F64).requires_grad_()
+
+    def op(p):
+        loss, per_group = ops.mae_loss(p, imgs, mask, patch_size=2, groups=2,
+                                       return_groups=True, impl="torch")
+        return 1.3 * loss + 0.4 * per_group[1]
+    assert torch.autograd.gradcheck(op, (pred,))
+
+
 # ------------------------------------------------------------------------- bad input
 def _loss_inputs(rng, b=2, c=1, h=8, w=8, p=4):
     imgs = randn(rng, (b, c, h, w))
@@ -223,6 +252,8 @@ def _loss_inputs(rng, b=2, c=1, h=8, w=8, p=4):
     ("target", ValueError, "target="),
     ("patch_size", ValueError, "patch_size"),
     ("norm_pix_p1", ValueError, "unbiased variance"),
+    ("groups_not_divisor", ValueError, r"groups=3 must be a positive int dividing .* B=2"),
+    ("groups_zero", ValueError, r"groups=0"),
 ])
 def test_mae_loss_bad_input(rng, case, exc, match):
     pred, imgs, mask = _loss_inputs(rng)
@@ -260,6 +291,10 @@ def test_mae_loss_bad_input(rng, case, exc, match):
     elif case == "norm_pix_p1":
         pred, imgs, mask = _loss_inputs(rng, p=1, h=2, w=2)
         kw["patch_size"] = 1
+    elif case == "groups_not_divisor":
+        kw["groups"] = 3
+    elif case == "groups_zero":
+        kw["groups"] = 0
     with pytest.raises(exc, match=match):
         ops.mae_loss(pred, imgs, mask, **kw)
 
@@ -278,6 +313,9 @@ def test_mae_loss_ids_out_of_range_unchecked_with_validate_false(rng):
     ("se_shape", ValueError, r"sample_embed has shape \(3, 4\); expected \(B, D\) = \(2, 4\)"),
     ("batch", ValueError, "batch sizes differ"),
     ("x_dtype", TypeError, "x has dtype int64"),
+    ("restore_not_inverse", ValueError, "ids_restore must be the inverse"),
+    ("restore_not_perm", ValueError, "ids_restore must be the inverse"),
+    ("restore_shape", ValueError, r"ids_restore has shape \(2, 5\); expected \(B, L\) = \(2, 6\)"),
 ])
 def test_gather_tokens_bad_input(rng, case, exc, match):
     x, ids = randn(rng, (2, 6, 4)), torch.tensor([[0, 5], [2, 3]])
@@ -296,8 +334,25 @@ def test_gather_tokens_bad_input(rng, case, exc, match):
         ids = ids[:1]
     elif case == "x_dtype":
         x = x.long()
+    elif case == "restore_not_inverse":  # a permutation, but not ids_keep's inverse
+        kw["ids_restore"] = torch.tensor([[1, 2, 3, 4, 5, 0], [0, 1, 2, 3, 4, 5]])
+    elif case == "restore_not_perm":
+        kw["ids_restore"] = torch.tensor([[0, 1, 1, 3, 4, 1], [2, 3, 0, 1, 4, 5]])
+    elif case == "restore_shape":
+        kw["ids_restore"] = torch.zeros(2, 5, dtype=torch.long)
     with pytest.raises(exc, match=match):
         ops.gather_tokens(x, ids, **kw)
+
+
+def test_gather_tokens_with_ids_restore_validates_and_skips(rng):
+    """A consistent ids_restore passes validation; validate=False makes no check."""
+    ids_keep, ids_restore, _ = ops.random_masking(3, 6, 0.5)
+    x = randn(rng, (3, 6, 4)).requires_grad_()
+    out = ops.gather_tokens(x, ids_keep, ids_restore=ids_restore, impl="torch")
+    out.backward(torch.ones_like(out))
+    assert torch.equal(x.grad.sum(-1), 4.0 * (ids_restore < 3).float())  # K = 3 kept
+    wrong = torch.roll(ids_restore, 1, dims=1)
+    ops.gather_tokens(x, ids_keep, ids_restore=wrong, impl="torch", validate=False)
 
 
 @pytest.mark.parametrize("case, exc, match", [

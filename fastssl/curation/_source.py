@@ -22,9 +22,11 @@ _FLOATS = (np.float16, np.float32, np.float64)
 def _open_shard(path: Path) -> np.ndarray:
     if not path.exists():
         raise DataError(path, "shard is missing")
+    if path.is_file() and path.stat().st_size == 0:
+        raise DataError(path, "empty file (0 bytes): not a .npy array")
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as exc:  # numpy: "mmap length is greater than file size", pickles
+    except (ValueError, EOFError) as exc:  # "mmap length is greater than file size", pickles
         raise DataError(path, f"truncated or not a plain .npy array ({exc})") from None
     except OSError as exc:
         raise DataError(path, f"cannot read ({exc})") from None
@@ -36,12 +38,15 @@ def _open_shard(path: Path) -> np.ndarray:
 
 
 def expand_paths(data: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """A .npy file, a directory (its *.npy, sorted), a glob, or a list of those."""
+    """A .npy file, a directory (an embed output directory: its shards in manifest order;
+    otherwise its *.npy sorted by name), a glob, or a list of those."""
     items = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     paths: list[Path] = []
     for item in items:
         p = Path(item)
-        if p.is_dir():
+        if p.is_dir() and (p / "manifest.json").exists():
+            paths.extend(manifest_shards(p))
+        elif p.is_dir():
             found = sorted(p.glob("*.npy"))
             if not found:
                 raise DataError(p, "directory holds no .npy shards")
@@ -54,6 +59,38 @@ def expand_paths(data: str | os.PathLike | Sequence[str | os.PathLike]) -> list[
         else:
             paths.append(p)
     return paths
+
+
+def manifest_shards(directory: Path) -> list[Path]:
+    """The shards of a ``fastssl embed`` output directory in manifest.json's order: the
+    order of the rows of its index.csv (never the file names' order)."""
+    import json
+
+    path = directory / "manifest.json"
+    try:
+        shards = json.loads(path.read_text(encoding="utf-8"))["shards"]
+        files = [directory / entry["file"] for entry in shards]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(path, f"not an embed manifest with a 'shards' list ({exc})") from None
+    if not files:
+        raise DataError(path, "lists no shards")
+    return files
+
+
+def _content_hash(name: str | None, part: np.ndarray) -> str:
+    """sha256 of sampled blocks of a shard file, or of 8 evenly spaced row blocks of an array."""
+    import hashlib
+
+    if name is not None:
+        from fastssl.jobs import fingerprint_files
+
+        return next(iter(fingerprint_files([name]).values()))["sha256"]
+    digest = hashlib.sha256()
+    rows = part.shape[0]
+    block = max(1, min(rows, (64 * 1024) // max(1, part.itemsize * part.shape[1])))
+    for start in sorted({int(i * max(0, rows - block) / 7) for i in range(8)}):
+        digest.update(np.ascontiguousarray(part[start : start + block]).tobytes())
+    return digest.hexdigest()
 
 
 class PointSource:
@@ -135,10 +172,12 @@ class PointSource:
         return self.names[part], index - int(self.part_offsets[part])
 
     def fingerprint(self) -> dict:
-        """Identifies the data for resume checks (names, shapes, dtypes)."""
+        """Identifies the data for resume checks: per part its name, shape, dtype and a
+        sha256 of sampled blocks (files: fastssl.jobs.fingerprint_files; arrays: 8 evenly
+        spaced row blocks), so re-saved shards with new values are a different run."""
         return {
             "n": self.n, "d": self.d,
-            "parts": [[nm or "<array>", int(p.shape[0]), str(p.dtype)]
+            "parts": [[nm or "<array>", int(p.shape[0]), str(p.dtype), _content_hash(nm, p)]
                       for nm, p in zip(self.names, self.parts)],
             "subset": self.rows is not None,
         }

@@ -2,7 +2,7 @@
 
 Output directory::
 
-    emb_00000.npy        (rows, dim) float16, one shard (``emb_r<rank>_00000.npy`` when
+    emb_00000.npy        (rows, dim) float16, one shard (``emb_r<rank:05d>_00000.npy`` when
                          several ranks run); rows of rejected images are left out
     parts/index_00000.csv, parts/rejects_00000.csv   the shard's rows and its rejects
     index.csv            row, shard, offset, source   (row = global row over all shards)
@@ -22,6 +22,7 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -182,15 +183,52 @@ def build_model(model: str, weights: str | None, random_init: bool, img_size: in
             raise DataError(path, f"cannot load weights ({type(exc).__name__}: {exc})") from None
         if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
             state = state["model"]
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-        result = net.load_state_dict(state, strict=False)
+        state = _resample_pos_embed({k.removeprefix("module."): v for k, v in state.items()}, net, path)
+        try:
+            result = net.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shape mismatches: weights of another architecture
+            raise DataError(path, f"weights do not fit {model}: {str(exc).splitlines()[-1].strip()}") from None
         if result.missing_keys:
             raise DataError(path, f"weights do not fit {model}: missing {result.missing_keys[:5]}"
                                   f"{' ...' if len(result.missing_keys) > 5 else ''}")
         if result.unexpected_keys:  # e.g. the classifier head dropped by num_classes=0
             log.info("ignored %d unexpected keys (%s ...)", len(result.unexpected_keys),
                      result.unexpected_keys[0])
+        if path.suffix == ".safetensors":
+            _use_export_normalisation(net, path)
     return net.eval()
+
+
+def _use_export_normalisation(net, path: Path) -> None:
+    """A `fastssl pretrain` export names the pixel mean/std its encoder was trained with
+    (metadata ``pretrained_cfg``); the model's own defaults would silently differ."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        data_cfg = json.loads((f.metadata() or {}).get("pretrained_cfg", "{}"))
+    if "mean" in data_cfg and "std" in data_cfg:
+        net.pretrained_cfg = dict(net.pretrained_cfg, mean=tuple(data_cfg["mean"]), std=tuple(data_cfg["std"]))
+        log.info("%s: pixel mean %s std %s from the file's metadata", path, data_cfg["mean"], data_cfg["std"])
+
+
+def _resample_pos_embed(state: dict, net, path: Path) -> dict:
+    """Weights trained at another image size: their absolute position embedding
+    (1, prefix + h*w, D) resampled to the model's patch grid as timm's ViT loader does
+    (timm.layers.resample_abs_pos_embed: bicubic, antialiased, prefix rows kept)."""
+    pos, target = state.get("pos_embed"), getattr(net, "pos_embed", None)
+    if pos is None or target is None or pos.shape == target.shape or pos.ndim != 3:
+        return state
+    from timm.layers import resample_abs_pos_embed
+
+    prefix = 0 if getattr(net, "no_embed_class", False) else int(getattr(net, "num_prefix_tokens", 1))
+    old_side = math.isqrt(pos.shape[1] - prefix)
+    if old_side * old_side != pos.shape[1] - prefix or pos.shape[2] != target.shape[2]:
+        raise DataError(path, f"pos_embed of shape {tuple(pos.shape)} cannot be resampled to "
+                              f"{tuple(target.shape)} (not a square grid of the same width)")
+    grid = [int(g) for g in net.patch_embed.grid_size]
+    log.info("%s: position embedding resampled from a %dx%d to a %dx%d patch grid (weights trained "
+             "at another image size)", path, old_side, old_side, grid[0], grid[1])
+    return dict(state, pos_embed=resample_abs_pos_embed(pos.float(), new_size=grid, num_prefix_tokens=prefix))
 
 
 # --------------------------------------------------------------------------- job
@@ -231,7 +269,9 @@ def _barrier() -> None:
 
 
 def _shard_name(rank: int, world: int, shard: int) -> str:
-    return f"r{rank}_{shard:05d}" if world > 1 else f"{shard:05d}"
+    """Zero-padded, so that sorting by name keeps the rows' order for any number of ranks
+    (readers follow manifest.json's order anyway)."""
+    return f"r{rank:05d}_{shard:05d}" if world > 1 else f"{shard:05d}"
 
 
 def _plan_shards(n_items: int, world: int, shard_size: int) -> list[tuple[int, str, int, int]]:

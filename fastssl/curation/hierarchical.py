@@ -1,23 +1,33 @@
 """Hierarchical k-means (Vo et al. 2024): the tree behind balanced data curation.
 
-Level 1 clusters the points; level l > 1 clusters the centroids of level l - 1. Optional
-steps, in order, inside a level:
+Level 1 clusters the points; level l > 1 clusters the centroids of level l - 1. Steps, in
+order, inside a level:
 
-    kmeans        Lloyd iterations from a k-means++ (or random) initialisation
+    kmeans        Lloyd iterations from a greedy k-means++ (or random) initialisation
     split         level 1 only: every cluster is split into ``split_k`` sub-clusters by a
-                  k-means inside it; each Lloyd step of all groups together is ONE
+                  k-means inside it (greedy k-means++, best of ``split_inits`` runs, as
+                  SDC); each Lloyd step of all groups together is ONE
                   ``fastssl.kmeans.assign_grouped`` call over the points sorted by parent
                   (per memory-budget batch of whole groups). The non-empty sub-clusters
                   become the level-1 clusters.
     resample_i    take ``sample_size`` inputs per cluster ("closest" to the centroid or
-                  "random"), re-run k-means on that subset only, initialised from the
-                  current centroids, then reassign every input (clusters re-sorted by
-                  distance). Moves centroids from dense modes to an even cover.
+                  "random"), run k-means on that subset only, then reassign every input
+                  (clusters re-sorted by distance). Moves centroids from dense modes to an
+                  even cover. ``resampling_init="fresh"`` (SDC) starts each of these from a
+                  new greedy k-means++ on the subset; "warm" restarts Lloyd from the
+                  current centroids.
+
+Steps are counted as SDC and paper 2 count them: ``resampling_steps`` is the number of
+k-means runs of a level, the first k-means included ("10 steps" = the first k-means + 9
+resampled ones; 1 = no resampling).
 
 Every finished step is checkpointed under ``output_dir/work`` and recorded in
-``output_dir/progress.json`` (atomic writes), so a killed job rerun with the same config
-resumes after its last finished step and produces the same tree; a different config is
-refused unless ``overwrite=True``. The result is a :class:`HierarchicalTree` saved in
+``output_dir/progress.json`` (atomic writes); inside a step the Lloyd centroids are
+checkpointed every ``checkpoint_every`` iterations and the split every batch of parents.
+So a killed job rerun with the same config resumes where it stopped and produces the same
+tree; a different config is refused unless ``overwrite=True``. Randomness of the split is
+keyed per parent cluster, so the tree does not depend on the memory budget, the number of
+ranks or the chunk size. The result is a :class:`HierarchicalTree` saved in
 ``output_dir`` (see fastssl.curation.tree), loaded memory-mapped.
 """
 from __future__ import annotations
@@ -55,9 +65,10 @@ class LevelConfig:
 
     Attributes:
         k: clusters at this level (level 1 before the split).
-        iterations: Lloyd iterations of the initial k-means and of each resampling step.
-        resampling_steps: number of resampling steps (default: HierarchicalConfig's for
-            levels 2+, 0 for level 1 unless resample_level1).
+        iterations: Lloyd iterations of the first k-means and of each resampling step.
+        resampling_steps: k-means runs of this level, the first included (SDC's count:
+            1 = no resampling; default: HierarchicalConfig's for levels 2+, 1 for level 1
+            unless resample_level1).
         sample_size: inputs taken per cluster by a resampling step (None: half the mean
             cluster size, at least 1).
         sampling_strategy: "closest" | "random".
@@ -70,41 +81,59 @@ class LevelConfig:
     sampling_strategy: str | None = None
 
 
+_STRATEGY_CHOICES = ("closest", "random")
+_RESAMPLING_INITS = ("fresh", "warm")
+# Settings that do not change the tree: left out of the resume record.
+_NOT_IN_RECORD = ("progress", "checkpoint_every", "memory_budget_mb")
+
+
 @dataclass
 class HierarchicalConfig:
     """Settings of a tree (defaults documented; all JSON-serialisable).
 
     Attributes:
         levels: one LevelConfig per level, finest first (ints are accepted).
-        iterations: default Lloyd iterations per k-means run (the papers use 50).
-        resampling_steps: default resampling steps of levels 2+ (the paper uses 10).
+        iterations: default Lloyd iterations per k-means run (50, as SDC and paper 2).
+        resampling_steps: default k-means runs of levels 2+, the first included (SDC and
+            paper 2 count this way; paper 2 uses 10 = 1 + 9 resampled).
         resample_level1: also run resampling steps at level 1 (on the points).
         sample_size: default per-cluster sample of a resampling step (None: half mean size).
-        sampling_strategy: default "random" | "closest".
+        sampling_strategy: default "closest" (SDC, paper 2) | "random".
+        resampling_init: "fresh": each resampling step runs a new greedy k-means++ on the
+            sampled subset (SDC); "warm": Lloyd restarts from the current centroids.
         split_k: level 1 only: split each cluster into this many sub-clusters (None: no split).
         split_iterations: Lloyd iterations of the split (None: iterations).
-        init: "kmeans++" | "random" initialisation of each level's first k-means.
-        init_sample_size, init_candidates, fp64_accumulate, memory_budget_mb, impl,
-        nonfinite: passed to KMeansConfig (see there).
-        seed: every step derives its own seed from (seed, level, step).
+        split_inits: greedy k-means++ runs per parent in the split; the run with the
+            lowest within-parent inertia is kept (SDC: 10).
+        init: "kmeans++" | "random" initialisation of each k-means (and of the split).
+        init_sample_size, init_sample_per_centroid, init_candidates, fp64_accumulate,
+        memory_budget_mb, impl, nonfinite: passed to KMeansConfig (see there).
+        checkpoint_every: Lloyd iterations between checkpoints inside a step (0: only at
+            the end of a step); the split checkpoints every batch of parents.
+        seed: every step derives its own seed from (seed, level, step); the split keys
+            its random draws by (seed, parent cluster).
         progress: tqdm bars (None: only on a TTY).
     """
 
     levels: list[LevelConfig]
-    iterations: int = 20
-    resampling_steps: int = 0
+    iterations: int = 50
+    resampling_steps: int = 10
     resample_level1: bool = False
     sample_size: int | None = None
-    sampling_strategy: str = "random"
+    sampling_strategy: str = "closest"
+    resampling_init: str = "fresh"
     split_k: int | None = None
     split_iterations: int | None = None
+    split_inits: int = 10
     init: str = "kmeans++"
     init_sample_size: int | None = None
+    init_sample_per_centroid: int = 20
     init_candidates: int | None = None
     fp64_accumulate: bool = True
     memory_budget_mb: float = 512.0
     impl: str = "auto"
     nonfinite: str = "raise"
+    checkpoint_every: int = 5
     seed: int = 0
     progress: bool | None = None
 
@@ -125,36 +154,69 @@ class HierarchicalConfig:
         if not self.levels:
             raise ValueError("levels is empty: give at least one cluster count")
         for depth, level in enumerate(self.levels, start=1):
-            if int(level.k) < 1:
-                raise ValueError(f"level {depth}: k must be >= 1, got {level.k}")
-            if depth > 1 and level.k > self.levels[depth - 2].k and not (depth == 2 and self.split_k):
-                raise ValueError(f"level {depth} asks for k={level.k} clusters but level "
-                                 f"{depth - 1} has only {self.levels[depth - 2].k} clusters")
-            strategy = level.sampling_strategy or self.sampling_strategy
-            if strategy not in ("closest", "random"):
-                raise ValueError(f"level {depth}: sampling_strategy={strategy!r}; expected "
-                                 "'closest' or 'random'")
-            if level.sample_size is not None and level.sample_size < 1:
-                raise ValueError(f"level {depth}: sample_size must be >= 1")
-        if self.split_k is not None and int(self.split_k) < 1:
-            raise ValueError(f"split_k must be >= 1, got {self.split_k}")
+            self._validate_level(depth, level)
+        _at_least("resampling_steps", self.resampling_steps, 1,
+                  " (it counts the first k-means: 1 = no resampling)")
+        _at_least("iterations", self.iterations, 0)
+        _at_least("split_inits", self.split_inits, 1)
+        _at_least("checkpoint_every", self.checkpoint_every, 0)
+        if self.sample_size is not None:
+            _at_least("sample_size", self.sample_size, 1)
+        if self.split_k is not None:
+            _at_least("split_k", self.split_k, 1)
+        if self.split_iterations is not None:
+            _at_least("split_iterations", self.split_iterations, 0)
+        if self.resampling_init not in _RESAMPLING_INITS:
+            raise ValueError(f"resampling_init={self.resampling_init!r}; expected one of "
+                             f"{_RESAMPLING_INITS}")
         KMeansConfig(k=1, init=self.init, nonfinite=self.nonfinite,
-                     memory_budget_mb=self.memory_budget_mb).validate()
+                     memory_budget_mb=self.memory_budget_mb,
+                     init_sample_size=self.init_sample_size,
+                     init_sample_per_centroid=self.init_sample_per_centroid,
+                     init_candidates=self.init_candidates).validate()
+
+    def _validate_level(self, depth: int, level: LevelConfig) -> None:
+        where = f"level {depth}: "
+        _at_least(where + "k", level.k, 1)
+        if depth > 1 and level.k > self.levels[depth - 2].k and not (depth == 2 and self.split_k):
+            raise ValueError(f"level {depth} asks for k={level.k} clusters but level "
+                             f"{depth - 1} has only {self.levels[depth - 2].k} clusters")
+        strategy = level.sampling_strategy or self.sampling_strategy
+        if strategy not in _STRATEGY_CHOICES:
+            raise ValueError(f"{where}sampling_strategy={strategy!r}; expected 'closest' or "
+                             "'random'")
+        for name, low in (("sample_size", 1), ("iterations", 0), ("resampling_steps", 1)):
+            value = getattr(level, name)
+            if value is not None:
+                _at_least(where + name, value, low)
+
+    def level_value(self, depth: int, name: str):
+        """A per-level setting of level `depth` (1-based), or the config's default."""
+        value = getattr(self.levels[depth - 1], name)
+        if value is not None:
+            return value
+        if name == "resampling_steps" and depth == 1 and not self.resample_level1:
+            return 1
+        return getattr(self, name)
 
     def steps(self, depth: int) -> list[str]:
-        level = self.levels[depth - 1]
         out = ["kmeans"]
         if depth == 1 and self.split_k:
             out.append("split")
-        default = self.resampling_steps if (depth > 1 or self.resample_level1) else 0
-        n = level.resampling_steps if level.resampling_steps is not None else default
-        out += [f"resample_{i}" for i in range(1, int(n) + 1)]
-        return out
+        n = int(self.level_value(depth, "resampling_steps"))
+        return out + [f"resample_{i}" for i in range(1, n)]
 
     def to_json(self) -> dict:
+        """The settings that determine the tree (the resume record)."""
         d = asdict(self)
-        d.pop("progress")
+        for name in _NOT_IN_RECORD:
+            d.pop(name)
         return d
+
+
+def _at_least(name: str, value, low: int, note: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}{note}, got {value!r}")
 
 
 # ------------------------------------------------------------------ grouped split
@@ -207,13 +269,45 @@ def grouped_lloyd(x: np.ndarray, x_offsets: np.ndarray, centroids: np.ndarray,
     return c, np.asarray(labels, dtype=np.int64), np.asarray(dists, dtype=np.float32)
 
 
-def _grouped_init(x: np.ndarray, x_offsets: np.ndarray, c_offsets: np.ndarray,
-                  rng: np.random.Generator, init: str) -> np.ndarray:
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijection of uint64 with good avalanche."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def keyed_uniform(seed: int, *keys) -> np.ndarray:
+    """U[0, 1) draws that depend only on (seed, keys), element-wise over broadcast keys.
+
+    A counter-based stream: the split's draws for a parent cluster are the same whatever
+    batch, rank or memory budget the parent lands in.
+    """
+    with np.errstate(over="ignore"):
+        z = _mix64(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) + np.uint64(0x9E3779B97F4A7C15))
+        for key in keys:
+            z = _mix64(z ^ (np.asarray(key).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)))
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def _grouped_init(x: np.ndarray, x_offsets: np.ndarray, c_offsets: np.ndarray, seed: int,
+                  parents: np.ndarray, run: int, init: str,
+                  candidates: int | None = None) -> np.ndarray:
     """k_g starting centres inside every group, vectorised over groups.
 
-    "random": k_g distinct members per group. "kmeans++": D^2 sampling with one
-    candidate per round (plain k-means++), every group advanced in the same round; a
-    round costs O(rows of the groups still growing * d).
+    "random": k_g distinct members per group. "kmeans++": greedy k-means++ as SDC (each
+    new centre draws 2 + floor(ln k_g) candidates by D^2 sampling, or ``candidates``, and
+    keeps the one that lowers the group's potential most); all groups advance in the same
+    round. Every draw is keyed by (seed, parent id, run, round, candidate).
+
+    Args:
+        x: (m, d) rows sorted by group; x_offsets (G+1,), c_offsets (G+1,) CSR offsets.
+        parents: (G,) global id of each group (the key of its random draws).
+        run: index of this initialisation among the split's best-of-N runs.
+    Returns:
+        (c_offsets[-1], d) float32 centres.
     """
     import torch
 
@@ -221,35 +315,70 @@ def _grouped_init(x: np.ndarray, x_offsets: np.ndarray, c_offsets: np.ndarray,
     ks = np.diff(c_offsets)
     G = sizes.shape[0]
     if init == "random":
-        keys = rng.random(x.shape[0])
+        keys = keyed_uniform(seed, np.repeat(parents, sizes), run, -1,
+                             np.arange(x.shape[0]) - np.repeat(x_offsets[:-1], sizes))
         order = np.lexsort((keys, np.repeat(np.arange(G), sizes)))  # shuffled per group
         grp = np.flatnonzero(ks > 0)
         return np.ascontiguousarray(x[order[_ranges(x_offsets[grp], ks[grp])]], dtype=np.float32)
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     picks = np.empty(int(c_offsets[-1]), dtype=np.int64)
     active = np.flatnonzero(ks > 0)
-    first = x_offsets[active] + (rng.random(active.size) * sizes[active]).astype(np.int64)
+    u0 = keyed_uniform(seed, parents[active], run, 0, 0)
+    first = x_offsets[active] + np.minimum((u0 * sizes[active]).astype(np.int64), sizes[active] - 1)
     picks[c_offsets[active]] = first
-    centre_of_group = np.zeros(G, dtype=np.int64)
-    centre_of_group[active] = first
-    row_centre = torch.from_numpy(np.repeat(centre_of_group, sizes))
-    D = ((xt - xt[row_centre]) ** 2).sum(1).double().numpy()
+    rows = _ranges(x_offsets[active], sizes[active])
+    D = np.zeros(x.shape[0], dtype=np.float64)
+    D[rows] = _sqdist(xt, rows, np.repeat(first, sizes[active]))
+    trials = (np.full(G, int(candidates)) if candidates
+              else 2 + np.floor(np.log(np.maximum(ks, 1))).astype(np.int64))
     for r in range(1, int(ks.max(initial=0))):
         grp = np.flatnonzero(ks > r)
-        cum = np.cumsum(D)
-        lo, hi = x_offsets[grp], x_offsets[grp + 1]
-        before = np.where(lo > 0, cum[np.maximum(lo - 1, 0)], 0.0)
-        total = cum[hi - 1] - before
-        idx = np.searchsorted(cum, before + rng.random(grp.size) * total, side="right")
-        zero = total <= 0  # all rows coincide with a centre: any row will do
-        idx[zero] = lo[zero] + (rng.random(int(zero.sum())) * sizes[grp[zero]]).astype(np.int64)
-        idx = np.clip(idx, lo, hi - 1)
+        idx = _grouped_greedy_pick(xt, D, x_offsets, sizes, grp, trials, seed, parents, run, r)
         picks[c_offsets[grp] + r] = idx
-        rows = _ranges(lo, sizes[grp])
-        new_c = torch.from_numpy(np.repeat(idx, sizes[grp]))
-        d_new = ((xt[torch.from_numpy(rows)] - xt[new_c]) ** 2).sum(1).double().numpy()
-        D[rows] = np.minimum(D[rows], d_new)
     return np.ascontiguousarray(x[picks], dtype=np.float32)
+
+
+def _sqdist(xt, rows: np.ndarray, centre_rows: np.ndarray) -> np.ndarray:
+    """(len(rows),) float64 squared distances between x[rows] and x[centre_rows]."""
+    import torch
+
+    a = xt[torch.from_numpy(rows)]
+    b = xt[torch.from_numpy(centre_rows)]
+    return ((a - b) ** 2).sum(1).double().numpy()
+
+
+def _grouped_greedy_pick(xt, D: np.ndarray, x_offsets: np.ndarray, sizes: np.ndarray,
+                         grp: np.ndarray, trials: np.ndarray, seed: int, parents: np.ndarray,
+                         run: int, r: int) -> np.ndarray:
+    """One greedy k-means++ round in the groups ``grp``: D^2 candidates, the best kept.
+
+    Updates D (closest squared distance of every row) in place; returns the chosen row of
+    every group in ``grp``.
+    """
+    lo, hi = x_offsets[grp], x_offsets[grp + 1]
+    rows = _ranges(lo, sizes[grp])
+    seg = np.repeat(np.arange(grp.size), sizes[grp])
+    cum = np.cumsum(D[rows])  # restarted per group below
+    seg_end = np.cumsum(sizes[grp]) - 1
+    before = np.concatenate([[0.0], cum[seg_end[:-1]]])
+    total = cum[seg_end] - before
+    best_pot = np.full(grp.size, np.inf)
+    best_row = lo.copy()
+    best_d = None
+    for j in range(int(trials[grp].max())):
+        u = keyed_uniform(seed, parents[grp], run, r, j + 1)
+        pos = np.searchsorted(cum, before + u * total, side="right")
+        cand = np.clip(lo + (pos - (np.cumsum(sizes[grp]) - sizes[grp])), lo, hi - 1)
+        zero = total <= 0  # every row coincides with a centre: any row will do
+        cand[zero] = lo[zero] + np.minimum((u[zero] * sizes[grp][zero]).astype(np.int64),
+                                           sizes[grp][zero] - 1)
+        d_new = np.minimum(D[rows], _sqdist(xt, rows, np.repeat(cand, sizes[grp])))
+        pot = np.bincount(seg, weights=d_new, minlength=grp.size)
+        better = (pot < best_pot) & (j < trials[grp])
+        best_pot[better], best_row[better] = pot[better], cand[better]
+        best_d = d_new if best_d is None else np.where(better[seg], d_new, best_d)
+    D[rows] = best_d
+    return best_row
 
 
 def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
@@ -259,21 +388,74 @@ def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
     return shift + np.arange(int(lens.sum()), dtype=np.int64)
 
 
+def _split_batches(x_offsets: np.ndarray, budget_rows: int) -> list[tuple[int, int]]:
+    """Batches [g0, g1) of whole groups with at most budget_rows rows (or one big group)."""
+    G = x_offsets.shape[0] - 1
+    bounds = [0]
+    while bounds[-1] < G:
+        g0 = bounds[-1]
+        g1 = int(np.searchsorted(x_offsets, x_offsets[g0] + budget_rows, side="right")) - 1
+        bounds.append(max(g1, g0 + 1))
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def split_batch(x: np.ndarray, x_offsets: np.ndarray, c_offsets: np.ndarray,
+                parents: np.ndarray, iterations: int, *, seed: int = 0, init: str = "kmeans++",
+                n_init: int = 1, candidates: int | None = None, impl: str = "auto",
+                fp64_accumulate: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Best of ``n_init`` k-means runs inside every group of one batch (SDC's split).
+
+    Each run initialises every group (see _grouped_init) and advances all groups with
+    :func:`grouped_lloyd`; per group the run with the lowest inertia (sum of squared
+    distances of its rows) is kept, the earliest run on ties.
+
+    Args:
+        x: (m, d) rows sorted by group; x_offsets, c_offsets: (G+1,) CSR offsets.
+        parents: (G,) global id of every group (keys its random draws).
+    Returns:
+        centroids (c_offsets[-1], d) float32, labels (m,) int64 into them, distances (m,).
+    """
+    sizes = np.diff(x_offsets)
+    seg = np.repeat(np.arange(sizes.shape[0]), sizes)
+    crow = np.repeat(np.arange(sizes.shape[0]), np.diff(c_offsets))
+    best = None
+    for run in range(int(n_init)):
+        c0 = _grouped_init(x, x_offsets, c_offsets, seed, parents, run, init, candidates)
+        c, lab, dd = grouped_lloyd(x, x_offsets, c0, c_offsets, iterations, impl=impl,
+                                   fp64_accumulate=fp64_accumulate)
+        inertia = np.bincount(seg, weights=dd.astype(np.float64), minlength=sizes.shape[0])
+        if best is None:
+            best = [c, lab, dd, inertia]
+            continue
+        better = inertia < best[3]
+        best[0] = np.where(better[crow][:, None], c, best[0])
+        best[1] = np.where(better[seg], lab, best[1])
+        best[2] = np.where(better[seg], dd, best[2])
+        best[3] = np.where(better, inertia, best[3])
+    return best[0], best[1], best[2]
+
+
 def split_clusters(src: PointSource, labels: np.ndarray, split_k: int, iterations: int, *,
-                   seed: int = 0, init: str = "kmeans++", impl: str = "auto",
+                   seed: int = 0, init: str = "kmeans++", n_init: int = 1,
+                   candidates: int | None = None, impl: str = "auto",
                    memory_budget_mb: float = 512.0, fp64_accumulate: bool = True,
-                   progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   progress: bool = False, parts_dir: Path | None = None,
+                   assemble: bool = True):
     """Splits every cluster into min(split_k, size) sub-clusters by a local k-means.
 
     Points are sorted by parent; whole groups are batched to fit the memory budget (one
-    batch when everything fits), each batch is read once and advanced with
-    :func:`grouped_lloyd`. Batches are shared round-robin among ranks.
+    batch when everything fits), each batch is read once and split by
+    :func:`split_batch`. Batches are shared round-robin among ranks. With ``parts_dir``
+    every finished batch is written there at once (atomically; a rerun skips it) and
+    the result is assembled from those files; without it ranks exchange only the parts
+    they computed. No rank ever reduces full-size arrays.
 
     Args:
         src: the points (n, d). labels: (n,) int parent cluster of every point.
+        assemble: False returns None (for a rank that does not need the result).
     Returns:
         centroids (K', d) float32 of the non-empty sub-clusters, labels (n,) int64 into
-        them, distances (n,) float32.
+        them, distances (n,) float32; or None when not assemble.
     """
     from tqdm import tqdm
 
@@ -282,48 +464,92 @@ def split_clusters(src: PointSource, labels: np.ndarray, split_k: int, iteration
     G = int(labels.max()) + 1 if n else 0
     order = np.argsort(labels, kind="stable")
     sizes = np.bincount(labels, minlength=G)
-    x_offsets = np.zeros(G + 1, dtype=np.int64)
-    np.cumsum(sizes, out=x_offsets[1:])
-    ks = np.minimum(sizes, int(split_k))
-    c_offsets = np.zeros(G + 1, dtype=np.int64)
-    np.cumsum(ks, out=c_offsets[1:])
+    x_offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    c_offsets = np.concatenate([[0], np.cumsum(np.minimum(sizes, int(split_k)))]).astype(np.int64)
     budget_rows = max(1, int(memory_budget_mb * (1 << 20)) // (src.row_bytes + 4 * src.d + 24))
-    # batches of whole groups: [g0, g1) with at most budget_rows rows (or one big group)
-    bounds = [0]
-    while bounds[-1] < G:
-        g0 = bounds[-1]
-        limit = x_offsets[g0] + budget_rows
-        g1 = int(np.searchsorted(x_offsets, limit, side="right")) - 1
-        bounds.append(max(g1, g0 + 1))
-    K = int(c_offsets[-1])
-    cent = np.zeros((K, src.d), dtype=np.float32)
-    out_labels = np.zeros(n, dtype=np.int64)
-    out_dists = np.zeros(n, dtype=np.float32)
+    batches = _split_batches(x_offsets, budget_rows)
     rank, world = dist.rank(), dist.world_size()
-    batches = list(zip(bounds[:-1], bounds[1:]))
-    rng_seq = np.random.SeedSequence([seed, 7])
-    rngs = [np.random.default_rng(s) for s in rng_seq.spawn(len(batches))]
+    computed = {}
+    if parts_dir is not None and dist.is_main():
+        parts_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
     with tqdm(total=n, desc="split", unit="pt", unit_scale=True, leave=False,
               disable=not (progress and dist.is_main())) as bar:
         for b, (g0, g1) in enumerate(batches):
-            if b % world != rank:
-                continue
             r0, r1 = int(x_offsets[g0]), int(x_offsets[g1])
-            rows = order[r0:r1]
-            x = src.take(rows)
-            xo = x_offsets[g0 : g1 + 1] - r0
-            co = c_offsets[g0 : g1 + 1] - c_offsets[g0]
-            c0 = _grouped_init(x, xo, co, rngs[b], init)
-            c, lab, dd = grouped_lloyd(x, xo, c0, co, iterations, impl=impl,
-                                       fp64_accumulate=fp64_accumulate)
-            cent[c_offsets[g0] : c_offsets[g1]] = c
-            out_labels[rows] = lab + c_offsets[g0]
-            out_dists[rows] = dd
+            if b % world != rank or (parts_dir is not None and _part_path(parts_dir, g0, g1).exists()):
+                continue
+            part = split_batch(src.take(order[r0:r1]), x_offsets[g0 : g1 + 1] - r0,
+                               c_offsets[g0 : g1 + 1] - c_offsets[g0], np.arange(g0, g1),
+                               iterations, seed=seed, init=init, n_init=n_init,
+                               candidates=candidates, impl=impl, fp64_accumulate=fp64_accumulate)
+            if parts_dir is not None:
+                _save_part(_part_path(parts_dir, g0, g1), part)
+            else:
+                computed[(g0, g1)] = part
             bar.update(r1 - r0)
-    if dist.is_initialized():  # every entry was written by exactly one rank
-        cent = dist.all_reduce_sum(cent)
-        out_labels = dist.all_reduce_sum(out_labels)
-        out_dists = dist.all_reduce_sum(out_dists)
+    if parts_dir is None and dist.is_initialized():
+        computed = _exchange_parts(computed, batches, x_offsets, c_offsets, src.d)
+    dist.barrier()
+    if not assemble:
+        return None
+    return _assemble_split(batches, computed, parts_dir, order, x_offsets, c_offsets, n, src.d)
+
+
+def _part_path(parts_dir: Path, g0: int, g1: int) -> Path:
+    return parts_dir / f"part_{g0:09d}_{g1:09d}.npz"
+
+
+def _save_part(path: Path, part) -> None:
+    """One batch's (centroids, labels, distances), written to a temporary name first."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        np.savez(handle, centroids=part[0], labels=part[1], distances=part[2])
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _load_part(path: Path):
+    with np.load(path, allow_pickle=False) as z:
+        return z["centroids"], z["labels"], z["distances"]
+
+
+def _exchange_parts(computed: dict, batches, x_offsets, c_offsets, d: int) -> dict:
+    """Every rank's computed batches, gathered (only the parts move, not full arrays)."""
+    mine = sorted(computed)
+    flat = [np.concatenate([computed[key][i] for key in mine]) if mine else empty
+            for i, empty in enumerate((np.zeros((0, d), np.float32), np.zeros(0, np.int64),
+                                       np.zeros(0, np.float32)))]
+    gathered = [dist.all_gather_arrays(np.ascontiguousarray(a)) for a in flat]
+    out = {}
+    world = dist.world_size()
+    for r in range(world):
+        c_at = r_at = 0
+        for g0, g1 in batches[r::world]:
+            kc = int(c_offsets[g1] - c_offsets[g0])
+            kr = int(x_offsets[g1] - x_offsets[g0])
+            out[(g0, g1)] = (gathered[0][r][c_at : c_at + kc], gathered[1][r][r_at : r_at + kr],
+                             gathered[2][r][r_at : r_at + kr])
+            c_at += kc
+            r_at += kr
+    return out
+
+
+def _assemble_split(batches, computed: dict, parts_dir: Path | None, order: np.ndarray,
+                    x_offsets: np.ndarray, c_offsets: np.ndarray, n: int, d: int):
+    """The non-empty sub-clusters' centroids, labels and distances from the parts."""
+    K = int(c_offsets[-1])
+    cent = np.zeros((K, d), dtype=np.float32)
+    out_labels = np.zeros(n, dtype=np.int64)
+    out_dists = np.zeros(n, dtype=np.float32)
+    for g0, g1 in batches:
+        part = computed[(g0, g1)] if (g0, g1) in computed else \
+            _load_part(_part_path(parts_dir, g0, g1))
+        rows = order[x_offsets[g0] : x_offsets[g1]]
+        cent[c_offsets[g0] : c_offsets[g1]] = part[0]
+        out_labels[rows] = part[1] + c_offsets[g0]
+        out_dists[rows] = part[2]
     used = np.bincount(out_labels, minlength=K) > 0
     remap = np.cumsum(used) - 1
     return np.ascontiguousarray(cent[used]), remap[out_labels], out_dists
@@ -365,8 +591,7 @@ class _Progress:
             old = json.loads(path.read_text(encoding="utf-8"))
             if old.get("record") != record:
                 if not overwrite:
-                    diff = sorted(k for k in set(old.get("record", {})) | set(record)
-                                  if old.get("record", {}).get(k) != record.get(k))
+                    diff = record_diff(old.get("record", {}), record)
                     raise ValueError(
                         f"{root} holds a hierarchical k-means run with a different config "
                         f"(differs in {diff}); use another output directory or overwrite=True")
@@ -403,8 +628,40 @@ class _Progress:
         return f"{depth}/{step}" in self.done
 
     def load(self, depth: int, step: str) -> tuple[np.ndarray, ...]:
+        """A finished step's (centroids, labels, distances), memory-mapped."""
         sub = self.step_dir(depth, step)
-        return tuple(np.load(sub / f"{name}.npy") for name in _STATE)
+        return tuple(np.load(sub / f"{name}.npy", mmap_mode="r") for name in _STATE)
+
+    # Inside a step: the Lloyd centroids every few iterations, the split's batches.
+    def partial_path(self, depth: int, step: str) -> Path | None:
+        if self.root is None:
+            return None
+        return self.root / "work" / f"level_{depth}" / f"{step}.lloyd.npz"
+
+    def parts_dir(self, depth: int, step: str) -> Path | None:
+        if self.root is None:
+            return None
+        return self.root / "work" / f"level_{depth}" / f"{step}.parts"
+
+    def load_partial(self, depth: int, step: str) -> tuple[int, np.ndarray] | None:
+        """(iterations done, centroids) of an interrupted Lloyd run, or None."""
+        path = self.partial_path(depth, step)
+        if path is None or not path.exists():
+            return None
+        with np.load(path, allow_pickle=False) as z:
+            return int(z["iteration"]), np.array(z["centroids"])
+
+    def save_partial(self, depth: int, step: str, iteration: int, centroids: np.ndarray) -> None:
+        path = self.partial_path(depth, step)
+        if path is None or not dist.is_main():
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as handle:
+            np.savez(handle, iteration=np.int64(iteration), centroids=centroids)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
 
     def save(self, depth: int, step: str, state: tuple[np.ndarray, ...], prev: str | None,
              callback: Callable[[int, str], None] | None) -> None:
@@ -416,6 +673,8 @@ class _Progress:
                     save_npy_atomic(sub / f"{name}.npy", np.asarray(arr))
                 self.done.append(f"{depth}/{step}")
                 self._write()
+                self.partial_path(depth, step).unlink(missing_ok=True)
+                shutil.rmtree(self.parts_dir(depth, step), ignore_errors=True)
                 if prev is not None:  # only the latest state of a level is needed
                     shutil.rmtree(self.step_dir(depth, prev), ignore_errors=True)
             else:
@@ -432,6 +691,20 @@ class _Progress:
         self._write(complete=True)
         if self.root is not None and dist.is_main():
             shutil.rmtree(self.root / "work", ignore_errors=True)
+
+
+def record_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the settings that differ between two nested records."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += record_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}" if not isinstance(a, (dict, list))
+                       or not isinstance(b, (dict, list)) or len(repr(a)) + len(repr(b)) < 120
+                       else f"{prefix}{key}")
+    return out
 
 
 # ------------------------------------------------------------------ the job
@@ -477,11 +750,11 @@ def hierarchical_kmeans(
     record = {"config": config.to_json(), "data": src.fingerprint()}
     record = json.loads(json.dumps(record))  # normalise tuples etc. for comparison
     prog = _Progress(root, record, overwrite)
+    prog.checkpoint_every = config.checkpoint_every
     if prog.complete:
         log.info("hierarchical k-means: %s is complete; loading it", root)
         return HierarchicalTree.load(root)
 
-    show = config.progress
     meta: dict = {"config": record["config"], "data": record["data"], "steps": []}
     point_ids = None
     if config.nonfinite == "skip":
@@ -505,29 +778,11 @@ def hierarchical_kmeans(
             what = "points" if depth == 1 else f"level {depth - 1} clusters"
             raise ValueError(f"level {depth} asks for k={lc.k} clusters but there are only "
                              f"{inputs.n} {what}")
-        iters = lc.iterations if lc.iterations is not None else config.iterations
-        state = None
-        prev = None
-        for si, step in enumerate(config.steps(depth)):
-            if prog.has(depth, step):
-                prev = step
-                continue
-            if state is None and prev is not None:
-                state = prog.load(depth, prev)
-            t0 = time.perf_counter()
-            seed = _step_seed(config.seed, depth, si)
-            state = _run_step(config, lc, depth, step, iters, seed, inputs, state, show)
-            secs = time.perf_counter() - t0
-            meta["steps"].append({"level": depth, "step": step, "seconds": round(secs, 3)})
-            log.info("level %d %s: k=%d, %.1fs (%.3g inputs/s)", depth, step,
-                     state[0].shape[0], secs, inputs.n / max(secs, 1e-9))
-            prog.save(depth, step, state, prev, callback)
-            prev = step
-        if state is None:
-            state = prog.load(depth, prev)
+        state = _run_level(config, depth, inputs, prog, meta, callback)
         centroids, labels, dists = state
         tree_levels.append(TreeLevel.from_assignments(centroids, labels.astype(np.int64), dists))
-        inputs = PointSource.from_data(np.ascontiguousarray(centroids, dtype=np.float32))
+        inputs = PointSource.from_data(centroids if centroids.dtype == np.float32
+                                       else np.asarray(centroids, dtype=np.float32))
         if depth < len(config.levels) and config.levels[depth].k > centroids.shape[0]:
             raise ValueError(f"level {depth + 1} asks for k={config.levels[depth].k} clusters "
                              f"but level {depth} has only {centroids.shape[0]} clusters")
@@ -545,41 +800,99 @@ def hierarchical_kmeans(
     return HierarchicalTree.load(root)
 
 
-def _kmeans_config(config: HierarchicalConfig, k: int, iters: int, seed: int, show,
-                   nonfinite: str = "raise") -> KMeansConfig:
+def _run_level(config: HierarchicalConfig, depth: int, inputs: PointSource, prog: _Progress,
+               meta: dict, callback) -> tuple[np.ndarray, ...]:
+    """Runs (or resumes) the steps of one level; returns its (centroids, labels, distances).
+
+    With an output directory every finished step is reloaded memory-mapped from its
+    checkpoint, so a rank holds no second in-memory copy of the level's arrays.
+    """
+    state = None
+    prev = None
+    for si, step in enumerate(config.steps(depth)):
+        if prog.has(depth, step):
+            prev = step
+            continue
+        if state is None and prev is not None:
+            state = prog.load(depth, prev)
+        t0 = time.perf_counter()
+        seed = _step_seed(config.seed, depth, si)
+        state = _run_step(config, depth, step, seed, inputs, state, prog)
+        secs = time.perf_counter() - t0
+        meta["steps"].append({"level": depth, "step": step, "seconds": round(secs, 3)})
+        log.info("level %d %s: %.1fs (%.3g inputs/s)", depth, step, secs,
+                 inputs.n / max(secs, 1e-9))
+        prog.save(depth, step, state, prev, callback)
+        if prog.root is not None:
+            state = prog.load(depth, step)
+        prev = step
+    return state if state is not None else prog.load(depth, prev)
+
+
+def _kmeans_config(config: HierarchicalConfig, k: int, iters: int, seed: int) -> KMeansConfig:
     return KMeansConfig(
         k=k, iterations=iters, init=config.init, init_sample_size=config.init_sample_size,
+        init_sample_per_centroid=config.init_sample_per_centroid,
         init_candidates=config.init_candidates, seed=seed,
         memory_budget_mb=config.memory_budget_mb, fp64_accumulate=config.fp64_accumulate,
-        impl=config.impl, nonfinite=nonfinite, progress=show)
+        impl=config.impl, nonfinite="raise", progress=config.progress)
 
 
-def _run_step(config: HierarchicalConfig, lc: LevelConfig, depth: int, step: str, iters: int,
-              seed: int, inputs: PointSource, state, show):
+def _fit_checkpointed(km: KMeans, data: PointSource, prog: _Progress, depth: int, step: str,
+                      init_centroids: np.ndarray | None = None) -> KMeans:
+    """KMeans.fit that resumes from, and writes, Lloyd checkpoints of this step."""
+    every = int(prog.checkpoint_every)
+
+    def on_iteration(done: int, centroids: np.ndarray) -> None:
+        if every and done % every == 0 and done < km.config.iterations:
+            prog.save_partial(depth, step, done, centroids)
+
+    resume = prog.load_partial(depth, step)
+    if resume is not None:
+        log.info("level %d %s: resuming Lloyd after iteration %d", depth, step, resume[0])
+    return km.fit(data, init_centroids, resume=resume, on_iteration=on_iteration)
+
+
+def _run_step(config: HierarchicalConfig, depth: int, step: str, seed: int,
+              inputs: PointSource, state, prog: _Progress):
+    """One step of a level: "kmeans", "split" or "resample_<i>" (see the module doc)."""
+    k = int(config.levels[depth - 1].k)
+    iters = int(config.level_value(depth, "iterations"))
     if step == "kmeans":
-        km = KMeans(_kmeans_config(config, lc.k, iters, seed, show))
-        labels, dists = km.fit_predict(inputs)
+        km = _fit_checkpointed(KMeans(_kmeans_config(config, k, iters, seed)), inputs, prog,
+                               depth, step)
+        labels, dists = km.predict()
         return km.centroids_, labels, dists
     centroids, labels, dists = state
     if step == "split":
         iters_split = config.split_iterations if config.split_iterations is not None else iters
-        c, lab, dd = split_clusters(inputs, labels, int(config.split_k), iters_split, seed=seed,
-                                    init=config.init, impl=config.impl,
-                                    memory_budget_mb=config.memory_budget_mb,
-                                    fp64_accumulate=config.fp64_accumulate,
-                                    progress=_progress_enabled(show))
-        return c, lab, dd
-    # resample_i
+        return split_clusters(inputs, labels, int(config.split_k), iters_split, seed=seed,
+                              init=config.init, n_init=config.split_inits,
+                              candidates=config.init_candidates, impl=config.impl,
+                              memory_budget_mb=config.memory_budget_mb,
+                              fp64_accumulate=config.fp64_accumulate,
+                              progress=_progress_enabled(config.progress),
+                              parts_dir=prog.parts_dir(depth, step),
+                              assemble=prog.root is None or dist.is_main())
+    return _resample_step(config, depth, step, seed, inputs, state, prog)
+
+
+def _resample_step(config: HierarchicalConfig, depth: int, step: str, seed: int,
+                   inputs: PointSource, state, prog: _Progress):
+    """k-means on sample_size inputs per cluster (fresh or warm), then every input reassigned."""
+    centroids, labels, dists = state
     k = centroids.shape[0]
-    level = TreeLevel.from_assignments(centroids, labels.astype(np.int64), dists)
-    sample_size = lc.sample_size or config.sample_size or max(1, int(round(inputs.n / (2 * k))))
-    strategy = lc.sampling_strategy or config.sampling_strategy
+    level = TreeLevel.from_assignments(centroids, np.asarray(labels, dtype=np.int64), dists)
+    sample_size = config.level_value(depth, "sample_size") or max(1, int(round(inputs.n / (2 * k))))
+    strategy = config.level_value(depth, "sampling_strategy")
     rows = resample_rows(level, sample_size, strategy, np.random.default_rng(seed))
     if rows.shape[0] < k:
         log.warning("level %d %s: %d sampled inputs for %d clusters; step skipped",
                     depth, step, rows.shape[0], k)
         return centroids, labels, dists
-    km = KMeans(_kmeans_config(config, k, iters, seed, show))
-    km.fit(inputs.subset(rows), init_centroids=centroids)
+    iters = int(config.level_value(depth, "iterations"))
+    km = KMeans(_kmeans_config(config, k, iters, seed))
+    warm = np.asarray(centroids, dtype=np.float32) if config.resampling_init == "warm" else None
+    _fit_checkpointed(km, inputs.subset(rows), prog, depth, step, init_centroids=warm)
     new_labels, new_dists = km.predict(inputs)
     return km.centroids_, new_labels, new_dists

@@ -47,10 +47,14 @@ class KMeansConfig:
 
     Attributes:
         k: number of clusters (>= 1, <= number of finite points).
-        iterations: Lloyd iterations (the papers use 50; 20 is usually converged).
+        iterations: Lloyd iterations (50, as SDC and both papers).
         init: "kmeans++" (greedy k-means++ on a subsample) or "random" (k distinct points).
         init_sample_size: points the k-means++ initialisation runs on; None =
-            min(n, max(2 k, 16384)). Its cost is k * sample * (2 + ln k) * d flops.
+            min(n, max(init_sample_per_centroid * k, 16384)). Its cost is
+            k * sample * (2 + ln k) * d flops (at k = 100k and 20 per centroid on 1024-d
+            data about 2.6e18: a GPU-sized job; lower it for a CPU run).
+        init_sample_per_centroid: default candidate sample per centroid (the sample
+            grows with k: 2 per centroid cost +8% objective at k = 100k).
         init_candidates: D^2 candidates per new centre; None = 2 + floor(ln k) (greedy
             k-means++); 1 is plain k-means++.
         seed: seeds every random choice (initial sample, candidates, re-seeding).
@@ -70,9 +74,10 @@ class KMeansConfig:
     """
 
     k: int
-    iterations: int = 20
+    iterations: int = 50
     init: str = "kmeans++"
     init_sample_size: int | None = None
+    init_sample_per_centroid: int = 20
     init_candidates: int | None = None
     seed: int = 0
     chunk_size: int | None = None
@@ -101,6 +106,9 @@ class KMeansConfig:
             raise ValueError(f"memory_budget_mb must be > 0, got {self.memory_budget_mb}")
         if self.init_sample_size is not None and int(self.init_sample_size) < 1:
             raise ValueError(f"init_sample_size must be >= 1, got {self.init_sample_size}")
+        if int(self.init_sample_per_centroid) < 1:
+            raise ValueError("init_sample_per_centroid must be >= 1, got "
+                             f"{self.init_sample_per_centroid}")
         if self.init_candidates is not None and int(self.init_candidates) < 1:
             raise ValueError(f"init_candidates must be >= 1, got {self.init_candidates}")
 
@@ -239,7 +247,7 @@ def default_assigner(impl: str = "auto") -> Assigner:
 
 # ---------------------------------------------------------------------- k-means++
 def kmeans_plusplus(sample: np.ndarray, k: int, rng: np.random.Generator,
-                    candidates: int | None = None) -> np.ndarray:
+                    candidates: int | None = None, device=None) -> np.ndarray:
     """Greedy k-means++ centres chosen among the rows of ``sample``.
 
     Each new centre draws ``candidates`` (default 2 + floor(ln k)) rows by D^2 sampling
@@ -251,6 +259,8 @@ def kmeans_plusplus(sample: np.ndarray, k: int, rng: np.random.Generator,
         k: number of centres.
         rng: numpy Generator (all randomness comes from it).
         candidates: D^2 draws per centre.
+        device: torch device for the products (the assigner's GPU when there is one:
+            at k = 100k the initialisation is ~1e18 flops); None = the host.
     Returns:
         (k,) int64 indices of the chosen rows (duplicates only when the sample holds
         fewer than k distinct rows).
@@ -267,16 +277,19 @@ def kmeans_plusplus(sample: np.ndarray, k: int, rng: np.random.Generator,
     if m * sample.shape[1] * L < (1 << 24):
         torch.set_num_threads(1)
     try:
-        return _greedy_kmeanspp(sample, k, rng, L)
+        return _greedy_kmeanspp(sample, k, rng, L, device)
     finally:
         torch.set_num_threads(threads)
 
 
-def _greedy_kmeanspp(sample: np.ndarray, k: int, rng: np.random.Generator, L: int) -> np.ndarray:
+def _greedy_kmeanspp(sample: np.ndarray, k: int, rng: np.random.Generator, L: int,
+                     device=None) -> np.ndarray:
     import torch
 
     m = sample.shape[0]
     S = torch.from_numpy(np.ascontiguousarray(sample, dtype=np.float32))
+    if device is not None:
+        S = S.to(device)
     sq = (S * S).sum(1)
     chosen = np.empty(k, dtype=np.int64)
     chosen[0] = rng.integers(m)
@@ -286,10 +299,10 @@ def _greedy_kmeanspp(sample: np.ndarray, k: int, rng: np.random.Generator, L: in
         cum = torch.cumsum(D.double(), 0)
         total = float(cum[-1])
         if total > 0:
-            u = torch.from_numpy(rng.random(L) * total)
+            u = torch.from_numpy(rng.random(L) * total).to(S.device)
             cand = torch.searchsorted(cum, u).clamp_max_(m - 1)
         else:  # every sample row coincides with a centre: any row is as good
-            cand = torch.from_numpy(rng.integers(m, size=L))
+            cand = torch.from_numpy(rng.integers(m, size=L)).to(S.device)
         C = S[cand]
         dist = sq[:, None] - 2 * (S @ C.T) + (C * C).sum(1)[None, :]
         dist.clamp_min_(0)
@@ -372,7 +385,7 @@ class KMeans:
             rows = _valid_rows(np.sort(rng.choice(n_valid, size=k, replace=False)), bad)
             order = rng.permutation(k)
             return src.take(rows[order]).astype(np.float32)
-        m = cfg.init_sample_size or max(2 * k, 16384)
+        m = cfg.init_sample_size or max(int(cfg.init_sample_per_centroid) * k, 16384)
         m = max(k, min(int(m), n_valid))
         positions = np.sort(rng.choice(n_valid, size=m, replace=False)) if m < n_valid \
             else np.arange(n_valid)
@@ -382,14 +395,17 @@ class KMeans:
         mine = rows[(rows >= start) & (rows < stop)]
         sample = np.concatenate(dist.all_gather_arrays(src.take(mine).astype(np.float32)))
         if dist.is_main():
-            picks = kmeans_plusplus(sample, k, rng, cfg.init_candidates)
+            picks = kmeans_plusplus(sample, k, rng, cfg.init_candidates,
+                                    device=getattr(self.assigner, "device", None))
             centroids = np.ascontiguousarray(sample[picks])
         else:
             centroids = np.empty((k, src.d), dtype=np.float32)
         return dist.broadcast(centroids, src=0)
 
     # ------------------------------------------------------------------ public
-    def fit(self, data: Any, init_centroids: np.ndarray | None = None) -> "KMeans":
+    def fit(self, data: Any, init_centroids: np.ndarray | None = None, *,
+            resume: tuple[int, np.ndarray] | None = None,
+            on_iteration: Callable[[int, np.ndarray], None] | None = None) -> "KMeans":
         """Runs initialisation and ``config.iterations`` Lloyd iterations.
 
         Args:
@@ -397,6 +413,12 @@ class KMeans:
                 .npy path / directory / glob, or a list of .npy shard paths (opened
                 memory-mapped; shards must share d).
             init_centroids: optional (k, d) starting centroids (skips initialisation).
+            resume: (iterations already done, (k, d) centroids after them), from a
+                checkpoint written by ``on_iteration``: skips initialisation and those
+                iterations (the result equals an uninterrupted run: nothing random
+                happens after the initialisation).
+            on_iteration: called as on_iteration(iterations done, centroids) after every
+                Lloyd iteration (e.g. to checkpoint).
         Returns:
             self, with centroids_ and stats_ set.
         """
@@ -419,6 +441,9 @@ class KMeans:
         self.skipped_rows_ = src.global_index(bad)
         self.n_points_ = n_valid
         rng = np.random.default_rng(cfg.seed)
+        first_iteration = 0
+        if resume is not None:
+            first_iteration, init_centroids = int(resume[0]), resume[1]
         if init_centroids is not None:
             c = np.asarray(init_centroids, dtype=np.float32)
             if c.shape != (k, src.d):
@@ -438,7 +463,7 @@ class KMeans:
         acc_device = getattr(self.assigner, "device", None) if on_device else None
         self.stats_ = []
         show = _progress_enabled(cfg.progress) and dist.is_main()
-        for it in range(int(cfg.iterations)):
+        for it in range(first_iteration, int(cfg.iterations)):
             t0 = time.perf_counter()
             sums = torch.zeros((k, src.d), dtype=acc_dtype, device=acc_device)
             counts = torch.zeros(k, dtype=torch.int64, device=acc_device)
@@ -489,6 +514,8 @@ class KMeans:
             self.stats_.append(IterationStats(it, objective, float(total[0]), n_empty,
                                               n_reseeded, secs, n_valid / max(secs, 1e-9)))
             log.debug("k-means it %d: objective %.6g empty %d (%.2fs)", it, objective, n_empty, secs)
+            if on_iteration is not None:
+                on_iteration(it + 1, centroids)
             if cfg.tol > 0 and len(self.stats_) > 1:
                 prev = self.stats_[-2].objective
                 if prev > 0 and (prev - objective) / prev < cfg.tol:

@@ -271,7 +271,9 @@ class ClusterStratifiedBatchSampler:
 
     Group cap: with ``groups`` (e.g. slide ids) and ``max_groups_per_epoch``, at the start
     of each pseudo-epoch a seeded random set of that many groups is chosen (keyed by
-    (seed, pseudo-epoch)), and only items of those groups are drawn in that pseudo-epoch.
+    (seed, pseudo-epoch)), and only items of those groups are drawn in that pseudo-epoch;
+    a cluster with no item in the chosen groups falls back to all its items (as paper 2),
+    so every cluster appears in every pseudo-epoch.
 
     Randomness is keyed by (seed, pseudo-epoch, batch index), so there is no generator
     stream to save: :meth:`state_dict` holds the seen counts, visiting orders, cursors and
@@ -280,16 +282,20 @@ class ClusterStratifiedBatchSampler:
     prefetches, so save it together with the number of batches consumed, or use a
     stateful loader.
 
+    The items are the dataset rows ``indices`` (required, so that a curated subset cannot
+    be forgotten: without it the positions 0..n-1 of the subset would be yielded as if
+    they were dataset rows). :meth:`from_tree` builds the labels from a tree.
+
     Args:
         labels: (n,) integer cluster label of each item (any values; e.g.
             ``tree.point_assignments(level)[curated]``).
+        indices: (n,) int dataset row of each item, yielded by the batches: the curated
+            subset (``hierarchical_sample(...)``), or ``np.arange(n)`` for a whole dataset.
         batch_size: items per batch on each rank (>= 1).
         pseudo_epoch_size: global samples per pseudo-epoch (default n).
         seed: seeds everything random.
         groups: optional (n,) integer group of each item (e.g. slide id).
         max_groups_per_epoch: cap on distinct groups drawn per pseudo-epoch (needs groups).
-        indices: optional (n,) int dataset index of each item; yielded instead of the
-            positions 0..n-1 (e.g. the curated subset's indices).
         rank, world_size: default from fastssl.distributed / torch.distributed, else 0, 1.
         drop_last: see above.
     """
@@ -363,12 +369,16 @@ class ClusterStratifiedBatchSampler:
             if int(max_groups_per_epoch) < 1:
                 raise ValueError(f"max_groups_per_epoch must be >= 1, got {max_groups_per_epoch!r}")
             self.max_groups_per_epoch = int(max_groups_per_epoch)
-        self._indices = None
-        if indices is not None:
-            indices = np.asarray(indices, dtype=np.int64)
-            if indices.shape != (n,):
-                raise ValueError(f"indices must have shape ({n},) like labels, got {indices.shape}")
-            self._indices = indices
+        if indices is None:
+            raise TypeError(
+                "indices= is required: the dataset row of every labelled item, i.e. the "
+                "curated subset (hierarchical_sample(...)), or np.arange(len(labels)) when the "
+                "labels cover the whole dataset; see ClusterStratifiedBatchSampler.from_tree")
+        indices = np.asarray(indices)
+        if indices.shape != (n,) or not np.issubdtype(indices.dtype, np.integer):
+            raise ValueError(f"indices must be integers of shape ({n},) like labels, got "
+                             f"{indices.dtype} {indices.shape}")
+        self._indices = indices.astype(np.int64)
 
         # Mutable state (everything state_dict saves).
         self._seen = np.zeros(n, dtype=np.int64)
@@ -382,6 +392,15 @@ class ClusterStratifiedBatchSampler:
         # Scratch, not state.
         self._taken = np.zeros(n, dtype=bool)
         self._plans: dict[int, tuple] = {}
+
+    @classmethod
+    def from_tree(cls, tree, level: int, indices, batch_size: int, **kwargs):
+        """A sampler over the points ``indices`` (e.g. the curated subset) stratified by
+        their cluster at ``level`` (1-based) of a HierarchicalTree; batches yield those
+        dataset rows. Other arguments as for the constructor."""
+        indices = np.asarray(indices, dtype=np.int64)
+        labels = np.asarray(tree.point_assignments(level))[indices]
+        return cls(labels, batch_size, indices=indices, **kwargs)
 
     # ------------------------------------------------------------------ sizes
     def _num_global_batches(self) -> int:
@@ -427,6 +446,9 @@ class ClusterStratifiedBatchSampler:
             mask = np.zeros(self.num_groups, dtype=bool)
             mask[allowed] = True
             active = mask[self._group]
+            # A cluster with no item in the drawn groups takes all its items (paper 2).
+            has_active = np.bincount(self._cluster[active], minlength=self.num_clusters) > 0
+            active |= ~has_active[self._cluster]
         # Per cluster: active items first (their count is the cluster's active size).
         self._order = np.lexsort((~active, self._cluster))
         self._active = np.bincount(self._cluster[active], minlength=self.num_clusters)
@@ -525,10 +547,7 @@ class ClusterStratifiedBatchSampler:
             b = self._position
             batch = self._global_batch(b, self._global_size(b))
             self._position += 1
-            share = batch[self.rank :: self.world_size]
-            if self._indices is not None:
-                share = self._indices[share]
-            yield share.tolist()
+            yield self._indices[batch[self.rank :: self.world_size]].tolist()
         self._epoch += 1
         self._position = 0
 

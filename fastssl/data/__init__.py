@@ -1,4 +1,5 @@
-"""Radiograph data: DICOM reading, MIMIC-CXR pairing, the .npy cache and datasets.
+"""Radiograph data: DICOM/PNG/JPEG reading, the dataset sources (MIMIC-CXR, MIMIC-CXR-JPG,
+CheXpert, CheXpert Plus, PadChest, any DICOM tree), the .npy cache and datasets.
 
 Names load on first use (``fastssl.data.read_dicom`` imports pydicom then, and the
 datasets import torch only when touched), so ``import fastssl.data`` stays cheap.
@@ -17,6 +18,13 @@ _LAZY = {
     "scan_dicom_tree": "fastssl.data.mimic",
     "StudyTable": "fastssl.data.mimic",
     "prepare_cache": "fastssl.data.cache",
+    "load_source": "fastssl.data.sources",
+    "load_sources": "fastssl.data.sources",
+    "SOURCE_KINDS": "fastssl.data.sources",
+    "load_chexpert": "fastssl.data.chexpert",
+    "load_chexpert_plus": "fastssl.data.chexpert",
+    "load_padchest": "fastssl.data.padchest",
+    "read_image": "fastssl.data.images",
     "generate_phantom": "fastssl.data.phantom",
     "PairedViewDataset": "fastssl.data.datasets",
     "SingleViewDataset": "fastssl.data.datasets",

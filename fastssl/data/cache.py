@@ -306,53 +306,47 @@ def prepare_cache(
     """
     out = os.fspath(out)
     workers = _check_settings(out, size, dtype, resize, shard_size, workers, voi, uncertain, blank)
+    options = TableOptions(uncertain=uncertain, blank=blank, label_source=label_source,
+                           frontal_order=tuple(v.strip().upper() for v in frontal_order),
+                           lateral_views=tuple(v.strip().upper() for v in lateral_views), workers=workers,
+                           holdout=tuple(holdout), seed=seed,
+                           labels_csv=os.fspath(labels_csv) if labels_csv else None,
+                           split_csv=os.fspath(split_csv) if split_csv else None)
+    # The settings that change a shard's bytes or the index's rows (with the plan's hash).
+    settings = dict(format_version=FORMAT_VERSION, size=size, dtype=dtype, resize=resize, shard_size=shard_size,
+                    voi=voi, uncertain=uncertain, blank=blank, label_source=label_source,
+                    frontal_order=list(options.frontal_order), lateral_views=list(options.lateral_views))
     from fastssl.jobs import OutputLock
 
     with OutputLock(out):  # a second prepare into the same --out fails at once
-        return _prepare_locked(source, out, table, scan, workers, progress, overwrite, dict(
-            size=size, dtype=dtype, resize=resize, shard_size=shard_size, voi=voi, uncertain=uncertain,
-            blank=blank, label_source=label_source, frontal_order=frontal_order, lateral_views=lateral_views,
-            holdout=holdout, seed=seed, labels_csv=labels_csv, split_csv=split_csv))
+        if table is None:
+            table = build_table(source, options, scan)
+        sources = [str(x) for x in ([source] if isinstance(source, (str, os.PathLike)) else source)]
+        return _prepare_table(table, out, settings, sources, workers, progress, overwrite)
 
 
-def _prepare_locked(source, out: str, table: StudyTable | None, scan: bool | None, workers: int, progress: bool,
-                    overwrite: bool, s: dict) -> dict[str, Any]:
-    """prepare_cache's work, under the output lock; ``s`` holds its settings."""
-    size, dtype, resize, shard_size, voi = s["size"], s["dtype"], s["resize"], s["shard_size"], s["voi"]
-    uncertain, blank, label_source = s["uncertain"], s["blank"], s["label_source"]
-    frontal_order, lateral_views, holdout, seed = s["frontal_order"], s["lateral_views"], s["holdout"], s["seed"]
-    labels_csv, split_csv = s["labels_csv"], s["split_csv"]
+def _prepare_table(table: StudyTable, out: str, settings: dict, sources: list[str], workers: int,
+                   progress: bool, overwrite: bool) -> dict[str, Any]:
+    """prepare_cache's work on a ready table, under the output lock."""
     start = time.perf_counter()
-    if table is None:
-        options = TableOptions(uncertain=uncertain, blank=blank, label_source=label_source,
-                               frontal_order=tuple(v.strip().upper() for v in frontal_order),
-                               lateral_views=tuple(v.strip().upper() for v in lateral_views), workers=workers,
-                               holdout=tuple(holdout), seed=seed,
-                               labels_csv=os.fspath(labels_csv) if labels_csv else None,
-                               split_csv=os.fspath(split_csv) if split_csv else None)
-        table = build_table(source, options, scan)
     log.info("study table: %s", table.format_summary().replace("\n", "; "))
+    if not table.studies:   # an empty cache would "succeed" and fail later, far from the cause
+        raise ValueError(f"{table.root}: no usable DICOM study ({len(table.rejects)} files rejected); nothing to prepare")
     plan = _plan(table)
+    size, shard_size = settings["size"], settings["shard_size"]
     n_shards = (len(plan) + shard_size - 1) // shard_size
-    config = dict(
-        format_version=FORMAT_VERSION, size=size, dtype=dtype, resize=resize, shard_size=shard_size,
-        voi=voi, uncertain=uncertain, blank=blank, label_source=label_source,
-        frontal_order=[v.upper() for v in frontal_order], lateral_views=[v.upper() for v in lateral_views],
-        n_images=len(plan), n_shards=n_shards, plan_sha256=_plan_sha(plan),
-    )
+    config = dict(settings, n_images=len(plan), n_shards=n_shards, plan_sha256=_plan_sha(plan))
     datasets = sorted({st.dataset for st in table.studies})
     _open_output(out, config, table.inputs, overwrite)
-    about = dict(source=os.path.abspath(table.root) if table.root else "", datasets=datasets,
-                 sources=[str(s) for s in ([source] if isinstance(source, (str, os.PathLike)) else source)])
+    about = dict(source=os.path.abspath(table.root) if table.root else "", datasets=datasets, sources=sources)
     manifest_path = os.path.join(out, "manifest.json")
     atomic_write_json(manifest_path, dict(config, **about, complete=False))
     bounds = [(k * shard_size, min(len(plan), (k + 1) * shard_size)) for k in range(n_shards)]
     todo = [k for k, (a, b) in enumerate(bounds) if not _shard_done(out, k, b - a, config)]
-    skipped = n_shards - len(todo)
-    if skipped:
-        log.info("%s: %d of %d shards already done, skipped", out, skipped, n_shards)
-    tasks = [(plan[i][0], size, dtype, resize, voi, tuple(map(tuple, plan[i][1]["pixel"])))
-             for k in todo for i in range(*bounds[k])]
+    if n_shards - len(todo):
+        log.info("%s: %d of %d shards already done, skipped", out, n_shards - len(todo), n_shards)
+    tasks = [(plan[i][0], size, settings["dtype"], settings["resize"], settings["voi"],
+              tuple(map(tuple, plan[i][1]["pixel"]))) for k in todo for i in range(*bounds[k])]
     _convert_shards(out, plan, bounds, todo, tasks, config, workers, progress)
     written, rejected, mean, std = _merge_parts(out, n_shards, table.rejects, size)
     if not written:  # an empty cache would only fail later, in pretrain or probe
@@ -360,12 +354,12 @@ def _prepare_locked(source, out: str, table: StudyTable | None, scan: bool | Non
     seconds = time.perf_counter() - start
     summary = dict(
         out=out, images=len(plan), written=written, rejects=rejected, shards=n_shards,
-        shards_skipped=skipped, seconds=round(seconds, 3),
+        shards_skipped=n_shards - len(todo), seconds=round(seconds, 3),
         images_per_s=round(len(tasks) / seconds, 1) if seconds > 0 else 0.0,
         pixel_mean=round(mean, 6), pixel_std=round(std, 6), workers=workers, datasets=datasets,
     )
     atomic_write_json(manifest_path, dict(config, **about, complete=True, written=written, rejects=rejected,
-                                     pixel_mean=summary["pixel_mean"], pixel_std=summary["pixel_std"]))
+                                          pixel_mean=summary["pixel_mean"], pixel_std=summary["pixel_std"]))
     return summary
 
 
@@ -537,8 +531,18 @@ def open_shard(cache_dir: str | os.PathLike, k: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- CLI
 
+class _SourcesAction(argparse.Action):
+    """--source, repeatable; sources given on the command line replace those of a
+    --config file (whose ``source:`` may be one string or a list)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest, None)
+        fresh = current is None or current is self.default or isinstance(current, str)
+        setattr(namespace, self.dest, ([] if fresh else list(current)) + [values])
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", required=True, action="append", metavar="[KIND:]DIR",
+    parser.add_argument("--source", required=True, action=_SourcesAction, metavar="[KIND:]DIR",
                         help="a dataset: KIND is one of " + ", ".join(SOURCE_KINDS) + "; a bare DIR is MIMIC-CXR "
                         "(its CSVs + files/) or any DICOM tree. Repeat to pool datasets into one cache")
     parser.add_argument("--out", required=True, help="cache directory (created; rerun to resume)")
@@ -594,7 +598,8 @@ def _holdout(value) -> tuple[float, float]:
 def run(args: argparse.Namespace) -> int:
     try:
         summary = prepare_cache(
-            _as_list(args.source), args.out, size=args.size, dtype=args.dtype, resize=args.resize,
+            [args.source] if isinstance(args.source, str) else list(args.source), args.out, size=args.size,
+            dtype=args.dtype, resize=args.resize,
             shard_size=args.shard_size, workers=args.workers, voi=args.voi, uncertain=args.uncertain,
             blank=args.blank, label_source=args.label_source, frontal_order=_as_list(args.frontal_order),
             lateral_views=_as_list(args.lateral_views), scan=True if args.scan else None,

@@ -16,6 +16,20 @@ padchest       PadChest: PADCHEST_..._labels_*.csv(.gz),  16-bit PNG           p
                <ImageDir>/<ImageID>
 =============  =========================================  ===================  ==========
 
+Views (the cache's ``view`` column; the model's view ids are frontal 0, lateral 1,
+other and unknown 2)::
+
+    dataset      field read (in order)                  frontal     lateral     other          unknown
+    MIMIC-CXR,   ViewPosition, else ViewCodeSequence    PA, AP      LATERAL,    any other      no field
+    DICOM tree   CodeMeaning, else a procedure          (--frontal  LL          value (LAO,    says
+                 description naming one view            -order)                 AP AXIAL...)
+    CheXpert(+)  Frontal/Lateral (AP/PA gives the       Frontal     Lateral     Frontal with   no column,
+                 position), else the file name                                  AP/PA LL/RL    no name hint
+    PadChest     Projection, else ViewPosition_DICOM    PA, AP,     L           COSTAL,        UNK / blank
+                                                        AP_horizontal           EXCLUDE
+
+The index's ``view_source`` column names the field each view came from.
+
 A plain ``DIR`` (no kind) is mimic-dicom when it holds the MIMIC metadata CSV, else
 dicom-scan. Several sources pool into one table (:func:`load_sources`): every study keeps
 its ``dataset``, ids become ``<dataset>:<id>`` so that two datasets never share a study or
@@ -55,7 +69,7 @@ class SourceSpec:
     root: str
 
     def __str__(self) -> str:
-        return f"{self.kind}:{self.root}"
+        return self.root if self.kind == "auto" else f"{self.kind}:{self.root}"
 
 
 @dataclass(frozen=True)

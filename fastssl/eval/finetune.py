@@ -18,7 +18,7 @@ Protocol (the released MVMAE ensemble classifier, agostini335/MVMAE
 * after every epoch the validation split's macro AUROC (study level) is computed; the best
   epoch's weights (``best.pt``) are the model that is scored on the test split.
 
-Files in ``out``: config.json, metrics.jsonl (one line per epoch: epoch, step, train_loss,
+Files in ``out``: job.json (the run's fingerprint, fastssl.jobs), config.json, metrics.jsonl (one line per epoch: epoch, step, train_loss,
 val_macro_auroc, lr, seconds), checkpoint.pt (last epoch: model, optimizer, history),
 best.pt (model weights of the best validation epoch), and at the end finetune.json
 (settings, best epoch, test AUROC with patient-cluster CIs), scores.csv, roc.png.
@@ -26,6 +26,9 @@ best.pt (model weights of the best validation epoch), and at the end finetune.js
 Resume: rerunning the same command continues after the last finished epoch (the batch
 order and augmentations of an epoch depend only on (seed, epoch), so an interrupted run
 ends with the same weights as an uninterrupted one); a finished run says so and stops.
+A different run in ``out`` (other settings, cache or encoder) is refused, naming the
+differences, unless ``--overwrite``; checkpoints carry sha256 sidecars; one job at a time
+holds ``out`` (fastssl.jobs.OutputLock).
 """
 from __future__ import annotations
 
@@ -52,10 +55,9 @@ __all__ = ["FinetuneConfig", "StudyBatches", "StudyClassifier", "epoch_lr", "par
 log = logging.getLogger(__name__)
 
 CHECKPOINT, BEST, METRICS, RESULT = "checkpoint.pt", "best.pt", "metrics.jsonl", "finetune.json"
-# Settings a resumed run must share with its checkpoint (they change the model or an epoch).
-_RESUME_KEYS = ("cache", "checkpoint", "train_split", "val_split", "views", "epochs", "warmup_epochs",
-                "batch_size", "base_lr", "weight_decay", "layer_decay", "clip_grad", "augment", "crop_min",
-                "seed")
+# Settings that change no result: a resume may differ in them (fastssl.jobs fingerprint).
+_NOT_RESULT_KEYS = ("out", "eval_batch_size", "device", "stop_after_epochs", "plots",
+                    "progress", "overwrite")
 
 
 @dataclass
@@ -85,6 +87,7 @@ class FinetuneConfig:
     n_boot: int = 1000            # bootstrap replicates over test patients (subject_id clusters)
     stop_after_epochs: int = 0    # >0: checkpoint and exit after this many epochs of this invocation
     plots: bool = True            # roc.png (needs matplotlib)
+    overwrite: bool = False       # replace a different run found in --out (otherwise refused)
     progress: bool = True         # tqdm bar (only on a terminal)
 
     def validate(self) -> None:
@@ -227,21 +230,38 @@ def evaluate(model, dataset, transform, cfg: FinetuneConfig, device) -> tuple[np
 
 
 # ------------------------------------------------------------------------------ job
-def _resume(cfg: FinetuneConfig, model, optimizer) -> dict:
-    """Loads out/checkpoint.pt when present (refusing other settings) -> the state to
-    continue from: dict(epoch (finished epochs), step, best_auroc, best_epoch)."""
-    from fastssl.train.checkpoint import truncate_metrics
+def _fingerprint(cfg: FinetuneConfig):
+    """The run's identity (fastssl.jobs): every result-affecting setting, the cache index
+    and manifest, and the encoder file."""
+    from fastssl.jobs import JobFingerprint, fingerprint_files
 
+    settings = {k: v for k, v in asdict(cfg).items() if k not in _NOT_RESULT_KEYS}
+    inputs = [os.path.join(cfg.cache, name) for name in ("index.csv", "manifest.json")]
+    if not cfg.checkpoint.startswith("random:"):
+        inputs.append(cfg.checkpoint)
+    return JobFingerprint("finetune", settings, fingerprint_files(inputs))
+
+
+def _resume(cfg: FinetuneConfig, model, optimizer) -> dict:
+    """Claims out/ for this run (a different run there is refused unless --overwrite) and
+    loads out/checkpoint.pt when present -> the state to continue from: dict(epoch
+    (finished epochs), step, best_auroc, best_epoch)."""
+    from fastssl.jobs import check_resume, clear_outputs, load_checkpoint, remove_stale_tmp, truncate_jsonl
+    from fastssl.jobs import write_fingerprint
+
+    remove_stale_tmp(cfg.out)
+    fp = _fingerprint(cfg)
     path = os.path.join(cfg.out, CHECKPOINT)
+    if check_resume(cfg.out, fp, overwrite=cfg.overwrite) == "new":
+        clear_outputs(cfg.out)
+        write_fingerprint(cfg.out, fp)
     if not os.path.isfile(path):
         return dict(epoch=0, step=0, best_auroc=-math.inf, best_epoch=-1)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    diff = {k: (ckpt["config"].get(k), getattr(cfg, k)) for k in _RESUME_KEYS if ckpt["config"].get(k) != getattr(cfg, k)}
-    if diff:
-        raise ValueError(f"{path} was written with other settings {diff} (checkpoint, now); use another --out")
+    ckpt = load_checkpoint(path)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    truncate_metrics(os.path.join(cfg.out, METRICS), int(ckpt["state"]["step"]))
+    done = int(ckpt["state"]["epoch"])
+    truncate_jsonl(os.path.join(cfg.out, METRICS), lambda rec: rec["epoch"] < done)
     return dict(ckpt["state"])
 
 
@@ -267,9 +287,9 @@ def _setup(cfg: FinetuneConfig):
 
 
 def _save(cfg: FinetuneConfig, model, optimizer, state: dict) -> None:
-    from fastssl.train.checkpoint import atomic_torch_save
+    from fastssl.jobs import save_checkpoint
 
-    atomic_torch_save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), state=state,
+    save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), state=state,
                            config=asdict(cfg), model_config=asdict(model.encoder.cfg)),
                       os.path.join(cfg.out, CHECKPOINT))
 
@@ -277,7 +297,7 @@ def _save(cfg: FinetuneConfig, model, optimizer, state: dict) -> None:
 def _train(cfg: FinetuneConfig, device, model, optimizer, lr, data, transform, augment, state: dict) -> bool:
     """Epochs from state["epoch"] on; after each: validation AUROC, best.pt, checkpoint,
     metrics line. Returns True when all epochs are done (False: stopped early)."""
-    from fastssl.train.checkpoint import atomic_torch_save
+    from fastssl.jobs import save_checkpoint
 
     batches = StudyBatches(data["train"])
     start = state["epoch"]
@@ -290,7 +310,7 @@ def _train(cfg: FinetuneConfig, device, model, optimizer, lr, data, transform, a
         state.update(epoch=epoch + 1, step=state["step"] + steps)
         if val > state["best_auroc"]:
             state.update(best_auroc=val, best_epoch=epoch)
-            atomic_torch_save(model.state_dict(), os.path.join(cfg.out, BEST))
+            save_checkpoint(model.state_dict(), os.path.join(cfg.out, BEST))
         _save(cfg, model, optimizer, state)
         rec = dict(epoch=epoch, step=state["step"], train_loss=loss, val_macro_auroc=val, lr=lr_e,
                    seconds=round(time.perf_counter() - t0, 2))
@@ -308,7 +328,9 @@ def _score(cfg: FinetuneConfig, device, model, data, transform, state: dict) -> 
     from fastssl.data.mimic import CHEXPERT_LABELS
     from fastssl.eval.report import auroc_summary, plot_roc, study_table, write_json, write_scores_csv
 
-    model.load_state_dict(torch.load(os.path.join(cfg.out, BEST), map_location="cpu", weights_only=True))
+    from fastssl.jobs import load_checkpoint
+
+    model.load_state_dict(load_checkpoint(os.path.join(cfg.out, BEST)))
     test = data["test"]
     scores, labels = evaluate(model, test, transform, cfg, device)
     studies, subjects = study_table(test, test.study_index)
@@ -325,20 +347,28 @@ def _score(cfg: FinetuneConfig, device, model, data, transform, state: dict) -> 
 
 
 def main(cfg: FinetuneConfig) -> dict:
-    """Runs, resumes or recognises as finished a fine-tuning job. Returns the finetune.json
-    dict when finished (plus finished=True), else dict(finished=False, epoch)."""
-    from fastssl.train.checkpoint import atomic_write_text
+    """Runs, resumes or recognises as finished a fine-tuning job, holding out/'s lock.
+    Returns the finetune.json dict when finished (plus finished=True), else
+    dict(finished=False, epoch)."""
+    from fastssl.jobs import OutputLock
 
     cfg.validate()
-    result_path = os.path.join(cfg.out, RESULT)
     device, model, optimizer, lr, data, transform, augment = _setup(cfg)
     os.makedirs(cfg.out, exist_ok=True)
-    state = _resume(cfg, model, optimizer)
+    with OutputLock(cfg.out):
+        state = _resume(cfg, model, optimizer)
+        return _run(cfg, state, device, model, optimizer, lr, data, transform, augment)
+
+
+def _run(cfg: FinetuneConfig, state: dict, device, model, optimizer, lr, data, transform, augment) -> dict:
+    from fastssl.jobs import atomic_write_json
+
+    result_path = os.path.join(cfg.out, RESULT)
     if state["epoch"] >= cfg.epochs and os.path.isfile(result_path):
         with open(result_path, encoding="utf-8") as handle:
             log.info("finetune: %s is finished; nothing to do", cfg.out)
             return dict(json.load(handle), finished=True)
-    atomic_write_text(os.path.join(cfg.out, "config.json"), json.dumps(asdict(cfg), indent=2))
+    atomic_write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
     log.info("finetune: %d train / %d val / %d test studies, batch %d studies, lr %.3e (base %g x %d/256), "
              "layer decay %g, %d epochs (warm-up %d)%s", len(data["train"].study_ids), len(data["val"].study_ids),
              len(data["test"].study_ids), cfg.batch_size, lr, cfg.base_lr, cfg.batch_size, cfg.layer_decay,

@@ -73,7 +73,7 @@ def extract_features(encoder: torch.nn.Module, dataset, transform, *, batch_size
 
 
 def fit_linear_probe(x: np.ndarray, y: np.ndarray, *, method: str = "lbfgs", l2: float = 1e-4,
-                     max_iter: int = 200, lr: float = 1e-2, seed: int = 0) -> dict:
+                     max_iter: int = 200, lr: float = 1e-2, seed: int = 0, init: dict | None = None) -> dict:
     """Logistic regression with C outputs on standardised features (masked BCE).
 
     Args:
@@ -81,6 +81,7 @@ def fit_linear_probe(x: np.ndarray, y: np.ndarray, *, method: str = "lbfgs", l2:
         method: "lbfgs" (full batch, strong Wolfe line search) or "adamw" (full-batch
             steps, lr ``lr``, decoupled weight decay ``l2``).
         l2: for lbfgs, penalty l2/2 * ||W||^2 added to the mean BCE.
+        init: a fitted probe to start from (weight, bias; a warm start along an L2 grid).
     Returns:
         dict(weight (D, C), bias (C,), mean (D,), std (D,), loss) as numpy; apply with
         :func:`probe_logits`.
@@ -94,14 +95,17 @@ def fit_linear_probe(x: np.ndarray, y: np.ndarray, *, method: str = "lbfgs", l2:
     mean, std = xt.mean(0), xt.std(0).clamp(min=1e-6)
     xt = (xt - mean) / std
     yt = torch.as_tensor(y, dtype=torch.int64)
-    w = torch.zeros(x.shape[1], y.shape[1], requires_grad=True)
-    b = torch.zeros(y.shape[1], requires_grad=True)
+    w = torch.zeros(x.shape[1], y.shape[1])
+    b = torch.zeros(y.shape[1])
+    if init is not None:
+        w.copy_(torch.as_tensor(init["weight"])), b.copy_(torch.as_tensor(init["bias"]))
+    w.requires_grad_(True), b.requires_grad_(True)
 
     def objective():
         return masked_bce(xt @ w + b, yt)
 
     if method == "lbfgs":
-        opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20,
+        opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-5,
                                 line_search_fn="strong_wolfe")
 
         def closure():
@@ -243,11 +247,12 @@ def parse_grid(text: str) -> list[float]:
 def select_l2(cfg: ProbeConfig, tr: dict, val: dict) -> tuple[dict, float, dict]:
     """Fit one probe per --l2-grid value on the train images, score each on the validation
     studies (macro AUROC of study-mean logits); the best wins, ties to the larger L2.
-    -> (probe, l2, {l2: validation macro AUROC})."""
-    fits, scores = {}, {}
+    The grid runs from the largest penalty down, each fit starting from the previous
+    solution. -> (probe, l2, {l2: validation macro AUROC})."""
+    fits, scores, previous = {}, {}, None
     for l2 in sorted(parse_grid(cfg.l2_grid), reverse=True):
-        fits[l2] = fit_linear_probe(tr["features"], tr["labels"], method=cfg.method, l2=l2,
-                                    max_iter=cfg.max_iter, seed=cfg.seed)
+        fits[l2] = previous = fit_linear_probe(tr["features"], tr["labels"], method=cfg.method, l2=l2,
+                                               max_iter=cfg.max_iter, seed=cfg.seed, init=previous)
         s, y = study_logits(probe_logits(fits[l2], val["features"]), val["labels"], val["study_index"])
         scores[l2] = macro_auroc(s, y)[1]
         log.info("probe: l2=%g validation macro AUROC %.4f", l2, scores[l2])
@@ -273,9 +278,13 @@ def _fit(cfg: ProbeConfig, feats: dict) -> tuple[dict, dict]:
 def save_probe(path: str, probe: dict) -> None:
     """The fitted probe as .npz: weight (D, C), bias (C,), mean (D,), std (D,); apply it
     to CLS features x (N, D) as ((x - mean) / std) @ weight + bias."""
-    tmp = f"{path}.tmp{os.getpid()}.npz"
-    np.savez(tmp, **{k: np.asarray(probe[k]) for k in ("weight", "bias", "mean", "std")})
-    os.replace(tmp, path)
+    import io
+
+    from fastssl.jobs import atomic_write_bytes
+
+    data = io.BytesIO()
+    np.savez(data, **{k: np.asarray(probe[k]) for k in ("weight", "bias", "mean", "std")})
+    atomic_write_bytes(path, data.getvalue())
 
 
 def main(cfg: ProbeConfig) -> dict:

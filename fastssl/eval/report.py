@@ -41,14 +41,17 @@ def write_scores_csv(path: str, studies, subjects, scores: np.ndarray, labels: n
     scores, labels = np.asarray(scores), np.asarray(labels)
     if scores.shape != labels.shape or scores.shape != (len(studies), len(names)):
         raise ValueError(f"scores {scores.shape}, labels {labels.shape}: expected ({len(studies)}, {len(names)})")
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(SCORES_COLUMNS)
-        for i, (study, subject) in enumerate(zip(studies, subjects)):
-            for j, name in enumerate(names):
-                writer.writerow([study, subject, name, repr(float(scores[i, j])), int(labels[i, j])])
-    os.replace(tmp, path)
+    import io
+
+    from fastssl.jobs import atomic_write_text
+
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(SCORES_COLUMNS)
+    for i, (study, subject) in enumerate(zip(studies, subjects)):
+        for j, name in enumerate(names):
+            writer.writerow([study, subject, name, repr(float(scores[i, j])), int(labels[i, j])])
+    atomic_write_text(path, text.getvalue())
 
 
 def run_job(main, cfg) -> dict | None:
@@ -64,13 +67,10 @@ def run_job(main, cfg) -> dict | None:
 
 
 def write_json(path: str, obj: dict) -> None:
-    """obj as indented JSON at ``path`` (temporary name, then rename)."""
-    import json
+    """obj as indented JSON at ``path`` (temporary name, then rename; fastssl.jobs)."""
+    from fastssl.jobs import atomic_write_json
 
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(obj, handle, indent=2)
-    os.replace(tmp, path)
+    atomic_write_json(path, obj)
 
 
 def read_scores_csv(path: str) -> dict:
@@ -148,8 +148,9 @@ def roc_points(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 def plot_roc(path: str, scores: np.ndarray, labels: np.ndarray, names, title: str = "") -> str | None:
-    """One panel per label with both classes: its ROC curve and AUROC. Writes ``path``
-    (PNG, atomic rename) and returns it; None (and a warning) without matplotlib."""
+    """The ROC curve of every label with both classes, on one axes, the legend giving each
+    label's AUROC and positives. Writes ``path`` (PNG, atomic rename) and returns it; None
+    (and a warning) without matplotlib."""
     try:
         import matplotlib
 
@@ -158,25 +159,24 @@ def plot_roc(path: str, scores: np.ndarray, labels: np.ndarray, names, title: st
     except ImportError:
         log.warning("matplotlib is not installed: no %s (pip install 'fastssl[plots]')", path)
         return None
-    per, _ = macro_auroc(scores, labels)
-    used = [j for j in range(len(names)) if not np.isnan(per[j])]
-    cols = min(4, len(used))
-    rows = -(-len(used) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
-    for ax in axes.flat[len(used):]:
-        ax.axis("off")
-    for ax, j in zip(axes.flat, used):
+    per, macro = macro_auroc(scores, labels)
+    fig, ax = plt.subplots(figsize=(8.5, 5.5))
+    cycle = plt.get_cmap("tab20").colors
+    for k, j in enumerate(j for j in range(len(names)) if not np.isnan(per[j])):
         fpr, tpr = roc_points(scores[:, j], labels[:, j])
-        ax.plot(fpr, tpr, lw=1.5)
-        ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1)
-        ax.set(xlim=(0, 1), ylim=(0, 1), aspect="equal", xlabel="false positive rate",
-               ylabel="true positive rate")
-        ax.set_title(f"{names[j]}\nAUROC {per[j]:.3f} (+{int((labels[:, j] == 1).sum())})", fontsize=9)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=80)
+        ax.plot(fpr, tpr, lw=1.3, color=cycle[k % len(cycle)],
+                label=f"{names[j]}  {per[j]:.3f} (+{int((labels[:, j] == 1).sum())})")
+    ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1)
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), aspect="equal", xlabel="false positive rate", ylabel="true positive rate",
+           title=f"{title + ': ' if title else ''}macro AUROC {macro:.3f}")
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False, title="label  AUROC (+pos)")
+    fig.subplots_adjust(left=0.08, right=0.62, bottom=0.1, top=0.92)
+    import io
+
+    from fastssl.jobs import atomic_write_bytes
+
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=90)
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, png.getvalue())
     return path

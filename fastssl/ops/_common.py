@@ -5,6 +5,7 @@ resolves to impl="triton".
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -73,6 +74,11 @@ def kernels(name: str) -> ModuleType:
     return importlib.import_module(f"fastssl.kernels.{name}")
 
 
+def device_ctx(t: torch.Tensor):
+    """Triton launches on the tensor's own CUDA device (a no-op on the CPU)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def tuning(device: torch.device) -> dict:
     """Tile sizes: GPU-sized tiles on CUDA; under the CPU interpreter, where every
     program instance costs about a millisecond, as few and as large programs as fit."""
@@ -105,19 +111,26 @@ def check_same_device(*named: tuple[str, torch.Tensor | None]) -> None:
             raise ValueError(f"{n} is on {t.device} but {first_name} is on {first.device}")
 
 
-def index_problems(ids: torch.Tensor, upper: int, *, distinct: bool,
-                   permutation: bool = False) -> tuple[bool, bool]:
-    """(out of range, not distinct / not a permutation) for (B, n) ids in [0, upper),
-    with one host sync for both answers."""
+def index_flags(ids: torch.Tensor, upper: int, *, distinct: bool,
+                permutation: bool = False) -> torch.Tensor:
+    """(2,) bool on the device, no sync: (out of range, not distinct / not a permutation)
+    for (B, n) ids in [0, upper)."""
     out_of_range = ((ids < 0) | (ids >= upper)).any()
     if not (distinct or permutation):
-        return bool(out_of_range), False
+        return torch.stack([out_of_range, torch.zeros_like(out_of_range)])
     counts = torch.zeros(ids.shape[0], upper + 1, dtype=torch.int32, device=ids.device)
     safe = torch.where((ids >= 0) & (ids < upper), ids, upper).long()
     counts.scatter_add_(1, safe, torch.ones_like(safe, dtype=torch.int32))
     counts = counts[:, :upper]
     bad = (counts != 1).any() if permutation else (counts > 1).any()
-    flags = torch.stack([out_of_range, bad]).cpu()
+    return torch.stack([out_of_range, bad])
+
+
+def index_problems(ids: torch.Tensor, upper: int, *, distinct: bool,
+                   permutation: bool = False) -> tuple[bool, bool]:
+    """(out of range, not distinct / not a permutation) for (B, n) ids in [0, upper),
+    with one host sync for both answers."""
+    flags = index_flags(ids, upper, distinct=distinct, permutation=permutation).cpu()
     return bool(flags[0]), bool(flags[1])
 
 

@@ -7,8 +7,11 @@ calls ``mae_loss`` compiles with ``torch.compile(fullgraph=True)``.
 
 Implementations:
     "triton"  fused kernels (fastssl.kernels.mae_loss): the target is read straight from
-              ``imgs``, the gradient is recomputed in backward (see the kernel module for
-              the bytes-moved argument). CUDA tensors, or CPU tensors under
+              ``imgs``. In eager mode, when pred needs a gradient, one pass writes the loss
+              and the gradient for an incoming gradient of 1, which backward returns
+              unless the device sees another incoming gradient; under torch.compile, for
+              other incoming gradients and a second backward (retain_graph) the gradient
+              is recomputed in backward. CUDA tensors, or CPU tensors under
               TRITON_INTERPRET=1.
     "torch"   fastssl.reference.mae (forward and the closed-form gradient).
     "auto"    "triton" for CUDA tensors when Triton is installed, else "torch"
@@ -16,7 +19,6 @@ Implementations:
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -30,62 +32,69 @@ TARGETS = ("norm_pix", "pixel")
 
 
 # ------------------------------------------------------------------------ custom ops
-def _weight(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    # The kernel reads any numeric mask; a bool is reinterpreted as bytes (no copy).
-    if mask is not None and mask.dtype == torch.bool:
-        return mask.view(torch.uint8)
-    return mask
-
-
-def _weight_sum(pred: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    if mask is None:  # compact layout: every row weighs 1
-        return torch.tensor(float(pred.shape[0] * pred.shape[1]), device=pred.device)
-    return mask.sum(dtype=torch.float32)
-
-
 def _loss_dtype(pred: torch.Tensor) -> torch.dtype:
     return torch.float64 if pred.dtype == torch.float64 else torch.float32
 
 
-def _mae_loss_impl(pred: torch.Tensor, imgs: torch.Tensor, mask: Optional[torch.Tensor],
-                 ids_masked: Optional[torch.Tensor], patch_size: int, norm_pix: bool,
-                 eps: float, impl: str) -> torch.Tensor:
-    target = "norm_pix" if norm_pix else "pixel"
-    if impl == "torch":
-        return _ref.mae_loss_reference(pred, imgs, mask, patch_size=patch_size, target=target,
-                                       eps=eps, ids_masked=ids_masked)
+def _triton_forward(pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, groups, *,
+                    with_grad):
     k = _common.kernels("mae_loss")
-    with torch.cuda.device(pred.device) if pred.is_cuda else _nullcontext():
-        part = k.mae_loss_fwd(pred, imgs, _weight(mask), ids_masked, patch_size=patch_size,
-                              norm_pix=norm_pix, eps=eps, **_common.tuning(pred.device))
-    wsum = _weight_sum(pred, mask)
-    # sum(w) == 0 means nothing to reconstruct: the partials are exactly 0, divide by 1.
-    return part.sum() / torch.where(wsum != 0, wsum, torch.ones_like(wsum))
+    with _common.device_ctx(pred):
+        return k.mae_loss_forward(pred, imgs, mask, ids_masked, groups=groups,
+                                  patch_size=patch_size, norm_pix=norm_pix, eps=eps,
+                                  with_grad=with_grad, **_common.tuning(pred.device))
+
+
+def _mae_loss_impl(pred: torch.Tensor, imgs: torch.Tensor, mask: Optional[torch.Tensor],
+                   ids_masked: Optional[torch.Tensor], patch_size: int, norm_pix: bool,
+                   eps: float, groups: int, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss (), per_group (G,)): the loss is the mean of the per-group losses."""
+    if impl == "torch":
+        per_group = _ref.mae_loss_per_group_reference(
+            pred, imgs, mask, patch_size=patch_size, target="norm_pix" if norm_pix else "pixel",
+            eps=eps, ids_masked=ids_masked, groups=groups)
+        return per_group.mean(), per_group
+    loss, per_group, _, _ = _triton_forward(pred, imgs, mask, ids_masked, patch_size, norm_pix,
+                                            eps, groups, with_grad=False)
+    return loss, per_group
 
 
 _mae_loss_op = torch.library.custom_op("fastssl::mae_loss", _mae_loss_impl, mutates_args=())
 
 
 @_mae_loss_op.register_fake
-def _(pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, impl):
-    return pred.new_empty((), dtype=_loss_dtype(pred))
+def _(pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, groups, impl):
+    dtype = _loss_dtype(pred)
+    return pred.new_empty((), dtype=dtype), pred.new_empty((groups,), dtype=dtype)
 
 
-def _mae_loss_backward_impl(grad: torch.Tensor, pred: torch.Tensor, imgs: torch.Tensor,
-                          mask: Optional[torch.Tensor], ids_masked: Optional[torch.Tensor],
-                          patch_size: int, norm_pix: bool, eps: float,
-                          impl: str) -> torch.Tensor:
-    target = "norm_pix" if norm_pix else "pixel"
+def _backward_impl(grad_loss, grad_groups, pred, imgs, mask, ids_masked, patch_size, norm_pix,
+                   eps, groups, impl, *, wsums=None, out=None):
+    """d (grad_loss * loss + sum(grad_groups * per_group)) / d pred. With ``out`` (the
+    single-pass gradient of the forward, Triton only) only groups whose incoming gradient
+    is not the unit one are recomputed into it, decided on the device."""
     if impl == "torch":
-        return _ref.mae_loss_backward_reference(grad, pred, imgs, mask, patch_size=patch_size,
-                                                target=target, eps=eps, ids_masked=ids_masked)
+        return _ref.mae_loss_backward_reference(
+            grad_loss, pred, imgs, mask, patch_size=patch_size,
+            target="norm_pix" if norm_pix else "pixel", eps=eps, ids_masked=ids_masked,
+            groups=groups, grad_groups=grad_groups)
     k = _common.kernels("mae_loss")
-    wsum = _weight_sum(pred, mask)
-    scale = (grad.float() / torch.where(wsum != 0, wsum, torch.ones_like(wsum))).reshape(1)
-    with torch.cuda.device(pred.device) if pred.is_cuda else _nullcontext():
-        return k.mae_loss_bwd(pred, imgs, _weight(mask), ids_masked, scale,
-                              patch_size=patch_size, norm_pix=norm_pix, eps=eps,
-                              **_common.tuning(pred.device))
+    with _common.device_ctx(pred):
+        if out is None:  # not saved by a single-pass forward: sum the weights again
+            wsums = k.weight_sums(pred, mask, groups)
+        return k.mae_loss_backward(grad_loss.float(), grad_groups.float(), pred, imgs, mask,
+                                   ids_masked, wsums, groups=groups, patch_size=patch_size,
+                                   norm_pix=norm_pix, eps=eps, out=out,
+                                   **_common.tuning(pred.device))
+
+
+def _mae_loss_backward_impl(grad_loss: torch.Tensor, grad_groups: torch.Tensor,
+                            pred: torch.Tensor, imgs: torch.Tensor,
+                            mask: Optional[torch.Tensor], ids_masked: Optional[torch.Tensor],
+                            patch_size: int, norm_pix: bool, eps: float, groups: int,
+                            impl: str) -> torch.Tensor:
+    return _backward_impl(grad_loss, grad_groups, pred, imgs, mask, ids_masked, patch_size,
+                          norm_pix, eps, groups, impl)
 
 
 _mae_loss_backward_op = torch.library.custom_op(
@@ -93,36 +102,69 @@ _mae_loss_backward_op = torch.library.custom_op(
 
 
 @_mae_loss_backward_op.register_fake
-def _(grad, pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, impl):
+def _(grad_loss, grad_groups, pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, groups,
+      impl):
     return torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
 
 
+def _incoming(grad_loss, grad_groups, pred, groups):
+    # Autograd may hand None for an output that no loss used: it contributes nothing.
+    dtype = _loss_dtype(pred)
+    if grad_loss is None:
+        grad_loss = pred.new_zeros((), dtype=dtype)
+    if grad_groups is None:
+        grad_groups = pred.new_zeros((groups,), dtype=dtype)
+    return grad_loss, grad_groups
+
+
 def _setup_context(ctx, inputs, output):
-    pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, impl = inputs
+    pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, groups, impl = inputs
     ctx.save_for_backward(pred, imgs, mask, ids_masked)
-    ctx.config = (patch_size, norm_pix, eps, impl)
+    ctx.config = (patch_size, norm_pix, eps, groups, impl)
 
 
-def _backward(ctx, grad, backward_op=None):
+def _backward(ctx, grad_loss, grad_groups):
     pred, imgs, mask, ids_masked = ctx.saved_tensors
     grad_pred = None
     if ctx.needs_input_grad[0]:
-        grad_pred = (backward_op or _mae_loss_backward_op)(grad, pred, imgs, mask, ids_masked, *ctx.config)
-    return grad_pred, None, None, None, None, None, None, None
+        grad_loss, grad_groups = _incoming(grad_loss, grad_groups, pred, ctx.config[3])
+        grad_pred = _mae_loss_backward_op(grad_loss, grad_groups, pred, imgs, mask, ids_masked,
+                                          *ctx.config)
+    return grad_pred, None, None, None, None, None, None, None, None
 
 
 _mae_loss_op.register_autograd(_backward, setup_context=_setup_context)
-_mae_loss_eager = _common.eager_function(
-    _mae_loss_impl, _setup_context,
-    functools.partial(_backward, backward_op=_mae_loss_backward_impl))
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
+class _MaeLossEager(torch.autograd.Function):
+    """The eager path (no op-dispatcher overhead, see _common.eager_function) with the
+    single pass: when pred needs a gradient and the Triton kernels run, the forward also
+    writes the gradient for an incoming gradient of 1, and backward returns it unless the
+    device sees another incoming gradient (then those groups are recomputed). A second
+    backward (retain_graph) recomputes everything."""
 
-    def __exit__(self, *exc):
-        return False
+    @staticmethod
+    def forward(ctx, pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, groups, impl,
+                single_pass):
+        ctx.unit_grad = ctx.wsums = None
+        if impl == "triton" and single_pass:
+            loss, per_group, ctx.wsums, ctx.unit_grad = _triton_forward(
+                pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, groups, with_grad=True)
+        else:
+            loss, per_group = _mae_loss_impl(pred, imgs, mask, ids_masked, patch_size, norm_pix,
+                                             eps, groups, impl)
+        ctx.save_for_backward(pred, imgs, mask, ids_masked)
+        ctx.config = (patch_size, norm_pix, eps, groups, impl)
+        return loss, per_group
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_groups):
+        pred, imgs, mask, ids_masked = ctx.saved_tensors
+        grad_loss, grad_groups = _incoming(grad_loss, grad_groups, pred, ctx.config[3])
+        unit_grad, ctx.unit_grad = ctx.unit_grad, None  # handed out once: no reuse
+        grad_pred = _backward_impl(grad_loss, grad_groups, pred, imgs, mask, ids_masked,
+                                   *ctx.config, wsums=ctx.wsums, out=unit_grad)
+        return grad_pred, None, None, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------- public
@@ -183,9 +225,11 @@ def mae_loss(
     target: str = "norm_pix",
     eps: float = 1e-6,
     ids_masked: torch.Tensor | None = None,
+    groups: int = 1,
+    return_groups: bool = False,
     impl: str = "auto",
     validate: bool = True,
-) -> torch.Tensor:
+):
     """MAE reconstruction loss, fused: ``sum(mse_per_patch * w) / sum(w)``.
 
     Patches follow facebookresearch/mae's patchify (``'nchpwq->nhwpqc'``: channel last
@@ -207,23 +251,39 @@ def mae_loss(
         ids_masked: (B, M) int32|int64, the compact layout of a decoder that predicts only
             masked tokens: row m of pred predicts patch ids_masked[b, m] and every row
             counts with weight 1 (loss = mean over all B*M rows).
+        groups: G dividing B. The batch is G equal consecutive slices (G=2: the frontal
+            then the lateral views of a paired batch), each normalised by its own weight
+            sum; the loss is the mean of the G per-group losses. One call covers both
+            views of a paired batch.
+        return_groups: also return the (G,) per-group losses (differentiable too).
         impl: "auto" | "triton" | "torch" (module docstring).
         validate: check that ids_masked lies in [0, L) (one device sync). Skipped inside
             torch.compile. With validate=False an out-of-range id contributes zero error
             instead of reading stray memory.
     Returns:
-        0-dim float32 tensor (float64 for float64 pred), differentiable w.r.t. pred only.
-        A mask with no masked patch gives 0 and a zero gradient, never NaN.
+        0-dim float32 tensor (float64 for float64 pred), differentiable w.r.t. pred only;
+        with return_groups, ``(loss, per_group)``. A group with no masked patch gives 0
+        and a zero gradient, never NaN.
     Raises:
         ValueError / TypeError: bad shapes or dtypes, before anything is launched.
         MissingDependencyError: impl="triton" where Triton cannot run.
     """
     _check(pred, imgs, mask, patch_size, target, ids_masked)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 \
+            or pred.shape[0] % groups:
+        raise ValueError(f"groups={groups!r} must be a positive int dividing the batch size "
+                         f"B={pred.shape[0]} of pred {tuple(pred.shape)}")
     chosen = _common.resolve("mae_loss", impl, pred.device, pred.dtype)
     if ids_masked is not None and _common.should_validate(validate):
         n_patches = (imgs.shape[2] // patch_size) * (imgs.shape[3] // patch_size)
         out_of_range, _ = _common.index_problems(ids_masked, n_patches, distinct=False)
         if out_of_range:
             raise ValueError(f"ids_masked holds values outside [0, L={n_patches})")
-    op = _mae_loss_op if torch.compiler.is_compiling() else _mae_loss_eager
-    return op(pred, imgs, mask, ids_masked, patch_size, target == "norm_pix", float(eps), chosen)
+    args = (pred, imgs, mask, ids_masked, patch_size, target == "norm_pix", float(eps), groups,
+            chosen)
+    if torch.compiler.is_compiling():
+        loss, per_group = _mae_loss_op(*args)
+    else:
+        single_pass = torch.is_grad_enabled() and pred.requires_grad
+        loss, per_group = _MaeLossEager.apply(*args, single_pass)
+    return (loss, per_group) if return_groups else loss

@@ -22,18 +22,6 @@ __all__ = ["random_masking", "gather_tokens", "unshuffle_with_mask_token"]
 _EMPTY = (0,)  # placeholder shape for an absent gradient (custom ops return tensors only)
 
 
-def _device_ctx(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else _NullContext()
-
-
-class _NullContext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 # ------------------------------------------------------------------- random masking
 def random_masking(
     batch: int,
@@ -87,15 +75,17 @@ def random_masking(
 
 
 # -------------------------------------------------------------------- gather_tokens
-def _gather_impl(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: Optional[torch.Tensor],
-               sample_embed: Optional[torch.Tensor], impl: str) -> torch.Tensor:
+def _gather_impl(x: torch.Tensor, ids_keep: torch.Tensor, ids_restore: Optional[torch.Tensor],
+                 pos_embed: Optional[torch.Tensor], sample_embed: Optional[torch.Tensor],
+                 impl: str) -> torch.Tensor:
+    # ids_restore is an input only so that backward gets it (the forward needs ids_keep).
     if impl == "torch":
         return _ref.gather_tokens_reference(x, ids_keep, pos_embed=pos_embed,
                                             sample_embed=sample_embed)
     k = _common.kernels("masking")
     pos = pos_embed.contiguous() if pos_embed is not None else None
     se = sample_embed.contiguous() if sample_embed is not None else None
-    with _device_ctx(x):
+    with _common.device_ctx(x):
         return k.gather_tokens_fwd(x, ids_keep, pos, se, _gather_dtype(x, pos_embed, sample_embed),
                                    **_common.tuning(x.device))
 
@@ -112,13 +102,14 @@ def _gather_dtype(x, pos_embed, sample_embed) -> torch.dtype:
 
 
 @_gather_op.register_fake
-def _(x, ids_keep, pos_embed, sample_embed, impl):
+def _(x, ids_keep, ids_restore, pos_embed, sample_embed, impl):
     return x.new_empty((x.shape[0], ids_keep.shape[1], x.shape[2]),
                        dtype=_gather_dtype(x, pos_embed, sample_embed))
 
 
-def _gather_backward_impl(grad: torch.Tensor, ids_keep: torch.Tensor, length: int,
-                        x: torch.Tensor, pos_embed: Optional[torch.Tensor],
+def _gather_backward_impl(grad: torch.Tensor, ids_keep: torch.Tensor,
+                          ids_restore: Optional[torch.Tensor], length: int,
+                          x: torch.Tensor, pos_embed: Optional[torch.Tensor],
                         sample_embed: Optional[torch.Tensor],
                         impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # x, pos_embed and sample_embed are empty dtype carriers (see _gather_setup); the
@@ -137,9 +128,11 @@ def _gather_backward_impl(grad: torch.Tensor, ids_keep: torch.Tensor, length: in
         tune = _common.tuning(grad.device)
         if grad.device.type != "cuda":
             tune["min_programs"] = 1  # the interpreter runs programs one after another
-        with _device_ctx(grad):
-            gx, gpos, gse = k.gather_tokens_bwd(grad, ids_keep, length, x.dtype, pos_info,
-                                                se_dtype, **tune)
+        with _common.device_ctx(grad):
+            if ids_restore is None:  # a caller without random_masking's inverse
+                ids_restore = k.inverse_ids(ids_keep, length)
+            gx, gpos, gse = k.gather_tokens_bwd(grad, ids_restore, x.dtype, pos_info, se_dtype,
+                                                **tune)
     if gpos is None:
         gpos = x.new_empty(_EMPTY)
     if gse is None:
@@ -152,7 +145,7 @@ _gather_backward_op = torch.library.custom_op(
 
 
 @_gather_backward_op.register_fake
-def _(grad, ids_keep, length, x, pos_embed, sample_embed, impl):
+def _(grad, ids_keep, ids_restore, length, x, pos_embed, sample_embed, impl):
     b, _, d = grad.shape
     gpos = pos_embed.new_empty((length, d)) if pos_embed is not None else x.new_empty(_EMPTY)
     gse = sample_embed.new_empty((b, d)) if sample_embed is not None else x.new_empty(_EMPTY)
@@ -160,10 +153,10 @@ def _(grad, ids_keep, length, x, pos_embed, sample_embed, impl):
 
 
 def _gather_setup(ctx, inputs, output):
-    x, ids_keep, pos_embed, sample_embed, impl = inputs
+    x, ids_keep, ids_restore, pos_embed, sample_embed, impl = inputs
     # Backward needs only the indices and the shapes/dtypes of the inputs: x itself is
     # not saved, so the (B, L, D) tokens are not kept alive until backward for us.
-    ctx.save_for_backward(ids_keep)
+    ctx.save_for_backward(ids_keep, ids_restore)
     ctx.length = x.shape[1]
     ctx.dtypes = (x.dtype, None if pos_embed is None else pos_embed.dtype,
                   None if sample_embed is None else sample_embed.dtype)
@@ -171,12 +164,13 @@ def _gather_setup(ctx, inputs, output):
 
 
 def _gather_backward(ctx, grad, backward_op=None):
-    (ids_keep,) = ctx.saved_tensors
+    ids_keep, ids_restore = ctx.saved_tensors
     x_dt, pos_dt, se_dt = ctx.dtypes
     carrier = lambda dt: None if dt is None else grad.new_empty(_EMPTY, dtype=dt)  # noqa: E731
-    gx, gpos, gse = (backward_op or _gather_backward_op)(grad, ids_keep, ctx.length, carrier(x_dt),
-                                        carrier(pos_dt), carrier(se_dt), ctx.impl)
-    return (gx, None, gpos if pos_dt is not None else None,
+    gx, gpos, gse = (backward_op or _gather_backward_op)(
+        grad, ids_keep, ids_restore, ctx.length, carrier(x_dt), carrier(pos_dt),
+        carrier(se_dt), ctx.impl)
+    return (gx, None, None, gpos if pos_dt is not None else None,
             gse if se_dt is not None else None, None)
 
 
@@ -186,40 +180,19 @@ _gather_eager = _common.eager_function(
     functools.partial(_gather_backward, backward_op=_gather_backward_impl))
 
 
-def gather_tokens(
-    x: torch.Tensor,
-    ids_keep: torch.Tensor,
-    *,
-    pos_embed: torch.Tensor | None = None,
-    sample_embed: torch.Tensor | None = None,
-    impl: str = "auto",
-    validate: bool = True,
-) -> torch.Tensor:
-    """The encoder's input: kept tokens plus position and per-sample embeddings, one pass.
-
-    ``out[b, k] = x[b, ids_keep[b, k]] + pos_embed[ids_keep[b, k]] + sample_embed[b]``.
-
-    Args:
-        x: (B, L, D) float32|float16|bfloat16 (float64 with impl="torch"), patch tokens.
-        ids_keep: (B, K) int32|int64, distinct indices in [0, L) per row (as from
-            :func:`random_masking`).
-        pos_embed: (L, D) or (1, L, D) (without a CLS row: pass ``pos_embed[:, 1:]``).
-        sample_embed: (B, D), e.g. the view-type embedding of each sample.
-        impl: "auto" | "triton" | "torch".
-        validate: check that ids_keep lies in [0, L) and has no repeat within a row (one
-            device sync; skipped inside torch.compile). Repeats would make the Triton
-            backward drop gradient; out-of-range ids read zeros instead of stray memory.
-    Returns:
-        (B, K, D), dtype the promotion of the inputs' dtypes. Backward gives grad_x
-        (B, L, D) (zeros at dropped patches), grad_pos_embed (sum over the batch) and
-        grad_sample_embed (sum over K).
-    """
+def _check_gather_args(x, ids_keep, ids_restore, pos_embed, sample_embed):
+    """Shapes, dtypes and devices (no sync); returns pos_embed as (L, D) or None."""
     _common.check_tensor(x, "x", 3, _common.FLOAT_DTYPES, "(B, L, D)")
     _common.check_tensor(ids_keep, "ids_keep", 2, _common.INDEX_DTYPES, "(B, K)")
     b, length, d = x.shape
     if ids_keep.shape[0] != b:
         raise ValueError(f"ids_keep has shape {tuple(ids_keep.shape)} and x {tuple(x.shape)}: "
                          "the batch sizes differ")
+    if ids_restore is not None:
+        _common.check_tensor(ids_restore, "ids_restore", 2, _common.INDEX_DTYPES, "(B, L)")
+        if tuple(ids_restore.shape) != (b, length):
+            raise ValueError(f"ids_restore has shape {tuple(ids_restore.shape)}; expected "
+                             f"(B, L) = ({b}, {length}) from x {tuple(x.shape)}")
     pos2d = None
     if pos_embed is not None:
         if not isinstance(pos_embed, torch.Tensor) or pos_embed.dtype not in _common.FLOAT_DTYPES:
@@ -233,18 +206,71 @@ def gather_tokens(
         if tuple(sample_embed.shape) != (b, d):
             raise ValueError(f"sample_embed has shape {tuple(sample_embed.shape)}; expected "
                              f"(B, D) = ({b}, {d})")
-    _common.check_same_device(("x", x), ("ids_keep", ids_keep), ("pos_embed", pos_embed),
-                              ("sample_embed", sample_embed))
+    _common.check_same_device(("x", x), ("ids_keep", ids_keep), ("ids_restore", ids_restore),
+                              ("pos_embed", pos_embed), ("sample_embed", sample_embed))
+    return pos2d
+
+
+def _validate_gather_ids(ids_keep, ids_restore, length):
+    """Index values, with one device sync for every answer."""
+    bad = _common.index_flags(ids_keep, length, distinct=True)
+    if ids_restore is not None:
+        k = ids_keep.shape[1]
+        # ids_restore must be the inverse: patch ids_keep[b, k] sits at position k.
+        at_keep = ids_restore.gather(1, ids_keep.long().clamp(0, length - 1))
+        inverse = (at_keep == torch.arange(k, device=ids_keep.device)).all()
+        bad = torch.cat([bad, _common.index_flags(ids_restore, length, distinct=True,
+                                                  permutation=True), (~inverse).reshape(1)])
+    flags = bad.cpu().tolist()
+    if flags[0]:
+        raise ValueError(f"ids_keep holds values outside [0, L={length})")
+    if flags[1]:
+        raise ValueError("ids_keep repeats an index within a row; indices must be distinct")
+    if ids_restore is not None and any(flags[2:]):
+        raise ValueError("ids_restore must be the inverse permutation of ids_keep's shuffle "
+                         "(ids_restore[b, ids_keep[b, k]] == k), as random_masking returns")
+
+
+def gather_tokens(
+    x: torch.Tensor,
+    ids_keep: torch.Tensor,
+    *,
+    ids_restore: torch.Tensor | None = None,
+    pos_embed: torch.Tensor | None = None,
+    sample_embed: torch.Tensor | None = None,
+    impl: str = "auto",
+    validate: bool = True,
+) -> torch.Tensor:
+    """The encoder's input: kept tokens plus position and per-sample embeddings, one pass.
+
+    ``out[b, k] = x[b, ids_keep[b, k]] + pos_embed[ids_keep[b, k]] + sample_embed[b]``.
+
+    Args:
+        x: (B, L, D) float32|float16|bfloat16 (float64 with impl="torch"), patch tokens.
+        ids_keep: (B, K) int32|int64, distinct indices in [0, L) per row (as from
+            :func:`random_masking`).
+        ids_restore: (B, L), random_masking's inverse permutation (optional): the Triton
+            backward reads it instead of rebuilding the inverse of ids_keep.
+        pos_embed: (L, D) or (1, L, D) (without a CLS row: pass ``pos_embed[:, 1:]``).
+        sample_embed: (B, D), e.g. the view-type embedding of each sample.
+        impl: "auto" | "triton" | "torch".
+        validate: check that ids_keep lies in [0, L) without a repeat within a row and
+            that ids_restore is its inverse (one device sync; skipped inside
+            torch.compile). Pass False for indices the caller made with random_masking:
+            no host sync then. Repeats would make the Triton backward drop gradient;
+            out-of-range ids read zeros instead of stray memory.
+    Returns:
+        (B, K, D), dtype the promotion of the inputs' dtypes. Backward gives grad_x
+        (B, L, D) (zeros at dropped patches), grad_pos_embed (sum over the batch) and
+        grad_sample_embed (sum over K).
+    """
+    pos2d = _check_gather_args(x, ids_keep, ids_restore, pos_embed, sample_embed)
     dtype = _gather_dtype(x, pos_embed, sample_embed)
     chosen = _common.resolve("gather_tokens", impl, x.device, dtype)
     if _common.should_validate(validate) and ids_keep.numel():
-        out_of_range, repeated = _common.index_problems(ids_keep, length, distinct=True)
-        if out_of_range:
-            raise ValueError(f"ids_keep holds values outside [0, L={length})")
-        if repeated:
-            raise ValueError("ids_keep repeats an index within a row; indices must be distinct")
+        _validate_gather_ids(ids_keep, ids_restore, x.shape[1])
     op = _gather_op if torch.compiler.is_compiling() else _gather_eager
-    return op(x, ids_keep, pos2d, sample_embed, chosen)
+    return op(x, ids_keep, ids_restore, pos2d, sample_embed, chosen)
 
 
 # ------------------------------------------------------------- unshuffle + mask token
@@ -253,7 +279,7 @@ def _unshuffle_impl(x_vis: torch.Tensor, mask_token: torch.Tensor, ids_restore: 
     if impl == "torch":
         return _ref.unshuffle_with_mask_token_reference(x_vis, mask_token, ids_restore)
     k = _common.kernels("masking")
-    with _device_ctx(x_vis):
+    with _common.device_ctx(x_vis):
         return k.unshuffle_fwd(x_vis, mask_token.contiguous(), ids_restore,
                                torch.promote_types(x_vis.dtype, mask_token.dtype),
                                **_common.tuning(x_vis.device))
@@ -277,7 +303,7 @@ def _unshuffle_backward_impl(grad: torch.Tensor, ids_restore: torch.Tensor, k_vi
         return _ref.unshuffle_with_mask_token_backward_reference(
             grad, ids_restore, k_vis, x_dtype=x_vis.dtype, token_dtype=mask_token.dtype)
     k = _common.kernels("masking")
-    with _device_ctx(grad):
+    with _common.device_ctx(grad):
         return k.unshuffle_bwd(grad, ids_restore, k_vis, x_vis.dtype, mask_token.dtype,
                                **_common.tuning(grad.device))
 

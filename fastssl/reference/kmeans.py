@@ -1,9 +1,36 @@
-"""Reference k-means assignment: chunked matmul + argmin in PyTorch."""
+"""Reference k-means assignment: chunked matmul + argmin (or a stable sort for top-k) in
+PyTorch."""
 from __future__ import annotations
 
 import torch
 
+from fastssl._assign_common import normalized_centroids
+
 _METRICS = ("l2", "ip", "cos")
+
+
+def _prepared_centroids(centroids, metric, device, dtype):
+    if metric not in _METRICS:
+        raise ValueError(f"metric={metric!r}; expected one of {_METRICS}")
+    c = centroids.to(device=device)
+    # cos: the library's one normalisation (float64, rounded once to dtype)
+    c = normalized_centroids(c, dtype) if metric == "cos" else c.to(dtype)
+    return c, (c * c).sum(1)
+
+
+def _chunk_scores(xc, c, c_sqnorm, metric):
+    """(rows, k) scores, smaller is better: ||x - c||^2 (l2) or -x.c (ip, cos)."""
+    if metric == "cos":
+        xc = torch.nn.functional.normalize(xc, dim=1)
+    dots = xc @ c.T
+    if metric == "l2":
+        return (xc * xc).sum(1, keepdim=True) - 2 * dots + c_sqnorm
+    return -dots
+
+
+def _reported(best: torch.Tensor, metric: str) -> torch.Tensor:
+    """The distance the API reports for a score: clamped squared L2, or the similarity."""
+    return (best.clamp_min(0) if metric == "l2" else -best).float()
 
 
 def assign_reference(
@@ -27,27 +54,48 @@ def assign_reference(
         labels (n,) int64 and distances (n,) float32 (the squared distance, inner
         product or cosine at the chosen centroid). Ties go to the lowest index.
     """
-    if metric not in _METRICS:
-        raise ValueError(f"metric={metric!r}; expected one of {_METRICS}")
-    c = centroids.to(device=x.device, dtype=dtype)
-    if metric == "cos":
-        c = torch.nn.functional.normalize(c, dim=1)
-    c_sqnorm = (c * c).sum(1)
+    c, c_sqnorm = _prepared_centroids(centroids, metric, x.device, dtype)
     labels = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
     distances = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     for start in range(0, x.shape[0], chunk_size):
-        xc = x[start : start + chunk_size].to(dtype)
-        if metric == "cos":
-            xc = torch.nn.functional.normalize(xc, dim=1)
-        dots = xc @ c.T
-        if metric == "l2":
-            scores = (xc * xc).sum(1, keepdim=True) - 2 * dots + c_sqnorm
-            best, idx = scores.min(dim=1)
-            best = best.clamp_min(0)
-        else:
-            best, idx = dots.max(dim=1)
+        scores = _chunk_scores(x[start : start + chunk_size].to(dtype), c, c_sqnorm, metric)
+        best, idx = scores.min(dim=1)  # the first minimum on ties
         labels[start : start + chunk_size] = idx
-        distances[start : start + chunk_size] = best.float()
+        distances[start : start + chunk_size] = _reported(best, metric)
+    return labels, distances
+
+
+def assign_topk_reference(
+    x: torch.Tensor,
+    centroids: torch.Tensor,
+    topk: int,
+    *,
+    metric: str = "l2",
+    max_scores: int = 1 << 26,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``topk`` nearest centroids of every row, nearest first.
+
+    Args:
+        x: (n, d) any floating dtype, any device.
+        centroids: (k, d), k >= topk.
+        topk: how many centroids per row.
+        metric: as for :func:`assign_reference`.
+        max_scores: bound on the (rows, k) score matrix of one chunk.
+        dtype: compute dtype.
+    Returns:
+        labels (n, topk) int64 and distances (n, topk) float32, best first; equal
+        scores keep index order (a stable sort), so ties go to the lowest index.
+    """
+    c, c_sqnorm = _prepared_centroids(centroids, metric, x.device, dtype)
+    labels = torch.empty((x.shape[0], topk), dtype=torch.int64, device=x.device)
+    distances = torch.empty((x.shape[0], topk), dtype=torch.float32, device=x.device)
+    rows = max(1, max_scores // c.shape[0])
+    for start in range(0, x.shape[0], rows):
+        scores = _chunk_scores(x[start : start + rows].to(dtype), c, c_sqnorm, metric)
+        best, idx = torch.sort(scores, dim=1, stable=True)
+        labels[start : start + rows] = idx[:, :topk]
+        distances[start : start + rows] = _reported(best[:, :topk], metric)
     return labels, distances
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "unshuffle_with_mask_token_reference",
     "unshuffle_with_mask_token_backward_reference",
     "mae_loss_reference",
+    "mae_loss_per_group_reference",
     "mae_loss_backward_reference",
 ]
 
@@ -204,8 +205,36 @@ def _loss_terms(pred, imgs, mask, patch_size, target, eps, ids_masked):
 def _safe_denominator(weight: torch.Tensor) -> torch.Tensor:
     # An all-zero mask has nothing to reconstruct: dividing by 1 instead of 0 turns the
     # (then exactly zero) numerator into a zero loss and a zero gradient, never NaN.
-    total = weight.sum()
+    total = weight.sum(dim=-1)
     return torch.where(total != 0, total, torch.ones_like(total))
+
+
+def _by_group(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, ...) -> (G, B/G * prod(...)): group g is the g-th consecutive slice of the batch."""
+    if groups < 1 or t.shape[0] % groups:
+        raise ValueError(f"groups={groups} must be a positive divisor of the batch size "
+                         f"{t.shape[0]}")
+    return t.reshape(groups, -1)
+
+
+def mae_loss_per_group_reference(
+    pred: torch.Tensor,
+    imgs: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    patch_size: int,
+    target: str = "norm_pix",
+    eps: float = 1e-6,
+    ids_masked: torch.Tensor | None = None,
+    groups: int = 1,
+) -> torch.Tensor:
+    """(G,) MAE losses of G equal consecutive slices of the batch (e.g. G=2: the frontal
+    then the lateral views of a paired batch), each ``sum(mse * w) / sum(w)`` over its
+    own rows (0 when its ``sum(w) == 0``). Arguments as :func:`mae_loss_reference`."""
+    patches, weight, acc = _loss_terms(pred, imgs, mask, patch_size, target, eps, ids_masked)
+    mse = ((pred.to(acc) - patches) ** 2).mean(dim=-1)
+    w = _by_group(weight, groups)
+    return (_by_group(mse, groups) * w).sum(dim=-1) / _safe_denominator(w)
 
 
 def mae_loss_reference(
@@ -217,6 +246,7 @@ def mae_loss_reference(
     target: str = "norm_pix",
     eps: float = 1e-6,
     ids_masked: torch.Tensor | None = None,
+    groups: int = 1,
 ) -> torch.Tensor:
     """MAE reconstruction loss: per-patch MSE averaged over the masked patches.
 
@@ -232,13 +262,14 @@ def mae_loss_reference(
         ids_masked: (B, M) integers: row m of pred predicts patch ids_masked[b, m]; every
             row counts with weight 1 (the compact layout of a decoder that predicts only
             masked tokens).
+        groups: G dividing B: the loss is the mean of the G per-group losses of
+            :func:`mae_loss_per_group_reference` (1: MAE's loss over the whole batch).
     Returns:
-        scalar: ``sum(mse * w) / sum(w)``, 0 when ``sum(w) == 0``. float32 (float64 when
-        pred is float64).
+        scalar: ``sum(mse * w) / sum(w)`` (G=1), 0 when ``sum(w) == 0``. float32 (float64
+        when pred is float64).
     """
-    patches, weight, acc = _loss_terms(pred, imgs, mask, patch_size, target, eps, ids_masked)
-    mse = ((pred.to(acc) - patches) ** 2).mean(dim=-1)
-    return (mse * weight).sum() / _safe_denominator(weight)
+    return mae_loss_per_group_reference(pred, imgs, mask, patch_size=patch_size, target=target,
+                                        eps=eps, ids_masked=ids_masked, groups=groups).mean()
 
 
 def mae_loss_backward_reference(
@@ -251,14 +282,22 @@ def mae_loss_backward_reference(
     target: str = "norm_pix",
     eps: float = 1e-6,
     ids_masked: torch.Tensor | None = None,
+    groups: int = 1,
+    grad_groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Closed-form d loss / d pred of :func:`mae_loss_reference`, in pred's dtype.
+    """Closed-form d total / d pred, in pred's dtype, for
+    ``total = grad_out * loss + sum(grad_groups * per_group)`` (grad_groups (G,) or None).
 
-    ``grad = grad_out * w[b, r] / sum(w) * 2 * (pred - target) / P``; the target does
-    not depend on pred, so norm_pix adds no term.
+    ``grad = c[g] * w[b, r] / sum_g(w) * 2 * (pred - target) / P`` with
+    ``c[g] = grad_out / G + grad_groups[g]``; the target does not depend on pred, so
+    norm_pix adds no term.
     """
     patches, weight, acc = _loss_terms(pred, imgs, mask, patch_size, target, eps, ids_masked)
-    scale = grad_out.to(acc) / _safe_denominator(weight)
+    coef = grad_out.to(acc).reshape(()) / groups
+    if grad_groups is not None:
+        coef = coef + grad_groups.to(acc).reshape(groups)
+    scale = (coef / _safe_denominator(_by_group(weight, groups))).reshape(groups, 1)
+    row_scale = (_by_group(weight, groups) * scale).reshape(weight.shape)
     p_len = pred.shape[-1]
-    grad = (pred.to(acc) - patches) * (weight * (scale * 2.0 / p_len)).unsqueeze(-1)
+    grad = (pred.to(acc) - patches) * (row_scale * (2.0 / p_len)).unsqueeze(-1)
     return grad.to(pred.dtype)

@@ -16,8 +16,10 @@ are skipped); a different tree config is refused unless --overwrite.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -39,37 +41,107 @@ def _levels(value) -> list[int]:
 
 
 def _target(value) -> float:
-    v = float(value)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"--target-size {value}: must be >= 0")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"--target-size {value!r}: expected a number") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"--target-size {value}: must be a finite number >= 0")
     return v
+
+
+# Settings given once for all levels or per level ("50" or "50,50,50" or a YAML list):
+# (flag, element type, smallest allowed value or the allowed strings).
+PER_LEVEL = {
+    "iterations": (int, 0),
+    "resampling_steps": (int, 1),
+    "sample_size": (int, 1),
+    "sampling_strategy": (str, ("closest", "random")),
+}
+
+
+def per_level(name: str, value, n_levels: int):
+    """A scalar (same for every level) or a list with one entry per level ("null"/"-"
+    entries take the default); raises ValueError naming the flag."""
+    cast, allowed = PER_LEVEL[name]
+    flag = "--" + name.replace("_", "-")
+    if value is None:
+        return None
+    items = value if isinstance(value, (list, tuple)) else str(value).replace(" ", "").split(",")
+    out = []
+    for item in items:
+        if item is None or item in ("", "-", "null", "None"):
+            out.append(None)
+            continue
+        try:
+            v = cast(item) if cast is str else _strict_int(item)
+        except (TypeError, ValueError):
+            raise ValueError(f"{flag} {value!r}: expected {cast.__name__} values") from None
+        bad = v not in allowed if isinstance(allowed, tuple) else v < allowed
+        if bad:
+            want = f"one of {allowed}" if isinstance(allowed, tuple) else f">= {allowed}"
+            raise ValueError(f"{flag} {value!r}: every value must be {want}")
+        out.append(v)
+    if len(out) == 1 and not isinstance(value, (list, tuple)):
+        return out[0]
+    if len(out) != n_levels:
+        raise ValueError(f"{flag} has {len(out)} values for {n_levels} levels; give one value "
+                         "or one per level")
+    return out
+
+
+def _strict_int(item) -> int:
+    if isinstance(item, bool):
+        raise TypeError(item)
+    if isinstance(item, float) and not item.is_integer():
+        raise ValueError(item)
+    return int(str(item)) if not isinstance(item, (int, float)) else int(item)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     bool_flag = argparse.BooleanOptionalAction
     # not required=True: the router's pre-pass would reject a --data given by --config
     parser.add_argument("--data", nargs="+", default=None,
-                        help="(required) embeddings: .npy shard paths, a directory of them, or a glob")
+                        help="(required) embeddings: .npy shard paths, a directory of them (an "
+                             "embed output directory is read in its manifest's order), or a glob")
     parser.add_argument("--out", default="runs/curate", help="output directory")
     parser.add_argument("--levels", type=_levels, default=[1000, 100, 10],
                         help="clusters per level, finest first, e.g. 10000,1000,100,10")
-    parser.add_argument("--iterations", type=int, default=20, help="Lloyd iterations per k-means run")
+    parser.add_argument("--iterations", default="50",
+                        help="Lloyd iterations per k-means run: one value, or one per level "
+                             "(SDC and paper 2: 50)")
     parser.add_argument("--split-k", type=int, default=None,
                         help="split every level-1 cluster into this many sub-clusters")
     parser.add_argument("--split-iterations", type=int, default=None,
-                        help="Lloyd iterations of the split (default: --iterations)")
-    parser.add_argument("--resampling-steps", type=int, default=0,
-                        help="resampling steps of levels 2+ (the paper uses 10)")
+                        help="Lloyd iterations of the split (default: level 1's --iterations)")
+    parser.add_argument("--split-inits", type=int, default=10,
+                        help="greedy k-means++ runs per parent in the split; the best is kept (SDC: 10)")
+    parser.add_argument("--resampling-steps", default="10",
+                        help="k-means runs per level COUNTING THE FIRST, as SDC and paper 2 count "
+                             "them (10 = the first k-means + 9 resampled; 1 = no resampling). "
+                             "One value (levels 2+; level 1 runs once unless --resample-level1) "
+                             "or one per level, e.g. 1,10,10,10")
     parser.add_argument("--resample-level1", action=bool_flag, default=False,
-                        help="also run the resampling steps at level 1")
-    parser.add_argument("--sample-size", type=int, default=None,
-                        help="inputs per cluster in a resampling step (default: half the mean size)")
-    parser.add_argument("--sampling-strategy", choices=("random", "closest"), default="random",
-                        help="which inputs a resampling step takes per cluster")
+                        help="a single --resampling-steps value applies to level 1 too")
+    parser.add_argument("--resampling-init", choices=("fresh", "warm"), default="fresh",
+                        help="each resampling k-means starts from a new greedy k-means++ on the "
+                             "sampled subset (fresh, SDC) or from the current centroids (warm)")
+    parser.add_argument("--sample-size", default=None,
+                        help="inputs per cluster in a resampling step: one value or one per "
+                             "level, null for the default (half the mean cluster size)")
+    parser.add_argument("--sampling-strategy", default="closest",
+                        help="which inputs a resampling step takes per cluster: closest | "
+                             "random, one value or one per level (SDC, paper 2: closest)")
     parser.add_argument("--init", choices=("kmeans++", "random"), default="kmeans++",
-                        help="initialisation of each level's k-means")
+                        help="initialisation of each k-means (greedy k-means++ or random points)")
     parser.add_argument("--init-sample-size", type=int, default=None,
-                        help="points the k-means++ initialisation runs on (default max(2k, 16384))")
+                        help="points the k-means++ initialisation runs on "
+                             "(default max(per-centroid x k, 16384))")
+    parser.add_argument("--init-sample-per-centroid", type=int, default=20,
+                        help="k-means++ candidate sample per centroid when --init-sample-size "
+                             "is not given (the sample grows with k)")
+    parser.add_argument("--checkpoint-every", type=int, default=5,
+                        help="Lloyd iterations between checkpoints inside a step (0: per step)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     parser.add_argument("--memory-budget-mb", type=float, default=512.0,
                         help="RAM for one streamed block of rows")
@@ -80,13 +152,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nonfinite", choices=("raise", "skip"), default="raise",
                         help="rows with NaN/inf: stop with an error, or leave them out")
     parser.add_argument("--overwrite", action=bool_flag, default=False,
-                        help="replace a tree of a different config found in --out")
+                        help="replace a run of other settings or other data found in --out")
+    parser.add_argument("--verify-data", action=bool_flag, default=False,
+                        help="fingerprint the shards by a full sha256 (default: size and "
+                             "sampled blocks, cheap at hundreds of GB)")
     parser.add_argument("--target-size", type=_target, default=0.1,
                         help="points to keep: a count, or a fraction of the points if < 1; 0 = no sample")
     parser.add_argument("--sample-strategy", choices=("random", "closest", "furthest"),
                         default="random", help="points taken inside a level-1 cluster")
     parser.add_argument("--labels", default=None,
-                        help="optional (n,) integer .npy of ground-truth groups for the report")
+                        help="optional ground-truth groups for the report: a CSV with columns "
+                             "source,label matched by tile path to the embed index.csv beside "
+                             "the shards, or an (n,) integer .npy in the data's row order")
 
 
 # ------------------------------------------------------------------ metrics
@@ -176,8 +253,41 @@ def summary_text(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_plots(report: dict, tree, out: Path, labels=None, indices=None) -> list[str]:
-    """PNG cluster-size histograms per level; [] when matplotlib is missing."""
+def size_histogram(sizes: np.ndarray, bins: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    """Log-spaced histogram of cluster sizes that counts EVERY cluster.
+
+    The last edge lies above the largest size (edges rounded at the maximum used to drop
+    the largest cluster); empty clusters are counted in the first bin.
+    Returns (counts (bins,), edges (bins + 1,)); counts.sum() == len(sizes).
+    """
+    sizes = np.maximum(np.asarray(sizes, dtype=np.float64), 1.0)
+    top = max(2.0, float(sizes.max(initial=1.0))) * 1.001 + 1.0
+    edges = np.logspace(0.0, np.log10(top), bins + 1)
+    counts, _ = np.histogram(sizes, bins=edges)
+    return counts, edges
+
+
+def cluster_shares(tree, depth: int, indices: np.ndarray | None, seed: int = 0) -> dict:
+    """Share of the full data, the curated sample and a random sample of the same size in
+    every cluster of a level, clusters sorted by their size in the full data (largest
+    first). Returns {"all": (k,), "curated": (k,), "random": (k,)} float64 arrays."""
+    assign = np.asarray(tree.point_assignments(depth))
+    k = tree.levels[depth - 1].k
+    full = np.bincount(assign, minlength=k).astype(np.float64)
+    order = np.argsort(-full, kind="stable")
+    out = {"all": full[order] / full.sum()}
+    if indices is not None and len(indices):
+        cur = np.bincount(assign[indices], minlength=k).astype(np.float64)
+        rnd_idx = np.random.default_rng(seed).choice(assign.shape[0], len(indices), replace=False)
+        rnd = np.bincount(assign[rnd_idx], minlength=k).astype(np.float64)
+        out["curated"] = cur[order] / cur.sum()
+        out["random"] = rnd[order] / rnd.sum()
+    return out
+
+
+def write_plots(tree, out: Path, indices: np.ndarray | None = None, seed: int = 0) -> list[str]:
+    """PNGs per level: cluster-size histogram (every cluster) and the sample's balance
+    against the full data and a random sample. [] when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -188,71 +298,231 @@ def write_plots(report: dict, tree, out: Path, labels=None, indices=None) -> lis
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for depth in range(1, len(tree.levels) + 1):
-        sizes = tree.cluster_point_counts(depth)
+        k = tree.levels[depth - 1].k
+        counts, edges = size_histogram(tree.cluster_point_counts(depth))
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.hist(np.maximum(sizes, 1), bins=np.logspace(0, np.log10(max(2, sizes.max())), 40))
+        ax.stairs(counts, edges, fill=True)
         ax.set_xscale("log")
         ax.set_xlabel("points per cluster")
         ax.set_ylabel("clusters")
-        ax.set_title(f"level {depth}: k={tree.levels[depth - 1].k}")
-        path = out / f"level_{depth}_sizes.png"
-        fig.savefig(path, dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        written.append(str(path))
+        ax.set_title(f"level {depth}: {int(counts.sum())} of k={k} clusters")
+        written.append(_save(fig, plt, out / f"level_{depth}_sizes.png"))
+        shares = cluster_shares(tree, depth, indices, seed)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        rank = np.arange(1, k + 1)
+        for name, style in (("all", "-"), ("random", ":"), ("curated", "--")):
+            if name in shares:
+                ax.plot(rank, np.maximum(shares[name], 1e-9), style,
+                        label={"all": "full data", "random": "random sample",
+                               "curated": "curated sample"}[name])
+        ax.axhline(1.0 / k, color="grey", lw=0.8, label="uniform")
+        ax.set_yscale("log")
+        ax.set_xlabel("cluster (by size in the full data)")
+        ax.set_ylabel("share of points")
+        ax.set_title(f"level {depth}: balance of the sample")
+        ax.legend(fontsize=8)
+        written.append(_save(fig, plt, out / f"level_{depth}_balance.png"))
     return written
 
 
+def _save(fig, plt, path: Path) -> str:
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+    return str(path)
+
+
 # ------------------------------------------------------------------ the job
-def _load_labels(path: str) -> np.ndarray:
+def _index_csv_for(data) -> Path | None:
+    """The embed index.csv that numbers the rows of ``data`` (a directory or its shards)."""
+    items = [data] if isinstance(data, (str, Path)) else list(data)
+    dirs = {Path(item) if Path(item).is_dir() else Path(item).parent for item in items}
+    if len(dirs) != 1:
+        return None
+    path = dirs.pop() / "index.csv"
+    return path if path.exists() else None
+
+
+def load_labels(path: str, data, n_rows: int) -> np.ndarray:
+    """(n_rows,) int64 ground-truth group of every data row.
+
+    A CSV (columns ``source`` or ``path``, and ``label``) is matched by tile path to the
+    embed index.csv beside the shards, so its row order does not matter; a .npy must
+    already be in the data's row order (index.csv's order).
+    """
     from fastssl.errors import DataError
 
+    if str(path).lower().endswith(".csv"):
+        return _labels_by_path(Path(path), data, n_rows)
     try:
         labels = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:
         raise DataError(path, f"cannot load labels ({exc})") from None
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
         raise DataError(path, f"expected a 1-D integer array, got {labels.dtype} {labels.shape}")
-    return labels
+    return np.asarray(labels, dtype=np.int64)
+
+
+def _labels_by_path(path: Path, data, n_rows: int) -> np.ndarray:
+    import csv
+
+    from fastssl.errors import DataError
+
+    index = _index_csv_for(data)
+    if index is None:
+        raise DataError(path, "labels by tile path need the embed index.csv beside the shards "
+                              "(give --data the embed output directory)")
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            table = list(csv.DictReader(handle))
+        with open(index, newline="", encoding="utf-8") as handle:
+            sources = [row["source"] for row in csv.DictReader(handle)]
+    except (OSError, KeyError, csv.Error) as exc:
+        raise DataError(path, f"cannot read labels or {index} ({exc})") from None
+    key = "source" if table and "source" in table[0] else "path"
+    if not table or key not in table[0] or "label" not in table[0]:
+        raise DataError(path, "expected a CSV with columns source (or path) and label")
+    by_source = {row[key]: row["label"] for row in table}
+    missing = [s for s in sources if s not in by_source]
+    if missing:
+        raise DataError(path, f"{len(missing)} of {len(sources)} tiles of {index} have no "
+                              f"label (first: {missing[0]!r})")
+    if len(sources) != n_rows:
+        raise DataError(index, f"lists {len(sources)} rows but the data has {n_rows}")
+    _, codes = np.unique(np.array([by_source[s] for s in sources]), return_inverse=True)
+    return codes.astype(np.int64)
+
+
+def tree_config(args: argparse.Namespace):
+    """The HierarchicalConfig of the flags (per-level values resolved), validated.
+
+    Raises ValueError with a one-line message naming the flag.
+    """
+    from fastssl.curation.hierarchical import HierarchicalConfig, LevelConfig
+
+    levels = _levels(args.levels)
+    _target(args.target_size)  # checked here too: YAML values skip argparse's type=
+    values = {name: per_level(name, getattr(args, name), len(levels)) for name in PER_LEVEL}
+    level_cfgs = [LevelConfig(k=k, **{name: v[i] for name, v in values.items()
+                                      if isinstance(v, list)}) for i, k in enumerate(levels)]
+
+    def scalar(name: str, default):
+        value = values[name]
+        return default if value is None or isinstance(value, list) else value
+
+    config = HierarchicalConfig(
+        levels=level_cfgs, iterations=scalar("iterations", 50),
+        resampling_steps=scalar("resampling_steps", 10), resample_level1=args.resample_level1,
+        sample_size=scalar("sample_size", None),
+        sampling_strategy=scalar("sampling_strategy", "closest"),
+        resampling_init=args.resampling_init, split_k=args.split_k,
+        split_iterations=args.split_iterations, split_inits=args.split_inits, init=args.init,
+        init_sample_size=args.init_sample_size,
+        init_sample_per_centroid=args.init_sample_per_centroid,
+        checkpoint_every=args.checkpoint_every, seed=args.seed,
+        memory_budget_mb=args.memory_budget_mb, fp64_accumulate=args.fp64_accumulate,
+        impl=args.impl, nonfinite=args.nonfinite,
+        progress=None if not getattr(args, "quiet", False) else False)
+    config.validate()
+    return config
 
 
 def run(args: argparse.Namespace) -> int:
     from fastssl import distributed as dist
     from fastssl.curation.hierarchical import hierarchical_kmeans
-    from fastssl.curation.tree import save_npy_atomic, write_text_atomic
     from fastssl.errors import DataError
 
     if not args.data:
         log.error("--data is required (a flag or the 'data' key of --config)")
         return 2
-    levels = _levels(args.levels)
+    try:
+        config = tree_config(args)
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+        log.error("%s", exc)
+        return 2
     out = Path(args.out)
     dist.init()
-    t0 = time.perf_counter()
-    quiet = getattr(args, "quiet", False)
-    log.info("curate: levels %s, split_k %s, %d iterations, %d resampling steps, budget %.0f MiB",
-             levels, args.split_k, args.iterations, args.resampling_steps, args.memory_budget_mb)
     try:
-        tree = hierarchical_kmeans(
-            args.data, levels, output_dir=out / "tree", overwrite=args.overwrite,
-            iterations=args.iterations, split_k=args.split_k,
-            split_iterations=args.split_iterations, resampling_steps=args.resampling_steps,
-            resample_level1=args.resample_level1, sample_size=args.sample_size,
-            sampling_strategy=args.sampling_strategy, init=args.init,
-            init_sample_size=args.init_sample_size, seed=args.seed,
-            memory_budget_mb=args.memory_budget_mb, fp64_accumulate=args.fp64_accumulate,
-            impl=args.impl, nonfinite=args.nonfinite,
-            progress=None if not quiet else False,
-        )
+        with _job_guard(args, config, out):
+            return _run_locked(args, config, out)
+    except (ValueError, DataError, OSError) as exc:  # ResumeMismatch, OutputLocked are ValueErrors
+        log.error("%s", exc)
+        return 2
+
+
+@contextlib.contextmanager
+def _job_guard(args, config, out: Path):
+    """fastssl.jobs on the main rank: the output lock, stale temporary files removed, and
+    the run's fingerprint (tree settings + a content hash of every shard) checked against
+    a previous run in --out (refused naming the differences unless --overwrite)."""
+    from fastssl import distributed as dist
+    from fastssl import jobs
+    from fastssl.curation._source import expand_paths
+
+    if not dist.is_main():
+        yield
+        return
+    settings = _flat(config.to_json())
+    inputs = jobs.fingerprint_files([str(p) for p in expand_paths(args.data)],
+                                    full=bool(getattr(args, "verify_data", False)))
+    fingerprint = jobs.JobFingerprint("curate", settings, inputs)
+    with jobs.OutputLock(out):
+        for sub in (out, out / "tree", *sorted((out / "tree" / "work").glob("level_*"))):
+            jobs.remove_stale_tmp(sub)
+        if jobs.check_resume(out, fingerprint, overwrite=args.overwrite) == "new":
+            jobs.clear_outputs(out)
+            jobs.write_fingerprint(out, fingerprint)
+        yield
+
+
+def _flat(value, prefix: str = "") -> dict:
+    """{"levels.2.k": 35000, "iterations": 50, ...}: one entry per setting, so that a
+    refused resume names the setting that changed."""
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = ((str(i + 1), v) for i, v in enumerate(value))
+    else:
+        return {prefix.rstrip("."): value}
+    out = {}
+    for key, v in items:
+        out.update(_flat(v, f"{prefix}{key}."))
+    return out
+
+
+def _run_locked(args, config, out: Path) -> int:
+    from fastssl import distributed as dist
+    from fastssl.curation.hierarchical import hierarchical_kmeans
+    from fastssl.errors import DataError
+
+    t0 = time.perf_counter()
+    log.info("curate: levels %s, split_k %s, %s iterations, %s k-means runs per level "
+             "(resampling %s), budget %.0f MiB", [lv.k for lv in config.levels], config.split_k,
+             config.iterations, [config.level_value(d, "resampling_steps")
+                                 for d in range(1, len(config.levels) + 1)],
+             config.resampling_init, config.memory_budget_mb)
+    try:
+        tree = hierarchical_kmeans(args.data, config=config, output_dir=out / "tree",
+                                   overwrite=args.overwrite)
     except (ValueError, DataError) as exc:
         log.error("%s", exc)
         return 2
     tree_s = time.perf_counter() - t0
     if not dist.is_main():
         return 0
+    return _sample_and_report(args, tree, out, t0, tree_s)
+
+
+def _sample_and_report(args, tree, out: Path, t0: float, tree_s: float) -> int:
+    """The curated sample, report.json, plots and the summary (main rank)."""
+    from fastssl.curation.tree import save_npy_atomic, write_text_atomic
+    from fastssl.errors import DataError
+
     point_ids = None
     if tree.meta.get("point_ids"):
         point_ids = np.load(out / "tree" / tree.meta["point_ids"])
-    target = float(args.target_size)
+    target = _target(args.target_size)
     n_target = int(round(target * tree.n_points)) if 0 < target < 1 else int(target)
     indices = None
     if n_target > 0:
@@ -263,14 +533,15 @@ def run(args: argparse.Namespace) -> int:
         rows = indices if point_ids is None else point_ids[indices]
         save_npy_atomic(out / "curated_indices.npy", np.sort(rows).astype(np.int64))
     try:
-        labels = _load_labels(args.labels) if args.labels else None
+        n_rows = tree.n_points if point_ids is None else int(tree.meta["data"]["n"])
+        labels = load_labels(args.labels, args.data, n_rows) if args.labels else None
         report = build_report(tree, indices, labels, point_ids, seed=args.seed)
     except (ValueError, DataError) as exc:
         log.error("%s", exc)
         return 2
     report["seconds"] = {"tree": round(tree_s, 2), "total": round(time.perf_counter() - t0, 2)}
     report["steps"] = tree.meta.get("steps", [])
-    report["plots"] = write_plots(report, tree, out / "plots")
+    report["plots"] = write_plots(tree, out / "plots", indices, seed=args.seed)
     if not report["plots"]:
         report["plots_note"] = "matplotlib is not importable: no PNG plots"
     write_text_atomic(out / "report.json", json.dumps(report, indent=1))

@@ -793,7 +793,10 @@ def _run_locked(run: _Run, callbacks) -> dict:
         logger.close()
     finished = step >= total
     if finished and run.is_main:  # (also re-exports an encoder.safetensors that fails verification)
-        export_encoder(run.model.encoder, run.mcfg, enc_path)
+        from fastssl.data.cache import read_manifest
+
+        mean, std = _normalisation(cfg, read_manifest(cfg.cache))  # what training fed the encoder
+        export_encoder(run.model.encoder, run.mcfg, enc_path, manifest=dict(pixel_mean=mean, pixel_std=std))
         print(f"pretrain: done, {step} steps; encoder -> {enc_path}")
     elif run.is_main:
         print(f"pretrain: stopped at step {step} of {total}; rerun the same command to continue")

@@ -1,0 +1,117 @@
+"""fastssl.kmeans.assign(impl="triton") under TRITON_INTERPRET=1, against float64.
+
+Not collected by a plain ``pytest`` (the name does not start with test_): the interpreter
+must be on before Triton is first imported, so tests/test_kmeans_triton.py runs this
+file in a child process. By hand:
+
+    TRITON_INTERPRET=1 python -m pytest tests/_kmeans_triton_cases.py -q
+
+The oracle multiplies, in float64, the very values the kernel multiplies: x rounded to
+its dtype and the centroids as the engine prepares them (cast to x's dtype; for cos
+normalised in float64 and rounded once). The interpreter accumulates in float32, so
+every dtype is held to float32-accumulation accuracy. Shapes are small and odd (n, k, d
+not multiples of the tiles, k = 1, d = 1): each program instance costs ~1 ms here.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs TRITON_INTERPRET=1 set before Triton is imported "
+                "(tests/test_kmeans_triton.py runs this file that way)", allow_module_level=True)
+
+from fastssl import _triton_assign, kmeans  # noqa: E402
+from fastssl.kernels import assign as kernel  # noqa: E402
+
+import _kmeans_oracle as oracle  # noqa: E402
+
+pytestmark = pytest.mark.triton_interpret
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [  # (n, k, d)
+    (1, 1, 1), (37, 1, 5), (7, 3, 1), (45, 70, 33), (130, 150, 70), (3, 40, 8),
+]
+RTOL = 2e-5  # of the row's score scale: float32 accumulation over d <= 70
+SMALL_TILES = kernel.AssignConfig(16, 16, 16, 4, 1)  # many tiles even at these sizes
+
+
+def _random(gen, shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(shape, generator=gen) * scale + 0.3).to(dtype)
+
+
+def check_against_float64(x, c_used, metric, labels, distances):
+    return oracle.check_against_float64(x, c_used, metric, labels, distances, RTOL)
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip", "cos"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("n, k, d", SHAPES)
+def test_matches_float64(n, k, d, dtype, metric):
+    gen = torch.Generator().manual_seed(n * 7919 + k * 31 + d)
+    x, c = _random(gen, (n, d), dtype), _random(gen, (k, d))
+    labels, distances = kmeans.assign(x, c, metric=metric, impl="triton")
+    check_against_float64(x, oracle.as_multiplied(x, c, metric), metric, labels, distances)
+
+
+@pytest.mark.parametrize("precision", ["3xtf32", "tf32"])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_small_tiles_and_splits(precision, splits):
+    """Several row tiles, centroid tiles and depth steps, and several centroid splits
+    (the reduction across splits), at shapes that are no multiple of a tile."""
+    gen = torch.Generator().manual_seed(splits)
+    x, c = _random(gen, (53, 37)), _random(gen, (71, 37))
+    labels, distances = _triton_assign.run("assign", x, "torch", c, "l2", True,
+                                           precision=precision, config=SMALL_TILES,
+                                           splits=splits)
+    check_against_float64(x, c, "l2", labels, distances)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_tensor_descriptor_path(dtype):
+    """The TMA path (taken on sm_90 when strides are 16-byte aligned) through the
+    interpreter's tensor descriptors; out-of-range rows and columns read as zeros."""
+    gen = torch.Generator().manual_seed(5)
+    x, c = _random(gen, (45, 64), dtype), _random(gen, (23, 64))
+    for metric in ("l2", "ip"):
+        labels, distances = _triton_assign.run("assign", x, "torch", c, metric, True,
+                                               config=SMALL_TILES, use_tma=True)
+        check_against_float64(x, oracle.as_multiplied(x, c, metric), metric, labels, distances)
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_ties_go_to_the_lowest_index(metric, splits):
+    """Equal centroids in different tiles and splits: the first one wins, always."""
+    gen = torch.Generator().manual_seed(11)
+    base = _random(gen, (5, 24))
+    c = torch.cat([_random(gen, (9, 24), scale=0.01) + 50, base, base, base])  # 9 far away
+    x = base.repeat(3, 1)  # every row equals centroid 9 + (row % 5)
+    labels, _ = _triton_assign.run("assign", x, "torch", c, metric, True,
+                                   config=SMALL_TILES, splits=splits)
+    expected = 9 + torch.arange(15) % 5
+    if metric == "l2":
+        assert torch.equal(labels, expected)
+    else:  # ip ties too, and the lowest index among equal scores is still chosen
+        dots = x.double() @ c.double().T
+        assert torch.equal(labels, torch.tensor([int(np.flatnonzero(r == r.max())[0])
+                                                 for r in dots.numpy()]))
+
+
+def test_float64_and_strided_input():
+    gen = torch.Generator().manual_seed(3)
+    wide = _random(gen, (40, 66), torch.float64)
+    x = wide[:, ::2]  # d = 33, inner stride 2
+    c = _random(gen, (19, 33), torch.float64)
+    labels, distances = kmeans.assign(x, c, impl="triton")
+    check_against_float64(x.float(), c.float(), "l2", labels, distances)
+
+
+def test_nonfinite_row_is_named():
+    x = torch.randn(20, 8)
+    x[13, 2] = float("nan")
+    with pytest.raises(ValueError, match="x row 13"):
+        kmeans.assign(x, torch.randn(3, 8), impl="triton")

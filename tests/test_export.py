@@ -1,0 +1,217 @@
+"""The exported encoder is a timm checkpoint (issue 12.1) and embed resamples the position
+embedding of weights trained at another image size (12.7)."""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+timm = pytest.importorskip("timm")
+safetensors = pytest.importorskip("safetensors")
+
+from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+
+from fastssl.models import mvmae  # noqa: E402
+from fastssl.models.mvmae import VIEW_IDS, ViewEncoder, model_config  # noqa: E402
+from fastssl.train import export  # noqa: E402
+from fastssl.train.export import export_encoder, load_encoder, read_export_metadata  # noqa: E402
+
+MANIFEST = {"pixel_mean": 0.4375, "pixel_std": 0.1875}
+VIEWS = ("frontal", "lateral", "unknown")
+
+
+class ClsViewEncoder(ViewEncoder):
+    """MVMAE's released variant: the view embedding is added to CLS as well."""
+
+    def forward_features(self, images, views=None):
+        b = images.shape[0]
+        view = self.view_embed(mvmae._view_ids(views, b, images.device))[:, None]  # (B, 1, D)
+        x = self.vit.patch_embed(images) + self.vit.pos_embed[:, 1:] + view
+        x = torch.cat([self._cls(b) + view, x], dim=1)
+        return self.vit.norm(self.vit.blocks(x))
+
+
+def _encoder(variant: str, seed: int = 0) -> ViewEncoder:
+    """A trained-looking test encoder: every parameter random (no zero biases / embeddings)."""
+    torch.manual_seed(seed)
+    cfg = model_config("test")
+    enc = ClsViewEncoder(cfg) if variant == "cls" else ViewEncoder(cfg)
+    if variant == "qk_norm":  # the recipe "mvmae" turns on timm's qk-norm
+        enc.vit = VisionTransformer(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=1, num_classes=0,
+                                    embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
+                                    qk_norm=True)
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return enc.eval()
+
+
+def _timm_from_file(path: str):
+    """The README's three lines."""
+    meta = safetensors.safe_open(path, "pt").metadata()
+    return timm.create_model(meta["timm_model"], pretrained=True, **json.loads(meta["timm_kwargs"]),
+                             pretrained_cfg_overlay=dict(file=path, **json.loads(meta["pretrained_cfg"])))
+
+
+@pytest.mark.parametrize("variant", ["patches", "cls", "qk_norm"])
+def test_timm_reproduces_fastssl_features_for_every_view(tmp_path, variant):
+    enc = _encoder(variant)
+    paths = export_encoder(enc, enc.cfg, str(tmp_path / "encoder.safetensors"), manifest=MANIFEST, views=VIEWS)
+    assert [p.rsplit("/", 1)[1] for p in paths] == [
+        "encoder.safetensors", "encoder_lateral.safetensors", "encoder_unknown.safetensors"]
+    images = torch.randn(5, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    features = {}
+    for path, view in zip(paths, VIEWS):
+        model = _timm_from_file(path).eval()
+        with torch.no_grad():
+            ours = enc(images, views=VIEW_IDS[view])
+            features[view] = model(images)
+        assert (features[view] - ours).abs().max().item() < 1e-5, view
+    # the views really differ: a file that ignored its view would fail above
+    assert (features["frontal"] - features["lateral"]).abs().max().item() > 1e-2
+
+
+def test_file_is_exactly_a_timm_state_dict_with_its_metadata(tmp_path):
+    enc = _encoder("patches")
+    path = export_encoder(enc, enc.cfg, str(tmp_path / "encoder.safetensors"), manifest=MANIFEST)[0]
+    with safetensors.safe_open(path, "pt") as f:
+        keys = set(f.keys())
+    kwargs = read_export_metadata(path)["timm_kwargs"]
+    assert keys == set(VisionTransformer(**kwargs).state_dict())
+    meta = read_export_metadata(path)
+    assert meta["view"] == "frontal" and meta["img_size"] == "32" and meta["in_chans"] == "1"
+    assert float(meta["pixel_mean"]) == 0.4375 and float(meta["pixel_std"]) == 0.1875
+    assert meta["model_config"] == json.loads(json.dumps(enc.cfg.__dict__))
+    data = timm.data.resolve_data_config(model=_timm_from_file(path))
+    assert tuple(data["input_size"]) == (1, 32, 32) and tuple(data["mean"]) == (0.4375,)
+    assert tuple(data["std"]) == (0.1875,)
+    # pos_embed holds the frontal view row on the patch rows only (this variant)
+    with safetensors.safe_open(path, "pt") as f:
+        pos = f.get_tensor("pos_embed")
+    frontal = enc.view_embed.weight[VIEW_IDS["frontal"]].detach()
+    assert torch.equal(pos[0, 1:], enc.vit.pos_embed[0, 1:].detach() + frontal)
+    assert torch.equal(pos[0, 0], enc.vit.pos_embed[0, 0].detach())
+
+
+def test_load_encoder_rebuilds_the_encoder_bit_for_bit(tmp_path):
+    enc = _encoder("patches")
+    for path in export_encoder(enc, enc.cfg, str(tmp_path / "enc.safetensors"), manifest={}, views=VIEWS):
+        back = load_encoder(path)
+        assert back.state_dict().keys() == enc.state_dict().keys()
+        for k, v in enc.state_dict().items():
+            assert torch.equal(back.state_dict()[k], v), (path, k)
+
+
+def test_load_encoder_reads_the_older_layout(tmp_path):
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    enc = _encoder("patches")
+    path = str(tmp_path / "old.safetensors")
+    save_file({k: v.contiguous() for k, v in enc.state_dict().items()}, path,
+              metadata={"format": "fastssl.ViewEncoder", "model_config": json.dumps(asdict(enc.cfg))})
+    back = load_encoder(path)
+    for k, v in enc.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+
+
+def test_a_wrong_fold_is_caught_at_export(tmp_path, monkeypatch):
+    # planted bug: the CLS variant folded as if the view embedding reached the patches only
+    monkeypatch.setattr(export, "_view_reaches_cls", lambda encoder: False)
+    enc = _encoder("cls")
+    with pytest.raises(RuntimeError, match="differ from fastssl's"):
+        export_encoder(enc, enc.cfg, str(tmp_path / "encoder.safetensors"), manifest=MANIFEST)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_a_cls_token_that_is_not_additive_is_refused(tmp_path):
+    class Doubled(ViewEncoder):
+        def _cls(self, batch):
+            return 2 * super()._cls(batch)
+
+    torch.manual_seed(0)
+    enc = Doubled(model_config("test")).eval()
+    with pytest.raises(ValueError, match="cannot be folded"):
+        export_encoder(enc, enc.cfg, str(tmp_path / "encoder.safetensors"), manifest=MANIFEST)
+
+
+def test_bad_arguments(tmp_path):
+    enc = _encoder("patches")
+    out = str(tmp_path / "e.safetensors")
+    with pytest.raises(TypeError, match="manifest"):
+        export_encoder(enc, enc.cfg, out, manifest=None)
+    with pytest.raises(ValueError, match="views="):
+        export_encoder(enc, enc.cfg, out, manifest={}, views="frontal")
+    with pytest.raises(ValueError, match="view='side'"):
+        export_encoder(enc, enc.cfg, out, manifest={}, views=("side",))
+
+
+# ------------------------------------------------------------------ 12.7: embed --img-size
+def test_embed_resamples_pos_embed_like_timm(tmp_path, caplog):
+    from safetensors.torch import save_file
+
+    from fastssl.curation.embed import embed_images
+
+    torch.manual_seed(0)
+    trained = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, in_chans=1)
+    weights = str(tmp_path / "w.safetensors")
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, weights)
+    tiles = np.random.default_rng(0).integers(0, 256, size=(6, 48, 48), dtype=np.uint8)
+    np.save(tmp_path / "tiles.npy", tiles)
+    with caplog.at_level(logging.INFO, logger="fastssl.curation.embed"):
+        embed_images(tmp_path / "tiles.npy", tmp_path / "emb", model="vit_tiny_patch16_224", weights=weights,
+                     img_size=64, in_chans=1, workers=0, batch_size=6, quiet=True)
+    assert "resampled from a 14x14 to a 4x4 patch grid" in caplog.text
+    got = np.load(tmp_path / "emb" / "emb_00000.npy")
+    # timm's own loader at 64 px (its checkpoint filter resamples the same way)
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=0, in_chans=1, img_size=64,
+                            pretrained_cfg_overlay=dict(file=weights, input_size=(1, 224, 224))).eval()
+    x = torch.from_numpy(tiles).float()[:, None] / 255
+    x = torch.nn.functional.interpolate(x, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
+    mean, std = float(np.mean(ref.pretrained_cfg["mean"])), float(np.mean(ref.pretrained_cfg["std"]))
+    with torch.no_grad():
+        want = ref((x - mean) / std).numpy()
+    np.testing.assert_allclose(got.astype(np.float32), want, atol=2e-3, rtol=2e-3)
+
+
+def test_cli_exports_every_view_from_a_checkpoint(tmp_path, capsys):
+    from dataclasses import asdict
+
+    from fastssl.cli import main as cli
+
+    enc = _encoder("patches")
+    torch.save(dict(model={f"encoder.{k}": v for k, v in enc.state_dict().items()}, model_config=asdict(enc.cfg)),
+               tmp_path / "checkpoint.pt")
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "manifest.json").write_text(json.dumps(MANIFEST))
+    out = tmp_path / "export" / "encoder.safetensors"
+    assert cli(["export", str(tmp_path / "checkpoint.pt"), "--cache", str(tmp_path / "cache"), "--out", str(out),
+                "--views", "frontal,lateral"]) == 0
+    assert capsys.readouterr().out.split() == [str(out), str(tmp_path / "export" / "encoder_lateral.safetensors")]
+    meta = read_export_metadata(str(tmp_path / "export" / "encoder_lateral.safetensors"))
+    assert meta["view"] == "lateral" and float(meta["pixel_std"]) == MANIFEST["pixel_std"]
+    assert cli(["export", str(tmp_path / "nope.pt"), "--cache", str(tmp_path / "cache"), "--out", str(out)]) == 2
+
+
+def test_embed_with_an_export_uses_its_normalisation(tmp_path):
+    """`fastssl embed --weights encoder.safetensors` gives the exported encoder's features:
+    the pixel mean/std come from the file, not from the timm model's defaults."""
+    from fastssl.curation.embed import embed_images
+    from fastssl.models.mvmae import ModelConfig
+
+    torch.manual_seed(0)
+    enc = ViewEncoder(ModelConfig(img_size=32, patch_size=16, embed_dim=192, depth=12, num_heads=3)).eval()
+    path = export_encoder(enc, enc.cfg, str(tmp_path / "encoder.safetensors"), manifest=MANIFEST)[0]
+    tiles = np.random.default_rng(1).integers(0, 256, size=(4, 32, 32), dtype=np.uint8)
+    np.save(tmp_path / "tiles.npy", tiles)
+    embed_images(tmp_path / "tiles.npy", tmp_path / "emb", model="vit_tiny_patch16_224", weights=path,
+                 img_size=32, in_chans=1, workers=0, quiet=True)
+    got = np.load(tmp_path / "emb" / "emb_00000.npy").astype(np.float32)
+    x = (torch.from_numpy(tiles).float()[:, None] / 255 - MANIFEST["pixel_mean"]) / MANIFEST["pixel_std"]
+    with torch.no_grad():
+        want = enc(x, views=VIEW_IDS["frontal"]).numpy()
+    np.testing.assert_allclose(got, want, atol=5e-3, rtol=5e-3)
