@@ -115,6 +115,8 @@ def _is_bool_flag(action: argparse.Action) -> bool:
 def _config_value(action: argparse.Action, value):
     """A --config value as the flag would have given it: strict booleans, the flag's type
     applied to strings and numbers (YAML's 3 for a float flag, "0.5" for a number)."""
+    if value is None and action.default is None:  # null = the flag's default (pretrain: the recipe's)
+        return None
     if _is_bool_flag(action):
         return parse_bool(value, name=action.dest)
     if value is None or action.type is None:
