@@ -239,7 +239,7 @@ def test_mvmae_recipe_builds_the_released_model():
     assert isinstance(m.encoder.vit.blocks[0].attn.q_norm, torch.nn.LayerNorm)
     assert isinstance(m.decoder_blocks[0].attn.k_norm, torch.nn.LayerNorm)
     assert float(m.encoder.vit.pos_embed[0, 0].abs().max()) == 0.0  # the unused CLS row
-    assert m.encoder.vit.norm.eps == 1e-5 and m.decoder_norm.eps == 1e-5
+    assert m.encoder.vit.norm.eps == 1e-6 and m.decoder_norm.eps == 1e-5  # encoder: timm's (export)
     # PyTorch's Linear init is U(-1/sqrt(fan_in), 1/sqrt(fan_in)): std 1/sqrt(3 fan_in);
     # timm's / MAE's would be 0.02 (trunc normal) or xavier.
     w = m.encoder.vit.blocks[0].mlp.fc1.weight
@@ -292,3 +292,14 @@ def test_unknown_view_embedding_is_trained_in_flu_not_in_paired(model):
     f, l = _pair(2)
     model(f, l, mask_ratio=0.75, beta=1.0)["loss"].backward()
     assert float(model.encoder.view_embed.weight.grad[2].abs().sum()) == 0
+
+
+def test_released_cls_position_row_never_trains():
+    """cls_pos_embed=False: the CLS row of pos_embed gets no gradient (stays 0 under AdamW with
+    decay), the patch rows do."""
+    torch.manual_seed(0)
+    m = MultiViewMAE(model_config("test"))
+    f, l = _pair(2)
+    m(f, l, mask_ratio=0.5, beta=1.0)["loss"].backward()
+    g = m.encoder.vit.pos_embed.grad[0]
+    assert float(g[0].abs().max()) == 0.0 and float(g[1:].abs().max()) > 0
