@@ -10,11 +10,28 @@ Sections (each wrapped: a failure becomes a FAILED row and the rest still runs):
   (b) the card's measured ceilings: bf16 GEMM (torch.matmul 8192^3) and copy bandwidth;
   (c) the gpu-marked tests (pytest -m gpu -q tests/);
   (d) bench/gpu_kmeans.py, bench/gpu_triton.py and bench/gpu_curation.py, each a
-      module with run(report);
-  (e) one markdown table on stdout, and the same table + JSON under $OUT (or
+      module with run(report); gpu_curation.py runs the issue's 20M x 1024 fp16 from
+      disk (k = 100k) when the budget left allows, else 8M or 4M (a row says which);
+  (e) the projection of paper 2's level 1 (350M x 1024, k = 100k, 50 Lloyd iterations)
+      in device-hours from the measured streamed iteration;
+  (f) one markdown table on stdout, and the same table + JSON under $OUT (or
       ./gpu_check_out/).
+The whole run keeps inside --budget-s (default 450 s, for an 8-minute device call):
+benchmark steps that would start after the deadline become "skipped" rows.
 ``report(name, **columns)`` appends a row; ``report.context`` holds the measured
-ceilings (bf16_gemm_tflops, copy_gbps, device) for the benchmark modules.
+ceilings (bf16_gemm_tflops, copy_gbps, device) and the deadline for the modules.
+
+flash-kmeans (compared in bench/gpu_kmeans.py) travels as a wheel: see that file's
+docstring for the download line. The device call (one, ~8 minutes; carry [".whl"],
+timeout_s 540):
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH || exit;
+    PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --budget-s 450 2>&1 | tee $OUT/run.log
+
+--dry-run (no GPU needed): no build, no GPU tests, no ceilings; TRITON_INTERPRET=1 is
+set before Triton loads, and each benchmark module runs its dry run (tiny shapes on the
+CPU: Triton interpreted, torch baselines on the CPU, CUDA-only engines reported as
+skipped). It checks the plumbing and the table, not speed.
 """
 from __future__ import annotations
 

@@ -252,7 +252,9 @@ def check(report, plan: Plan) -> None:
 
 
 # --------------------------------------------------------------------------- tune
-def _candidates(dtype):
+def _candidates(dtype, d: int):
+    """Streaming tiles (block_k deep steps) and, for d <= 256, resident ones (the x tile
+    loaded once; block_k = the padded row). All compile for sm_90a within its 227 KiB."""
     from fastssl.kernels.assign import AssignConfig
 
     if dtype == torch.float32:
@@ -260,7 +262,11 @@ def _candidates(dtype):
     else:
         shapes = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 4, 4),
                   (256, 128, 64, 8, 3)]
-    return [AssignConfig(*s, measured=True) for s in shapes]
+    configs = [AssignConfig(*s, measured=True) for s in shapes]
+    if d <= 256:
+        configs += [AssignConfig(128, n, 0, w, st, measured=True, resident=True)
+                    for n, w, st in ((128, 8, 3), (128, 4, 4), (256, 8, 2))]
+    return configs
 
 
 def tune(report, plan: Plan, chosen: dict) -> None:
@@ -278,7 +284,7 @@ def tune(report, plan: Plan, chosen: dict) -> None:
         c = torch.randn(16384, d, device=plan.device, dtype=dtype)
         flops = 2.0 * x.shape[0] * c.shape[0] * d
         results = []
-        for cfg in _candidates(dtype):
+        for cfg in _candidates(dtype, d):
             try:
                 ms = _time_ms(lambda: triton_assign(x, c, config=cfg), plan.device, plan.reps)
                 results.append((ms, cfg))
@@ -292,8 +298,8 @@ def tune(report, plan: Plan, chosen: dict) -> None:
         bucket = next(b for b in kernel.D_BUCKETS if d <= b)
         report(f"tune {str(dtype)[6:]} d={d} n={plan.tune_n} k=16384", status="ok",
                ms=ms, tflops=flops / (ms * 1e-3) / 1e12,
-               all_ms=" ".join(f"{c.block_m}x{c.block_n}x{c.block_k}/w{c.num_warps}"
-                               f"/s{c.num_stages}={t:.2f}" for t, c in results),
+               all_ms=" ".join(f"{c.block_m}x{c.block_n}x{'row' if c.resident else c.block_k}"
+                               f"/w{c.num_warps}/s{c.num_stages}={t:.2f}" for t, c in results),
                record=f"TUNED[({major}, {str(dtype)[6:]!r}, {bucket})] = {best}")
         del x, c
         torch.cuda.empty_cache()

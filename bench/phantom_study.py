@@ -1,7 +1,7 @@
 """The phantom study of paper 1's claim: does aligning the two views of a study help?
 
-    python bench/phantom_study.py --out runs/phantom_study          # the full study
-    python bench/phantom_study.py --out /tmp/ps --smoke              # < 1 min dry run
+    python bench/phantom_study.py --out runs/phantom_study --jobs 2 --quiet   # the full study
+    python bench/phantom_study.py --out /tmp/ps --smoke                        # < 1 min dry run
 
 Encoders (one per seed; ViT-tiny at 128 px on ~2,000 phantom studies by default):
 
@@ -24,6 +24,16 @@ fine-tuning with finetune.json) and resumes the unfinished one. Writes
 OUT/phantom_study.json and OUT/phantom_study.md. The pretraining flags --recipe, --mode
 flu and --beta-max are required; the script stops at once, naming what is missing, if
 the installed ``fastssl pretrain`` lacks them.
+
+Cost (CPU seconds per image, one thread, ViT-tiny at 128 px, AMD EPYC of the 2-core dev
+box, 2026-11-30, measured as process time on a busy machine): probe feature extraction
+0.030, fine-tuning step 0.080, MAE pretraining step at mask 0.93 0.022 (a supervised
+pretraining step costs as much as a fine-tuning step). At the default sizes (~3,270
+images, ~2,290 of them train) that adds up to about 48 min of pretraining, 27 min of
+probes, 53 min of fine-tuning and a few minutes of phantom: ~130 CPU-minutes, ~67 min
+with ``--jobs 2`` on a quiet 2-core machine, over the 45-min target; ``--studies 1300``
+(~44 min) or a GPU (``device`` auto) fits it. Resume makes a split run cheap: stop it,
+rerun the same command later.
 """
 from __future__ import annotations
 
@@ -50,9 +60,13 @@ BASELINE = "single"
 # pretrain flag -> a value it must accept (None: only the flag)
 REQUIRED_PRETRAIN = {"--recipe": "mvmae", "--mode": "flu", "--beta-max": None}
 
-SIZES = {  # the full study and the smoke run
-    "full": dict(seeds="0,1,2", studies=2000, img_size=128, preset="vit_tiny", patch_size=16, pretrain_epochs=20,
-                 finetune_epochs=5, batch_size=64, finetune_batch=32, n_boot=1000),
+# The full study and the smoke run. The full sizes are set by the ~45 min budget on 2 CPU
+# cores: 12 pretrainings, 15 probes and 15 fine-tunings of a ViT-tiny at 128 px leave
+# room for only a few pretraining epochs and one fine-tuning epoch (measured throughput
+# in the module docstring); with a GPU, raise --pretrain-epochs / --finetune-epochs.
+SIZES = {
+    "full": dict(seeds="0,1,2", studies=2000, img_size=128, preset="vit_tiny", patch_size=16, pretrain_epochs=3,
+                 finetune_epochs=1, batch_size=64, finetune_batch=32, n_boot=1000),
     "smoke": dict(seeds="0", studies=48, img_size=32, preset="test", patch_size=8, pretrain_epochs=1,
                   finetune_epochs=2, batch_size=8, finetune_batch=8, n_boot=50),
 }
@@ -119,7 +133,8 @@ def _evaluate(args, cache: str, run: str, method: str, checkpoint: str, seed: in
               "--n-boot", str(args.n_boot), "--seed", str(seed), *quiet], timings, f"probe {method}")
     if not os.path.isfile(os.path.join(ft_dir, "finetune.json")):
         _cli(["finetune", "--cache", cache, "--checkpoint", checkpoint, "--out", ft_dir,
-              "--epochs", str(args.finetune_epochs), "--warmup-epochs", "1", "--batch-size", str(args.finetune_batch),
+              "--epochs", str(args.finetune_epochs), "--warmup-epochs", str(min(1, args.finetune_epochs - 1)),
+              "--batch-size", str(args.finetune_batch),
               "--base-lr", str(args.finetune_base_lr), "--n-boot", str(args.n_boot), "--seed", str(seed), *quiet],
              timings, f"finetune {method}")
     for kind, d, name in (("probe", probe_dir, "probe.json"), ("finetune", ft_dir, "finetune.json")):
@@ -204,6 +219,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--finetune-base-lr", type=float, default=1e-3, help="lr = base_lr * batch / 256 (few epochs)")
     p.add_argument("--mask-ratio", type=float, default=0.0, help="0: the recipe's")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--jobs", type=int, default=1, help="(method, seed) runs at a time, each on one thread")
     p.add_argument("--quiet", action="store_true", help="warnings only from the fastssl commands")
     args = p.parse_args(argv)
     for key, value in SIZES["smoke" if args.smoke else "full"].items():
@@ -215,6 +231,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     if bad or not args.seed_list:
         p.error(f"--methods {bad} unknown (choose from {list(METHODS)})" if bad else "--seeds is empty")
     return args
+
+
+def _one_run(args, cache: str, quiet: list[str], method: str, seed: int) -> tuple[dict, dict]:
+    """Pretraining (if any), probe and fine-tuning of (method, seed) -> (results, seconds)."""
+    if args.jobs > 1:
+        import torch
+
+        torch.set_num_threads(1)  # the cores go to parallel runs, not to threads of one
+    timings: dict = {}
+    run = os.path.join(args.out, method, f"seed{seed}")
+    checkpoint = _encoder(args, cache, run, method, seed, timings, quiet)
+    return _evaluate(args, cache, run, method, checkpoint, seed, timings, quiet), timings
+
+
+def _all_runs(args, cache: str, quiet: list[str]) -> dict:
+    """{(method, seed): (results, seconds)}; --jobs N runs N at a time in forked processes
+    (each one thread: small models use cores better side by side than split)."""
+    tasks = [(m, seed) for seed in args.seed_list for m in args.method_list]
+    if args.jobs <= 1:
+        return {t: _one_run(args, cache, quiet, *t) for t in tasks}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+        futures = {t: pool.submit(_one_run, args, cache, quiet, *t) for t in tasks}
+        return {t: f.result() for t, f in futures.items()}
 
 
 def main(argv=None) -> int:
@@ -231,11 +273,10 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     cache = _data(args, args.out, timings, quiet)
     runs: dict = {}
-    for seed in args.seed_list:
-        for m in args.method_list:
-            run = os.path.join(args.out, m, f"seed{seed}")
-            checkpoint = _encoder(args, cache, run, m, seed, timings, quiet)
-            runs.setdefault(m, {})[seed] = _evaluate(args, cache, run, m, checkpoint, seed, timings, quiet)
+    for (m, seed), (result, seconds) in _all_runs(args, cache, quiet).items():
+        runs.setdefault(m, {})[seed] = result
+        for name, value in seconds.items():
+            timings[name] = round(timings.get(name, 0.0) + value, 1)
     table = summarise(runs, args.method_list, args.seed_list, args.n_boot)
     some = runs[args.method_list[0]][args.seed_list[0]]["probe"]["dir"]
     with open(os.path.join(some, "probe.json"), encoding="utf-8") as handle:

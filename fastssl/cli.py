@@ -45,7 +45,7 @@ RANGES: dict[str, dict[str, Range]] = {
     "phantom": dict(studies=_COUNT, size=Range(32, 16384, integer=True), seed=_SEED, workers=_COUNT,
                     both_views_fraction=_FRACTION, lateral_only_fraction=_FRACTION,
                     no_view_position_fraction=_FRACTION, corrupt=_NONNEG, uncertain_fraction=_FRACTION),
-    "prepare": dict(size=_SIDE, shard_size=Range(1, 1 << 20, integer=True), workers=_COUNT),
+    "prepare": dict(size=_SIDE, shard_size=Range(1, 1 << 20, integer=True), workers=_COUNT, seed=_SEED),
     "pretrain": dict(img_size=Range(0, 16384, integer=True), patch_size=Range(0, 1024, integer=True),
                      mask_ratio=Range(0, 1, high_open=True), temperature=_POS, beta_max=Range(0),
                      beta_ramp_epochs=Range(-1), epochs=_COUNT, batch_size=_COUNT, base_lr=_POS,
@@ -58,6 +58,10 @@ RANGES: dict[str, dict[str, Range]] = {
                      val_batches=_NONNEG),
     "probe": dict(batch_size=_COUNT, workers=_NONNEG, l2=Range(0), max_iter=_COUNT, n_boot=_NONNEG,
                   seed=_SEED, knn_k=_NONNEG),
+    "finetune": dict(epochs=_COUNT, warmup_epochs=_NONNEG, batch_size=_COUNT, base_lr=_POS, weight_decay=Range(0),
+                     layer_decay=Range(0, 1, low_open=True), clip_grad=Range(0), crop_min=Range(0, 1, low_open=True),
+                     eval_batch_size=_COUNT, seed=_SEED, n_boot=_COUNT, stop_after_epochs=_NONNEG),
+    "compare": dict(n_boot=_COUNT, seed=_SEED, alpha=Range(0, 1, low_open=True, high_open=True)),
     "embed": dict(img_size=_SIDE, in_chans=Range(1, 64, integer=True), batch_size=_COUNT,
                   shard_size=_COUNT, workers=_NONNEG),
     "curate": dict(iterations=_COUNT, split_k=_COUNT, split_iterations=_COUNT, resampling_steps=_NONNEG,
@@ -66,6 +70,8 @@ RANGES: dict[str, dict[str, Range]] = {
     "demo": dict(studies=_COUNT, phantom_size=Range(32, 16384, integer=True), img_size=_SIDE, epochs=_COUNT,
                  batch_size=_COUNT, base_lr=_POS, points=_COUNT, dim=_COUNT, components=_COUNT,
                  target=Range(0, 1, low_open=True), seed=_SEED),
+    "plot": dict(samples=_COUNT),
+    "export": dict(),
 }
 # Errors a user causes and can fix (bad values, paths, data): one line, exit code 2.
 # Anything else is a bug and keeps its traceback (FASTSSL_DEBUG=1 shows one for these too).

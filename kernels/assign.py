@@ -4,7 +4,9 @@ One persistent kernel. Each program takes work items (a tile of BLOCK_M rows of 
 one contiguous range of centroid tiles, a "split") and walks the items' centroid tiles
 x depth steps as ONE flattened loop, so Triton's software pipeliner keeps loads in
 flight across centroid tiles (at d = 128 a centroid tile is only two 64-deep steps; a
-nested loop would drain the pipeline every two steps). ``tl.dot`` lowers to wgmma on
+nested loop would drain the pipeline every two steps). A "resident" config (d <= 256)
+instead loads the x tile once per work item and pipelines the centroid tiles alone,
+halving the bytes read per tile at d = 128. ``tl.dot`` lowers to wgmma on
 sm_90 and mma on sm_80; on sm_90 the tiles arrive through TMA tensor descriptors when
 the strides allow (16-byte aligned), otherwise through masked pointer loads.
 
@@ -25,7 +27,7 @@ Nothing here imports fastssl: the launcher takes tensors its caller validated
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -50,6 +52,15 @@ class AssignConfig:
     num_warps: int
     num_stages: int
     measured: bool = False
+    resident: bool = False  # d <= block_k: x's tile loaded once per work item
+
+    def for_width(self, d: int) -> "AssignConfig":
+        """A resident config's depth block is the whole (padded) row."""
+        if not self.resident:
+            return self
+        if d > 256:
+            raise ValueError(f"resident tiles hold the whole row: d={d} > 256")
+        return replace(self, block_k=_pow2_at_least(d, 16))
 
 
 # The table a first call reads, so that no call autotunes. Keyed by
@@ -101,6 +112,46 @@ def pick_config(device: torch.device, dtype: torch.dtype, n: int, k: int, d: int
 
 
 @triton.jit
+def _load_tile(src, off_r, off_k, stride, n_rows, d, r_local, k_local, USE_TMA: tl.constexpr):
+    """Rows [off_r, off_r + R) x depth [off_k, off_k + K) of an (n_rows, d) matrix; zeros
+    outside it (TMA fills out-of-range boxes with zeros itself)."""
+    if USE_TMA:
+        tile = src.load([off_r, off_k])
+    else:
+        r = off_r + r_local
+        c = off_k + k_local
+        tile = tl.load(src + r[:, None].to(tl.int64) * stride + c[None, :],
+                       mask=(r[:, None] < n_rows) & (c[None, :] < d), other=0.0)
+    return tile
+
+
+@triton.jit
+def _fold_tile(acc, off_n, cols_local, csq_ptr, k, best, best_idx, METRIC: tl.constexpr):
+    """Fold one (BLOCK_M, BLOCK_N) tile of x.c into the running (value, index) minimum."""
+    cols = off_n + cols_local
+    if METRIC == 0:
+        bias = tl.load(csq_ptr + cols, mask=cols < k, other=float("inf"))
+        score = bias[None, :] - 2.0 * acc
+    else:
+        score = tl.where((cols < k)[None, :], -acc, float("inf"))
+    # one reduction for both (value, first index): the epilogue runs on the CUDA cores
+    # between tensor-core tiles, so its cost is per element
+    tile_best, tile_arg = tl.min(score, axis=1, return_indices=True,
+                                 return_indices_tie_break_left=True)
+    better = tile_best < best  # strict: an earlier tile keeps a tie
+    return (tl.where(better, tile_best, best),
+            tl.where(better, off_n + tile_arg.to(tl.int64), best_idx))
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:  # exact: bf16 -> fp32, and fp32 products of bf16 values are exact
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _assign_kernel(
     x_src, c_src, csq_ptr, best_ptr, idx_ptr,
     n, k, d, stride_x, stride_c,
@@ -113,11 +164,11 @@ def _assign_kernel(
     BLOCK_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     UPCAST: tl.constexpr,  # interpreter only: its bf16 tl.dot is wrong (Triton 3.8)
+    RESIDENT: tl.constexpr,  # BLOCK_K >= d: x's tile is loaded once per work item
 ):
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
     k_steps = tl.cdiv(d, BLOCK_K)
-    steps = tiles_per_split * k_steps
     rows_local = tl.arange(0, BLOCK_M)
     cols_local = tl.arange(0, BLOCK_N)
     depth_local = tl.arange(0, BLOCK_K)
@@ -125,45 +176,34 @@ def _assign_kernel(
         row_tile = item % n_row_tiles  # neighbours share a split: same centroid tiles in L2
         split = item // n_row_tiles
         off_m = row_tile * BLOCK_M
-        rows = off_m + rows_local
         first_col = split * tiles_per_split * BLOCK_N
         best = tl.full((BLOCK_M,), float("inf"), tl.float32)
         best_idx = tl.zeros((BLOCK_M,), tl.int64)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for step in tl.range(0, steps, num_stages=NUM_STAGES):
-            tile = step // k_steps
-            ks = step - tile * k_steps
-            off_n = first_col + tile * BLOCK_N
-            off_k = ks * BLOCK_K
-            if USE_TMA:
-                a = x_src.load([off_m, off_k])
-                b = c_src.load([off_n, off_k])
-            else:
-                depth = off_k + depth_local
-                cols = off_n + cols_local
-                a = tl.load(x_src + rows[:, None].to(tl.int64) * stride_x + depth[None, :],
-                            mask=(rows[:, None] < n) & (depth[None, :] < d), other=0.0)
-                b = tl.load(c_src + cols[:, None].to(tl.int64) * stride_c + depth[None, :],
-                            mask=(cols[:, None] < k) & (depth[None, :] < d), other=0.0)
-            if UPCAST:  # exact: bf16 -> fp32, and fp32 products of bf16 values are exact
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
-            if ks == k_steps - 1:
-                cols = off_n + cols_local
-                if METRIC == 0:
-                    bias = tl.load(csq_ptr + cols, mask=cols < k, other=float("inf"))
-                    score = bias[None, :] - 2.0 * acc
-                else:
-                    score = tl.where((cols < k)[None, :], -acc, float("inf"))
-                # one reduction for both (value, first index): the epilogue runs on the
-                # CUDA cores between tensor-core tiles, so its cost is per element
-                tile_best, tile_arg = tl.min(score, axis=1, return_indices=True,
-                                             return_indices_tie_break_left=True)
-                better = tile_best < best  # strict: an earlier tile keeps a tie
-                best = tl.where(better, tile_best, best)
-                best_idx = tl.where(better, off_n + tile_arg.to(tl.int64), best_idx)
-                acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        if RESIDENT:  # small d: one depth step per centroid tile, x's tile kept
+            a = _load_tile(x_src, off_m, 0, stride_x, n, d, rows_local, depth_local, USE_TMA)
+            for tile in tl.range(0, tiles_per_split, num_stages=NUM_STAGES):
+                off_n = first_col + tile * BLOCK_N
+                b = _load_tile(c_src, off_n, 0, stride_c, k, d, cols_local, depth_local,
+                               USE_TMA)
+                acc = _dot(a, b, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), PRECISION, UPCAST)
+                best, best_idx = _fold_tile(acc, off_n, cols_local, csq_ptr, k, best,
+                                            best_idx, METRIC)
+        else:  # one flattened (centroid tile x depth step) loop for the pipeliner
+            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            for step in tl.range(0, tiles_per_split * k_steps, num_stages=NUM_STAGES):
+                tile = step // k_steps
+                ks = step - tile * k_steps
+                off_n = first_col + tile * BLOCK_N
+                a = _load_tile(x_src, off_m, ks * BLOCK_K, stride_x, n, d, rows_local,
+                               depth_local, USE_TMA)
+                b = _load_tile(c_src, off_n, ks * BLOCK_K, stride_c, k, d, cols_local,
+                               depth_local, USE_TMA)
+                acc = _dot(a, b, acc, PRECISION, UPCAST)
+                if ks == k_steps - 1:
+                    best, best_idx = _fold_tile(acc, off_n, cols_local, csq_ptr, k, best,
+                                                best_idx, METRIC)
+                    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        rows = off_m + rows_local
         out = split.to(tl.int64) * n + rows
         tl.store(best_ptr + out, best, mask=rows < n)
         tl.store(idx_ptr + out, best_idx, mask=rows < n)
@@ -250,7 +290,7 @@ def assign_partial(
     """
     n, d = x.shape
     k = c.shape[0]
-    cfg = config or pick_config(x.device, x.dtype, n, k, d)
+    cfg = (config or pick_config(x.device, x.dtype, n, k, d)).for_width(d)
     row_tiles = triton.cdiv(n, cfg.block_m)
     col_tiles = triton.cdiv(k, cfg.block_n)
     if splits is None:
@@ -270,6 +310,7 @@ def assign_partial(
         METRIC=metric, PRECISION=_dot_precision(x.dtype, precision),
         USE_TMA=tma, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         NUM_STAGES=cfg.num_stages, UPCAST=_interpreting() and x.dtype == torch.bfloat16,
+        RESIDENT=cfg.resident,
         num_warps=cfg.num_warps,
     )
     return best, idx

@@ -37,6 +37,7 @@ SHAPES = [  # (n, k, d)
 ]
 RTOL = 2e-5  # of the row's score scale: float32 accumulation over d <= 70
 SMALL_TILES = kernel.AssignConfig(16, 16, 16, 4, 1)  # many tiles even at these sizes
+RESIDENT = kernel.AssignConfig(16, 16, 0, 4, 1, resident=True)  # x tile loaded once
 
 
 def _random(gen, shape, dtype=torch.float32, scale=1.0):
@@ -68,6 +69,25 @@ def test_small_tiles_and_splits(precision, splits):
                                            precision=precision, config=SMALL_TILES,
                                            splits=splits)
     check_against_float64(x, c, "l2", labels, distances)
+
+
+@pytest.mark.parametrize("use_tma", [False, True])
+@pytest.mark.parametrize("metric", ["l2", "ip", "cos"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_resident_x_tile(dtype, metric, use_tma):
+    """The small-d variant: the whole (padded) row in one depth block, several centroid
+    tiles and two splits; d = 40 (pointer loads) and 64 (16-byte rows: TMA)."""
+    gen = torch.Generator().manual_seed(9)
+    d = 64 if use_tma else 40
+    x, c = _random(gen, (45, d), dtype), _random(gen, (71, d))
+    labels, distances = _triton_assign.run("assign", x, "torch", c, metric, True,
+                                           config=RESIDENT, splits=2, use_tma=use_tma)
+    check_against_float64(x, oracle.as_multiplied(x, c, metric), metric, labels, distances)
+
+
+def test_resident_config_refuses_wide_rows():
+    with pytest.raises(ValueError, match="d=300 > 256"):
+        RESIDENT.for_width(300)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
@@ -115,3 +135,40 @@ def test_nonfinite_row_is_named():
     x[13, 2] = float("nan")
     with pytest.raises(ValueError, match="x row 13"):
         kmeans.assign(x, torch.randn(3, 8), impl="triton")
+
+
+def test_gpu_benchmark_rows_run_on_the_cpu(monkeypatch):
+    """bench/gpu_kmeans.py's sweep and Lloyd rows at a tiny size (the GPU session runs
+    them once, at full size: a bug found there costs its device time)."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "gpu_kmeans.py"
+    spec = importlib.util.spec_from_file_location("gpu_kmeans_under_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "_compiled_chunk_fn", lambda: bench._addmm_argmin)  # no C++ build
+    rows = []
+
+    def report(name, **columns):
+        rows.append((name, columns))
+
+    report.context = {}
+    plan = bench.Plan.make(dry_run=True)
+    bench._sweep_row(report, plan, 70, 24, 33, torch.bfloat16, None)
+    bench._lloyd_row(report, plan, 70, 24, 9)
+    (sweep_name, sweep), (lloyd_name, lloyd) = rows
+    assert sweep["status"] == "ok" and isinstance(sweep["triton_ms"], float), sweep
+    assert sweep["torch_agree"] >= 0.9 and sweep["compiled_agree"] >= 0.9, sweep
+    assert sweep["cuda_ms"].startswith("skipped") and sweep["flash_ms"].startswith("skipped")
+    assert isinstance(lloyd["triton_fp32_ms"], float) and isinstance(lloyd["triton_fp64_ms"], float)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(50, 8, generator=gen)
+    c = x[:5].clone()
+    new, labels = bench.lloyd_step(x, c, torch.float64, bench.triton_assign)
+    for j in range(5):  # each new centroid is the mean of its members (or unchanged)
+        members = x[labels == j].double()
+        want = members.mean(0) if len(members) else c[j].double()
+        assert torch.allclose(new[j].double(), want, atol=1e-6)

@@ -210,6 +210,9 @@ CASES = [   # (command line with {t} = the junk dir, words the one-line error mu
     ("pretrain --cache {t}/missing --out {t}/r", "manifest.json"),
     ("probe --cache {t}/c --checkpoint {t}/missing.pt", "missing.pt"),
     ("probe --cache {t}/c --checkpoint {t}/x.npy --n-boot -1", "--n-boot"),
+    ("finetune --cache {t}/c --checkpoint {t}/missing.pt --out {t}/f", "missing.pt"),
+    ("finetune --cache {t}/c --checkpoint random:test --out {t}/f --layer-decay 0", "--layer-decay: got 0"),
+    ("compare {t}/a {t}/b", "cannot read"),
     ("embed {t}/tiles --out {t}/e --model nosuchmodel --random-init", "--model 'nosuchmodel'"),
     ("embed {t}/tiles --out {t}/e --random-init --batch-size 0", "--batch-size: got 0"),
     ("embed {t}/missing --out {t}/e --random-init --model vit_tiny_patch16_224", "missing"),
@@ -222,6 +225,10 @@ CASES = [   # (command line with {t} = the junk dir, words the one-line error mu
     ("curate --data {t}/missing.npy --out {t}/k", "missing.npy"),
     ("demo --out {t}/d --studies 0", "--studies: got 0"),
     ("demo --out {t}/d --target 0", "--target: got 0.0"),
+    ("plot {t}/missing", "missing is not a directory"),
+    ("plot {t}/nodicom --samples 0", "--samples: got 0"),
+    ("export {t}/missing.pt --cache {t}/c --out {t}/x", "missing.pt"),
+    ("export {t}/afile --cache {t}/missing --out {t}/x", "afile"),
 ]
 
 

@@ -238,3 +238,74 @@ def test_sigkill_at_random_moments_then_resume_gives_the_same_tree(tmp_path):
     for a, b in zip(ref.levels, got.levels):
         for name in ("centroids", "assignments", "members"):
             np.testing.assert_array_equal(np.asarray(getattr(a, name)), np.asarray(getattr(b, name)))
+
+
+# ---------------------------------------------------------------- plots, labels by path
+def test_size_histogram_counts_every_cluster(rng):
+    """12.3: the largest cluster used to fall outside the last (rounded) edge."""
+    from fastssl.train.curate import size_histogram
+
+    for sizes in (np.array([1, 5, 100]), np.array([0, 3, 999]), rng.integers(1, 10**6, 200),
+                  np.array([7])):
+        counts, edges = size_histogram(sizes)
+        assert counts.sum() == sizes.size and edges[-1] > sizes.max()
+
+
+def test_plots_and_balance_against_full_and_random(tmp_path, rng):
+    pytest.importorskip("matplotlib")
+    from fastssl.curation import hierarchical_kmeans, hierarchical_sample
+    from fastssl.train.curate import cluster_shares, write_plots
+
+    x, comp, _ = long_tailed_mixture(3000, 8, 30, seed=4)
+    tree = hierarchical_kmeans(x, [40, 6], iterations=4, resampling_steps=1, progress=False)
+    picked = hierarchical_sample(tree, 300, seed=0)
+    shares = cluster_shares(tree, 1, picked)
+    for name in ("all", "curated", "random"):
+        assert shares[name].shape == (40,) and shares[name].sum() == pytest.approx(1.0)
+    full = np.bincount(tree.point_assignments(1), minlength=40)
+    np.testing.assert_allclose(shares["all"], np.sort(full)[::-1] / 3000)
+    assert shares["curated"].std() < shares["random"].std()  # the sample is flatter
+    files = write_plots(tree, tmp_path / "plots", picked)
+    assert sorted(p.rsplit("/", 1)[1] for p in files) == [
+        "level_1_balance.png", "level_1_sizes.png", "level_2_balance.png", "level_2_sizes.png"]
+    assert all((tmp_path / "plots" / p.rsplit("/", 1)[1]).stat().st_size > 1000 for p in files)
+
+
+def test_labels_matched_by_tile_path_not_row_order(tmp_path, caplog):
+    """12.8: a labels CSV in any order gives the report of the labels in index.csv order."""
+    import csv
+
+    from fastssl.train.curate import load_labels
+
+    emb = tmp_path / "emb"
+    emb.mkdir()
+    x, comp, _ = long_tailed_mixture(500, 6, 8, seed=5)
+    np.save(emb / "emb_00000.npy", x.astype(np.float16))
+    sources = [f"slides/s{i % 7}/tile_{i:04d}.png" for i in range(500)]
+    with open(emb / "index.csv", "w", newline="") as handle:
+        w = csv.writer(handle)
+        w.writerow(["row", "shard", "offset", "source"])
+        w.writerows([i, "emb_00000.npy", i, s] for i, s in enumerate(sources))
+    (emb / "manifest.json").write_text(json.dumps({"shards": [{"file": "emb_00000.npy"}]}))
+    order = np.random.default_rng(0).permutation(500)  # the user's file order
+    with open(tmp_path / "labels.csv", "w", newline="") as handle:
+        w = csv.writer(handle)
+        w.writerow(["source", "label"])
+        w.writerows([sources[i], f"tissue_{comp[i]}"] for i in order)
+    got = load_labels(str(tmp_path / "labels.csv"), [str(emb)], 500)
+    _, want = np.unique([f"tissue_{c}" for c in comp], return_inverse=True)
+    np.testing.assert_array_equal(got, want)
+    common = ["curate", "--data", str(emb), "--levels", "10,3", "--iterations", "3", "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "a"), "--labels",
+                 str(tmp_path / "labels.csv")]) == 0
+    np.save(tmp_path / "labels.npy", comp.astype(np.int64))
+    assert main([*common, "--out", str(tmp_path / "b"), "--labels",
+                 str(tmp_path / "labels.npy")]) == 0
+    ra = json.loads((tmp_path / "a" / "report.json").read_text())["ground_truth"]
+    rb = json.loads((tmp_path / "b" / "report.json").read_text())["ground_truth"]
+    assert ra == rb
+    rows = (tmp_path / "labels.csv").read_text().splitlines()
+    (tmp_path / "short.csv").write_text("\n".join(rows[:-1]) + "\n")  # one tile unlabelled
+    assert main([*common, "--out", str(tmp_path / "a"), "--labels",
+                 str(tmp_path / "short.csv")]) == 2
+    assert "1 of 500 tiles" in caplog.text

@@ -278,3 +278,25 @@ def test_split_independent_of_memory_budget(rng, tmp_path):
     t2 = hierarchical_kmeans(x, [30, 5], split_k=3, iterations=3, memory_budget_mb=0.01,
                              progress=False)
     assert_trees_equal(t1, t2)
+
+
+def test_repr_is_a_summary_not_the_arrays(rng):
+    """12.12: print(tree) shows sizes, not arrays."""
+    x, _ = mixture(rng, n=300)
+    tree = hierarchical_kmeans(x, [9, 3], iterations=2, progress=False)
+    assert repr(tree) == "HierarchicalTree(n_points=300, dim=8, k per level=[9, 3])"
+    assert repr(tree.levels[1]) == "TreeLevel(k=3, n_inputs=9, d=8)"
+
+
+def test_grouped_init_on_a_device_equals_the_host(rng):
+    """The split's greedy init runs where the split assigns (a GPU in practice); the picks
+    do not depend on it (here the device is the CPU, the code path the same)."""
+    import torch
+
+    from fastssl.curation.hierarchical import _grouped_init
+
+    x = rng.standard_normal((300, 5)).astype(np.float32)
+    xo, co = np.array([0, 120, 121, 300]), np.array([0, 4, 5, 9])
+    host = _grouped_init(x, xo, co, 1, np.arange(3), 0, "kmeans++")
+    dev = _grouped_init(x, xo, co, 1, np.arange(3), 0, "kmeans++", device=torch.device("cpu"))
+    np.testing.assert_array_equal(host, dev)

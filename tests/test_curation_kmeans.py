@@ -234,3 +234,34 @@ def test_init_sample_grows_with_k(rng):
         assert seen["m"] == 16_384  # the floor
     finally:
         km_mod.kmeans_plusplus = orig
+
+
+def test_nonfinite_check_rides_on_the_first_pass(rng, monkeypatch):
+    """10: in "raise" mode no pass over the data is spent only on the NaN/inf check (fit
+    reads the data once per Lloyd iteration), and a bad row still raises naming it."""
+    from fastssl.curation._source import PointSource
+
+    x = rng.standard_normal((3000, 5)).astype(np.float32)
+    passes = []
+    orig = PointSource.chunks
+
+    def counting(self, start, stop, chunk_rows):
+        passes.append((start, stop))
+        return orig(self, start, stop, chunk_rows)
+
+    monkeypatch.setattr(PointSource, "chunks", counting)
+    km = KMeans(k=4, iterations=3, progress=False).fit(x)
+    assert len(passes) == 3
+    km.predict()
+    assert len(passes) == 4
+    passes.clear()
+    KMeans(k=4, iterations=3, nonfinite="skip", progress=False).fit(x)
+    assert len(passes) == 4  # "skip" must know the rows before sampling: one scan
+    bad = x.copy()
+    bad[2711, 3] = np.inf
+    with pytest.raises(ValueError, match="row 2711"):
+        KMeans(k=4, iterations=2, init="random", progress=False).fit(bad)
+    bad[2711, 3] = 0.0
+    bad[5, 0] = np.nan  # in the k-means++ sample (all rows here): raises before any pass
+    with pytest.raises(ValueError, match="row 5 "):
+        KMeans(k=4, iterations=2, progress=False).fit(bad)

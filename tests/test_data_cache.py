@@ -97,7 +97,7 @@ def test_settings_guard(tmp_path, source):
 
 
 def run_cli(args, env=None):
-    return subprocess.run([sys.executable, "-m", "fastssl", "prepare", *args, "--quiet"], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "fastssl", "prepare", *args], capture_output=True,
                           text=True, env=dict(os.environ, **(env or {})), timeout=120)
 
 

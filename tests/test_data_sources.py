@@ -134,6 +134,7 @@ def test_sixteen_bit_png_round_trip(tmp_path):
     assert np.allclose(read_image(folder / "a.png", voi="minmax"), (stored - 100) / 100.0, atol=1e-6)
     assert np.allclose(read_image(folder / "a.png"), stored / 1023.0, atol=1e-7)  # no hint: 10 bits hold the max
     assert np.allclose(read_image(folder / "a.png", voi="none"), stored / 65535.0, atol=1e-7)
+    assert np.allclose(read_image(folder / "a.png", hints={"window": (150, 100)}), (stored - 100) / 100.0, atol=1e-6)
     # through prepare: a PadChest CSV naming the file, uint16 cache, no resize
     header = "ImageID,ImageDir,StudyID,PatientID,Projection,Labels,BitsStored_DICOM\n"
     (tmp_path / "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv").write_text(
@@ -146,8 +147,7 @@ def test_sixteen_bit_png_round_trip(tmp_path):
 def test_pooled_cache_over_every_layout(phantoms, tmp_path, capsys):
     sources = [a for layout, (root, _) in phantoms.items() for a in ("--source", f"{layout}:{root}")]
     sources = sources[2:]  # mimic-dicom and mimic-jpg are one dataset: pool the JPG one with the others
-    assert cli_main(["prepare", *sources, "--out", str(tmp_path / "pool"), "--size", "16", "--workers", "2",
-                     "--quiet"]) == 0
+    assert cli_main(["prepare", *sources, "--out", str(tmp_path / "pool"), "--size", "16", "--workers", "2"]) == 0
     assert "datasets: chexpert, mimic-cxr, padchest" in capsys.readouterr().out
     index = read_index(tmp_path / "pool")
     assert sorted(np.unique(index.dataset)) == ["chexpert", "mimic-cxr", "padchest"]

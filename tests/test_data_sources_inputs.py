@@ -259,6 +259,14 @@ def test_scan_trusts_the_folders_patient_over_a_colliding_study_uid(tmp_path):
     table = scan_dicom_tree(tmp_path, workers=1)
     assert [(s.subject_id, s.study_id, s.paired) for s in table.studies] == [
         ("10000001", "50000001", False), ("10000002", "50000009", False)]
+    # outside the MIMIC folders the PatientID decides: a UID claimed by two patients is not merged
+    make_dicom(tmp_path / "x.dcm", np.zeros((4, 4)), view_position="PA", study_uid="1.2.5", patient_id="A",
+               sop_uid="1.2.3.5")
+    make_dicom(tmp_path / "y.dcm", np.zeros((4, 4)), view_position="LATERAL", study_uid="1.2.5", patient_id="B",
+               sop_uid="1.2.3.6")
+    table = scan_dicom_tree(tmp_path, workers=1, paths=[str(tmp_path / "x.dcm"), str(tmp_path / "y.dcm")])
+    assert [(s.subject_id, s.paired) for s in table.studies] == [("A", False)]
+    assert table.rejects == [(str(tmp_path / "y.dcm"), "study 1.2.5 also belongs to patient A; this file's patient is B")]
 
 
 def test_scan_keeps_a_repeated_sop_instance_uid_once(tmp_path):
@@ -275,6 +283,7 @@ def test_scan_keeps_a_repeated_sop_instance_uid_once(tmp_path):
     (dict(workers=-3), "--workers -3"),
     (dict(size=4), "--size 4"),
     (dict(size=100_000), "--size 100000"),
+    (dict(workers=1.5), "--workers 1.5"),
     (dict(shard_size=0), "--shard-size 0"),
 ])
 def test_prepare_rejects_bad_settings_before_any_work(tmp_path, kwargs, match):
@@ -292,10 +301,11 @@ def test_prepare_cli_errors_are_one_line_exit_2(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "a_file").write_text("x")
     for args, needle in (
-        (["--source", str(tmp_path / "empty"), "--out", str(tmp_path / "c")], "no images found"),
-        (["--source", str(tmp_path / "empty"), "--out", str(tmp_path / "a_file")], "is a file"),
-        (["--source", str(tmp_path / "empty"), "--out", str(tmp_path / "c"), "--workers", "-3"], "--workers -3"),
-        (["--source", str(tmp_path / "empty"), "--out", str(tmp_path / "c"), "--size", "100000"], "--size 100000"),
+        (["--source", str(tmp_path / "empty"), "--out", str(tmp_path / "c")], "no usable DICOM study"),
+        (["--source", f"padchest:{tmp_path / 'empty'}", "--out", str(tmp_path / "c")], "PADCHEST"),
+        (["--source", str(tmp_path / "empty"), "--out", str(tmp_path / "a_file")], "not a directory"),
+        (["--source", str(tmp_path / "empty"), "--out", str(tmp_path / "c"), "--workers", "-3"], "--workers"),
+        (["--source", str(tmp_path / "empty"), "--out", str(tmp_path / "c"), "--size", "100000"], "--size"),
         (["--source", str(tmp_path / "empty"), "--out", str(tmp_path / "c"), "--holdout", "0.5"], "--holdout"),
     ):
         result = _cli(*args)
@@ -316,3 +326,24 @@ def test_cli_sources_replace_those_of_a_config_file(tmp_path, caplog):
     assert cli_main(["prepare", "--config", str(tmp_path / "one.yaml"), "--source",
                      f"padchest:{tmp_path / 'from_flag'}", *out]) == 2
     assert "padchest:" in caplog.text and "from_flag" in caplog.text and "from_file" not in caplog.text
+
+
+def test_a_format_1_cache_is_still_read(tmp_path):
+    """Caches written before the dataset/view_source/other_labels columns stay readable."""
+    import csv
+    import json
+
+    make_tree(tmp_path / "tree", [dict(subject_id="10000001", study_id="50000001", views=["PA", "LATERAL"])], size=8)
+    cache = tmp_path / "cache"
+    prepare_cache(str(tmp_path / "tree"), cache, size=8, workers=1, progress=False)
+    with open(cache / "index.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    old_columns = [c for c in rows[0] if c not in ("dataset", "view_source", "other_labels")]
+    write_csv(cache / "index.csv", old_columns, [[r[c] for c in old_columns] for r in rows])
+    manifest = json.loads((cache / "manifest.json").read_text())
+    (cache / "manifest.json").write_text(json.dumps(dict(manifest, format_version=1)))
+    index = read_index(cache)
+    assert len(index) == 2 and index.dataset.tolist() == ["", ""] and index.view.tolist() == ["frontal", "lateral"]
+    assert index.select(split=index.split[0]).all()
+    with pytest.raises(ValueError, match="not in this cache"):
+        index.select(dataset="mimic-cxr")

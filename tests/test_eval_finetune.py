@@ -73,12 +73,12 @@ def test_study_batches_hold_whole_studies(cache):
                                torch.stack([logits[[1, 4]].mean(0), logits[[0, 2, 3]].mean(0), torch.zeros(3, dtype=torch.float64)]))
 
 
-def _finetune(cache, out, *extra):
+def _finetune(cache, out, *extra, quiet=True):
     from fastssl.cli import main as cli
 
     return cli(["finetune", "--cache", cache, "--checkpoint", "random:test", "--out", str(out), "--epochs", "3",
-                "--warmup-epochs", "1", "--batch-size", "4", "--base-lr", "0.05", "--n-boot", "50", "--quiet",
-                *extra])
+                "--warmup-epochs", "1", "--batch-size", "4", "--base-lr", "0.05", "--n-boot", "50",
+                *(["--quiet"] if quiet else []), *extra])
 
 
 def test_finetune_end_to_end_and_resume(cache, tmp_path, capsys, caplog):
@@ -102,7 +102,7 @@ def test_finetune_end_to_end_and_resume(cache, tmp_path, capsys, caplog):
     assert (full / "roc.png").is_file()
     # interrupted after one epoch, then the same command again: the same run
     part = tmp_path / "part"
-    assert _finetune(cache, part, "--stop-after-epochs", "1") == 0
+    assert _finetune(cache, part, "--stop-after-epochs", "1", quiet=False) == 0
     assert not (part / "finetune.json").exists() and "rerun" in capsys.readouterr().out
     assert _finetune(cache, part) == 0
     assert (part / "metrics.jsonl").read_text().count("\n") == 3

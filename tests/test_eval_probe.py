@@ -119,7 +119,7 @@ def test_end_to_end_phantom_pretrain_probe(pretrained, tmp_path, capsys):
     enc = os.path.join(run, "encoder.safetensors")
     out = str(tmp_path / "probe")
     assert cli(["probe", "--cache", cache, "--checkpoint", enc, "--out", out, "--workers", "0",
-                "--n-boot", "50", "--knn-k", "5", "--quiet"]) == 0
+                "--n-boot", "50", "--knn-k", "5"]) == 0  # not --quiet: the summary is printed
     with open(os.path.join(out, "probe.json")) as handle:
         r = json.load(handle)
     assert 0.0 <= r["macro_auroc"] <= 1.0 and len(r["per_label"]) == 14 and r["labels_used"]

@@ -35,14 +35,13 @@ class ClsViewEncoder(ViewEncoder):
 
 
 def _encoder(variant: str, seed: int = 0) -> ViewEncoder:
-    """A trained-looking test encoder: every parameter random (no zero biases / embeddings)."""
+    """A trained-looking test encoder: every parameter random (no zero biases / embeddings).
+
+    variant: "mvmae" (the released recipe: qk-norm, no CLS position row), "mae" (CLS
+    position row, no qk-norm), "cls" (the view embedding added to CLS too)."""
     torch.manual_seed(seed)
-    cfg = model_config("test")
+    cfg = model_config("test", recipe="mae" if variant == "mae" else "mvmae")
     enc = ClsViewEncoder(cfg) if variant == "cls" else ViewEncoder(cfg)
-    if variant == "qk_norm":  # the recipe "mvmae" turns on timm's qk-norm
-        enc.vit = VisionTransformer(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=1, num_classes=0,
-                                    embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
-                                    qk_norm=True)
     with torch.no_grad():
         for p in enc.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -50,13 +49,15 @@ def _encoder(variant: str, seed: int = 0) -> ViewEncoder:
 
 
 def _timm_from_file(path: str):
-    """The README's three lines."""
+    """The README's lines."""
     meta = safetensors.safe_open(path, "pt").metadata()
-    return timm.create_model(meta["timm_model"], pretrained=True, **json.loads(meta["timm_kwargs"]),
-                             pretrained_cfg_overlay=dict(file=path, **json.loads(meta["pretrained_cfg"])))
+    model = timm.create_model(meta["timm_model"], pretrained=True, **json.loads(meta["timm_kwargs"]),
+                              pretrained_cfg_overlay=dict(file=path, **json.loads(meta["pretrained_cfg"])))
+    model.norm.eps = float(meta["final_norm_eps"])
+    return model
 
 
-@pytest.mark.parametrize("variant", ["patches", "cls", "qk_norm"])
+@pytest.mark.parametrize("variant", ["mvmae", "mae", "cls"])
 def test_timm_reproduces_fastssl_features_for_every_view(tmp_path, variant):
     enc = _encoder(variant)
     paths = export_encoder(enc, enc.cfg, str(tmp_path / "encoder.safetensors"), manifest=MANIFEST, views=VIEWS)
@@ -75,7 +76,7 @@ def test_timm_reproduces_fastssl_features_for_every_view(tmp_path, variant):
 
 
 def test_file_is_exactly_a_timm_state_dict_with_its_metadata(tmp_path):
-    enc = _encoder("patches")
+    enc = _encoder("mvmae")
     path = export_encoder(enc, enc.cfg, str(tmp_path / "encoder.safetensors"), manifest=MANIFEST)[0]
     with safetensors.safe_open(path, "pt") as f:
         keys = set(f.keys())
@@ -88,16 +89,18 @@ def test_file_is_exactly_a_timm_state_dict_with_its_metadata(tmp_path):
     data = timm.data.resolve_data_config(model=_timm_from_file(path))
     assert tuple(data["input_size"]) == (1, 32, 32) and tuple(data["mean"]) == (0.4375,)
     assert tuple(data["std"]) == (0.1875,)
-    # pos_embed holds the frontal view row on the patch rows only (this variant)
+    # pos_embed holds the frontal view row on the patch rows; its CLS row is 0 (the released
+    # encoder adds no position to CLS: its trained row is not used, here it is random)
     with safetensors.safe_open(path, "pt") as f:
         pos = f.get_tensor("pos_embed")
     frontal = enc.view_embed.weight[VIEW_IDS["frontal"]].detach()
     assert torch.equal(pos[0, 1:], enc.vit.pos_embed[0, 1:].detach() + frontal)
-    assert torch.equal(pos[0, 0], enc.vit.pos_embed[0, 0].detach())
+    assert not enc.cfg.cls_pos_embed and enc.vit.pos_embed[0, 0].abs().max() > 0.01
+    assert torch.equal(pos[0, 0], torch.zeros_like(pos[0, 0]))
 
 
 def test_load_encoder_rebuilds_the_encoder_bit_for_bit(tmp_path):
-    enc = _encoder("patches")
+    enc = _encoder("mvmae")
     for path in export_encoder(enc, enc.cfg, str(tmp_path / "enc.safetensors"), manifest={}, views=VIEWS):
         back = load_encoder(path)
         assert back.state_dict().keys() == enc.state_dict().keys()
@@ -110,7 +113,7 @@ def test_load_encoder_reads_the_older_layout(tmp_path):
 
     from safetensors.torch import save_file
 
-    enc = _encoder("patches")
+    enc = _encoder("mvmae")
     path = str(tmp_path / "old.safetensors")
     save_file({k: v.contiguous() for k, v in enc.state_dict().items()}, path,
               metadata={"format": "fastssl.ViewEncoder", "model_config": json.dumps(asdict(enc.cfg))})
@@ -121,7 +124,7 @@ def test_load_encoder_reads_the_older_layout(tmp_path):
 
 def test_a_wrong_fold_is_caught_at_export(tmp_path, monkeypatch):
     # planted bug: the CLS variant folded as if the view embedding reached the patches only
-    monkeypatch.setattr(export, "_view_reaches_cls", lambda encoder: False)
+    monkeypatch.setattr(export, "_cls_terms", lambda encoder: (False, False))
     enc = _encoder("cls")
     with pytest.raises(RuntimeError, match="differ from fastssl's"):
         export_encoder(enc, enc.cfg, str(tmp_path / "encoder.safetensors"), manifest=MANIFEST)
@@ -140,7 +143,7 @@ def test_a_cls_token_that_is_not_additive_is_refused(tmp_path):
 
 
 def test_bad_arguments(tmp_path):
-    enc = _encoder("patches")
+    enc = _encoder("mvmae")
     out = str(tmp_path / "e.safetensors")
     with pytest.raises(TypeError, match="manifest"):
         export_encoder(enc, enc.cfg, out, manifest=None)
@@ -183,23 +186,25 @@ def test_cli_exports_every_view_from_a_checkpoint(tmp_path, capsys):
 
     from fastssl.cli import main as cli
 
-    enc = _encoder("patches")
+    enc = _encoder("mvmae")
     torch.save(dict(model={f"encoder.{k}": v for k, v in enc.state_dict().items()}, model_config=asdict(enc.cfg)),
                tmp_path / "checkpoint.pt")
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "manifest.json").write_text(json.dumps(MANIFEST))
-    out = tmp_path / "export" / "encoder.safetensors"
+    out = tmp_path / "export"
     assert cli(["export", str(tmp_path / "checkpoint.pt"), "--cache", str(tmp_path / "cache"), "--out", str(out),
                 "--views", "frontal,lateral"]) == 0
-    assert capsys.readouterr().out.split() == [str(out), str(tmp_path / "export" / "encoder_lateral.safetensors")]
+    assert capsys.readouterr().out.split() == [str(out / "encoder.safetensors"),
+                                               str(out / "encoder_lateral.safetensors")]
     meta = read_export_metadata(str(tmp_path / "export" / "encoder_lateral.safetensors"))
     assert meta["view"] == "lateral" and float(meta["pixel_std"]) == MANIFEST["pixel_std"]
     assert cli(["export", str(tmp_path / "nope.pt"), "--cache", str(tmp_path / "cache"), "--out", str(out)]) == 2
 
 
-def test_embed_with_an_export_uses_its_normalisation(tmp_path):
+def test_embed_with_an_export_uses_its_architecture_and_normalisation(tmp_path):
     """`fastssl embed --weights encoder.safetensors` gives the exported encoder's features:
-    the pixel mean/std come from the file, not from the timm model's defaults."""
+    architecture (qk-norm, final norm eps) and pixel mean/std come from the file, not from
+    --model and the timm model's defaults."""
     from fastssl.curation.embed import embed_images
     from fastssl.models.mvmae import ModelConfig
 
@@ -210,8 +215,12 @@ def test_embed_with_an_export_uses_its_normalisation(tmp_path):
     path = export_encoder(enc, enc.cfg, str(tmp_path / "encoder.safetensors"), manifest=MANIFEST)[0]
     tiles = np.random.default_rng(1).integers(0, 256, size=(4, 32, 32), dtype=np.uint8)
     np.save(tmp_path / "tiles.npy", tiles)
-    embed_images(tmp_path / "tiles.npy", tmp_path / "emb", model="vit_tiny_patch16_224", weights=path,
-                 img_size=32, in_chans=1, workers=0, quiet=True)
+    assert enc.cfg.qk_norm and enc.cfg.final_norm_eps == 1e-5  # the mvmae recipe's, not timm's defaults
+    with pytest.raises(ValueError, match="pass --in-chans 1"):
+        embed_images(tmp_path / "tiles.npy", tmp_path / "bad", model="vit_large_patch16_224", weights=path,
+                     in_chans=3, workers=0, quiet=True)
+    embed_images(tmp_path / "tiles.npy", tmp_path / "emb", model="vit_large_patch16_224", weights=path,
+                 in_chans=1, workers=0, quiet=True)
     got = np.load(tmp_path / "emb" / "emb_00000.npy").astype(np.float32)
     x = (torch.from_numpy(tiles).float()[:, None] / 255 - MANIFEST["pixel_mean"]) / MANIFEST["pixel_std"]
     with torch.no_grad():

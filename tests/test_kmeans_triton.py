@@ -151,7 +151,8 @@ def test_gpu_runs_on_the_callers_stream():
 
 
 # ------------------------------------------------- offline compile for the GPU targets
-def _compile_offline(capability: int, dtype: str, use_tma: bool, cfg, precision="tf32"):
+def _compile_offline(capability: int, dtype: str, use_tma: bool, cfg, precision="tf32",
+                     d: int = 1024):
     """triton.compile of the assignment kernel for an sm_<capability> target, on a
     machine without a GPU, specialised as a launch with 16-byte aligned pointers and
     strides would be (Triton's JIT gives such arguments the same divisibility hint)."""
@@ -161,9 +162,10 @@ def _compile_offline(capability: int, dtype: str, use_tma: bool, cfg, precision=
 
     from fastssl.kernels import assign as kernel
 
+    cfg = cfg.for_width(d)
     constexprs = {"METRIC": kernel.METRIC_L2, "PRECISION": precision, "USE_TMA": use_tma,
                   "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
-                  "NUM_STAGES": cfg.num_stages, "UPCAST": False}
+                  "NUM_STAGES": cfg.num_stages, "UPCAST": False, "RESIDENT": cfg.resident}
     x_type = (f"tensordesc<{dtype}[{cfg.block_m}, {cfg.block_k}]>" if use_tma else f"*{dtype}")
     c_type = (f"tensordesc<{dtype}[{cfg.block_n}, {cfg.block_k}]>" if use_tma else f"*{dtype}")
     types = {"x_src": x_type, "c_src": c_type, "csq_ptr": "*fp32", "best_ptr": "*fp32",
@@ -179,7 +181,7 @@ def _compile_offline(capability: int, dtype: str, use_tma: bool, cfg, precision=
                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
 
 
-@pytest.mark.slow  # ~10 s: three compilations through ptxas
+@pytest.mark.slow  # ~15 s: four compilations through ptxas
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
                     reason="the interpreter replaces triton.compile's GPU pipeline")
@@ -199,3 +201,7 @@ def test_recorded_configs_lower_to_wgmma_tma_and_a_pipeline_without_a_gpu():
     assert "wgmma.mma_async" in pointers.asm["ptx"] and "cp.async" in pointers.asm["ptx"]
     ampere = _compile_offline(80, "bf16", False, kernel.TUNED[(8, "bfloat16", 1 << 30)])
     assert "mma.sync" in ampere.asm["ptx"] and "wgmma" not in ampere.asm["ptx"]
+    resident = kernel.AssignConfig(128, 256, 0, 8, 2, resident=True)  # the largest tried
+    small_d = _compile_offline(90, "bf16", True, resident, d=128)
+    assert "wgmma.mma_async" in small_d.asm["ptx"]
+    assert small_d.metadata.shared <= 227 * 1024

@@ -163,7 +163,11 @@ def build_model(model: str, weights: str | None, random_init: bool, img_size: in
         raise ValueError("give --weights FILE (safetensors or a torch state_dict) or "
                          "--random-init; nothing is downloaded")
     kwargs = {"pretrained": False, "num_classes": 0, "in_chans": in_chans}
-    if img_size is not None:
+    export = _export_metadata(weights)
+    if export:  # a `fastssl pretrain` export: its metadata fixes the architecture (qk-norm...)
+        model, arch = _export_architecture(export, weights, model, in_chans)
+        net = timm.create_model(model, **{**kwargs, **arch, **({"img_size": img_size} if img_size else {})})
+    elif img_size is not None:
         try:
             net = timm.create_model(model, img_size=img_size, **kwargs)
         except TypeError:  # convnets take any size and have no img_size argument
@@ -194,20 +198,45 @@ def build_model(model: str, weights: str | None, random_init: bool, img_size: in
         if result.unexpected_keys:  # e.g. the classifier head dropped by num_classes=0
             log.info("ignored %d unexpected keys (%s ...)", len(result.unexpected_keys),
                      result.unexpected_keys[0])
-        if path.suffix == ".safetensors":
-            _use_export_normalisation(net, path)
+        if export:
+            _use_export_settings(net, export, path)
     return net.eval()
 
 
-def _use_export_normalisation(net, path: Path) -> None:
-    """A `fastssl pretrain` export names the pixel mean/std its encoder was trained with
-    (metadata ``pretrained_cfg``); the model's own defaults would silently differ."""
+def _export_metadata(weights: str | None) -> dict:
+    """The metadata of a `fastssl pretrain` export (fastssl.train.export), {} for other weights."""
+    if weights is None or Path(weights).suffix != ".safetensors":
+        return {}
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        data_cfg = json.loads((f.metadata() or {}).get("pretrained_cfg", "{}"))
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # the loader below reports the damaged file with its name
+        return {}
+    return meta if "timm_kwargs" in meta else {}
+
+
+def _export_architecture(export: dict, weights: str, model: str, in_chans: int) -> tuple[str, dict]:
+    """(timm model name, create_model kwargs) of an export; --in-chans must agree."""
+    arch = json.loads(export["timm_kwargs"])
+    if in_chans != arch["in_chans"]:
+        raise ValueError(f"--in-chans {in_chans}: {weights} is a fastssl export of a {arch['in_chans']}-channel "
+                         f"encoder; pass --in-chans {arch['in_chans']}")
+    log.info("%s: a fastssl export, architecture from its metadata (%s with %s) instead of --model %s",
+             weights, export["timm_model"], arch, model)
+    return export["timm_model"], arch
+
+
+def _use_export_settings(net, export: dict, path: Path) -> None:
+    """What a timm model cannot take from create_model: the export's final LayerNorm eps, and
+    the pixel mean/std its encoder was trained with (the model's defaults would differ)."""
+    if "final_norm_eps" in export:
+        net.norm.eps = float(export["final_norm_eps"])
+    data_cfg = json.loads(export.get("pretrained_cfg", "{}"))
     if "mean" in data_cfg and "std" in data_cfg:
-        net.pretrained_cfg = dict(net.pretrained_cfg, mean=tuple(data_cfg["mean"]), std=tuple(data_cfg["std"]))
+        net.pretrained_cfg = dict(net.pretrained_cfg, mean=tuple(data_cfg["mean"]), std=tuple(data_cfg["std"]),
+                                  input_size=(net.patch_embed.proj.in_channels, *net.patch_embed.img_size))
         log.info("%s: pixel mean %s std %s from the file's metadata", path, data_cfg["mean"], data_cfg["std"])
 
 

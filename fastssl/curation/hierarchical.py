@@ -46,7 +46,7 @@ import numpy as np
 from fastssl import distributed as dist
 from fastssl.curation._source import PointSource
 from fastssl.curation.kmeans import (KMeans, KMeansConfig, _one_thread, _progress_enabled,
-                                     _scatter_add)
+                                     _scatter_add, assign_device)
 from fastssl.curation.tree import HierarchicalTree, TreeLevel, save_npy_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -237,8 +237,6 @@ def grouped_lloyd(x: np.ndarray, x_offsets: np.ndarray, centroids: np.ndarray,
 
     from fastssl.kmeans import assign_grouped
 
-    from fastssl.curation.kmeans import assign_device
-
     K, d = centroids.shape
     c = np.ascontiguousarray(centroids, dtype=np.float32)
     slab = torch.empty((4096, d), dtype=torch.float64) if fp64_accumulate else None
@@ -294,7 +292,7 @@ def keyed_uniform(seed: int, *keys) -> np.ndarray:
 
 def _grouped_init(x: np.ndarray, x_offsets: np.ndarray, c_offsets: np.ndarray, seed: int,
                   parents: np.ndarray, run: int, init: str,
-                  candidates: int | None = None) -> np.ndarray:
+                  candidates: int | None = None, device=None) -> np.ndarray:
     """k_g starting centres inside every group, vectorised over groups.
 
     "random": k_g distinct members per group. "kmeans++": greedy k-means++ as SDC (each
@@ -306,6 +304,8 @@ def _grouped_init(x: np.ndarray, x_offsets: np.ndarray, c_offsets: np.ndarray, s
         x: (m, d) rows sorted by group; x_offsets (G+1,), c_offsets (G+1,) CSR offsets.
         parents: (G,) global id of each group (the key of its random draws).
         run: index of this initialisation among the split's best-of-N runs.
+        device: torch device for the distance evaluations (the split's GPU when there is
+            one: at T1 they read every row ~170 times per run); None = the host.
     Returns:
         (c_offsets[-1], d) float32 centres.
     """
@@ -321,6 +321,8 @@ def _grouped_init(x: np.ndarray, x_offsets: np.ndarray, c_offsets: np.ndarray, s
         grp = np.flatnonzero(ks > 0)
         return np.ascontiguousarray(x[order[_ranges(x_offsets[grp], ks[grp])]], dtype=np.float32)
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    if device is not None:
+        xt = xt.to(device)
     picks = np.empty(int(c_offsets[-1]), dtype=np.int64)
     active = np.flatnonzero(ks > 0)
     u0 = keyed_uniform(seed, parents[active], run, 0, 0)
@@ -342,9 +344,11 @@ def _sqdist(xt, rows: np.ndarray, centre_rows: np.ndarray) -> np.ndarray:
     """(len(rows),) float64 squared distances between x[rows] and x[centre_rows]."""
     import torch
 
-    a = xt[torch.from_numpy(rows)]
-    b = xt[torch.from_numpy(centre_rows)]
-    return ((a - b) ** 2).sum(1).double().numpy()
+    # every row (the usual case: all groups still growing): no gather of x
+    a = xt if rows.shape[0] == xt.shape[0] else xt[torch.from_numpy(rows).to(xt.device)]
+    diff = xt[torch.from_numpy(centre_rows).to(xt.device)]
+    diff.sub_(a).pow_(2)
+    return diff.sum(1).double().cpu().numpy()
 
 
 def _grouped_greedy_pick(xt, D: np.ndarray, x_offsets: np.ndarray, sizes: np.ndarray,
@@ -418,9 +422,11 @@ def split_batch(x: np.ndarray, x_offsets: np.ndarray, c_offsets: np.ndarray,
     sizes = np.diff(x_offsets)
     seg = np.repeat(np.arange(sizes.shape[0]), sizes)
     crow = np.repeat(np.arange(sizes.shape[0]), np.diff(c_offsets))
+    device = assign_device(impl)
     best = None
     for run in range(int(n_init)):
-        c0 = _grouped_init(x, x_offsets, c_offsets, seed, parents, run, init, candidates)
+        c0 = _grouped_init(x, x_offsets, c_offsets, seed, parents, run, init, candidates,
+                           device)
         c, lab, dd = grouped_lloyd(x, x_offsets, c0, c_offsets, iterations, impl=impl,
                                    fp64_accumulate=fp64_accumulate)
         inertia = np.bincount(seg, weights=dd.astype(np.float64), minlength=sizes.shape[0])
@@ -538,21 +544,32 @@ def _exchange_parts(computed: dict, batches, x_offsets, c_offsets, d: int) -> di
 
 def _assemble_split(batches, computed: dict, parts_dir: Path | None, order: np.ndarray,
                     x_offsets: np.ndarray, c_offsets: np.ndarray, n: int, d: int):
-    """The non-empty sub-clusters' centroids, labels and distances from the parts."""
-    K = int(c_offsets[-1])
-    cent = np.zeros((K, d), dtype=np.float32)
-    out_labels = np.zeros(n, dtype=np.int64)
-    out_dists = np.zeros(n, dtype=np.float32)
-    for g0, g1 in batches:
-        part = computed[(g0, g1)] if (g0, g1) in computed else \
+    """The non-empty sub-clusters' centroids, labels and distances from the parts.
+
+    Two passes over the parts (the first reads only labels), so the (K', d) centroid
+    array is allocated once at its final size (at T1 scale 14 GB, not twice that).
+    """
+    def part(g0, g1):
+        return computed[(g0, g1)] if (g0, g1) in computed else \
             _load_part(_part_path(parts_dir, g0, g1))
-        rows = order[x_offsets[g0] : x_offsets[g1]]
-        cent[c_offsets[g0] : c_offsets[g1]] = part[0]
-        out_labels[rows] = part[1] + c_offsets[g0]
-        out_dists[rows] = part[2]
-    used = np.bincount(out_labels, minlength=K) > 0
+
+    K = int(c_offsets[-1])
+    used = np.zeros(K, dtype=bool)
+    for g0, g1 in batches:
+        used[c_offsets[g0] + np.unique(part(g0, g1)[1])] = True
     remap = np.cumsum(used) - 1
-    return np.ascontiguousarray(cent[used]), remap[out_labels], out_dists
+    cent = np.empty((int(used.sum()), d), dtype=np.float32)
+    out_labels = np.empty(n, dtype=np.int64)
+    out_dists = np.empty(n, dtype=np.float32)
+    for g0, g1 in batches:
+        c, lab, dd = part(g0, g1)
+        rows = order[x_offsets[g0] : x_offsets[g1]]
+        slots = np.arange(c_offsets[g0], c_offsets[g1])
+        keep = used[slots]
+        cent[remap[slots[keep]]] = c[keep]
+        out_labels[rows] = remap[lab + c_offsets[g0]]
+        out_dists[rows] = dd
+    return cent, out_labels, out_dists
 
 
 # ------------------------------------------------------------------ resampling

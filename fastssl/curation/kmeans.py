@@ -359,23 +359,33 @@ class KMeans:
         return max(1, int(self.config.memory_budget_mb * (1 << 20)) // per_row)
 
     def _scan_nonfinite(self, src: PointSource, start: int, stop: int, chunk: int) -> np.ndarray:
-        """Sorted rows (of this rank's slice) holding NaN/inf; raises in 'raise' mode."""
-        bad = []
-        for s, block in src.chunks(start, stop, chunk):
-            finite = np.isfinite(block).all(axis=1)
-            if not finite.all():
-                rows = np.flatnonzero(~finite) + s
-                if self.config.nonfinite == "raise":
-                    name, local = src.locate(int(src.global_index(rows[:1])[0]))
-                    msg = (f"row {local} (point {int(rows[0])}) holds NaN or inf; pass "
-                           "nonfinite='skip' to leave such rows out")
-                    if name is not None:
-                        from fastssl.errors import DataError
+        """Sorted rows (of this rank's slice) holding NaN/inf; raises in 'raise' mode.
 
-                        raise DataError(name, msg)
-                    raise ValueError(f"data {msg}")
-                bad.append(rows)
+        A pass of its own: only "skip" needs it (to know the rows before sampling); in
+        "raise" mode the check rides on the first pass that reads the data."""
+        bad = [self._nonfinite_rows(src, block, s) for s, block in src.chunks(start, stop, chunk)]
+        bad = [rows for rows in bad if rows.size]
         return np.concatenate(bad).astype(np.int64) if bad else np.zeros(0, dtype=np.int64)
+
+    def _nonfinite_rows(self, src: PointSource, block: np.ndarray, s: int,
+                        row_ids: np.ndarray | None = None) -> np.ndarray:
+        """Rows of a block holding NaN/inf (s + position, or row_ids[position]); raises in
+        'raise' mode."""
+        finite = np.isfinite(block).all(axis=1)
+        if finite.all():
+            return np.zeros(0, dtype=np.int64)
+        rows = np.flatnonzero(~finite)
+        rows = rows + s if row_ids is None else np.asarray(row_ids)[rows]
+        if self.config.nonfinite == "raise":
+            name, local = src.locate(int(src.global_index(rows[:1])[0]))
+            msg = (f"row {local} (point {int(rows[0])}) holds NaN or inf; pass "
+                   "nonfinite='skip' to leave such rows out")
+            if name is not None:
+                from fastssl.errors import DataError
+
+                raise DataError(name, msg)
+            raise ValueError(f"data {msg}")
+        return rows
 
     def _init_centroids(self, src: PointSource, bad: np.ndarray, n_valid: int,
                         rng: np.random.Generator, start: int, stop: int) -> np.ndarray:
@@ -393,7 +403,10 @@ class KMeans:
         # each rank reads the sampled rows it owns; the gathered sample is in row order,
         # so it is the same for any number of ranks
         mine = rows[(rows >= start) & (rows < stop)]
-        sample = np.concatenate(dist.all_gather_arrays(src.take(mine).astype(np.float32)))
+        mine_x = src.take(mine)
+        if self._unchecked:  # the sample is read before the first pass: check it now
+            self._nonfinite_rows(src, mine_x, 0, row_ids=mine)
+        sample = np.concatenate(dist.all_gather_arrays(mine_x.astype(np.float32)))
         if dist.is_main():
             picks = kmeans_plusplus(sample, k, rng, cfg.init_candidates,
                                     device=getattr(self.assigner, "device", None))
@@ -430,7 +443,11 @@ class KMeans:
         rank, world = dist.rank(), dist.world_size()
         start, stop = dist.rank_slice(src.n, rank, world)
         chunk = self._chunk_rows(src)
-        bad = self._scan_nonfinite(src, start, stop, chunk)
+        # "raise": the NaN/inf check rides on the first Lloyd pass (or predict's), no pass
+        # of its own; "skip" must know the rows first.
+        self._unchecked = cfg.nonfinite == "raise"
+        bad = np.zeros(0, np.int64) if self._unchecked else self._scan_nonfinite(
+            src, start, stop, chunk)
         bad = np.concatenate(dist.all_gather_arrays(bad))
         n_valid = src.n - int(bad.size)
         if k > n_valid:
@@ -475,7 +492,7 @@ class KMeans:
                 for s, block in src.chunks(start, stop, chunk):
                     with annotate("kmeans/assign"):
                         labels, dists, block, kept = self._assign_block(block, centroids, s,
-                                                                        my_bad)
+                                                                        my_bad, src)
                     with annotate("kmeans/update"):
                         if on_device:
                             if block.shape[0]:
@@ -487,6 +504,7 @@ class KMeans:
                     if keep_far:
                         far_d, far_i = _top_far(far_d, far_i, dists, s, keep_far, kept=kept)
                     bar.update(block.shape[0])
+            self._unchecked = False  # every row of this rank went through the check
             with annotate("kmeans/all_reduce"):
                 sums = dist.all_reduce_sum(sums).cpu()
                 counts = dist.all_reduce_sum(counts).cpu()
@@ -525,12 +543,16 @@ class KMeans:
         self._bad = bad
         return self
 
-    def _assign_block(self, block: np.ndarray, centroids: np.ndarray, s: int, bad: np.ndarray):
+    def _assign_block(self, block: np.ndarray, centroids: np.ndarray, s: int, bad: np.ndarray,
+                      src: PointSource | None = None):
         """Labels and distances of one block whose first row is s.
 
         Non-finite rows (in the sorted ``bad``) are dropped from the block; ``kept`` gives
         the block-local positions of the rows that remain (None when none was dropped).
+        With ``src`` and the data not yet checked, NaN/inf rows raise (naming the row).
         """
+        if src is not None and getattr(self, "_unchecked", False):
+            self._nonfinite_rows(src, block, s)
         kept = None
         lo, hi = np.searchsorted(bad, [s, s + block.shape[0]])
         if hi > lo:
@@ -560,18 +582,23 @@ class KMeans:
         src = self._src if data is None else PointSource.from_data(data)
         start, stop = dist.rank_slice(src.n)
         chunk = self._chunk_rows(src)
-        bad = self._bad if data is None else np.concatenate(
-            dist.all_gather_arrays(self._scan_nonfinite(src, start, stop, chunk)))
+        if data is not None:  # new data: checked in this pass ("raise") or scanned ("skip")
+            self._unchecked = self.config.nonfinite == "raise"
+            bad = np.zeros(0, np.int64) if self._unchecked else np.concatenate(
+                dist.all_gather_arrays(self._scan_nonfinite(src, start, stop, chunk)))
+        else:
+            bad = self._bad
         labels = np.full(stop - start, -1, dtype=np.int64)
         dists = np.full(stop - start, np.inf, dtype=np.float32)
         show = _progress_enabled(self.config.progress) and dist.is_main()
         with _bar(stop - start, "assign", show) as bar:
             for s, block in src.chunks(start, stop, chunk):
-                lab, dd, _, kept = self._assign_block(block, c, s, bad)
+                lab, dd, _, kept = self._assign_block(block, c, s, bad, src)
                 at = s - start + (np.arange(block.shape[0]) if kept is None else kept)
                 labels[at] = lab
                 dists[at] = dd
                 bar.update(block.shape[0])
+        self._unchecked = False
         if dist.is_initialized():
             labels = np.concatenate(dist.all_gather_arrays(labels))
             dists = np.concatenate(dist.all_gather_arrays(dists))

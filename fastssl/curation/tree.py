@@ -51,6 +51,10 @@ class TreeLevel:
     def k(self) -> int:
         return int(self.centroids.shape[0])
 
+    def __repr__(self) -> str:  # the arrays can hold hundreds of millions of entries
+        return (f"TreeLevel(k={self.k}, n_inputs={self.n_inputs}, "
+                f"d={int(self.centroids.shape[1])})")
+
     @property
     def n_inputs(self) -> int:
         return int(self.assignments.shape[0])
@@ -105,6 +109,10 @@ class HierarchicalTree:
     @property
     def n_points(self) -> int:
         return self.levels[0].n_inputs
+
+    def __repr__(self) -> str:
+        ks = [level.k for level in self.levels]
+        return f"HierarchicalTree(n_points={self.n_points}, dim={self.dim}, k per level={ks})"
 
     @property
     def dim(self) -> int:

@@ -190,7 +190,7 @@ def _shard_done(out: str, k: int, n: int, config: dict) -> bool:
             and arr.shape == (n, config["size"], config["size"]) and arr.dtype == np.dtype(config["dtype"]))
 
 
-MAX_SIZE = 8192  # a side beyond any radiograph cache: 8192^2 uint16 is 128 MiB per image
+MAX_SIZE = 16384  # the CLI's bound too (fastssl.cli.RANGES); 16384^2 uint16 is 512 MiB per image
 MAX_SHARD_SIZE = 1 << 20
 
 
@@ -229,9 +229,11 @@ def build_table(source, options: TableOptions, scan: bool | None = None) -> Stud
         kind = "dicom-scan" if scan else "mimic-dicom"
         specs = [SourceSpec(kind, s.root) if s.kind == "auto" else s for s in specs]
     table = load_sources(specs, options)
-    if not any(True for _ in table.images()):
+    if not any(True for _ in table.images()):  # an empty cache would "succeed" and fail later, far from the cause
+        what = "DICOM study" if all(s.kind in ("auto", "dicom-scan", "mimic-dicom") for s in specs) else "study"
         listed = f"; {len(table.rejects)} files or rows rejected, first: {table.rejects[0]}" if table.rejects else ""
-        raise DataError(", ".join(str(s.root) for s in specs), f"no images found{listed}")
+        raise DataError(", ".join(str(s.root) for s in specs), f"no usable {what}, no images found{listed}; "
+                                                                "nothing to prepare")
     return table
 
 
@@ -330,8 +332,6 @@ def _prepare_table(table: StudyTable, out: str, settings: dict, sources: list[st
     """prepare_cache's work on a ready table, under the output lock."""
     start = time.perf_counter()
     log.info("study table: %s", table.format_summary().replace("\n", "; "))
-    if not table.studies:   # an empty cache would "succeed" and fail later, far from the cause
-        raise ValueError(f"{table.root}: no usable DICOM study ({len(table.rejects)} files rejected); nothing to prepare")
     plan = _plan(table)
     size, shard_size = settings["size"], settings["shard_size"]
     n_shards = (len(plan) + shard_size - 1) // shard_size

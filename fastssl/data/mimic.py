@@ -528,7 +528,9 @@ def scan_dicom_tree(
         A StudyTable; ``study_id`` / ``subject_id`` come from the MIMIC-CXR folders
         ``p<subject>/s<study>`` when the path has them, else StudyInstanceUID/PatientID.
         A study is keyed by (patient, study): a file in another patient's folder whose
-        StudyInstanceUID collides stays with its folder's patient. ``dicom_id`` is the
+        StudyInstanceUID collides stays with its folder's patient; outside the MIMIC
+        folders, a StudyInstanceUID claimed by two PatientIDs is kept for the first and
+        the other patient's files are rejected (listed). ``dicom_id`` is the
         file name without its suffix. Unreadable directories and files, and repeated
         SOPInstanceUIDs (the first path in sorted order is kept), are in ``rejects``.
     """
@@ -545,6 +547,7 @@ def scan_dicom_tree(
 
     studies: dict[tuple[str, str], Study] = {}
     first_sop: dict[str, str] = {}
+    owners: dict[str, str] = {}  # study_id -> its patient
     for path, meta in results:
         if isinstance(meta, str):
             rejects.append((path, meta))
@@ -562,6 +565,11 @@ def scan_dicom_tree(
         study_id = m.group(2) if m else uid
         if study_id in bad_labels:
             rejects.append((path, f"labels CSV row unusable ({bad_labels[study_id]})"))
+            continue
+        owner = owners.setdefault(study_id, subject)
+        if owner != subject:  # one study id, two patients: never merge them into one study
+            rejects.append((path, f"study {study_id} also belongs to patient {owner}; this file's patient is "
+                                  f"{subject or '(none)'}"))
             continue
         first_sop.setdefault(meta.sop_instance_uid or path, path)
         study = studies.get((subject, uid))

@@ -1,17 +1,29 @@
 """``fastssl curate``: hierarchical k-means tree, balanced sample and a report.
 
+Paper 2's trees ship as configs: ``--config fastssl/configs/paper2_T1.yaml`` (or _T2).
+Per-level settings (``--iterations``, ``--resampling-steps``, ``--sample-size``,
+``--sampling-strategy``) take one value or one per level. ``--resampling-steps`` counts
+the k-means runs of a level the way SDC and paper 2 count them: the first k-means is
+step 1, so 10 = the first k-means + 9 resampled ones, and 1 = no resampling.
+
 Files in ``--out``:
+    job.json               the run's fingerprint (tree settings + sampled sha256 of every
+                           shard); a rerun with other settings or other data is refused,
+                           naming the differences, unless --overwrite
+    .fastssl.lock          held while a job runs: a second job into --out fails at once
     tree/                  the HierarchicalTree (plain .npy levels, memory-mapped), its
-                           progress.json and per-step checkpoints while running
+                           progress.json and checkpoints while running (every finished step,
+                           Lloyd centroids every --checkpoint-every iterations, every batch
+                           of the split)
     curated_indices.npy    (target,) int64 rows of the data chosen by hierarchical_sample
     report.json            cluster-size distributions per level, balance metrics (normalised
                            entropy, Gini) of the tree and of the sample, ground-truth group
                            coverage when --labels is given, timings
-    plots/*.png            cluster-size histograms and group distributions (only when
-                           matplotlib is importable)
+    plots/*.png            per level: cluster-size histogram (every cluster) and the
+                           sample's balance against the full data and a random sample (only
+                           when matplotlib is importable)
 
-Rerunning the same command resumes the tree where it stopped (finished levels and steps
-are skipped); a different tree config is refused unless --overwrite.
+Rerunning the same command resumes the tree where it stopped, inside a step too.
 """
 from __future__ import annotations
 

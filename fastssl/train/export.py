@@ -11,23 +11,27 @@ CLS row too when the encoder adds the view embedding to CLS). The metadata (stri
     timm_kwargs       JSON: every architecture argument of timm.create_model, num_classes=0
     pretrained_cfg    JSON: input_size (C, S, S), mean, std (per channel), num_classes 0,
                       crop_pct 1, interpolation: pass as pretrained_cfg_overlay
+    final_norm_eps    eps of the last LayerNorm (MVMAE's recipe: torch's 1e-5; timm builds 1e-6
+                      and has no argument for it: set ``model.norm.eps`` after creating the model)
     view              the folded view: frontal | lateral | unknown
     img_size, in_chans, pixel_mean, pixel_std   the same facts as plain numbers
     model_config      JSON of fastssl's ModelConfig
     fastssl_unfolded  base64 safetensors of the tensors the fold changed, as trained, and
                       view_embed.weight: ``load_encoder`` rebuilds the ViewEncoder bit for bit
 
-Loading it with timm (three lines)::
+Loading it with timm::
 
     meta = safetensors.safe_open("encoder.safetensors", "pt").metadata()
     model = timm.create_model(meta["timm_model"], pretrained=True, **json.loads(meta["timm_kwargs"]),
         pretrained_cfg_overlay=dict(file="encoder.safetensors", **json.loads(meta["pretrained_cfg"])))
+    model.norm.eps = float(meta["final_norm_eps"])
 
 ``model(x)`` is then fastssl's CLS feature ``ViewEncoder(x, views=view)``, and
 ``timm.data.resolve_data_config(model=model)`` gives the size and mean/std it expects.
 
-``fastssl export RUN/checkpoint.pt --cache CACHE --out DIR/encoder.safetensors --views
-frontal,lateral`` writes the files of other views from a finished (or running) run.
+``fastssl export RUN/checkpoint.pt --cache CACHE --out DIR --views frontal,lateral``
+writes DIR/encoder.safetensors and DIR/encoder_lateral.safetensors from a finished (or
+running) run.
 """
 from __future__ import annotations
 
@@ -55,7 +59,7 @@ _TIMM_NAMES = {
     (16, 768, 12, 12): "vit_base_patch16_224", (16, 1024, 24, 16): "vit_large_patch16_224",
     (14, 1280, 32, 16): "vit_huge_patch14_224",
 }
-_CHECK_ATOL = 1e-4  # export's self-check: timm's CLS feature vs fastssl's (fp32, CPU)
+_CHECK_ATOL = 1e-5  # export's self-check: timm's CLS feature vs fastssl's (fp32, CPU), x max(1, |feature|)
 
 
 def pixel_stats(manifest: dict) -> tuple[float, float]:
@@ -122,30 +126,32 @@ def _block_inputs(encoder, view: int) -> torch.Tensor:
     return seen[0].float().cpu()
 
 
-def _view_reaches_cls(encoder) -> bool:
-    """Whether the encoder adds its view embedding to the CLS token as well as to the
-    patches (MVMAE's released recipe) or to the patches only: the CLS token entering the
-    first block is cls_token + its position row, plus the view row or not."""
+def _cls_terms(encoder) -> tuple[bool, bool]:
+    """What the encoder adds to cls_token before the blocks: (its pos_embed CLS row?, the
+    view row?). timm/MAE add the position row; MVMAE's released encoder adds nothing (the
+    row is unused); a variant may add the view embedding too. Read from the CLS token
+    that enters the first block, so any of the four is followed without a config flag;
+    terms that are zero cannot be told apart and need not be (adding them changes nothing)."""
     vit = encoder.vit
     cls_in = _block_inputs(encoder, 0)[0, 0]
-    plain = vit.cls_token[0, 0].detach().float().cpu()
-    if not vit.no_embed_class:
-        plain = plain + vit.pos_embed[0, 0].detach().float().cpu()
-    row = encoder.view_embed.weight[0].detach().float().cpu()
-    if torch.allclose(cls_in, plain, atol=1e-6):
-        return False
-    if torch.allclose(cls_in, plain + row, atol=1e-5):
-        return True
-    raise ValueError("export_encoder: the CLS token entering the blocks is neither cls_token + pos_embed "
-                     "nor that plus the view embedding; it cannot be folded into pos_embed")
+    token = vit.cls_token[0, 0].detach().float().cpu()
+    pos_row = torch.zeros_like(token) if vit.no_embed_class else vit.pos_embed[0, 0].detach().float().cpu()
+    view_row = encoder.view_embed.weight[0].detach().float().cpu()
+    for uses_pos in (True, False):
+        for uses_view in (False, True):
+            want = token + uses_pos * pos_row + uses_view * view_row
+            if torch.allclose(cls_in, want, rtol=0, atol=1e-6 * max(1.0, want.abs().max().item())):
+                return uses_pos, uses_view
+    raise ValueError("export_encoder: the CLS token entering the blocks is not cls_token plus its position "
+                     "row and/or the view embedding; it cannot be folded into pos_embed")
 
 
 def timm_state_dict(encoder, view: str = "frontal") -> tuple[dict, dict]:
     """(timm state dict with ``view`` folded in, the original tensors the fold replaced).
 
     Both are CPU tensors, no ``vit.`` prefix. The view row is added to the patch rows of
-    pos_embed and, when the encoder adds it to CLS too, to the CLS row (or to cls_token
-    when pos_embed has no CLS row, timm's no_embed_class)."""
+    pos_embed; the CLS row becomes what the encoder adds to cls_token (see _cls_terms);
+    without a CLS row (timm's no_embed_class) a view term goes into cls_token."""
     from fastssl.models.mvmae import VIEW_IDS
 
     if view not in VIEW_IDS:
@@ -155,14 +161,17 @@ def timm_state_dict(encoder, view: str = "frontal") -> tuple[dict, dict]:
     row = encoder.view_embed.weight.detach().cpu().float()[VIEW_IDS[view]]
     vit = encoder.vit
     prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+    uses_pos, uses_view = _cls_terms(encoder)
     pos = state["pos_embed"].clone()
     pos[:, prefix:] += row
     folded = {"pos_embed": pos}
-    if _view_reaches_cls(encoder):
-        if prefix:
+    if prefix:
+        if not uses_pos:
+            pos[:, 0] = 0
+        if uses_view:
             pos[:, 0] += row
-        else:
-            folded["cls_token"] = state["cls_token"] + row
+    elif uses_view:
+        folded["cls_token"] = state["cls_token"] + row
     unfolded = {f"vit.{k}": state[k] for k in folded}
     unfolded["view_embed.weight"] = encoder.view_embed.weight.detach().cpu().float().contiguous()
     return {**state, **folded}, unfolded
@@ -173,7 +182,7 @@ def _timm_model_name(kw: dict) -> str:
                            "vit_base_patch16_224")
 
 
-def _check_against_timm(encoder, state: dict, kwargs: dict, view: str) -> None:
+def _check_against_timm(encoder, state: dict, kwargs: dict, view: str, final_norm_eps: float) -> None:
     """Builds the timm model from (kwargs, state) and compares its CLS feature with the
     encoder's on a random image; raises when they differ (the export would be wrong)."""
     from timm.models.vision_transformer import VisionTransformer
@@ -183,17 +192,21 @@ def _check_against_timm(encoder, state: dict, kwargs: dict, view: str) -> None:
     ours = copy.deepcopy(encoder).cpu().float().eval()
     theirs = VisionTransformer(**kwargs, device="meta")  # no random init: the state replaces it
     theirs.load_state_dict(state, strict=True, assign=True)
+    theirs.norm.eps = final_norm_eps  # as the README's fourth line does
     theirs.eval()
     cfg = encoder.cfg
     images = torch.randn(1, cfg.in_chans, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        diff = (theirs(images) - ours(images, views=VIEW_IDS[view])).abs().max().item()
-    if not diff <= _CHECK_ATOL:
+        want = ours(images, views=VIEW_IDS[view])
+        diff = (theirs(images) - want).abs().max().item()
+    limit = _CHECK_ATOL * max(1.0, want.abs().max().item())
+    if not diff <= limit:
         raise RuntimeError(f"export_encoder: timm's features differ from fastssl's by {diff:.2e} "
-                           f"(> {_CHECK_ATOL}); the export does not follow the model")
+                           f"(> {limit:.1e}); the export does not follow the model")
 
 
-def _metadata(mcfg, kwargs: dict, view: str, manifest: dict, unfolded: dict) -> dict[str, str]:
+def _metadata(mcfg, kwargs: dict, final_norm_eps: float, view: str, manifest: dict,
+              unfolded: dict) -> dict[str, str]:
     from safetensors.torch import save as save_bytes
 
     mean, std = pixel_stats(manifest)
@@ -203,7 +216,7 @@ def _metadata(mcfg, kwargs: dict, view: str, manifest: dict, unfolded: dict) -> 
     return {
         "format": "timm.VisionTransformer", "fastssl_format": FORMAT,
         "timm_model": _timm_model_name(kwargs), "timm_kwargs": json.dumps(kwargs),
-        "pretrained_cfg": json.dumps(pretrained_cfg), "view": view,
+        "pretrained_cfg": json.dumps(pretrained_cfg), "final_norm_eps": repr(final_norm_eps), "view": view,
         "img_size": str(s), "in_chans": str(c), "pixel_mean": repr(mean), "pixel_std": repr(std),
         "model_config": json.dumps(asdict(mcfg)),
         "fastssl_unfolded": base64.b64encode(save_bytes(unfolded)).decode("ascii"),
@@ -235,12 +248,13 @@ def export_encoder(encoder: torch.nn.Module, mcfg, path: str, *, manifest: dict,
     if isinstance(views, str) or not views or len(set(views)) != len(views):
         raise ValueError(f"views={views!r}; expected a non-empty sequence of distinct view names")
     kwargs = timm_kwargs(encoder.vit)
+    final_norm_eps = float(encoder.vit.norm.eps)  # not a timm kwarg: the README sets it after create_model
     written = []
     for i, view in enumerate(views):
         state, unfolded = timm_state_dict(encoder, view)
-        _check_against_timm(encoder, state, kwargs, view)
+        _check_against_timm(encoder, state, kwargs, view, final_norm_eps)
         out = export_path(path, view, first=i == 0)
-        metadata = _metadata(mcfg, kwargs, view, manifest, unfolded)
+        metadata = _metadata(mcfg, kwargs, final_norm_eps, view, manifest, unfolded)
         atomic_write_bytes(out, save_bytes(state, metadata=metadata))
         written.append(out)
     return written
@@ -275,17 +289,31 @@ def _state_from_safetensors(path: str) -> tuple[dict, dict]:
     return json.loads(meta["model_config"]), state
 
 
+def _state_from_checkpoint(path: str, map_location) -> tuple[dict, dict]:
+    """(ModelConfig fields, ViewEncoder state dict) of a pretrain checkpoint.pt."""
+    from fastssl.errors import DataError
+
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        fields, model = ckpt["model_config"], ckpt["model"]
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # torch.load raises many types on a file that is not a checkpoint
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise DataError(path, f"not a fastssl checkpoint.pt or encoder*.safetensors ({reason})") from None
+    return fields, {k[len("encoder."):]: v for k, v in model.items() if k.startswith("encoder.")}
+
+
 def load_encoder(path: str, map_location="cpu"):
     """A ViewEncoder from an exported ``encoder*.safetensors`` (timm layout, or the older
-    fastssl layout with ``vit.`` keys) or from a pretrain ``checkpoint.pt``."""
+    fastssl layout with ``vit.`` keys) or from a pretrain ``checkpoint.pt``
+    (DataError naming the file when it is neither)."""
     from fastssl.models.mvmae import ModelConfig, ViewEncoder
 
     if path.endswith(".safetensors"):
         fields, state = _state_from_safetensors(path)
     else:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-        fields = ckpt["model_config"]
-        state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
+        fields, state = _state_from_checkpoint(path, map_location)
     encoder = ViewEncoder(ModelConfig(**fields))
     encoder.load_state_dict(state)
     return encoder
@@ -296,8 +324,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("checkpoint", help="a pretrain checkpoint.pt or an exported encoder*.safetensors")
     parser.add_argument("--cache", required=True, help="the cache the run trained on (its manifest.json "
                                                        "holds the pixel mean/std)")
-    parser.add_argument("--out", required=True, help="file of the first view, e.g. DIR/encoder.safetensors; "
-                                                     "the others go to DIR/encoder_<view>.safetensors")
+    parser.add_argument("--out", required=True, help="output directory: encoder.safetensors (first view), "
+                                                     "encoder_<view>.safetensors (the others)")
     parser.add_argument("--views", default="frontal",
                         help="comma list of views to fold, one file each: frontal,lateral,unknown")
 
@@ -312,8 +340,9 @@ def run(args) -> int:
             raise ValueError(f"checkpoint={args.checkpoint!r} is not a file")
         encoder = load_encoder(args.checkpoint)
         views = tuple(v.strip() for v in args.views.split(",") if v.strip())
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        written = export_encoder(encoder, encoder.cfg, args.out, manifest=read_manifest(args.cache), views=views)
+        os.makedirs(args.out, exist_ok=True)
+        written = export_encoder(encoder, encoder.cfg, os.path.join(args.out, "encoder.safetensors"),
+                                 manifest=read_manifest(args.cache), views=views)
     except (ValueError, DataError) as exc:
         log.error("%s", exc)
         return 2
