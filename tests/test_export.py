@@ -209,9 +209,7 @@ def test_embed_with_an_export_uses_its_architecture_and_normalisation(tmp_path):
     from fastssl.models.mvmae import ModelConfig
 
     torch.manual_seed(0)
-    # qk_norm=False: the plain timm vit_tiny that embed builds by name
-    enc = ViewEncoder(ModelConfig(img_size=32, patch_size=16, embed_dim=192, depth=12, num_heads=3,
-                                  qk_norm=False)).eval()
+    enc = ViewEncoder(ModelConfig(img_size=32, patch_size=16, embed_dim=192, depth=12, num_heads=3)).eval()
     path = export_encoder(enc, enc.cfg, str(tmp_path / "encoder.safetensors"), manifest=MANIFEST)[0]
     tiles = np.random.default_rng(1).integers(0, 256, size=(4, 32, 32), dtype=np.uint8)
     np.save(tmp_path / "tiles.npy", tiles)

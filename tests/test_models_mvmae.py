@@ -239,7 +239,7 @@ def test_mvmae_recipe_builds_the_released_model():
     assert isinstance(m.encoder.vit.blocks[0].attn.q_norm, torch.nn.LayerNorm)
     assert isinstance(m.decoder_blocks[0].attn.k_norm, torch.nn.LayerNorm)
     assert float(m.encoder.vit.pos_embed[0, 0].abs().max()) == 0.0  # the unused CLS row
-    assert m.encoder.vit.norm.eps == 1e-6 and m.decoder_norm.eps == 1e-5  # encoder: timm's (export)
+    assert m.encoder.vit.norm.eps == 1e-5 and m.decoder_norm.eps == 1e-5
     # PyTorch's Linear init is U(-1/sqrt(fan_in), 1/sqrt(fan_in)): std 1/sqrt(3 fan_in);
     # timm's / MAE's would be 0.02 (trunc normal) or xavier.
     w = m.encoder.vit.blocks[0].mlp.fc1.weight

@@ -68,7 +68,7 @@ class ModelConfig:
     decoder_view_embed_cls: bool = True  # the decoder's view embedding is added to CLS too (released)
     qk_norm: bool = True           # LayerNorm on queries and keys, encoder and decoder (released)
     cls_pos_embed: bool = False    # a position embedding on CLS (timm/MAE); released: none (the row stays 0)
-    decoder_norm_eps: float = 1e-5  # eps of the decoder's last LayerNorm (released: torch's default)
+    final_norm_eps: float = 1e-5   # eps of the encoder's and decoder's last LayerNorm (released: torch default)
     init: str = "released"         # released: PyTorch defaults + trunc_normal(0.02) tokens/embeddings | mae
     target: str = "global"         # "global" (MVMAE: pixel MSE on the normalised input) | "norm_pix" (MAE)
     recon_reduction: str = "released"  # released: sum of per-image losses / (studies x slots) x (masked/L)/ratio | image: mean
@@ -94,10 +94,10 @@ PRESETS: dict[str, dict] = {
 # Model fields each recipe sets (the decoder sizes follow from the preset, see model_config).
 MODEL_RECIPES: dict[str, dict] = {
     "mvmae": dict(decoder_embed=False, decoder_view_embed_cls=True, qk_norm=True, cls_pos_embed=False,
-                  decoder_norm_eps=1e-5, init="released", target="global", recon_reduction="released",
+                  final_norm_eps=1e-5, init="released", target="global", recon_reduction="released",
                   align="mse"),
     "mae": dict(decoder_embed=True, decoder_view_embed_cls=False, qk_norm=False, cls_pos_embed=True,
-                decoder_norm_eps=1e-6, init="mae", target="global", recon_reduction="image", align="l2"),
+                final_norm_eps=1e-6, init="mae", target="global", recon_reduction="image", align="l2"),
 }
 
 
@@ -196,8 +196,7 @@ class ViewEncoder(nn.Module):
             embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
             qkv_bias=True, qk_norm=cfg.qk_norm, class_token=True, global_pool="token",
             drop_path_rate=cfg.drop_path)
-        # The last norm keeps timm's eps 1e-6 (released: torch's 1e-5): the exported encoder
-        # must equal a timm VisionTransformer, whose kwargs cannot carry another eps.
+        self.vit.norm.eps = cfg.final_norm_eps
         self.view_embed = nn.Embedding(NUM_VIEWS, cfg.embed_dim)
         if cfg.init == "released":
             _released_init(self.vit, (self.vit.cls_token, self.vit.pos_embed, self.view_embed.weight))
@@ -212,10 +211,10 @@ class ViewEncoder(nn.Module):
         return self.cfg.num_patches
 
     def _cls(self, batch: int) -> torch.Tensor:
-        # Released: no position embedding on CLS. The row is kept (0 from init) but detached,
-        # so it never trains and stays 0, and the token equals timm's cls_token + pos row.
-        pos = self.vit.pos_embed[:, :1] if self.cfg.cls_pos_embed else self.vit.pos_embed[:, :1].detach()
-        return (self.vit.cls_token + pos).expand(batch, -1, -1)
+        # Released: no position embedding on CLS; the row stays in the state dict (0 from
+        # init, never used, so it never trains) and the export writes 0 there for timm.
+        cls = self.vit.cls_token + self.vit.pos_embed[:, :1] if self.cfg.cls_pos_embed else self.vit.cls_token
+        return cls.expand(batch, -1, -1)
 
     def forward_masked(self, images: torch.Tensor, views: torch.Tensor, ids_keep: torch.Tensor,
                        *, impl: str = "auto") -> torch.Tensor:
@@ -266,7 +265,7 @@ class MultiViewMAE(nn.Module):
         self.decoder_blocks = nn.Sequential(*[
             Block(dd, cfg.decoder_heads, cfg.mlp_ratio, qkv_bias=True, qk_norm=cfg.qk_norm,
                   norm_layer=partial(nn.LayerNorm, eps=1e-6)) for _ in range(cfg.decoder_depth)])
-        self.decoder_norm = nn.LayerNorm(dd, eps=cfg.decoder_norm_eps)
+        self.decoder_norm = nn.LayerNorm(dd, eps=cfg.final_norm_eps)
         self.decoder_pred = nn.Linear(dd, p * p * cfg.in_chans)
         tokens = (self.mask_token, self.decoder_pos_embed, self.decoder_view_embed.weight)
         if cfg.init == "released":
