@@ -92,8 +92,10 @@ def _is_bool_flag(action: argparse.Action) -> bool:
 def _config_value(action: argparse.Action, value):
     """A --config value as the flag would have given it: strict booleans, the flag's type
     applied to strings and numbers (YAML's 3 for a float flag, "0.5" for a number)."""
-    if _is_bool_flag(action):   # None only for a tri-state flag (default None: "the recipe's")
-        return None if value is None and action.default is None else parse_bool(value, name=action.dest)
+    if value is None and action.default is None:  # null = the flag's default (pretrain: the recipe's)
+        return None
+    if _is_bool_flag(action):
+        return parse_bool(value, name=action.dest)
     if value is None or action.type is None:
         return value
     if isinstance(value, list):

@@ -165,16 +165,18 @@ def test_recipes_resolve_and_the_cli_builds_the_same_config(cache):
         PretrainConfig(cache=cache, decoder_dim=100, decoder_embed=True).resolved()
 
 
-def test_config_json_round_trips_through_the_cli(cache, tmp_path):
+def test_config_json_round_trips_through_the_cli(cache, tmp_path, monkeypatch):
     """A run's config.json (the resolved settings) is accepted by --config and gives the same run."""
-    from fastssl.cli import _apply_config, _load_config, command_parser
+    from fastssl import cli
     from fastssl.config import config_from_args
 
     cfg = _cfg(cache, tmp_path, epochs=1, recipe="mae", align="ntxent")
     main(cfg)
-    parser, _ = command_parser("pretrain")
-    _apply_config(parser, _load_config(str(tmp_path / "config.json")), "config.json")
-    again = config_from_args(PretrainConfig, parser.parse_args(["--quiet"]))
+    seen = {}
+    _, module = cli.command_parser("pretrain")
+    monkeypatch.setattr(module, "run", lambda args: seen.update(args=args) or 0)
+    assert cli.main(["pretrain", "--config", str(tmp_path / "config.json"), "--quiet"]) == 0
+    again = config_from_args(PretrainConfig, seen["args"])
     assert again.resolved() == cfg.resolved()
 
 

@@ -184,7 +184,7 @@ class ViewEncoder(nn.Module):
 
     The timm model provides patch_embed, cls_token, pos_embed (1, 1+L, D, CLS row first),
     blocks and norm; its classifier is absent (num_classes=0). With
-    ``cfg.cls_pos_embed=False`` (released) the CLS row of pos_embed is 0 and never used,
+    ``cfg.cls_pos_embed=False`` (released) the CLS row of pos_embed is 0 and never trained,
     so the weights still load into a timm ViT unchanged.
     """
 
@@ -211,6 +211,8 @@ class ViewEncoder(nn.Module):
         return self.cfg.num_patches
 
     def _cls(self, batch: int) -> torch.Tensor:
+        # Released: no position embedding on CLS; the row stays in the state dict (0 from
+        # init, never used, so it never trains) and the export writes 0 there for timm.
         cls = self.vit.cls_token + self.vit.pos_embed[:, :1] if self.cfg.cls_pos_embed else self.vit.cls_token
         return cls.expand(batch, -1, -1)
 
