@@ -303,3 +303,34 @@ def test_released_cls_position_row_never_trains():
     m(f, l, mask_ratio=0.5, beta=1.0)["loss"].backward()
     g = m.encoder.vit.pos_embed.grad[0]
     assert float(g[0].abs().max()) == 0.0 and float(g[1:].abs().max()) > 0
+
+
+def test_all_available_path_equals_the_boolean_indexing_path(model):
+    """Paired and single modes take the slots by reshaping (no host sync); the result must
+    equal the general path that indexes with the availability mask, value and gradient."""
+    f, l = _pair(b=3, seed=5)
+    images = torch.stack([f, l], dim=1)
+    available = torch.ones(3, 2, dtype=torch.bool)
+    views = torch.tensor([[0, 1]] * 3)
+    outs, grads = [], []
+    for fast in (False, True):
+        model.zero_grad()
+        out = model.forward_studies(images, available, views, mask_ratio=0.75, beta=0.7,
+                                    generator=torch.Generator().manual_seed(3), all_available=fast)
+        out["loss"].backward()
+        outs.append(out)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    for key in ("loss", "recon", "align", "pred", "study", "views", "recon_per_image"):
+        torch.testing.assert_close(outs[1][key], outs[0][key], rtol=0, atol=0)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-7)
+
+
+def test_paired_per_view_losses_equal_their_parts(model):
+    """recon_frontal / recon_lateral come from the one fused loss call's per-image values:
+    they must equal the loss of each view's rows computed on their own."""
+    f, l = _pair(b=4, seed=9)
+    out = model(f, l, mask_ratio=0.75, beta=0.0, generator=torch.Generator().manual_seed(4))
+    scale = model._recon_scale(4, 4, out["mask"], 0.75)
+    for name, rows, images in (("recon_frontal", slice(0, None, 2), f), ("recon_lateral", slice(1, None, 2), l)):
+        alone = model.recon_loss(out["pred"][rows].detach(), images, out["mask"][rows]) * scale
+        torch.testing.assert_close(out[name], alone, rtol=1e-6, atol=1e-7)

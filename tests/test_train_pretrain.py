@@ -480,3 +480,15 @@ def test_sigkill_at_a_random_moment_then_resume_equals_uninterrupted(cache, tmp_
     steps = [m["step"] for m in _metrics(out) if "loss" in m]
     assert steps == list(range(1, ref["step"] + 1))
     assert not [n for n in os.listdir(out) if ".tmp" in n]
+
+
+def test_compile_is_the_default_on_cuda_only():
+    """Issue 10: the fast path by default on CUDA (compiled model), --no-compile opts out,
+    and the CPU always runs eager (Inductor's CPU compile would cost more than it saves
+    at these sizes)."""
+    from fastssl.train.pretrain import _compiles
+
+    cfg = PretrainConfig(cache="c")
+    assert cfg.compile is True
+    assert _compiles(cfg, torch.device("cuda", 0)) and not _compiles(cfg, torch.device("cpu"))
+    assert not _compiles(PretrainConfig(cache="c", compile=False), torch.device("cuda", 0))

@@ -40,6 +40,8 @@ __all__ = ["ModelConfig", "PRESETS", "RECIPES", "MODEL_RECIPES", "model_config",
            "NUM_LABELS"]
 
 VIEW_IDS = {"frontal": 0, "lateral": 1, "unknown": 2}  # as fastssl.data.datasets.VIEW_IDS
+# Paired mode builds the (frontal, lateral) ids with arange (no host-to-device copy).
+assert (VIEW_IDS["frontal"], VIEW_IDS["lateral"]) == (0, 1)
 NUM_VIEWS = 3
 NUM_LABELS = 14
 TARGETS = ("norm_pix", "global")  # global: the input is already normalised -> raw pixel MSE
@@ -217,11 +219,15 @@ class ViewEncoder(nn.Module):
         return cls.expand(batch, -1, -1)
 
     def forward_masked(self, images: torch.Tensor, views: torch.Tensor, ids_keep: torch.Tensor,
-                       *, impl: str = "auto") -> torch.Tensor:
-        """images (B, 1, H, W), views (B,), ids_keep (B, K) -> latent (B, 1+K, D), CLS first."""
+                       *, ids_restore: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:
+        """images (B, 1, H, W), views (B,), ids_keep (B, K) -> latent (B, 1+K, D), CLS first.
+
+        ids_restore (B, L): random_masking's inverse of ids_keep; given, the indices are
+        trusted (no device-to-host validation) and feed the gather's backward."""
         x = self.vit.patch_embed(images)                                  # (B, L, D)
-        x = gather_tokens(x, ids_keep, pos_embed=self.vit.pos_embed[:, 1:],
-                          sample_embed=self.view_embed(views), impl=impl)  # (B, K, D)
+        x = gather_tokens(x, ids_keep, ids_restore=ids_restore, pos_embed=self.vit.pos_embed[:, 1:],
+                          sample_embed=self.view_embed(views), impl=impl,
+                          validate=ids_restore is None)                   # (B, K, D)
         x = torch.cat([self._cls(x.shape[0]).to(x.dtype), x], dim=1)
         x = self.vit.blocks(x)
         return self.vit.norm(x)
@@ -282,7 +288,9 @@ class MultiViewMAE(nn.Module):
         """latent (B, 1+K, D), views (B,), ids_restore (B, L) -> pred (B, L, p*p*C)."""
         y = self.decoder_embed(latent)                                     # (B, 1+K, Dd)
         view = self.decoder_view_embed(views)[:, None]                     # (B, 1, Dd)
-        patches = unshuffle_with_mask_token(y[:, 1:], self.mask_token, ids_restore, impl=self.impl)
+        # ids_restore comes from random_masking: no validation (it would sync with the host)
+        patches = unshuffle_with_mask_token(y[:, 1:], self.mask_token, ids_restore, impl=self.impl,
+                                            validate=False)
         patches = patches + self.decoder_pos_embed[:, 1:] + view           # (B, L, Dd)
         cls = y[:, :1] + self.decoder_pos_embed[:, :1]
         if self.cfg.decoder_view_embed_cls:
@@ -298,14 +306,18 @@ class MultiViewMAE(nn.Module):
         b = images.shape[0]
         ids_keep, ids_restore, mask = random_masking(
             b, self.encoder.num_patches, mask_ratio, device=images.device, generator=generator)
-        latent = self.encoder.forward_masked(images, views, ids_keep, impl=self.impl)
+        latent = self.encoder.forward_masked(images, views, ids_keep, ids_restore=ids_restore, impl=self.impl)
         pred = self.decode(latent, views, ids_restore)
         return dict(latent=latent, pred=pred, mask=mask, ids_restore=ids_restore)
 
-    def recon_loss(self, pred: torch.Tensor, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean over the images of each image's MSE over its masked patches."""
+    def recon_loss(self, pred: torch.Tensor, images: torch.Tensor, mask: torch.Tensor, *,
+                   per_image: bool = False):
+        """Mean over the images of each image's MSE over its masked patches: one fused call
+        for the whole batch (each image normalised by its own masked count). per_image=True
+        returns (loss, (B,) per-image losses)."""
         target = "norm_pix" if self.cfg.target == "norm_pix" else "pixel"
-        return mae_loss(pred, images, mask, patch_size=self.cfg.patch_size, target=target, impl=self.impl)
+        return mae_loss(pred, images, mask, patch_size=self.cfg.patch_size, target=target, impl=self.impl,
+                        groups=pred.shape[0], return_groups=per_image)
 
     def _recon_scale(self, n_images: int, slots: int, mask: torch.Tensor, mask_ratio: float) -> float:
         """The released reduction: each image's loss is its masked-pixel MSE x (masked/L) /
@@ -319,30 +331,45 @@ class MultiViewMAE(nn.Module):
 
     def forward_studies(self, images: torch.Tensor, available: torch.Tensor, views: torch.Tensor, *,
                         mask_ratio: float = 0.93, beta: float = 0.0,
-                        generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                        generator: torch.Generator | None = None,
+                        all_available: bool = False) -> dict[str, torch.Tensor]:
         """images (B, V, 1, H, W) float (missing slots: anything), available (B, V) bool,
         views (B, V) int64 -> dict(loss, recon, align, beta, monitor (4,), pred (N, L, P),
-        mask (N, L), latent_pooled (N, D), study (N,), views (N,)), N = available.sum(), the
-        images in (study, slot) order. loss = recon + beta * align."""
+        mask (N, L), latent_pooled (N, D), study (N,), views (N,), recon_per_image (N,)
+        detached, on the recon scale), N = available.sum(), the images in (study, slot)
+        order. loss = recon + beta * align.
+
+        all_available=True (the caller knows every slot is filled: paired and single modes)
+        takes the slots by reshaping instead of boolean indexing, which syncs with the host."""
         if images.dim() != 5 or images.shape[:2] != available.shape or views.shape != available.shape:
             raise ValueError(f"images {tuple(images.shape)}, available {tuple(available.shape)}, views "
                              f"{tuple(views.shape)}: expected (B, V, C, H, W), (B, V), (B, V)")
         b, v = available.shape
-        available = available.to(device=images.device, dtype=torch.bool)
-        flat = images[available]                                            # (N, 1, H, W)
+        dev = images.device
+        available = available.to(device=dev, dtype=torch.bool)
+        views = views.to(dev, torch.long)
+        if all_available:
+            flat, view_ids = images.flatten(0, 1), views.flatten()
+            study = torch.arange(b, device=dev).repeat_interleave(v)
+        else:
+            flat, view_ids = images[available], views[available]                # (N, 1, H, W), (N,)
+            study = torch.arange(b, device=dev)[:, None].expand(b, v)[available]
         _check_images(flat, self.cfg)
-        view_ids = views.to(images.device, torch.long)[available]
-        study = torch.arange(b, device=images.device)[:, None].expand(b, v)[available]
         out = self.reconstruct(flat, view_ids, mask_ratio, generator)
-        recon = self.recon_loss(out["pred"], flat, out["mask"])
-        recon = recon * self._recon_scale(flat.shape[0], b * v, out["mask"], mask_ratio)
+        recon, per_image = self.recon_loss(out["pred"], flat, out["mask"], per_image=True)
+        scale = self._recon_scale(flat.shape[0], b * v, out["mask"], mask_ratio)
+        recon = recon * scale
         pooled = out["latent"].mean(dim=1)                                  # CLS + visible tokens
-        z = pooled.new_zeros(b, v, pooled.shape[-1]).index_put((available.nonzero(as_tuple=True)), pooled)
+        if all_available:
+            z = pooled.view(b, v, -1)
+        else:
+            z = pooled.new_zeros(b, v, pooled.shape[-1]).index_put(available.nonzero(as_tuple=True), pooled)
         align = alignment_loss(z, available, self.cfg.align, self.cfg.temperature)
-        beta_t = recon.new_tensor(float(beta))
+        beta_t = recon.new_full((), float(beta))                             # no host-to-device copy
         return dict(loss=recon + beta_t * align, recon=recon, align=align, beta=beta_t,
                     monitor=pair_cosines(pooled.detach(), study), pred=out["pred"], mask=out["mask"],
-                    latent_pooled=pooled, study=study, views=view_ids)
+                    latent_pooled=pooled, study=study, views=view_ids,
+                    recon_per_image=per_image.detach() * scale)
 
     def forward(self, frontal: torch.Tensor, lateral: torch.Tensor | None = None, *,
                 mask_ratio: float = 0.93, beta: float = 0.0, views=None, available=None,
@@ -365,19 +392,18 @@ class MultiViewMAE(nn.Module):
         if lateral is None:
             v = _view_ids(views, b, dev)[:, None]
             return self.forward_studies(frontal[:, None], torch.ones(b, 1, dtype=torch.bool, device=dev), v,
-                                        mask_ratio=mask_ratio, beta=0.0, generator=generator)
+                                        mask_ratio=mask_ratio, beta=0.0, generator=generator,
+                                        all_available=True)
         _check_images(lateral, self.cfg, "lateral")
         if lateral.shape[0] != b:
             raise ValueError(f"frontal has {b} images and lateral {lateral.shape[0]}; expected pairs")
-        v = torch.tensor([VIEW_IDS["frontal"], VIEW_IDS["lateral"]], device=dev).expand(b, 2)
+        v = torch.arange(2, device=dev).expand(b, 2)  # ids of (frontal, lateral): asserted below VIEW_IDS
         out = self.forward_studies(torch.stack([frontal, lateral], dim=1),
                                    torch.ones(b, 2, dtype=torch.bool, device=dev), v,
-                                   mask_ratio=mask_ratio, beta=beta, generator=generator)
-        with torch.no_grad():  # per-view values for logs and benchmarks; recon is their mean
-            scale = self._recon_scale(b, b, out["mask"], mask_ratio)
-            for name, rows, images in (("recon_frontal", slice(0, None, 2), frontal),
-                                       ("recon_lateral", slice(1, None, 2), lateral)):
-                out[name] = self.recon_loss(out["pred"][rows], images, out["mask"][rows]) * scale
+                                   mask_ratio=mask_ratio, beta=beta, generator=generator, all_available=True)
+        # per-view values for logs and benchmarks (recon is their mean), from the same loss call
+        per_image = out["recon_per_image"]
+        out["recon_frontal"], out["recon_lateral"] = per_image[0::2].mean(), per_image[1::2].mean()
         return out
 
     def encode(self, images: torch.Tensor, views=None) -> torch.Tensor:
