@@ -1,8 +1,10 @@
 """`fastssl demo`: both workflows end to end on built-in data, in a few minutes on a laptop.
 
 1. Radiographs: a paired-view phantom (DICOM, MIMIC-CXR layout, a few corrupt files)
-   -> the preprocessed cache -> multi-view MAE pretraining and the single-view MAE
-   baseline -> a linear probe of each (macro AUROC over the phantom's findings).
+   -> the preprocessed cache -> multi-view MAE pretraining (the released MVMAE recipe,
+   flu mode: every image reconstructed, the views of a study aligned) and the
+   single-view MAE baseline -> a linear probe of each (macro AUROC over the phantom's
+   findings, patient-bootstrap CIs).
 2. Curation: long-tailed synthetic embeddings (Zipf-sized Gaussian components in a few
    super-families, fp16 shards) -> a hierarchical k-means tree -> a balanced 10% sample,
    with the component balance before and after against plain random sampling.
@@ -80,7 +82,7 @@ def _radiographs(args, out: Path, timings: dict, quiet: list[str]) -> dict:
 
 def _pretrain_and_probe(args, out: Path, cache: Path, timings: dict, quiet: list[str],
                         results: dict) -> None:
-    for mode in ("paired", "single"):
+    for mode in ("flu", "single"):
         run_dir = out / f"pretrain_{mode}"
         _step(f"pretrain {mode}", [
             "pretrain", "--cache", str(cache), "--out", str(run_dir), "--mode", mode,
@@ -108,7 +110,7 @@ def _curation(args, out: Path, timings: dict, quiet: list[str]) -> dict:
     timings["embeddings"] = round(time.perf_counter() - t0, 1)
     shards = sorted(str(p) for p in data.glob("points_*.npy"))
     _step("curate", ["curate", "--data", *shards, "--out", str(out / "curate"),
-                     "--levels", args.levels, "--resampling-steps", "3",
+                     "--levels", args.levels, "--iterations", "20", "--resampling-steps", "4",
                      "--target-size", str(args.target), "--labels",
                      str(data / "components.npy"), "--seed", str(args.seed)] + quiet, timings)
     return json.loads((out / "curate" / "report.json").read_text())
@@ -119,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     quiet = ["--quiet"] if args.quiet else []
     timings: dict[str, float] = {}
-    summary: dict = {"out": str(out)}
+    summary: dict = {"out": str(out), "machine": _machine(), "date": time.strftime("%Y-%m-%d")}
     if not args.skip_radiographs:
         summary["radiographs"] = _radiographs(args, out, timings, quiet)
     if not args.skip_curation:
@@ -138,12 +140,29 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _machine() -> str:
+    """CPU model, core count and torch version: every recorded figure names its machine."""
+    import os
+    import platform
+
+    import torch
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            model = next(ln.split(":", 1)[1].strip() for ln in handle if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{model}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
+
+
 def _summary_text(summary: dict) -> str:
     lines = ["", "fastssl demo: summary", "=" * 60]
     radio = summary.get("radiographs")
     if radio:
         lines.append("Radiographs (phantom, linear probe on frozen CLS features, test split):")
-        for mode, label in (("paired", "multi-view MAE (frontal+lateral aligned)"),
+        for mode, label in (("flu", "multi-view MAE (mvmae recipe, flu mode)"),
                             ("single", "single-view MAE baseline")):
             r = radio[mode]
             lines.append(f"  {label:42s} macro AUROC {r['macro_auroc']:.3f} "
@@ -161,5 +180,7 @@ def _summary_text(summary: dict) -> str:
                 lines.append(f"  {label:28s} {cur[name + '_entropy_norm']:>18.3f} "
                              f"{cur[name + '_gini']:>6.3f} {cur[name + '_coverage']:>9.3f}")
     lines.append("Seconds per step: " + ", ".join(f"{k} {v}" for k, v in summary["seconds"].items()))
+    if "machine" in summary:
+        lines.append(f"Machine: {summary['machine']}; {summary['date']}.")
     lines.append(f"Everything is under {summary['out']} (demo_summary.json).")
     return "\n".join(lines)

@@ -20,7 +20,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert "macro AUROC" in text and "hierarchical k-means sample" in text
     summary = json.loads((out / "demo_summary.json").read_text())
     radio = summary["radiographs"]
-    for mode in ("paired", "single"):
+    for mode in ("flu", "single"):
         assert 0.0 <= radio[mode]["macro_auroc"] <= 1.0
         assert radio[mode]["labels"] >= 1
     assert radio["rejected_files"] == 3  # the phantom's corrupt files, skipped and listed
@@ -34,4 +34,4 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert main(["demo", "--out", str(out), *TINY]) == 0
     again = json.loads((out / "demo_summary.json").read_text())
     assert again["radiographs"] == radio and again["curation"] == cur
-    assert again["seconds"]["pretrain paired"] < max(1.0, first["pretrain paired"])
+    assert again["seconds"]["pretrain flu"] < max(1.0, first["pretrain flu"])
