@@ -27,6 +27,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(autouse=True)
+def _no_pretrain_plots(request, monkeypatch):
+    """Finished pretrain runs draw their PNGs (seconds each); tests skip that unless marked
+    ``plots`` (tests/test_plots.py tests the drawing itself)."""
+    if "plots" in request.keywords:
+        return
+    from fastssl.train import pretrain
+
+    monkeypatch.setattr(pretrain, "_write_plots", lambda cfg: None)
+
+
 @pytest.fixture
 def rng(request) -> np.random.Generator:
     """A fresh generator per test, seeded from the test's name (reproducible, not zeros)."""

@@ -492,3 +492,17 @@ def test_compile_is_the_default_on_cuda_only():
     assert cfg.compile is True
     assert _compiles(cfg, torch.device("cuda", 0)) and not _compiles(cfg, torch.device("cpu"))
     assert not _compiles(PretrainConfig(cache="c", compile=False), torch.device("cuda", 0))
+
+
+@pytest.mark.plots
+def test_a_finished_run_draws_its_plots_unless_told_not_to(cache, tmp_path):
+    """Issue 12 item 3: each job writes its PNGs next to its outputs."""
+    from PIL import Image
+
+    base = dict(cache=cache, preset="test", epochs=1, batch_size=8, workers=0, device="cpu", progress=False)
+    main(PretrainConfig(out=str(tmp_path / "a"), **base))
+    for name in ("loss_curves.png", "reconstructions.png"):
+        with Image.open(tmp_path / "a" / name) as png:
+            png.verify()
+    main(PretrainConfig(out=str(tmp_path / "b"), plots=False, **base))
+    assert not list((tmp_path / "b").glob("*.png"))

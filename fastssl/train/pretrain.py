@@ -70,8 +70,8 @@ CSV_FIELDS = ("step", "epoch", "loss", "recon", "align", "beta", "lr", "grad_nor
               "cos_unmatched", "imgs_per_s", "val_recon")
 # Settings that do not change the trained weights: a resume may change them. Every other
 # field (and the world size and the cache's content) is the run's identity (job.json).
-_NOT_IDENTITY = ("out", "workers", "device", "impl", "compile", "log_every", "val_batches", "ckpt_every",
-                 "resume", "overwrite", "verify_data", "stop_after_steps", "progress")
+_NOT_IDENTITY = ("out", "workers", "device", "impl", "compile", "plots", "log_every", "val_batches",
+                 "ckpt_every", "resume", "overwrite", "verify_data", "stop_after_steps", "progress")
 
 # What each recipe sets (PretrainConfig fields left at None take these values). "mvmae" is
 # the released MVMAE configuration (agostini335/MVMAE, config/config_base.yaml and the
@@ -145,6 +145,7 @@ class PretrainConfig:
     overwrite: bool = False        # replace an --out that holds a run with other settings
     verify_data: bool = False      # hash every byte of the cache for the resume identity (default: sampled blocks)
     stop_after_steps: int = 0      # >0: checkpoint and exit after this many steps of this invocation
+    plots: bool = True             # loss_curves.png + reconstructions.png when the run finishes (matplotlib)
     progress: bool = True          # tqdm bar (only on a terminal)
 
     def resolved(self) -> "PretrainConfig":
@@ -618,6 +619,14 @@ def _setup(cfg: PretrainConfig) -> _Run:
                 _schedule(cfg, steps_per_epoch, world), model, optimizer, scaler, generator)
 
 
+def _write_plots(cfg: PretrainConfig) -> None:
+    """The run's PNGs beside its outputs (fastssl.plots; a missing matplotlib is logged)."""
+    from fastssl.plots import write_run_plots
+
+    for path in write_run_plots(cfg.out, cfg.cache):
+        print(f"pretrain: plot -> {path}")
+
+
 def _compiles(cfg: PretrainConfig, device: torch.device) -> bool:
     """The model is compiled on CUDA unless --no-compile (the ops are custom ops with fake
     implementations, so the graph does not break); on the CPU the step runs eager."""
@@ -806,6 +815,8 @@ def _run_locked(run: _Run, callbacks) -> dict:
         mean, std = _normalisation(cfg, read_manifest(cfg.cache))  # what training fed the encoder
         export_encoder(run.model.encoder, run.mcfg, enc_path, manifest=dict(pixel_mean=mean, pixel_std=std))
         print(f"pretrain: done, {step} steps; encoder -> {enc_path}")
+        if cfg.plots:
+            _write_plots(cfg)
     elif run.is_main:
         print(f"pretrain: stopped at step {step} of {total}; rerun the same command to continue")
     return dict(step=step, total_steps=total, finished=finished, stopped=stopped, out=cfg.out,
