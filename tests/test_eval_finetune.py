@@ -118,3 +118,31 @@ def test_finetune_end_to_end_and_resume(cache, tmp_path, capsys, caplog):
     assert "base_lr: 0.05 -> 0.01" in caplog.text
     assert _finetune(cache, part, "--base-lr", "0.01", "--epochs", "2", "--overwrite") == 0
     assert json.loads((part / "finetune.json").read_text())["config"]["base_lr"] == 0.01
+
+
+def test_finetune_dataset_filter_on_a_pooled_cache(tmp_path, caplog):
+    """--dataset restricts train, validation and test to that dataset (scores.csv holds
+    exactly its test studies), is recorded and is part of the resume fingerprint."""
+    from fastssl.data.cache import read_index
+    from fastssl.eval.report import read_scores_csv
+    from test_eval_probe import pooled_cache
+
+    cache = pooled_cache(str(tmp_path))
+    index = read_index(cache)
+    test = index.split == "test"
+    out = tmp_path / "ft"
+    with one_thread():
+        assert _finetune(cache, out, "--dataset", "mimic-cxr", "--epochs", "2", "--no-plots") == 0
+        r = json.loads((out / "finetune.json").read_text())
+        assert r["config"]["dataset"] == "mimic-cxr"
+        mimic = index.dataset == "mimic-cxr"
+        assert r["n_train_studies"] == np.unique(index.study_id[(index.split == "train") & mimic]).size
+        assert list(read_scores_csv(str(out))["studies"]) == sorted(set(index.study_id[test & mimic]))
+        caplog.clear()
+        assert _finetune(cache, out, "--epochs", "2", "--no-plots") == 2  # another run: refused
+        assert 'dataset: "mimic-cxr" -> ""' in caplog.text, caplog.text
+        assert _finetune(cache, out, "--epochs", "2", "--no-plots", "--overwrite") == 0
+        assert list(read_scores_csv(str(out))["studies"]) == sorted(set(index.study_id[test]))
+        caplog.clear()
+        assert _finetune(cache, tmp_path / "bad", "--dataset", "vindr") == 2
+    assert "['vindr'] not in this cache (has ['chexpert', 'mimic-cxr'])" in caplog.text

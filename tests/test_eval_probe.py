@@ -161,3 +161,49 @@ def test_probe_accepts_training_checkpoint_random_init_and_fixed_l2(pretrained, 
                 "--n-boot", "10", "--quiet"]) == 0
     assert cli(["probe", "--cache", cache, "--checkpoint", os.path.join(run, "nope.pt"),
                 "--out", out, "--quiet"]) == 2
+
+
+def pooled_cache(root) -> str:
+    """A pooled cache of two tiny phantoms (MIMIC-CXR JPG and CheXpert layouts, 16 studies
+    each, every split non-empty in both) -> the cache directory."""
+    from fastssl.data.cache import prepare_cache
+    from fastssl.data.phantom import generate_phantom
+
+    sources = []
+    for layout in ("mimic-jpg", "chexpert"):
+        generate_phantom(os.path.join(root, layout), 16, seed=1, size=32, workers=1, both_views_fraction=0.8,
+                         split=(0.5, 0.25, 0.25), progress=False, layout=layout)
+        sources.append(f"{layout}:{os.path.join(root, layout)}")
+    prepare_cache(sources, os.path.join(root, "pool"), size=32, shard_size=64, workers=1, progress=False)
+    return os.path.join(root, "pool")
+
+
+def test_probe_dataset_filter_on_a_pooled_cache(tmp_path, caplog):
+    """--dataset restricts train and test to that dataset's rows (fit on the pool's MIMIC
+    part, score MIMIC test); without it every test study is scored; unknown -> error."""
+    from fastssl.cli import main as cli
+    from fastssl.data.cache import read_index
+    from fastssl.eval.report import read_scores_csv
+
+    cache = pooled_cache(str(tmp_path))
+    index = read_index(cache)
+
+    def test_studies(*datasets):
+        return sorted(set(index.study_id[(index.split == "test") & np.isin(index.dataset, datasets)]))
+
+    def probe(out, *extra):
+        with one_thread():
+            return cli(["probe", "--cache", cache, "--checkpoint", "random:test", "--out", str(tmp_path / out),
+                        "--workers", "0", "--n-boot", "10", "--no-plots", "--quiet", *extra])
+
+    assert probe("mimic", "--dataset", "mimic-cxr") == 0
+    r = json.loads((tmp_path / "mimic" / "probe.json").read_text())
+    assert r["config"]["dataset"] == "mimic-cxr"
+    assert r["n_train_images"] == int(((index.split == "train") & (index.dataset == "mimic-cxr")).sum())
+    assert list(read_scores_csv(str(tmp_path / "mimic"))["studies"]) == test_studies("mimic-cxr")
+    assert probe("all", "--l2-grid", "") == 0
+    assert list(read_scores_csv(str(tmp_path / "all"))["studies"]) == test_studies("mimic-cxr", "chexpert")
+    assert len(test_studies("chexpert")) > 0 and r["n_train_images"] < int((index.split == "train").sum())
+    caplog.clear()
+    assert probe("bad", "--dataset", "mimic-cxr,vindr") == 2
+    assert "['vindr'] not in this cache (has ['chexpert', 'mimic-cxr'])" in caplog.text

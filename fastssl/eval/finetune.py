@@ -72,6 +72,7 @@ class FinetuneConfig:
     val_split: str = "validate"   # split the best epoch is chosen on (macro AUROC)
     test_split: str = "test"      # split the chosen model is scored on
     views: str = "all"            # images used: all, or a comma list of frontal,lateral,other,unknown
+    dataset: str = ""             # pooled cache: only these datasets' rows, a comma list (e.g. mimic-cxr; '' = all)
     epochs: int = 100             # released: 100
     warmup_epochs: int = 5        # linear warm-up from 0.5 x lr (released: 5)
     batch_size: int = 64          # studies per step (all their images go through the encoder)
@@ -399,6 +400,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"finetune: stopped after epoch {r['epoch']} of {cfg.epochs}; rerun the same command to continue")
         return 0
     print("\n".join([f"finetune: best epoch {r['best_epoch'] + 1} (validation macro AUROC "
-                     f"{r['val_macro_auroc']:.4f}), {r['n_test_studies']} test studies", *summary_lines(r),
+                     f"{r['val_macro_auroc']:.4f}), {r['n_test_studies']} test studies"
+                     + (f" of {cfg.dataset}" if cfg.dataset.strip() else ""), *summary_lines(r),
                      f"  -> {cfg.out}/finetune.json, scores.csv" + (", roc.png" if cfg.plots else "")]))
     return 0

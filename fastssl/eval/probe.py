@@ -171,6 +171,7 @@ class ProbeConfig:
     val_split: str = "validate"   # split the L2 penalty is chosen on (with --l2-grid)
     test_split: str = "test"      # split it is scored on
     views: str = "all"            # images used: all, or a comma list of frontal,lateral,other,unknown
+    dataset: str = ""             # pooled cache: only these datasets' rows, a comma list (e.g. mimic-cxr; '' = all)
     batch_size: int = 256         # feature extraction batch
     workers: int = 2              # DataLoader processes for feature extraction
     device: str = "auto"          # auto | cpu | cuda
@@ -224,13 +225,17 @@ def eval_transform(cache: str, img_size: int):
 
 
 def split_dataset(cfg, split: str):
-    """The SingleViewDataset of ``split`` restricted to cfg.views; ValueError if empty."""
+    """The SingleViewDataset of ``split`` restricted to cfg.views and cfg.dataset (the rows
+    of those datasets of a pooled cache; '' = all); ValueError if empty or if the cache
+    holds no dataset of that name."""
     from fastssl.data.datasets import SingleViewDataset
 
     views = "all" if cfg.views == "all" else tuple(v.strip() for v in cfg.views.split(",") if v.strip())
-    ds = SingleViewDataset(cfg.cache, split=split, views=views)
+    datasets = [d.strip() for d in cfg.dataset.split(",") if d.strip()] or None
+    ds = SingleViewDataset(cfg.cache, split=split, views=views, dataset=datasets)
     if len(ds) == 0:
-        raise ValueError(f"split {split!r} of {cfg.cache} has no images with views={cfg.views!r}")
+        raise ValueError(f"split {split!r} of {cfg.cache} has no images with views={cfg.views!r}"
+                         + (f" and dataset={cfg.dataset!r}" if datasets else ""))
     return ds
 
 
@@ -343,7 +348,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     chosen = r["l2_selection"]
     how = f"chosen on {chosen['chosen_on']}" if chosen["chosen_on"] else "fixed"
-    lines = [f"probe: {r['n_test_studies']} test studies ({r['n_test_images']} images), "
+    of = f" of {cfg.dataset}" if cfg.dataset.strip() else ""
+    lines = [f"probe: {r['n_test_studies']} test studies{of} ({r['n_test_images']} images), "
              f"probe fitted on {r['n_train_images']} images, features {r['feature_dim']}-d, "
              f"l2={chosen['l2']:g} ({how})", *summary_lines(r)]
     if "knn" in r:
