@@ -204,7 +204,12 @@ def test_twelve_ranks_curated_indices_map_to_their_tiles(tmp_path, rng, monkeypa
     np.save(tmp_path / "tiles.npy", arr)
     out = tmp_path / "emb"
     monkeypatch.setattr(embed_mod, "_barrier", lambda: None)
-    for rank in list(range(1, 12)) + [0]:  # rank 0 merges, so it finishes last
+    # rank 0 locks and fingerprints first (the others wait for it), and merges last
+    merge = embed_mod._merge
+    monkeypatch.setattr(embed_mod, "_merge", lambda *a: {"count": 0, "rejected": 0})
+    for rank in list(range(12)) + [0]:
+        if rank == 11:
+            monkeypatch.setattr(embed_mod, "_merge", merge)
         monkeypatch.setattr(embed_mod, "_rank_world", lambda r=rank: (r, 12))
         embed_images(tmp_path / "tiles.npy", out, config(weights, batch_size=8, shard_size=2))
     index = read_csv(out / "index.csv")
