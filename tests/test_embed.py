@@ -145,6 +145,18 @@ def test_changed_tile_set_refuses_to_resume(tiles, weights, tmp_path):
     np.save(tiles / "sub" / "t0.npy", np.zeros((SIZE + 1, SIZE), np.uint8))  # same names, other size
     with pytest.raises(ResumeMismatch, match="tiles: size"):
         embed_images(tiles, out, config(weights))
+    np.save(tiles / "sub" / "t0.npy", np.zeros((SIZE, SIZE), np.uint8))  # back to the old size
+    embed_images(tiles, out, config(weights))  # tile bytes are not hashed by default: resumes
+    a, b = (tiles / "sub" / "t0.npy").read_bytes(), (tiles / "sub" / "t1.npy").read_bytes()
+    assert len(a) != len(b)
+    (tiles / "sub" / "t0.npy").write_bytes(b)  # same names, count and total size; sizes swapped
+    (tiles / "sub" / "t1.npy").write_bytes(a)
+    with pytest.raises(ResumeMismatch, match="tiles: content changed"):
+        embed_images(tiles, out, config(weights))
+    (tiles / "sub" / "renamed.npy").write_bytes((tiles / "sub" / "t1.npy").read_bytes())
+    (tiles / "sub" / "t1.npy").unlink()
+    with pytest.raises(ResumeMismatch, match="tiles: content changed"):
+        embed_images(tiles, out, config(weights))
 
 
 def test_overwrite_replaces_another_run(tiles, weights, tmp_path):
