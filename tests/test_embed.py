@@ -14,7 +14,7 @@ timm = pytest.importorskip("timm")
 from PIL import Image  # noqa: E402
 
 from fastssl.curation.embed import EmbedConfig, build_model, embed_images  # noqa: E402
-from fastssl.errors import DataError  # noqa: E402
+from fastssl.errors import DataError, OutputLocked, ResumeMismatch  # noqa: E402
 
 MODEL = "test_vit"
 SIZE = 32
@@ -103,11 +103,100 @@ def test_resume_skips_finished_shards(tiles, weights, tmp_path):
     assert manifest["count"] == 9 and len(read_csv(out / "index.csv")) == 9
 
 
-def test_changed_settings_refuse_to_resume(tiles, weights, tmp_path):
+def test_resume_keeps_job_json_and_removes_stale_tmp(tiles, weights, tmp_path):
     out = tmp_path / "emb"
     embed_images(tiles, out, config(weights))
-    with pytest.raises(ValueError, match="shard_size"):
+    saved = (out / "job.json").read_text()
+    job = json.loads(saved)
+    assert job["job"] == "embed" and job["settings"]["img_size"] == SIZE
+    assert job["settings"]["tiles"] == 10 and "batch_size" not in job["settings"]
+    (out / "emb_00001.npy").unlink()
+    dead = 2**22 + 12345  # above Linux's default pid_max: no live process has it
+    stale = [out / f".emb_00001.npy.tmp-{dead}", out / "parts" / f".index_00001.csv.tmp-{dead}"]
+    for path in stale:
+        path.write_bytes(b"torn")
+    # another batch size and worker count: the same run, so it resumes
+    assert embed_images(tiles, out, config(weights, batch_size=5, workers=1))["count"] == 9
+    assert (out / "job.json").read_text() == saved
+    assert not any(path.exists() for path in stale)
+
+
+def test_changed_settings_refuse_to_resume_naming_them(tiles, weights, tmp_path):
+    out = tmp_path / "emb"
+    embed_images(tiles, out, config(weights))
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(ResumeMismatch, match=r"shard_size: 4 -> 5.*--overwrite"):
         embed_images(tiles, out, config(weights, shard_size=5))
+    torch.manual_seed(1)  # other weights in the same file
+    other = timm.create_model(MODEL, pretrained=False, num_classes=0, img_size=SIZE)
+    torch.save(other.state_dict(), tmp_path / "w2.pth")
+    with pytest.raises(ResumeMismatch, match=r"w2\.pth: new"):
+        embed_images(tiles, out, config(tmp_path / "w2.pth"))
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing removed
+
+
+def test_changed_tile_set_refuses_to_resume(tiles, weights, tmp_path):
+    out = tmp_path / "emb"
+    embed_images(tiles, out, config(weights))
+    np.save(tiles / "sub" / "extra.npy", np.zeros((SIZE, SIZE), np.uint8))
+    with pytest.raises(ResumeMismatch, match="tiles: 10 -> 11"):
+        embed_images(tiles, out, config(weights))
+    (tiles / "sub" / "extra.npy").unlink()
+    np.save(tiles / "sub" / "t0.npy", np.zeros((SIZE + 1, SIZE), np.uint8))  # same names, other size
+    with pytest.raises(ResumeMismatch, match="tiles: size"):
+        embed_images(tiles, out, config(weights))
+    np.save(tiles / "sub" / "t0.npy", np.zeros((SIZE, SIZE), np.uint8))  # back to the old size
+    embed_images(tiles, out, config(weights))  # tile bytes are not hashed by default: resumes
+    a, b = (tiles / "sub" / "t0.npy").read_bytes(), (tiles / "sub" / "t1.npy").read_bytes()
+    assert len(a) != len(b)
+    (tiles / "sub" / "t0.npy").write_bytes(b)  # same names, count and total size; sizes swapped
+    (tiles / "sub" / "t1.npy").write_bytes(a)
+    with pytest.raises(ResumeMismatch, match="tiles: content changed"):
+        embed_images(tiles, out, config(weights))
+    (tiles / "sub" / "renamed.npy").write_bytes((tiles / "sub" / "t1.npy").read_bytes())
+    (tiles / "sub" / "t1.npy").unlink()
+    with pytest.raises(ResumeMismatch, match="tiles: content changed"):
+        embed_images(tiles, out, config(weights))
+
+
+def test_overwrite_replaces_another_run(tiles, weights, tmp_path):
+    out = tmp_path / "emb"
+    embed_images(tiles, out, config(weights))
+    assert (out / "emb_00002.npy").exists()
+    manifest = embed_images(tiles, out, config(weights, shard_size=5, overwrite=True))
+    assert json.loads((out / "job.json").read_text())["settings"]["shard_size"] == 5
+    assert sorted(p.name for p in out.glob("emb_*.npy")) == ["emb_00000.npy", "emb_00001.npy"]
+    assert sorted(p.name for p in (out / "parts").iterdir()) == [
+        "index_00000.csv", "index_00001.csv", "rejects_00000.csv", "rejects_00001.csv"]
+    assert [s["rows"] for s in manifest["shards"]] == [4, 5]
+
+
+def test_second_job_into_the_same_out_fails_at_once(tiles, weights, tmp_path):
+    from fastssl import jobs
+
+    out = tmp_path / "emb"
+    with jobs.OutputLock(out):  # another job holds out
+        with pytest.raises(OutputLocked, match="in use by another job"):
+            embed_images(tiles, out, config(weights))
+    assert sorted(p.name for p in out.iterdir()) == [jobs.LOCK_NAME]  # it wrote nothing
+
+
+def test_ranks_follow_rank0_verdict(tiles, weights, tmp_path, monkeypatch):
+    """Rank 0 refuses -> it tells the others (which write nothing) before raising."""
+    from fastssl.curation import embed as embed_mod
+
+    out = tmp_path / "emb"
+    embed_images(tiles, out, config(weights))
+    told = []
+    monkeypatch.setattr(embed_mod, "_rank0_verdict", lambda ok: told.append(ok) or ok)
+    with pytest.raises(ResumeMismatch):
+        embed_images(tiles, out, config(weights, shard_size=5))
+    assert told == [False]
+    monkeypatch.setattr(embed_mod, "_rank0_verdict", lambda ok: False)
+    monkeypatch.setattr(embed_mod, "_rank_world", lambda: (1, 2))
+    with pytest.raises(ValueError, match="rank 0 refused"):
+        embed_images(tiles, tmp_path / "other", config(weights))
+    assert not (tmp_path / "other").exists()
 
 
 def test_array_file_source_random_init(tmp_path, rng):
@@ -158,6 +247,13 @@ def test_cli(tiles, tmp_path):
     assert rc == 0
     assert json.loads((out / "manifest.json").read_text())["count"] == 9
     assert sorted(p.name for p in out.glob("emb_*.npy")) == ["emb_00000.npy", "emb_00001.npy"]
+    other = ["embed", str(tiles), "--out", str(out), "--model", MODEL, "--random-init",
+             "--img-size", str(SIZE), "--workers", "0", "--shard-size", "16", "--quiet"]
+    assert main(other) == 2  # another shard size: refused
+    assert main(other + ["--overwrite", "--verify-data"]) == 0
+    job = json.loads((out / "job.json").read_text())
+    assert job["settings"]["shard_size"] == 16
+    assert job["inputs"][str(tiles.resolve())]["hashed"] == "full"
 
 
 def _rank_main(rank, world, init_file, tiles, weights, out):
@@ -204,7 +300,12 @@ def test_twelve_ranks_curated_indices_map_to_their_tiles(tmp_path, rng, monkeypa
     np.save(tmp_path / "tiles.npy", arr)
     out = tmp_path / "emb"
     monkeypatch.setattr(embed_mod, "_barrier", lambda: None)
-    for rank in list(range(1, 12)) + [0]:  # rank 0 merges, so it finishes last
+    # rank 0 locks and fingerprints first (the others wait for it), and merges last
+    merge = embed_mod._merge
+    monkeypatch.setattr(embed_mod, "_merge", lambda *a: {"count": 0, "rejected": 0})
+    for rank in list(range(12)) + [0]:
+        if rank == 11:
+            monkeypatch.setattr(embed_mod, "_merge", merge)
         monkeypatch.setattr(embed_mod, "_rank_world", lambda r=rank: (r, 12))
         embed_images(tmp_path / "tiles.npy", out, config(weights, batch_size=8, shard_size=2))
     index = read_csv(out / "index.csv")

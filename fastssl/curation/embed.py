@@ -8,18 +8,25 @@ Output directory::
     index.csv            row, shard, offset, source   (row = global row over all shards)
     rejects.csv          source, reason               (unreadable images, skipped)
     manifest.json        model, dim, count, shards, settings
-    plan.json            what the shards were cut from (checked on resume)
+    job.json             the run's fingerprint (fastssl.jobs): model, img size, in_chans,
+                         normalisation, dtype, shard size, ranks; a sha256 of the sorted tile
+                         paths + sizes and sampled blocks of the weights file
+    .fastssl.lock        held by rank 0 while the job runs: a second job into the dir fails
 
 Resumable: a shard counts as finished when its .npy exists (each file is written to a
 temporary name and renamed, the .npy last), so rerunning the same command skips
-finished shards. One unreadable image never aborts the run: it is listed in
+finished shards; temporary files of a killed run are removed. A rerun with other
+settings, tiles or weights is refused naming the differences (ResumeMismatch) unless
+--overwrite, which clears the dir first. One unreadable image never aborts the run: it is listed in
 rejects.csv. With torch.distributed initialised each rank embeds a contiguous slice of
 the items into its own rank-suffixed shards and rank 0 writes the merged index.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
+import io
 import json
 import logging
 import math
@@ -32,6 +39,7 @@ from typing import Sequence
 
 import numpy as np
 
+from fastssl import jobs
 from fastssl.curation.tree import save_npy_atomic, write_text_atomic
 from fastssl.errors import DataError
 
@@ -275,6 +283,8 @@ class EmbedConfig:
     workers: int = 4
     device: str = "auto"
     quiet: bool = False
+    overwrite: bool = False  # replace another run found in the output dir
+    verify_data: bool = False  # fingerprint every byte of the tiles and weights
 
 
 def _rank_world() -> tuple[int, int]:
@@ -315,17 +325,110 @@ def _plan_shards(n_items: int, world: int, shard_size: int) -> list[tuple[int, s
 
 
 def _write_csv_atomic(path: Path, header: Sequence[str], rows: Sequence[Sequence]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(header)
+    writer.writerows(rows)
+    jobs.atomic_write_text(path, text.getvalue())
 
 
 def _read_csv(path: Path) -> list[list[str]]:
     with open(path, newline="", encoding="utf-8") as handle:
         return list(csv.reader(handle))[1:]
+
+
+def _check_config(cfg: EmbedConfig) -> None:
+    for name in ("batch_size", "shard_size", "in_chans"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.workers < 0:
+        raise ValueError(f"workers must be >= 0, got {cfg.workers}")
+    if cfg.weights is None and not cfg.random_init:
+        raise ValueError("give --weights FILE (safetensors or a torch state_dict) or "
+                         "--random-init; nothing is downloaded")
+
+
+def _pick_device(name: str, world: int):
+    import torch
+
+    device = torch.device("cuda" if name == "auto" and torch.cuda.is_available()
+                          else ("cpu" if name == "auto" else name))
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _pixel_settings(net, cfg: EmbedConfig) -> tuple[int, tuple, tuple]:
+    """(img_size, mean, std) the model is fed with: the flags', else the model's own."""
+    data_cfg = net.pretrained_cfg
+    img_size = cfg.img_size or int(data_cfg.get("input_size", (3, 224, 224))[-1])
+    mean = tuple(data_cfg.get("mean", (0.5,) * 3))
+    std = tuple(data_cfg.get("std", (0.5,) * 3))
+    if len(mean) < cfg.in_chans:
+        mean, std = (float(np.mean(mean)),) * cfg.in_chans, (float(np.mean(std)),) * cfg.in_chans
+    return img_size, mean, std
+
+
+def _tiles_identity(source: Path, names: Sequence[str], full: bool) -> dict:
+    """The tile set as one fastssl.jobs input entry, cheap at millions of tiles: a sha256 over
+    the sorted relative paths and sizes (``full``: and every tile's bytes). An array file is
+    fingerprinted like any input file (sampled blocks)."""
+    if not source.is_dir():
+        return jobs.fingerprint_files([source.resolve()], full=full)
+    digest, total = hashlib.sha256(), 0
+    for name in names:
+        path = source / name
+        size = path.stat().st_size
+        total += size
+        digest.update(f"{name}\t{size}\n".encode())
+        if full:
+            digest.update(jobs.fingerprint_files([path], full=True)[str(path)]["sha256"].encode())
+    return {str(source.resolve()): {"size": total, "tiles": len(names), "sha256": digest.hexdigest(),
+                                    "hashed": "full" if full else "names+sizes"}}
+
+
+def _fingerprint(cfg: EmbedConfig, source: Path, names: Sequence[str], world: int, net) -> jobs.JobFingerprint:
+    """What makes two embed runs the same (not workers, batch size, device or progress)."""
+    img_size, mean, std = _pixel_settings(net, cfg)
+    settings = {"model": cfg.model, "random_init": cfg.random_init, "img_size": img_size,
+                "in_chans": cfg.in_chans, "mean": list(mean), "std": list(std), "dim": int(net.num_features),
+                "dtype": "float16", "shard_size": cfg.shard_size, "world_size": world, "tiles": len(names)}
+    inputs = _tiles_identity(source, names, cfg.verify_data)
+    if cfg.weights is not None:
+        inputs.update(jobs.fingerprint_files([Path(cfg.weights).resolve()], full=cfg.verify_data))
+    return jobs.JobFingerprint("embed", settings, inputs)
+
+
+def _rank0_verdict(ok: bool) -> bool:
+    """Rank 0's ``ok`` on every rank (a collective: the other ranks wait for rank 0's checks)."""
+    from fastssl import distributed
+
+    return bool(distributed.broadcast(np.array([int(ok)], np.int64))[0])
+
+
+@contextlib.contextmanager
+def _job_guard(out: Path, fingerprint: jobs.JobFingerprint, rank: int, overwrite: bool):
+    """fastssl.jobs on rank 0: the output lock (held to the end), stale temporary files removed,
+    the fingerprint checked against a previous run in out (ResumeMismatch naming the differences
+    unless ``overwrite``). The other ranks write nothing until rank 0 has passed its checks."""
+    if rank != 0:
+        if not _rank0_verdict(True):
+            raise ValueError(f"{out}: rank 0 refused this run (its log says why)")
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(jobs.OutputLock(out))
+            for sub in (out, out / "parts"):
+                jobs.remove_stale_tmp(sub)
+            if jobs.check_resume(out, fingerprint, overwrite=overwrite) == "new":
+                jobs.clear_outputs(out)
+                jobs.write_fingerprint(out, fingerprint)
+        except BaseException:
+            _rank0_verdict(False)
+            raise
+        _rank0_verdict(True)
+        yield
 
 
 def embed_images(source: str | os.PathLike, out_dir: str | os.PathLike,
@@ -335,134 +438,121 @@ def embed_images(source: str | os.PathLike, out_dir: str | os.PathLike,
     Args:
         source: a folder of tiles (png, jpg, npy; recursive) or a .npy file of
             (N, H, W[, C]) images.
-        out_dir: output directory (created; rerunning resumes).
+        out_dir: output directory (created; rerunning the same command resumes).
         config: :class:`EmbedConfig`; keyword overrides replace its fields.
     Returns:
         The manifest (dict): model, dim, count (rows embedded), rejected, shards, ...
+        ({} on ranks other than 0).
     Raises:
-        ValueError: a bad setting, or out_dir holds shards cut from other items/settings.
+        ValueError: a bad setting; ResumeMismatch: out_dir holds another run (other settings,
+            tiles or weights; not with ``overwrite``); OutputLocked: another job writes out_dir.
         DataError: the source or the weights file cannot be used.
     """
-    import torch
-
     cfg = EmbedConfig(**{**asdict(config or EmbedConfig()), **overrides})
-    for name in ("batch_size", "shard_size", "in_chans"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.workers < 0:
-        raise ValueError(f"workers must be >= 0, got {cfg.workers}")
-    if cfg.weights is None and not cfg.random_init:
-        raise ValueError("give --weights FILE (safetensors or a torch state_dict) or "
-                         "--random-init; nothing is downloaded")
+    _check_config(cfg)
     source, out = Path(source), Path(out_dir)
     names, array = list_items(source)
     rank, world = _rank_world()
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if cfg.device == "auto" else cfg.device))
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", torch.cuda.current_device())
-
     net = build_model(cfg.model, cfg.weights, cfg.random_init, cfg.img_size, cfg.in_chans)
-    data_cfg = net.pretrained_cfg
-    img_size = cfg.img_size or int(data_cfg.get("input_size", (3, 224, 224))[-1])
-    mean = tuple(data_cfg.get("mean", (0.5,) * 3))
-    std = tuple(data_cfg.get("std", (0.5,) * 3))
-    if len(mean) < cfg.in_chans:
-        mean, std = (float(np.mean(mean)),) * cfg.in_chans, (float(np.mean(std)),) * cfg.in_chans
-    dim = int(net.num_features)
+    fingerprint = _fingerprint(cfg, source, names, world, net)
+    with _job_guard(out, fingerprint, rank, cfg.overwrite):
+        (out / "parts").mkdir(parents=True, exist_ok=True)
+        return _embed_and_merge(cfg, source, out, names, array, net, rank, world)
 
-    # The plan: refuse to mix shards cut from other items or settings.
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "parts").mkdir(exist_ok=True)
-    plan_info = {
-        "source": str(source.resolve()), "n_items": len(names),
-        "items_sha1": hashlib.sha1("\n".join(names).encode()).hexdigest(),
-        "model": cfg.model, "weights": cfg.weights, "random_init": cfg.random_init,
-        "img_size": img_size, "in_chans": cfg.in_chans, "shard_size": cfg.shard_size,
-        "world_size": world, "dim": dim,
-    }
-    plan_path = out / "plan.json"
-    if plan_path.exists():
-        old = json.loads(plan_path.read_text(encoding="utf-8"))
-        diff = sorted(k for k in plan_info if old.get(k) != plan_info[k])
-        if diff:
-            raise ValueError(f"{out} holds shards from another run (differs in {diff}); "
-                             "use a new output directory")
-    elif rank == 0:
-        write_text_atomic(plan_path, json.dumps(plan_info, indent=2, sort_keys=True))
 
+def _embed_and_merge(cfg: EmbedConfig, source: Path, out: Path, names, array, net, rank: int,
+                     world: int) -> dict:
+    """This rank's unfinished shards, then (rank 0) the merged index and manifest."""
+    device = _pick_device(cfg.device, world)
+    img_size, mean, std = _pixel_settings(net, cfg)
     shards = _plan_shards(len(names), world, cfg.shard_size)
     mine = [s for s in shards if s[0] == rank]
     todo = [s for s in mine if not (out / f"emb_{s[1]}.npy").exists()]
     log.info("embed: %d items, %d shards on rank %d/%d (%d to do), model %s dim %d, "
              "img %d, device %s", len(names), len(mine), rank, world, len(todo), cfg.model,
-             dim, img_size, device)
+             net.num_features, img_size, device)
     started = time.time()
     n_done = 0
     if todo:
-        positions = np.concatenate([np.arange(a, b) for _, _, a, b in todo])
-        dataset = TileDataset(source, names, array, positions, img_size, cfg.in_chans, mean, std)
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers,
-            pin_memory=device.type == "cuda", persistent_workers=False,
-        )
-        net = net.to(device)
-        if device.type == "cuda":
-            net = net.to(memory_format=torch.channels_last)
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(dataset), unit="img", disable=cfg.quiet or not sys.stderr.isatty())
-        shard_iter = iter(todo)
-        current = next(shard_iter)
-        feats, items, rejects = [], [], []
-
-        def flush(shard) -> None:
-            _, name, a, b = shard
-            emb = np.concatenate(feats) if feats else np.zeros((0, dim), np.float16)
-            rows = [[off, f"emb_{name}.npy", off, names[it]] for off, it in enumerate(items)]
-            _write_csv_atomic(out / "parts" / f"index_{name}.csv", ["row", "shard", "offset", "source"], rows)
-            _write_csv_atomic(out / "parts" / f"rejects_{name}.csv", ["source", "reason"], rejects)
-            save_npy_atomic(out / f"emb_{name}.npy", emb)  # last: marks the shard finished
-
-        with torch.inference_mode():
-            for x, idx, reasons in loader:
-                ok = np.array([r == "" for r in reasons], dtype=bool)
-                out_feat = np.zeros((len(reasons), dim), np.float16)
-                if ok.any():
-                    xb = x[torch.from_numpy(ok)].to(device, non_blocking=True)
-                    if device.type == "cuda":
-                        xb = xb.contiguous(memory_format=torch.channels_last)
-                        with torch.autocast("cuda", dtype=torch.bfloat16):
-                            y = net(xb)
-                    else:
-                        y = net(xb)
-                    out_feat[ok] = y.float().cpu().numpy().astype(np.float16)
-                # Rows go to their shard in order; a batch may straddle a shard boundary.
-                for j, item in enumerate(idx.tolist()):
-                    while item >= current[3]:
-                        flush(current)
-                        n_done += len(items)
-                        feats, items, rejects = [], [], []
-                        current = next(shard_iter)
-                    if ok[j]:
-                        feats.append(out_feat[j : j + 1])
-                        items.append(item)
-                    else:
-                        rejects.append([names[item], reasons[j]])
-                        log.warning("rejected %s: %s", names[item], reasons[j])
-                bar.update(len(reasons))
-        flush(current)
-        n_done += len(items)
-        bar.close()
+        dataset = TileDataset(source, names, array, np.concatenate([np.arange(a, b) for _, _, a, b in todo]),
+                              img_size, cfg.in_chans, mean, std)
+        n_done = _embed_shards(cfg, dataset, todo, out, names, net, device)
     elapsed = time.time() - started
 
     _barrier()
-    manifest = _merge(out, shards, names, cfg, dim, img_size) if rank == 0 else {}
+    manifest = _merge(out, shards, names, cfg, int(net.num_features), img_size) if rank == 0 else {}
     _barrier()
     if rank == 0:
         log.info("embed: %d rows (%d rejected) in %d shards under %s; this run embedded %d in "
                  "%.1f s", manifest["count"], manifest["rejected"], len(shards), out, n_done, elapsed)
     return manifest
+
+
+def _features(net, x, ok: np.ndarray, device, dim: int) -> np.ndarray:
+    """(B, dim) float16 features of a batch; rows of rejected items (ok False) stay zero."""
+    import torch
+
+    out_feat = np.zeros((len(ok), dim), np.float16)
+    if ok.any():
+        xb = x[torch.from_numpy(ok)].to(device, non_blocking=True)
+        if device.type == "cuda":
+            xb = xb.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = net(xb)
+        else:
+            y = net(xb)
+        out_feat[ok] = y.float().cpu().numpy().astype(np.float16)
+    return out_feat
+
+
+def _embed_shards(cfg: EmbedConfig, dataset: TileDataset, todo, out: Path, names, net, device) -> int:
+    """Embeds the shards ``todo`` (each written when complete); returns the rows embedded."""
+    import torch
+    from tqdm import tqdm
+
+    dim = int(net.num_features)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers,
+        pin_memory=device.type == "cuda", persistent_workers=False,
+    )
+    net = net.to(device)
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    bar = tqdm(total=len(dataset), unit="img", disable=cfg.quiet or not sys.stderr.isatty())
+    shard_iter = iter(todo)
+    current = next(shard_iter)
+    feats, items, rejects = [], [], []
+    n_done = 0
+
+    def flush(shard) -> None:
+        _, name, a, b = shard
+        emb = np.concatenate(feats) if feats else np.zeros((0, dim), np.float16)
+        rows = [[off, f"emb_{name}.npy", off, names[it]] for off, it in enumerate(items)]
+        _write_csv_atomic(out / "parts" / f"index_{name}.csv", ["row", "shard", "offset", "source"], rows)
+        _write_csv_atomic(out / "parts" / f"rejects_{name}.csv", ["source", "reason"], rejects)
+        save_npy_atomic(out / f"emb_{name}.npy", emb)  # last: marks the shard finished
+
+    with torch.inference_mode():
+        for x, idx, reasons in loader:
+            ok = np.array([r == "" for r in reasons], dtype=bool)
+            out_feat = _features(net, x, ok, device, dim)
+            # Rows go to their shard in order; a batch may straddle a shard boundary.
+            for j, item in enumerate(idx.tolist()):
+                while item >= current[3]:
+                    flush(current)
+                    n_done += len(items)
+                    feats, items, rejects = [], [], []
+                    current = next(shard_iter)
+                if ok[j]:
+                    feats.append(out_feat[j : j + 1])
+                    items.append(item)
+                else:
+                    rejects.append([names[item], reasons[j]])
+                    log.warning("rejected %s: %s", names[item], reasons[j])
+            bar.update(len(reasons))
+    flush(current)
+    bar.close()
+    return n_done + len(items)
 
 
 def _merge(out: Path, shards, names, cfg: EmbedConfig, dim: int, img_size: int) -> dict:
@@ -509,6 +599,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--shard-size", type=int, default=d.shard_size, help="rows per output shard")
     parser.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes")
     parser.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a run of other settings, tiles or weights found in --out")
+    parser.add_argument("--verify-data", action="store_true",
+                        help="fingerprint every byte of the tiles and weights (default: tile paths "
+                             "and sizes, sampled blocks of the weights; cheap at millions of tiles)")
 
 
 def run(args) -> int:
@@ -522,7 +617,7 @@ def run(args) -> int:
         model=args.model, weights=args.weights, random_init=args.random_init,
         img_size=args.img_size, in_chans=args.in_chans, batch_size=args.batch_size,
         shard_size=args.shard_size, workers=args.workers, device=args.device,
-        quiet=getattr(args, "quiet", False),
+        quiet=getattr(args, "quiet", False), overwrite=args.overwrite, verify_data=args.verify_data,
     )
     try:
         manifest = embed_images(args.source, args.out, cfg)
