@@ -105,12 +105,16 @@ def test_fastssl_fp32(benchmark, problem, record):
 
 
 @pytest.mark.skipif(not has_cpu_ext(), reason="fastssl._C is not built")
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_fastssl_low_precision(benchmark, problem, record, dtype):
+@pytest.mark.parametrize("dtype, precision", [("bfloat16", "data"), ("float16", "data"),
+                                              ("float16", "bf16")])
+def test_fastssl_low_precision(benchmark, problem, record, dtype, precision):
+    """16-bit rows. precision="data" keeps float16 centroids for float16 rows (float32
+    arithmetic, the same result on every machine); "bf16" lets AMX multiply them on the
+    tile unit."""
     x, c = problem
     xt = torch.from_numpy(x).to(getattr(torch, dtype))
     labels32, dist32 = kmeans.assign(x, c)
-    labels, _ = kmeans.assign(xt, c)
+    labels, _ = kmeans.assign(xt, c, precision=precision)
     # Near-ties (second best within 0.5% of the best) may legitimately flip.
     sample = slice(0, 20000)
     xs = torch.from_numpy(x[sample]).double()
@@ -118,8 +122,9 @@ def test_fastssl_low_precision(benchmark, problem, record, dtype):
     top2 = scores.topk(2, dim=1, largest=False).values
     clear = ((top2[:, 1] - top2[:, 0]) > 5e-3 * top2[:, 0]).numpy()
     mismatched = int((labels[sample].numpy() != labels32[sample])[clear].sum())
-    _bench(benchmark, lambda: kmeans.assign(xt, c, check_finite=False))
-    _row(record, benchmark, f"fastssl {dtype} input", _median(benchmark), len(x),
+    _bench(benchmark, lambda: kmeans.assign(xt, c, check_finite=False, precision=precision))
+    _row(record, benchmark, f"fastssl {dtype} input, precision={precision}", _median(benchmark),
+         len(x),
          isa=build_info()["cpu_isa"], label_mismatch_clear_rows=mismatched)
     assert mismatched == 0
 

@@ -18,8 +18,11 @@ from fastssl import _arrays
 
 COS_EPS = 1e-12  # as torch.nn.functional.normalize
 FP32_PRECISIONS = ("3xtf32", "tf32")
+# What centroids are rounded to before any engine multiplies them (see centroid_dtype).
+CENTROID_PRECISIONS = ("data", "bf16")
 
-__all__ = ["COS_EPS", "FP32_PRECISIONS", "default_fp32_precision", "normalized_centroids",
+__all__ = ["COS_EPS", "FP32_PRECISIONS", "CENTROID_PRECISIONS", "centroid_dtype",
+           "multiplied_centroids", "default_fp32_precision", "normalized_centroids",
            "first_nonfinite_row", "check_finite", "to_device_tensor", "stream_context",
            "device_of", "device_operands", "as_callers_arrays"]
 
@@ -56,6 +59,57 @@ def normalized_centroids(c: Any, dtype: Any) -> Any:
 
     c64 = c.detach().to(torch.float64)
     return (c64 / c64.norm(dim=1, keepdim=True).clamp_min(COS_EPS)).to(dtype)
+
+
+def centroid_dtype(x_dtype: str, precision: str = "data") -> str:
+    """The dtype every engine rounds the centroids to before multiplying them with x.
+
+    "data" (the default) never rounds below the data's precision: float16 rows meet
+    float16 centroids, bfloat16 rows bfloat16 ones, float32/float64 rows float32 ones,
+    and the products accumulate in float32 on every engine (CPU of any instruction set,
+    CUDA, Triton, torch), so one job gives one tree on any machine up to ties. "bf16"
+    (opt-in, for speed) rounds the centroids to bfloat16 whatever x is: AMX CPUs then
+    multiply float16 rows on the tile unit, and every other engine uses the same
+    rounded centroids, so results stay machine-independent in that mode too.
+    """
+    if precision not in CENTROID_PRECISIONS:
+        raise ValueError(f"precision={precision!r}; expected one of {CENTROID_PRECISIONS}")
+    if precision == "bf16":
+        return "bfloat16"
+    return x_dtype if x_dtype in ("float16", "bfloat16") else "float32"
+
+
+def multiplied_centroids(c: Any, x_dtype: str, metric: str, precision: str = "data"):
+    """The centroids exactly as every engine multiplies them with rows of dtype x_dtype.
+
+    For "cos" normalised in float64 (:func:`normalized_centroids`); then rounded to
+    float32 and from there to :func:`centroid_dtype` (the same two round-to-nearest-even
+    steps on every device), and returned in float32, which holds those values exactly.
+
+    Args:
+        c: (k, d) torch tensor, numpy array or cupy array, any float dtype.
+        x_dtype: the rows' dtype name ("float32", "float16", "bfloat16", "float64").
+        metric: "l2" | "ip" | "cos".
+        precision: "data" | "bf16" (see :func:`centroid_dtype`).
+    Returns:
+        (k, d) float32 torch tensor on c's device (a CPU tensor for numpy input).
+    """
+    import torch
+
+    target = getattr(torch, centroid_dtype(x_dtype, precision))
+    if isinstance(c, np.ndarray):
+        c = to_device_tensor(c, "cpu")
+    elif not isinstance(c, torch.Tensor):  # cupy
+        c = torch.from_dlpack(c)
+    c = normalized_centroids(c, torch.float32) if metric == "cos" else c.detach().float()
+    if target == torch.float32:
+        return c
+    rounded = c.to(target)
+    if target == torch.float16 and not bool(torch.isfinite(rounded).all()):
+        row = first_nonfinite_row(rounded)
+        raise ValueError(f"centroids row {row} does not fit float16 (|value| > 65504), the "
+                         "precision of x: pass x as float32")
+    return rounded.float()
 
 
 def first_nonfinite_row(a: Any) -> int | None:
@@ -129,14 +183,16 @@ def device_of(x: Any, kind: str):
 
 
 def device_operands(op: str, x: Any, kind: str, centroids: Any, metric: str,
-                    check_finite_x: bool):
+                    check_finite_x: bool, centroid_precision: str = "data"):
     """x and centroids as the engines multiply them, on x's device and current stream.
 
     Args:
         x: (n, d) torch tensor or cupy array, float32 | float16 | bfloat16 | float64
             (float64 is computed in float32).
-        centroids: (k, d) any supported array; moved to x's device and cast to x's
-            compute dtype, for "cos" through :func:`normalized_centroids`.
+        centroids: (k, d) any supported array; moved to x's device, rounded by
+            :func:`multiplied_centroids` and held in x's compute dtype (exactly: "bf16"
+            centroids fit float16 but for magnitudes below 2**-14).
+        centroid_precision: "data" | "bf16" (see :func:`centroid_dtype`).
     Returns:
         xt (n, d) torch tensor, c (k, d) torch tensor of xt's dtype, and c_sqnorm (k,)
         float32 for "l2" (None otherwise).
@@ -151,7 +207,7 @@ def device_operands(op: str, x: Any, kind: str, centroids: Any, metric: str,
     if check_finite_x:
         check_finite(xt, "x")
     c = to_device_tensor(centroids, xt.device)
-    c = normalized_centroids(c, xt.dtype) if metric == "cos" else c.to(xt.dtype)
+    c = multiplied_centroids(c, _arrays.dtype_name(xt), metric, centroid_precision).to(xt.dtype)
     c_sqnorm = c.float().square().sum(1) if metric == "l2" else None
     return xt, c, c_sqnorm
 

@@ -57,6 +57,7 @@ def run(
     groups: tuple[np.ndarray, np.ndarray] | None,
     *,
     precision: str | None = None,
+    centroid_precision: str = "data",
 ) -> tuple[Any, Any]:
     """Assign rows of a device array on the GPU that holds it.
 
@@ -65,13 +66,15 @@ def run(
         x: (n, d) torch CUDA tensor or cupy array, float32 | float16 | bfloat16 (float64
             is computed in float32).
         kind: "torch" or "cupy" (fastssl._arrays).
-        centroids: (k, d) any supported array; moved to x's device, cast to x's dtype
-            (for "cos" normalised in float64, rounded once).
+        centroids: (k, d) any supported array; moved to x's device, rounded as
+            ``centroid_precision`` says and held in x's dtype.
         metric: "l2" | "ip" | "cos".
         check_finite: raise ValueError naming the first row of x with NaN/inf.
         groups: None, or validated host int64 (x_offsets, c_offsets), each (G+1,).
         precision: float32 tensor-core mode ("3xtf32" | "tf32"); None = FASTSSL_CUDA_FP32
             (fastssl._assign_common.default_fp32_precision).
+        centroid_precision: what the centroids are rounded to, "data" | "bf16"
+            (fastssl._assign_common.centroid_dtype).
     Returns:
         labels (n,) int64, distances (n,) float32, as torch tensors (torch input) or cupy
         arrays (cupy input) on x's device.
@@ -88,7 +91,8 @@ def run(
     device = common.device_of(x, kind)
     stream_ctx, stream_ptr = common.stream_context(kind, device)
     with torch.cuda.device(device), stream_ctx:
-        xt, c, c_sqnorm = common.device_operands(op, x, kind, centroids, metric, check_finite)
+        xt, c, c_sqnorm = common.device_operands(op, x, kind, centroids, metric, check_finite,
+                                                   centroid_precision)
         xt, ldx = _kernel_view(xt)
         c, ldc = _kernel_view(c)
         n, d = xt.shape

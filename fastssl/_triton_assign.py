@@ -47,6 +47,7 @@ def run(
     check_finite: bool,
     *,
     precision: str | None = None,
+    centroid_precision: str = "data",
     config: Any = None,
     splits: int | None = None,
     use_tma: bool | None = None,
@@ -58,10 +59,13 @@ def run(
         x: (n, d) torch tensor or cupy array, float32 | float16 | bfloat16 (float64 is
             computed in float32).
         kind: "torch" or "cupy" (fastssl._arrays).
-        centroids: (k, d) any supported array; moved to x's device, cast to x's dtype.
+        centroids: (k, d) any supported array; moved to x's device, rounded as
+            ``centroid_precision`` says and held in x's dtype.
         metric: "l2" | "ip" | "cos".
         check_finite: raise ValueError naming the first row of x with NaN/inf.
         precision: float32 mode, "3xtf32" | "tf32"; None = FASTSSL_CUDA_FP32.
+        centroid_precision: what the centroids are rounded to, "data" | "bf16"
+            (fastssl._assign_common.centroid_dtype).
         config, splits, use_tma: overrides for fastssl.kernels.assign.assign_partial
             (benchmarks and tests).
     Returns:
@@ -79,7 +83,8 @@ def run(
     stream_ctx = common.stream_context(kind, device)[0] if on_gpu else None
     device_ctx = torch.cuda.device(device) if on_gpu else contextlib.nullcontext()
     with device_ctx, stream_ctx or contextlib.nullcontext():
-        xt, c, c_sqnorm = common.device_operands(op, x, kind, centroids, metric, check_finite)
+        xt, c, c_sqnorm = common.device_operands(op, x, kind, centroids, metric, check_finite,
+                                                   centroid_precision)
         xt, c = _unit_inner_stride(xt), _unit_inner_stride(c)
         best, idx = kernel.assign_partial(xt, c, c_sqnorm, precision=name, config=config,
                                           splits=splits, use_tma=use_tma)

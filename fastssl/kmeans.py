@@ -25,7 +25,8 @@ import numpy as np
 
 from fastssl import _arrays
 from fastssl._assign_common import check_finite as _check_finite
-from fastssl._assign_common import COS_EPS, device_of, normalized_centroids
+from fastssl._assign_common import (COS_EPS, centroid_dtype, device_of,
+                                    multiplied_centroids)
 from fastssl._dispatch import resolve_impl
 from fastssl._native import has_cpu_ext, has_cuda_ext, native
 
@@ -178,29 +179,22 @@ def _resolve_topk(impl: str) -> str:
 
 
 # ------------------------------------------------------------------------ host paths
-def _host_centroids(centroids: Any, metric: str) -> tuple[np.ndarray, bool]:
-    """Centroids as a host array the native engine reads (normalised for cos)."""
-    if not isinstance(centroids, np.ndarray):
-        kind = _arrays.array_kind(centroids, "centroids")
-        if kind == _arrays.CUPY:
-            centroids = centroids.get()
-        elif metric == "cos":
-            import torch
+def _host_centroids(centroids: Any, metric: str, x_dtype: str,
+                    precision: str) -> tuple[np.ndarray, bool]:
+    """Centroids as the native engine reads them: rounded by ``multiplied_centroids``
+    (normalised for cos), as bf16 words when they were rounded to bf16 (the AMX engine
+    multiplies float16 rows with those on the tile unit), else float32."""
+    import torch
 
-            centroids = normalized_centroids(centroids.detach().cpu(), torch.float32).numpy()
-            return _arrays.host_words(np.ascontiguousarray(centroids))
+    if not isinstance(centroids, np.ndarray):
+        if _arrays.array_kind(centroids, "centroids") == _arrays.CUPY:
+            centroids = centroids.get()
         else:
             centroids = centroids.detach().cpu()
-            if str(centroids.dtype) == "torch.float64":
-                centroids = centroids.float()
-            words, is_bf16 = _arrays.torch_to_host_words(centroids)
-            return np.ascontiguousarray(words), is_bf16
-    if metric == "cos":  # the engine reads float32 centroids for cos
-        centroids = normalized_centroids(centroids, np.float32)
-    elif centroids.dtype == np.float64:
-        centroids = centroids.astype(np.float32)
-    words, is_bf16 = _arrays.host_words(np.ascontiguousarray(centroids))
-    return words, is_bf16
+    c = multiplied_centroids(centroids, x_dtype, metric, precision)
+    if centroid_dtype(x_dtype, precision) == "bfloat16":
+        return _arrays.torch_to_host_words(c.to(torch.bfloat16))
+    return np.ascontiguousarray(c.numpy()), False
 
 
 def _bf16_words_to_float32(words: np.ndarray) -> np.ndarray:
@@ -219,13 +213,15 @@ def _run_native_host(
     chunk_rows: int | None,
     check_finite: bool,
     groups: tuple[np.ndarray, np.ndarray] | None,
+    precision: str,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The "cpu" impl over host rows (float32/float16, float64, or bf16 as uint16 words)."""
     n = x.shape[0]
     labels = np.empty(n, dtype=np.int64)
     distances = np.empty(n, dtype=np.float32)
     x_sqnorm = np.empty(n, dtype=np.float32) if metric == "cos" else None
-    c_words, c_bf16 = _host_centroids(centroids, metric)
+    x_dtype = "bfloat16" if x_bf16 else _arrays.dtype_name(x)
+    c_words, c_bf16 = _host_centroids(centroids, metric, x_dtype, precision)
     ext = native()
     for start, stop in _arrays.row_chunks(n, chunk_rows):
         chunk = x[start:stop]
@@ -266,7 +262,8 @@ def _local_groups(groups: tuple[np.ndarray, np.ndarray], start: int, stop: int):
     return local_x.astype(np.int64), local_c.astype(np.int64), int(co[g0])
 
 
-def _run_torch_reference(x, centroids, metric, chunk_rows, check_finite, groups, topk=None):
+def _run_torch_reference(x, centroids, metric, chunk_rows, check_finite, groups, precision,
+                         topk=None):
     """The "torch" impl over numpy or torch input (any device), in row chunks; (n,)
     outputs, or (n, topk) when topk is given."""
     import torch
@@ -285,8 +282,9 @@ def _run_torch_reference(x, centroids, metric, chunk_rows, check_finite, groups,
             return torch.from_dlpack(a)
         return a
 
-    c = as_tensor(centroids)
     first = as_tensor(x[:1])
+    c = multiplied_centroids(as_tensor(centroids), _arrays.dtype_name(first), metric, precision)
+    ready = dict(metric=metric, normalized=True)
     shape = (x.shape[0],) if topk is None else (x.shape[0], topk)
     labels = torch.empty(shape, dtype=torch.int64, device=first.device)
     distances = torch.empty(shape, dtype=torch.float32, device=first.device)
@@ -295,22 +293,24 @@ def _run_torch_reference(x, centroids, metric, chunk_rows, check_finite, groups,
         if check_finite:
             _check_finite(chunk, "x", start)
         if topk is not None:
-            lab, dist = assign_topk_reference(chunk, c, topk, metric=metric)
+            lab, dist = assign_topk_reference(chunk, c, topk, **ready)
         elif groups is None:
-            lab, dist = assign_reference(chunk, c, metric=metric)
+            lab, dist = assign_reference(chunk, c, **ready)
         else:
             xo, co, c_first = _local_groups(groups, start, stop)
             lab, dist = assign_grouped_reference(
                 chunk, torch.from_numpy(xo), c[c_first : c_first + int(co[-1])],
-                torch.from_numpy(co), metric=metric)
+                torch.from_numpy(co), **ready)
             lab += c_first
         labels[start:stop] = lab
         distances[start:stop] = dist
     return labels, distances
 
 
-def _run(op, x, centroids, metric, chunk_size, impl, check_finite, groups, topk=None):
+def _run(op, x, centroids, metric, chunk_size, impl, check_finite, groups, precision,
+         topk=None):
     kind = _check_pair(x, centroids, metric)
+    centroid_dtype(_arrays.dtype_name(x), precision)  # ValueError for an unknown precision
     x, centroids = _arrays.native_layout(x), _arrays.native_layout(centroids)  # byte order, strides
     chosen = _resolve(op, impl, x, kind) if topk is None else _resolve_topk(impl)
     if check_finite:
@@ -324,14 +324,16 @@ def _run(op, x, centroids, metric, chunk_size, impl, check_finite, groups, topk=
     if chosen == "cuda":
         from fastssl import _cuda_assign
 
-        return _cuda_assign.run(op, x, kind, centroids, metric, check_finite, groups)
+        return _cuda_assign.run(op, x, kind, centroids, metric, check_finite, groups,
+                                centroid_precision=precision)
     if chosen == "triton":
         from fastssl import _triton_assign
 
-        return _triton_assign.run(op, x, kind, centroids, metric, check_finite)
+        return _triton_assign.run(op, x, kind, centroids, metric, check_finite,
+                                  centroid_precision=precision)
     if chosen == "torch":
         labels, distances = _run_torch_reference(x, centroids, metric, chunk_rows,
-                                                 check_finite, groups, topk)
+                                                 check_finite, groups, precision, topk)
         if kind == _arrays.NUMPY:
             return labels.numpy(), distances.numpy()
         if kind == _arrays.CUPY:
@@ -346,11 +348,12 @@ def _run(op, x, centroids, metric, chunk_size, impl, check_finite, groups, topk=
 
         words, is_bf16 = _arrays.torch_to_host_words(x.detach())
         labels, distances = _run_native_host(words, is_bf16, centroids, metric, chunk_rows,
-                                             check_finite, groups)
+                                             check_finite, groups, precision)
         return torch.from_numpy(labels), torch.from_numpy(distances)
     is_bf16 = _arrays.dtype_name(x) == "bfloat16"
     host = x.view(np.uint16) if is_bf16 else x
-    return _run_native_host(host, is_bf16, centroids, metric, chunk_rows, check_finite, groups)
+    return _run_native_host(host, is_bf16, centroids, metric, chunk_rows, check_finite, groups,
+                            precision)
 
 
 # ---------------------------------------------------------------------------- public
@@ -362,6 +365,7 @@ def assign(
     chunk_size: int | None = None,
     impl: str = "auto",
     check_finite: bool = True,
+    precision: str = "data",
 ) -> tuple[Any, Any]:
     """Nearest centroid of every row of ``x``.
 
@@ -376,12 +380,18 @@ def assign(
             chunks and hands an in-memory array over whole.
         impl: "auto" | "cpu" | "cuda" | "triton" | "torch" (see the module docstring).
         check_finite: raise ValueError naming the first row with NaN or inf.
+        precision: what the centroids are rounded to before they are multiplied:
+            "data" (default) x's own precision (float16 rows: float16 centroids; float32
+            and float64 rows: float32), with float32 accumulation on every engine, so
+            the result does not depend on the machine (AMX or not, GPU or not) up to
+            ties; "bf16" (opt-in, for speed) bfloat16 centroids on every engine, which
+            lets AMX CPUs multiply float16 rows on the tile unit.
     Returns:
         labels: (n,) int64 index of the chosen centroid (ties: the lowest index).
         distances: (n,) float32: squared distance (l2), inner product (ip) or cosine
             (cos) at the chosen centroid. Same array type and device as ``x``.
     """
-    return _run("assign", x, centroids, metric, chunk_size, impl, check_finite, None)
+    return _run("assign", x, centroids, metric, chunk_size, impl, check_finite, None, precision)
 
 
 def assign_grouped(
@@ -394,6 +404,7 @@ def assign_grouped(
     chunk_size: int | None = None,
     impl: str = "auto",
     check_finite: bool = True,
+    precision: str = "data",
 ) -> tuple[Any, Any]:
     """Nearest centroid within each group (CSR): the per-parent split of hierarchical k-means.
 
@@ -406,12 +417,14 @@ def assign_grouped(
         centroids: (k, d).
         c_offsets: (G+1,) int, non-decreasing from 0 to k; a group with rows must have
             at least one centroid.
+        metric, chunk_size, impl, check_finite, precision: as for :func:`assign`.
     Returns:
         labels (n,) int64, global indices into ``centroids``; distances (n,) float32.
     """
     _check_pair(x, centroids, metric)
     groups = _check_offsets(x_offsets, c_offsets, x.shape[0], centroids.shape[0])
-    return _run("assign_grouped", x, centroids, metric, chunk_size, impl, check_finite, groups)
+    return _run("assign_grouped", x, centroids, metric, chunk_size, impl, check_finite, groups,
+                precision)
 
 
 def assign_topk(
@@ -423,6 +436,7 @@ def assign_topk(
     chunk_size: int | None = None,
     impl: str = "auto",
     check_finite: bool = True,
+    precision: str = "data",
 ) -> tuple[Any, Any]:
     """The ``topk`` nearest centroids of every row of ``x``, nearest first.
 
@@ -433,7 +447,7 @@ def assign_topk(
         x: (n, d), as for :func:`assign`.
         centroids: (k, d).
         topk: 1 <= topk <= k.
-        metric, chunk_size, check_finite: as for :func:`assign`.
+        metric, chunk_size, check_finite, precision: as for :func:`assign`.
     Returns:
         labels (n, topk) int64 and distances (n, topk) float32, best first; equal scores
         keep index order (ties go to the lowest index). Same array type as ``x``.
@@ -444,4 +458,4 @@ def assign_topk(
     if topk < 1 or (k is not None and topk > k):
         raise ValueError(f"topk={topk}; expected 1 <= topk <= k={k} (the number of centroids)")
     return _run("assign_topk", x, centroids, metric, chunk_size, impl, check_finite, None,
-                int(topk))
+                precision, int(topk))

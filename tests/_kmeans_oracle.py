@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import torch
 
-from fastssl._assign_common import normalized_centroids
+from fastssl._assign_common import multiplied_centroids
 
 
-def as_multiplied(x: torch.Tensor, c: torch.Tensor, metric: str) -> torch.Tensor:
-    """The centroids as the device engines multiply them: x's dtype, for cos normalised
-    in float64 and rounded once."""
-    return normalized_centroids(c, x.dtype) if metric == "cos" else c.to(x.dtype)
+def as_multiplied(x: torch.Tensor, c: torch.Tensor, metric: str,
+                  precision: str = "data") -> torch.Tensor:
+    """The centroids as every engine multiplies them (held in x's dtype, which holds
+    them exactly): for cos normalised in float64, rounded to float32, then to x's
+    precision (or bf16)."""
+    dtype = str(x.dtype).replace("torch.", "")
+    return multiplied_centroids(c, dtype, metric, precision).to(x.dtype)
 
 
 def check_against_float64(x, c_used, metric, labels, distances, rtol):

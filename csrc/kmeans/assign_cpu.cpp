@@ -30,6 +30,19 @@ bool available();
 
 namespace {
 
+// The tile unit multiplies bf16 values. It computes exactly what the other engines do
+// only when nothing it rounds to bf16 is finer than bf16: bf16 rows (the other engines
+// round the centroids to bf16 for those too), or float16 rows (split exactly into two
+// bf16 halves) against centroids given as bf16 (fastssl.kmeans precision="bf16").
+// float16 rows against float32 centroids (precision="data", the default) and float32
+// rows keep float32 arithmetic on AVX-512, so a job gives the same result with or
+// without AMX.
+#ifdef FASTSSL_HAVE_AMX
+bool amx_is_exact(const MatrixView& x, const MatrixView& c) {
+  return x.dtype == DType::BF16 || (x.dtype == DType::F16 && c.dtype == DType::BF16);
+}
+#endif
+
 enum class Isa { Generic = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3, Amx = 4 };
 
 Isa detect() {
@@ -82,9 +95,7 @@ void assign_cpu(const MatrixView& x, const MatrixView& c, Metric metric, AssignO
 #ifdef FASTSSL_HAVE_X86
 #ifdef FASTSSL_HAVE_AMX
     case Isa::Amx:
-      // AMX multiplies bf16 rows, and fp16 rows split exactly into two bf16 halves; fp32
-      // rows keep fp32 arithmetic on AVX-512.
-      if (x.dtype != DType::F32) return cpu::amx::assign_entry(x, c, metric, out, num_threads);
+      if (amx_is_exact(x, c)) return cpu::amx::assign_entry(x, c, metric, out, num_threads);
       return cpu::avx512_bf16::assign_entry(x, c, metric, out, num_threads);
 #endif
     case Isa::Avx512Bf16: return cpu::avx512_bf16::assign_entry(x, c, metric, out, num_threads);
@@ -102,7 +113,7 @@ void assign_grouped_cpu(const MatrixView& x, const int64_t* x_offsets, const Mat
 #ifdef FASTSSL_HAVE_X86
 #ifdef FASTSSL_HAVE_AMX
     case Isa::Amx:
-      if (x.dtype != DType::F32)
+      if (amx_is_exact(x, c))
         return cpu::amx::assign_grouped_entry(x, x_offsets, c, c_offsets, groups, metric, out,
                                               num_threads);
       return cpu::avx512_bf16::assign_grouped_entry(x, x_offsets, c, c_offsets, groups, metric,

@@ -107,7 +107,7 @@ class HierarchicalConfig:
             lowest within-parent inertia is kept (SDC: 10).
         init: "kmeans++" | "random" initialisation of each k-means (and of the split).
         init_sample_size, init_sample_per_centroid, init_candidates, fp64_accumulate,
-        memory_budget_mb, impl, nonfinite: passed to KMeansConfig (see there).
+        memory_budget_mb, impl, precision, nonfinite: passed to KMeansConfig (see there).
         checkpoint_every: Lloyd iterations between checkpoints inside a step (0: only at
             the end of a step); the split checkpoints every batch of parents.
         seed: every step derives its own seed from (seed, level, step); the split keys
@@ -132,6 +132,7 @@ class HierarchicalConfig:
     fp64_accumulate: bool = True
     memory_budget_mb: float = 512.0
     impl: str = "auto"
+    precision: str = "data"
     nonfinite: str = "raise"
     checkpoint_every: int = 5
     seed: int = 0
@@ -170,7 +171,7 @@ class HierarchicalConfig:
             raise ValueError(f"resampling_init={self.resampling_init!r}; expected one of "
                              f"{_RESAMPLING_INITS}")
         KMeansConfig(k=1, init=self.init, nonfinite=self.nonfinite,
-                     memory_budget_mb=self.memory_budget_mb,
+                     memory_budget_mb=self.memory_budget_mb, precision=self.precision,
                      init_sample_size=self.init_sample_size,
                      init_sample_per_centroid=self.init_sample_per_centroid,
                      init_candidates=self.init_candidates).validate()
@@ -222,13 +223,15 @@ def _at_least(name: str, value, low: int, note: str = "") -> None:
 # ------------------------------------------------------------------ grouped split
 def grouped_lloyd(x: np.ndarray, x_offsets: np.ndarray, centroids: np.ndarray,
                   c_offsets: np.ndarray, iterations: int, *, impl: str = "auto",
-                  fp64_accumulate: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  fp64_accumulate: bool = True,
+                  precision: str = "data") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Independent k-means inside every group, all groups advanced together.
 
     Args:
         x: (m, d) rows sorted by group; x_offsets (G+1,) CSR offsets into them.
         centroids: (K, d) initial centroids, group g owning c_offsets[g]:c_offsets[g+1].
         iterations: Lloyd steps; each is ONE assign_grouped call + one scatter-add.
+        impl, precision: passed to fastssl.kmeans.assign_grouped.
     Returns:
         centroids (K, d) float32 (empty ones kept), labels (m,) int64 into them, and
         distances (m,) float32 from a final assignment.
@@ -249,7 +252,7 @@ def grouped_lloyd(x: np.ndarray, x_offsets: np.ndarray, centroids: np.ndarray,
     def assign_all(centroids_now):
         cc = torch.from_numpy(centroids_now).to(device) if device is not None else centroids_now
         lab, dd = assign_grouped(x_assign, x_offsets, cc, c_offsets, impl=run_impl,
-                                 check_finite=False)
+                                 check_finite=False, precision=precision)
         if device is not None:
             lab, dd = lab.cpu().numpy(), dd.cpu().numpy()
         return lab, dd
@@ -406,7 +409,8 @@ def _split_batches(x_offsets: np.ndarray, budget_rows: int) -> list[tuple[int, i
 def split_batch(x: np.ndarray, x_offsets: np.ndarray, c_offsets: np.ndarray,
                 parents: np.ndarray, iterations: int, *, seed: int = 0, init: str = "kmeans++",
                 n_init: int = 1, candidates: int | None = None, impl: str = "auto",
-                fp64_accumulate: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                fp64_accumulate: bool = True,
+                precision: str = "data") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Best of ``n_init`` k-means runs inside every group of one batch (SDC's split).
 
     Each run initialises every group (see _grouped_init) and advances all groups with
@@ -428,7 +432,7 @@ def split_batch(x: np.ndarray, x_offsets: np.ndarray, c_offsets: np.ndarray,
         c0 = _grouped_init(x, x_offsets, c_offsets, seed, parents, run, init, candidates,
                            device)
         c, lab, dd = grouped_lloyd(x, x_offsets, c0, c_offsets, iterations, impl=impl,
-                                   fp64_accumulate=fp64_accumulate)
+                                   fp64_accumulate=fp64_accumulate, precision=precision)
         inertia = np.bincount(seg, weights=dd.astype(np.float64), minlength=sizes.shape[0])
         if best is None:
             best = [c, lab, dd, inertia]
@@ -445,7 +449,8 @@ def split_clusters(src: PointSource, labels: np.ndarray, split_k: int, iteration
                    seed: int = 0, init: str = "kmeans++", n_init: int = 1,
                    candidates: int | None = None, impl: str = "auto",
                    memory_budget_mb: float = 512.0, fp64_accumulate: bool = True,
-                   progress: bool = False, parts_dir: Path | None = None,
+                   precision: str = "data", progress: bool = False,
+                   parts_dir: Path | None = None,
                    assemble: bool = True):
     """Splits every cluster into min(split_k, size) sub-clusters by a local k-means.
 
@@ -488,7 +493,8 @@ def split_clusters(src: PointSource, labels: np.ndarray, split_k: int, iteration
             part = split_batch(src.take(order[r0:r1]), x_offsets[g0 : g1 + 1] - r0,
                                c_offsets[g0 : g1 + 1] - c_offsets[g0], np.arange(g0, g1),
                                iterations, seed=seed, init=init, n_init=n_init,
-                               candidates=candidates, impl=impl, fp64_accumulate=fp64_accumulate)
+                               candidates=candidates, impl=impl, fp64_accumulate=fp64_accumulate,
+                               precision=precision)
             if parts_dir is not None:
                 _save_part(_part_path(parts_dir, g0, g1), part)
             else:
@@ -852,7 +858,8 @@ def _kmeans_config(config: HierarchicalConfig, k: int, iters: int, seed: int) ->
         init_sample_per_centroid=config.init_sample_per_centroid,
         init_candidates=config.init_candidates, seed=seed,
         memory_budget_mb=config.memory_budget_mb, fp64_accumulate=config.fp64_accumulate,
-        impl=config.impl, nonfinite="raise", progress=config.progress)
+        impl=config.impl, precision=config.precision, nonfinite="raise",
+        progress=config.progress)
 
 
 def _fit_checkpointed(km: KMeans, data: PointSource, prog: _Progress, depth: int, step: str,
@@ -888,6 +895,7 @@ def _run_step(config: HierarchicalConfig, depth: int, step: str, seed: int,
                               candidates=config.init_candidates, impl=config.impl,
                               memory_budget_mb=config.memory_budget_mb,
                               fp64_accumulate=config.fp64_accumulate,
+                              precision=config.precision,
                               progress=_progress_enabled(config.progress),
                               parts_dir=prog.parts_dir(depth, step),
                               assemble=prog.root is None or dist.is_main())

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from fastssl import distributed as dist
+from fastssl._assign_common import CENTROID_PRECISIONS
 from fastssl.curation._source import PointSource
 from fastssl.profiling import annotate
 
@@ -69,6 +70,9 @@ class KMeansConfig:
         impl: passed to fastssl.kmeans.assign ("auto" | "cpu" | "cuda" | "torch"). With
             "auto" and a visible GPU (and fastssl._C built with CUDA) each streamed chunk
             is copied to this rank's GPU and assigned there; the update stays on the host.
+        precision: what the centroids are rounded to when assigned (fastssl.kmeans.assign):
+            "data" (x's own precision; the same tree on every machine up to ties) or
+            "bf16" (opt-in for speed on AMX CPUs).
         tol: stop early when the objective falls by less than tol (relative); 0 = never.
         progress: tqdm bars with points/s; None = only when stderr is a TTY.
     """
@@ -87,6 +91,7 @@ class KMeansConfig:
     nonfinite: str = "raise"
     metric: str = "l2"
     impl: str = "auto"
+    precision: str = "data"
     tol: float = 0.0
     progress: bool | None = None
 
@@ -96,7 +101,8 @@ class KMeansConfig:
         if int(self.iterations) < 0:
             raise ValueError(f"iterations must be >= 0, got {self.iterations}")
         choices = {"init": ("kmeans++", "random"), "empty": ("reseed", "keep"),
-                   "nonfinite": ("raise", "skip"), "metric": ("l2",)}
+                   "nonfinite": ("raise", "skip"), "metric": ("l2",),
+                   "precision": CENTROID_PRECISIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {allowed}")
@@ -181,11 +187,13 @@ class DeviceAssigner:
     Args:
         device: a torch device (a GPU in practice; any device works, which the tests use).
         impl: passed to fastssl.kmeans.assign ("auto" picks the CUDA engine on a GPU).
+        precision: passed to fastssl.kmeans.assign ("data" | "bf16").
     """
 
-    def __init__(self, device, impl: str = "auto"):
+    def __init__(self, device, impl: str = "auto", precision: str = "data"):
         self.device = device
         self.impl = impl
+        self.precision = precision
         self.uploads = 0  # centroid uploads so far (observable by tests)
         self._host_c: np.ndarray | None = None
         self._device_c = None
@@ -208,7 +216,7 @@ class DeviceAssigner:
             warnings.simplefilter("ignore", UserWarning)
             xt = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
         labels, dists = assign(xt, self.centroids(c), metric="l2", impl=self.impl,
-                               check_finite=False)
+                               check_finite=False, precision=self.precision)
         self._last = (xt, labels)  # for scatter_add: the chunk is not copied up twice
         return labels.cpu().numpy(), dists.cpu().numpy()
 
@@ -230,17 +238,17 @@ class DeviceAssigner:
         counts += torch.bincount(labels, minlength=counts.shape[0])
 
 
-def default_assigner(impl: str = "auto") -> Assigner:
+def default_assigner(impl: str = "auto", precision: str = "data") -> Assigner:
     """fastssl.kmeans.assign on this rank's GPU when there is one (see assign_device),
     else on the host."""
     from fastssl.kmeans import assign
 
     device = assign_device(impl)
     if device is not None:
-        return DeviceAssigner(device, "cuda")
+        return DeviceAssigner(device, "cuda", precision)
 
     def run(x: np.ndarray, c: np.ndarray):
-        return assign(x, c, metric="l2", impl=impl, check_finite=False)
+        return assign(x, c, metric="l2", impl=impl, check_finite=False, precision=precision)
 
     return run
 
@@ -344,7 +352,7 @@ class KMeans:
             raise TypeError("pass either a KMeansConfig or keyword fields, not both")
         config.validate()
         self.config = config
-        self.assigner = assigner or default_assigner(config.impl)
+        self.assigner = assigner or default_assigner(config.impl, config.precision)
         self.centroids_: np.ndarray | None = None
         self.stats_: list[IterationStats] = []
         self.skipped_rows_ = np.zeros(0, dtype=np.int64)

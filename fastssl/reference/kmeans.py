@@ -9,12 +9,13 @@ from fastssl._assign_common import normalized_centroids
 _METRICS = ("l2", "ip", "cos")
 
 
-def _prepared_centroids(centroids, metric, device, dtype):
+def _prepared_centroids(centroids, metric, device, dtype, normalized=False):
     if metric not in _METRICS:
         raise ValueError(f"metric={metric!r}; expected one of {_METRICS}")
     c = centroids.to(device=device)
-    # cos: the library's one normalisation (float64, rounded once to dtype)
-    c = normalized_centroids(c, dtype) if metric == "cos" else c.to(dtype)
+    # cos: the library's one normalisation (float64, rounded once to dtype), unless the
+    # caller already normalised and rounded them (fastssl.kmeans, impl="torch")
+    c = normalized_centroids(c, dtype) if metric == "cos" and not normalized else c.to(dtype)
     return c, (c * c).sum(1)
 
 
@@ -40,6 +41,7 @@ def assign_reference(
     metric: str = "l2",
     chunk_size: int = 65536,
     dtype: torch.dtype = torch.float32,
+    normalized: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest centroid of every row.
 
@@ -50,11 +52,13 @@ def assign_reference(
             "cos" (inner product of L2-normalised rows, largest wins).
         chunk_size: rows per matmul, bounding the (chunk, k) score matrix.
         dtype: compute dtype; float64 gives the exact oracle used by the tests.
+        normalized: "cos" only: the centroids are already normalised (and rounded) as
+            they are to be multiplied; they are used as given.
     Returns:
         labels (n,) int64 and distances (n,) float32 (the squared distance, inner
         product or cosine at the chosen centroid). Ties go to the lowest index.
     """
-    c, c_sqnorm = _prepared_centroids(centroids, metric, x.device, dtype)
+    c, c_sqnorm = _prepared_centroids(centroids, metric, x.device, dtype, normalized)
     labels = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
     distances = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     for start in range(0, x.shape[0], chunk_size):
@@ -73,6 +77,7 @@ def assign_topk_reference(
     metric: str = "l2",
     max_scores: int = 1 << 26,
     dtype: torch.dtype = torch.float32,
+    normalized: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``topk`` nearest centroids of every row, nearest first.
 
@@ -83,11 +88,12 @@ def assign_topk_reference(
         metric: as for :func:`assign_reference`.
         max_scores: bound on the (rows, k) score matrix of one chunk.
         dtype: compute dtype.
+        normalized: as for :func:`assign_reference`.
     Returns:
         labels (n, topk) int64 and distances (n, topk) float32, best first; equal
         scores keep index order (a stable sort), so ties go to the lowest index.
     """
-    c, c_sqnorm = _prepared_centroids(centroids, metric, x.device, dtype)
+    c, c_sqnorm = _prepared_centroids(centroids, metric, x.device, dtype, normalized)
     labels = torch.empty((x.shape[0], topk), dtype=torch.int64, device=x.device)
     distances = torch.empty((x.shape[0], topk), dtype=torch.float32, device=x.device)
     rows = max(1, max_scores // c.shape[0])
@@ -107,6 +113,7 @@ def assign_grouped_reference(
     *,
     metric: str = "l2",
     dtype: torch.dtype = torch.float32,
+    normalized: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group nearest centroid: a Python loop over groups (the oracle, not the fast path).
 
@@ -115,6 +122,7 @@ def assign_grouped_reference(
         x_offsets: (G+1,) int64, non-decreasing, from 0 to n.
         centroids: (k, d); group g may use centroids[c_offsets[g]:c_offsets[g+1]].
         c_offsets: (G+1,) int64, non-decreasing, from 0 to k.
+        metric, dtype, normalized: as for :func:`assign_reference`.
     Returns:
         labels (n,) int64, global indices into centroids; distances (n,) float32.
     """
@@ -126,8 +134,8 @@ def assign_grouped_reference(
         if xo[g] == xo[g + 1]:
             continue
         lab, dist = assign_reference(
-            x[xo[g] : xo[g + 1]], centroids[co[g] : co[g + 1]], metric=metric, dtype=dtype
-        )
+            x[xo[g] : xo[g + 1]], centroids[co[g] : co[g + 1]], metric=metric, dtype=dtype,
+            normalized=normalized)
         labels[xo[g] : xo[g + 1]] = lab + co[g]
         distances[xo[g] : xo[g + 1]] = dist
     return labels, distances

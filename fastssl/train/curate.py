@@ -161,6 +161,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="accumulate centroid sums in float64")
     parser.add_argument("--impl", choices=("auto", "cpu", "cuda", "torch"), default="auto",
                         help="assignment engine (fastssl.kmeans.assign)")
+    parser.add_argument("--precision", choices=("data", "bf16"), default="data",
+                        help="what centroids are rounded to when points are assigned: data "
+                             "(the points' own precision; the same tree on AMX, other CPUs "
+                             "and GPUs up to ties) | bf16 (opt-in: faster on AMX CPUs, "
+                             "another tree)")
     parser.add_argument("--nonfinite", choices=("raise", "skip"), default="raise",
                         help="rows with NaN/inf: stop with an error, or leave them out")
     parser.add_argument("--overwrite", action=bool_flag, default=False,
@@ -434,7 +439,7 @@ def tree_config(args: argparse.Namespace):
         init_sample_per_centroid=args.init_sample_per_centroid,
         checkpoint_every=args.checkpoint_every, seed=args.seed,
         memory_budget_mb=args.memory_budget_mb, fp64_accumulate=args.fp64_accumulate,
-        impl=args.impl, nonfinite=args.nonfinite,
+        impl=args.impl, precision=args.precision, nonfinite=args.nonfinite,
         progress=None if not getattr(args, "quiet", False) else False)
     config.validate()
     return config
