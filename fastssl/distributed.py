@@ -28,7 +28,7 @@ DEFAULT_PORT = 29500
 
 __all__ = [
     "DistInfo", "init", "shutdown", "is_initialized", "rank", "world_size", "local_rank",
-    "is_main", "barrier", "all_reduce_sum", "broadcast", "all_gather_arrays", "first_host",
+    "is_main", "barrier", "all_reduce_sum", "broadcast", "all_gather_arrays", "gather_arrays", "first_host",
     "rank_slice",
 ]
 
@@ -227,6 +227,34 @@ def broadcast(x: Any, src: int = 0) -> Any:
     t, back = _to_tensor(x)
     dist.broadcast(t, src=src)
     return back(t)
+
+
+def gather_arrays(x: Any, dst: int = 0) -> list[Any] | None:
+    """Every rank's array, in rank order, on rank ``dst`` only (None elsewhere): what a
+    result only one rank writes should cost the others (a few bytes, not a full copy).
+
+    Args:
+        x: (n_r, ...) numpy array or tensor; trailing shape and dtype equal on all ranks.
+    Returns:
+        on ``dst`` a list of world_size arrays of the caller's type ([x] when alone); None
+        on every other rank.
+    """
+    if not is_initialized():
+        return [x]
+    import torch
+    import torch.distributed as dist
+
+    t, back = _to_tensor(x)
+    world, me = dist.get_world_size(), dist.get_rank()
+    n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)  # world ints: every rank pads to the same length
+    sizes = [int(s.item()) for s in sizes]
+    padded = torch.zeros((max(sizes),) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t
+    out = [torch.empty_like(padded) for _ in range(world)] if me == dst else None
+    dist.gather(padded, out, dst=dst)
+    return [back(o[:s]) for o, s in zip(out, sizes)] if me == dst else None
 
 
 def all_gather_arrays(x: Any) -> list[Any]:

@@ -68,15 +68,43 @@ def _worker(rank: int, world: int, port: int, data: str, out: str, k: int, seed:
     assert [p.tolist() for p in parts] == [list(range(r + 2)) for r in range(world)]
     assert float(dist.all_reduce_sum(torch.ones(3))[0]) == world
     assert int(dist.broadcast(np.array([rank + 5]), src=1)[0]) == 6
+    for dst in (0, 1):  # only dst receives, variable sizes, trailing shape kept
+        got = dist.gather_arrays(np.full((rank + 1, 2), rank, np.float16), dst=dst)
+        assert (got is None) == (rank != dst)
+        if got is not None:
+            assert [g.tolist() for g in got] == [[[r, r]] * (r + 1) for r in range(world)]
     km = KMeans(k=k, iterations=6, seed=seed, chunk_size=97, progress=False)
     labels, dists = km.fit_predict(data)
+    # float16 data: the k-means++ sample travels in float16, the centroids in float32
+    km16 = KMeans(k=k, iterations=4, seed=seed, chunk_size=97, progress=False)
+    labels16, _ = km16.fit_predict(data.replace(".npy", "16.npy"))
+    main_only = km.predict(gather="main")
+    if dist.is_main():
+        np.testing.assert_array_equal(main_only[0], labels)
+        np.testing.assert_array_equal(main_only[1], dists)
+    else:
+        assert main_only == (None, None)
     from fastssl.curation import hierarchical_kmeans
 
+    # A checkpointed tree: the k-means++ sample, labels and distances go to the main rank
+    # only (the others reload the written state); nothing per-point is all-gathered.
+    all_gathered = []
+    all_gather = dist.all_gather_arrays
+
+    def audited(x):
+        all_gathered.append(np.asarray(x).nbytes)
+        return all_gather(x)
+
+    dist.all_gather_arrays = audited
     hierarchical_kmeans(data, [12, 4], output_dir=os.path.join(out, "tree2"), iterations=3,
                         split_k=2, resampling_steps=1, memory_budget_mb=0.03, progress=False)
+    dist.all_gather_arrays = all_gather
+    n_points = np.load(data, mmap_mode="r").shape[0]
+    assert all_gathered and max(all_gathered) < n_points // world, all_gathered
     if dist.is_main():
         np.save(os.path.join(out, "centroids.npy"), km.centroids_)
         np.save(os.path.join(out, "labels.npy"), labels)
+        np.save(os.path.join(out, "labels16.npy"), labels16)
         np.save(os.path.join(out, "objectives.npy"), [s.objective for s in km.stats_])
     dist.barrier()
     dist.shutdown()
@@ -92,6 +120,7 @@ def test_one_process_equals_two_gloo_processes(tmp_path, rng):
     x[::7] += rng.standard_normal((143, 16)).astype(np.float32)  # uneven clusters
     path = tmp_path / "x.npy"
     np.save(path, x)
+    np.save(tmp_path / "x16.npy", x.astype(np.float16))
     single = KMeans(k=8, iterations=6, seed=5, progress=False)
     labels1, _ = single.fit_predict(str(path))
     mp.start_processes(_worker, args=(2, _free_port(), str(path), str(tmp_path), 8, 5),
@@ -101,6 +130,9 @@ def test_one_process_equals_two_gloo_processes(tmp_path, rng):
     np.testing.assert_allclose(obj2, [s.objective for s in single.stats_], rtol=1e-6)
     np.testing.assert_allclose(c2, single.centroids_, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.load(tmp_path / "labels.npy"), labels1)
+    labels16, _ = KMeans(k=8, iterations=4, seed=5, progress=False).fit_predict(
+        str(tmp_path / "x16.npy"))
+    np.testing.assert_array_equal(np.load(tmp_path / "labels16.npy"), labels16)
     # the whole tree (grouped split batches shared across ranks, resampling) agrees too
     from fastssl.curation import HierarchicalTree, hierarchical_kmeans
 

@@ -395,6 +395,15 @@ def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
     return shift + np.arange(int(lens.sum()), dtype=np.int64)
 
 
+def split_row_bytes(row_bytes: int, d: int) -> int:
+    """Peak host bytes per row of a split batch: the rows, their float32 copy for the
+    k-means++ distances, the gathered centre rows, and ~600 bytes of per-row index,
+    distance and best-of-N arrays. Measured by bench/bench_split_memory.py (2026-11-30:
+    10.9 KB at d = 1024 float16, 1.5 KB at d = 128, 0.6-1.1 KB at d = 16 over the rows
+    themselves); the old estimate (rows + 4d + 24) let a batch take ~2x its budget."""
+    return int(row_bytes) + 9 * int(d) + 600
+
+
 def _split_batches(x_offsets: np.ndarray, budget_rows: int) -> list[tuple[int, int]]:
     """Batches [g0, g1) of whole groups with at most budget_rows rows (or one big group)."""
     G = x_offsets.shape[0] - 1
@@ -423,6 +432,8 @@ def split_batch(x: np.ndarray, x_offsets: np.ndarray, c_offsets: np.ndarray,
     Returns:
         centroids (c_offsets[-1], d) float32, labels (m,) int64 into them, distances (m,).
     """
+    if x.shape[0] == 0:  # a batch of empty parents (a small budget cuts them apart)
+        return np.zeros((0, x.shape[1]), np.float32), np.zeros(0, np.int64), np.zeros(0, np.float32)
     sizes = np.diff(x_offsets)
     seg = np.repeat(np.arange(sizes.shape[0]), sizes)
     crow = np.repeat(np.arange(sizes.shape[0]), np.diff(c_offsets))
@@ -477,7 +488,7 @@ def split_clusters(src: PointSource, labels: np.ndarray, split_k: int, iteration
     sizes = np.bincount(labels, minlength=G)
     x_offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     c_offsets = np.concatenate([[0], np.cumsum(np.minimum(sizes, int(split_k)))]).astype(np.int64)
-    budget_rows = max(1, int(memory_budget_mb * (1 << 20)) // (src.row_bytes + 4 * src.d + 24))
+    budget_rows = max(1, int(memory_budget_mb * (1 << 20)) // split_row_bytes(src.row_bytes, src.d))
     batches = _split_batches(x_offsets, budget_rows)
     rank, world = dist.rank(), dist.world_size()
     computed = {}
@@ -885,7 +896,7 @@ def _run_step(config: HierarchicalConfig, depth: int, step: str, seed: int,
     if step == "kmeans":
         km = _fit_checkpointed(KMeans(_kmeans_config(config, k, iters, seed)), inputs, prog,
                                depth, step)
-        labels, dists = km.predict()
+        labels, dists = km.predict(gather=_gather(prog))
         return km.centroids_, labels, dists
     centroids, labels, dists = state
     if step == "split":
@@ -919,5 +930,12 @@ def _resample_step(config: HierarchicalConfig, depth: int, step: str, seed: int,
     km = KMeans(_kmeans_config(config, k, iters, seed))
     warm = np.asarray(centroids, dtype=np.float32) if config.resampling_init == "warm" else None
     _fit_checkpointed(km, inputs.subset(rows), prog, depth, step, init_centroids=warm)
-    new_labels, new_dists = km.predict(inputs)
+    new_labels, new_dists = km.predict(inputs, gather=_gather(prog))
     return km.centroids_, new_labels, new_dists
+
+
+def _gather(prog: _Progress) -> str:
+    """Where a step's labels and distances go: with an output directory only the main
+    rank writes them and every rank reloads them memory-mapped (see _run_level), so the
+    others need no copy; in memory every rank needs them."""
+    return "all" if prog.root is None else "main"

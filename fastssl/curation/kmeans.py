@@ -414,11 +414,14 @@ class KMeans:
         mine_x = src.take(mine)
         if self._unchecked:  # the sample is read before the first pass: check it now
             self._nonfinite_rows(src, mine_x, 0, row_ids=mine)
-        sample = np.concatenate(dist.all_gather_arrays(mine_x.astype(np.float32)))
+        # only the main rank runs k-means++: the others send their rows and keep none
+        parts = dist.gather_arrays(np.ascontiguousarray(mine_x))  # in the data's dtype
         if dist.is_main():
+            sample = np.concatenate(parts)
+            del parts
             picks = kmeans_plusplus(sample, k, rng, cfg.init_candidates,
                                     device=getattr(self.assigner, "device", None))
-            centroids = np.ascontiguousarray(sample[picks])
+            centroids = np.ascontiguousarray(sample[picks], dtype=np.float32)
         else:
             centroids = np.empty((k, src.d), dtype=np.float32)
         return dist.broadcast(centroids, src=0)
@@ -574,16 +577,22 @@ class KMeans:
         return (np.asarray(labels, dtype=np.int64), np.asarray(dists, dtype=np.float32),
                 block, kept)
 
-    def predict(self, data: Any = None, centroids: np.ndarray | None = None):
-        """Nearest centroid of every row (streamed; all ranks get the full result).
+    def predict(self, data: Any = None, centroids: np.ndarray | None = None, *,
+                gather: str = "all"):
+        """Nearest centroid of every row (streamed; each rank assigns its slice).
 
         Args:
             data: as for fit; None reuses the data of the last fit.
             centroids: (k, d); default centroids_.
+            gather: "all": every rank gets the full result; "main": only the main rank
+                does (the others return (None, None)), for a result only it writes: at
+                350M points that spares every other rank 4.2 GB.
         Returns:
             labels (n,) int64 (-1 for skipped non-finite rows) and distances (n,) float32
             (inf for skipped rows).
         """
+        if gather not in ("all", "main"):
+            raise ValueError(f"gather={gather!r}; expected 'all' or 'main'")
         c = self.centroids_ if centroids is None else np.ascontiguousarray(centroids, np.float32)
         if c is None:
             raise RuntimeError("call fit() first or pass centroids")
@@ -607,10 +616,13 @@ class KMeans:
                 dists[at] = dd
                 bar.update(block.shape[0])
         self._unchecked = False
-        if dist.is_initialized():
-            labels = np.concatenate(dist.all_gather_arrays(labels))
-            dists = np.concatenate(dist.all_gather_arrays(dists))
-        return labels, dists
+        if not dist.is_initialized():
+            return labels, dists
+        collect = dist.all_gather_arrays if gather == "all" else dist.gather_arrays
+        labels, dists = collect(labels), collect(dists)
+        if labels is None:
+            return None, None
+        return np.concatenate(labels), np.concatenate(dists)
 
     def fit_predict(self, data: Any, init_centroids: np.ndarray | None = None):
         """fit, then a final assignment pass with the final centroids (labels, distances)."""
