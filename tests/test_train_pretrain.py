@@ -181,7 +181,7 @@ def test_config_json_round_trips_through_the_cli(cache, tmp_path, monkeypatch):
 
 
 def test_resume_continues_exactly(cache, tmp_path, capsys):
-    a = main(_cfg(cache, tmp_path / "a"))
+    a = main(replace(_cfg(cache, tmp_path / "a"), progress=True))  # the banner: not --quiet
     total = a["total_steps"]
     assert a["finished"] and a["step"] == total == 10  # flu: 22 train studies // 4 = 5 steps x 2 epochs
     head = capsys.readouterr().out
@@ -189,6 +189,8 @@ def test_resume_continues_exactly(cache, tmp_path, capsys):
     # Stopped mid-epoch 0, then mid-epoch 1, then run to the end: each rerun resumes.
     b = _cfg(cache, tmp_path / "b")
     assert main(replace(b, stop_after_steps=3))["step"] == 3
+    quiet = capsys.readouterr().out  # progress=False (--quiet): results only, no banner
+    assert "effective_batch" not in quiet and "stopped at step 3" in quiet
     assert main(replace(b, stop_after_steps=4))["step"] == 7
     assert main(b)["finished"]
     ca = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)

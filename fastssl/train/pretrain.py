@@ -798,7 +798,8 @@ def _run_locked(run: _Run, callbacks) -> dict:
     if run.is_main:  # config.json: the resolved settings, usable as --config (keys = flags)
         settings = {k: v for k, v in asdict(cfg).items() if k != "progress"}
         atomic_write_text(run.path("config.json"), json.dumps(settings, indent=2))
-        print(_banner(run, step))
+        if cfg.progress:  # --quiet: no start banner (results are still printed)
+            print(_banner(run, step))
     net = torch.compile(run.model) if _compiles(cfg, run.device) else run.model
     if run.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
