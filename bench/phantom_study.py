@@ -32,7 +32,8 @@ pretraining step costs as much as a fine-tuning step). At the default sizes (~3,
 images, ~2,290 of them train) that adds up to about 48 min of pretraining, 27 min of
 probes, 53 min of fine-tuning and a few minutes of phantom: ~130 CPU-minutes, ~67 min
 with ``--jobs 2`` on a quiet 2-core machine, over the 45-min target; ``--studies 1300``
-(~44 min) or a GPU (``device`` auto) fits it. Resume makes a split run cheap: stop it,
+(~44 min) or a GPU (``device`` auto) fits it. Measured 2026-11-30 at the default sizes:
+140 CPU-minutes, 90.9 min wall with the box shared for half of it (bench/RESULTS.md). Resume makes a split run cheap: stop it,
 rerun the same command later.
 """
 from __future__ import annotations
