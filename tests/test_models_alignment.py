@@ -195,7 +195,7 @@ def test_gradient_across_ranks_equals_one_process(tmp_path, world):
         # DDP averages the ranks' gradients: mean of the rank losses = the global loss,
         # and each rank's latent gradient / world = the global gradient of its rows.
         mean_loss = sum(r[kind]["loss"] for r in res) / world
-        assert mean_loss == pytest.approx(float(loss), rel=1e-5), kind
+        assert mean_loss == pytest.approx(float(loss.detach()), rel=1e-5), kind
         for rank, r in enumerate(res):
             got = torch.tensor(r[kind]["grad"]) / world
             torch.testing.assert_close(got, glob.grad[rank * B:(rank + 1) * B], rtol=1e-4, atol=1e-7,
