@@ -229,6 +229,22 @@ def broadcast(x: Any, src: int = 0) -> Any:
     return back(t)
 
 
+def _padded_rows(x: Any):
+    """(x padded to the longest first dimension over ranks, every rank's length, restore
+    function): what variable-length gathers send. One all-gather of world ints."""
+    import torch
+    import torch.distributed as dist
+
+    t, back = _to_tensor(x)
+    n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    sizes = [int(s.item()) for s in sizes]
+    padded = torch.zeros((max(sizes),) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t
+    return padded, sizes, back
+
+
 def gather_arrays(x: Any, dst: int = 0) -> list[Any] | None:
     """Every rank's array, in rank order, on rank ``dst`` only (None elsewhere): what a
     result only one rank writes should cost the others (a few bytes, not a full copy).
@@ -244,17 +260,11 @@ def gather_arrays(x: Any, dst: int = 0) -> list[Any] | None:
     import torch
     import torch.distributed as dist
 
-    t, back = _to_tensor(x)
-    world, me = dist.get_world_size(), dist.get_rank()
-    n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)  # world ints: every rank pads to the same length
-    sizes = [int(s.item()) for s in sizes]
-    padded = torch.zeros((max(sizes),) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
-    padded[: t.shape[0]] = t
-    out = [torch.empty_like(padded) for _ in range(world)] if me == dst else None
+    padded, sizes, back = _padded_rows(x)
+    mine = dist.get_rank() == dst
+    out = [torch.empty_like(padded) for _ in sizes] if mine else None
     dist.gather(padded, out, dst=dst)
-    return [back(o[:s]) for o, s in zip(out, sizes)] if me == dst else None
+    return [back(o[:s]) for o, s in zip(out, sizes)] if mine else None
 
 
 def all_gather_arrays(x: Any) -> list[Any]:
@@ -270,15 +280,7 @@ def all_gather_arrays(x: Any) -> list[Any]:
     import torch
     import torch.distributed as dist
 
-    t, back = _to_tensor(x)
-    world = dist.get_world_size()
-    n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    sizes = [int(s.item()) for s in sizes]
-    longest = max(sizes)
-    padded = torch.zeros((longest,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
-    padded[: t.shape[0]] = t
-    out = [torch.empty_like(padded) for _ in range(world)]
+    padded, sizes, back = _padded_rows(x)
+    out = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(out, padded)
     return [back(o[:s]) for o, s in zip(out, sizes)]

@@ -31,15 +31,6 @@ def near_bisector_rows(seed: int = 0, n: int = 4000, k: int = 48, d: int = 64):
     return (t * c[a] + (1 - t) * c[b]).astype(np.float16), c
 
 
-def long_tailed_points(seed: int = 1, n: int = 3000, d: int = 32):
-    """(n, d) float16 points of a long-tailed Gaussian mixture (30 components)."""
-    rng = np.random.default_rng(seed)
-    weights = 1.0 / np.arange(1, 31) ** 1.1
-    comp = rng.choice(30, size=n, p=weights / weights.sum())
-    centres = rng.standard_normal((30, d)) * 3
-    return (centres[comp] + rng.standard_normal((n, d))).astype(np.float16)
-
-
 def _assign(impl: str, precision: str) -> dict:
     from fastssl import kmeans
 
@@ -54,8 +45,10 @@ def _assign(impl: str, precision: str) -> dict:
 
 def _tree(impl: str, precision: str) -> dict:
     from fastssl.curation.hierarchical import hierarchical_kmeans
+    from fastssl.curation.synthetic import long_tailed_mixture
 
-    tree = hierarchical_kmeans(long_tailed_points(), [40, 8], iterations=10, resampling_steps=3,
+    points = long_tailed_mixture(3000, 32, 30, seed=1, dtype=np.float16)[0]
+    tree = hierarchical_kmeans(points, [40, 8], iterations=10, resampling_steps=3,
                                split_k=None, impl=impl, precision=precision, seed=5,
                                progress=False)
     return [np.asarray(level.assignments).tolist() for level in tree.levels]
