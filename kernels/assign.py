@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["AssignConfig", "TUNED", "pick_config", "assign_partial", "finish", "row_sqnorms",
-           "PRECISIONS"]
+__all__ = ["AssignConfig", "TUNED", "ARCHS", "pick_config", "assign_partial", "finish",
+           "row_sqnorms", "PRECISIONS"]
 
 # float32 inputs: tf32 (one tensor-core product) or tf32x3 (split products, ~fp32).
 PRECISIONS = {"tf32": "tf32", "3xtf32": "tf32x3", "ieee": "ieee"}
@@ -76,6 +76,10 @@ class AssignConfig:
 # 128x128 tiles 126-239 registers and none. On sm_80, fp32 3xtf32 spills ~100 bytes.
 # bench/gpu_kmeans.py --tune times candidates per row and prints entries to paste here.
 D_BUCKETS = (64, 128, 256, 512, 1 << 30)
+# The compute capabilities TUNED is sized for (sm_80: 164 KiB of shared memory per block,
+# sm_90: 227 KiB) and tests/test_kmeans_triton.py compiles offline; impl="auto" picks
+# this kernel only on these (sm_86/89 have ~100 KiB and would need their own entries).
+ARCHS = ((8, 0), (9, 0))
 _H16 = AssignConfig(128, 256, 64, 8, 3)
 _H16_SMALL_D = AssignConfig(128, 256, 64, 8, 4)
 _H32 = AssignConfig(128, 128, 32, 8, 3)
