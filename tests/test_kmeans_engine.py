@@ -222,3 +222,28 @@ def test_curate_logs_the_engines_it_resolves(monkeypatch):
                         lambda where, op="assign", impl="auto": f"{op}@{where}/{impl}")
     assert curate._engines("auto") == ("assign@cuda:0/auto (splits: assign_grouped@cuda:0/auto)"
                                        " on cuda:0")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA device; none is visible on this machine")
+def test_gpu_auto_runs_the_engine_the_rule_names():
+    """On a real GPU: the engine "auto" names follows the rule (probes unpatched), and
+    the assignment it runs matches float64."""
+    import importlib.util
+
+    import _kmeans_oracle as oracle
+    from fastssl._native import has_cuda_ext
+
+    _dispatch.env_override.cache_clear()
+    cap = torch.cuda.get_device_capability()
+    triton_ok = importlib.util.find_spec("triton") is not None and cap in ((8, 0), (9, 0))
+    expected = _assign_engine.AUTO_DEVICE_ENGINE.get(cap[0]) or (
+        "triton" if triton_ok else "cuda" if has_cuda_ext() else "torch")
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    x = torch.randn(3001, 96, device="cuda", generator=gen).bfloat16()
+    c = torch.randn(301, 96, device="cuda", generator=gen)
+    assert kmeans.resolved_engine(x) == expected
+    labels, distances = kmeans.assign(x, c)
+    oracle.check_against_float64(x, oracle.as_multiplied(x, c, "l2"), "l2", labels, distances,
+                                 3e-5)

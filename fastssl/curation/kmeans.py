@@ -68,8 +68,9 @@ class KMeansConfig:
             out and counted; they get label -1).
         metric: "l2" (squared Euclidean), the only metric Lloyd's update minimises.
         impl: passed to fastssl.kmeans.assign ("auto" | "cpu" | "cuda" | "torch"). With
-            "auto" and a visible GPU (and fastssl._C built with CUDA) each streamed chunk
-            is copied to this rank's GPU and assigned there; the update stays on the host.
+            "auto" and a visible GPU each streamed chunk is copied to this rank's GPU and
+            assigned there by the engine fastssl.kmeans.resolved_engine names for it
+            (Triton, the CUDA engine or torch); the update stays on the host.
         precision: what the centroids are rounded to when assigned (fastssl.kmeans.assign):
             "data" (x's own precision; the same tree on every machine up to ties) or
             "bf16" (opt-in for speed on AMX CPUs).
