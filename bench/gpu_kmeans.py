@@ -254,18 +254,29 @@ def check(report, plan: Plan) -> None:
 # --------------------------------------------------------------------------- tune
 def _candidates(dtype, d: int):
     """Streaming tiles (block_k deep steps) and, for d <= 256, resident ones (the x tile
-    loaded once; block_k = the padded row). All compile for sm_90a within its 227 KiB."""
+    loaded once; block_k = the padded row). All compile for sm_90a within its 227 KiB.
+
+    The "two_per_sm" ones (two persistent programs per SM: one's argmin fold runs under
+    the other's MMA) are sized so that two fit an SM's 64k registers and 228 KiB of
+    shared memory; tests/test_kmeans_triton.py compiles them for sm_90a and checks it."""
     from fastssl.kernels.assign import AssignConfig
 
     if dtype == torch.float32:
         shapes = [(128, 128, 32, 8, 3), (128, 128, 32, 4, 4), (64, 128, 32, 4, 4)]
+        two = [(128, 64, 32, 4, 3)]
     else:
         shapes = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 4, 4),
                   (256, 128, 64, 8, 3)]
+        two = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 3)]
     configs = [AssignConfig(*s, measured=True) for s in shapes]
+    configs += [AssignConfig(*s, measured=True, schedule="two_per_sm") for s in two]
     if d <= 256:
         configs += [AssignConfig(128, n, 0, w, st, measured=True, resident=True)
                     for n, w, st in ((128, 8, 3), (128, 4, 4), (256, 8, 2))]
+    if d <= 256 and dtype != torch.float32:  # an fp32 x tile and two stages fill an SM
+        m, n = (128, 128) if d <= 128 else (64, 64)
+        configs.append(AssignConfig(m, n, 0, 4, 2, measured=True, resident=True,
+                                    schedule="two_per_sm"))
     return configs
 
 
@@ -299,7 +310,9 @@ def tune(report, plan: Plan, chosen: dict) -> None:
         report(f"tune {str(dtype)[6:]} d={d} n={plan.tune_n} k=16384", status="ok",
                ms=ms, tflops=flops / (ms * 1e-3) / 1e12,
                all_ms=" ".join(f"{c.block_m}x{c.block_n}x{'row' if c.resident else c.block_k}"
-                               f"/w{c.num_warps}/s{c.num_stages}={t:.2f}" for t, c in results),
+                               f"/w{c.num_warps}/s{c.num_stages}"
+                               f"{'/2sm' if c.schedule == 'two_per_sm' else ''}={t:.2f}"
+                               for t, c in results),
                record=f"TUNED[({major}, {str(dtype)[6:]!r}, {bucket})] = {best}")
         del x, c
         torch.cuda.empty_cache()

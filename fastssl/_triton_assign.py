@@ -17,7 +17,7 @@ from typing import Any
 
 from fastssl import _assign_common as common
 
-__all__ = ["run", "unavailable"]
+__all__ = ["run", "unavailable", "auto_unavailable"]
 
 
 def unavailable(device) -> str | None:
@@ -32,6 +32,22 @@ def unavailable(device) -> str | None:
         return None
     return ("x is in host memory; impl='triton' needs a CUDA tensor or cupy array (or "
             "TRITON_INTERPRET=1, Triton's CPU interpreter, for tests)")
+
+
+def auto_unavailable(device, capability: tuple[int, int]) -> str | None:
+    """None when impl="auto" may pick the Triton kernel on this CUDA device: Triton
+    imports and ``capability`` is one the kernel is compiled and sized for
+    (fastssl.kernels.assign.ARCHS); else the reason in words. An explicit impl="triton"
+    is not limited to those (see :func:`unavailable`)."""
+    try:
+        kernel = importlib.import_module("fastssl.kernels.assign")
+    except ImportError as exc:  # not installed, or a Triton that does not import
+        return f"Triton does not import ({exc})"
+    if tuple(capability) not in kernel.ARCHS:
+        known = ", ".join(f"sm_{a}{b}" for a, b in kernel.ARCHS)
+        return (f"the Triton kernel is compiled and tuned for {known}, not "
+                f"sm_{capability[0]}{capability[1]}")
+    return None
 
 
 def _unit_inner_stride(t):

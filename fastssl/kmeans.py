@@ -11,10 +11,13 @@ Implementations (``impl=``):
     "triton" the fused Triton kernel (fastssl.kernels.assign: wgmma/TMA on sm_90, mma on
              sm_80), ``assign`` only, CUDA tensors and cupy arrays
     "torch"  the PyTorch reference in fastssl.reference (chunked matmul + argmin)
-    "auto"   device arrays: the engine measured fastest on the device's architecture
-             (AUTO_DEVICE_ENGINE), "cuda" where nothing is recorded, "torch" without
-             the extension; host arrays: "cpu", "torch" without the extension.
-             FASTSSL_IMPL overrides "auto".
+    "auto"   decided in one place, fastssl._assign_engine (also for KMeans and the
+             curation jobs): host arrays "cpu" ("torch" without the extension); device
+             arrays AUTO_DEVICE_ENGINE's measured entry for the architecture if any, else
+             for assign "triton" where the kernel is compiled for the device (sm_80,
+             sm_90), else "cuda", else "torch"; assign_grouped "cuda", else "torch";
+             assign_topk "torch". :func:`resolved_engine` says which; the choice is
+             logged once per process. FASTSSL_IMPL overrides "auto".
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from fastssl import _arrays
 from fastssl._assign_common import check_finite as _check_finite
 from fastssl._assign_common import (COS_EPS, centroid_dtype, device_of,
                                     multiplied_centroids)
+from fastssl._assign_engine import AUTO_DEVICE_ENGINE, auto_engine, device_of_array
 from fastssl._dispatch import resolve_impl
 from fastssl._native import has_cpu_ext, has_cuda_ext, native
 
@@ -34,13 +38,8 @@ METRICS = {"l2": 0, "ip": 1, "cos": 1}
 IMPLS = ("cpu", "cuda", "triton", "torch")
 _FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
-# impl="auto" for plain assign on a device, by compute capability major, from a measured
-# run of bench/gpu_kmeans.py (the engine with the higher rate at d = 128..1024, bf16).
-# Nothing is recorded yet: the Triton kernel has not been timed on a GPU, so "auto"
-# keeps the CUDA engine everywhere until a device run fills this in.
-AUTO_DEVICE_ENGINE: dict[int, str] = {}
-
-__all__ = ["assign", "assign_grouped", "assign_topk", "METRICS", "IMPLS"]
+__all__ = ["assign", "assign_grouped", "assign_topk", "resolved_engine", "METRICS", "IMPLS",
+           "AUTO_DEVICE_ENGINE"]
 
 
 # ----------------------------------------------------------------------------- checks
@@ -117,30 +116,10 @@ def _on_cuda(a: Any, kind: str) -> bool:
     return kind == _arrays.CUPY or (kind == _arrays.TORCH and a.device.type == "cuda")
 
 
-def _device_auto(x: Any, kind: str) -> str:
-    """The engine "auto" picks for device arrays: AUTO_DEVICE_ENGINE's measured entry for
-    the architecture if any (and if it can run), else "cuda"."""
-    import torch
-
-    device = device_of(x, kind)
-    measured = AUTO_DEVICE_ENGINE.get(torch.cuda.get_device_capability(device)[0])
-    if measured == "triton":
-        from fastssl import _triton_assign
-
-        if _triton_assign.unavailable(device) is None:
-            return "triton"
-    return "cuda"
-
-
 def _resolve(op: str, impl: str, x: Any, kind: str) -> str:
     on_cuda = _on_cuda(x, kind)
-
-    def auto() -> str:
-        if on_cuda:
-            if not has_cuda_ext():
-                return "torch"
-            return _device_auto(x, kind) if op == "assign" else "cuda"
-        return "cpu" if has_cpu_ext() else "torch"
+    if op == "assign_topk":
+        return _resolve_topk(impl, x, kind)
 
     def available(name: str) -> str | None:
         if name == "cpu":
@@ -155,7 +134,9 @@ def _resolve(op: str, impl: str, x: Any, kind: str) -> str:
             return _triton_unavailable(op, x, kind)
         return None  # torch runs everywhere
 
-    return resolve_impl(op, impl, choices=IMPLS, auto=auto, available=available)
+    return resolve_impl(op, impl, choices=IMPLS,
+                        auto=lambda: auto_engine(op, device_of_array(x, kind)),
+                        available=available)
 
 
 def _triton_unavailable(op: str, x: Any, kind: str) -> str | None:
@@ -168,13 +149,14 @@ def _triton_unavailable(op: str, x: Any, kind: str) -> str | None:
     return _triton_assign.unavailable(device_of(x, kind))
 
 
-def _resolve_topk(impl: str) -> str:
+def _resolve_topk(impl: str, x: Any, kind: str) -> str:
     def available(name: str) -> str | None:
         return None if name == "torch" else (
             "only the PyTorch path computes top-k (impl='torch', on any device); the "
             "fused engines keep one centroid per row")
 
-    return resolve_impl("assign_topk", impl, choices=IMPLS, auto=lambda: "torch",
+    return resolve_impl("assign_topk", impl, choices=IMPLS,
+                        auto=lambda: auto_engine("assign_topk", device_of_array(x, kind)),
                         available=available)
 
 
@@ -312,7 +294,7 @@ def _run(op, x, centroids, metric, chunk_size, impl, check_finite, groups, preci
     kind = _check_pair(x, centroids, metric)
     centroid_dtype(_arrays.dtype_name(x), precision)  # ValueError for an unknown precision
     x, centroids = _arrays.native_layout(x), _arrays.native_layout(centroids)  # byte order, strides
-    chosen = _resolve(op, impl, x, kind) if topk is None else _resolve_topk(impl)
+    chosen = _resolve(op, impl, x, kind)
     if check_finite:
         _check_finite(centroids, "centroids")
     chunk_rows = chunk_size
@@ -357,6 +339,25 @@ def _run(op, x, centroids, metric, chunk_size, impl, check_finite, groups, preci
 
 
 # ---------------------------------------------------------------------------- public
+def resolved_engine(where: Any, *, op: str = "assign", impl: str = "auto") -> str:
+    """The engine ``op`` runs with for inputs like ``where`` ("cpu" | "cuda" | "triton" |
+    "torch"), by the very rule the op applies (FASTSSL_IMPL and the measured table
+    included); raises as the op would when an explicit ``impl`` cannot run there.
+
+    Args:
+        where: an input array (numpy, torch, cupy) or a device ("cuda:0", torch.device).
+        op: "assign" | "assign_grouped" | "assign_topk".
+        impl: as the op's ``impl``.
+    """
+    if op not in ("assign", "assign_grouped", "assign_topk"):
+        raise ValueError(f"op={op!r}; expected 'assign', 'assign_grouped' or 'assign_topk'")
+    if isinstance(where, str) or type(where).__name__ == "device":
+        import torch
+
+        where = torch.empty((0, 1), device=torch.device(where))  # no memory, only a place
+    return _resolve(op, impl, where, _arrays.array_kind(where, "where"))
+
+
 def assign(
     x: Any,
     centroids: Any,

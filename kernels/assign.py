@@ -17,6 +17,15 @@ earlier one: ties go to the lowest index. Scores never leave registers; per row 
 split the kernel writes one float32 score and one int64 index. The launcher adds
 ``||x||^2`` (l2) or divides by ``||x||`` (cos) and reduces over splits.
 
+That fold (the "epilogue": CUDA-core work per score, a row min and argmin) runs after
+each tile's MMA, and inside one program the tensor cores wait for it (Triton 3.8 places
+``wgmma.wait_group 0`` right after each tile's MMA, so a deferred fold within the
+program cannot overlap it). ``schedule="two_per_sm"`` hides it across programs: two
+persistent programs per SM, with tiles sized (registers, shared memory) so both stay
+resident, and the warp schedulers issue one program's fold while the other's MMA runs.
+It is selectable by AssignConfig, not the default until a GPU run measures it
+(bench/gpu_kmeans.py --tune times it).
+
 Splits serve short inputs (few row tiles, many centroids: row tiles alone would leave
 most SMs idle) and large k (work items run split-major, so all programs sweep one
 L2-sized panel of centroids together instead of streaming all k from HBM each).
@@ -33,9 +42,12 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["AssignConfig", "TUNED", "pick_config", "assign_partial", "finish", "row_sqnorms",
-           "PRECISIONS"]
+__all__ = ["AssignConfig", "TUNED", "ARCHS", "SCHEDULES", "pick_config", "assign_partial",
+           "finish", "row_sqnorms", "PRECISIONS"]
 
+# Where the argmin fold runs relative to the MMAs: "serial" one persistent program per
+# SM (the fold stalls the tensor cores), "two_per_sm" two co-resident programs per SM.
+SCHEDULES = ("serial", "two_per_sm")
 # float32 inputs: tf32 (one tensor-core product) or tf32x3 (split products, ~fp32).
 PRECISIONS = {"tf32": "tf32", "3xtf32": "tf32x3", "ieee": "ieee"}
 METRIC_L2, METRIC_IP = 0, 1
@@ -53,6 +65,15 @@ class AssignConfig:
     num_stages: int
     measured: bool = False
     resident: bool = False  # d <= block_k: x's tile loaded once per work item
+    schedule: str = "serial"  # one of SCHEDULES (module docstring)
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r}; expected one of {SCHEDULES}")
+
+    @property
+    def programs_per_sm(self) -> int:
+        return 2 if self.schedule == "two_per_sm" else 1
 
     def for_width(self, d: int) -> "AssignConfig":
         """A resident config's depth block is the whole (padded) row."""
@@ -76,6 +97,10 @@ class AssignConfig:
 # 128x128 tiles 126-239 registers and none. On sm_80, fp32 3xtf32 spills ~100 bytes.
 # bench/gpu_kmeans.py --tune times candidates per row and prints entries to paste here.
 D_BUCKETS = (64, 128, 256, 512, 1 << 30)
+# The compute capabilities TUNED is sized for (sm_80: 164 KiB of shared memory per block,
+# sm_90: 227 KiB) and tests/test_kmeans_triton.py compiles offline; impl="auto" picks
+# this kernel only on these (sm_86/89 have ~100 KiB and would need their own entries).
+ARCHS = ((8, 0), (9, 0))
 _H16 = AssignConfig(128, 256, 64, 8, 3)
 _H16_SMALL_D = AssignConfig(128, 256, 64, 8, 4)
 _H32 = AssignConfig(128, 128, 32, 8, 3)
@@ -237,22 +262,25 @@ def _sources(x, c, cfg: AssignConfig, use_tma: bool):
             TensorDescriptor.from_tensor(c, [cfg.block_n, cfg.block_k]))
 
 
-def _program_count(device: torch.device, items: int) -> int:
+def _program_count(device: torch.device, items: int, per_sm: int = 1) -> int:
+    """Persistent programs: ``per_sm`` per SM, at most one per work item; under the
+    interpreter one per work item."""
     if device.type != "cuda":
         return items
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return min(items, sms)
+    return min(items, per_sm * sms)
 
 
 L2_SHARE = 0.4  # of the L2 cache, for the centroid panel that all programs sweep together
 
 
-def _default_splits(device: torch.device, row_tiles: int, col_tiles: int, c_bytes: int) -> int:
+def _default_splits(device: torch.device, row_tiles: int, col_tiles: int, c_bytes: int,
+                    per_sm: int = 1) -> int:
     """Enough centroid splits to (a) give every SM work when row tiles are few and (b)
     keep each split's centroid panel in L2. Work items run split-major, so all programs
     sweep the same panel at once: with k = 100k, d = 1024 bf16 (200 MB of centroids) a
     single sweep would stream every centroid tile from HBM once per program."""
-    programs = _program_count(device, 1 << 30)
+    programs = _program_count(device, 1 << 30, per_sm)
     occupancy = programs // max(row_tiles, 1)
     panels = 1
     if device.type == "cuda":
@@ -279,7 +307,8 @@ def assign_partial(
         c: (k, d) same dtype and device, unit inner stride (already normalised for cos).
         c_sqnorm: (k,) float32 ||c||^2 for l2; None for inner-product scores.
         precision: float32 inputs only: "tf32" | "3xtf32" | "ieee".
-        config: tiles and pipelining; None = pick_config().
+        config: tiles, pipelining and schedule (SCHEDULES: programs per SM); None =
+            pick_config().
         splits: centroid ranges processed independently (then reduced); None =
             _default_splits (SM occupancy for short x, L2-sized centroid panels).
         use_tma: None = whenever the device and strides allow.
@@ -294,7 +323,8 @@ def assign_partial(
     row_tiles = triton.cdiv(n, cfg.block_m)
     col_tiles = triton.cdiv(k, cfg.block_n)
     if splits is None:
-        splits = _default_splits(x.device, row_tiles, col_tiles, k * d * x.element_size())
+        splits = _default_splits(x.device, row_tiles, col_tiles, k * d * x.element_size(),
+                                 cfg.programs_per_sm)
     tiles_per_split = triton.cdiv(col_tiles, splits)
     splits = triton.cdiv(col_tiles, tiles_per_split)
     tma = _tma_ok(x) and _tma_ok(c) if use_tma is None else use_tma
@@ -303,7 +333,7 @@ def assign_partial(
     idx = torch.empty((splits, n), dtype=torch.int64, device=x.device)
     metric = METRIC_L2 if c_sqnorm is not None else METRIC_IP
     csq = c_sqnorm if c_sqnorm is not None else best  # unread for ip
-    grid = (_program_count(x.device, row_tiles * splits),)
+    grid = (_program_count(x.device, row_tiles * splits, cfg.programs_per_sm),)
     _assign_kernel[grid](
         x_src, c_src, csq, best, idx, n, k, d, x.stride(0), c.stride(0),
         row_tiles, splits, tiles_per_split,

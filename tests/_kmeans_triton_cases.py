@@ -15,6 +15,7 @@ not multiples of the tiles, k = 1, d = 1): each program instance costs ~1 ms her
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -85,6 +86,42 @@ def test_resident_x_tile(dtype, metric, use_tma):
     check_against_float64(x, oracle.as_multiplied(x, c, metric), metric, labels, distances)
 
 
+SCHEDULE_SHAPES = [  # (n, k, d): three depth steps at d = 33, one at d = 16, k = 1
+    (21, 40, 33), (17, 35, 16), (5, 1, 33),
+]
+
+
+@pytest.mark.parametrize("resident", [False, True], ids=["streamed", "resident"])
+@pytest.mark.parametrize("schedule", kernel.SCHEDULES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_schedules_match_float64(dtype, schedule, resident, monkeypatch):
+    """Each schedule on both kernel loops, launched as on a one-SM GPU (so persistent
+    programs walk several work items: one program for "serial", two for "two_per_sm"),
+    over several row and centroid tiles and two splits, n, k, d no multiple of a tile."""
+    grids = []
+
+    def one_sm(device, items, per_sm=1):
+        grids.append(min(items, per_sm))
+        return grids[-1]
+
+    monkeypatch.setattr(kernel, "_program_count", one_sm)
+    gen = torch.Generator().manual_seed(len(schedule) + 2 * resident)
+    cfg = replace(RESIDENT if resident else SMALL_TILES, schedule=schedule)
+    for n, k, d in SCHEDULE_SHAPES:
+        x, c = _random(gen, (n, d), dtype), _random(gen, (k, d))
+        for metric in ("l2", "ip"):
+            labels, distances = _triton_assign.run("assign", x, "torch", c, metric, True,
+                                                   config=cfg, splits=2)
+            check_against_float64(x, oracle.as_multiplied(x, c, metric), metric, labels,
+                                  distances)
+    assert grids[0] == (2 if schedule == "two_per_sm" else 1)
+
+
+def test_unknown_schedule_is_refused():
+    with pytest.raises(ValueError, match="schedule='pingpong'"):
+        kernel.AssignConfig(16, 16, 16, 4, 1, schedule="pingpong")
+
+
 def test_resident_config_refuses_wide_rows():
     with pytest.raises(ValueError, match="d=300 > 256"):
         RESIDENT.for_width(300)
@@ -102,16 +139,18 @@ def test_tensor_descriptor_path(dtype):
         check_against_float64(x, oracle.as_multiplied(x, c, metric), metric, labels, distances)
 
 
+@pytest.mark.parametrize("schedule", kernel.SCHEDULES)
 @pytest.mark.parametrize("splits", [1, 4])
 @pytest.mark.parametrize("metric", ["l2", "ip"])
-def test_ties_go_to_the_lowest_index(metric, splits):
+def test_ties_go_to_the_lowest_index(metric, splits, schedule):
     """Equal centroids in different tiles and splits: the first one wins, always."""
     gen = torch.Generator().manual_seed(11)
     base = _random(gen, (5, 24))
     c = torch.cat([_random(gen, (9, 24), scale=0.01) + 50, base, base, base])  # 9 far away
     x = base.repeat(3, 1)  # every row equals centroid 9 + (row % 5)
     labels, _ = _triton_assign.run("assign", x, "torch", c, metric, True,
-                                   config=SMALL_TILES, splits=splits)
+                                   config=replace(SMALL_TILES, schedule=schedule),
+                                   splits=splits)
     expected = 9 + torch.arange(15) % 5
     if metric == "l2":
         assert torch.equal(labels, expected)

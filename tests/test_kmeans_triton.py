@@ -28,7 +28,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA device; none is visible on this machine")
 
 
-@pytest.mark.slow  # ~15 s of CPU: 67 interpreted cases
+@pytest.mark.slow  # ~1 min of CPU: 104 interpreted cases
 @pytest.mark.triton_interpret
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 def test_kernel_cases_under_interpreter():
@@ -57,9 +57,10 @@ def test_triton_refuses_what_it_cannot_run(monkeypatch):
             kmeans.assign(torch.ones(4, 3), torch.ones(2, 3), impl="triton")
 
 
-def test_auto_keeps_the_cuda_engine_until_measured():
-    """No architecture has a measured entry yet: "auto" must not pick an unmeasured
-    engine (the table is filled from a device run of bench/gpu_kmeans.py)."""
+def test_no_measured_engine_table_yet():
+    """No architecture has a measured entry yet (the table is filled from a device run of
+    bench/gpu_kmeans.py); until then "auto" follows the rule that test_kmeans_engine.py
+    checks branch by branch."""
     assert all(v in ("cuda", "triton") for v in kmeans.AUTO_DEVICE_ENGINE.values())
     assert kmeans.AUTO_DEVICE_ENGINE == {}, "update this test with the measured table"
 
@@ -205,3 +206,68 @@ def test_recorded_configs_lower_to_wgmma_tma_and_a_pipeline_without_a_gpu():
     small_d = _compile_offline(90, "bf16", True, resident, d=128)
     assert "wgmma.mma_async" in small_d.asm["ptx"]
     assert small_d.metadata.shared <= 227 * 1024
+
+
+def _load_bench(monkeypatch):
+    import importlib.util
+
+    path = HERE.parent / "bench" / "gpu_kmeans.py"
+    spec = importlib.util.spec_from_file_location("gpu_kmeans_candidates", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look it up
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def _registers(compiled) -> int:
+    """Registers per thread of a compiled kernel, read from its cubin by cuobjdump (the
+    one shipped with Triton): the driver, which reports it at load time, is absent."""
+    import re
+    import tempfile
+
+    import triton
+
+    tool = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        pytest.skip(f"Triton ships no cuobjdump at {tool}")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True,
+                             text=True, timeout=60).stdout
+    return int(re.search(r"REG:(\d+)", out).group(1))
+
+
+SM90_REGISTERS = 65536  # per SM
+SM90_SHARED = 228 * 1024  # per SM; each resident block also reserves 1 KiB
+
+
+@pytest.mark.slow  # ~15 s: five compilations through ptxas
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="the interpreter replaces triton.compile's GPU pipeline")
+def test_two_per_sm_candidates_fit_twice_on_an_sm90(monkeypatch):
+    """Every "two_per_sm" tuning candidate, compiled for sm_90a, leaves room for a second
+    program on the SM (else the schedule silently runs one per SM and hides nothing):
+    registers, allocated per warp in units of 256, and shared memory, twice, within the
+    SM's 64k registers and 228 KiB."""
+    bench = _load_bench(monkeypatch)
+    seen = []
+    for dtype, d in ((torch.bfloat16, 128), (torch.bfloat16, 256), (torch.bfloat16, 1024),
+                     (torch.float32, 1024)):
+        for cfg in bench._candidates(dtype, d):
+            key = (dtype, cfg, d if cfg.resident else None)  # streamed: d is a runtime value
+            if cfg.schedule != "two_per_sm" or key in {s[0] for s in seen}:
+                continue
+            fp32 = dtype == torch.float32
+            compiled = _compile_offline(90, "fp32" if fp32 else "bf16", not fp32, cfg,
+                                        precision="tf32x3" if fp32 else "tf32", d=d)
+            regs = _registers(compiled)
+            per_warp = -(-regs * 32 // 256) * 256
+            shared = compiled.metadata.shared + 1024
+            seen.append((key, regs, compiled.metadata.shared))
+            print(f"{key}: {regs} registers, {compiled.metadata.shared} B shared")
+            assert "wgmma.mma_async" in compiled.asm["ptx"], cfg
+            assert 2 * per_warp * cfg.num_warps <= SM90_REGISTERS, (d, cfg, regs)
+            assert 2 * shared <= SM90_SHARED, (d, cfg, shared)
+    assert len(seen) == 5, seen

@@ -247,11 +247,10 @@ def grouped_lloyd(x: np.ndarray, x_offsets: np.ndarray, centroids: np.ndarray,
     # On a GPU the batch of groups goes up once; each step sends centroids up and labels
     # back, and the scatter-add stays on the host copy.
     x_assign = torch.from_numpy(np.ascontiguousarray(x)).to(device) if device is not None else x
-    run_impl = "cuda" if device is not None else impl
 
     def assign_all(centroids_now):
         cc = torch.from_numpy(centroids_now).to(device) if device is not None else centroids_now
-        lab, dd = assign_grouped(x_assign, x_offsets, cc, c_offsets, impl=run_impl,
+        lab, dd = assign_grouped(x_assign, x_offsets, cc, c_offsets, impl=impl,
                                  check_finite=False, precision=precision)
         if device is not None:
             lab, dd = lab.cpu().numpy(), dd.cpu().numpy()

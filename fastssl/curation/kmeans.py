@@ -68,8 +68,9 @@ class KMeansConfig:
             out and counted; they get label -1).
         metric: "l2" (squared Euclidean), the only metric Lloyd's update minimises.
         impl: passed to fastssl.kmeans.assign ("auto" | "cpu" | "cuda" | "torch"). With
-            "auto" and a visible GPU (and fastssl._C built with CUDA) each streamed chunk
-            is copied to this rank's GPU and assigned there; the update stays on the host.
+            "auto" and a visible GPU each streamed chunk is copied to this rank's GPU and
+            assigned there by the engine fastssl.kmeans.resolved_engine names for it
+            (Triton, the CUDA engine or torch); the update stays on the host.
         precision: what the centroids are rounded to when assigned (fastssl.kmeans.assign):
             "data" (x's own precision; the same tree on every machine up to ties) or
             "bf16" (opt-in for speed on AMX CPUs).
@@ -159,8 +160,10 @@ def _bar(total: int, desc: str, enabled: bool):
 def assign_device(impl: str):
     """The CUDA device that host chunks are assigned on, or None for the host engine.
 
-    "auto" picks this rank's current GPU when one is visible and fastssl._C has its CUDA
-    engine; "cuda" requires one; "cpu" and "torch" stay on the host.
+    "auto" picks this rank's current GPU when one is visible and the engine choice of
+    fastssl.kmeans (resolved_engine: Triton, the CUDA engine or torch on the GPU, or
+    FASTSSL_IMPL) can run there; "cuda" requires a GPU and fastssl._C built with CUDA;
+    "cpu" and "torch" stay on the host.
     """
     if impl not in ("auto", "cuda"):
         return None
@@ -168,11 +171,18 @@ def assign_device(impl: str):
 
     from fastssl._native import has_cuda_ext
     from fastssl.errors import MissingDependencyError
+    from fastssl.kmeans import resolved_engine
 
-    usable = torch.cuda.is_available() and has_cuda_ext()
-    if impl == "auto" and not usable:
-        return None
-    if not usable:
+    if impl == "auto":
+        if not torch.cuda.is_available():
+            return None
+        device = torch.device("cuda", torch.cuda.current_device())
+        try:
+            resolved_engine(device)
+        except MissingDependencyError:  # FASTSSL_IMPL names a host engine
+            return None
+        return device
+    if not (torch.cuda.is_available() and has_cuda_ext()):
         raise MissingDependencyError(
             "impl='cuda': k-means needs a visible CUDA device and fastssl._C built with CUDA")
     return torch.device("cuda", torch.cuda.current_device())
@@ -186,7 +196,8 @@ class DeviceAssigner:
 
     Args:
         device: a torch device (a GPU in practice; any device works, which the tests use).
-        impl: passed to fastssl.kmeans.assign ("auto" picks the CUDA engine on a GPU).
+        impl: passed to fastssl.kmeans.assign; "auto" is decided there, by the same rule
+            as every assignment (fastssl._assign_engine), never here.
         precision: passed to fastssl.kmeans.assign ("data" | "bf16").
     """
 
@@ -197,6 +208,14 @@ class DeviceAssigner:
         self.uploads = 0  # centroid uploads so far (observable by tests)
         self._host_c: np.ndarray | None = None
         self._device_c = None
+
+    @property
+    def engine(self) -> str:
+        """The engine that assigns this device's chunks ("triton" | "cuda" | "torch" |
+        "cpu"), as fastssl.kmeans.resolved_engine reports it."""
+        from fastssl.kmeans import resolved_engine
+
+        return resolved_engine(self.device, impl=self.impl)
 
     def centroids(self, c: np.ndarray):
         import torch
@@ -245,7 +264,7 @@ def default_assigner(impl: str = "auto", precision: str = "data") -> Assigner:
 
     device = assign_device(impl)
     if device is not None:
-        return DeviceAssigner(device, "cuda", precision)
+        return DeviceAssigner(device, impl, precision)
 
     def run(x: np.ndarray, c: np.ndarray):
         return assign(x, c, metric="l2", impl=impl, check_finite=False, precision=precision)

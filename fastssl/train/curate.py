@@ -508,6 +508,17 @@ def _flat(value, prefix: str = "") -> dict:
     return out
 
 
+def _engines(impl: str) -> str:
+    """The engines the tree is built with, as the assignment code resolves ``impl``:
+    Lloyd passes use assign, the per-cluster splits assign_grouped."""
+    from fastssl.curation.kmeans import assign_device
+    from fastssl.kmeans import resolved_engine
+
+    where = assign_device(impl) or "cpu"
+    return (f"{resolved_engine(where, impl=impl)} (splits: "
+            f"{resolved_engine(where, op='assign_grouped', impl=impl)}) on {where}")
+
+
 def _run_locked(args, config, out: Path) -> int:
     from fastssl import distributed as dist
     from fastssl.curation.hierarchical import hierarchical_kmeans
@@ -515,10 +526,11 @@ def _run_locked(args, config, out: Path) -> int:
 
     t0 = time.perf_counter()
     log.info("curate: levels %s, split_k %s, %s iterations, %s k-means runs per level "
-             "(resampling %s), budget %.0f MiB", [lv.k for lv in config.levels], config.split_k,
+             "(resampling %s), budget %.0f MiB, assignment engine %s",
+             [lv.k for lv in config.levels], config.split_k,
              config.iterations, [config.level_value(d, "resampling_steps")
                                  for d in range(1, len(config.levels) + 1)],
-             config.resampling_init, config.memory_budget_mb)
+             config.resampling_init, config.memory_budget_mb, _engines(config.impl))
     try:
         tree = hierarchical_kmeans(args.data, config=config, output_dir=out / "tree",
                                    overwrite=args.overwrite)
