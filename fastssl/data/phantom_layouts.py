@@ -29,7 +29,6 @@ from typing import Sequence
 
 import numpy as np
 
-from fastssl.data.phantom_anatomy import FINDING_LABELS
 
 __all__ = ["LAYOUTS", "assign_paths", "raster_bytes", "is_absent", "layout_tables", "truth_rows",
            "TRUTH_COLUMNS", "CHEXPERT_ROOT", "PADCHEST_CSV"]
@@ -50,7 +49,14 @@ PADCHEST_NAMES = {"nodule": "nodule", "mass": "mass", "effusion": "pleural effus
                   "pneumothorax": "pneumothorax", "devices": "pacemaker",
                   "retrocardiac_opacity": "atelectasis", "posterior_effusion": "pleural effusion",
                   "apical_pneumothorax": "pneumothorax"}
-PADCHEST_UNMAPPED = ("scoliosis", "aortic elongation")
+# The labels the released PadChest map (fastssl/data/tables) gives each of those names:
+# one label per finding (a mass is not also an opacity there, unlike FINDING_LABELS).
+PADCHEST_STATED = {"nodule": ("Lung Lesion",), "mass": ("Lung Lesion",), "effusion": ("Pleural Effusion",),
+                   "cardiomegaly": ("Cardiomegaly",), "consolidation": ("Consolidation",),
+                   "pneumothorax": ("Pneumothorax",), "devices": ("Support Devices",),
+                   "retrocardiac_opacity": ("Atelectasis",), "posterior_effusion": ("Pleural Effusion",),
+                   "apical_pneumothorax": ("Pneumothorax",)}
+PADCHEST_UNMAPPED = ("scoliosis", "kyphosis")  # the released map sends both to "No Finding"
 _CHEXPERT_HEADER = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *LABELS)
 _PADCHEST_HEADER = ("ImageID", "ImageDir", "StudyDate_DICOM", "StudyID", "PatientID", "PatientSex_DICOM",
                     "ViewPosition_DICOM", "Projection", "MethodProjection", "Labels", "BitsStored_DICOM",
@@ -133,7 +139,7 @@ def _stated_labels(layout: str, t: dict) -> dict[str, str]:
     if layout == "padchest":
         if _padchest_blank(t):
             return {c: "" for c in LABELS}
-        positive = {lab for f in t["findings"] for lab in FINDING_LABELS[f]}
+        positive = {lab for f in t["findings"] for lab in PADCHEST_STATED[f]}
         positive |= {"No Finding"} if not positive - {"Support Devices"} else set()
         return {c: "1.0" if c in positive else "0.0" for c in LABELS}
     if layout == "chexpert" and t["split"] == "validate":  # radiologist consensus: 0 / 1 only
