@@ -124,6 +124,17 @@ def padchest_view(projection: str | None, dicom_view: str | None, frontal_order:
     return "unknown", "", ""
 
 
+def id_problem(ids: dict[str, str], key: str, seen: set[str]) -> str | None:
+    """Why a CSV row cannot be used, from its ids (``{column: stripped value}``): an empty
+    one, or a repeat of ``ids[key]`` already in ``seen``; None when usable (then seen)."""
+    if not all(ids.values()):
+        return f"empty {', '.join(ids)}"
+    if ids[key] in seen:
+        return f"{key} {ids[key]} repeated; kept once"
+    seen.add(ids[key])
+    return None
+
+
 def _hints(row: dict, where: str) -> tuple:
     hints = []
     bits = (row.get("BitsStored_DICOM") or "").strip()
@@ -165,15 +176,13 @@ def load_padchest(
     seen: set[str] = set()
     for n, row in _read_csv(csv_path, _REQUIRED):
         where = f"{csv_path}:{n}"
-        image, folder = (row["ImageID"] or "").strip(), (row["ImageDir"] or "").strip()
-        study_id, subject = (row["StudyID"] or "").strip(), (row["PatientID"] or "").strip()
-        if not (image and study_id and subject):
-            rejects.append((where, "empty ImageID, StudyID or PatientID"))
+        folder = (row["ImageDir"] or "").strip()
+        ids = {k: (row[k] or "").strip() for k in ("ImageID", "StudyID", "PatientID")}
+        image, study_id, subject = ids.values()
+        problem = id_problem(ids, "ImageID", seen)
+        if problem:
+            rejects.append((where, problem))
             continue
-        if image in seen:
-            rejects.append((where, f"ImageID {image} repeated; kept once"))
-            continue
-        seen.add(image)
         try:
             hints = _hints(row, where)
         except DataError as exc:

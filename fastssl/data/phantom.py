@@ -6,13 +6,14 @@
     DIR/mimic-cxr-2.0.0-metadata.csv.gz   DIR/mimic-cxr-2.0.0-split.csv.gz
     DIR/mimic-cxr-2.0.0-chexpert.csv.gz   DIR/phantom_truth.csv   DIR/phantom_config.json
 
-``--layout mimic-jpg|chexpert|padchest`` writes the same studies in that dataset's files
+``--layout mimic-jpg|chexpert|padchest|nih-cxr14`` writes the same studies in that dataset's files
 and CSVs instead (:mod:`fastssl.data.phantom_layouts`); ``phantom_truth.csv`` then holds
 the ids, views and labels a reader of that layout must find.
 
 Each study is a 3-D thorax with findings placed in 3-D (see
 :mod:`fastssl.data.phantom_anatomy`), projected into a frontal (PA/AP) and/or a lateral
-view, so a finding shows in both. Files are real Part-10 DICOM (Explicit VR Little
+view, so a finding shows in both (``--findings cross-view``: three findings drawn only into
+the view where a reader sees them; :func:`label_visibility`). Files are real Part-10 DICOM (Explicit VR Little
 Endian, 12 bits stored in 16) with a deliberate mix of the things readers get wrong:
 MONOCHROME1 and MONOCHROME2, a Rescale Slope/Intercept, a VOI LUT Sequence, missing
 ViewPosition, and (``--corrupt K``) broken files listed in ``phantom_truth.csv``.
@@ -453,7 +454,8 @@ def _tables(tasks: list[dict], size: int, layout: str = "mimic-dicom") -> dict[s
     """file name -> bytes of every CSV of the layout, the truth included."""
     truth = _csv_bytes(TRUTH_COLUMNS, phantom_layouts.truth_rows(layout, tasks))
     if layout not in ("mimic-dicom", "mimic-jpg"):
-        out = {name: _csv_bytes(header, rows) for name, (header, rows) in phantom_layouts.layout_tables(layout, tasks).items()}
+        out = {name: table if isinstance(table, bytes) else _csv_bytes(*table)
+               for name, table in phantom_layouts.layout_tables(layout, tasks).items()}
         return dict(out, **{"phantom_truth.csv": truth})
     meta, split, chex = [], [], []
     for t in sorted(tasks, key=lambda t: (t["subject_id"], t["study_id"])):
@@ -618,8 +620,9 @@ def generate_phantom(
         uncertain_fraction: chance that a present finding is labelled -1.0.
         finding_rates: per-finding prevalence overriding the finding set's.
         progress: a tqdm bar (only on a terminal).
-        layout: "mimic-dicom" | "mimic-jpg" | "chexpert" | "padchest": the same studies
-            in that dataset's files and CSVs (:mod:`fastssl.data.phantom_layouts`).
+        layout: "mimic-dicom" | "mimic-jpg" | "chexpert" | "padchest" | "nih-cxr14": the
+            same studies in that dataset's files and CSVs (:mod:`fastssl.data.phantom_layouts`;
+            nih-cxr14 keeps the frontal films only, one study each, as ChestX-ray14 has).
         findings: "standard" (every finding drawn into both views) | "cross-view" (some
             findings only in the view where a reader sees them; per label:
             :func:`label_visibility`).
