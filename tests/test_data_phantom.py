@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import json
 import os
 import re
 import shutil
@@ -384,6 +385,15 @@ def test_cli(tmp_path, capsys):
     assert len(_csv(out / "phantom_truth.csv")) >= 4
     assert main(["phantom", "--out", str(tmp_path / "bad"), "--studies", "0", "--quiet"]) == 2
     assert "--studies" in capsys.readouterr().err  # one line, no traceback
+    config = tmp_path / "cv.yaml"  # --config keys are the flags: findings and split among them
+    config.write_text("studies: 3\nsize: 40\nworkers: 1\nfindings: cross-view\nsplit: '1,0,0'\n")
+    assert main(["phantom", "--config", str(config), "--out", str(tmp_path / "cv"), "--quiet"]) == 0
+    made = json.loads((tmp_path / "cv" / "phantom_config.json").read_text())
+    assert (made["findings"], made["split"], made["finding_rates"]["retrocardiac_opacity"]) == (
+        "cross-view", [1.0, 0.0, 0.0], 0.15)
+    with pytest.raises(SystemExit) as exit_:  # argparse: a choice outside standard|cross-view
+        main(["phantom", "--out", str(tmp_path / "x"), "--findings", "lateral", "--quiet"])
+    assert exit_.value.code == 2 and "--findings" in capsys.readouterr().err
 
 
 def test_readme_visibility_table_is_the_code_s():
