@@ -727,16 +727,19 @@ class Thorax:
                 if shown("posterior_effusion"):
                     self.extra.append((-LUNG, [self.lungs[side], fluid], self.carves))
             self.finding_info["posterior_effusion"] = dict(sides=sides)
-        if "apical_pneumothorax" in present:  # the lung drops away from the apex
+        if "apical_pneumothorax" in present:  # the lung drops away from the apex only
             k = fp["apical_pneumothorax"]
             side, col = k["side"], k["collapse"]
             lc, la, ln_, lh, _, lext = self.lungs[side]
-            anchor = lc - [0.0, 0.0, 0.8 * lext[2]]
-            inner = (anchor + col * (lc - anchor), la / col**2, ln_, lh, 0.0, lext * col)
+            # the lung ellipsoid (axis-aligned) shortened to ``col`` of its height, base kept
+            squash = np.diag([1.0, 1.0, 1.0 / col])
+            inner = (lc - [0.0, 0.0, (1 - col) * lext[2]], squash @ la @ squash, ln_, lh, 0.0,
+                     lext * [1.0, 1.0, col])
             if shown("apical_pneumothorax"):
-                # the pleural gap is air: the lung parenchyma outside the shrunken lung goes
-                self.extra.append((LUNG * 0.5, [self.lungs[side]], self.carves))
-                self.extra.append((-LUNG * 0.5, [self.lungs[side], inner], self.carves))
+                # the pleural gap is pure air (the lung's 1 + LUNG = 0.25 removed); a small
+                # pneumothorax leaves the lung below it as it was
+                self.extra.append((LUNG / 3, [self.lungs[side]], self.carves))
+                self.extra.append((-LUNG / 3, [self.lungs[side], inner], self.carves))
             self.finding_info["apical_pneumothorax"] = dict(side=side, collapse=col)
 
     def _devices(self, k: dict) -> None:
