@@ -73,12 +73,93 @@ def test_chexpert_view_columns():
 
 # ---------------------------------------------------------------- labels
 
+# agostini335/MVMAE utils/padchest_to_mimic_mapping.csv, read by hand: finding (stripped of
+# the leading space PadChest's lists carry) -> target; where the file lists a finding twice
+# with different targets, the later row (its closing revision block) is the one kept.
+RELEASED_PADCHEST = {
+    "Atelectasis": "total atelectasis; round atelectasis; laminar atelectasis; lobar atelectasis; "
+                   "segmental atelectasis; atelectasis basal; atelectasis",
+    "Cardiomegaly": "cardiomegaly",
+    "Consolidation": "infiltrates; consolidation",
+    "Edema": "pulmonary edema; kerley lines",
+    "Enlarged Cardiomediastinum": "azygoesophageal recess shift; mediastinal shift; descendent aortic elongation; "
+                                  "supra aortic elongation; superior mediastinal enlargement; "
+                                  "pulmonary artery enlargement; hilar enlargement; aortic aneurysm; aortic elongation; "
+                                  "aortic button enlargement; hilar congestion; ascendent aortic elongation; "
+                                  "vascular hilar enlargement; mediastinal enlargement; aortic atheromatosis; "
+                                  "heart insufficiency; tracheal shift; vascular redistribution; "
+                                  "central vascular redistribution; pulmonary hypertension; "
+                                  "pulmonary artery hypertension; pulmonary venous hypertension",
+    "Fracture": "rib fracture; humeral fracture; clavicle fracture; vertebral compression; vertebral fracture; "
+                "vertebral anterior compression; fracture; callus rib fracture",
+    "Lung Lesion": "multiple nodules; cavitation; pulmonary fibrosis; sclerotic bone lesion; granuloma; nodule; mass; "
+                   "calcified granuloma; lepidic adenocarcinoma; pulmonary mass; blastic bone lesion; "
+                   "tuberculosis sequelae; lytic bone lesion; abscess; empyema; lung metastasis; pseudonodule; "
+                   "calcified densities; tuberculosis; bone metastasis; cyst; soft tissue mass; calcified adenopathy; "
+                   "calcified mediastinal adenopathy; lymphangitis carcinomatosa; calcified fibroadenoma; breast mass; "
+                   "fibrotic band; mediastinal mass; adenopathy; pleural mass; air fluid level",
+    "Lung Opacity": "miliary opacities; interstitial pattern; bullas; reticulonodular interstitial pattern; "
+                    "ground glass pattern; air trapping; alveolar pattern; volume loss; copd signs; hyperinflated lung; "
+                    "hypoexpansion; air bronchogram; hypoexpansion basal; bronchiectasis; reticular interstitial pattern; "
+                    "emphysema; increased density; asbestosis signs; hiatal hernia; hemidiaphragm elevation; "
+                    "bronchovascular markings; diaphragmatic eventration; flattened diaphragm; lung vascular paucity",
+    "Pleural Effusion": "loculated fissural effusion; pericardial effusion; costophrenic angle blunting; "
+                        "hydropneumothorax; pleural effusion; loculated pleural effusion",
+    "Pleural Other": "major fissure thickening; fissure thickening; apical pleural thickening; pleural thickening; "
+                     "calcified pleural thickening; calcified pleural plaques; pleural plaques; minor fissure thickening",
+    "Pneumonia": "pneumonia; atypical pneumonia",
+    "Pneumothorax": "subcutaneous emphysema; pneumoperitoneo; pneumothorax; pneumomediastinum",
+    "Support Devices": "pacemaker; reservoir central venous catheter; central venous catheter via jugular vein; "
+                       "sternotomy; artificial mitral heart valve; endotracheal tube; surgery neck; "
+                       "single chamber device; aortic endoprosthesis; central venous catheter; tracheostomy tube; "
+                       "mastectomy; prosthesis; gastrostomy tube; surgery lung; double j stent; "
+                       "artificial aortic heart valve; central venous catheter via subclavian vein; humeral prosthesis; "
+                       "nephrostomy tube; external foreign body; surgery humeral; chest drain tube; "
+                       "artificial heart valve; surgery breast; mammary prosthesis; ventriculoperitoneal drain tube; "
+                       "surgery; metal; dual chamber device; surgery heart; catheter; abnormal foreign body; nsg tube; "
+                       "post radiotherapy changes; electrical device; suture material; "
+                       "central venous catheter via umbilical vein; osteosynthesis material; endoprosthesis; "
+                       "bone cement; heart valve calcified",
+    "No Finding": "respiratory distress; mediastinic lipomatosis; end on vessel; osteoporosis; scoliosis; "
+                  "thoracic cage deformation; osteopenia; vertebral degenerative changes; suboptimal study; goiter; "
+                  "dextrocardia; lipomatosis; unchanged; subacromial space narrowing; nipple shadow; dai; exclude; "
+                  "normal; pectum excavatum; esophagic dilatation; non axial articular degenerative changes; "
+                  "chronic changes; cervical rib; pectum carinatum; obesity; kyphosis; "
+                  "sternoclavicular junction hypertrophy; chilaiditi sign; azygos lobe; axial hyperostosis; "
+                  "gynecomastia; costochondral junction hypertrophy; right sided aortic arch",
+}
+# The findings the released file first maps to "No Finding" and revises in its closing block.
+RELEASED_REVISED = (
+    "diaphragmatic eventration", "pulmonary artery hypertension", "heart valve calcified", "aortic atheromatosis",
+    "pulmonary hypertension", "kerley lines", "hemidiaphragm elevation", "tracheal shift", "flattened diaphragm",
+    "vascular redistribution", "air fluid level", "pulmonary venous hypertension", "hiatal hernia",
+    "central vascular redistribution", "bronchovascular markings", "lung vascular paucity", "heart insufficiency",
+)
+
+
+def test_shipped_padchest_table_is_the_released_mapping():
+    """Every finding of the released map, with its target, and nothing else."""
+    from fastssl.data.padchest import mapping_table
+
+    want = {f.strip(): (target,) for target, names in RELEASED_PADCHEST.items() for f in names.split(";")}
+    assert len(want) == 193
+    assert mapping_table() == want
+    assert len(RELEASED_REVISED) == 17  # README: "17 findings first go to No Finding"
+    for finding in RELEASED_REVISED:  # the later row of the released file wins
+        assert want[finding] != ("No Finding",)
+
+
 def test_padchest_label_lists_map_through_the_shipped_table():
     assert parse_label_list("['pleural effusion', ' cardiomegaly']") == ["pleural effusion", "cardiomegaly"]
     assert parse_label_list("") is None and parse_label_list("nan") is None
     labels, other = padchest_labels(["consolidation", " scoliosis".strip(), "pacemaker"], blank_value=0)
-    assert other == "scoliosis"
-    assert {CHEXPERT_LABELS[i] for i in np.flatnonzero(labels)} == {"Consolidation", "Lung Opacity", "Support Devices"}
+    assert other == "scoliosis"  # released: scoliosis -> "No Finding", i.e. no label
+    assert {CHEXPERT_LABELS[i] for i in np.flatnonzero(labels)} == {"Consolidation", "Support Devices"}
+    revised, other = padchest_labels(["hiatal hernia", "kerley lines", "mediastinal mass", "copd signs"], 0)
+    assert {CHEXPERT_LABELS[i] for i in np.flatnonzero(revised)} == {"Lung Opacity", "Edema", "Lung Lesion"}
+    assert other == ""
+    unknown, other = padchest_labels(["scoliosis", "made-up finding", "normal"], blank_value=0)
+    assert other == "scoliosis;made-up finding" and unknown[LAB["No Finding"]] == 1 and unknown.sum() == 1
     normal, _ = padchest_labels(["normal"], blank_value=0)
     assert normal.tolist() == [int(n == "No Finding") for n in CHEXPERT_LABELS]
     devices_only, _ = padchest_labels(["pacemaker", "scoliosis"], blank_value=0)  # CheXpert: devices are no finding

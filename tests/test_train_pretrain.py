@@ -138,8 +138,13 @@ def test_recipes_resolve_and_the_cli_builds_the_same_config(cache):
     assert (r.recipe, r.mode, r.base_lr, r.beta1, r.beta2, r.weight_decay, r.decay_all, r.lr_per_epoch,
             r.warmup_start, r.warmup_epochs, r.beta_schedule, r.beta_steepness, r.beta_max, r.mask_ratio,
             r.clip_grad, r.batch_size, r.augment_style, r.crop_min, r.max_views) == (
-        "mvmae", "flu", 1.2e-4, 0.9, 0.999, 0.05, True, True, 0.5, 5.0, "released", 0.02, 2.0, 0.93,
+        "mvmae", "flu", 1.2e-4, 0.9, 0.999, 0.05, True, True, 0.5, 50.0, "released", 0.02, 2.0, 0.93,
         1.0, 64, "mvmae", 0.5, 3)
+    assert r.epochs == 500  # the released dataclass default (config/MyMVWSLConfig.py), not cb's smoke 2
+    short = PretrainConfig(cache=cache, recipe="mvmae-short").resolved()
+    assert (short.epochs, short.warmup_epochs) == (100, 5.0)
+    assert replace(short, recipe="mvmae", epochs=500, warmup_epochs=50.0) == r  # nothing else differs
+    assert short.model_config() == r.model_config()
     assert (r.target, r.align, r.recon_reduction, r.qk_norm, r.decoder_embed, r.decoder_dim, r.init) == (
         "global", "mse", "released", True, False, 768, "released")
     m = PretrainConfig(cache=cache, recipe="mae").resolved()
@@ -163,6 +168,53 @@ def test_recipes_resolve_and_the_cli_builds_the_same_config(cache):
         PretrainConfig(cache=cache, preset="vit_huge").resolved()
     with pytest.raises(ValueError, match="decoder_dim=100 is not a multiple of decoder_heads=12"):
         PretrainConfig(cache=cache, decoder_dim=100, decoder_embed=True).resolved()
+
+
+@pytest.mark.parametrize("recipe, epochs, warmup, first, last", [
+    ("mvmae", 500, 50, 0.008, 1.940),       # the released dataclass default (issue 20's figures)
+    ("mvmae-short", 100, 5, 0.522, 1.397),
+])
+def test_recipe_beta_range_is_the_readme_s(cache, recipe, epochs, warmup, first, last):
+    """The beta a recipe's run sees at its first and last epoch, from the transcription of
+    the released SigmoidAnnealing; the README's recipe table states exactly these."""
+    from pathlib import Path
+
+    from fastssl.train.pretrain import recipe_beta_range
+
+    r = PretrainConfig(cache=cache, recipe=recipe).resolved()
+    assert (r.epochs, r.warmup_epochs) == (epochs, warmup)
+    oracle = ReleasedSigmoidAnnealing(0.0, 2.0, warmup, epochs, 0.02)
+    want = (oracle.get_beta_value(0), oracle.get_beta_value(epochs - 1))
+    assert recipe_beta_range(recipe) == pytest.approx(want, rel=1e-12)
+    assert (round(want[0], 3), round(want[1], 3)) == (first, last)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| beta |"))
+    assert f"{first:.3f} -> {last:.3f} over epochs 0-{epochs - 1}" in row
+
+
+def test_logged_beta_follows_the_per_step_ramp(cache, tmp_path):
+    """The mae recipe's --beta-schedule ramp: every beta in metrics.jsonl (one record per
+    step) against the ramp written out here: 0 at step 0, a logistic curve of slope k over
+    ramp_steps = round(beta_ramp_epochs x steps/epoch) rescaled to end exactly at beta_max,
+    then beta_max. A steepness other than the recipe's 10 checks that the flag reaches it."""
+    k, beta_max, ramp_epochs = 6.0, 1.5, 1.5
+    main(_cfg(cache, tmp_path, recipe="mae", epochs=3, beta_schedule="ramp", beta_steepness=k,
+              beta_max=beta_max, beta_ramp_epochs=ramp_epochs))
+    recs = [m for m in _metrics(tmp_path) if "loss" in m]
+    steps_per_epoch = recs[-1]["step"] // 3
+    ramp_steps = round(ramp_epochs * steps_per_epoch)
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+
+    def ramp(i):
+        if i >= ramp_steps:
+            return beta_max
+        return beta_max * (sig(k * (i / ramp_steps - 0.5)) - sig(-k / 2)) / (sig(k / 2) - sig(-k / 2))
+
+    assert [m["step"] for m in recs] == list(range(1, 3 * steps_per_epoch + 1))
+    for rec in recs:  # "step" counts steps done: the beta logged with it is step - 1's
+        assert rec["beta"] == pytest.approx(ramp(rec["step"] - 1), rel=1e-6, abs=1e-7), rec["step"]
+    assert recs[0]["beta"] == 0.0 and recs[-1]["beta"] == pytest.approx(beta_max)
+    assert len({round(m["beta"], 6) for m in recs}) > ramp_steps - 1  # distinct values on the ramp
 
 
 def test_config_json_round_trips_through_the_cli(cache, tmp_path, monkeypatch):

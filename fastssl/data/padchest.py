@@ -14,13 +14,16 @@ L -> lateral (LATERAL); COSTAL, EXCLUDE and others -> other; UNK or blank -> fro
 ViewPosition_DICOM when it says, else unknown.
 
 Labels: ``Labels`` is a Python-style list ("['pleural effusion', ' cardiomegaly']",
-items often with a leading space). Each finding maps onto CheXpert labels through the
-shipped table ``tables/padchest_to_chexpert.csv`` (a finding may set several labels, e.g.
-consolidation -> Consolidation and Lung Opacity). "No Finding" is 1 when no mapped label
-other than Support Devices is positive, as in CheXpert. Findings the table does not
-map are kept, ";"-joined, in the study's ``other_labels`` (the cache's ``other_labels``
-column). PadChest states no uncertainty: a listed finding is positive, an unlisted one
-negative; a blank ``Labels`` cell makes all 14 follow the blank policy.
+items often with a leading space). Each finding maps onto one CheXpert label through the
+shipped table ``tables/padchest_to_chexpert.csv``: the released MVMAE harmonisation map
+(agostini335/MVMAE ``utils/padchest_to_mimic_mapping.csv``; where that file lists a
+finding twice, its later row), all 193 findings it maps. Findings it maps to "No
+Finding" (scoliosis, goiter, ...) set no label. "No Finding" is 1 when no label other
+than Support Devices is positive, as in CheXpert. Findings that set no label (other
+than "normal") are kept, ";"-joined, in the study's ``other_labels`` (the cache's
+``other_labels`` column), as are findings the table does not know. PadChest states no
+uncertainty: a listed finding is positive, an unlisted one negative; a blank ``Labels``
+cell makes all 14 follow the blank policy.
 
 Pixels (photometric conventions): the PNGs hold 16-bit unsigned values that are read
 without any 8-bit step. Many films use only 12 of the 16 bits; the record's
@@ -67,7 +70,7 @@ _REQUIRED = ("ImageID", "ImageDir", "StudyID", "PatientID", "Projection", "Label
 
 @lru_cache(maxsize=None)
 def mapping_table(path: str = _TABLE) -> dict[str, tuple[str, ...]]:
-    """The shipped finding -> CheXpert labels table, keys lower-case."""
+    """The shipped finding -> CheXpert labels table (released MVMAE map), keys lower-case."""
     with open(path, encoding="utf-8", newline="") as handle:
         table = {}
         for row in csv.DictReader(handle):
@@ -97,9 +100,10 @@ def padchest_labels(findings: list[str] | None, blank_value: int) -> tuple[np.nd
     table = mapping_table()
     positive, other = set(), []
     for finding in findings:
-        if finding in table:
-            positive.update(table[finding])
-        elif finding not in other:
+        labels = set(table.get(finding, ())) - {"No Finding"}  # "No Finding" targets set nothing
+        if labels:
+            positive.update(labels)
+        elif finding != "normal" and finding not in other:
             other.append(finding)
     labels = np.array([name in positive for name in CHEXPERT_LABELS], dtype=np.int8)
     labels[CHEXPERT_LABELS.index("No Finding")] = not (positive - {"Support Devices"})
@@ -118,6 +122,17 @@ def padchest_view(projection: str | None, dicom_view: str | None, frontal_order:
     if vp:
         return classify_view(vp, frontal_order, lateral_views), vp, "ViewPosition_DICOM"
     return "unknown", "", ""
+
+
+def id_problem(ids: dict[str, str], key: str, seen: set[str]) -> str | None:
+    """Why a CSV row cannot be used, from its ids (``{column: stripped value}``): an empty
+    one, or a repeat of ``ids[key]`` already in ``seen``; None when usable (then seen)."""
+    if not all(ids.values()):
+        return f"empty {', '.join(ids)}"
+    if ids[key] in seen:
+        return f"{key} {ids[key]} repeated; kept once"
+    seen.add(ids[key])
+    return None
 
 
 def _hints(row: dict, where: str) -> tuple:
@@ -161,15 +176,13 @@ def load_padchest(
     seen: set[str] = set()
     for n, row in _read_csv(csv_path, _REQUIRED):
         where = f"{csv_path}:{n}"
-        image, folder = (row["ImageID"] or "").strip(), (row["ImageDir"] or "").strip()
-        study_id, subject = (row["StudyID"] or "").strip(), (row["PatientID"] or "").strip()
-        if not (image and study_id and subject):
-            rejects.append((where, "empty ImageID, StudyID or PatientID"))
+        folder = (row["ImageDir"] or "").strip()
+        ids = {k: (row[k] or "").strip() for k in ("ImageID", "StudyID", "PatientID")}
+        image, study_id, subject = ids.values()
+        problem = id_problem(ids, "ImageID", seen)
+        if problem:
+            rejects.append((where, problem))
             continue
-        if image in seen:
-            rejects.append((where, f"ImageID {image} repeated; kept once"))
-            continue
-        seen.add(image)
         try:
             hints = _hints(row, where)
         except DataError as exc:

@@ -15,6 +15,10 @@ module names their files and writes the CSVs of a layout:
   ``<ImageDir>/<ImageID>.png``: 16-bit PNGs holding 12-bit values (BitsStored_DICOM 12),
   MONOCHROME1 films stored inverted, label lists with leading spaces, findings that map
   to no CheXpert label, some blank label cells, Projection "UNK" where no view is known.
+* ``nih-cxr14``: ``Data_Entry_2017.csv``, ``train_val_list.txt``, ``test_list.txt`` and
+  ``images_00N/[images/]<patient>_<follow-up>.png`` (8-bit PNGs, a few RGBA): the frontal
+  films only, each its own study, "|"-separated findings (devices unnamed, Hernia and
+  Emphysema with no CheXpert label), every image with a View Position.
 
 Broken files (``--corrupt``) in the JPEG/PNG layouts: a truncated file, an empty file, or
 a CSV row whose file is absent. Every layout writes ``phantom_truth.csv``: one row per
@@ -29,14 +33,14 @@ from typing import Sequence
 
 import numpy as np
 
-from fastssl.data.phantom_anatomy import FINDING_LABELS
 
 __all__ = ["LAYOUTS", "assign_paths", "raster_bytes", "is_absent", "layout_tables", "truth_rows",
            "TRUTH_COLUMNS", "CHEXPERT_ROOT", "PADCHEST_CSV"]
 
-LAYOUTS = ("mimic-dicom", "mimic-jpg", "chexpert", "padchest")
+LAYOUTS = ("mimic-dicom", "mimic-jpg", "chexpert", "padchest", "nih-cxr14")
 CHEXPERT_ROOT = "CheXpert-v1.0-small"
 PADCHEST_CSV = "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv"
+NIH_CSV = "Data_Entry_2017.csv"
 LABELS = (
     "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum",
     "Fracture", "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion",
@@ -47,8 +51,30 @@ TRUTH_COLUMNS = ("dicom_id", "study_id", "subject_id", "view", "view_position", 
 # The phantom's findings as PadChest names them, and findings with no CheXpert label.
 PADCHEST_NAMES = {"nodule": "nodule", "mass": "mass", "effusion": "pleural effusion",
                   "cardiomegaly": "cardiomegaly", "consolidation": "consolidation",
-                  "pneumothorax": "pneumothorax", "devices": "pacemaker"}
-PADCHEST_UNMAPPED = ("scoliosis", "aortic elongation")
+                  "pneumothorax": "pneumothorax", "devices": "pacemaker",
+                  "retrocardiac_opacity": "atelectasis", "posterior_effusion": "pleural effusion",
+                  "apical_pneumothorax": "pneumothorax"}
+# The labels the released PadChest map (fastssl/data/tables) gives each of those names:
+# one label per finding (a mass is not also an opacity there, unlike FINDING_LABELS).
+PADCHEST_STATED = {"nodule": ("Lung Lesion",), "mass": ("Lung Lesion",), "effusion": ("Pleural Effusion",),
+                   "cardiomegaly": ("Cardiomegaly",), "consolidation": ("Consolidation",),
+                   "pneumothorax": ("Pneumothorax",), "devices": ("Support Devices",),
+                   "retrocardiac_opacity": ("Atelectasis",), "posterior_effusion": ("Pleural Effusion",),
+                   "apical_pneumothorax": ("Pneumothorax",)}
+PADCHEST_UNMAPPED = ("scoliosis", "kyphosis")  # the released map sends both to "No Finding"
+# ChestX-ray14: the phantom's findings as NIH names them (devices: NIH has no such label),
+# and the CheXpert labels those names give (fastssl.data.nih's map, stated here by hand).
+NIH_NAMES = {"nodule": "Nodule", "mass": "Mass", "effusion": "Effusion", "cardiomegaly": "Cardiomegaly",
+             "consolidation": "Consolidation", "pneumothorax": "Pneumothorax", "devices": None,
+             "retrocardiac_opacity": "Atelectasis", "posterior_effusion": "Effusion",
+             "apical_pneumothorax": "Pneumothorax"}
+NIH_STATED = {"Nodule": "Lung Lesion", "Mass": "Lung Lesion", "Effusion": "Pleural Effusion",
+              "Cardiomegaly": "Cardiomegaly", "Consolidation": "Consolidation", "Pneumothorax": "Pneumothorax",
+              "Atelectasis": "Atelectasis"}
+NIH_UNMAPPED = ("Hernia", "Emphysema")  # NIH findings with no CheXpert label
+NIH_NEVER_STATED = ("Enlarged Cardiomediastinum", "Fracture", "Support Devices")  # stored as missing
+_NIH_HEADER = ("Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
+               "View Position", "OriginalImage[Width", "Height]", "OriginalImagePixelSpacing[x", "y]")
 _CHEXPERT_HEADER = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *LABELS)
 _PADCHEST_HEADER = ("ImageID", "ImageDir", "StudyDate_DICOM", "StudyID", "PatientID", "PatientSex_DICOM",
                     "ViewPosition_DICOM", "Projection", "MethodProjection", "Labels", "BitsStored_DICOM",
@@ -64,6 +90,7 @@ def assign_paths(layout: str, tasks: list[dict]) -> None:
     ``task["ids"]`` / ``im["id"]``)."""
     patients: dict[int, int] = {}
     studies_of: dict[int, int] = {}
+    follow_ups: dict[int, int] = {}
     for t in tasks:
         sid = t["subject_id"]
         patients.setdefault(sid, len(patients) + 1)
@@ -86,8 +113,24 @@ def assign_paths(layout: str, tasks: list[dict]) -> None:
                 t["ids"] = (f"{sid * 2654435761 % 2**40:x}", f"{t['study_id'] * 40503 % 2**48:x}")
                 im["id"] = im["dicom_id"]
                 im["path"] = f"{sid % 4}/{im['dicom_id']}.png"
+            elif layout == "nih-cxr14":
+                _nih_path(t, im, patients[sid], follow_ups)
             else:
                 raise ValueError(f"--layout {layout!r}; expected one of {LAYOUTS}")
+
+
+def _nih_path(t: dict, im: dict, patient: int, follow_ups: dict[int, int]) -> None:
+    """ChestX-ray14 names: <patient:08d>_<follow-up:03d>.png, one study per image, frontal
+    films only (a lateral is not in the dataset at all: ``im["excluded"]``)."""
+    t["ids"] = (str(patient), "")
+    if im["view"] != "frontal":
+        im.update(excluded=True, absent=True, id="", path="")
+        return
+    k = follow_ups[patient] = follow_ups.get(patient, -1) + 1
+    im["id"] = f"{patient:08d}_{k:03d}"
+    # both of NIH's layouts: images_00N/images/<file> and a flat images_00N/<file>
+    folder = f"images_{patient % 3 + 1:03d}" + ("/images" if patient % 2 else "")
+    im["path"] = f"{folder}/{im['id']}.png"
 
 
 def is_absent(im: dict) -> bool:
@@ -107,6 +150,9 @@ def raster_bytes(layout: str, im: dict, image: np.ndarray) -> bytes:
         if im["photometric"] == "MONOCHROME1":
             stored = 4095 - stored
         Image.fromarray(stored).save(buf, format="PNG")  # uint16 -> mode I;16, a 16-bit PNG
+    elif layout == "nih-cxr14":  # 8-bit grey PNGs; a few of NIH's are RGBA exports of the same grey
+        grey = Image.fromarray(np.round(disp * 255).astype(np.uint8))
+        (grey.convert("RGBA") if im["photometric"] == "MONOCHROME1" else grey).save(buf, format="PNG")
     else:
         Image.fromarray(np.round(disp * 255).astype(np.uint8)).save(buf, format="JPEG", quality=95)
     data = buf.getvalue()
@@ -119,19 +165,31 @@ def raster_bytes(layout: str, im: dict, image: np.ndarray) -> bytes:
 
 def _expected_view(layout: str, t: dict, im: dict) -> str:
     """The view a correct reader finds from the fields this layout writes."""
-    if layout == "chexpert" or im["view_position"] is not None:
+    if layout in ("chexpert", "nih-cxr14") or im["view_position"] is not None:  # NIH: always a View Position
         return im["view"]
     if layout in ("mimic-dicom", "mimic-jpg") and (im.get("view_code_kept") or t["procedure"] == "CHEST (PORTABLE AP)"):
         return im["view"]
     return "unknown"
 
 
+def _nih_findings(t: dict) -> tuple[list[str], list[str]]:
+    """(the Finding Labels as written, the findings in it with no CheXpert label)."""
+    names = list(dict.fromkeys(NIH_NAMES[f] for f in t["findings"] if NIH_NAMES[f]))
+    other = [NIH_UNMAPPED[j] for j in range(2) if t["index"] % (5 + 2 * j) == 0]
+    return (names + other) or ["No Finding"], other
+
+
 def _stated_labels(layout: str, t: dict) -> dict[str, str]:
     """The 14 labels as the layout's CSV states them (from the phantom's findings)."""
+    if layout == "nih-cxr14":  # blank: a label NIH never states (stored as missing)
+        names = _nih_findings(t)[0]
+        positive = {NIH_STATED[n] for n in names if n in NIH_STATED} | ({"No Finding"} if names == ["No Finding"]
+                                                                         else set())
+        return {c: "" if c in NIH_NEVER_STATED else "1.0" if c in positive else "0.0" for c in LABELS}
     if layout == "padchest":
         if _padchest_blank(t):
             return {c: "" for c in LABELS}
-        positive = {lab for f in t["findings"] for lab in FINDING_LABELS[f]}
+        positive = {lab for f in t["findings"] for lab in PADCHEST_STATED[f]}
         positive |= {"No Finding"} if not positive - {"Support Devices"} else set()
         return {c: "1.0" if c in positive else "0.0" for c in LABELS}
     if layout == "chexpert" and t["split"] == "validate":  # radiologist consensus: 0 / 1 only
@@ -145,21 +203,34 @@ def _padchest_blank(t: dict) -> bool:
 
 def _padchest_findings(t: dict) -> tuple[list[str], list[str]]:
     """(the Labels list as written, the unmapped findings in it)."""
-    names = [PADCHEST_NAMES[f] for f in t["findings"]]
+    names = list(dict.fromkeys(PADCHEST_NAMES[f] for f in t["findings"]))  # two findings may share a name
     other = [PADCHEST_UNMAPPED[j] for j in range(2) if t["index"] % (5 + 2 * j) == 0]
     return (names + other) or ["normal"], other
+
+
+def _stated_split(layout: str, t: dict) -> str:
+    """The split the dataset itself states ("" where the reader draws it)."""
+    if layout.startswith("mimic"):
+        return t["split"]
+    if layout == "chexpert":
+        return "validate" if t["split"] == "validate" else ""
+    if layout == "nih-cxr14":  # test_list.txt; train_val_list.txt leaves train/validate to the reader
+        return "test" if t["split"] == "test" else ""
+    return ""
 
 
 def truth_rows(layout: str, tasks: Sequence[dict]) -> list[dict]:
     rows = []
     for t in sorted(tasks, key=lambda t: (str(t["ids"][0]), str(t["ids"][1]))):
         labels = _stated_labels(layout, t)
-        other = "" if layout != "padchest" or _padchest_blank(t) else ";".join(_padchest_findings(t)[1])
-        split = t["split"] if layout.startswith("mimic") else ("validate" if layout == "chexpert"
-                                                                and t["split"] == "validate" else "")
-        for im in sorted(t["images"], key=lambda im: im["id"]):
-            rows.append(dict(dicom_id=im["id"], study_id=t["ids"][1], subject_id=t["ids"][0], view=im["view"],
-                             view_position=im["view_position"] or "", expected_view=_expected_view(layout, t, im),
+        other = ";".join(_nih_findings(t)[1]) if layout == "nih-cxr14" else (
+            "" if layout != "padchest" or _padchest_blank(t) else ";".join(_padchest_findings(t)[1]))
+        split = _stated_split(layout, t)
+        for im in sorted((im for im in t["images"] if not im.get("excluded")), key=lambda im: im["id"]):
+            study_id = im["id"] if layout == "nih-cxr14" else t["ids"][1]  # NIH: an image is a study
+            rows.append(dict(dicom_id=im["id"], study_id=study_id, subject_id=t["ids"][0], view=im["view"],
+                             view_position=(im["position"] if layout == "nih-cxr14" else im["view_position"]) or "",
+                             expected_view=_expected_view(layout, t, im),
                              split=split, corrupt=im["corrupt"], findings=";".join(t["findings"]),
                              other_findings=other, path=im["path"], **labels))
     return rows
@@ -196,4 +267,25 @@ def layout_tables(layout: str, tasks: Sequence[dict]) -> dict[str, list[tuple[Se
                     "BitsStored_DICOM": "12", "PhotometricInterpretation_DICOM": im["photometric"],
                 })
         return {PADCHEST_CSV: (_PADCHEST_HEADER, rows)}
+    if layout == "nih-cxr14":
+        return _nih_tables(tasks)
     return {}
+
+
+def _nih_tables(tasks: Sequence[dict]) -> dict:
+    """Data_Entry_2017.csv (header as NIH ships it, its bracketed names split at the
+    commas) and the two split lists (bytes: one Image Index per line)."""
+    rows, lists = [], {"train_val_list.txt": [], "test_list.txt": []}
+    for t in tasks:
+        for im in t["images"]:
+            if im.get("excluded"):
+                continue
+            name = f"{im['id']}.png"
+            rows.append({"Image Index": name, "Finding Labels": "|".join(_nih_findings(t)[0]),
+                         "Follow-up #": int(im["id"].split("_")[1]), "Patient ID": t["ids"][0],
+                         "Patient Age": 20 + t["subject_id"] % 70, "Patient Gender": ("F", "M")[t["subject_id"] % 2],
+                         "View Position": im["position"], "OriginalImage[Width": 2500, "Height]": 2048,
+                         "OriginalImagePixelSpacing[x": 0.143, "y]": 0.143})
+            lists["test_list.txt" if t["split"] == "test" else "train_val_list.txt"].append(name)
+    out = {NIH_CSV: (_NIH_HEADER, sorted(rows, key=lambda r: r["Image Index"]))}
+    return dict(out, **{k: "".join(f"{n}\n" for n in sorted(v)).encode() for k, v in lists.items()})

@@ -14,6 +14,9 @@ chexpert-plus  CheXpert Plus: df_chexpert_plus_*.csv,     16-bit PNG           c
                PNG/ (labels: --labels-csv)
 padchest       PadChest: PADCHEST_..._labels_*.csv(.gz),  16-bit PNG           padchest
                <ImageDir>/<ImageID>
+nih-cxr14      NIH ChestX-ray14: Data_Entry_2017.csv,     8-bit PNG            nih-cxr14
+               train_val_list.txt, test_list.txt,
+               images*/[images/]<Image Index>
 =============  =========================================  ===================  ==========
 
 Views (the cache's ``view`` column; the model's view ids are frontal 0, lateral 1,
@@ -27,6 +30,7 @@ other and unknown 2)::
                  position), else the file name                                  AP/PA LL/RL    no name hint
     PadChest     Projection, else ViewPosition_DICOM    PA, AP,     L           COSTAL,        UNK / blank
                                                         AP_horizontal           EXCLUDE
+    ChestX-ray14 View Position (one image per study)    PA, AP      -           other values   blank
 
 The index's ``view_source`` column names the field each view came from.
 
@@ -58,7 +62,7 @@ from fastssl.data.mimic import (
 __all__ = ["SOURCE_KINDS", "SourceSpec", "TableOptions", "parse_source", "load_source", "load_sources",
            "pool_tables"]
 
-SOURCE_KINDS = ("mimic-dicom", "mimic-jpg", "dicom-scan", "chexpert", "chexpert-plus", "padchest")
+SOURCE_KINDS = ("mimic-dicom", "mimic-jpg", "dicom-scan", "chexpert", "chexpert-plus", "padchest", "nih-cxr14")
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,8 @@ class TableOptions:
     """How every source builds its table (the same options for all pooled sources).
 
     holdout: (validate, test) patient fractions for datasets without an official split
-    (for CheXpert only its test fraction is used: valid.csv is the validation split).
+    (for CheXpert only its test fraction is used: valid.csv is the validation split; for
+    ChestX-ray14 only the validate fraction, drawn from its train_val patients).
     seed: seeds those hash splits (None: the historical unseeded hash).
     labels_csv / split_csv: the user's labels and split for a dicom-scan source.
     """
@@ -149,9 +154,16 @@ def _padchest(root: str, o: TableOptions) -> StudyTable:
                          holdout=o.holdout, seed=o.seed)
 
 
+def _nih(root: str, o: TableOptions) -> StudyTable:
+    from fastssl.data.nih import load_nih
+
+    return load_nih(root, frontal_order=o.frontal_order, lateral_views=o.lateral_views, holdout=o.holdout,
+                    seed=o.seed)
+
+
 _LOADERS: dict[str, Callable[[str, TableOptions], StudyTable]] = {
     "mimic-dicom": _mimic(".dcm"), "mimic-jpg": _mimic(".jpg"), "dicom-scan": _scan,
-    "chexpert": _chexpert, "chexpert-plus": _chexpert_plus, "padchest": _padchest,
+    "chexpert": _chexpert, "chexpert-plus": _chexpert_plus, "padchest": _padchest, "nih-cxr14": _nih,
 }
 # Which kinds read --labels-csv / --split-csv (the others have their own labels and splits).
 _USER_CSV_KINDS = {"labels_csv": ("dicom-scan", "chexpert-plus"), "split_csv": ("dicom-scan",)}

@@ -2,8 +2,9 @@
 
 One dataclass holds every setting (:class:`PretrainConfig`; the CLI flags are its fields);
 fields left at None take the recipe's value (``--recipe mvmae``: the released MVMAE
-configuration, the default; ``--recipe mae``: fastssl's MAE-style variant), the same way
-for the Python API and the CLI. :func:`train_one_epoch` is the whole inner loop;
+configuration with its 500 epochs and 50 warm-up, the default; ``--recipe mvmae-short``:
+the same at 100 epochs and 5 warm-up, ours; ``--recipe mae``: fastssl's MAE-style
+variant), the same way for the Python API and the CLI. :func:`train_one_epoch` is the whole inner loop;
 :func:`main` prints the derived quantities, then trains, logs, checkpoints and exports.
 
 Modes:
@@ -59,7 +60,7 @@ from fastssl.profiling import annotate
 from fastssl.train.checkpoint import atomic_torch_save, atomic_write_text, truncate_metrics
 from fastssl.train.export import export_encoder, load_encoder
 
-__all__ = ["PretrainConfig", "Schedule", "train_one_epoch", "main", "param_groups",
+__all__ = ["PretrainConfig", "Schedule", "train_one_epoch", "main", "param_groups", "recipe_beta_range",
            "add_arguments", "run", "load_encoder", "export_encoder"]
 
 log = logging.getLogger(__name__)
@@ -75,13 +76,22 @@ _NOT_IDENTITY = ("out", "workers", "device", "impl", "compile", "plots", "log_ev
 
 # What each recipe sets (PretrainConfig fields left at None take these values). "mvmae" is
 # the released MVMAE configuration (agostini335/MVMAE, config/config_base.yaml and the
-# modules it names; README table); "mae" is fastssl's earlier MAE-style choice.
+# modules it names; README table) with the length of its dataclass defaults
+# (config/MyMVWSLConfig.py: n_epochs 500, n_epochs_warmup 50; config_base.yaml's 2 / 5 is a
+# smoke setting on 1,000 studies); "mvmae-short" is the same at 100 epochs, 5 warm-up
+# (ours, not released: the annealing then spans 0.522 -> 1.397, not 0.008 -> 1.940);
+# "mae" is fastssl's earlier MAE-style choice.
+_MVMAE = dict(mode="flu", base_lr=1.2e-4, beta2=0.999, decay_all=True, lr_per_epoch=True, warmup_start=0.5,
+              beta_schedule="released", beta_steepness=0.02, augment_style="mvmae")
 RECIPE_DEFAULTS: dict[str, dict] = {
-    "mvmae": dict(mode="flu", base_lr=1.2e-4, beta2=0.999, decay_all=True, lr_per_epoch=True,
-                  warmup_start=0.5, beta_schedule="released", beta_steepness=0.02, augment_style="mvmae"),
+    "mvmae": dict(_MVMAE, epochs=500, warmup_epochs=50.0),
+    "mvmae-short": dict(_MVMAE, epochs=100, warmup_epochs=5.0),
     "mae": dict(mode="paired", base_lr=1.5e-4, beta2=0.95, decay_all=False, lr_per_epoch=False,
-                warmup_start=0.0, beta_schedule="ramp", beta_steepness=10.0, augment_style="mae"),
+                warmup_start=0.0, beta_schedule="ramp", beta_steepness=10.0, augment_style="mae",
+                epochs=100, warmup_epochs=5.0),
 }
+# The model recipe (fastssl.models.mvmae.MODEL_RECIPES) of each training recipe.
+RECIPE_MODEL = {"mvmae": "mvmae", "mvmae-short": "mvmae", "mae": "mae"}
 # Model fields a run may override (None: the recipe's, see fastssl.models.mvmae.MODEL_RECIPES).
 _MODEL_OVERRIDES = ("target", "align", "recon_reduction", "qk_norm", "decoder_embed", "decoder_dim",
                     "decoder_heads", "decoder_depth", "init")
@@ -94,7 +104,7 @@ class PretrainConfig:
 
     cache: str = ""                # a `fastssl prepare` cache directory
     out: str = "runs/pretrain"     # output directory (rerun the same command to resume)
-    recipe: str = "mvmae"          # mvmae (the released MVMAE configuration) | mae (fastssl's MAE-style variant)
+    recipe: str = "mvmae"          # mvmae (released, 500 epochs) | mvmae-short (same, 100 epochs) | mae (MAE-style)
     mode: str | None = None        # flu (every image, alignment where a study has two) | paired | single | supervised
     preset: str = "vit_base"       # vit_tiny | vit_small | vit_base (B/16) | test (CPU)
     img_size: int = 0              # 0: the preset's (224)
@@ -115,11 +125,11 @@ class PretrainConfig:
     beta_schedule: str | None = None   # released (per-epoch SigmoidAnnealing from the warm-up on) | ramp (per step)
     beta_steepness: float | None = None  # released 0.02 (per epoch); ramp 10 (over the ramp)
     beta_ramp_epochs: float = -1.0 # ramp only: length of the sigmoid ramp 0 -> beta_max; -1: all epochs
-    epochs: int = 100
+    epochs: int | None = None      # the recipe's: 500 (mvmae, the released default), 100 (mvmae-short, mae)
     batch_size: int = 64           # per rank; a sample is a study (flu, paired) or an image
     base_lr: float | None = None   # lr = base_lr * batch_size * world_size / 256 (released 1.2e-4)
     min_lr: float = 0.0            # floor of the cosine
-    warmup_epochs: float = 5.0     # warm-up, then cosine to min_lr
+    warmup_epochs: float | None = None  # warm-up, then cosine to min_lr; the recipe's: 50 (mvmae), 5 (mvmae-short, mae)
     warmup_start: float | None = None  # lr factor at the start of the warm-up (released LinearLR: 0.5)
     lr_per_epoch: bool | None = None   # lr (and beta) change once per epoch (released) or every step
     weight_decay: float = 0.05     # AdamW
@@ -156,7 +166,7 @@ class PretrainConfig:
 
         if self.preset not in PRESETS:
             raise ValueError(f"preset={self.preset!r}; expected one of {sorted(PRESETS)}")
-        model_defaults = _recipe_fields(self.preset, self.recipe)
+        model_defaults = _recipe_fields(self.preset, RECIPE_MODEL[self.recipe])
         values = {}
         for f in fields(self):
             v = getattr(self, f.name)
@@ -195,7 +205,7 @@ class PretrainConfig:
     def model_config(self):
         from fastssl.models.mvmae import model_config
 
-        return model_config(self.preset, recipe=self.recipe, img_size=self.img_size or None,
+        return model_config(self.preset, recipe=RECIPE_MODEL[self.recipe], img_size=self.img_size or None,
                             patch_size=self.patch_size or None, temperature=self.temperature,
                             **{k: getattr(self, k) for k in _MODEL_OVERRIDES})
 
@@ -205,10 +215,24 @@ def sigmoid_annealing(epoch: int, final: float, start: int, end: int, steepness:
     """The released per-epoch beta (MVMAE ``SigmoidAnnealing``): a logistic curve of the
     epoch, constant before ``start`` and from ``end`` on. Its midpoint is
     ``int(start + (end - start) / 2)`` measured from ``start`` (shifted twice, as released),
-    so at (start, end) = (5, 100), final 2, steepness 0.02 it runs 0.52 -> 1.41."""
+    so with final 2, steepness 0.02 the epochs a run trains (0 .. end - 1) see
+    0.008 -> 1.940 at (start, end) = (50, 500) and 0.522 -> 1.397 at (5, 100)
+    (:func:`recipe_beta_range`)."""
     midpoint = int(start + (end - start) / 2)
     t = min(max(epoch, start), end) - start  # before start: the value at start; from end on: at end
     return initial + (final - initial) / (1 + math.exp(-steepness * (t - midpoint)))
+
+
+def recipe_beta_range(recipe: str, beta_max: float = 2.0) -> tuple[float, float]:
+    """(first, last) beta a recipe's released schedule gives over the epochs it trains
+    (epoch 0 and epoch ``epochs - 1``); ValueError for a recipe with the per-step ramp."""
+    if recipe not in RECIPE_DEFAULTS:
+        raise ValueError(f"recipe={recipe!r}; expected one of {tuple(RECIPE_DEFAULTS)}")
+    r = RECIPE_DEFAULTS[recipe]
+    if r["beta_schedule"] != "released":
+        raise ValueError(f"recipe={recipe!r} ramps beta per step; no per-epoch range")
+    start, end = int(r["warmup_epochs"]), r["epochs"]
+    return tuple(sigmoid_annealing(e, beta_max, start, end, r["beta_steepness"]) for e in (0, end - 1))
 
 
 @dataclass(frozen=True)
