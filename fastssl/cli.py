@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("fastssl.eval.probe", "linear probe on frozen CLS features: per-label and macro AUROC with bootstrap CIs"),
     "finetune": ("fastssl.eval.finetune", "full fine-tuning with study-level logits, model selection on validation AUROC"),
     "compare": ("fastssl.eval.compare", "paired patient-bootstrap test of two runs' macro AUROC (their scores.csv)"),
+    "tile": ("fastssl.curation.tile", "whole-slide images -> a tile index (tiles.csv) at a physical resolution, tissue only"),
     "embed": ("fastssl.curation.embed", "embed image tiles with a timm model into fp16 .npy shards"),
     "curate": ("fastssl.train.curate", "hierarchical k-means tree, balanced sample and report"),
     "demo": ("fastssl.demo", "the main job end to end on built-in phantom data"),
