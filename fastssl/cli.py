@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tile": ("fastssl.curation.tile", "whole-slide images -> a tile index (tiles.csv) at a physical resolution, tissue only"),
     "embed": ("fastssl.curation.embed", "embed image tiles with a timm model into fp16 .npy shards"),
     "curate": ("fastssl.train.curate", "hierarchical k-means tree, balanced sample and report"),
+    "grids": ("fastssl.curation.tiles", "PNG grids of each cluster's tiles closest to its centroid (a curate tree level)"),
     "demo": ("fastssl.demo", "the main job end to end on built-in phantom data"),
     "plot": ("fastssl.plots", "PNG training curves and reconstructions of a pretraining run"),
     "export": ("fastssl.train.export", "timm-ready encoder files (one per view) from a pretrain checkpoint"),

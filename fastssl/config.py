@@ -173,6 +173,7 @@ COMMAND_RANGES: dict[str, dict[str, Range]] = {
                   shard_size=_COUNT, workers=_NONNEG),
     "tile": dict(mpp=_POS, size=_SIDE, min_tissue=_FRACTION, min_saturation=_FRACTION,
                  thumbnail_size=Range(16, 16384, integer=True)),
+    "grids": dict(level=_COUNT, per_cluster=_COUNT, tile_px=Range(8, 4096, integer=True)),
     "curate": dict(iterations=_COUNT, split_k=_COUNT, split_iterations=_COUNT, resampling_steps=_COUNT,
                    sample_size=_COUNT, init_sample_size=_COUNT, seed=_SEED, memory_budget_mb=_POS,
                    target_size=Range(0), split_inits=_COUNT, init_sample_per_centroid=_COUNT,

@@ -163,17 +163,9 @@ class _ItemDataset:
             return _to_float_chw(self.slides.read(self.tiles[item]))
         if self.array is not None:
             return _to_float_chw(np.asarray(self.array[item]))
-        path = self.root / self.names[item]
-        if path.suffix.lower() == ".npy":
-            return _to_float_chw(np.load(path, allow_pickle=False))
-        from PIL import Image
+        from fastssl.curation.tiles import read_image
 
-        with Image.open(path) as img:
-            img.load()
-            if img.mode not in ("L", "RGB", "I;16"):
-                img = img.convert("RGB")
-            pixels = np.asarray(img)
-        return _to_float_chw(pixels)
+        return _to_float_chw(read_image(self.root / self.names[item]))
 
     def _resize(self, chw: np.ndarray):
         import torch
