@@ -145,17 +145,19 @@ def tissue_mask(slide, thumbnail_size: int, min_saturation: float) -> tuple[np.n
 def tile_grid(mask: np.ndarray, width: int, height: int, step: float, min_tissue: float) -> list[tuple[int, int]]:
     """Level-0 top-left corners (x, y) of the grid tiles of side ``step`` level-0 pixels that lie
     inside the slide and whose tissue fraction (mask pixels whose centre falls in the tile) is
-    at least ``min_tissue``; in row-major order."""
+    at least ``min_tissue``; in row-major order. mask: (h, w) bool over the whole slide."""
     h, w = mask.shape
-    centres_x, centres_y = (np.arange(w) + 0.5) * width / w, (np.arange(h) + 0.5) * height / h
-    out = []
-    for j in range(int(height // step)):
-        rows = mask[(centres_y >= j * step) & (centres_y < (j + 1) * step)]
-        for i in range(int(width // step)):
-            cell = rows[:, (centres_x >= i * step) & (centres_x < (i + 1) * step)]
-            if cell.size and cell.mean() >= min_tissue:
-                out.append((round(i * step), round(j * step)))
-    return out
+    nx, ny = int(width // step), int(height // step)
+    # the grid cell of every mask pixel's centre (level-0 coordinates), -1 outside the grid
+    cell_x = np.floor((np.arange(w) + 0.5) * width / w / step).astype(np.int64)
+    cell_y = np.floor((np.arange(h) + 0.5) * height / h / step).astype(np.int64)
+    cell_x[cell_x >= nx], cell_y[cell_y >= ny] = -1, -1
+    cells = np.where((cell_y[:, None] >= 0) & (cell_x[None, :] >= 0), cell_y[:, None] * nx + cell_x[None, :], -1)
+    inside = cells >= 0
+    counts = np.bincount(cells[inside], minlength=nx * ny)
+    tissue = np.bincount(cells[inside], weights=mask[inside].astype(np.float64), minlength=nx * ny)
+    keep = np.flatnonzero((counts > 0) & (tissue >= min_tissue * counts))
+    return [(round(int(i % nx) * step), round(int(i // nx) * step)) for i in keep]
 
 
 # --------------------------------------------------------------------------- job
