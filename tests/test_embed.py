@@ -438,3 +438,27 @@ def test_strict_loading_names_missing_and_unexpected_keys(uni_like, tmp_path):
     (tmp_path / "empty" / "config.json").write_text((uni_like / "config.json").read_text())
     with pytest.raises(DataError, match="no weights file"):
         build_model(f"local-dir:{tmp_path / 'empty'}", None, False, None, 3)
+
+
+def test_virchow_style_mlp_layer_named_in_config_json(tmp_path, rgb_tiles):
+    """config.json cannot hold a class: "mlp_layer": "SwiGLUPacked" (Virchow's MLP) is taken
+    from timm.layers; the features equal a plain timm model built with the class itself."""
+    from safetensors.torch import save_file
+
+    args = {"img_size": SIZE, "init_values": 1e-5, "act_layer": "silu", "mlp_ratio": 4.0}
+    torch.manual_seed(2)
+    net = timm.create_model(MODEL, pretrained=False, num_classes=0, mlp_layer=timm.layers.SwiGLUPacked, **args)
+    folder = tmp_path / "virchow_like"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({
+        "architecture": MODEL, "num_classes": 0, "model_args": {**args, "mlp_layer": "SwiGLUPacked"},
+        "pretrained_cfg": {"input_size": [3, SIZE, SIZE], "mean": IMAGENET_MEAN, "std": IMAGENET_STD}}))
+    built = build_model(f"local-dir:{folder}", None, False, None, 3)
+    assert isinstance(built.blocks[0].mlp, timm.layers.GluMlp)
+    x = torch.randn(3, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(built(x), net.eval()(x), rtol=1e-5, atol=1e-5)
+    (folder / "config.json").write_text(json.dumps({"architecture": MODEL, "model_args": {"mlp_layer": "Nope"}}))
+    with pytest.raises(DataError, match="mlp_layer 'Nope'"):
+        build_model(f"local-dir:{folder}", None, False, None, 3)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -274,8 +275,8 @@ def _local_dir_layers(folder: Path) -> dict:
     layer = args.get("mlp_layer")
     if not isinstance(layer, str):
         return {}
-    if not isinstance(getattr(timm.layers, layer, None), type):
-        raise DataError(folder / "config.json", f"model_args.mlp_layer {layer!r} is not a class of timm.layers")
+    if not isinstance(getattr(timm.layers, layer, None), (type, functools.partial)):  # SwiGLUPacked is a partial
+        raise DataError(folder / "config.json", f"model_args.mlp_layer {layer!r} is not a layer class of timm.layers")
     return {"mlp_layer": getattr(timm.layers, layer)}
 
 
