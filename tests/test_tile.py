@@ -176,3 +176,13 @@ def test_blank_slide_gives_no_tissue(slides):
     mask, threshold = tile_mod.tissue_mask(slide, 256, 0.05)
     assert threshold >= 0.05 and mask.mean() < 0.05
     assert tile_mod.tile_grid(mask, 256, 256, 64, 0.5) == []
+
+
+def test_level_choice_by_hand():
+    # levels at 0.2527 / 0.5054 / 1.0108 µm/px (a "40x" scanner)
+    assert tile_mod.choose_level(0.2527, [1, 2, 4], 0.5) == 1      # 1% coarser: within the 2% slack
+    assert tile_mod.choose_level(0.2527, [1, 2, 4], 0.45) == 0     # level 1 would be 12% coarser
+    assert tile_mod.choose_level(0.25, [1, 2, 4], 1.0) == 2
+    assert tile_mod.choose_level(0.25, [1, 4.0, 2], 1.0) == 1      # by downsample, not by position
+    with pytest.raises(ValueError, match="coarser than the requested 0.5"):
+        tile_mod.choose_level(1.0, [1, 2], 0.5)

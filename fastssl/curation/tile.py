@@ -169,7 +169,7 @@ class TileConfig:
     size: int = 224  # tile side in output pixels
     min_tissue: float = 0.5  # least fraction of a tile the tissue mask must cover
     min_saturation: float = 0.05  # floor of the Otsu saturation threshold (a blank slide gives no tiles)
-    thumbnail_size: int = 2048  # longer side in pixels of the thumbnail the tissue mask is computed on
+    thumbnail_size: int = 1024  # longer side in pixels of the thumbnail the tissue mask is computed on (its 7x7 median costs ~1.6 s at 1024, ~6 s at 2048)
     overwrite: bool = False  # replace another run (other settings or slides) found in --out
     quiet: bool = False  # no progress bar
 
