@@ -186,3 +186,16 @@ def test_level_choice_by_hand():
     assert tile_mod.choose_level(0.25, [1, 4.0, 2], 1.0) == 1      # by downsample, not by position
     with pytest.raises(ValueError, match="coarser than the requested 0.5"):
         tile_mod.choose_level(1.0, [1, 2], 0.5)
+
+
+def test_embed_without_the_slide_reader_stops_with_its_name(slides, tmp_path, monkeypatch):
+    from fastssl.curation.embed import embed_images
+    from fastssl.errors import MissingDependencyError
+
+    root, _ = slides
+    tile_mod.tile_slides(root, tmp_path / "t", **SETTINGS)
+    monkeypatch.setitem(__import__("sys").modules, "tiffslide", None)  # import tiffslide fails
+    with pytest.raises(MissingDependencyError, match="tiffslide"):
+        embed_images(tmp_path / "t" / "tiles.csv", tmp_path / "emb", model="test_vit", random_init=True,
+                     img_size=32, workers=0, quiet=True, device="cpu")
+    assert not (tmp_path / "emb" / "index.csv").exists()

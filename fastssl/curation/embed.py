@@ -103,11 +103,12 @@ class _Items:
 def _open_items(source: str | os.PathLike) -> _Items:
     """The items of a folder of tiles, a .npy array file or a tile index (`fastssl tile`'s
     folder or its tiles.csv; names are the tile names)."""
-    from fastssl.curation.tile import read_tile_index, tile_index_path
+    from fastssl.curation import tile
 
-    tiles_csv = tile_index_path(source)
+    tiles_csv = tile.tile_index_path(source)
     if tiles_csv is not None:
-        names, refs = read_tile_index(tiles_csv)
+        tile.slide_reader()  # a missing reader stops the job here, it must not reject every tile
+        names, refs = tile.read_tile_index(tiles_csv)
         if not names:
             raise DataError(tiles_csv, "no tiles in this tile index")
         return _Items(Path(source), names, tile_index=tiles_csv, tiles=refs)
