@@ -65,6 +65,11 @@ def test_reads_slide_rows_from_the_tile_index(tmp_path, rng):
     assert row["level"] == 1 and row["mpp"] == 0.5 and row["x"] == 128
     np.testing.assert_array_equal(pixels, levels[1][32:64, 64:96])   # level-1 crop at corner / 2
     np.testing.assert_array_equal(ds[1][0], levels[0][192:208, 64:80])
+    import pickle  # DataLoader workers get a copy: open slides are not carried, reopened on use
+
+    copy = pickle.loads(pickle.dumps(ds))
+    assert copy._cache.open == {} and ds._cache.open
+    np.testing.assert_array_equal(copy[0][0], levels[1][32:64, 64:96])
     with pytest.raises(ValueError, match="tiles_root"):
         TileDataset(table)[0]
     (index / "slides.csv").write_text("slide,path,mpp,width,height,tiles\nother,x.tif,0.25,1,1,0\n")
