@@ -210,16 +210,21 @@ def test_array_file_source_random_init(tmp_path, rng):
     assert read_csv(tmp_path / "emb" / "index.csv")[3]["source"] == "tiles.npy[3]"
 
 
+def _all_rows(out, manifest):
+    return np.concatenate([np.load(out / s["file"]) for s in manifest["shards"]]).astype(np.float32)
+
+
 @pytest.mark.gpu
-def test_cuda_bf16_matches_cpu(tiles, weights, tmp_path):
-    # The CUDA path (channels_last, bf16 autocast) against the fp32 CPU path.
+@pytest.mark.parametrize("precision, tol", [("fp32", 2e-3), ("bf16", 0.05)])
+def test_cuda_matches_cpu(tiles, weights, tmp_path, precision, tol):
+    # The CUDA path (channels_last; TF32 off for fp32, bf16 autocast) against the fp32 CPU path:
+    # fp32 within fp16 storage rounding, bf16 within bf16's.
     cpu = embed_images(tiles, tmp_path / "cpu", config(weights))
-    gpu = embed_images(tiles, tmp_path / "gpu", config(weights, device="auto"))
-    assert gpu["count"] == cpu["count"] == 9
-    a = np.concatenate([np.load(tmp_path / "gpu" / s["file"]) for s in gpu["shards"]]).astype(np.float32)
-    b = np.concatenate([np.load(tmp_path / "cpu" / s["file"]) for s in cpu["shards"]]).astype(np.float32)
+    gpu = embed_images(tiles, tmp_path / "gpu", config(weights, device="cuda", precision=precision))
+    assert gpu["count"] == cpu["count"] == 9 and gpu["precision"] == precision
+    a, b = _all_rows(tmp_path / "gpu", gpu), _all_rows(tmp_path / "cpu", cpu)
     rel = np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)
-    assert rel.max() < 0.05, rel
+    assert rel.max() < tol, rel
 
 
 def test_bad_inputs(tmp_path, weights):
@@ -338,3 +343,122 @@ def curate_args(tmp_path, data):
     curate.add_arguments(parser)
     return parser.parse_args(["--data", data, "--out", str(tmp_path / "cur"), "--levels", "4,2",
                               "--iterations", "3", "--target-size", "6"])
+
+
+# --------------------------------------------------------------------------- UNI-style checkpoints
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+UNI_ARGS = {"img_size": SIZE, "init_values": 1e-5, "dynamic_img_size": True}  # UNI's get_encoder options
+
+
+@pytest.fixture
+def uni_like(tmp_path):
+    """UNI's stand-in: a tiny ViT with LayerScale saved in timm's local-dir format (config.json
+    with architecture, model_args, pretrained_cfg + model.safetensors). Its gammas are set far
+    from 1 (a trained model's are), so dropping LayerScale changes the features."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    net = timm.create_model(MODEL, pretrained=False, num_classes=0, **UNI_ARGS)
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            if name.endswith(".gamma"):
+                param.uniform_(0.05, 0.3)
+    folder = tmp_path / "uni_like"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / "model.safetensors"))
+    cfg = {"architecture": MODEL, "num_classes": 0, "model_args": UNI_ARGS,
+           "pretrained_cfg": {"input_size": [3, SIZE, SIZE], "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+                              "num_classes": 0, "interpolation": "bicubic", "crop_pct": 1.0}}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.fixture
+def rgb_tiles(tmp_path, rng):
+    root = tmp_path / "rgb"
+    root.mkdir()
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(root / f"t{i}.png")
+    return root
+
+
+def plain_timm_features(folder, tile_paths):
+    """The model's own features, written out independently of fastssl: timm.create_model with
+    UNI's options, load_state_dict(strict=True), ImageNet normalisation in float64, fp32 forward."""
+    from safetensors.torch import load_file
+
+    net = timm.create_model(MODEL, pretrained=False, num_classes=0, **UNI_ARGS)
+    net.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB"), np.float64) / 255.0 for p in tile_paths])
+    x = (pixels - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    with torch.no_grad():
+        return net.eval()(torch.from_numpy(x.transpose(0, 3, 1, 2)).float()).numpy()
+
+
+def test_local_dir_checkpoint_gives_the_models_own_features(uni_like, rgb_tiles, tmp_path):
+    manifest = embed_images(rgb_tiles, tmp_path / "emb", model=f"local-dir:{uni_like}", img_size=None,
+                            batch_size=2, shard_size=3, workers=0, quiet=True, device="cpu")
+    rows = read_csv(tmp_path / "emb" / "index.csv")
+    expected = plain_timm_features(uni_like, [rgb_tiles / r["source"] for r in rows])
+    got = _all_rows(tmp_path / "emb", manifest)
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(got, expected, rtol=2e-3, atol=2e-3 * scale)  # fp16 storage rounding
+    assert manifest["mean"] == list(IMAGENET_MEAN) and manifest["std"] == list(IMAGENET_STD)
+    assert manifest["precision"] == "fp32" and manifest["weights"] == str(uni_like / "model.safetensors")
+    job = json.loads((tmp_path / "emb" / "job.json").read_text())
+    assert job["settings"]["precision"] == "fp32"
+    assert str((uni_like / "config.json").resolve()) in job["inputs"]
+    # bf16 is a switch: recorded, close to fp32 but not equal to it
+    bf16 = embed_images(rgb_tiles, tmp_path / "bf16", model=f"local-dir:{uni_like}", precision="bf16",
+                        batch_size=2, workers=0, quiet=True, device="cpu")
+    rel = np.linalg.norm(_all_rows(tmp_path / "bf16", bf16) - expected, axis=1) / np.linalg.norm(expected, axis=1)
+    assert bf16["precision"] == "bf16" and 1e-4 < rel.max() < 0.05, rel
+
+
+def test_strict_loading_names_missing_and_unexpected_keys(uni_like, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(uni_like / "model.safetensors"))
+    # UNI's weights under the plain timm name (no LayerScale): its gammas are unexpected
+    with pytest.raises(DataError, match=r"unexpected keys blocks\.0\.ls1\.gamma"):
+        build_model(MODEL, str(uni_like / "model.safetensors"), False, SIZE, 3)
+    missing = {k: v for k, v in state.items() if k != "blocks.1.ls2.gamma"}
+    save_file(missing, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(DataError, match=r"missing\.safetensors.*missing keys blocks\.1\.ls2\.gamma$"):
+        build_model(f"local-dir:{uni_like}", str(tmp_path / "missing.safetensors"), False, None, 3)
+    save_file({**state, "extra.weight": torch.ones(2)}, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(DataError, match=r"unexpected keys extra\.weight$"):
+        build_model(f"local-dir:{uni_like}", str(tmp_path / "extra.safetensors"), False, None, 3)
+    # a classifier head is the one thing dropped: features are taken before it
+    head = {**state, "head.weight": torch.ones(4, 64), "head.bias": torch.zeros(4)}
+    save_file(head, str(tmp_path / "head.safetensors"))
+    net = build_model(f"local-dir:{uni_like}", str(tmp_path / "head.safetensors"), False, None, 3)
+    assert torch.equal(net.blocks[1].ls2.gamma, state["blocks.1.ls2.gamma"])
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text((uni_like / "config.json").read_text())
+    with pytest.raises(DataError, match="no weights file"):
+        build_model(f"local-dir:{tmp_path / 'empty'}", None, False, None, 3)
+
+
+def test_virchow_style_mlp_layer_named_in_config_json(tmp_path, rgb_tiles):
+    """config.json cannot hold a class: "mlp_layer": "SwiGLUPacked" (Virchow's MLP) is taken
+    from timm.layers; the features equal a plain timm model built with the class itself."""
+    from safetensors.torch import save_file
+
+    args = {"img_size": SIZE, "init_values": 1e-5, "act_layer": "silu", "mlp_ratio": 4.0}
+    torch.manual_seed(2)
+    net = timm.create_model(MODEL, pretrained=False, num_classes=0, mlp_layer=timm.layers.SwiGLUPacked, **args)
+    folder = tmp_path / "virchow_like"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({
+        "architecture": MODEL, "num_classes": 0, "model_args": {**args, "mlp_layer": "SwiGLUPacked"},
+        "pretrained_cfg": {"input_size": [3, SIZE, SIZE], "mean": IMAGENET_MEAN, "std": IMAGENET_STD}}))
+    built = build_model(f"local-dir:{folder}", None, False, None, 3)
+    assert isinstance(built.blocks[0].mlp, timm.layers.GluMlp)
+    x = torch.randn(3, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(built(x), net.eval()(x), rtol=1e-5, atol=1e-5)
+    (folder / "config.json").write_text(json.dumps({"architecture": MODEL, "model_args": {"mlp_layer": "Nope"}}))
+    with pytest.raises(DataError, match="mlp_layer 'Nope'"):
+        build_model(f"local-dir:{folder}", None, False, None, 3)

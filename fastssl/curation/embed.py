@@ -1,16 +1,25 @@
 """`fastssl embed`: image tiles -> timm features in fp16 .npy shards.
 
+Input: a folder of tiles, a .npy array of images, or a tile index written by `fastssl tile`
+(tiles read from their slides on the fly). The model is a timm name or ``local-dir:FOLDER``
+(timm's format: config.json with architecture, model_args, pretrained_cfg + model.safetensors);
+weights load strictly (a missing or unexpected key is an error naming it) and pixels are
+normalised with the model's pretrained_cfg mean/std, so the features are the model's own.
+``--precision fp32`` (default, every device; TF32 off) or ``bf16`` (autocast).
+
 Output directory::
 
     emb_00000.npy        (rows, dim) float16, one shard (``emb_r<rank:05d>_00000.npy`` when
                          several ranks run); rows of rejected images are left out
     parts/index_00000.csv, parts/rejects_00000.csv   the shard's rows and its rejects
-    index.csv            row, shard, offset, source   (row = global row over all shards)
+    index.csv            row, shard, offset, source   (row = global row over all shards; source =
+                         the tile's path under the source folder, "file.npy[i]", or the tile name)
     rejects.csv          source, reason               (unreadable images, skipped)
-    manifest.json        model, dim, count, shards, settings
+    manifest.json        model, weights, dim, count, precision, mean, std, shards; "source" (absolute
+                         path of what was embedded) and "tile_index" (absolute tiles.csv, or null)
     job.json             the run's fingerprint (fastssl.jobs): model, img size, in_chans,
-                         normalisation, dtype, shard size, ranks; a sha256 of the sorted tile
-                         paths + sizes and sampled blocks of the weights file
+                         normalisation, precision, shard size, ranks; a sha256 of the sorted tile
+                         paths + sizes (or the tile index files) and sampled blocks of the weights
     .fastssl.lock        held by rank 0 while the job runs: a second job into the dir fails
 
 Resumable: a shard counts as finished when its .npy exists (each file is written to a
@@ -25,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -33,7 +43,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -46,6 +56,7 @@ from fastssl.errors import DataError
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy")
+PRECISIONS = ("fp32", "bf16")
 
 
 # --------------------------------------------------------------------------- sources
@@ -74,7 +85,35 @@ def list_items(source: str | os.PathLike) -> tuple[list[str], np.ndarray | None]
         if array.ndim not in (3, 4):
             raise DataError(path, f"expected (N, H, W) or (N, H, W, C) images, got shape {array.shape}")
         return [f"{path.name}[{i}]" for i in range(array.shape[0])], array
-    raise DataError(path, "not a folder of tiles nor a .npy array file")
+    raise DataError(path, "not a folder of tiles, a tile index (tiles.csv) nor a .npy array file")
+
+
+@dataclass
+class _Items:
+    """What one embed run reads: ``names`` (index.csv's source column), and for each either a
+    file under ``source``, a row of ``array`` or a slide region ``tiles[i]`` of ``tile_index``."""
+
+    source: Path
+    names: list[str]
+    array: np.ndarray | None = None
+    tile_index: Path | None = None
+    tiles: list | None = None
+
+
+def _open_items(source: str | os.PathLike) -> _Items:
+    """The items of a folder of tiles, a .npy array file or a tile index (`fastssl tile`'s
+    folder or its tiles.csv; names are the tile names)."""
+    from fastssl.curation import tile
+
+    tiles_csv = tile.tile_index_path(source)
+    if tiles_csv is not None:
+        tile.slide_reader()  # a missing reader stops the job here, it must not reject every tile
+        names, refs = tile.read_tile_index(tiles_csv)
+        if not names:
+            raise DataError(tiles_csv, "no tiles in this tile index")
+        return _Items(Path(source), names, tile_index=tiles_csv, tiles=refs)
+    names, array = list_items(source)
+    return _Items(Path(source), names, array)
 
 
 def _to_float_chw(pixels: np.ndarray) -> np.ndarray:
@@ -97,17 +136,22 @@ def _to_float_chw(pixels: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(out.transpose(2, 0, 1))
 
 
-class TileDataset:
-    """Map-style dataset over the items; never raises for a bad item.
+class _ItemDataset:
+    """Map-style dataset over the items to embed; never raises for a bad item.
 
+    Items are tile files under ``root``, rows of ``array`` or, with ``tiles``, regions of
+    whole-slide images (fastssl.curation.tile.TileRef, read on the fly).
     __getitem__(i) -> (image (in_chans, S, S) float32 normalised, i, reason) where reason
     is "" for a good item and the error for a bad one (image zeros).
     """
 
     def __init__(self, root: str | os.PathLike, names: Sequence[str], array: np.ndarray | None,
                  positions: Sequence[int], img_size: int, in_chans: int,
-                 mean: Sequence[float], std: Sequence[float]):
+                 mean: Sequence[float], std: Sequence[float], tiles: Sequence | None = None):
+        from fastssl.curation.tile import SlideCache
+
         self.root, self.names, self.array = Path(root), names, array
+        self.tiles, self.slides = tiles, SlideCache()
         self.positions = np.asarray(positions, dtype=np.int64)
         self.img_size, self.in_chans = int(img_size), int(in_chans)
         self.mean = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)[:in_chans]
@@ -117,19 +161,13 @@ class TileDataset:
         return int(self.positions.shape[0])
 
     def _read(self, item: int) -> np.ndarray:
+        if self.tiles is not None:
+            return _to_float_chw(self.slides.read(self.tiles[item]))
         if self.array is not None:
             return _to_float_chw(np.asarray(self.array[item]))
-        path = self.root / self.names[item]
-        if path.suffix.lower() == ".npy":
-            return _to_float_chw(np.load(path, allow_pickle=False))
-        from PIL import Image
+        from fastssl.curation.tiles import read_image
 
-        with Image.open(path) as img:
-            img.load()
-            if img.mode not in ("L", "RGB", "I;16"):
-                img = img.convert("RGB")
-            pixels = np.asarray(img)
-        return _to_float_chw(pixels)
+        return _to_float_chw(read_image(self.root / self.names[item]))
 
     def _resize(self, chw: np.ndarray):
         import torch
@@ -161,54 +199,136 @@ class TileDataset:
 
 
 # --------------------------------------------------------------------------- model
+LOCAL_DIR = "local-dir:"
+# Weight files looked for in a local-dir model folder, in timm's order of preference.
+_LOCAL_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth")
+_NO_WEIGHTS = ("give --weights FILE (safetensors or a torch state_dict), a --model local-dir:FOLDER holding "
+               "model.safetensors, or --random-init; nothing is downloaded")
+
+
 def build_model(model: str, weights: str | None, random_init: bool, img_size: int | None,
                 in_chans: int):
-    """timm model with num_classes=0 (pooled features), weights from a local file."""
+    """timm model with num_classes=0 (pooled features), weights loaded strictly from a local file.
+
+    ``model`` is a timm name or ``local-dir:FOLDER`` (timm's format: FOLDER/config.json with
+    ``architecture``, ``model_args`` and ``pretrained_cfg``, beside model.safetensors or
+    pytorch_model.bin, which are the weights unless ``weights`` names another file). The
+    architecture options (init_values, dynamic_img_size...) and the pixel mean/std then come from
+    config.json. Every key of the file must fit the model: a missing or unexpected key is a
+    DataError naming it (only classifier-head keys are dropped, features are taken before it).
+    """
+    weights = _local_dir_weights(model, weights, random_init)
+    if weights is None and not random_init:
+        raise ValueError(_NO_WEIGHTS)
+    export = _export_metadata(weights)
+    net = _create_model(model, export, weights, img_size, in_chans)
+    if weights is not None:
+        _load_weights_strict(net, Path(weights), model)
+        if export:
+            _use_export_settings(net, export, Path(weights))
+    return net.eval()
+
+
+def _local_dir_weights(model: str, weights: str | None, random_init: bool) -> str | None:
+    """The weights file of a ``local-dir:`` model folder when --weights is not given."""
+    if not model.startswith(LOCAL_DIR) or weights is not None or random_init:
+        return weights
+    folder = Path(model[len(LOCAL_DIR):])
+    if not (folder / "config.json").is_file():
+        raise DataError(folder / "config.json", "missing: a local-dir model folder needs timm's config.json")
+    for name in _LOCAL_WEIGHT_FILES:
+        if (folder / name).is_file():
+            return str(folder / name)
+    raise DataError(folder, f"no weights file ({', '.join(_LOCAL_WEIGHT_FILES)}) in this model folder")
+
+
+def _create_model(model: str, export: dict, weights: str | None, img_size: int | None, in_chans: int):
+    """The timm module: a fastssl export's metadata fixes the architecture (qk-norm...); a
+    local-dir folder's config.json gives model_args; otherwise the timm name's defaults."""
     import timm
+
+    kwargs = {"pretrained": False, "num_classes": 0, "in_chans": in_chans}
+    if export:
+        model, arch = _export_architecture(export, weights, model, in_chans)
+        kwargs.update(arch)
+    if model.startswith(LOCAL_DIR):
+        kwargs.update(_local_dir_layers(Path(model[len(LOCAL_DIR):])))
+    try:
+        if img_size is not None:
+            try:
+                return timm.create_model(model, **{**kwargs, "img_size": img_size})
+            except TypeError:  # convnets take any size and have no img_size argument
+                pass
+        return timm.create_model(model, **kwargs)
+    except (FileNotFoundError, json.JSONDecodeError, KeyError, RuntimeError) as exc:
+        raise ValueError(f"--model {model}: cannot build it ({type(exc).__name__}: {exc})") from None
+
+
+def _local_dir_layers(folder: Path) -> dict:
+    """Layer classes named by string in config.json's model_args (JSON holds no classes):
+    ``"mlp_layer": "SwiGLUPacked"`` (Virchow) becomes ``timm.layers.SwiGLUPacked``."""
+    import timm.layers
+
+    try:
+        args = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_args", {})
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(folder / "config.json", f"cannot read ({exc})") from None
+    layer = args.get("mlp_layer")
+    if not isinstance(layer, str):
+        return {}
+    if not isinstance(getattr(timm.layers, layer, None), (type, functools.partial)):  # SwiGLUPacked is a partial
+        raise DataError(folder / "config.json", f"model_args.mlp_layer {layer!r} is not a layer class of timm.layers")
+    return {"mlp_layer": getattr(timm.layers, layer)}
+
+
+def _read_state_dict(path: Path) -> dict:
+    """The tensors of a .safetensors file or a torch checkpoint (a {"model": ...} wrapper and
+    DistributedDataParallel's "module." prefix removed)."""
     import torch
 
-    if weights is None and not random_init:
-        raise ValueError("give --weights FILE (safetensors or a torch state_dict) or "
-                         "--random-init; nothing is downloaded")
-    kwargs = {"pretrained": False, "num_classes": 0, "in_chans": in_chans}
-    export = _export_metadata(weights)
-    if export:  # a `fastssl pretrain` export: its metadata fixes the architecture (qk-norm...)
-        model, arch = _export_architecture(export, weights, model, in_chans)
-        net = timm.create_model(model, **{**kwargs, **arch, **({"img_size": img_size} if img_size else {})})
-    elif img_size is not None:
-        try:
-            net = timm.create_model(model, img_size=img_size, **kwargs)
-        except TypeError:  # convnets take any size and have no img_size argument
-            net = timm.create_model(model, **kwargs)
-    else:
-        net = timm.create_model(model, **kwargs)
-    if weights is not None:
-        path = Path(weights)
-        try:
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-                state = load_file(str(path))
-            else:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch.load raises many types on a damaged file
-            raise DataError(path, f"cannot load weights ({type(exc).__name__}: {exc})") from None
-        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-            state = state["model"]
-        state = _resample_pos_embed({k.removeprefix("module."): v for k, v in state.items()}, net, path)
-        try:
-            result = net.load_state_dict(state, strict=False)
-        except RuntimeError as exc:  # shape mismatches: weights of another architecture
-            raise DataError(path, f"weights do not fit {model}: {str(exc).splitlines()[-1].strip()}") from None
-        if result.missing_keys:
-            raise DataError(path, f"weights do not fit {model}: missing {result.missing_keys[:5]}"
-                                  f"{' ...' if len(result.missing_keys) > 5 else ''}")
-        if result.unexpected_keys:  # e.g. the classifier head dropped by num_classes=0
-            log.info("ignored %d unexpected keys (%s ...)", len(result.unexpected_keys),
-                     result.unexpected_keys[0])
-        if export:
-            _use_export_settings(net, export, path)
-    return net.eval()
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises many types on a damaged file
+        raise DataError(path, f"cannot load weights ({type(exc).__name__}: {exc})") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise DataError(path, f"expected a state_dict of tensors, got {type(state).__name__}")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _load_weights_strict(net, path: Path, model: str) -> None:
+    """Loads ``path`` into ``net``; every model key must be given and every file key used.
+
+    The one exception: keys of the classifier head (pretrained_cfg["classifier"], e.g. head.*)
+    when the model has no such parameters, since features are taken before the head.
+    """
+    state = _resample_pos_embed(_read_state_dict(path), net, path)
+    expected = set(net.state_dict())
+    head = net.pretrained_cfg.get("classifier") or "head"
+    heads = [head] if isinstance(head, str) else list(head)
+    dropped = [k for k in state if k not in expected and any(k.startswith(h + ".") for h in heads)]
+    state = {k: v for k, v in state.items() if k not in dropped}
+    if dropped:
+        log.info("%s: dropped the classifier head's %d keys (%s)", path, len(dropped), ", ".join(dropped))
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise DataError(path, f"weights do not fit {model}: " + "; ".join(
+            f"{what} keys {_few(keys)}" for what, keys in (("missing", missing), ("unexpected", unexpected))
+            if keys))
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # shape mismatches: weights of another architecture
+        raise DataError(path, f"weights do not fit {model}: {str(exc).splitlines()[-1].strip()}") from None
+
+
+def _few(keys: Sequence[str], n: int = 5) -> str:
+    return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
 def _export_metadata(weights: str | None) -> dict:
@@ -282,6 +402,7 @@ class EmbedConfig:
     shard_size: int = 65536
     workers: int = 4
     device: str = "auto"
+    precision: str = "fp32"  # fp32 (the model's own features, every device) | bf16 (autocast, faster)
     quiet: bool = False
     overwrite: bool = False  # replace another run found in the output dir
     verify_data: bool = False  # fingerprint every byte of the tiles and weights
@@ -344,8 +465,9 @@ def _check_config(cfg: EmbedConfig) -> None:
     if cfg.workers < 0:
         raise ValueError(f"workers must be >= 0, got {cfg.workers}")
     if cfg.weights is None and not cfg.random_init:
-        raise ValueError("give --weights FILE (safetensors or a torch state_dict) or "
-                         "--random-init; nothing is downloaded")
+        raise ValueError(_NO_WEIGHTS)
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"--precision: {cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
 
 
 def _pick_device(name: str, world: int):
@@ -369,10 +491,14 @@ def _pixel_settings(net, cfg: EmbedConfig) -> tuple[int, tuple, tuple]:
     return img_size, mean, std
 
 
-def _tiles_identity(source: Path, names: Sequence[str], full: bool) -> dict:
+def _tiles_identity(items: _Items, full: bool) -> dict:
     """The tile set as one fastssl.jobs input entry, cheap at millions of tiles: a sha256 over
-    the sorted relative paths and sizes (``full``: and every tile's bytes). An array file is
-    fingerprinted like any input file (sampled blocks)."""
+    the sorted relative paths and sizes (``full``: and every tile's bytes). An array file and a
+    tile index's tiles.csv + slides.csv are fingerprinted like any input file (sampled blocks)."""
+    source, names = items.source, items.names
+    if items.tile_index is not None:
+        index = items.tile_index.resolve()
+        return jobs.fingerprint_files([index, index.with_name("slides.csv")], full=full)
     if not source.is_dir():
         return jobs.fingerprint_files([source.resolve()], full=full)
     digest, total = hashlib.sha256(), 0
@@ -387,15 +513,17 @@ def _tiles_identity(source: Path, names: Sequence[str], full: bool) -> dict:
                                     "hashed": "full" if full else "names+sizes"}}
 
 
-def _fingerprint(cfg: EmbedConfig, source: Path, names: Sequence[str], world: int, net) -> jobs.JobFingerprint:
+def _fingerprint(cfg: EmbedConfig, items: _Items, world: int, net) -> jobs.JobFingerprint:
     """What makes two embed runs the same (not workers, batch size, device or progress)."""
     img_size, mean, std = _pixel_settings(net, cfg)
     settings = {"model": cfg.model, "random_init": cfg.random_init, "img_size": img_size,
                 "in_chans": cfg.in_chans, "mean": list(mean), "std": list(std), "dim": int(net.num_features),
-                "dtype": "float16", "shard_size": cfg.shard_size, "world_size": world, "tiles": len(names)}
-    inputs = _tiles_identity(source, names, cfg.verify_data)
-    if cfg.weights is not None:
-        inputs.update(jobs.fingerprint_files([Path(cfg.weights).resolve()], full=cfg.verify_data))
+                "dtype": "float16", "precision": cfg.precision, "shard_size": cfg.shard_size, "world_size": world, "tiles": len(items.names)}
+    inputs = _tiles_identity(items, cfg.verify_data)
+    files = [cfg.weights] if cfg.weights is not None else []
+    if cfg.model.startswith(LOCAL_DIR):  # its config.json fixes the architecture and mean/std
+        files.append(Path(cfg.model[len(LOCAL_DIR):]) / "config.json")
+    inputs.update(jobs.fingerprint_files([Path(f).resolve() for f in files], full=cfg.verify_data))
     return jobs.JobFingerprint("embed", settings, inputs)
 
 
@@ -436,8 +564,9 @@ def embed_images(source: str | os.PathLike, out_dir: str | os.PathLike,
     """Embeds every tile of ``source`` into fp16 shards under ``out_dir``.
 
     Args:
-        source: a folder of tiles (png, jpg, npy; recursive) or a .npy file of
-            (N, H, W[, C]) images.
+        source: a folder of tiles (png, jpg, npy; recursive), a .npy file of (N, H, W[, C])
+            images, or a tile index of `fastssl tile` (its folder or tiles.csv: each tile is
+            read from its slide, no tile files are written).
         out_dir: output directory (created; rerunning the same command resumes).
         config: :class:`EmbedConfig`; keyword overrides replace its fields.
     Returns:
@@ -449,38 +578,39 @@ def embed_images(source: str | os.PathLike, out_dir: str | os.PathLike,
         DataError: the source or the weights file cannot be used.
     """
     cfg = EmbedConfig(**{**asdict(config or EmbedConfig()), **overrides})
+    cfg = replace(cfg, weights=_local_dir_weights(cfg.model, cfg.weights, cfg.random_init))
     _check_config(cfg)
-    source, out = Path(source), Path(out_dir)
-    names, array = list_items(source)
+    out = Path(out_dir)
+    items = _open_items(source)
     rank, world = _rank_world()
     net = build_model(cfg.model, cfg.weights, cfg.random_init, cfg.img_size, cfg.in_chans)
-    fingerprint = _fingerprint(cfg, source, names, world, net)
+    fingerprint = _fingerprint(cfg, items, world, net)
     with _job_guard(out, fingerprint, rank, cfg.overwrite):
         (out / "parts").mkdir(parents=True, exist_ok=True)
-        return _embed_and_merge(cfg, source, out, names, array, net, rank, world)
+        return _embed_and_merge(cfg, items, out, net, rank, world)
 
 
-def _embed_and_merge(cfg: EmbedConfig, source: Path, out: Path, names, array, net, rank: int,
-                     world: int) -> dict:
+def _embed_and_merge(cfg: EmbedConfig, items: _Items, out: Path, net, rank: int, world: int) -> dict:
     """This rank's unfinished shards, then (rank 0) the merged index and manifest."""
     device = _pick_device(cfg.device, world)
     img_size, mean, std = _pixel_settings(net, cfg)
-    shards = _plan_shards(len(names), world, cfg.shard_size)
+    shards = _plan_shards(len(items.names), world, cfg.shard_size)
     mine = [s for s in shards if s[0] == rank]
     todo = [s for s in mine if not (out / f"emb_{s[1]}.npy").exists()]
-    log.info("embed: %d items, %d shards on rank %d/%d (%d to do), model %s dim %d, "
-             "img %d, device %s", len(names), len(mine), rank, world, len(todo), cfg.model,
-             net.num_features, img_size, device)
+    log.info("embed: %d items, %d shards on rank %d/%d (%d to do), model %s dim %d, img %d, mean %s "
+             "std %s, %s on %s", len(items.names), len(mine), rank, world, len(todo), cfg.model,
+             net.num_features, img_size, mean, std, cfg.precision, device)
     started = time.time()
     n_done = 0
     if todo:
-        dataset = TileDataset(source, names, array, np.concatenate([np.arange(a, b) for _, _, a, b in todo]),
-                              img_size, cfg.in_chans, mean, std)
-        n_done = _embed_shards(cfg, dataset, todo, out, names, net, device)
+        positions = np.concatenate([np.arange(a, b) for _, _, a, b in todo])
+        dataset = _ItemDataset(items.source, items.names, items.array, positions, img_size, cfg.in_chans,
+                               mean, std, tiles=items.tiles)
+        n_done = _embed_shards(cfg, dataset, todo, out, items.names, net, device)
     elapsed = time.time() - started
 
     _barrier()
-    manifest = _merge(out, shards, names, cfg, int(net.num_features), img_size) if rank == 0 else {}
+    manifest = _merge(out, shards, items, cfg, int(net.num_features), (img_size, mean, std)) if rank == 0 else {}
     _barrier()
     if rank == 0:
         log.info("embed: %d rows (%d rejected) in %d shards under %s; this run embedded %d in "
@@ -488,8 +618,9 @@ def _embed_and_merge(cfg: EmbedConfig, source: Path, out: Path, names, array, ne
     return manifest
 
 
-def _features(net, x, ok: np.ndarray, device, dim: int) -> np.ndarray:
-    """(B, dim) float16 features of a batch; rows of rejected items (ok False) stay zero."""
+def _features(net, x, ok: np.ndarray, device, dim: int, precision: str) -> np.ndarray:
+    """(B, dim) float16 features of a batch; rows of rejected items (ok False) stay zero.
+    fp32 runs in plain float32 (no autocast); bf16 autocasts on any device."""
     import torch
 
     out_feat = np.zeros((len(ok), dim), np.float16)
@@ -497,15 +628,60 @@ def _features(net, x, ok: np.ndarray, device, dim: int) -> np.ndarray:
         xb = x[torch.from_numpy(ok)].to(device, non_blocking=True)
         if device.type == "cuda":
             xb = xb.contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                y = net(xb)
-        else:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             y = net(xb)
         out_feat[ok] = y.float().cpu().numpy().astype(np.float16)
     return out_feat
 
 
-def _embed_shards(cfg: EmbedConfig, dataset: TileDataset, todo, out: Path, names, net, device) -> int:
+@contextlib.contextmanager
+def _no_tf32(precision: str):
+    """fp32 on a GPU means fp32: TF32 matmuls and convolutions (cuDNN's default) are switched
+    off for the run, so that GPU features equal CPU ones within fp32 rounding."""
+    import torch
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if precision == "fp32":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+class _ShardWriter:
+    """Collects the rows of the shard being filled and writes it (index part, rejects part,
+    then the .npy last, which marks it finished) when an item of the next shard arrives."""
+
+    def __init__(self, todo, out: Path, names: Sequence[str], dim: int):
+        self.shards, self.out, self.names, self.dim = iter(todo), out, names, dim
+        self.current = next(self.shards)
+        self.feats, self.items, self.rejects, self.written = [], [], [], 0
+
+    def add(self, item: int, feature: np.ndarray | None, reason: str) -> None:
+        """One item's (1, dim) feature, or its reject reason when feature is None."""
+        while item >= self.current[3]:  # a batch may straddle a shard boundary
+            self.flush()
+            self.current = next(self.shards)
+        if feature is not None:
+            self.feats.append(feature)
+            self.items.append(item)
+        else:
+            self.rejects.append([self.names[item], reason])
+            log.warning("rejected %s: %s", self.names[item], reason)
+
+    def flush(self) -> None:
+        name = self.current[1]
+        emb = np.concatenate(self.feats) if self.feats else np.zeros((0, self.dim), np.float16)
+        rows = [[off, f"emb_{name}.npy", off, self.names[it]] for off, it in enumerate(self.items)]
+        _write_csv_atomic(self.out / "parts" / f"index_{name}.csv", ["row", "shard", "offset", "source"], rows)
+        _write_csv_atomic(self.out / "parts" / f"rejects_{name}.csv", ["source", "reason"], self.rejects)
+        save_npy_atomic(self.out / f"emb_{name}.npy", emb)  # last: marks the shard finished
+        self.written += len(self.items)
+        self.feats, self.items, self.rejects = [], [], []
+
+
+def _embed_shards(cfg: EmbedConfig, dataset: _ItemDataset, todo, out: Path, names, net, device) -> int:
     """Embeds the shards ``todo`` (each written when complete); returns the rows embedded."""
     import torch
     from tqdm import tqdm
@@ -519,62 +695,42 @@ def _embed_shards(cfg: EmbedConfig, dataset: TileDataset, todo, out: Path, names
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     bar = tqdm(total=len(dataset), unit="img", disable=cfg.quiet or not sys.stderr.isatty())
-    shard_iter = iter(todo)
-    current = next(shard_iter)
-    feats, items, rejects = [], [], []
-    n_done = 0
-
-    def flush(shard) -> None:
-        _, name, a, b = shard
-        emb = np.concatenate(feats) if feats else np.zeros((0, dim), np.float16)
-        rows = [[off, f"emb_{name}.npy", off, names[it]] for off, it in enumerate(items)]
-        _write_csv_atomic(out / "parts" / f"index_{name}.csv", ["row", "shard", "offset", "source"], rows)
-        _write_csv_atomic(out / "parts" / f"rejects_{name}.csv", ["source", "reason"], rejects)
-        save_npy_atomic(out / f"emb_{name}.npy", emb)  # last: marks the shard finished
-
-    with torch.inference_mode():
+    writer = _ShardWriter(todo, out, names, dim)
+    with torch.inference_mode(), _no_tf32(cfg.precision):
         for x, idx, reasons in loader:
             ok = np.array([r == "" for r in reasons], dtype=bool)
-            out_feat = _features(net, x, ok, device, dim)
-            # Rows go to their shard in order; a batch may straddle a shard boundary.
+            out_feat = _features(net, x, ok, device, dim, cfg.precision)
             for j, item in enumerate(idx.tolist()):
-                while item >= current[3]:
-                    flush(current)
-                    n_done += len(items)
-                    feats, items, rejects = [], [], []
-                    current = next(shard_iter)
-                if ok[j]:
-                    feats.append(out_feat[j : j + 1])
-                    items.append(item)
-                else:
-                    rejects.append([names[item], reasons[j]])
-                    log.warning("rejected %s: %s", names[item], reasons[j])
+                writer.add(item, out_feat[j : j + 1] if ok[j] else None, reasons[j])
             bar.update(len(reasons))
-    flush(current)
+    writer.flush()
     bar.close()
-    return n_done + len(items)
+    return writer.written
 
 
-def _merge(out: Path, shards, names, cfg: EmbedConfig, dim: int, img_size: int) -> dict:
-    """Rank 0: the global index.csv, rejects.csv and manifest.json from the shard parts."""
+def _merge(out: Path, shards, items: _Items, cfg: EmbedConfig, dim: int, pixels: tuple) -> dict:
+    """Rank 0: the global index.csv, rejects.csv and manifest.json from the shard parts.
+    ``pixels`` = (img_size, mean, std) the model was fed with."""
     index_rows, reject_rows, shard_info = [], [], []
-    row = 0
     for _, name, a, b in shards:
-        part = out / "parts" / f"index_{name}.csv"
         if not (out / f"emb_{name}.npy").exists():
             raise DataError(out / f"emb_{name}.npy", "shard missing after all ranks finished")
-        rows = _read_csv(part)
-        for _, shard_file, offset, source in rows:
-            index_rows.append([row, shard_file, offset, source])
-            row += 1
+        rows = _read_csv(out / "parts" / f"index_{name}.csv")
+        index_rows += [[len(index_rows) + k, shard_file, offset, source]
+                       for k, (_, shard_file, offset, source) in enumerate(rows)]
         reject_rows += _read_csv(out / "parts" / f"rejects_{name}.csv")
         shard_info.append({"file": f"emb_{name}.npy", "rows": len(rows), "items": [a, b]})
     _write_csv_atomic(out / "index.csv", ["row", "shard", "offset", "source"], index_rows)
     _write_csv_atomic(out / "rejects.csv", ["source", "reason"], reject_rows)
+    img_size, mean, std = pixels
     manifest = {
         "model": cfg.model, "weights": cfg.weights, "random_init": cfg.random_init,
-        "dim": dim, "dtype": "float16", "count": row, "rejected": len(reject_rows),
-        "items": len(names), "img_size": img_size, "in_chans": cfg.in_chans,
+        "dim": dim, "dtype": "float16", "precision": cfg.precision, "count": len(index_rows),
+        "rejected": len(reject_rows), "items": len(items.names), "img_size": img_size,
+        "in_chans": cfg.in_chans, "mean": list(mean), "std": list(std),
+        # what index.csv's source names are relative to, and the tile index they come from
+        "source": str(items.source.resolve()),
+        "tile_index": str(items.tile_index.resolve()) if items.tile_index is not None else None,
         "shards": shard_info,
     }
     write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=2))
@@ -584,12 +740,16 @@ def _merge(out: Path, shards, names, cfg: EmbedConfig, dim: int, img_size: int) 
 # --------------------------------------------------------------------------- CLI
 def add_arguments(parser) -> None:
     d = EmbedConfig()
-    parser.add_argument("source", help="folder of tiles (png, jpg, npy; recursive) or a .npy "
-                                       "file of (N, H, W[, C]) uint8 images")
+    parser.add_argument("source", help="folder of tiles (png, jpg, npy; recursive), a .npy file of "
+                                       "(N, H, W[, C]) uint8 images, or a tile index of `fastssl tile` "
+                                       "(its folder or tiles.csv: tiles are read from the slides)")
     parser.add_argument("--out", required=True, help="output directory (rerun to resume)")
-    parser.add_argument("--model", default=d.model, help="timm model name")
+    parser.add_argument("--model", default=d.model,
+                        help="timm model name, or local-dir:FOLDER (timm's config.json + model.safetensors: "
+                             "architecture options and pixel mean/std from config.json)")
     parser.add_argument("--weights", default=None,
-                        help="local weights: .safetensors or a torch state_dict (.pth/.bin)")
+                        help="local weights: .safetensors or a torch state_dict (.pth/.bin), loaded strictly "
+                             "(default for local-dir: the folder's model.safetensors or pytorch_model.bin)")
     parser.add_argument("--random-init", action="store_true",
                         help="random weights (testing only; nothing is downloaded)")
     parser.add_argument("--img-size", type=int, default=None,
@@ -599,6 +759,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--shard-size", type=int, default=d.shard_size, help="rows per output shard")
     parser.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes")
     parser.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--precision", default=d.precision, choices=PRECISIONS,
+                        help="fp32: the model's own features on every device (TF32 off); bf16: autocast, "
+                             "faster on GPUs, features differ by about 1e-2 (default: fp32)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a run of other settings, tiles or weights found in --out")
     parser.add_argument("--verify-data", action="store_true",
@@ -616,7 +779,7 @@ def run(args) -> int:
     cfg = EmbedConfig(
         model=args.model, weights=args.weights, random_init=args.random_init,
         img_size=args.img_size, in_chans=args.in_chans, batch_size=args.batch_size,
-        shard_size=args.shard_size, workers=args.workers, device=args.device,
+        shard_size=args.shard_size, workers=args.workers, device=args.device, precision=args.precision,
         quiet=getattr(args, "quiet", False), overwrite=args.overwrite, verify_data=args.verify_data,
     )
     try:
