@@ -300,3 +300,66 @@ def test_grouped_init_on_a_device_equals_the_host(rng):
     host = _grouped_init(x, xo, co, 1, np.arange(3), 0, "kmeans++")
     dev = _grouped_init(x, xo, co, 1, np.arange(3), 0, "kmeans++", device=torch.device("cpu"))
     np.testing.assert_array_equal(host, dev)
+
+
+def _scaled_parents(rng, G=60, d=16):
+    """G parents whose scales fall from 2^10 to 2^-10 (about 10^+-3, issue 21 §4; the tiny
+    parents come after the huge ones in a batch), sizes 20..199, rows sorted by parent.
+
+    Small integers times a power of two: every squared distance and every sum of them is
+    exact in float32 and float64, so a transcription cannot differ by rounding."""
+    sizes = rng.integers(20, 200, G)
+    scales = 2.0 ** np.round(np.linspace(10, -10, G))
+    x = np.concatenate([(rng.integers(-12, 13, (s, d)) + rng.integers(-8, 9, d)) * sc
+                        for s, sc in zip(sizes, scales)]).astype(np.float32)
+    return x, np.repeat(np.arange(G), sizes), sizes
+
+
+def _greedy_picks_one_parent(xg, k, seed, parent, run, trials):
+    """Greedy k-means++ inside one parent, transcribed without batching: float64
+    distances, one cumulative sum over this parent's rows only, keyed draws."""
+    from fastssl.curation.hierarchical import keyed_uniform
+
+    xg = xg.astype(np.float64)
+    size = xg.shape[0]
+    u0 = float(keyed_uniform(seed, parent, run, 0, 0))
+    picks = [min(int(u0 * size), size - 1)]
+    D = ((xg - xg[picks[0]]) ** 2).sum(1)
+    for r in range(1, k):
+        cum = np.cumsum(D)
+        best = (np.inf, None, None)
+        for j in range(trials):
+            u = float(keyed_uniform(seed, parent, run, r, j + 1))
+            cand = min(int(np.searchsorted(cum, u * cum[-1], side="right")), size - 1)
+            d_new = np.minimum(D, ((xg - xg[cand]) ** 2).sum(1))
+            if d_new.sum() < best[0]:
+                best = (d_new.sum(), cand, d_new)
+        picks.append(best[1])
+        D = best[2]
+    return picks
+
+
+def test_split_draw_per_parent_whatever_the_budget(rng):
+    """21 §4: the greedy draw uses per-parent cumulative sums, so with cluster scales
+    spanning 10^+-3 a budget holding every parent and one cutting them into ~10 batches
+    give the same split, and each parent's k-means++ picks equal a per-parent
+    transcription (with the batch-wide running sum, parent 56 picked its 11th centre one
+    row off)."""
+    from fastssl.curation.hierarchical import _grouped_init
+
+    x, parents, sizes = _scaled_parents(rng)
+    src = PointSource.from_data(x)
+    k = 12
+    runs = [split_clusters(src, parents, k, 1, seed=3, memory_budget_mb=mb)
+            for mb in (512.0, 0.5)]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            np.testing.assert_array_equal(a, b)
+    xo = np.concatenate([[0], np.cumsum(sizes)])
+    co = np.arange(sizes.shape[0] + 1) * k
+    trials = 2 + int(np.floor(np.log(k)))
+    centres = _grouped_init(x, xo, co, 3, np.arange(sizes.shape[0]), 1, "kmeans++")
+    for g in range(sizes.shape[0]):
+        xg = x[xo[g] : xo[g + 1]]
+        expected = xg[_greedy_picks_one_parent(xg, k, 3, g, 1, trials)]
+        np.testing.assert_array_equal(centres[co[g] : co[g + 1]], expected, err_msg=f"parent {g}")

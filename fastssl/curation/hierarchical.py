@@ -365,17 +365,14 @@ def _grouped_greedy_pick(xt, D: np.ndarray, x_offsets: np.ndarray, sizes: np.nda
     lo, hi = x_offsets[grp], x_offsets[grp + 1]
     rows = _ranges(lo, sizes[grp])
     seg = np.repeat(np.arange(grp.size), sizes[grp])
-    cum = np.cumsum(D[rows])  # restarted per group below
-    seg_end = np.cumsum(sizes[grp]) - 1
-    before = np.concatenate([[0.0], cum[seg_end[:-1]]])
-    total = cum[seg_end] - before
+    cum = _GroupCumsum(D[rows], sizes[grp])
+    total = cum.totals
     best_pot = np.full(grp.size, np.inf)
     best_row = lo.copy()
     best_d = None
     for j in range(int(trials[grp].max())):
         u = keyed_uniform(seed, parents[grp], run, r, j + 1)
-        pos = np.searchsorted(cum, before + u * total, side="right")
-        cand = np.clip(lo + (pos - (np.cumsum(sizes[grp]) - sizes[grp])), lo, hi - 1)
+        cand = np.clip(lo + cum.search(u * total), lo, hi - 1)
         zero = total <= 0  # every row coincides with a centre: any row will do
         cand[zero] = lo[zero] + np.minimum((u[zero] * sizes[grp][zero]).astype(np.int64),
                                            sizes[grp][zero] - 1)
@@ -386,6 +383,47 @@ def _grouped_greedy_pick(xt, D: np.ndarray, x_offsets: np.ndarray, sizes: np.nda
         best_d = d_new if best_d is None else np.where(better[seg], d_new, best_d)
     D[rows] = best_d
     return best_row
+
+
+class _GroupCumsum:
+    """Cumulative sums restarted at every group, each one computed over its group's
+    values only, so a group's D^2 draw is bit-for-bit the same whatever other groups
+    share its batch (a running sum over the batch loses a small-scale group's precision
+    behind a large-scale one: issue 21 §4).
+
+    Groups are bucketed by size (powers of two) and each bucket is padded into one
+    (groups, width) array, at most 2x the values, cumulated along its rows.
+
+    Args:
+        values: (m,) float64, the groups' values one after another.
+        sizes: (G,) int64 >= 1 values per group.
+    """
+
+    def __init__(self, values: np.ndarray, sizes: np.ndarray):
+        sizes = np.asarray(sizes, dtype=np.int64)
+        starts = np.cumsum(sizes) - sizes
+        self.totals = np.empty(sizes.shape[0], dtype=np.float64)
+        self.buckets = []
+        bucket = np.frexp(sizes.astype(np.float64))[1]  # sizes in [2^(b-1), 2^b)
+        for b in np.unique(bucket):
+            groups = np.flatnonzero(bucket == b)
+            gs = sizes[groups]
+            row = np.repeat(np.arange(groups.size), gs)
+            col = np.arange(int(gs.sum())) - np.repeat(np.cumsum(gs) - gs, gs)
+            pad = np.zeros((groups.size, int(gs.max())), dtype=np.float64)
+            pad[row, col] = values[_ranges(starts[groups], gs)]
+            np.cumsum(pad, axis=1, out=pad)
+            self.totals[groups] = pad[np.arange(groups.size), gs - 1]
+            pad[np.arange(pad.shape[1])[None, :] >= gs[:, None]] = np.inf  # never counted
+            self.buckets.append((groups, pad))
+
+    def search(self, targets: np.ndarray) -> np.ndarray:
+        """(G,) int64 position in each group of its target, as np.searchsorted(group's
+        cumulative sums, target, side="right")."""
+        out = np.empty(self.totals.shape[0], dtype=np.int64)
+        for groups, pad in self.buckets:
+            out[groups] = (pad <= targets[groups, None]).sum(1)
+        return out
 
 
 def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
