@@ -94,7 +94,8 @@ def test_paper2_configs_as_shipped(tree, levels, sample_sizes):
     assert [lv.k for lv in config.levels] == levels and config.split_k == 35
     assert [lv.sample_size for lv in config.levels] == sample_sizes
     assert config.iterations == 50 and config.split_inits == 10 and config.fp64_accumulate
-    assert config.resampling_init == "fresh"
+    assert config.resampling_init == "fresh" and config.empty == "keep"  # SDC keeps empties
+    assert tree_config(_parsed(path, "--data", "x.npy", "--empty", "reseed")).empty == "reseed"
     assert [config.level_value(d, "sampling_strategy") for d in (1, 2, 3, 4)] == ["closest"] * 4
     # steps as SDC counts them: [1, 10, 10, 10] = level 1 once (+ split), 1 + 9 resampled above
     assert config.steps(1) == ["kmeans", "split"]

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from fastssl.curation import HierarchicalTree, KMeans, hierarchical_kmeans
+from fastssl.curation.hierarchical import HierarchicalConfig
 from fastssl.curation.hierarchical import FAIL_ENV, grouped_lloyd, resample_rows, split_clusters
 from fastssl.curation._source import PointSource
 from fastssl.curation.tree import TreeLevel
@@ -19,7 +20,9 @@ def mixture(rng, n=3000, d=8, comps=30):
     return (centers[lab] + rng.standard_normal((n, d))).astype(np.float32), lab
 
 
-KW = dict(iterations=4, resampling_steps=3, split_k=3, resample_level1=True, progress=False)  # 1 + 2 resampled
+# level 1: kmeans + split; levels 2+: kmeans + 2 resampled (split and resampling never
+# share a level, as SDC)
+KW = dict(iterations=4, resampling_steps=3, split_k=3, progress=False)
 
 
 def assert_trees_equal(a: HierarchicalTree, b: HierarchicalTree):
@@ -94,7 +97,7 @@ def test_resume_after_injected_failure(rng, tmp_path, monkeypatch):
     ref = hierarchical_kmeans(x, [20, 6, 2], output_dir=tmp_path / "ref", **KW)
     out = tmp_path / "run"
     seen = []
-    monkeypatch.setenv(FAIL_ENV, "3")  # dies after the 3rd step (level 1 resample_1)
+    monkeypatch.setenv(FAIL_ENV, "3")  # dies after the 3rd step (level 2 kmeans)
     with pytest.raises(RuntimeError, match="injected failure"):
         hierarchical_kmeans(x, [20, 6, 2], output_dir=out, **KW)
     monkeypatch.delenv(FAIL_ENV)
@@ -105,7 +108,7 @@ def test_resume_after_injected_failure(rng, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # killed in the middle of level 2
     with pytest.raises(KeyboardInterrupt):
         hierarchical_kmeans(x, [20, 6, 2], output_dir=out, callback=boom, **KW)
-    assert seen[0] == (1, "resample_2")  # the three finished steps were skipped
+    assert seen[0] == (2, "resample_1")  # the three finished steps were skipped
     mark = len(seen)
     again = hierarchical_kmeans(x, [20, 6, 2], output_dir=out,
                                 callback=lambda lv, st: seen.append((lv, st)), **KW)
@@ -363,3 +366,36 @@ def test_split_draw_per_parent_whatever_the_budget(rng):
         xg = x[xo[g] : xo[g + 1]]
         expected = xg[_greedy_picks_one_parent(xg, k, 3, g, 1, trials)]
         np.testing.assert_array_equal(centres[co[g] : co[g + 1]], expected, err_msg=f"parent {g}")
+
+
+def test_split_and_resampling_on_one_level_refused():
+    """21 §4, as SDC's launcher: a level either splits or resamples, never both."""
+    for extra in (dict(resample_level1=True), dict(levels=[dict(k=10, resampling_steps=2), 3])):
+        kw = dict(levels=[10, 3], split_k=3, resampling_steps=4) | extra
+        with pytest.raises(ValueError, match="^level 1: split_k and resampling") as err:
+            HierarchicalConfig(**kw).validate()
+        assert "\n" not in str(err.value)
+    HierarchicalConfig(levels=[10, 3], split_k=3, resampling_steps=4).validate()  # levels 2+ resample
+    HierarchicalConfig(levels=[10, 3], split_k=1, resample_level1=True).validate()  # no real split
+
+
+def test_empty_keep_reaches_every_kmeans_of_the_tree(rng, monkeypatch):
+    """empty="keep" (SDC) is passed to the k-means of every level; the behaviour itself is
+    checked by hand in test_curation_kmeans."""
+    import fastssl.curation.hierarchical as hk
+
+    seen = []
+    real = hk.KMeans
+
+    def spy(config, **kw):
+        seen.append(config.empty)
+        return real(config, **kw)
+
+    monkeypatch.setattr(hk, "KMeans", spy)
+    x, _ = mixture(rng, n=400)
+    for empty in ("keep", "reseed"):
+        seen.clear()
+        hierarchical_kmeans(x, [12, 3], iterations=2, resampling_steps=2, empty=empty, progress=False)
+        assert seen == [empty] * 3  # level 1 kmeans, level 2 kmeans + 1 resampled
+    with pytest.raises(ValueError, match="empty='drop'"):
+        HierarchicalConfig(levels=[4], empty="drop").validate()

@@ -265,3 +265,16 @@ def test_nonfinite_check_rides_on_the_first_pass(rng, monkeypatch):
     bad[5, 0] = np.nan  # in the k-means++ sample (all rows here): raises before any pass
     with pytest.raises(ValueError, match="row 5 "):
         KMeans(k=4, iterations=2, progress=False).fit(bad)
+
+
+@pytest.mark.parametrize("empty, expected", [("keep", [2.0, 10.5, 100.0]),
+                                             ("reseed", [2.0, 10.5, 5.0])])
+def test_empty_cluster_by_hand(empty, expected):
+    """Points 0, 1, 5, 10, 11 and centres 2, 10.5, 100: squared distances 4, 1, 9 to the
+    first, 0.25, 0.25 to the second, the third gets no point. One iteration by hand: the
+    means stay 2 and 10.5; "keep" (SDC) leaves 100, "reseed" takes the farthest point, 5."""
+    x = np.array([[0.0], [1.0], [5.0], [10.0], [11.0]], np.float32)
+    c0 = np.array([[2.0], [10.5], [100.0]], np.float32)
+    km = KMeans(k=3, iterations=1, empty=empty, progress=False).fit(x, init_centroids=c0)
+    np.testing.assert_array_equal(km.centroids_[:, 0], np.array(expected, np.float32))
+    assert km.stats_[0].n_empty == 1 and km.stats_[0].n_reseeded == (empty == "reseed")

@@ -106,6 +106,9 @@ class HierarchicalConfig:
         split_inits: greedy k-means++ runs per parent in the split; the run with the
             lowest within-parent inertia is kept (SDC: 10).
         init: "kmeans++" | "random" initialisation of each k-means (and of the split).
+        empty: what a Lloyd iteration does with a cluster that received no input:
+            "reseed" (the inputs farthest from their centroids become its centre) or
+            "keep" (it keeps its centroid, as SDC). The split always keeps (as SDC).
         init_sample_size, init_sample_per_centroid, init_candidates, fp64_accumulate,
         memory_budget_mb, impl, precision, nonfinite: passed to KMeansConfig (see there).
         checkpoint_every: Lloyd iterations between checkpoints inside a step (0: only at
@@ -126,6 +129,7 @@ class HierarchicalConfig:
     split_iterations: int | None = None
     split_inits: int = 10
     init: str = "kmeans++"
+    empty: str = "reseed"
     init_sample_size: int | None = None
     init_sample_per_centroid: int = 20
     init_candidates: int | None = None
@@ -170,7 +174,11 @@ class HierarchicalConfig:
         if self.resampling_init not in _RESAMPLING_INITS:
             raise ValueError(f"resampling_init={self.resampling_init!r}; expected one of "
                              f"{_RESAMPLING_INITS}")
-        KMeansConfig(k=1, init=self.init, nonfinite=self.nonfinite,
+        if self.split_k is not None and self.split_k > 1 and self.level_value(1, "resampling_steps") > 1:
+            raise ValueError("level 1: split_k and resampling cannot both run on one level (as "
+                             "SDC refuses); drop resample_level1 / level 1's resampling_steps "
+                             "or split_k")
+        KMeansConfig(k=1, init=self.init, empty=self.empty, nonfinite=self.nonfinite,
                      memory_budget_mb=self.memory_budget_mb, precision=self.precision,
                      init_sample_size=self.init_sample_size,
                      init_sample_per_centroid=self.init_sample_per_centroid,
@@ -903,7 +911,8 @@ def _run_level(config: HierarchicalConfig, depth: int, inputs: PointSource, prog
 
 def _kmeans_config(config: HierarchicalConfig, k: int, iters: int, seed: int) -> KMeansConfig:
     return KMeansConfig(
-        k=k, iterations=iters, init=config.init, init_sample_size=config.init_sample_size,
+        k=k, iterations=iters, init=config.init, empty=config.empty,
+        init_sample_size=config.init_sample_size,
         init_sample_per_centroid=config.init_sample_per_centroid,
         init_candidates=config.init_candidates, seed=seed,
         memory_budget_mb=config.memory_budget_mb, fp64_accumulate=config.fp64_accumulate,

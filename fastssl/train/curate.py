@@ -146,6 +146,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "random, one value or one per level (SDC, paper 2: closest)")
     parser.add_argument("--init", choices=("kmeans++", "random"), default="kmeans++",
                         help="initialisation of each k-means (greedy k-means++ or random points)")
+    parser.add_argument("--empty", choices=("reseed", "keep"), default="reseed",
+                        help="a cluster left empty by a Lloyd iteration: reseed (the points "
+                             "farthest from their centroids become its centre) or keep (it "
+                             "keeps its centroid, as SDC and paper 2)")
     parser.add_argument("--init-sample-size", type=int, default=None,
                         help="points the k-means++ initialisation runs on "
                              "(default max(per-centroid x k, 16384))")
@@ -434,7 +438,7 @@ def tree_config(args: argparse.Namespace):
         sample_size=scalar("sample_size", None),
         sampling_strategy=scalar("sampling_strategy", "closest"),
         resampling_init=args.resampling_init, split_k=args.split_k,
-        split_iterations=args.split_iterations, split_inits=args.split_inits, init=args.init,
+        split_iterations=args.split_iterations, split_inits=args.split_inits, init=args.init, empty=args.empty,
         init_sample_size=args.init_sample_size,
         init_sample_per_centroid=args.init_sample_per_centroid,
         checkpoint_every=args.checkpoint_every, seed=args.seed,
