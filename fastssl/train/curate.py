@@ -16,6 +16,10 @@ Files in ``--out``:
                            Lloyd centroids every --checkpoint-every iterations, every batch
                            of the split)
     curated_indices.npy    (target,) int64 rows of the data chosen by hierarchical_sample
+    curated_tiles.csv      one line per curated tile: row,source,slide,level,x,y,size,mpp,
+                           cluster_1..cluster_L (source from the embed index.csv, the tile
+                           fields from the tile index its manifest names, empty without
+                           them; see fastssl.curation.curated_table)
     report.json            cluster-size distributions per level, balance metrics (normalised
                            entropy, Gini) of the tree and of the sample, ground-truth group
                            coverage when --labels is given, timings
@@ -385,6 +389,25 @@ def load_labels(path: str, data, n_rows: int) -> np.ndarray:
     return np.asarray(labels, dtype=np.int64)
 
 
+def _write_tile_table(args, tree, indices: np.ndarray, point_ids: np.ndarray | None,
+                      out: Path) -> Path:
+    """curated_tiles.csv of the curated tree points ``indices`` (data rows via point_ids
+    when non-finite rows were left out)."""
+    from fastssl.curation.curated_table import (CURATED_TABLE, join_tiles, read_sources,
+                                                selected_clusters, tile_index_for,
+                                                write_curated_table)
+
+    rows = indices if point_ids is None else point_ids[indices]
+    order = np.argsort(rows, kind="stable")
+    rows, points = rows[order], indices[order]
+    index = _index_csv_for(args.data)
+    sources = read_sources(index, rows) if index is not None else None
+    tiles_csv = tile_index_for(index)
+    tiles = join_tiles(tiles_csv, sources) if tiles_csv is not None else None
+    return write_curated_table(out / CURATED_TABLE, rows, selected_clusters(tree, points),
+                               sources, tiles)
+
+
 def _labels_by_path(path: Path, data, n_rows: int) -> np.ndarray:
     import csv
 
@@ -554,6 +577,8 @@ def _sample_and_report(args, tree, out: Path, t0: float, tree_s: float) -> int:
         rows = indices if point_ids is None else point_ids[indices]
         save_npy_atomic(out / "curated_indices.npy", np.sort(rows).astype(np.int64))
     try:
+        if indices is not None:
+            _write_tile_table(args, tree, indices, point_ids, out)
         n_rows = tree.n_points if point_ids is None else int(tree.meta["data"]["n"])
         labels = load_labels(args.labels, args.data, n_rows) if args.labels else None
         report = build_report(tree, indices, labels, point_ids, seed=args.seed)
@@ -568,5 +593,6 @@ def _sample_and_report(args, tree, out: Path, t0: float, tree_s: float) -> int:
     write_text_atomic(out / "report.json", json.dumps(report, indent=1))
     print(summary_text(report), file=sys.stdout)
     print(f"wrote {out / 'tree'}, {out / 'report.json'}"
-          + (f", {out / 'curated_indices.npy'}" if indices is not None else ""))
+          + (f", {out / 'curated_indices.npy'}, {out / 'curated_tiles.csv'}"
+             if indices is not None else ""))
     return 0
