@@ -399,3 +399,35 @@ def test_empty_keep_reaches_every_kmeans_of_the_tree(rng, monkeypatch):
         assert seen == [empty] * 3  # level 1 kmeans, level 2 kmeans + 1 resampled
     with pytest.raises(ValueError, match="empty='drop'"):
         HierarchicalConfig(levels=[4], empty="drop").validate()
+
+
+def test_tree_resumes_inside_the_kmeanspp_start(rng, tmp_path, monkeypatch):
+    """21 §4: a job killed during a level's k-means++ start resumes from the centres it
+    checkpointed and builds the same tree; the finished step removes the checkpoint."""
+    import functools
+
+    import fastssl.curation.hierarchical as hk
+    from fastssl.curation.kmeans import KmppCheckpoint
+
+    x, _ = mixture(rng, n=900)
+    settings = dict(iterations=3, resampling_steps=2, progress=False)
+    ref = hierarchical_kmeans(x, [30, 5], output_dir=tmp_path / "ref", **settings)
+    monkeypatch.setattr(hk, "KmppCheckpoint", functools.partial(KmppCheckpoint, every_s=0))
+    real = KmppCheckpoint.maybe_save
+    saved = []  # centres held by every level-1 start checkpoint, in order
+
+    def killed_at_12(self, chosen, *args, **kwargs):
+        real(self, chosen, *args, **kwargs)
+        if self.path.parent.name == "level_1" and self.path.name == "kmeans.kmpp.npz":
+            saved.append(len(chosen))
+            if saved == list(range(1, 13)):
+                raise KeyboardInterrupt  # dies with 12 centres checkpointed
+
+    monkeypatch.setattr(KmppCheckpoint, "maybe_save", killed_at_12)
+    with pytest.raises(KeyboardInterrupt):
+        hierarchical_kmeans(x, [30, 5], output_dir=tmp_path / "run", **settings)
+    assert (tmp_path / "run" / "work" / "level_1" / "kmeans.kmpp.npz").exists()
+    again = hierarchical_kmeans(x, [30, 5], output_dir=tmp_path / "run", **settings)
+    assert saved[12] == 12 and saved[13] == 13  # the rerun started at centre 12
+    assert_trees_equal(ref, again)
+    assert not list((tmp_path / "run").rglob("*.kmpp.npz"))

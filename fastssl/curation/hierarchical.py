@@ -22,8 +22,9 @@ k-means runs of a level, the first k-means included ("10 steps" = the first k-me
 resampled ones; 1 = no resampling).
 
 Every finished step is checkpointed under ``output_dir/work`` and recorded in
-``output_dir/progress.json`` (atomic writes); inside a step the Lloyd centroids are
-checkpointed every ``checkpoint_every`` iterations and the split every batch of parents.
+``output_dir/progress.json`` (atomic writes); inside a step the k-means++ start is
+checkpointed every minute and when it ends (as SDC does), the Lloyd centroids every
+``checkpoint_every`` iterations and the split every batch of parents.
 So a killed job rerun with the same config resumes where it stopped and produces the same
 tree; a different config is refused unless ``overwrite=True``. Randomness of the split is
 keyed per parent cluster, so the tree does not depend on the memory budget, the number of
@@ -45,8 +46,8 @@ import numpy as np
 
 from fastssl import distributed as dist
 from fastssl.curation._source import PointSource
-from fastssl.curation.kmeans import (KMeans, KMeansConfig, _one_thread, _progress_enabled,
-                                     _scatter_add, assign_device)
+from fastssl.curation.kmeans import (KMeans, KMeansConfig, KmppCheckpoint, _one_thread,
+                                     _progress_enabled, _scatter_add, assign_device)
 from fastssl.curation.tree import HierarchicalTree, TreeLevel, save_npy_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -718,6 +719,14 @@ class _Progress:
             return None
         return self.root / "work" / f"level_{depth}" / f"{step}.lloyd.npz"
 
+    def kmpp_path(self, depth: int, step: str) -> Path | None:
+        """The step's k-means++ start checkpoint (main rank only: it runs the start)."""
+        if self.root is None or not dist.is_main():
+            return None
+        sub = self.root / "work" / f"level_{depth}"
+        sub.mkdir(parents=True, exist_ok=True)
+        return sub / f"{step}.kmpp.npz"
+
     def parts_dir(self, depth: int, step: str) -> Path | None:
         if self.root is None:
             return None
@@ -754,6 +763,7 @@ class _Progress:
                 self.done.append(f"{depth}/{step}")
                 self._write()
                 self.partial_path(depth, step).unlink(missing_ok=True)
+                self.kmpp_path(depth, step).unlink(missing_ok=True)
                 shutil.rmtree(self.parts_dir(depth, step), ignore_errors=True)
                 if prev is not None:  # only the latest state of a level is needed
                     shutil.rmtree(self.step_dir(depth, prev), ignore_errors=True)
@@ -932,7 +942,9 @@ def _fit_checkpointed(km: KMeans, data: PointSource, prog: _Progress, depth: int
     resume = prog.load_partial(depth, step)
     if resume is not None:
         log.info("level %d %s: resuming Lloyd after iteration %d", depth, step, resume[0])
-    return km.fit(data, init_centroids, resume=resume, on_iteration=on_iteration)
+    start = prog.kmpp_path(depth, step)
+    return km.fit(data, init_centroids, resume=resume, on_iteration=on_iteration,
+                  init_checkpoint=KmppCheckpoint(start) if start is not None else None)
 
 
 def _run_step(config: HierarchicalConfig, depth: int, step: str, seed: int,

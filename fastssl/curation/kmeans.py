@@ -14,12 +14,15 @@ their centroids, or kept.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -31,7 +34,7 @@ from fastssl.profiling import annotate
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KMeans", "KMeansConfig", "IterationStats", "kmeans_plusplus"]
+__all__ = ["KMeans", "KMeansConfig", "IterationStats", "KmppCheckpoint", "kmeans_plusplus"]
 
 Assigner = Callable[[np.ndarray, np.ndarray], "tuple[np.ndarray, np.ndarray]"]
 
@@ -255,8 +258,62 @@ def default_assigner(impl: str = "auto", precision: str = "data") -> Assigner:
 
 
 # ---------------------------------------------------------------------- k-means++
+class KmppCheckpoint:
+    """Where a greedy k-means++ start saves its progress, so that a killed start resumes
+    (as SDC checkpoints its k-means++): the centres chosen so far, every sample row's
+    squared distance to its nearest centre and the generator's state, written atomically
+    at most every ``every_s`` seconds and when the start finishes. A resumed start gives
+    the same centres, bit for bit, as an uninterrupted one.
+
+    Args:
+        path: the .npz file (its directory must exist).
+        every_s: seconds between saves (0: after every centre).
+    """
+
+    def __init__(self, path: str | os.PathLike, every_s: float = 60.0):
+        self.path = Path(path)
+        self.every_s = float(every_s)
+        self._last = time.monotonic()
+
+    def load(self, m: int, k: int, trials: int):
+        """(centres chosen, (i,) int64 rows, (m,) float32 distances, generator state) of a
+        start of the same shape, or None when there is no checkpoint."""
+        if not self.path.exists():
+            return None
+        from fastssl.errors import DataError
+
+        try:
+            with np.load(self.path, allow_pickle=False) as z:
+                shape = tuple(int(v) for v in z["shape"])
+                chosen, D = np.array(z["chosen"]), np.array(z["distances"])
+                state = json.loads(str(z["rng_state"]))
+        except (OSError, ValueError, KeyError) as exc:
+            raise DataError(self.path, f"unreadable k-means++ checkpoint ({exc})") from None
+        if shape != (m, k, trials) or D.shape != (m,):
+            raise DataError(self.path, f"a k-means++ checkpoint of (sample, k, candidates) "
+                                       f"{shape}, this start has {(m, k, trials)}")
+        return chosen.shape[0], chosen, D, state
+
+    def maybe_save(self, chosen: np.ndarray, D, rng: np.random.Generator, k: int, trials: int,
+                   force: bool = False) -> None:
+        """Saves the centres chosen so far, D (m,) and the generator's state when every_s
+        has passed since the last save (or when forced)."""
+        now = time.monotonic()
+        if not force and now - self._last < self.every_s:
+            return
+        from fastssl.jobs import _atomic_write_with
+
+        D = D.cpu().numpy() if hasattr(D, "cpu") else np.asarray(D)
+        shape = np.array([D.shape[0], k, trials], np.int64)
+        _atomic_write_with(self.path, lambda handle: np.savez(
+            handle, shape=shape, chosen=np.asarray(chosen, np.int64), distances=D,
+            rng_state=json.dumps(rng.bit_generator.state)), "wb")
+        self._last = now
+
+
 def kmeans_plusplus(sample: np.ndarray, k: int, rng: np.random.Generator,
-                    candidates: int | None = None, device=None) -> np.ndarray:
+                    candidates: int | None = None, device=None,
+                    checkpoint: KmppCheckpoint | None = None) -> np.ndarray:
     """Greedy k-means++ centres chosen among the rows of ``sample``.
 
     Each new centre draws ``candidates`` (default 2 + floor(ln k)) rows by D^2 sampling
@@ -270,6 +327,7 @@ def kmeans_plusplus(sample: np.ndarray, k: int, rng: np.random.Generator,
         candidates: D^2 draws per centre.
         device: torch device for the products (the assigner's GPU when there is one:
             at k = 100k on 2M rows the initialisation is ~5.3e15 flops); None = the host.
+        checkpoint: where progress is saved and resumed from (None: not saved).
     Returns:
         (k,) int64 indices of the chosen rows (duplicates only when the sample holds
         fewer than k distinct rows).
@@ -286,13 +344,13 @@ def kmeans_plusplus(sample: np.ndarray, k: int, rng: np.random.Generator,
     if m * sample.shape[1] * L < (1 << 24):
         torch.set_num_threads(1)
     try:
-        return _greedy_kmeanspp(sample, k, rng, L, device)
+        return _greedy_kmeanspp(sample, k, rng, L, device, checkpoint)
     finally:
         torch.set_num_threads(threads)
 
 
 def _greedy_kmeanspp(sample: np.ndarray, k: int, rng: np.random.Generator, L: int,
-                     device=None) -> np.ndarray:
+                     device=None, checkpoint: KmppCheckpoint | None = None) -> np.ndarray:
     import torch
 
     m = sample.shape[0]
@@ -301,10 +359,20 @@ def _greedy_kmeanspp(sample: np.ndarray, k: int, rng: np.random.Generator, L: in
         S = S.to(device)
     sq = (S * S).sum(1)
     chosen = np.empty(k, dtype=np.int64)
-    chosen[0] = rng.integers(m)
-    c0 = S[int(chosen[0])]
-    D = (sq - 2 * (S @ c0) + (c0 * c0).sum()).clamp_min_(0)
-    for i in range(1, k):
+    saved = checkpoint.load(m, k, L) if checkpoint is not None else None
+    if saved is not None:  # resume: the centres, distances and generator as they were
+        first, chosen[: saved[0]], D, state = saved
+        D = torch.from_numpy(D).to(S.device)
+        rng.bit_generator.state = state
+        log.info("k-means++: resuming after %d of %d centres (%s)", first, k, checkpoint.path)
+    else:
+        first = 1
+        chosen[0] = rng.integers(m)
+        c0 = S[int(chosen[0])]
+        D = (sq - 2 * (S @ c0) + (c0 * c0).sum()).clamp_min_(0)
+    for i in range(first, k):
+        if checkpoint is not None:
+            checkpoint.maybe_save(chosen[:i], D, rng, k, L)
         cum = torch.cumsum(D.double(), 0)
         total = float(cum[-1])
         if total > 0:
@@ -319,6 +387,8 @@ def _greedy_kmeanspp(sample: np.ndarray, k: int, rng: np.random.Generator, L: in
         best = int(torch.argmin(dist.sum(0, dtype=torch.float64)))
         chosen[i] = int(cand[best])
         D = dist[:, best].contiguous()
+    if checkpoint is not None:  # the finished start: a kill during Lloyd keeps it
+        checkpoint.maybe_save(chosen, D, rng, k, L, force=True)
     return chosen
 
 
@@ -358,6 +428,7 @@ class KMeans:
         self.stats_: list[IterationStats] = []
         self.skipped_rows_ = np.zeros(0, dtype=np.int64)
         self.n_points_ = 0
+        self._init_checkpoint: KmppCheckpoint | None = None
 
     # ------------------------------------------------------------------ helpers
     def _chunk_rows(self, src: PointSource) -> int:
@@ -421,7 +492,8 @@ class KMeans:
             sample = np.concatenate(parts)
             del parts
             picks = kmeans_plusplus(sample, k, rng, cfg.init_candidates,
-                                    device=getattr(self.assigner, "device", None))
+                                    device=getattr(self.assigner, "device", None),
+                                    checkpoint=self._init_checkpoint)
             centroids = np.ascontiguousarray(sample[picks], dtype=np.float32)
         else:
             centroids = np.empty((k, src.d), dtype=np.float32)
@@ -430,7 +502,8 @@ class KMeans:
     # ------------------------------------------------------------------ public
     def fit(self, data: Any, init_centroids: np.ndarray | None = None, *,
             resume: tuple[int, np.ndarray] | None = None,
-            on_iteration: Callable[[int, np.ndarray], None] | None = None) -> "KMeans":
+            on_iteration: Callable[[int, np.ndarray], None] | None = None,
+            init_checkpoint: KmppCheckpoint | None = None) -> "KMeans":
         """Runs initialisation and ``config.iterations`` Lloyd iterations.
 
         Args:
@@ -444,6 +517,8 @@ class KMeans:
                 happens after the initialisation).
             on_iteration: called as on_iteration(iterations done, centroids) after every
                 Lloyd iteration (e.g. to checkpoint).
+            init_checkpoint: where the k-means++ start saves its progress and resumes
+                from (main rank; None: not saved).
         Returns:
             self, with centroids_ and stats_ set.
         """
@@ -452,6 +527,7 @@ class KMeans:
         cfg = self.config
         src = PointSource.from_data(data)
         k = int(cfg.k)
+        self._init_checkpoint = init_checkpoint
         rank, world = dist.rank(), dist.world_size()
         start, stop = dist.rank_slice(src.n, rank, world)
         chunk = self._chunk_rows(src)

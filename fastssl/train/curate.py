@@ -13,8 +13,8 @@ Files in ``--out``:
     .fastssl.lock          held while a job runs: a second job into --out fails at once
     tree/                  the HierarchicalTree (plain .npy levels, memory-mapped), its
                            progress.json and checkpoints while running (every finished step,
-                           Lloyd centroids every --checkpoint-every iterations, every batch
-                           of the split)
+                           the k-means++ start every minute, Lloyd centroids every
+                           --checkpoint-every iterations, every batch of the split)
     curated_indices.npy    (target,) int64 rows of the data chosen by hierarchical_sample
     curated_tiles.csv      one line per curated tile: row,source,slide,level,x,y,size,mpp,
                            cluster_1..cluster_L (source from the embed index.csv, the tile
