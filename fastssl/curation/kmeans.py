@@ -522,99 +522,23 @@ class KMeans:
         Returns:
             self, with centroids_ and stats_ set.
         """
-        import torch
-
         cfg = self.config
         src = PointSource.from_data(data)
-        k = int(cfg.k)
         self._init_checkpoint = init_checkpoint
-        rank, world = dist.rank(), dist.world_size()
-        start, stop = dist.rank_slice(src.n, rank, world)
+        start, stop = dist.rank_slice(src.n, dist.rank(), dist.world_size())
         chunk = self._chunk_rows(src)
-        # "raise": the NaN/inf check rides on the first Lloyd pass (or predict's), no pass
-        # of its own; "skip" must know the rows first.
-        self._unchecked = cfg.nonfinite == "raise"
-        bad = np.zeros(0, np.int64) if self._unchecked else self._scan_nonfinite(
-            src, start, stop, chunk)
-        bad = np.concatenate(dist.all_gather_arrays(bad))
-        n_valid = src.n - int(bad.size)
-        if k > n_valid:
-            extra = f" ({bad.size} non-finite rows skipped)" if bad.size else ""
-            raise ValueError(f"k={k} clusters but the data has only {n_valid} points{extra}")
-        if bad.size:
-            log.info("k-means: skipping %d non-finite rows", bad.size)
-        self.skipped_rows_ = src.global_index(bad)
-        self.n_points_ = n_valid
-        rng = np.random.default_rng(cfg.seed)
+        bad, n_valid = self._finite_rows(src, start, stop, chunk)
         first_iteration = 0
         if resume is not None:
             first_iteration, init_centroids = int(resume[0]), resume[1]
-        if init_centroids is not None:
-            c = np.asarray(init_centroids, dtype=np.float32)
-            if c.shape != (k, src.d):
-                raise ValueError(f"init_centroids has shape {c.shape}, expected ({k}, {src.d})")
-            centroids = np.ascontiguousarray(c)
-        else:
-            t0 = time.perf_counter()
-            centroids = self._init_centroids(src, bad, n_valid, rng, start, stop)
-            log.info("k-means: %s init of k=%d in %.1fs", cfg.init, k, time.perf_counter() - t0)
-
+        centroids = self._starting_centroids(src, bad, n_valid, start, stop, init_centroids)
         my_bad = bad[(bad >= start) & (bad < stop)]
-        acc_dtype = torch.float64 if cfg.fp64_accumulate else torch.float32
-        slab = torch.empty((_F64_SLAB, src.d), dtype=torch.float64) if cfg.fp64_accumulate else None
-        # An assigner that keeps each chunk on its device also accumulates there, so a GPU
-        # run never moves rows back to the host for the update.
-        on_device = hasattr(self.assigner, "scatter_add")
-        acc_device = getattr(self.assigner, "device", None) if on_device else None
         self.stats_ = []
-        show = _progress_enabled(cfg.progress) and dist.is_main()
         for it in range(first_iteration, int(cfg.iterations)):
             t0 = time.perf_counter()
-            sums = torch.zeros((k, src.d), dtype=acc_dtype, device=acc_device)
-            counts = torch.zeros(k, dtype=torch.int64, device=acc_device)
-            total = np.zeros(1, dtype=np.float64)
-            far_d = np.zeros(0, dtype=np.float32)
-            far_i = np.zeros(0, dtype=np.int64)
-            keep_far = min(k, _MAX_RESEED) if cfg.empty == "reseed" else 0
-            with _bar(stop - start, f"k-means it {it + 1}/{cfg.iterations}", show) as bar:
-                for s, block in src.chunks(start, stop, chunk):
-                    with annotate("kmeans/assign"):
-                        labels, dists, block, kept = self._assign_block(block, centroids, s,
-                                                                        my_bad, src)
-                    with annotate("kmeans/update"):
-                        if on_device:
-                            if block.shape[0]:
-                                self.assigner.scatter_add(sums, counts)
-                        else:
-                            with _one_thread():
-                                _scatter_add(sums, counts, block, labels, slab)
-                    total += dists.sum(dtype=np.float64)
-                    if keep_far:
-                        far_d, far_i = _top_far(far_d, far_i, dists, s, keep_far, kept=kept)
-                    bar.update(block.shape[0])
-            self._unchecked = False  # every row of this rank went through the check
-            with annotate("kmeans/all_reduce"):
-                sums = dist.all_reduce_sum(sums).cpu()
-                counts = dist.all_reduce_sum(counts).cpu()
-                total = dist.all_reduce_sum(total)
-            if keep_far and dist.is_initialized():
-                far_d = np.concatenate(dist.all_gather_arrays(far_d))
-                far_i = np.concatenate(dist.all_gather_arrays(far_i))
-                far_d, far_i = _top_far(np.zeros(0, np.float32), np.zeros(0, np.int64),
-                                        far_d, 0, keep_far, idx=far_i)
-            empty = counts == 0
-            new = (sums / counts.clamp_min(1)[:, None].to(acc_dtype)).float().numpy()
-            n_empty = int(empty.sum())
-            n_reseeded = 0
-            if n_empty:
-                empty_idx = np.flatnonzero(empty.numpy())
-                new[empty_idx] = centroids[empty_idx]  # "keep"
-                if keep_far:
-                    order = np.lexsort((far_i, -far_d.astype(np.float64)))
-                    picks = far_i[order][: empty_idx.size]
-                    n_reseeded = int(picks.size)
-                    new[empty_idx[:n_reseeded]] = src.take(picks).astype(np.float32)
-            centroids = np.ascontiguousarray(new, dtype=np.float32)
+            sums, counts, total, far = self._lloyd_pass(src, centroids, start, stop, chunk,
+                                                        my_bad, it)
+            centroids, n_empty, n_reseeded = self._update(src, centroids, sums, counts, far)
             secs = time.perf_counter() - t0
             objective = float(total[0]) / max(1, n_valid)
             self.stats_.append(IterationStats(it, objective, float(total[0]), n_empty,
@@ -630,6 +554,112 @@ class KMeans:
         self._src = src
         self._bad = bad
         return self
+
+    def _finite_rows(self, src: PointSource, start: int, stop: int, chunk: int):
+        """(sorted rows left out as non-finite, number of points used); checks k."""
+        k = int(self.config.k)
+        # "raise": the NaN/inf check rides on the first Lloyd pass (or predict's), no pass
+        # of its own; "skip" must know the rows first.
+        self._unchecked = self.config.nonfinite == "raise"
+        bad = np.zeros(0, np.int64) if self._unchecked else self._scan_nonfinite(
+            src, start, stop, chunk)
+        bad = np.concatenate(dist.all_gather_arrays(bad))
+        n_valid = src.n - int(bad.size)
+        if k > n_valid:
+            extra = f" ({bad.size} non-finite rows skipped)" if bad.size else ""
+            raise ValueError(f"k={k} clusters but the data has only {n_valid} points{extra}")
+        if bad.size:
+            log.info("k-means: skipping %d non-finite rows", bad.size)
+        self.skipped_rows_ = src.global_index(bad)
+        self.n_points_ = n_valid
+        return bad, n_valid
+
+    def _starting_centroids(self, src: PointSource, bad: np.ndarray, n_valid: int, start: int,
+                            stop: int, init_centroids: np.ndarray | None) -> np.ndarray:
+        """(k, d) float32: the given centroids, or the configured initialisation."""
+        cfg = self.config
+        k = int(cfg.k)
+        if init_centroids is not None:
+            c = np.asarray(init_centroids, dtype=np.float32)
+            if c.shape != (k, src.d):
+                raise ValueError(f"init_centroids has shape {c.shape}, expected ({k}, {src.d})")
+            return np.ascontiguousarray(c)
+        t0 = time.perf_counter()
+        rng = np.random.default_rng(cfg.seed)
+        centroids = self._init_centroids(src, bad, n_valid, rng, start, stop)
+        log.info("k-means: %s init of k=%d in %.1fs", cfg.init, k, time.perf_counter() - t0)
+        return centroids
+
+    def _lloyd_pass(self, src: PointSource, centroids: np.ndarray, start: int, stop: int,
+                    chunk: int, my_bad: np.ndarray, it: int):
+        """One assignment pass over this rank's rows, reduced over ranks.
+
+        Returns sums (k, d) and counts (k,) CPU tensors, the summed squared distances
+        (1,) float64, and (distances, rows) of the farthest points for re-seeding (empty
+        arrays with empty="keep").
+        """
+        import torch
+
+        cfg = self.config
+        k = int(cfg.k)
+        acc_dtype = torch.float64 if cfg.fp64_accumulate else torch.float32
+        slab = torch.empty((_F64_SLAB, src.d), dtype=torch.float64) if cfg.fp64_accumulate else None
+        # An assigner that keeps each chunk on its device also accumulates there, so a GPU
+        # run never moves rows back to the host for the update.
+        on_device = hasattr(self.assigner, "scatter_add")
+        acc_device = getattr(self.assigner, "device", None) if on_device else None
+        sums = torch.zeros((k, src.d), dtype=acc_dtype, device=acc_device)
+        counts = torch.zeros(k, dtype=torch.int64, device=acc_device)
+        total = np.zeros(1, dtype=np.float64)
+        far_d, far_i = np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64)
+        keep_far = min(k, _MAX_RESEED) if cfg.empty == "reseed" else 0
+        show = _progress_enabled(cfg.progress) and dist.is_main()
+        with _bar(stop - start, f"k-means it {it + 1}/{cfg.iterations}", show) as bar:
+            for s, block in src.chunks(start, stop, chunk):
+                with annotate("kmeans/assign"):
+                    labels, dists, block, kept = self._assign_block(block, centroids, s,
+                                                                    my_bad, src)
+                with annotate("kmeans/update"):
+                    if on_device:
+                        if block.shape[0]:
+                            self.assigner.scatter_add(sums, counts)
+                    else:
+                        with _one_thread():
+                            _scatter_add(sums, counts, block, labels, slab)
+                total += dists.sum(dtype=np.float64)
+                if keep_far:
+                    far_d, far_i = _top_far(far_d, far_i, dists, s, keep_far, kept=kept)
+                bar.update(block.shape[0])
+        self._unchecked = False  # every row of this rank went through the check
+        with annotate("kmeans/all_reduce"):
+            sums = dist.all_reduce_sum(sums).cpu()
+            counts = dist.all_reduce_sum(counts).cpu()
+            total = dist.all_reduce_sum(total)
+        if keep_far and dist.is_initialized():
+            far_d = np.concatenate(dist.all_gather_arrays(far_d))
+            far_i = np.concatenate(dist.all_gather_arrays(far_i))
+            far_d, far_i = _top_far(np.zeros(0, np.float32), np.zeros(0, np.int64),
+                                    far_d, 0, keep_far, idx=far_i)
+        return sums, counts, total, (far_d, far_i)
+
+    def _update(self, src: PointSource, centroids: np.ndarray, sums, counts, far):
+        """New (k, d) float32 centroids = the means; an empty cluster keeps its centroid
+        ("keep") or takes one of the farthest points ("reseed"). Returns (centroids,
+        clusters empty, clusters re-seeded)."""
+        far_d, far_i = far
+        empty = counts == 0
+        new = (sums / counts.clamp_min(1)[:, None].to(sums.dtype)).float().numpy()
+        n_empty = int(empty.sum())
+        n_reseeded = 0
+        if n_empty:
+            empty_idx = np.flatnonzero(empty.numpy())
+            new[empty_idx] = centroids[empty_idx]  # "keep"
+            if far_i.size:
+                order = np.lexsort((far_i, -far_d.astype(np.float64)))
+                picks = far_i[order][: empty_idx.size]
+                n_reseeded = int(picks.size)
+                new[empty_idx[:n_reseeded]] = src.take(picks).astype(np.float32)
+        return np.ascontiguousarray(new, dtype=np.float32), n_empty, n_reseeded
 
     def _assign_block(self, block: np.ndarray, centroids: np.ndarray, s: int, bad: np.ndarray,
                       src: PointSource | None = None):
