@@ -96,16 +96,21 @@ def join_tiles(tiles_csv: Path, sources: Sequence[str]) -> list[tuple[str, ...]]
     found: list[tuple[str, ...] | None] = [None] * len(sources)
     try:
         with open(tiles_csv, newline="", encoding="utf-8") as handle:
-            reader = csv.reader(handle)
-            header = tuple(next(reader, ()))
+            header = tuple(next(csv.reader([handle.readline()]), ()))
             if header != TILE_INDEX_HEADER:
                 raise DataError(tiles_csv, f"header is {','.join(header)!r}, expected "
                                            f"{','.join(TILE_INDEX_HEADER)!r}")
-            while chunk := list(itertools.islice(reader, _CHUNK)):
+            # Most lines are not curated: their key is cut at the first comma and only
+            # the matches (and quoted keys) go through the csv parser (~5x faster).
+            while chunk := handle.readlines(1 << 24):
                 for line in chunk:
-                    i = wanted.get(line[0]) if line else None
+                    key = line.split(",", 1)[0] if line[:1] != '"' else None
+                    if key is not None and key not in wanted:
+                        continue
+                    fields = next(csv.reader([line]), None)
+                    i = wanted.get(fields[0]) if fields else None
                     if i is not None:
-                        found[i] = tuple(line[1:7])
+                        found[i] = tuple(fields[1:7])
     except (OSError, csv.Error) as exc:
         raise DataError(tiles_csv, f"cannot read the tile index ({exc})") from None
     missing = [s for s, f in zip(sources, found) if f is None]
