@@ -846,20 +846,7 @@ def hierarchical_kmeans(
         return HierarchicalTree.load(root)
 
     meta: dict = {"config": record["config"], "data": record["data"], "steps": []}
-    point_ids = None
-    if config.nonfinite == "skip":
-        km = KMeans(KMeansConfig(k=1, nonfinite="skip", memory_budget_mb=config.memory_budget_mb))
-        start, stop = dist.rank_slice(src.n)
-        bad = np.concatenate(dist.all_gather_arrays(
-            km._scan_nonfinite(src, start, stop, km._chunk_rows(src))))
-        if bad.size:
-            keep = np.ones(src.n, dtype=bool)
-            keep[bad] = False
-            point_ids = np.flatnonzero(keep).astype(np.int64)
-            src = src.subset(point_ids)
-            meta["skipped_rows"] = int(bad.size)
-            log.warning("hierarchical k-means: %d non-finite rows left out", bad.size)
-
+    src, point_ids = _finite_points(config, src, meta)
     tree_levels: list[TreeLevel] = []
     inputs: PointSource = src
     for depth in range(1, len(config.levels) + 1):
@@ -888,6 +875,25 @@ def hierarchical_kmeans(
         prog.finish()
     dist.barrier()
     return HierarchicalTree.load(root)
+
+
+def _finite_points(config: HierarchicalConfig, src: PointSource, meta: dict):
+    """With nonfinite="skip": the finite rows only and (m,) int64 their data rows (None
+    when every row is finite or with "raise", whose check rides on the first pass)."""
+    if config.nonfinite != "skip":
+        return src, None
+    km = KMeans(KMeansConfig(k=1, nonfinite="skip", memory_budget_mb=config.memory_budget_mb))
+    start, stop = dist.rank_slice(src.n)
+    bad = np.concatenate(dist.all_gather_arrays(
+        km._scan_nonfinite(src, start, stop, km._chunk_rows(src))))
+    if not bad.size:
+        return src, None
+    keep = np.ones(src.n, dtype=bool)
+    keep[bad] = False
+    point_ids = np.flatnonzero(keep).astype(np.int64)
+    meta["skipped_rows"] = int(bad.size)
+    log.warning("hierarchical k-means: %d non-finite rows left out", bad.size)
+    return src.subset(point_ids), point_ids
 
 
 def _run_level(config: HierarchicalConfig, depth: int, inputs: PointSource, prog: _Progress,
