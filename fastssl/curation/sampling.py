@@ -108,6 +108,31 @@ def _level_point_counts(tree) -> list[np.ndarray]:
 
 
 # --------------------------------------------------------------------------- subset
+def _pick_in_leaves(level1, q: np.ndarray, sizes: np.ndarray, strategy: str,
+                    rng: np.random.Generator) -> np.ndarray:
+    """q[c] members of every level-1 cluster c: the closest, the furthest or a random
+    subset (members are stored closest first). Returns (q.sum(),) int64 point indices."""
+    offsets = np.asarray(level1.offsets, dtype=np.int64)
+    if strategy == "closest":
+        return np.asarray(level1.members[_ragged_positions(offsets[:-1], q)], dtype=np.int64)
+    if strategy == "furthest":
+        return np.asarray(level1.members[_ragged_positions(offsets[1:] - q, q)], dtype=np.int64)
+    # Clusters taken whole need no randomness; for the partial ones sort random keys
+    # within each cluster (key = cluster rank + U[0,1)) and keep each cluster's first q.
+    whole = q == sizes
+    partial = np.flatnonzero((q > 0) & ~whole)
+    whole_pos = _ragged_positions(offsets[:-1][whole], sizes[whole])
+    part_sizes = sizes[partial]
+    part_pos = _ragged_positions(offsets[partial], part_sizes)
+    keys = np.repeat(np.arange(partial.shape[0], dtype=np.float64), part_sizes)
+    keys += rng.random(keys.shape[0])
+    shuffled = part_pos[np.argsort(keys)]  # keys are distinct (a.s.), any sort is exact
+    seg_start = np.cumsum(part_sizes) - part_sizes
+    chosen = shuffled[_ragged_positions(seg_start, q[partial])]
+    positions = np.concatenate([whole_pos, chosen])
+    return np.asarray(level1.members[np.sort(positions)], dtype=np.int64)
+
+
 def hierarchical_sample(
     tree,
     target_size: int,
@@ -167,31 +192,10 @@ def hierarchical_sample(
             child_sizes, parent_assign, quotas[depth], rng.random(child_sizes.shape[0])
         )
 
-    level1 = tree.levels[0]
-    offsets = np.asarray(level1.offsets, dtype=np.int64)
-    q = quotas[0]
-    sizes = counts[0]
     if target == n:
         indices = np.arange(n, dtype=np.int64)
-    elif strategy == "closest":
-        indices = np.asarray(level1.members[_ragged_positions(offsets[:-1], q)], dtype=np.int64)
-    elif strategy == "furthest":
-        indices = np.asarray(level1.members[_ragged_positions(offsets[1:] - q, q)], dtype=np.int64)
     else:
-        # Clusters taken whole need no randomness; for the partial ones sort random keys
-        # within each cluster (key = cluster rank + U[0,1)) and keep each cluster's first q.
-        whole = q == sizes
-        partial = np.flatnonzero((q > 0) & ~whole)
-        whole_pos = _ragged_positions(offsets[:-1][whole], sizes[whole])
-        part_sizes = sizes[partial]
-        part_pos = _ragged_positions(offsets[partial], part_sizes)
-        keys = np.repeat(np.arange(partial.shape[0], dtype=np.float64), part_sizes)
-        keys += rng.random(keys.shape[0])
-        shuffled = part_pos[np.argsort(keys)]  # keys are distinct (a.s.), any sort is exact
-        seg_start = np.cumsum(part_sizes) - part_sizes
-        chosen = shuffled[_ragged_positions(seg_start, q[partial])]
-        positions = np.concatenate([whole_pos, chosen])
-        indices = np.asarray(level1.members[np.sort(positions)], dtype=np.int64)
+        indices = _pick_in_leaves(tree.levels[0], quotas[0], counts[0], strategy, rng)
     indices = np.sort(indices)
     if return_quotas:
         return indices, quotas
