@@ -60,7 +60,8 @@ def test_batch_sampler(benchmark, record, clusters):
     rng = np.random.default_rng(3)
     n, batch, count = 350_000, 2048, 500
     labels = rng.integers(0, clusters, n)
-    sampler = ClusterStratifiedBatchSampler(labels, batch_size=batch, indices=np.arange(len(labels)),
+    sampler = ClusterStratifiedBatchSampler(labels, global_batch_size=batch,
+                                            indices=np.arange(len(labels)),
                                             pseudo_epoch_size=batch * count * 20, seed=0)
     it = iter(sampler)
     first = np.asarray(next(it))

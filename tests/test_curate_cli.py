@@ -94,7 +94,8 @@ def test_paper2_configs_as_shipped(tree, levels, sample_sizes):
     assert [lv.k for lv in config.levels] == levels and config.split_k == 35
     assert [lv.sample_size for lv in config.levels] == sample_sizes
     assert config.iterations == 50 and config.split_inits == 10 and config.fp64_accumulate
-    assert config.resampling_init == "fresh"
+    assert config.resampling_init == "fresh" and config.empty == "keep"  # SDC keeps empties
+    assert tree_config(_parsed(path, "--data", "x.npy", "--empty", "reseed")).empty == "reseed"
     assert [config.level_value(d, "sampling_strategy") for d in (1, 2, 3, 4)] == ["closest"] * 4
     # steps as SDC counts them: [1, 10, 10, 10] = level 1 once (+ split), 1 + 9 resampled above
     assert config.steps(1) == ["kmeans", "split"]
@@ -309,3 +310,76 @@ def test_labels_matched_by_tile_path_not_row_order(tmp_path, caplog):
     assert main([*common, "--out", str(tmp_path / "a"), "--labels",
                  str(tmp_path / "short.csv")]) == 2
     assert "1 of 500 tiles" in caplog.text
+
+
+def _embed_dir_with_tile_index(tmp_path, n=400, with_tiles=True):
+    """A hand-written embed output: two shards, index.csv (row,shard,offset,source), and a
+    manifest naming a tiles.csv listed in another order than the rows."""
+    import csv
+
+    emb = tmp_path / "emb"
+    emb.mkdir()
+    x, _, _ = long_tailed_mixture(n, 6, 8, seed=9)
+    half = n // 2
+    np.save(emb / "emb_r00000_00000.npy", x[:half].astype(np.float16))
+    np.save(emb / "emb_r00000_00001.npy", x[half:].astype(np.float16))
+    sources = [f"s{i % 5}/tile,{i:04d}" for i in range(n)]  # a comma: CSV quoting matters
+    with open(emb / "index.csv", "w", newline="") as handle:
+        w = csv.writer(handle)
+        w.writerow(["row", "shard", "offset", "source"])
+        w.writerows([i, f"emb_r00000_0000{i // half}.npy", i % half, s]
+                    for i, s in enumerate(sources))
+    tiles = {s: (f"slide_{i % 5}", str(i % 3), str(224 * i), str(7 * i + 1), "224",
+                 f"{0.25 * (1 + i % 2):g}") for i, s in enumerate(sources)}
+    manifest = {"shards": [{"file": "emb_r00000_00000.npy"}, {"file": "emb_r00000_00001.npy"}]}
+    if with_tiles:
+        with open(tmp_path / "tiles.csv", "w", newline="") as handle:
+            w = csv.writer(handle)
+            w.writerow(["tile", "slide", "level", "x", "y", "size", "mpp"])
+            w.writerows([s, *tiles[s]] for s in reversed(sources))
+        manifest["tile_index"] = str(tmp_path / "tiles.csv")
+    (emb / "manifest.json").write_text(json.dumps(manifest))
+    return emb, sources, tiles
+
+
+@pytest.mark.parametrize("with_tiles", [True, False])
+def test_curated_tiles_table(tmp_path, with_tiles):
+    """21 §3: curated_tiles.csv holds every curated row with its index.csv source, its
+    tile-index fields (joined on tile == source; empty without a tile index) and its
+    cluster at every level, compared with the tree's own full point_assignments."""
+    import csv
+
+    from fastssl.curation import HierarchicalTree
+
+    emb, sources, tiles = _embed_dir_with_tile_index(tmp_path, with_tiles=with_tiles)
+    out = tmp_path / "out"
+    assert main(["curate", "--data", str(emb), "--out", str(out), "--levels", "24,6,2",
+                 "--iterations", "3", "--resampling-steps", "1", "--target-size", "90",
+                 "--quiet"]) == 0
+    with open(out / "curated_tiles.csv", newline="") as handle:
+        table = list(csv.reader(handle))
+    assert table[0] == ["row", "source", "slide", "level", "x", "y", "size", "mpp",
+                        "cluster_1", "cluster_2", "cluster_3"]
+    rows = np.load(out / "curated_indices.npy")
+    assert [int(line[0]) for line in table[1:]] == rows.tolist() and rows.size == 90
+    tree = HierarchicalTree.load(out / "tree")
+    for line in table[1:]:
+        r = int(line[0])
+        assert line[1] == sources[r]
+        assert tuple(line[2:8]) == (tiles[sources[r]] if with_tiles else ("",) * 6)
+        assert [int(c) for c in line[8:]] == [int(tree.point_assignments(lv)[r])
+                                              for lv in (1, 2, 3)]
+
+
+def test_curated_tiles_table_bad_tile_index(tmp_path, caplog):
+    """A tile index without a curated tile, or with another header: one line naming it."""
+    emb, _, _ = _embed_dir_with_tile_index(tmp_path, n=200)
+    lines = (tmp_path / "tiles.csv").read_text().splitlines()
+    (tmp_path / "tiles.csv").write_text("\n".join(lines[:-40]) + "\n")
+    common = ["curate", "--data", str(emb), "--levels", "8,2", "--iterations", "2",
+              "--resampling-steps", "1", "--target-size", "100", "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 2
+    assert "tiles.csv: " in caplog.text and "curated tiles are not in the tile index" in caplog.text
+    (tmp_path / "tiles.csv").write_text("tile,slide,x,y\n")
+    assert main([*common, "--out", str(tmp_path / "a")]) == 2
+    assert "expected 'tile,slide,level,x,y,size,mpp'" in caplog.text

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from fastssl.curation import HierarchicalTree, KMeans, hierarchical_kmeans
+from fastssl.curation.hierarchical import HierarchicalConfig
 from fastssl.curation.hierarchical import FAIL_ENV, grouped_lloyd, resample_rows, split_clusters
 from fastssl.curation._source import PointSource
 from fastssl.curation.tree import TreeLevel
@@ -19,7 +20,9 @@ def mixture(rng, n=3000, d=8, comps=30):
     return (centers[lab] + rng.standard_normal((n, d))).astype(np.float32), lab
 
 
-KW = dict(iterations=4, resampling_steps=3, split_k=3, resample_level1=True, progress=False)  # 1 + 2 resampled
+# level 1: kmeans + split; levels 2+: kmeans + 2 resampled (split and resampling never
+# share a level, as SDC)
+KW = dict(iterations=4, resampling_steps=3, split_k=3, progress=False)
 
 
 def assert_trees_equal(a: HierarchicalTree, b: HierarchicalTree):
@@ -94,7 +97,7 @@ def test_resume_after_injected_failure(rng, tmp_path, monkeypatch):
     ref = hierarchical_kmeans(x, [20, 6, 2], output_dir=tmp_path / "ref", **KW)
     out = tmp_path / "run"
     seen = []
-    monkeypatch.setenv(FAIL_ENV, "3")  # dies after the 3rd step (level 1 resample_1)
+    monkeypatch.setenv(FAIL_ENV, "3")  # dies after the 3rd step (level 2 kmeans)
     with pytest.raises(RuntimeError, match="injected failure"):
         hierarchical_kmeans(x, [20, 6, 2], output_dir=out, **KW)
     monkeypatch.delenv(FAIL_ENV)
@@ -105,7 +108,7 @@ def test_resume_after_injected_failure(rng, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # killed in the middle of level 2
     with pytest.raises(KeyboardInterrupt):
         hierarchical_kmeans(x, [20, 6, 2], output_dir=out, callback=boom, **KW)
-    assert seen[0] == (1, "resample_2")  # the three finished steps were skipped
+    assert seen[0] == (2, "resample_1")  # the three finished steps were skipped
     mark = len(seen)
     again = hierarchical_kmeans(x, [20, 6, 2], output_dir=out,
                                 callback=lambda lv, st: seen.append((lv, st)), **KW)
@@ -300,3 +303,131 @@ def test_grouped_init_on_a_device_equals_the_host(rng):
     host = _grouped_init(x, xo, co, 1, np.arange(3), 0, "kmeans++")
     dev = _grouped_init(x, xo, co, 1, np.arange(3), 0, "kmeans++", device=torch.device("cpu"))
     np.testing.assert_array_equal(host, dev)
+
+
+def _scaled_parents(rng, G=60, d=16):
+    """G parents whose scales fall from 2^10 to 2^-10 (about 10^+-3, issue 21 §4; the tiny
+    parents come after the huge ones in a batch), sizes 20..199, rows sorted by parent.
+
+    Small integers times a power of two: every squared distance and every sum of them is
+    exact in float32 and float64, so a transcription cannot differ by rounding."""
+    sizes = rng.integers(20, 200, G)
+    scales = 2.0 ** np.round(np.linspace(10, -10, G))
+    x = np.concatenate([(rng.integers(-12, 13, (s, d)) + rng.integers(-8, 9, d)) * sc
+                        for s, sc in zip(sizes, scales)]).astype(np.float32)
+    return x, np.repeat(np.arange(G), sizes), sizes
+
+
+def _greedy_picks_one_parent(xg, k, seed, parent, run, trials):
+    """Greedy k-means++ inside one parent, transcribed without batching: float64
+    distances, one cumulative sum over this parent's rows only, keyed draws."""
+    from fastssl.curation.hierarchical import keyed_uniform
+
+    xg = xg.astype(np.float64)
+    size = xg.shape[0]
+    u0 = float(keyed_uniform(seed, parent, run, 0, 0))
+    picks = [min(int(u0 * size), size - 1)]
+    D = ((xg - xg[picks[0]]) ** 2).sum(1)
+    for r in range(1, k):
+        cum = np.cumsum(D)
+        best = (np.inf, None, None)
+        for j in range(trials):
+            u = float(keyed_uniform(seed, parent, run, r, j + 1))
+            cand = min(int(np.searchsorted(cum, u * cum[-1], side="right")), size - 1)
+            d_new = np.minimum(D, ((xg - xg[cand]) ** 2).sum(1))
+            if d_new.sum() < best[0]:
+                best = (d_new.sum(), cand, d_new)
+        picks.append(best[1])
+        D = best[2]
+    return picks
+
+
+def test_split_draw_per_parent_whatever_the_budget(rng):
+    """21 §4: the greedy draw uses per-parent cumulative sums, so with cluster scales
+    spanning 10^+-3 a budget holding every parent and one cutting them into ~10 batches
+    give the same split, and each parent's k-means++ picks equal a per-parent
+    transcription (with the batch-wide running sum, parent 56 picked its 11th centre one
+    row off)."""
+    from fastssl.curation.hierarchical import _grouped_init
+
+    x, parents, sizes = _scaled_parents(rng)
+    src = PointSource.from_data(x)
+    k = 12
+    runs = [split_clusters(src, parents, k, 1, seed=3, memory_budget_mb=mb)
+            for mb in (512.0, 0.5)]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            np.testing.assert_array_equal(a, b)
+    xo = np.concatenate([[0], np.cumsum(sizes)])
+    co = np.arange(sizes.shape[0] + 1) * k
+    trials = 2 + int(np.floor(np.log(k)))
+    centres = _grouped_init(x, xo, co, 3, np.arange(sizes.shape[0]), 1, "kmeans++")
+    for g in range(sizes.shape[0]):
+        xg = x[xo[g] : xo[g + 1]]
+        expected = xg[_greedy_picks_one_parent(xg, k, 3, g, 1, trials)]
+        np.testing.assert_array_equal(centres[co[g] : co[g + 1]], expected, err_msg=f"parent {g}")
+
+
+def test_split_and_resampling_on_one_level_refused():
+    """21 §4, as SDC's launcher: a level either splits or resamples, never both."""
+    for extra in (dict(resample_level1=True), dict(levels=[dict(k=10, resampling_steps=2), 3])):
+        kw = dict(levels=[10, 3], split_k=3, resampling_steps=4) | extra
+        with pytest.raises(ValueError, match="^level 1: split_k and resampling") as err:
+            HierarchicalConfig(**kw).validate()
+        assert "\n" not in str(err.value)
+    HierarchicalConfig(levels=[10, 3], split_k=3, resampling_steps=4).validate()  # levels 2+ resample
+    HierarchicalConfig(levels=[10, 3], split_k=1, resample_level1=True).validate()  # no real split
+
+
+def test_empty_keep_reaches_every_kmeans_of_the_tree(rng, monkeypatch):
+    """empty="keep" (SDC) is passed to the k-means of every level; the behaviour itself is
+    checked by hand in test_curation_kmeans."""
+    import fastssl.curation.hierarchical as hk
+
+    seen = []
+    real = hk.KMeans
+
+    def spy(config, **kw):
+        seen.append(config.empty)
+        return real(config, **kw)
+
+    monkeypatch.setattr(hk, "KMeans", spy)
+    x, _ = mixture(rng, n=400)
+    for empty in ("keep", "reseed"):
+        seen.clear()
+        hierarchical_kmeans(x, [12, 3], iterations=2, resampling_steps=2, empty=empty, progress=False)
+        assert seen == [empty] * 3  # level 1 kmeans, level 2 kmeans + 1 resampled
+    with pytest.raises(ValueError, match="empty='drop'"):
+        HierarchicalConfig(levels=[4], empty="drop").validate()
+
+
+def test_tree_resumes_inside_the_kmeanspp_start(rng, tmp_path, monkeypatch):
+    """21 §4: a job killed during a level's k-means++ start resumes from the centres it
+    checkpointed and builds the same tree; the finished step removes the checkpoint."""
+    import functools
+
+    import fastssl.curation.hierarchical as hk
+    from fastssl.curation.kmeans import KmppCheckpoint
+
+    x, _ = mixture(rng, n=900)
+    settings = dict(iterations=3, resampling_steps=2, progress=False)
+    ref = hierarchical_kmeans(x, [30, 5], output_dir=tmp_path / "ref", **settings)
+    monkeypatch.setattr(hk, "KmppCheckpoint", functools.partial(KmppCheckpoint, every_s=0))
+    real = KmppCheckpoint.maybe_save
+    saved = []  # centres held by every level-1 start checkpoint, in order
+
+    def killed_at_12(self, chosen, *args, **kwargs):
+        real(self, chosen, *args, **kwargs)
+        if self.path.parent.name == "level_1" and self.path.name == "kmeans.kmpp.npz":
+            saved.append(len(chosen))
+            if saved == list(range(1, 13)):
+                raise KeyboardInterrupt  # dies with 12 centres checkpointed
+
+    monkeypatch.setattr(KmppCheckpoint, "maybe_save", killed_at_12)
+    with pytest.raises(KeyboardInterrupt):
+        hierarchical_kmeans(x, [30, 5], output_dir=tmp_path / "run", **settings)
+    assert (tmp_path / "run" / "work" / "level_1" / "kmeans.kmpp.npz").exists()
+    again = hierarchical_kmeans(x, [30, 5], output_dir=tmp_path / "run", **settings)
+    assert saved[12] == 12 and saved[13] == 13  # the rerun started at centre 12
+    assert_trees_equal(ref, again)
+    assert not list((tmp_path / "run").rglob("*.kmpp.npz"))

@@ -218,7 +218,7 @@ def test_init_sample_grows_with_k(rng):
     x = rng.standard_normal((40_000, 3)).astype(np.float32)
     seen = {}
 
-    def spy(sample, k, rng_, candidates=None, device=None):
+    def spy(sample, k, rng_, candidates=None, device=None, checkpoint=None):
         seen["m"] = sample.shape[0]
         return np.arange(k)
 
@@ -265,3 +265,47 @@ def test_nonfinite_check_rides_on_the_first_pass(rng, monkeypatch):
     bad[5, 0] = np.nan  # in the k-means++ sample (all rows here): raises before any pass
     with pytest.raises(ValueError, match="row 5 "):
         KMeans(k=4, iterations=2, progress=False).fit(bad)
+
+
+@pytest.mark.parametrize("empty, expected", [("keep", [2.0, 10.5, 100.0]),
+                                             ("reseed", [2.0, 10.5, 5.0])])
+def test_empty_cluster_by_hand(empty, expected):
+    """Points 0, 1, 5, 10, 11 and centres 2, 10.5, 100: squared distances 4, 1, 9 to the
+    first, 0.25, 0.25 to the second, the third gets no point. One iteration by hand: the
+    means stay 2 and 10.5; "keep" (SDC) leaves 100, "reseed" takes the farthest point, 5."""
+    x = np.array([[0.0], [1.0], [5.0], [10.0], [11.0]], np.float32)
+    c0 = np.array([[2.0], [10.5], [100.0]], np.float32)
+    km = KMeans(k=3, iterations=1, empty=empty, progress=False).fit(x, init_centroids=c0)
+    np.testing.assert_array_equal(km.centroids_[:, 0], np.array(expected, np.float32))
+    assert km.stats_[0].n_empty == 1 and km.stats_[0].n_reseeded == (empty == "reseed")
+
+
+def test_kmeanspp_start_killed_then_resumed_equals_uninterrupted(rng, tmp_path, monkeypatch):
+    """21 §4: a kill during the greedy k-means++ start loses nothing: the rerun resumes
+    after the checkpointed centres (it does only the remaining ones) and its centroids
+    equal an uninterrupted run's bit for bit."""
+    from fastssl.curation.kmeans import KmppCheckpoint
+
+    x, _ = blobs(rng, n=2000, d=7, centers=12, spread=6.0)
+    settings = dict(k=40, iterations=3, seed=11, progress=False)
+    ref = KMeans(**settings).fit(x)
+    real = KmppCheckpoint.maybe_save
+    calls, kills = [], []
+
+    def killed_after_17(self, chosen, *args, **kwargs):
+        real(self, chosen, *args, **kwargs)
+        calls.append(len(chosen))
+        if len(chosen) == 17 and not kills:
+            kills.append(1)
+            raise KeyboardInterrupt  # the job dies with 17 centres checkpointed
+
+    monkeypatch.setattr(KmppCheckpoint, "maybe_save", killed_after_17)
+    path = tmp_path / "start.npz"
+    with pytest.raises(KeyboardInterrupt):
+        KMeans(**settings).fit(x, init_checkpoint=KmppCheckpoint(path, every_s=0))
+    calls.clear()
+    resumed = KMeans(**settings).fit(x, init_checkpoint=KmppCheckpoint(path, every_s=0))
+    assert calls[0] == 17 and calls[-2:] == [39, 40]  # resumed at centre 17, not redone
+    np.testing.assert_array_equal(resumed.centroids_, ref.centroids_)
+    with pytest.raises(DataError, match="start.npz: a k-means.. checkpoint of"):
+        KmppCheckpoint(path).load(2000, 41, 5)  # another start's shape is refused

@@ -173,7 +173,7 @@ def stratified(labels, **kwargs):
 
 def test_batches_split_evenly_over_clusters(rng):
     labels = rng.integers(0, 7, size=700)
-    sampler = stratified(labels, batch_size=40, seed=0)
+    sampler = stratified(labels, global_batch_size=40, seed=0)
     got = batches_of(sampler)
     assert len(got) == len(sampler) == 18  # ceil(700 / 40)
     for batch in got[:-1]:
@@ -185,7 +185,7 @@ def test_batches_split_evenly_over_clusters(rng):
 
 def test_small_batches_visit_random_subsets_of_clusters(rng):
     labels = np.repeat(np.arange(50), 4)
-    sampler = stratified(labels, batch_size=8, pseudo_epoch_size=800, seed=2)
+    sampler = stratified(labels, global_batch_size=8, pseudo_epoch_size=800, seed=2)
     hits = np.zeros(50, dtype=int)
     for batch in sampler:
         per_cluster = np.bincount(labels[batch], minlength=50)
@@ -196,7 +196,7 @@ def test_small_batches_visit_random_subsets_of_clusters(rng):
 
 def test_exhausted_cluster_gives_all_and_others_fill(rng):
     labels = np.concatenate([np.zeros(2, int), np.ones(100, int), np.full(100, 2)])
-    sampler = stratified(labels, batch_size=30, seed=0)
+    sampler = stratified(labels, global_batch_size=30, seed=0)
     for batch in batches_of(sampler, 5):
         per_cluster = np.bincount(labels[batch], minlength=3)
         assert per_cluster[0] == 2 and sorted(per_cluster[1:]) == [14, 14]
@@ -206,7 +206,7 @@ def test_least_seen_first(rng):
     # A small cluster: every item is seen once before any is seen twice, and so on;
     # in every cluster seen counts never differ by more than one.
     labels = np.concatenate([np.zeros(5, int), np.ones(60, int), np.full(37, 2)])
-    sampler = stratified(labels, batch_size=9, pseudo_epoch_size=900, seed=4)
+    sampler = stratified(labels, global_batch_size=9, pseudo_epoch_size=900, seed=4)
     seen = np.zeros(labels.size, int)
     orders = []
     for batch in sampler:
@@ -224,7 +224,7 @@ def test_least_seen_first(rng):
 def test_least_seen_after_uneven_history(rng):
     # Seen counts made uneven on purpose: the sampler must catch the low ones up first.
     labels = np.zeros(6, int)
-    sampler = stratified(labels, batch_size=2, pseudo_epoch_size=2, seed=0)
+    sampler = stratified(labels, global_batch_size=2, pseudo_epoch_size=2, seed=0)
     state = sampler.state_dict()
     state["seen"] = np.array([5, 0, 3, 0, 1, 5])
     state["built_epoch"] = -1  # re-sort from these counts
@@ -238,7 +238,7 @@ def test_least_seen_after_uneven_history(rng):
 def test_group_cap(rng):
     labels = rng.integers(0, 5, size=600)
     groups = rng.integers(0, 20, size=600)
-    sampler = stratified(labels, batch_size=32, pseudo_epoch_size=320,
+    sampler = stratified(labels, global_batch_size=32, pseudo_epoch_size=320,
                                             groups=groups, max_groups_per_epoch=3, seed=1)
     seen_sets = []
     for epoch in range(4):
@@ -254,7 +254,7 @@ def test_group_cap(rng):
 def test_resume_gives_identical_continuation(rng, through_torch):
     labels = rng.integers(0, 6, size=300)
     groups = rng.integers(0, 8, size=300)
-    kwargs = dict(batch_size=16, pseudo_epoch_size=160, seed=9, groups=groups, max_groups_per_epoch=4)
+    kwargs = dict(global_batch_size=16, pseudo_epoch_size=160, seed=9, groups=groups, max_groups_per_epoch=4)
     ref = stratified(labels, **kwargs)
     expected = []
     for _ in range(3):
@@ -283,8 +283,8 @@ def test_resume_gives_identical_continuation(rng, through_torch):
 
 def test_two_ranks_share_the_global_batch(rng):
     labels = rng.integers(0, 9, size=500)
-    single = stratified(labels, batch_size=24, seed=3, rank=0, world_size=1)
-    ranks = [stratified(labels, batch_size=12, seed=3, rank=r, world_size=2)
+    single = stratified(labels, global_batch_size=24, seed=3, rank=0, world_size=1)
+    ranks = [stratified(labels, global_batch_size=24, seed=3, rank=r, world_size=2)
              for r in range(2)]
     assert len(single) == len(ranks[0]) == len(ranks[1])
     for whole, a, b in zip(batches_of(single), batches_of(ranks[0]), batches_of(ranks[1])):
@@ -300,16 +300,16 @@ def test_two_ranks_share_the_global_batch(rng):
 
 def test_drop_last_and_padding(rng):
     labels = rng.integers(0, 3, size=100)
-    keep = stratified(labels, batch_size=15, rank=1, world_size=2)
+    keep = stratified(labels, global_batch_size=30, rank=1, world_size=2)
     sizes = [len(b) for b in keep]
     assert sizes == [15, 15, 15, 5]  # 100 = 3 * 30 + 10 -> 5 per rank
-    drop = stratified(labels, batch_size=15, rank=1, world_size=2, drop_last=True)
+    drop = stratified(labels, global_batch_size=30, rank=1, world_size=2, drop_last=True)
     assert [len(b) for b in drop] == [15, 15, 15] and len(drop) == 3
 
 
 def test_batch_larger_than_data_repeats(rng):
     labels = np.array([0, 0, 1, 2, 2, 2])
-    sampler = stratified(labels, batch_size=14, pseudo_epoch_size=14)
+    sampler = stratified(labels, global_batch_size=14, pseudo_epoch_size=14)
     (batch,) = batches_of(sampler)
     assert batch.size == 14
     counts = np.bincount(batch, minlength=6)
@@ -319,7 +319,7 @@ def test_batch_larger_than_data_repeats(rng):
 def test_indices_are_yielded(rng):
     labels = rng.integers(0, 4, size=50)
     curated = np.sort(rng.choice(10_000, size=50, replace=False))
-    sampler = ClusterStratifiedBatchSampler(labels, batch_size=10, indices=curated)
+    sampler = ClusterStratifiedBatchSampler(labels, global_batch_size=10, indices=curated)
     assert set(np.concatenate(batches_of(sampler)).tolist()) <= set(curated.tolist())
 
 
@@ -330,8 +330,8 @@ def test_curated_subset_is_part_of_the_construction(rng):
     subset = hierarchical_sample(tree, 120, seed=0)
     labels = tree.point_assignments(2)[subset]
     with pytest.raises(TypeError, match="indices= is required"):
-        ClusterStratifiedBatchSampler(labels, batch_size=12)
-    sampler = ClusterStratifiedBatchSampler.from_tree(tree, 2, subset, batch_size=12, seed=0)
+        ClusterStratifiedBatchSampler(labels, global_batch_size=12)
+    sampler = ClusterStratifiedBatchSampler.from_tree(tree, 2, subset, global_batch_size=12, seed=0)
     drawn = np.concatenate(batches_of(sampler))
     assert set(drawn.tolist()) == set(subset.tolist())  # every curated row, nothing else
     level2 = tree.point_assignments(2)
@@ -345,7 +345,7 @@ def test_group_cap_keeps_every_cluster_in_every_pseudo_epoch(rng):
     n_clusters = 40
     labels = np.repeat(np.arange(n_clusters), 10)
     groups = rng.integers(0, 30, size=labels.size)  # slides; most clusters miss any 2 of them
-    sampler = stratified(labels, batch_size=40, pseudo_epoch_size=400, groups=groups,
+    sampler = stratified(labels, global_batch_size=40, pseudo_epoch_size=400, groups=groups,
                          max_groups_per_epoch=2, seed=0)
     for epoch in range(5):
         sampler.set_epoch(epoch)
@@ -364,26 +364,30 @@ def test_with_a_dataloader(rng):
 
     labels = rng.integers(0, 4, size=64)
     data = TensorDataset(torch.arange(64))
-    loader = DataLoader(data, batch_sampler=stratified(labels, batch_size=8))
+    loader = DataLoader(data, batch_sampler=stratified(labels, global_batch_size=8))
     assert sum(len(x) for (x,) in loader) == 64
 
 
 def test_bad_arguments_batch_sampler():
     with pytest.raises(ValueError, match="labels must be 1-D"):
-        stratified(np.zeros((3, 2), int), batch_size=2)
-    with pytest.raises(ValueError, match="batch_size"):
-        stratified(np.zeros(3, int), batch_size=0)
+        stratified(np.zeros((3, 2), int), global_batch_size=2)
+    with pytest.raises(ValueError, match="global_batch_size must be"):
+        stratified(np.zeros(3, int), global_batch_size=0)
+    with pytest.raises(ValueError, match="^global_batch_size 5 is not divisible by world_size 2"):
+        stratified(np.zeros(3, int), global_batch_size=5, rank=0, world_size=2)
+    with pytest.raises(TypeError, match="global_batch_size= is required"):
+        stratified(np.zeros(3, int))
     with pytest.raises(TypeError, match="labels must be integers"):
-        stratified(np.zeros(3), batch_size=1)
+        stratified(np.zeros(3), global_batch_size=1)
     with pytest.raises(ValueError, match="groups must have shape"):
-        stratified(np.zeros(3, int), batch_size=1, groups=[1, 2])
+        stratified(np.zeros(3, int), global_batch_size=1, groups=[1, 2])
     with pytest.raises(ValueError, match="max_groups_per_epoch needs groups"):
-        stratified(np.zeros(3, int), batch_size=1, max_groups_per_epoch=2)
+        stratified(np.zeros(3, int), global_batch_size=1, max_groups_per_epoch=2)
     with pytest.raises(ValueError, match="rank"):
-        stratified(np.zeros(3, int), batch_size=1, rank=2, world_size=2)
-    a = stratified(np.zeros(3, int), batch_size=1, seed=1)
+        stratified(np.zeros(3, int), global_batch_size=1, rank=2, world_size=2)
+    a = stratified(np.zeros(3, int), global_batch_size=1, seed=1)
     with pytest.raises(ValueError, match="seed"):
-        stratified(np.zeros(3, int), batch_size=1, seed=2).load_state_dict(a.state_dict())
+        stratified(np.zeros(3, int), global_batch_size=1, seed=2).load_state_dict(a.state_dict())
 
 
 @settings(max_examples=25, deadline=None)
@@ -396,7 +400,7 @@ def test_bad_arguments_batch_sampler():
 def test_property_balance_and_least_seen(sizes, batch, world, seed):
     labels = np.repeat(np.arange(len(sizes)), sizes)
     n = labels.size
-    shares = [stratified(labels, batch_size=batch, pseudo_epoch_size=3 * n,
+    shares = [stratified(labels, global_batch_size=batch * world, pseudo_epoch_size=3 * n,
                                             seed=seed, rank=r, world_size=world)
               for r in range(world)]
     seen = np.zeros(n, int)

@@ -142,3 +142,53 @@ def test_one_process_equals_two_gloo_processes(tmp_path, rng):
     for a, b in zip(tree1.levels, tree2.levels):
         np.testing.assert_allclose(np.asarray(b.centroids), a.centroids, rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(np.asarray(b.assignments), a.assignments)
+
+
+# Paper 2's stratified batches under 2 gloo ranks: cluster sizes 2, 30, 40, 50, 60 and a
+# global batch of 24. By hand (water-filling): the 2-item cluster gives both items, the
+# other 22 go 5, 5, 6, 6 over the four large clusters (water level 5, remainder 2).
+_SAMPLER_SIZES = (2, 30, 40, 50, 60)
+_SAMPLER_COUNTS = [2, 5, 5, 6, 6]
+
+
+def _sampler_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from fastssl.curation import ClusterStratifiedBatchSampler
+
+    dist.init(backend="gloo")
+    labels = np.repeat(np.arange(len(_SAMPLER_SIZES)), _SAMPLER_SIZES)
+    # rank and world_size come from fastssl.distributed, as in a real job
+    sampler = ClusterStratifiedBatchSampler(labels, global_batch_size=24,
+                                            indices=np.arange(labels.size) + 1000,
+                                            pseudo_epoch_size=24 * 6, seed=7)
+    assert (sampler.rank, sampler.world_size, sampler.batch_size) == (rank, world, 12)
+    np.save(os.path.join(out, f"batches_{rank}.npy"), np.array(list(sampler)))
+    dist.barrier()
+    dist.shutdown()
+
+
+@pytest.mark.slow
+def test_stratified_batches_over_two_gloo_ranks(tmp_path):
+    """21 §3: global_batch_size is the whole job's batch; two ranks' shares are disjoint,
+    their union is the one-process global batch, and every global batch holds the
+    hand-computed per-cluster counts."""
+    import torch.multiprocessing as mp
+
+    from fastssl.curation import ClusterStratifiedBatchSampler
+
+    mp.start_processes(_sampler_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2,
+                       join=True, start_method="spawn")
+    labels = np.repeat(np.arange(len(_SAMPLER_SIZES)), _SAMPLER_SIZES)
+    single = ClusterStratifiedBatchSampler(labels, global_batch_size=24,
+                                           indices=np.arange(labels.size) + 1000,
+                                           pseudo_epoch_size=24 * 6, seed=7, rank=0,
+                                           world_size=1)
+    ranks = [np.load(tmp_path / f"batches_{r}.npy") for r in range(2)]
+    wholes = list(single)
+    assert len(wholes) == 6 and ranks[0].shape == ranks[1].shape == (6, 12)
+    for whole, a, b in zip(wholes, ranks[0], ranks[1]):
+        assert np.intersect1d(a, b).size == 0
+        np.testing.assert_array_equal(np.sort(np.concatenate([a, b])), np.sort(whole))
+        counts = np.bincount(labels[np.asarray(whole) - 1000], minlength=5)
+        assert sorted(counts.tolist()) == _SAMPLER_COUNTS and counts[0] == 2

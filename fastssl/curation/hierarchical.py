@@ -22,8 +22,9 @@ k-means runs of a level, the first k-means included ("10 steps" = the first k-me
 resampled ones; 1 = no resampling).
 
 Every finished step is checkpointed under ``output_dir/work`` and recorded in
-``output_dir/progress.json`` (atomic writes); inside a step the Lloyd centroids are
-checkpointed every ``checkpoint_every`` iterations and the split every batch of parents.
+``output_dir/progress.json`` (atomic writes); inside a step the k-means++ start is
+checkpointed every minute and when it ends (as SDC does), the Lloyd centroids every
+``checkpoint_every`` iterations and the split every batch of parents.
 So a killed job rerun with the same config resumes where it stopped and produces the same
 tree; a different config is refused unless ``overwrite=True``. Randomness of the split is
 keyed per parent cluster, so the tree does not depend on the memory budget, the number of
@@ -45,8 +46,8 @@ import numpy as np
 
 from fastssl import distributed as dist
 from fastssl.curation._source import PointSource
-from fastssl.curation.kmeans import (KMeans, KMeansConfig, _one_thread, _progress_enabled,
-                                     _scatter_add, assign_device)
+from fastssl.curation.kmeans import (KMeans, KMeansConfig, KmppCheckpoint, _one_thread,
+                                     _progress_enabled, _scatter_add, assign_device)
 from fastssl.curation.tree import HierarchicalTree, TreeLevel, save_npy_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,9 @@ class HierarchicalConfig:
         split_inits: greedy k-means++ runs per parent in the split; the run with the
             lowest within-parent inertia is kept (SDC: 10).
         init: "kmeans++" | "random" initialisation of each k-means (and of the split).
+        empty: what a Lloyd iteration does with a cluster that received no input:
+            "reseed" (the inputs farthest from their centroids become its centre) or
+            "keep" (it keeps its centroid, as SDC). The split always keeps (as SDC).
         init_sample_size, init_sample_per_centroid, init_candidates, fp64_accumulate,
         memory_budget_mb, impl, precision, nonfinite: passed to KMeansConfig (see there).
         checkpoint_every: Lloyd iterations between checkpoints inside a step (0: only at
@@ -126,6 +130,7 @@ class HierarchicalConfig:
     split_iterations: int | None = None
     split_inits: int = 10
     init: str = "kmeans++"
+    empty: str = "reseed"
     init_sample_size: int | None = None
     init_sample_per_centroid: int = 20
     init_candidates: int | None = None
@@ -170,7 +175,11 @@ class HierarchicalConfig:
         if self.resampling_init not in _RESAMPLING_INITS:
             raise ValueError(f"resampling_init={self.resampling_init!r}; expected one of "
                              f"{_RESAMPLING_INITS}")
-        KMeansConfig(k=1, init=self.init, nonfinite=self.nonfinite,
+        if self.split_k is not None and self.split_k > 1 and self.level_value(1, "resampling_steps") > 1:
+            raise ValueError("level 1: split_k and resampling cannot both run on one level (as "
+                             "SDC refuses); drop resample_level1 / level 1's resampling_steps "
+                             "or split_k")
+        KMeansConfig(k=1, init=self.init, empty=self.empty, nonfinite=self.nonfinite,
                      memory_budget_mb=self.memory_budget_mb, precision=self.precision,
                      init_sample_size=self.init_sample_size,
                      init_sample_per_centroid=self.init_sample_per_centroid,
@@ -364,17 +373,14 @@ def _grouped_greedy_pick(xt, D: np.ndarray, x_offsets: np.ndarray, sizes: np.nda
     lo, hi = x_offsets[grp], x_offsets[grp + 1]
     rows = _ranges(lo, sizes[grp])
     seg = np.repeat(np.arange(grp.size), sizes[grp])
-    cum = np.cumsum(D[rows])  # restarted per group below
-    seg_end = np.cumsum(sizes[grp]) - 1
-    before = np.concatenate([[0.0], cum[seg_end[:-1]]])
-    total = cum[seg_end] - before
+    cum = _GroupCumsum(D[rows], sizes[grp])
+    total = cum.totals
     best_pot = np.full(grp.size, np.inf)
     best_row = lo.copy()
     best_d = None
     for j in range(int(trials[grp].max())):
         u = keyed_uniform(seed, parents[grp], run, r, j + 1)
-        pos = np.searchsorted(cum, before + u * total, side="right")
-        cand = np.clip(lo + (pos - (np.cumsum(sizes[grp]) - sizes[grp])), lo, hi - 1)
+        cand = np.clip(lo + cum.search(u * total), lo, hi - 1)
         zero = total <= 0  # every row coincides with a centre: any row will do
         cand[zero] = lo[zero] + np.minimum((u[zero] * sizes[grp][zero]).astype(np.int64),
                                            sizes[grp][zero] - 1)
@@ -385,6 +391,47 @@ def _grouped_greedy_pick(xt, D: np.ndarray, x_offsets: np.ndarray, sizes: np.nda
         best_d = d_new if best_d is None else np.where(better[seg], d_new, best_d)
     D[rows] = best_d
     return best_row
+
+
+class _GroupCumsum:
+    """Cumulative sums restarted at every group, each one computed over its group's
+    values only, so a group's D^2 draw is bit-for-bit the same whatever other groups
+    share its batch (a running sum over the batch loses a small-scale group's precision
+    behind a large-scale one: issue 21 §4).
+
+    Groups are bucketed by size (powers of two) and each bucket is padded into one
+    (groups, width) array, at most 2x the values, cumulated along its rows.
+
+    Args:
+        values: (m,) float64, the groups' values one after another.
+        sizes: (G,) int64 >= 1 values per group.
+    """
+
+    def __init__(self, values: np.ndarray, sizes: np.ndarray):
+        sizes = np.asarray(sizes, dtype=np.int64)
+        starts = np.cumsum(sizes) - sizes
+        self.totals = np.empty(sizes.shape[0], dtype=np.float64)
+        self.buckets = []
+        bucket = np.frexp(sizes.astype(np.float64))[1]  # sizes in [2^(b-1), 2^b)
+        for b in np.unique(bucket):
+            groups = np.flatnonzero(bucket == b)
+            gs = sizes[groups]
+            row = np.repeat(np.arange(groups.size), gs)
+            col = np.arange(int(gs.sum())) - np.repeat(np.cumsum(gs) - gs, gs)
+            pad = np.zeros((groups.size, int(gs.max())), dtype=np.float64)
+            pad[row, col] = values[_ranges(starts[groups], gs)]
+            np.cumsum(pad, axis=1, out=pad)
+            self.totals[groups] = pad[np.arange(groups.size), gs - 1]
+            pad[np.arange(pad.shape[1])[None, :] >= gs[:, None]] = np.inf  # never counted
+            self.buckets.append((groups, pad))
+
+    def search(self, targets: np.ndarray) -> np.ndarray:
+        """(G,) int64 position in each group of its target, as np.searchsorted(group's
+        cumulative sums, target, side="right")."""
+        out = np.empty(self.totals.shape[0], dtype=np.int64)
+        for groups, pad in self.buckets:
+            out[groups] = (pad <= targets[groups, None]).sum(1)
+        return out
 
 
 def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
@@ -671,6 +718,14 @@ class _Progress:
             return None
         return self.root / "work" / f"level_{depth}" / f"{step}.lloyd.npz"
 
+    def kmpp_path(self, depth: int, step: str) -> Path | None:
+        """The step's k-means++ start checkpoint (main rank only: it runs the start)."""
+        if self.root is None or not dist.is_main():
+            return None
+        sub = self.root / "work" / f"level_{depth}"
+        sub.mkdir(parents=True, exist_ok=True)
+        return sub / f"{step}.kmpp.npz"
+
     def parts_dir(self, depth: int, step: str) -> Path | None:
         if self.root is None:
             return None
@@ -707,6 +762,7 @@ class _Progress:
                 self.done.append(f"{depth}/{step}")
                 self._write()
                 self.partial_path(depth, step).unlink(missing_ok=True)
+                self.kmpp_path(depth, step).unlink(missing_ok=True)
                 shutil.rmtree(self.parts_dir(depth, step), ignore_errors=True)
                 if prev is not None:  # only the latest state of a level is needed
                     shutil.rmtree(self.step_dir(depth, prev), ignore_errors=True)
@@ -789,20 +845,7 @@ def hierarchical_kmeans(
         return HierarchicalTree.load(root)
 
     meta: dict = {"config": record["config"], "data": record["data"], "steps": []}
-    point_ids = None
-    if config.nonfinite == "skip":
-        km = KMeans(KMeansConfig(k=1, nonfinite="skip", memory_budget_mb=config.memory_budget_mb))
-        start, stop = dist.rank_slice(src.n)
-        bad = np.concatenate(dist.all_gather_arrays(
-            km._scan_nonfinite(src, start, stop, km._chunk_rows(src))))
-        if bad.size:
-            keep = np.ones(src.n, dtype=bool)
-            keep[bad] = False
-            point_ids = np.flatnonzero(keep).astype(np.int64)
-            src = src.subset(point_ids)
-            meta["skipped_rows"] = int(bad.size)
-            log.warning("hierarchical k-means: %d non-finite rows left out", bad.size)
-
+    src, point_ids = _finite_points(config, src, meta)
     tree_levels: list[TreeLevel] = []
     inputs: PointSource = src
     for depth in range(1, len(config.levels) + 1):
@@ -831,6 +874,25 @@ def hierarchical_kmeans(
         prog.finish()
     dist.barrier()
     return HierarchicalTree.load(root)
+
+
+def _finite_points(config: HierarchicalConfig, src: PointSource, meta: dict):
+    """With nonfinite="skip": the finite rows only and (m,) int64 their data rows (None
+    when every row is finite or with "raise", whose check rides on the first pass)."""
+    if config.nonfinite != "skip":
+        return src, None
+    km = KMeans(KMeansConfig(k=1, nonfinite="skip", memory_budget_mb=config.memory_budget_mb))
+    start, stop = dist.rank_slice(src.n)
+    bad = np.concatenate(dist.all_gather_arrays(
+        km._scan_nonfinite(src, start, stop, km._chunk_rows(src))))
+    if not bad.size:
+        return src, None
+    keep = np.ones(src.n, dtype=bool)
+    keep[bad] = False
+    point_ids = np.flatnonzero(keep).astype(np.int64)
+    meta["skipped_rows"] = int(bad.size)
+    log.warning("hierarchical k-means: %d non-finite rows left out", bad.size)
+    return src.subset(point_ids), point_ids
 
 
 def _run_level(config: HierarchicalConfig, depth: int, inputs: PointSource, prog: _Progress,
@@ -864,7 +926,8 @@ def _run_level(config: HierarchicalConfig, depth: int, inputs: PointSource, prog
 
 def _kmeans_config(config: HierarchicalConfig, k: int, iters: int, seed: int) -> KMeansConfig:
     return KMeansConfig(
-        k=k, iterations=iters, init=config.init, init_sample_size=config.init_sample_size,
+        k=k, iterations=iters, init=config.init, empty=config.empty,
+        init_sample_size=config.init_sample_size,
         init_sample_per_centroid=config.init_sample_per_centroid,
         init_candidates=config.init_candidates, seed=seed,
         memory_budget_mb=config.memory_budget_mb, fp64_accumulate=config.fp64_accumulate,
@@ -884,7 +947,9 @@ def _fit_checkpointed(km: KMeans, data: PointSource, prog: _Progress, depth: int
     resume = prog.load_partial(depth, step)
     if resume is not None:
         log.info("level %d %s: resuming Lloyd after iteration %d", depth, step, resume[0])
-    return km.fit(data, init_centroids, resume=resume, on_iteration=on_iteration)
+    start = prog.kmpp_path(depth, step)
+    return km.fit(data, init_centroids, resume=resume, on_iteration=on_iteration,
+                  init_checkpoint=KmppCheckpoint(start) if start is not None else None)
 
 
 def _run_step(config: HierarchicalConfig, depth: int, step: str, seed: int,

@@ -14,12 +14,15 @@ their centroids, or kept.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -31,7 +34,7 @@ from fastssl.profiling import annotate
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KMeans", "KMeansConfig", "IterationStats", "kmeans_plusplus"]
+__all__ = ["KMeans", "KMeansConfig", "IterationStats", "KmppCheckpoint", "kmeans_plusplus"]
 
 Assigner = Callable[[np.ndarray, np.ndarray], "tuple[np.ndarray, np.ndarray]"]
 
@@ -52,10 +55,11 @@ class KMeansConfig:
         init: "kmeans++" (greedy k-means++ on a subsample) or "random" (k distinct points).
         init_sample_size: points the k-means++ initialisation runs on; None =
             min(n, max(init_sample_per_centroid * k, 16384)). Its cost is
-            k * sample * (2 + ln k) * d flops (at k = 100k and 20 per centroid on 1024-d
-            data about 2.6e18: a GPU-sized job; lower it for a CPU run).
+            2 * k * sample * (2 + floor(ln k)) * d flops: at k = 100k, 20 per centroid
+            (2M rows), 13 candidates and d = 1024, 2 * 1e5 * 2e6 * 13 * 1024 = 5.3e15,
+            minutes on one GPU (bounded by reading the sample once per centre).
         init_sample_per_centroid: default candidate sample per centroid (the sample
-            grows with k: 2 per centroid cost +8% objective at k = 100k).
+            grows with k). Keep 20: 2 measured +7.5 to +14.7% objective (issue 21).
         init_candidates: D^2 candidates per new centre; None = 2 + floor(ln k) (greedy
             k-means++); 1 is plain k-means++.
         seed: seeds every random choice (initial sample, candidates, re-seeding).
@@ -273,8 +277,62 @@ def default_assigner(impl: str = "auto", precision: str = "data") -> Assigner:
 
 
 # ---------------------------------------------------------------------- k-means++
+class KmppCheckpoint:
+    """Where a greedy k-means++ start saves its progress, so that a killed start resumes
+    (as SDC checkpoints its k-means++): the centres chosen so far, every sample row's
+    squared distance to its nearest centre and the generator's state, written atomically
+    at most every ``every_s`` seconds and when the start finishes. A resumed start gives
+    the same centres, bit for bit, as an uninterrupted one.
+
+    Args:
+        path: the .npz file (its directory must exist).
+        every_s: seconds between saves (0: after every centre).
+    """
+
+    def __init__(self, path: str | os.PathLike, every_s: float = 60.0):
+        self.path = Path(path)
+        self.every_s = float(every_s)
+        self._last = time.monotonic()
+
+    def load(self, m: int, k: int, trials: int):
+        """(centres chosen, (i,) int64 rows, (m,) float32 distances, generator state) of a
+        start of the same shape, or None when there is no checkpoint."""
+        if not self.path.exists():
+            return None
+        from fastssl.errors import DataError
+
+        try:
+            with np.load(self.path, allow_pickle=False) as z:
+                shape = tuple(int(v) for v in z["shape"])
+                chosen, D = np.array(z["chosen"]), np.array(z["distances"])
+                state = json.loads(str(z["rng_state"]))
+        except (OSError, ValueError, KeyError) as exc:
+            raise DataError(self.path, f"unreadable k-means++ checkpoint ({exc})") from None
+        if shape != (m, k, trials) or D.shape != (m,):
+            raise DataError(self.path, f"a k-means++ checkpoint of (sample, k, candidates) "
+                                       f"{shape}, this start has {(m, k, trials)}")
+        return chosen.shape[0], chosen, D, state
+
+    def maybe_save(self, chosen: np.ndarray, D, rng: np.random.Generator, k: int, trials: int,
+                   force: bool = False) -> None:
+        """Saves the centres chosen so far, D (m,) and the generator's state when every_s
+        has passed since the last save (or when forced)."""
+        now = time.monotonic()
+        if not force and now - self._last < self.every_s:
+            return
+        from fastssl.jobs import _atomic_write_with
+
+        D = D.cpu().numpy() if hasattr(D, "cpu") else np.asarray(D)
+        shape = np.array([D.shape[0], k, trials], np.int64)
+        _atomic_write_with(self.path, lambda handle: np.savez(
+            handle, shape=shape, chosen=np.asarray(chosen, np.int64), distances=D,
+            rng_state=json.dumps(rng.bit_generator.state)), "wb")
+        self._last = now
+
+
 def kmeans_plusplus(sample: np.ndarray, k: int, rng: np.random.Generator,
-                    candidates: int | None = None, device=None) -> np.ndarray:
+                    candidates: int | None = None, device=None,
+                    checkpoint: KmppCheckpoint | None = None) -> np.ndarray:
     """Greedy k-means++ centres chosen among the rows of ``sample``.
 
     Each new centre draws ``candidates`` (default 2 + floor(ln k)) rows by D^2 sampling
@@ -287,7 +345,8 @@ def kmeans_plusplus(sample: np.ndarray, k: int, rng: np.random.Generator,
         rng: numpy Generator (all randomness comes from it).
         candidates: D^2 draws per centre.
         device: torch device for the products (the assigner's GPU when there is one:
-            at k = 100k the initialisation is ~1e18 flops); None = the host.
+            at k = 100k on 2M rows the initialisation is ~5.3e15 flops); None = the host.
+        checkpoint: where progress is saved and resumed from (None: not saved).
     Returns:
         (k,) int64 indices of the chosen rows (duplicates only when the sample holds
         fewer than k distinct rows).
@@ -304,13 +363,13 @@ def kmeans_plusplus(sample: np.ndarray, k: int, rng: np.random.Generator,
     if m * sample.shape[1] * L < (1 << 24):
         torch.set_num_threads(1)
     try:
-        return _greedy_kmeanspp(sample, k, rng, L, device)
+        return _greedy_kmeanspp(sample, k, rng, L, device, checkpoint)
     finally:
         torch.set_num_threads(threads)
 
 
 def _greedy_kmeanspp(sample: np.ndarray, k: int, rng: np.random.Generator, L: int,
-                     device=None) -> np.ndarray:
+                     device=None, checkpoint: KmppCheckpoint | None = None) -> np.ndarray:
     import torch
 
     m = sample.shape[0]
@@ -319,10 +378,20 @@ def _greedy_kmeanspp(sample: np.ndarray, k: int, rng: np.random.Generator, L: in
         S = S.to(device)
     sq = (S * S).sum(1)
     chosen = np.empty(k, dtype=np.int64)
-    chosen[0] = rng.integers(m)
-    c0 = S[int(chosen[0])]
-    D = (sq - 2 * (S @ c0) + (c0 * c0).sum()).clamp_min_(0)
-    for i in range(1, k):
+    saved = checkpoint.load(m, k, L) if checkpoint is not None else None
+    if saved is not None:  # resume: the centres, distances and generator as they were
+        first, chosen[: saved[0]], D, state = saved
+        D = torch.from_numpy(D).to(S.device)
+        rng.bit_generator.state = state
+        log.info("k-means++: resuming after %d of %d centres (%s)", first, k, checkpoint.path)
+    else:
+        first = 1
+        chosen[0] = rng.integers(m)
+        c0 = S[int(chosen[0])]
+        D = (sq - 2 * (S @ c0) + (c0 * c0).sum()).clamp_min_(0)
+    for i in range(first, k):
+        if checkpoint is not None:
+            checkpoint.maybe_save(chosen[:i], D, rng, k, L)
         cum = torch.cumsum(D.double(), 0)
         total = float(cum[-1])
         if total > 0:
@@ -337,6 +406,8 @@ def _greedy_kmeanspp(sample: np.ndarray, k: int, rng: np.random.Generator, L: in
         best = int(torch.argmin(dist.sum(0, dtype=torch.float64)))
         chosen[i] = int(cand[best])
         D = dist[:, best].contiguous()
+    if checkpoint is not None:  # the finished start: a kill during Lloyd keeps it
+        checkpoint.maybe_save(chosen, D, rng, k, L, force=True)
     return chosen
 
 
@@ -376,6 +447,7 @@ class KMeans:
         self.stats_: list[IterationStats] = []
         self.skipped_rows_ = np.zeros(0, dtype=np.int64)
         self.n_points_ = 0
+        self._init_checkpoint: KmppCheckpoint | None = None
 
     # ------------------------------------------------------------------ helpers
     def _chunk_rows(self, src: PointSource) -> int:
@@ -439,7 +511,8 @@ class KMeans:
             sample = np.concatenate(parts)
             del parts
             picks = kmeans_plusplus(sample, k, rng, cfg.init_candidates,
-                                    device=getattr(self.assigner, "device", None))
+                                    device=getattr(self.assigner, "device", None),
+                                    checkpoint=self._init_checkpoint)
             centroids = np.ascontiguousarray(sample[picks], dtype=np.float32)
         else:
             centroids = np.empty((k, src.d), dtype=np.float32)
@@ -448,7 +521,8 @@ class KMeans:
     # ------------------------------------------------------------------ public
     def fit(self, data: Any, init_centroids: np.ndarray | None = None, *,
             resume: tuple[int, np.ndarray] | None = None,
-            on_iteration: Callable[[int, np.ndarray], None] | None = None) -> "KMeans":
+            on_iteration: Callable[[int, np.ndarray], None] | None = None,
+            init_checkpoint: KmppCheckpoint | None = None) -> "KMeans":
         """Runs initialisation and ``config.iterations`` Lloyd iterations.
 
         Args:
@@ -462,101 +536,28 @@ class KMeans:
                 happens after the initialisation).
             on_iteration: called as on_iteration(iterations done, centroids) after every
                 Lloyd iteration (e.g. to checkpoint).
+            init_checkpoint: where the k-means++ start saves its progress and resumes
+                from (main rank; None: not saved).
         Returns:
             self, with centroids_ and stats_ set.
         """
-        import torch
-
         cfg = self.config
         src = PointSource.from_data(data)
-        k = int(cfg.k)
-        rank, world = dist.rank(), dist.world_size()
-        start, stop = dist.rank_slice(src.n, rank, world)
+        self._init_checkpoint = init_checkpoint
+        start, stop = dist.rank_slice(src.n, dist.rank(), dist.world_size())
         chunk = self._chunk_rows(src)
-        # "raise": the NaN/inf check rides on the first Lloyd pass (or predict's), no pass
-        # of its own; "skip" must know the rows first.
-        self._unchecked = cfg.nonfinite == "raise"
-        bad = np.zeros(0, np.int64) if self._unchecked else self._scan_nonfinite(
-            src, start, stop, chunk)
-        bad = np.concatenate(dist.all_gather_arrays(bad))
-        n_valid = src.n - int(bad.size)
-        if k > n_valid:
-            extra = f" ({bad.size} non-finite rows skipped)" if bad.size else ""
-            raise ValueError(f"k={k} clusters but the data has only {n_valid} points{extra}")
-        if bad.size:
-            log.info("k-means: skipping %d non-finite rows", bad.size)
-        self.skipped_rows_ = src.global_index(bad)
-        self.n_points_ = n_valid
-        rng = np.random.default_rng(cfg.seed)
+        bad, n_valid = self._finite_rows(src, start, stop, chunk)
         first_iteration = 0
         if resume is not None:
             first_iteration, init_centroids = int(resume[0]), resume[1]
-        if init_centroids is not None:
-            c = np.asarray(init_centroids, dtype=np.float32)
-            if c.shape != (k, src.d):
-                raise ValueError(f"init_centroids has shape {c.shape}, expected ({k}, {src.d})")
-            centroids = np.ascontiguousarray(c)
-        else:
-            t0 = time.perf_counter()
-            centroids = self._init_centroids(src, bad, n_valid, rng, start, stop)
-            log.info("k-means: %s init of k=%d in %.1fs", cfg.init, k, time.perf_counter() - t0)
-
+        centroids = self._starting_centroids(src, bad, n_valid, start, stop, init_centroids)
         my_bad = bad[(bad >= start) & (bad < stop)]
-        acc_dtype = torch.float64 if cfg.fp64_accumulate else torch.float32
-        slab = torch.empty((_F64_SLAB, src.d), dtype=torch.float64) if cfg.fp64_accumulate else None
-        # An assigner that keeps each chunk on its device also accumulates there, so a GPU
-        # run never moves rows back to the host for the update.
-        on_device = hasattr(self.assigner, "scatter_add")
-        acc_device = getattr(self.assigner, "device", None) if on_device else None
         self.stats_ = []
-        show = _progress_enabled(cfg.progress) and dist.is_main()
         for it in range(first_iteration, int(cfg.iterations)):
             t0 = time.perf_counter()
-            sums = torch.zeros((k, src.d), dtype=acc_dtype, device=acc_device)
-            counts = torch.zeros(k, dtype=torch.int64, device=acc_device)
-            total = np.zeros(1, dtype=np.float64)
-            far_d = np.zeros(0, dtype=np.float32)
-            far_i = np.zeros(0, dtype=np.int64)
-            keep_far = min(k, _MAX_RESEED) if cfg.empty == "reseed" else 0
-            with _bar(stop - start, f"k-means it {it + 1}/{cfg.iterations}", show) as bar:
-                for s, block in src.chunks(start, stop, chunk):
-                    with annotate("kmeans/assign"):
-                        labels, dists, block, kept = self._assign_block(block, centroids, s,
-                                                                        my_bad, src)
-                    with annotate("kmeans/update"):
-                        if on_device:
-                            if block.shape[0]:
-                                self.assigner.scatter_add(sums, counts)
-                        else:
-                            with _one_thread():
-                                _scatter_add(sums, counts, block, labels, slab)
-                    total += dists.sum(dtype=np.float64)
-                    if keep_far:
-                        far_d, far_i = _top_far(far_d, far_i, dists, s, keep_far, kept=kept)
-                    bar.update(block.shape[0])
-            self._unchecked = False  # every row of this rank went through the check
-            with annotate("kmeans/all_reduce"):
-                sums = dist.all_reduce_sum(sums).cpu()
-                counts = dist.all_reduce_sum(counts).cpu()
-                total = dist.all_reduce_sum(total)
-            if keep_far and dist.is_initialized():
-                far_d = np.concatenate(dist.all_gather_arrays(far_d))
-                far_i = np.concatenate(dist.all_gather_arrays(far_i))
-                far_d, far_i = _top_far(np.zeros(0, np.float32), np.zeros(0, np.int64),
-                                        far_d, 0, keep_far, idx=far_i)
-            empty = counts == 0
-            new = (sums / counts.clamp_min(1)[:, None].to(acc_dtype)).float().numpy()
-            n_empty = int(empty.sum())
-            n_reseeded = 0
-            if n_empty:
-                empty_idx = np.flatnonzero(empty.numpy())
-                new[empty_idx] = centroids[empty_idx]  # "keep"
-                if keep_far:
-                    order = np.lexsort((far_i, -far_d.astype(np.float64)))
-                    picks = far_i[order][: empty_idx.size]
-                    n_reseeded = int(picks.size)
-                    new[empty_idx[:n_reseeded]] = src.take(picks).astype(np.float32)
-            centroids = np.ascontiguousarray(new, dtype=np.float32)
+            sums, counts, total, far = self._lloyd_pass(src, centroids, start, stop, chunk,
+                                                        my_bad, it)
+            centroids, n_empty, n_reseeded = self._update(src, centroids, sums, counts, far)
             secs = time.perf_counter() - t0
             objective = float(total[0]) / max(1, n_valid)
             self.stats_.append(IterationStats(it, objective, float(total[0]), n_empty,
@@ -572,6 +573,112 @@ class KMeans:
         self._src = src
         self._bad = bad
         return self
+
+    def _finite_rows(self, src: PointSource, start: int, stop: int, chunk: int):
+        """(sorted rows left out as non-finite, number of points used); checks k."""
+        k = int(self.config.k)
+        # "raise": the NaN/inf check rides on the first Lloyd pass (or predict's), no pass
+        # of its own; "skip" must know the rows first.
+        self._unchecked = self.config.nonfinite == "raise"
+        bad = np.zeros(0, np.int64) if self._unchecked else self._scan_nonfinite(
+            src, start, stop, chunk)
+        bad = np.concatenate(dist.all_gather_arrays(bad))
+        n_valid = src.n - int(bad.size)
+        if k > n_valid:
+            extra = f" ({bad.size} non-finite rows skipped)" if bad.size else ""
+            raise ValueError(f"k={k} clusters but the data has only {n_valid} points{extra}")
+        if bad.size:
+            log.info("k-means: skipping %d non-finite rows", bad.size)
+        self.skipped_rows_ = src.global_index(bad)
+        self.n_points_ = n_valid
+        return bad, n_valid
+
+    def _starting_centroids(self, src: PointSource, bad: np.ndarray, n_valid: int, start: int,
+                            stop: int, init_centroids: np.ndarray | None) -> np.ndarray:
+        """(k, d) float32: the given centroids, or the configured initialisation."""
+        cfg = self.config
+        k = int(cfg.k)
+        if init_centroids is not None:
+            c = np.asarray(init_centroids, dtype=np.float32)
+            if c.shape != (k, src.d):
+                raise ValueError(f"init_centroids has shape {c.shape}, expected ({k}, {src.d})")
+            return np.ascontiguousarray(c)
+        t0 = time.perf_counter()
+        rng = np.random.default_rng(cfg.seed)
+        centroids = self._init_centroids(src, bad, n_valid, rng, start, stop)
+        log.info("k-means: %s init of k=%d in %.1fs", cfg.init, k, time.perf_counter() - t0)
+        return centroids
+
+    def _lloyd_pass(self, src: PointSource, centroids: np.ndarray, start: int, stop: int,
+                    chunk: int, my_bad: np.ndarray, it: int):
+        """One assignment pass over this rank's rows, reduced over ranks.
+
+        Returns sums (k, d) and counts (k,) CPU tensors, the summed squared distances
+        (1,) float64, and (distances, rows) of the farthest points for re-seeding (empty
+        arrays with empty="keep").
+        """
+        import torch
+
+        cfg = self.config
+        k = int(cfg.k)
+        acc_dtype = torch.float64 if cfg.fp64_accumulate else torch.float32
+        slab = torch.empty((_F64_SLAB, src.d), dtype=torch.float64) if cfg.fp64_accumulate else None
+        # An assigner that keeps each chunk on its device also accumulates there, so a GPU
+        # run never moves rows back to the host for the update.
+        on_device = hasattr(self.assigner, "scatter_add")
+        acc_device = getattr(self.assigner, "device", None) if on_device else None
+        sums = torch.zeros((k, src.d), dtype=acc_dtype, device=acc_device)
+        counts = torch.zeros(k, dtype=torch.int64, device=acc_device)
+        total = np.zeros(1, dtype=np.float64)
+        far_d, far_i = np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64)
+        keep_far = min(k, _MAX_RESEED) if cfg.empty == "reseed" else 0
+        show = _progress_enabled(cfg.progress) and dist.is_main()
+        with _bar(stop - start, f"k-means it {it + 1}/{cfg.iterations}", show) as bar:
+            for s, block in src.chunks(start, stop, chunk):
+                with annotate("kmeans/assign"):
+                    labels, dists, block, kept = self._assign_block(block, centroids, s,
+                                                                    my_bad, src)
+                with annotate("kmeans/update"):
+                    if on_device:
+                        if block.shape[0]:
+                            self.assigner.scatter_add(sums, counts)
+                    else:
+                        with _one_thread():
+                            _scatter_add(sums, counts, block, labels, slab)
+                total += dists.sum(dtype=np.float64)
+                if keep_far:
+                    far_d, far_i = _top_far(far_d, far_i, dists, s, keep_far, kept=kept)
+                bar.update(block.shape[0])
+        self._unchecked = False  # every row of this rank went through the check
+        with annotate("kmeans/all_reduce"):
+            sums = dist.all_reduce_sum(sums).cpu()
+            counts = dist.all_reduce_sum(counts).cpu()
+            total = dist.all_reduce_sum(total)
+        if keep_far and dist.is_initialized():
+            far_d = np.concatenate(dist.all_gather_arrays(far_d))
+            far_i = np.concatenate(dist.all_gather_arrays(far_i))
+            far_d, far_i = _top_far(np.zeros(0, np.float32), np.zeros(0, np.int64),
+                                    far_d, 0, keep_far, idx=far_i)
+        return sums, counts, total, (far_d, far_i)
+
+    def _update(self, src: PointSource, centroids: np.ndarray, sums, counts, far):
+        """New (k, d) float32 centroids = the means; an empty cluster keeps its centroid
+        ("keep") or takes one of the farthest points ("reseed"). Returns (centroids,
+        clusters empty, clusters re-seeded)."""
+        far_d, far_i = far
+        empty = counts == 0
+        new = (sums / counts.clamp_min(1)[:, None].to(sums.dtype)).float().numpy()
+        n_empty = int(empty.sum())
+        n_reseeded = 0
+        if n_empty:
+            empty_idx = np.flatnonzero(empty.numpy())
+            new[empty_idx] = centroids[empty_idx]  # "keep"
+            if far_i.size:
+                order = np.lexsort((far_i, -far_d.astype(np.float64)))
+                picks = far_i[order][: empty_idx.size]
+                n_reseeded = int(picks.size)
+                new[empty_idx[:n_reseeded]] = src.take(picks).astype(np.float32)
+        return np.ascontiguousarray(new, dtype=np.float32), n_empty, n_reseeded
 
     def _assign_block(self, block: np.ndarray, centroids: np.ndarray, s: int, bad: np.ndarray,
                       src: PointSource | None = None):

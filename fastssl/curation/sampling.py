@@ -108,6 +108,31 @@ def _level_point_counts(tree) -> list[np.ndarray]:
 
 
 # --------------------------------------------------------------------------- subset
+def _pick_in_leaves(level1, q: np.ndarray, sizes: np.ndarray, strategy: str,
+                    rng: np.random.Generator) -> np.ndarray:
+    """q[c] members of every level-1 cluster c: the closest, the furthest or a random
+    subset (members are stored closest first). Returns (q.sum(),) int64 point indices."""
+    offsets = np.asarray(level1.offsets, dtype=np.int64)
+    if strategy == "closest":
+        return np.asarray(level1.members[_ragged_positions(offsets[:-1], q)], dtype=np.int64)
+    if strategy == "furthest":
+        return np.asarray(level1.members[_ragged_positions(offsets[1:] - q, q)], dtype=np.int64)
+    # Clusters taken whole need no randomness; for the partial ones sort random keys
+    # within each cluster (key = cluster rank + U[0,1)) and keep each cluster's first q.
+    whole = q == sizes
+    partial = np.flatnonzero((q > 0) & ~whole)
+    whole_pos = _ragged_positions(offsets[:-1][whole], sizes[whole])
+    part_sizes = sizes[partial]
+    part_pos = _ragged_positions(offsets[partial], part_sizes)
+    keys = np.repeat(np.arange(partial.shape[0], dtype=np.float64), part_sizes)
+    keys += rng.random(keys.shape[0])
+    shuffled = part_pos[np.argsort(keys)]  # keys are distinct (a.s.), any sort is exact
+    seg_start = np.cumsum(part_sizes) - part_sizes
+    chosen = shuffled[_ragged_positions(seg_start, q[partial])]
+    positions = np.concatenate([whole_pos, chosen])
+    return np.asarray(level1.members[np.sort(positions)], dtype=np.int64)
+
+
 def hierarchical_sample(
     tree,
     target_size: int,
@@ -167,31 +192,10 @@ def hierarchical_sample(
             child_sizes, parent_assign, quotas[depth], rng.random(child_sizes.shape[0])
         )
 
-    level1 = tree.levels[0]
-    offsets = np.asarray(level1.offsets, dtype=np.int64)
-    q = quotas[0]
-    sizes = counts[0]
     if target == n:
         indices = np.arange(n, dtype=np.int64)
-    elif strategy == "closest":
-        indices = np.asarray(level1.members[_ragged_positions(offsets[:-1], q)], dtype=np.int64)
-    elif strategy == "furthest":
-        indices = np.asarray(level1.members[_ragged_positions(offsets[1:] - q, q)], dtype=np.int64)
     else:
-        # Clusters taken whole need no randomness; for the partial ones sort random keys
-        # within each cluster (key = cluster rank + U[0,1)) and keep each cluster's first q.
-        whole = q == sizes
-        partial = np.flatnonzero((q > 0) & ~whole)
-        whole_pos = _ragged_positions(offsets[:-1][whole], sizes[whole])
-        part_sizes = sizes[partial]
-        part_pos = _ragged_positions(offsets[partial], part_sizes)
-        keys = np.repeat(np.arange(partial.shape[0], dtype=np.float64), part_sizes)
-        keys += rng.random(keys.shape[0])
-        shuffled = part_pos[np.argsort(keys)]  # keys are distinct (a.s.), any sort is exact
-        seg_start = np.cumsum(part_sizes) - part_sizes
-        chosen = shuffled[_ragged_positions(seg_start, q[partial])]
-        positions = np.concatenate([whole_pos, chosen])
-        indices = np.asarray(level1.members[np.sort(positions)], dtype=np.int64)
+        indices = _pick_in_leaves(tree.levels[0], quotas[0], counts[0], strategy, rng)
     indices = np.sort(indices)
     if return_quotas:
         return indices, quotas
@@ -199,6 +203,20 @@ def hierarchical_sample(
 
 
 # --------------------------------------------------------------------------- batches
+def _dataset_rows(indices, n: int) -> np.ndarray:
+    """(n,) int64 dataset rows of the sampler's items; required (see the class doc)."""
+    if indices is None:
+        raise TypeError(
+            "indices= is required: the dataset row of every labelled item, i.e. the "
+            "curated subset (hierarchical_sample(...)), or np.arange(len(labels)) when the "
+            "labels cover the whole dataset; see ClusterStratifiedBatchSampler.from_tree")
+    indices = np.asarray(indices)
+    if indices.shape != (n,) or not np.issubdtype(indices.dtype, np.integer):
+        raise ValueError(f"indices must be integers of shape ({n},) like labels, got "
+                         f"{indices.dtype} {indices.shape}")
+    return indices.astype(np.int64)
+
+
 def _default_rank_world() -> tuple[int, int]:
     """(rank, world_size) from fastssl.distributed, else torch.distributed, else (0, 1)."""
     try:
@@ -241,9 +259,9 @@ def _water_level(sizes: np.ndarray, target: int) -> tuple[np.ndarray, np.ndarray
 class ClusterStratifiedBatchSampler:
     """Batches spread as evenly as possible over clusters; least-seen items first.
 
-    Paper 2's stratification: each *global* batch (``batch_size * world_size`` items) is
-    split over the clusters that have items this pseudo-epoch by water-filling: every
-    cluster gets ``G // K`` or one more (the extra ones go to a fresh random set of
+    Paper 2's stratification: each *global* batch (``global_batch_size`` items over all
+    ranks) is split over the clusters that have items this pseudo-epoch by water-filling:
+    every cluster gets ``G // K`` or one more (the extra ones go to a fresh random set of
     clusters each batch; when ``G < K``, a random subset of ``G`` clusters gets one item
     each); a cluster smaller than its share gives all its items and the rest is spread
     over the others. A batch never holds an item twice unless the global batch is larger
@@ -256,10 +274,14 @@ class ClusterStratifiedBatchSampler:
     are all revisited before any is seen a third time, and the revisits come in a new
     random order.
 
-    Sharding: all ranks compute the same global batch (same seed, same state) and rank r
-    keeps ``global[r::world_size]``. The global batch is laid out cluster by cluster, so
-    dealing it round-robin gives every rank a near-even share of every cluster. Items in
-    a yielded batch are grouped by cluster (a DataLoader does not care about order).
+    Sharding: ``global_batch_size`` is the batch of the whole job (paper 2's 2048), not
+    a rank's: all ranks compute the same global batch (same seed, same state) and rank r
+    yields ``global[r::world_size]``, its ``global_batch_size // world_size`` share
+    (``self.batch_size``). The shares are disjoint and their union is the global batch,
+    stratified as a whole; a global batch that world_size does not divide is refused.
+    The global batch is laid out cluster by cluster, so dealing it round-robin gives
+    every rank a near-even share of every cluster. Items in a yielded batch are grouped by
+    cluster (a DataLoader does not care about order).
 
     Pseudo-epochs: one pass of ``__iter__`` yields ``len(self)`` batches covering
     ``pseudo_epoch_size`` samples (counted globally, over all ranks). With
@@ -289,9 +311,10 @@ class ClusterStratifiedBatchSampler:
     Args:
         labels: (n,) integer cluster label of each item (any values; e.g.
             ``tree.point_assignments(level)[curated]``).
+        global_batch_size: items per global batch, summed over all ranks (>= 1, a
+            multiple of world_size); each rank yields global_batch_size // world_size.
         indices: (n,) int dataset row of each item, yielded by the batches: the curated
             subset (``hierarchical_sample(...)``), or ``np.arange(n)`` for a whole dataset.
-        batch_size: items per batch on each rank (>= 1).
         pseudo_epoch_size: global samples per pseudo-epoch (default n).
         seed: seeds everything random.
         groups: optional (n,) integer group of each item (e.g. slide id).
@@ -303,17 +326,26 @@ class ClusterStratifiedBatchSampler:
     def __init__(
         self,
         labels: Sequence[int] | np.ndarray,
-        batch_size: int,
+        *,
+        global_batch_size: int | None = None,
+        indices: Sequence[int] | np.ndarray | None = None,
         pseudo_epoch_size: int | None = None,
         seed: int = 0,
-        *,
         groups: Sequence[int] | np.ndarray | None = None,
         max_groups_per_epoch: int | None = None,
-        indices: Sequence[int] | np.ndarray | None = None,
         rank: int | None = None,
         world_size: int | None = None,
         drop_last: bool = False,
     ):
+        self._set_clusters(labels)
+        self.seed = int(seed)
+        self._set_batching(global_batch_size, pseudo_epoch_size, rank, world_size, drop_last)
+        self._set_groups(groups, max_groups_per_epoch)
+        self._indices = _dataset_rows(indices, self._n)
+        self._reset_state()
+
+    def _set_clusters(self, labels) -> None:
+        """Cluster codes 0..K-1 of the items and the CSR offsets of their clusters."""
         labels = np.asarray(labels)
         if labels.ndim != 1:
             raise ValueError(f"labels must be 1-D (n,), got shape {labels.shape}")
@@ -321,11 +353,25 @@ class ClusterStratifiedBatchSampler:
             raise ValueError("labels is empty: nothing to sample")
         if not np.issubdtype(labels.dtype, np.integer):
             raise TypeError(f"labels must be integers, got dtype {labels.dtype}")
-        n = labels.shape[0]
-        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        self._n = labels.shape[0]
+        _, cluster = np.unique(labels, return_inverse=True)
+        self._cluster = cluster.astype(np.int64).reshape(-1)
+        self.num_clusters = int(self._cluster.max()) + 1
+        counts = np.bincount(self._cluster, minlength=self.num_clusters)
+        self._offsets = np.zeros(self.num_clusters + 1, dtype=np.int64)
+        np.cumsum(counts, out=self._offsets[1:])
+
+    def _set_batching(self, global_batch_size, pseudo_epoch_size, rank, world_size,
+                      drop_last) -> None:
+        """The global batch, this rank's share of it, and the pseudo-epoch length."""
+        if global_batch_size is None:
+            raise TypeError("global_batch_size= is required: the batch summed over all ranks "
+                            "(paper 2: 2048); each rank yields global_batch_size // world_size")
+        if (isinstance(global_batch_size, bool) or int(global_batch_size) != global_batch_size
+                or global_batch_size < 1):
+            raise ValueError(f"global_batch_size must be an int >= 1, got {global_batch_size!r}")
         if pseudo_epoch_size is None:
-            pseudo_epoch_size = n
+            pseudo_epoch_size = self._n
         if int(pseudo_epoch_size) != pseudo_epoch_size or pseudo_epoch_size < 1:
             raise ValueError(f"pseudo_epoch_size must be an int >= 1, got {pseudo_epoch_size!r}")
         if rank is None or world_size is None:
@@ -334,32 +380,28 @@ class ClusterStratifiedBatchSampler:
             world_size = auto_world if world_size is None else world_size
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        self.batch_size = int(batch_size)
-        self.pseudo_epoch_size = int(pseudo_epoch_size)
-        self.seed = int(seed)
+        if global_batch_size % world_size:
+            raise ValueError(f"global_batch_size {global_batch_size} is not divisible by "
+                             f"world_size {world_size}: every rank takes an equal share")
         self.rank, self.world_size = int(rank), int(world_size)
+        self.global_batch = int(global_batch_size)
+        self.batch_size = self.global_batch // self.world_size  # this rank's share
+        self.pseudo_epoch_size = int(pseudo_epoch_size)
         self.drop_last = bool(drop_last)
-        self.global_batch = self.batch_size * self.world_size
         if self.drop_last and self.pseudo_epoch_size < self.global_batch:
             raise ValueError(
-                f"pseudo_epoch_size {self.pseudo_epoch_size} < global batch "
-                f"{self.global_batch} (batch_size * world_size) with drop_last=True: no batches"
-            )
+                f"pseudo_epoch_size {self.pseudo_epoch_size} < global_batch_size "
+                f"{self.global_batch} with drop_last=True: no batches")
 
-        _, cluster = np.unique(labels, return_inverse=True)
-        self._cluster = cluster.astype(np.int64).reshape(-1)
-        self.num_clusters = int(self._cluster.max()) + 1
-        self._n = n
-        counts = np.bincount(self._cluster, minlength=self.num_clusters)
-        self._offsets = np.zeros(self.num_clusters + 1, dtype=np.int64)
-        np.cumsum(counts, out=self._offsets[1:])
-
+    def _set_groups(self, groups, max_groups_per_epoch) -> None:
+        """Group codes of the items (e.g. slides) and the per-pseudo-epoch cap."""
         self._group = None
         self.max_groups_per_epoch = None
         if groups is not None:
             groups = np.asarray(groups)
-            if groups.shape != (n,):
-                raise ValueError(f"groups must have shape ({n},) like labels, got {groups.shape}")
+            if groups.shape != (self._n,):
+                raise ValueError(f"groups must have shape ({self._n},) like labels, got "
+                                 f"{groups.shape}")
             _, gcode = np.unique(groups, return_inverse=True)
             self._group = gcode.astype(np.int64).reshape(-1)
             self.num_groups = int(self._group.max()) + 1
@@ -369,18 +411,10 @@ class ClusterStratifiedBatchSampler:
             if int(max_groups_per_epoch) < 1:
                 raise ValueError(f"max_groups_per_epoch must be >= 1, got {max_groups_per_epoch!r}")
             self.max_groups_per_epoch = int(max_groups_per_epoch)
-        if indices is None:
-            raise TypeError(
-                "indices= is required: the dataset row of every labelled item, i.e. the "
-                "curated subset (hierarchical_sample(...)), or np.arange(len(labels)) when the "
-                "labels cover the whole dataset; see ClusterStratifiedBatchSampler.from_tree")
-        indices = np.asarray(indices)
-        if indices.shape != (n,) or not np.issubdtype(indices.dtype, np.integer):
-            raise ValueError(f"indices must be integers of shape ({n},) like labels, got "
-                             f"{indices.dtype} {indices.shape}")
-        self._indices = indices.astype(np.int64)
 
-        # Mutable state (everything state_dict saves).
+    def _reset_state(self) -> None:
+        """Fresh mutable state (everything state_dict saves) and scratch arrays."""
+        n = self._n
         self._seen = np.zeros(n, dtype=np.int64)
         self._order = np.argsort(self._cluster, kind="stable")  # CSR by cluster
         self._active = np.zeros(self.num_clusters, dtype=np.int64)  # active items per cluster
@@ -394,13 +428,13 @@ class ClusterStratifiedBatchSampler:
         self._plans: dict[int, tuple] = {}
 
     @classmethod
-    def from_tree(cls, tree, level: int, indices, batch_size: int, **kwargs):
+    def from_tree(cls, tree, level: int, indices, *, global_batch_size: int, **kwargs):
         """A sampler over the points ``indices`` (e.g. the curated subset) stratified by
         their cluster at ``level`` (1-based) of a HierarchicalTree; batches yield those
         dataset rows. Other arguments as for the constructor."""
         indices = np.asarray(indices, dtype=np.int64)
         labels = np.asarray(tree.point_assignments(level))[indices]
-        return cls(labels, batch_size, indices=indices, **kwargs)
+        return cls(labels, global_batch_size=global_batch_size, indices=indices, **kwargs)
 
     # ------------------------------------------------------------------ sizes
     def _num_global_batches(self) -> int:

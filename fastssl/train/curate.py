@@ -13,9 +13,13 @@ Files in ``--out``:
     .fastssl.lock          held while a job runs: a second job into --out fails at once
     tree/                  the HierarchicalTree (plain .npy levels, memory-mapped), its
                            progress.json and checkpoints while running (every finished step,
-                           Lloyd centroids every --checkpoint-every iterations, every batch
-                           of the split)
+                           the k-means++ start every minute, Lloyd centroids every
+                           --checkpoint-every iterations, every batch of the split)
     curated_indices.npy    (target,) int64 rows of the data chosen by hierarchical_sample
+    curated_tiles.csv      one line per curated tile: row,source,slide,level,x,y,size,mpp,
+                           cluster_1..cluster_L (source from the embed index.csv, the tile
+                           fields from the tile index its manifest names, empty without
+                           them; see fastssl.curation.curated_table)
     report.json            cluster-size distributions per level, balance metrics (normalised
                            entropy, Gini) of the tree and of the sample, ground-truth group
                            coverage when --labels is given, timings
@@ -146,6 +150,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "random, one value or one per level (SDC, paper 2: closest)")
     parser.add_argument("--init", choices=("kmeans++", "random"), default="kmeans++",
                         help="initialisation of each k-means (greedy k-means++ or random points)")
+    parser.add_argument("--empty", choices=("reseed", "keep"), default="reseed",
+                        help="a cluster left empty by a Lloyd iteration: reseed (the points "
+                             "farthest from their centroids become its centre) or keep (it "
+                             "keeps its centroid, as SDC and paper 2)")
     parser.add_argument("--init-sample-size", type=int, default=None,
                         help="points the k-means++ initialisation runs on "
                              "(default max(per-centroid x k, 16384))")
@@ -381,6 +389,25 @@ def load_labels(path: str, data, n_rows: int) -> np.ndarray:
     return np.asarray(labels, dtype=np.int64)
 
 
+def _write_tile_table(args, tree, indices: np.ndarray, point_ids: np.ndarray | None,
+                      out: Path) -> Path:
+    """curated_tiles.csv of the curated tree points ``indices`` (data rows via point_ids
+    when non-finite rows were left out)."""
+    from fastssl.curation.curated_table import (CURATED_TABLE, join_tiles, read_sources,
+                                                selected_clusters, tile_index_for,
+                                                write_curated_table)
+
+    rows = indices if point_ids is None else point_ids[indices]
+    order = np.argsort(rows, kind="stable")
+    rows, points = rows[order], indices[order]
+    index = _index_csv_for(args.data)
+    sources = read_sources(index, rows) if index is not None else None
+    tiles_csv = tile_index_for(index)
+    tiles = join_tiles(tiles_csv, sources) if tiles_csv is not None else None
+    return write_curated_table(out / CURATED_TABLE, rows, selected_clusters(tree, points),
+                               sources, tiles)
+
+
 def _labels_by_path(path: Path, data, n_rows: int) -> np.ndarray:
     import csv
 
@@ -434,7 +461,7 @@ def tree_config(args: argparse.Namespace):
         sample_size=scalar("sample_size", None),
         sampling_strategy=scalar("sampling_strategy", "closest"),
         resampling_init=args.resampling_init, split_k=args.split_k,
-        split_iterations=args.split_iterations, split_inits=args.split_inits, init=args.init,
+        split_iterations=args.split_iterations, split_inits=args.split_inits, init=args.init, empty=args.empty,
         init_sample_size=args.init_sample_size,
         init_sample_per_centroid=args.init_sample_per_centroid,
         checkpoint_every=args.checkpoint_every, seed=args.seed,
@@ -562,6 +589,8 @@ def _sample_and_report(args, tree, out: Path, t0: float, tree_s: float) -> int:
         rows = indices if point_ids is None else point_ids[indices]
         save_npy_atomic(out / "curated_indices.npy", np.sort(rows).astype(np.int64))
     try:
+        if indices is not None:
+            _write_tile_table(args, tree, indices, point_ids, out)
         n_rows = tree.n_points if point_ids is None else int(tree.meta["data"]["n"])
         labels = load_labels(args.labels, args.data, n_rows) if args.labels else None
         report = build_report(tree, indices, labels, point_ids, seed=args.seed)
@@ -576,5 +605,6 @@ def _sample_and_report(args, tree, out: Path, t0: float, tree_s: float) -> int:
     write_text_atomic(out / "report.json", json.dumps(report, indent=1))
     print(summary_text(report), file=sys.stdout)
     print(f"wrote {out / 'tree'}, {out / 'report.json'}"
-          + (f", {out / 'curated_indices.npy'}" if indices is not None else ""))
+          + (f", {out / 'curated_indices.npy'}, {out / 'curated_tiles.csv'}"
+             if indices is not None else ""))
     return 0
