@@ -207,3 +207,64 @@ def test_probe_dataset_filter_on_a_pooled_cache(tmp_path, caplog):
     caplog.clear()
     assert probe("bad", "--dataset", "mimic-cxr,vindr") == 2
     assert "['vindr'] not in this cache (has ['chexpert', 'mimic-cxr'])" in caplog.text
+
+
+def _kept_by_hand(index, fraction, seed):
+    """The --label-fraction draw, counted independently: train studies per patient, the
+    patients in the seeded order, added one by one until ceil(fraction * S) studies."""
+    import math
+
+    train = index.split == "train"
+    studies_of: dict[str, set] = {}
+    for study, subject in zip(index.study_id[train], index.subject_id[train]):
+        studies_of.setdefault(str(subject), set()).add(str(study))
+    patients = sorted(studies_of)
+    target = math.ceil(fraction * sum(len(v) for v in studies_of.values()))
+    kept: set = set()
+    for p in np.random.default_rng(seed).permutation(len(patients)):
+        kept |= studies_of[patients[p]]
+        if len(kept) >= target:
+            break
+    return kept, target, max(len(v) for v in studies_of.values())
+
+
+def test_label_fraction_keeps_whole_patients(tmp_path, capsys):
+    """--label-fraction keeps whole patients' train studies up to ceil(F * S) (counted by hand
+    from index.csv); validation and test untouched; recorded; F outside (0, 1] is refused.
+    Planted: the seed ignored (rng seeded 0), and one patient too few kept; both fail here."""
+    from fastssl.cli import main as cli
+    from fastssl.data.cache import read_index
+    from fastssl.data.datasets import SingleViewDataset
+    from fastssl.eval.probe import keep_label_fraction
+
+    cache = phantom_cache(str(tmp_path), studies=60)
+    index = read_index(cache)
+    for fraction, seed in ((0.25, 3), (0.1, 0), (0.5, 7)):
+        ds = SingleViewDataset(cache, split="train")
+        info = keep_label_fraction(ds, fraction, seed)
+        want, target, biggest = _kept_by_hand(index, fraction, seed)
+        assert set(map(str, ds.study_ids)) == want and info["n_kept_studies"] == len(want)
+        assert target <= len(want) < target + biggest
+        rows = np.flatnonzero((index.split == "train") & np.isin(index.study_id, sorted(want)))
+        np.testing.assert_array_equal(np.sort(ds.rows), rows)  # every image of a kept study
+        assert [str(ds.study_ids[k]) for k in ds.study_index] == list(index.study_id[ds.rows])
+    full = SingleViewDataset(cache, split="train")
+    assert keep_label_fraction(full, 1.0, 5)["n_kept_studies"] == len(full.study_ids)
+    for bad in (0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=r"label_fraction=.*expected a number in \(0, 1\]"):
+            keep_label_fraction(full, bad, 0)
+
+    out = tmp_path / "probe"
+    common = ["probe", "--cache", cache, "--checkpoint", "random:test", "--out", str(out), "--workers", "0",
+              "--n-boot", "10", "--no-plots", "--quiet", "--l2-grid", ""]
+    with one_thread():
+        assert cli(common + ["--label-fraction", "0.25", "--label-seed", "3"]) == 0
+    r = json.loads((out / "probe.json").read_text())
+    want, _, _ = _kept_by_hand(index, 0.25, 3)
+    assert r["config"]["label_fraction"] == 0.25 and r["config"]["label_seed"] == 3
+    assert r["n_train_studies"] == len(want) == r["label_fraction"]["n_kept_studies"]
+    assert r["n_train_images"] == int(((index.split == "train") & np.isin(index.study_id, sorted(want))).sum())
+    assert r["n_test_images"] == int((index.split == "test").sum())  # test untouched
+    capsys.readouterr()
+    assert cli(common + ["--label-fraction", "0"]) == 2
+    assert "--label-fraction: got 0.0; allowed: a number in (0, 1]" in capsys.readouterr().err
