@@ -93,10 +93,13 @@ def test_study_logits_average_views():
     np.testing.assert_array_equal(lab, [[1, 0], [1, 0]])
 
 
+TRAIN_MEAN, TRAIN_STD = 0.3125, 0.1875  # the pretraining's --pixel-mean/--pixel-std (not the cache's)
+
+
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    """A tiny phantom cache and a 2-epoch paired pretraining run on it (shared by the
-    evaluation tests of this module)."""
+    """A tiny phantom cache and a 2-epoch paired pretraining run on it with a non-default
+    pixel normalisation (shared by the evaluation tests of this module)."""
     from fastssl.cli import main as cli
 
     root = tmp_path_factory.mktemp("probe")
@@ -105,7 +108,8 @@ def pretrained(tmp_path_factory):
     with one_thread():
         assert cli(["pretrain", "--cache", cache, "--out", run, "--preset", "test", "--epochs", "2",
                     "--batch-size", "4", "--workers", "0", "--mask-ratio", "0.75", "--warmup-epochs", "1",
-                    "--log-every", "2", "--quiet"]) == 0
+                    "--log-every", "2", "--pixel-mean", str(TRAIN_MEAN), "--pixel-std", str(TRAIN_STD),
+                    "--quiet"]) == 0
     return cache, run
 
 
@@ -139,7 +143,7 @@ def test_end_to_end_phantom_pretrain_probe(pretrained, tmp_path, capsys):
         feat = encoder(x, view).double().numpy()[0]
         return (feat - head["mean"]) / head["std"] @ head["weight"].astype(np.float64) + head["bias"]
 
-    want = independent_study_scores(cache, encoder.cfg.img_size, image_logits)
+    want = independent_study_scores(cache, encoder.cfg.img_size, image_logits, (TRAIN_MEAN, TRAIN_STD))
     assert sorted(want) == list(table["studies"])
     np.testing.assert_allclose(table["scores"], [want[s] for s in table["studies"]], rtol=1e-4, atol=1e-4)
     # the reported AUROC is the pairwise count over those study scores
@@ -268,3 +272,49 @@ def test_label_fraction_keeps_whole_patients(tmp_path, capsys):
     capsys.readouterr()
     assert cli(common + ["--label-fraction", "0"]) == 2
     assert "--label-fraction: got 0.0; allowed: a number in (0, 1]" in capsys.readouterr().err
+
+
+def _train_features_by_hand(cache, encoder, mean, std):
+    """(N, D) float64 CLS features of the train images, one image at a time, normalised
+    with (mean, std): the oracle of the normalisation the probe applies."""
+    import torch
+
+    from fastssl.data.augment import CenterResize
+    from fastssl.data.datasets import SingleViewDataset
+
+    resize = CenterResize(out_size=encoder.cfg.img_size, mean=mean, std=std)
+    ds = SingleViewDataset(cache, split="train")
+    with torch.no_grad():
+        return np.stack([encoder(resize(ds[i][0][None]), int(ds[i][3])).double().numpy()[0] for i in range(len(ds))])
+
+
+@pytest.mark.parametrize("source", ["encoder.safetensors", "checkpoint.pt"])
+def test_probe_normalises_with_the_encoders_training_values(pretrained, tmp_path, source, caplog):
+    """Pretrained with --pixel-mean/--pixel-std, probed on a second cache whose manifest
+    has other statistics: the train features (probe.npz's feature mean and std) equal those
+    computed by hand with the training normalisation, and one line says so. Planted: the
+    old rule (the evaluation cache's manifest) -> the features differ, the test fails."""
+    import shutil
+
+    from fastssl.cli import main as cli
+    from fastssl.train.export import load_encoder
+
+    cache, run = pretrained
+    other = str(tmp_path / "other_cache")
+    shutil.copytree(cache, other)
+    manifest = json.loads(open(os.path.join(other, "manifest.json")).read())
+    manifest.update(pixel_mean=0.61, pixel_std=0.29)  # other statistics, same images
+    open(os.path.join(other, "manifest.json"), "w").write(json.dumps(manifest))
+    out = str(tmp_path / "probe")
+    caplog.set_level("INFO")
+    with one_thread():
+        assert cli(["probe", "--cache", other, "--checkpoint", os.path.join(run, source), "--out", out,
+                    "--workers", "0", "--n-boot", "10", "--l2-grid", "", "--no-plots", "--quiet"]) == 0
+    assert f"training mean {TRAIN_MEAN:.4f} std {TRAIN_STD:.4f}" in caplog.text and "0.6100 / 0.2900" in caplog.text
+    encoder = load_encoder(os.path.join(run, "encoder.safetensors")).eval()
+    want = _train_features_by_hand(other, encoder, TRAIN_MEAN, TRAIN_STD)
+    head = np.load(os.path.join(out, "probe.npz"))
+    np.testing.assert_allclose(head["mean"], want.mean(0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(head["std"], want.std(0, ddof=1), rtol=1e-3, atol=1e-4)
+    shifted = _train_features_by_hand(other, encoder, 0.61, 0.29)  # what the old rule fed the encoder
+    assert np.abs(shifted.mean(0) - want.mean(0)).max() > 1e-2

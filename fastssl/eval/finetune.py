@@ -286,7 +286,7 @@ def _setup(cfg: FinetuneConfig):
                          "lower --batch-size")
     lr = cfg.base_lr * cfg.batch_size / 256
     optimizer = torch.optim.AdamW(param_groups(model, lr, cfg.weight_decay, cfg.layer_decay), lr=lr)
-    transform = eval_transform(cfg.cache, encoder.cfg.img_size)
+    transform = eval_transform(cfg.cache, encoder.cfg.img_size, cfg.checkpoint)
     if cfg.augment:
         augment = BatchAugment(out_size=encoder.cfg.img_size, scale=(cfg.crop_min, 1.0), mean=transform.mean,
                                std=transform.std)

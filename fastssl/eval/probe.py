@@ -218,14 +218,21 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def eval_transform(cache: str, img_size: int):
-    """The evaluation transform of a cache: centre resize + the manifest's pixel mean/std."""
+def eval_transform(cache: str, img_size: int, checkpoint: str = ""):
+    """The evaluation transform: centre resize + the pixel mean/std the encoder file
+    ``checkpoint`` was trained with (fastssl.train.export.resolve_normalisation); the
+    cache's manifest values for ``random:`` encoders (nothing was trained) or a file that
+    does not record them."""
     from fastssl.data.augment import CenterResize
     from fastssl.data.cache import read_manifest
+    from fastssl.train.export import pixel_stats, resolve_normalisation
 
     manifest = read_manifest(cache)
-    return CenterResize(out_size=img_size, mean=float(manifest.get("pixel_mean", 0.5)),
-                        std=float(manifest.get("pixel_std", 0.25)) or 0.25)
+    if checkpoint and not checkpoint.startswith("random:"):
+        mean, std = resolve_normalisation(checkpoint, manifest)
+    else:
+        mean, std = pixel_stats(manifest)
+    return CenterResize(out_size=img_size, mean=mean, std=std)
 
 
 def split_dataset(cfg, split: str):
@@ -346,7 +353,7 @@ def main(cfg: ProbeConfig) -> dict:
 
     device = pick_device(cfg.device)
     encoder = load_eval_encoder(cfg.checkpoint, cfg.seed)
-    transform = eval_transform(cfg.cache, encoder.cfg.img_size)
+    transform = eval_transform(cfg.cache, encoder.cfg.img_size, cfg.checkpoint)
     splits = [cfg.test_split] + ([cfg.val_split] if cfg.l2_grid.strip() else [])
     datasets = {split: split_dataset(cfg, split) for split in splits}
     datasets[cfg.train_split], label_info = train_dataset(cfg)
