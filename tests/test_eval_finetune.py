@@ -167,3 +167,133 @@ def test_finetune_label_fraction_recorded_and_fingerprinted(cache, tmp_path, cap
     caplog.clear()
     assert _finetune(cache, tmp_path / "tiny", "--label-fraction", "0.01", "--batch-size", "8") == 2
     assert "fewer than one batch of batch_size=8" in caplog.text
+
+
+# The released fine-tuning, transcribed from agostini335/MVMAE (classifiers/Classifiers.py
+# configure_optimizers, config/eval/MimicEvalConfig.py, config/data/TransformConfig.py
+# TransformMimicFolderMAETrainModule with get_transform_folder_mae's RandomApply p 0.8).
+RELEASED = dict(optimizer=torch.optim.AdamW, weight_decay=0.05, base_lr=5e-5, epochs=100, warmup_epochs=5,
+                clip_grad=0.0, precision="fp32", crop_scale=(0.5, 1.0), crop_ratio=(1.0, 1.0), hflip=0.5,
+                rotation=0.0, brightness=0.4, contrast=0.4, jitter_p=0.8)
+
+
+def test_finetune_defaults_are_the_released_protocol(cache):
+    """Every field of the README's released-vs-ours table, read from what _setup builds:
+    the optimizer and its groups' weight decay and lr, no clipping, fp32, and the train
+    transform's crop scale / ratio / flip / jitter (and its behaviour: square crops of area
+    in [0.5, 1], no rotation, about half the images mirrored). Planted: MAE's transform
+    as the default (augment_style "mae") -> ratio and rotation differ, the test fails."""
+    from fastssl.eval.finetune import FinetuneConfig, _setup
+
+    cfg = FinetuneConfig(cache=cache, checkpoint="random:test", device="cpu")
+    assert (cfg.epochs, cfg.warmup_epochs, cfg.base_lr, cfg.clip_grad, cfg.precision, cfg.mode) == (
+        RELEASED["epochs"], RELEASED["warmup_epochs"], RELEASED["base_lr"], RELEASED["clip_grad"],
+        RELEASED["precision"], "full")
+    cfg.batch_size = 8
+    _, model, optimizer, lr, _, transform, augment = _setup(cfg)
+    assert type(optimizer) is RELEASED["optimizer"] and lr == pytest.approx(5e-5 * 8 / 256)
+    assert {g["weight_decay"] for g in optimizer.param_groups} == {RELEASED["weight_decay"]}
+    assert {g["lr"] for g in optimizer.param_groups} == {lr}
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+    assert (augment.scale, augment.ratio, augment.max_rotation, augment.hflip, augment.brightness,
+            augment.contrast, augment.jitter_p, augment.jitter_style) == (
+        RELEASED["crop_scale"], RELEASED["crop_ratio"], RELEASED["rotation"], RELEASED["hflip"],
+        RELEASED["brightness"], RELEASED["contrast"], RELEASED["jitter_p"], "torchvision")
+    assert (augment.mean, augment.std) == (transform.mean, transform.std)
+    theta = augment.theta(4000, "cpu", torch.Generator().manual_seed(0)).double()
+    w, h = theta[:, 0, 0], theta[:, 1, 1]
+    torch.testing.assert_close(w, h)  # ratio 1:1
+    assert theta[:, 0, 1].abs().max() == 0 and theta[:, 1, 0].abs().max() == 0  # no rotation
+    area = w * h
+    assert area.min() >= 0.5 - 1e-6 and area.max() <= 1 + 1e-6 and area.min() < 0.51 and area.max() > 0.99
+    ramp = torch.linspace(0, 1, 16).repeat(16, 1)[None, None].repeat(400, 1, 1, 1)  # brighter to the right
+    out = augment(ramp, torch.Generator().manual_seed(1))
+    mirrored = (out[:, 0, 8, -4] < out[:, 0, 8, 3]).double().mean().item()
+    assert abs(mirrored - RELEASED["hflip"]) < 0.08
+
+
+def test_finetune_does_not_clip_gradients(cache):
+    """The gradient the optimizer steps with is the raw one, norm > 1 (recomputed
+    independently from the same batch and augmentation draw). Planted: clip_grad 1.0 as
+    the default -> the recorded norm is 1, the test fails."""
+    from fastssl.data.datasets import SingleViewDataset
+    from fastssl.eval.finetune import FinetuneConfig, train_one_epoch
+    from fastssl.eval.probe import load_eval_encoder
+    from fastssl.models.mvmae import masked_bce
+
+    cfg = FinetuneConfig(cache=cache, checkpoint="random:test", batch_size=8, device="cpu")
+    torch.manual_seed(0)
+    model = StudyClassifier(load_eval_encoder("random:test"))
+    with torch.no_grad():
+        model.head.weight.mul_(300.0)  # large logits: a gradient norm well above 1
+    reference = StudyClassifier(load_eval_encoder("random:test"))
+    reference.load_state_dict(model.state_dict())
+    norms = []
+
+    class Recording(torch.optim.SGD):
+        def step(self, closure=None):
+            norms.append(float(torch.cat([p.grad.flatten() for p in model.parameters()]).norm()))
+            return super().step(closure)
+
+    optimizer = Recording([dict(params=list(model.parameters()), lr_scale=1.0)], lr=0.0)
+    batches = StudyBatches(SingleViewDataset(cache, split="train"))
+    from fastssl.data.augment import mvmae_train_augment
+
+    augment = mvmae_train_augment(32)
+    train_one_epoch(model, batches, optimizer, cfg, epoch=0, lr=0.0, augment=augment, device=torch.device("cpu"))
+    images, views, group, labels = next(batches.epoch(8, cfg.seed, 0))
+    x = augment(images, torch.Generator("cpu").manual_seed(cfg.seed * 100_003 + 0))
+    reference.train()
+    loss = masked_bce(mean_by_group(reference(x, views), group, labels.shape[0]), labels)
+    grads = torch.autograd.grad(loss, list(reference.parameters()), allow_unused=True)
+    want = float(torch.cat([g.flatten() for g in grads if g is not None]).norm())
+    assert want > 1.0 and norms[0] == pytest.approx(want, rel=1e-4)
+
+
+def test_finetune_linear_mode_freezes_the_encoder(cache, tmp_path):
+    """--mode linear (the released freeze_encoder): after training, every encoder tensor
+    equals the initial one, the head moved. Planted: the freeze left out -> the encoder's
+    weights change (weight decay alone moves them), the test fails."""
+    from fastssl.eval.probe import load_eval_encoder
+
+    out = tmp_path / "linear"
+    assert _finetune(cache, out, "--mode", "linear", "--epochs", "2", "--no-plots") == 0
+    r = json.loads((out / "finetune.json").read_text())
+    assert r["config"]["mode"] == "linear"
+    last = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    initial = load_eval_encoder("random:test").state_dict()  # the same seed: the same random init
+    for k, v in initial.items():
+        assert torch.equal(last[f"encoder.{k}"], v), k
+    encoder = load_eval_encoder("random:test")
+    torch.manual_seed(0)  # as _setup: the head's initial weights
+    head = StudyClassifier(encoder).head.state_dict()
+    assert not torch.equal(last["head.weight"], head["weight"])
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_finetune_short_runs_clip_the_default_warmup(cache, tmp_path, caplog, epochs):
+    """--epochs 1 or 2 with the default warm-up (5) runs: the warm-up is clipped to
+    epochs - 1 with one warning, and each epoch's lr equals torch's LinearLR(0.5) +
+    cosine at that warm-up. Planted: no clipping -> ValueError / a zero-length cosine."""
+    from fastssl.cli import main as cli
+
+    out = tmp_path / "short"
+    with one_thread():
+        assert cli(["finetune", "--cache", cache, "--checkpoint", "random:test", "--out", str(out), "--epochs",
+                    str(epochs), "--batch-size", "4", "--n-boot", "20", "--no-plots", "--quiet"]) == 0
+    assert f"warmup_epochs=5 >= epochs={epochs}: warm-up clipped to {epochs - 1} epoch(s)" in caplog.text
+    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=5e-5 * 4 / 256)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1, eta_min=0)
+    want = []
+    if epochs == 2:
+        linear = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.5, total_iters=1)
+        sched = torch.optim.lr_scheduler.SequentialLR(opt, [linear, cosine], milestones=[1])
+    else:
+        sched = cosine
+    for _ in range(epochs):
+        want.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx(want, rel=1e-9)

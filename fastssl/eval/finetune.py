@@ -1,4 +1,4 @@
-"""``fastssl finetune``: full fine-tuning of an encoder with a linear head on CLS, scored per study.
+"""``fastssl finetune``: fine-tuning of an encoder with a linear head on CLS, scored per study.
 
 Protocol (the released MVMAE ensemble classifier, agostini335/MVMAE
 ``classifiers/Classifiers.py`` EnsembleClassifier + ``config/eval/MimicEvalConfig.py``):
@@ -15,6 +15,13 @@ Protocol (the released MVMAE ensemble classifier, agostini335/MVMAE
   remaining epochs (CosineAnnealingLR). Optional layer-wise lr decay (``--layer-decay``,
   not in the released code): the head and final norm get lr, block i of L gets
   lr x decay^(L - i), the embeddings lr x decay^(L + 1).
+* fp32 and no gradient clipping, as released (``--precision bf16`` and ``--clip-grad``
+  are options). The train transform is the released one, the same as its pretraining
+  (fastssl.data.augment.mvmae_train_augment: crop 0.5-1 at 1:1, flip, jitter p 0.8),
+  normalised with the encoder's training mean/std; evaluation resizes the whole image.
+* ``--mode linear`` is what the released code calls linear probing (freeze_encoder):
+  the encoder's weights are frozen, the linear head is trained with the same optimizer
+  and schedule. (``fastssl probe`` is a different probe: L-BFGS on fixed features.)
 * after every epoch the validation split's macro AUROC (study level) is computed; the best
   epoch's weights (``best.pt``) are the model that is scored on the test split.
 
@@ -61,6 +68,9 @@ _NOT_RESULT_KEYS = ("out", "eval_batch_size", "device", "stop_after_epochs", "pl
                     "progress", "overwrite")
 
 
+_CHOICES = dict(mode=("full", "linear"), augment_style=("mvmae", "mae"), precision=("fp32", "bf16"))
+
+
 @dataclass
 class FinetuneConfig:
     """Every setting of a fine-tuning run (the CLI's flags)."""
@@ -79,11 +89,13 @@ class FinetuneConfig:
     base_lr: float = 5e-5         # lr = base_lr * batch_size / 256 (released: 5e-5)
     weight_decay: float = 0.05    # AdamW, on every parameter (released)
     layer_decay: float = 1.0      # layer-wise lr decay (1: off, as released; 0.75 is MAE's fine-tuning value)
-    clip_grad: float = 1.0        # max global grad norm (0: off)
-    augment: bool = True          # random resized crop + rotation + brightness/contrast on train images
-    crop_min: float = 0.5         # smallest crop area fraction
+    mode: str = "full"            # full: encoder + head trained | linear: frozen encoder, trained linear head (released "linear probing")
+    clip_grad: float = 0.0        # max global grad norm (0: off, as released)
+    augment: bool = True          # the training transform on train images (off: the evaluation transform)
+    augment_style: str = "mvmae"  # mvmae: released (crop 1:1, flip, jitter p 0.8) | mae: ours (crop 3:4-4:3, rotation, brightness/contrast 0.1)
+    crop_min: float = 0.5         # smallest crop area fraction (released: 0.5)
     eval_batch_size: int = 256    # images per evaluation batch
-    amp: str = "bf16"             # bf16 | none (autocast on CUDA only)
+    precision: str = "fp32"       # fp32 (released) | bf16 (autocast, CUDA only)
     device: str = "auto"          # auto | cpu | cuda
     seed: int = 0                 # batch order, augmentation, head init and bootstrap seed
     label_fraction: float = 1.0   # keep this fraction (0, 1] of the train studies' labels, drawn by patient
@@ -98,12 +110,13 @@ class FinetuneConfig:
         for name in ("epochs", "batch_size", "eval_batch_size", "n_boot"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; expected >= 1")
-        if not 0 <= self.warmup_epochs < self.epochs:
-            raise ValueError(f"warmup_epochs={self.warmup_epochs}; expected in [0, epochs={self.epochs})")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs={self.warmup_epochs}; expected >= 0")
         if self.base_lr <= 0 or not 0 < self.layer_decay <= 1:
             raise ValueError(f"base_lr={self.base_lr}, layer_decay={self.layer_decay}; expected > 0, in (0, 1]")
-        if self.amp not in ("bf16", "none"):
-            raise ValueError(f"amp={self.amp!r}; expected bf16 | none")
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {' | '.join(allowed)}")
         check_ranges(self, COMMAND_RANGES["finetune"])   # every numeric flag's range (one-line errors)
 
 
@@ -140,6 +153,16 @@ def param_groups(model: StudyClassifier, lr: float, weight_decay: float, layer_d
         groups.setdefault(_layer_id(name, depth), []).append(p)
     return [dict(params=ps, lr=lr * layer_decay ** (depth + 1 - k), lr_scale=layer_decay ** (depth + 1 - k),
                  weight_decay=weight_decay) for k, ps in sorted(groups.items())]
+
+
+def warmup_used(cfg: FinetuneConfig) -> int:
+    """--warmup-epochs clipped to epochs - 1 (the cosine needs one epoch), with a one-line
+    warning: the default warm-up of 5 must not make ``--epochs 1..5`` fail."""
+    if cfg.warmup_epochs < cfg.epochs:
+        return cfg.warmup_epochs
+    log.warning("finetune: warmup_epochs=%d >= epochs=%d: warm-up clipped to %d epoch(s)", cfg.warmup_epochs,
+                cfg.epochs, cfg.epochs - 1)
+    return cfg.epochs - 1
 
 
 def epoch_lr(epoch: int, lr: float, warmup: int, epochs: int) -> float:
@@ -199,7 +222,7 @@ def train_one_epoch(model, batches: StudyBatches, optimizer, cfg: FinetuneConfig
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]
     generator = torch.Generator(device).manual_seed(cfg.seed * 100_003 + epoch)
-    use_amp = device.type == "cuda" and cfg.amp == "bf16"
+    use_bf16 = device.type == "cuda" and cfg.precision == "bf16"
     losses = []
     it = batches.epoch(cfg.batch_size, cfg.seed, epoch)
     if progress:
@@ -208,14 +231,14 @@ def train_one_epoch(model, batches: StudyBatches, optimizer, cfg: FinetuneConfig
         it = tqdm(it, total=batches.n_studies // cfg.batch_size, desc=f"epoch {epoch}", leave=False, disable=None)
     for images, views, group, labels in it:
         x = augment(images.to(device), generator)
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
         with ctx:
             logits = model(x, views.to(device)).float()
         study = mean_by_group(logits, group.to(device), labels.shape[0])
         loss = masked_bce(study, labels.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.clip_grad > 0:
+        if cfg.clip_grad > 0:  # off by default: the released fine-tuning does not clip
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
         optimizer.step()
         losses.append(loss.detach())
@@ -272,12 +295,12 @@ def _resume(cfg: FinetuneConfig, model, optimizer) -> dict:
 
 def _setup(cfg: FinetuneConfig):
     """Model, optimizer, datasets and transforms of a run (nothing read from out/ yet)."""
-    from fastssl.data.augment import BatchAugment
-
     device = pick_device(cfg.device)
     encoder = load_eval_encoder(cfg.checkpoint, cfg.seed)
     torch.manual_seed(cfg.seed)  # the head's initial weights
     model = StudyClassifier(encoder).to(device)
+    if cfg.mode == "linear":  # the released freeze_encoder: only the head gets gradients
+        model.encoder.requires_grad_(False)
     data = {name: split_dataset(cfg, split) for name, split in (("val", cfg.val_split), ("test", cfg.test_split))}
     data["train"], data["label_fraction"] = train_dataset(cfg)
     if len(data["train"].study_ids) < cfg.batch_size:
@@ -287,12 +310,21 @@ def _setup(cfg: FinetuneConfig):
     lr = cfg.base_lr * cfg.batch_size / 256
     optimizer = torch.optim.AdamW(param_groups(model, lr, cfg.weight_decay, cfg.layer_decay), lr=lr)
     transform = eval_transform(cfg.cache, encoder.cfg.img_size, cfg.checkpoint)
-    if cfg.augment:
-        augment = BatchAugment(out_size=encoder.cfg.img_size, scale=(cfg.crop_min, 1.0), mean=transform.mean,
-                               std=transform.std)
-    else:
-        augment = lambda x, generator=None: transform(x)  # noqa: E731
-    return device, model, optimizer, lr, data, transform, augment
+    return device, model, optimizer, lr, data, transform, train_transform(cfg, transform)
+
+
+def train_transform(cfg: FinetuneConfig, transform):
+    """The train images' transform, normalised as ``transform`` (the evaluation one, whose
+    mean/std are the encoder's): the released MVMAE one (--augment-style mvmae), fastssl's
+    MAE-style one (mae), or ``transform`` itself (--no-augment)."""
+    from fastssl.data.augment import BatchAugment, mvmae_train_augment
+
+    size, mean, std = transform.out_size, transform.mean, transform.std
+    if not cfg.augment:
+        return lambda x, generator=None: transform(x)
+    if cfg.augment_style == "mvmae":
+        return mvmae_train_augment(size, cfg.crop_min, mean=mean, std=std)
+    return BatchAugment(out_size=size, scale=(cfg.crop_min, 1.0), mean=mean, std=std)
 
 
 def _save(cfg: FinetuneConfig, model, optimizer, state: dict) -> None:
@@ -303,8 +335,9 @@ def _save(cfg: FinetuneConfig, model, optimizer, state: dict) -> None:
                       os.path.join(cfg.out, CHECKPOINT))
 
 
-def _train(cfg: FinetuneConfig, device, model, optimizer, lr, data, transform, augment, state: dict) -> bool:
-    """Epochs from state["epoch"] on; after each: validation AUROC, best.pt, checkpoint,
+def _train(cfg: FinetuneConfig, device, model, optimizer, lr, data, transform, augment, state: dict,
+           warmup: int) -> bool:
+    """Epochs from state["epoch"] on (``warmup``: the warm-up epochs used); after each: validation AUROC, best.pt, checkpoint,
     metrics line. Returns True when all epochs are done (False: stopped early)."""
     from fastssl.jobs import save_checkpoint
 
@@ -312,7 +345,7 @@ def _train(cfg: FinetuneConfig, device, model, optimizer, lr, data, transform, a
     start = state["epoch"]
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
-        lr_e = epoch_lr(epoch, lr, cfg.warmup_epochs, cfg.epochs)
+        lr_e = epoch_lr(epoch, lr, warmup, cfg.epochs)
         loss, steps = train_one_epoch(model, batches, optimizer, cfg, epoch=epoch, lr=lr_e, augment=augment,
                                       device=device, progress=cfg.progress)
         val = macro_auroc(*evaluate(model, data["val"], transform, cfg, device))[1]
@@ -379,11 +412,14 @@ def _run(cfg: FinetuneConfig, state: dict, device, model, optimizer, lr, data, t
             log.info("finetune: %s is finished; nothing to do", cfg.out)
             return dict(json.load(handle), finished=True)
     atomic_write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
+    warmup = warmup_used(cfg)
     log.info("finetune: %d train / %d val / %d test studies, batch %d studies, lr %.3e (base %g x %d/256), "
-             "layer decay %g, %d epochs (warm-up %d)%s", len(data["train"].study_ids), len(data["val"].study_ids),
+             "layer decay %g, %s, %s, clip %s, %d epochs (warm-up %d)%s", len(data["train"].study_ids), len(data["val"].study_ids),
              len(data["test"].study_ids), cfg.batch_size, lr, cfg.base_lr, cfg.batch_size, cfg.layer_decay,
-             cfg.epochs, cfg.warmup_epochs, f", resuming after epoch {state['epoch']}" if state["epoch"] else "")
-    if not _train(cfg, device, model, optimizer, lr, data, transform, augment, state):
+             "frozen encoder (linear)" if cfg.mode == "linear" else "full fine-tuning", cfg.precision,
+             cfg.clip_grad or "off",
+             cfg.epochs, warmup, f", resuming after epoch {state['epoch']}" if state["epoch"] else "")
+    if not _train(cfg, device, model, optimizer, lr, data, transform, augment, state, warmup):
         return dict(finished=False, epoch=state["epoch"])
     return dict(_score(cfg, device, model, data, transform, state), finished=True)
 
@@ -392,7 +428,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fastssl.config import add_dataclass_arguments
 
     add_dataclass_arguments(parser, FinetuneConfig, required=("cache", "checkpoint"), skip=("progress",),
-                            choices=dict(amp=("bf16", "none")))
+                            choices=_CHOICES)
 
 
 def run(args: argparse.Namespace) -> int:
