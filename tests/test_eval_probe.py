@@ -123,7 +123,7 @@ def test_end_to_end_phantom_pretrain_probe(pretrained, tmp_path, capsys):
     enc = os.path.join(run, "encoder.safetensors")
     out = str(tmp_path / "probe")
     assert cli(["probe", "--cache", cache, "--checkpoint", enc, "--out", out, "--workers", "0",
-                "--n-boot", "50", "--knn-k", "5"]) == 0  # not --quiet: the summary is printed
+                "--n-boot", "50", "--knn-k", "5", "--min-val-studies", "1"]) == 0  # not --quiet: the summary is printed
     with open(os.path.join(out, "probe.json")) as handle:
         r = json.load(handle)
     assert 0.0 <= r["macro_auroc"] <= 1.0 and len(r["per_label"]) == 14 and r["labels_used"]
@@ -318,3 +318,89 @@ def test_probe_normalises_with_the_encoders_training_values(pretrained, tmp_path
     np.testing.assert_allclose(head["std"], want.std(0, ddof=1), rtol=1e-3, atol=1e-4)
     shifted = _train_features_by_hand(other, encoder, 0.61, 0.29)  # what the old rule fed the encoder
     assert np.abs(shifted.mean(0) - want.mean(0)).max() > 1e-2
+
+
+def _brute_cv_choice(x, y, study, subjects, grid, k, seed, max_iter):
+    """k-fold L2 choice by brute force: patient folds by the stated rule (sorted patients,
+    seeded permutation, position % k), a cold-start probe per (L2, fold), study scores by a
+    loop over studies, per-label pairwise AUROC, mean over folds; ties to the larger L2."""
+    patients = sorted(set(subjects))
+    perm = np.random.default_rng(seed).permutation(len(patients))
+    fold_of = {patients[p]: r % k for r, p in enumerate(perm)}
+    folds = np.array([fold_of[s] for s in subjects])
+    result = {}
+    for l2 in grid:
+        per_fold = []
+        for f in range(k):
+            held = folds == f
+            probe = fit_linear_probe(x[~held], y[~held], l2=l2, max_iter=max_iter)
+            logits = probe_logits(probe, x[held])
+            ids = sorted(set(study[held]))
+            s = np.array([logits[study[held] == i].mean(0) for i in ids])
+            lab = np.array([y[held][study[held] == i][0] for i in ids])
+            aucs = [brute_auroc(s[:, j], lab[:, j]) for j in range(y.shape[1])]
+            if not np.isnan(aucs).all():
+                per_fold.append(np.nanmean(aucs))
+        result[l2] = float(np.mean(per_fold))
+    return max(result, key=lambda v: (result[v], v)), result
+
+
+def test_cv_select_l2_matches_brute_force(rng):
+    """Patient-grouped k-fold choice of the L2 against the brute-force transcription above.
+    Planted: folds drawn per image instead of per patient (a patient in two folds) -> the
+    per-L2 scores differ, the test fails."""
+    from fastssl.eval.probe import ProbeConfig, cv_select_l2, patient_folds
+
+    n_pat, y_dim = 30, 3
+    subjects = np.repeat([f"p{i:02d}" for i in range(n_pat)], 4)               # 4 images per patient
+    study = np.repeat(np.arange(n_pat * 2), 2)                                 # 2 studies per patient
+    y = np.repeat(rng.integers(0, 2, size=(n_pat * 2, y_dim)), 2, axis=0).astype(np.int8)
+    x = 0.6 * y + rng.normal(size=(y.shape[0], y_dim)) + 0.5 * rng.normal(size=(n_pat * 2, y_dim)).repeat(2, 0)
+    x = np.concatenate([x, rng.normal(size=(x.shape[0], 5))], 1).astype(np.float32)
+    grid = [1e-3, 1e-1, 3.0]
+    cfg = ProbeConfig(l2_grid=",".join(map(str, grid)), cv_folds=4, seed=3, max_iter=100)
+    tr = dict(features=x, labels=y, study_index=study)
+    probe, l2, scores, oof = cv_select_l2(cfg, tr, subjects)
+    want_l2, want = _brute_cv_choice(x, y, study, subjects, grid, 4, 3, 100)
+    assert l2 == want_l2 and len(set(want.values())) == 3
+    assert {float(k): v for k, v in scores.items()} == pytest.approx(want, abs=1e-6)
+    folds = patient_folds(subjects, 4, 3)
+    for f in range(4):  # out-of-fold logits: the fold's probe at the chosen L2
+        held = folds == f
+        fold_probe = fit_linear_probe(x[~held], y[~held], l2=l2, max_iter=100)
+        np.testing.assert_allclose(oof[held], probe_logits(fold_probe, x[held]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="too few for 40-fold"):
+        patient_folds(subjects, 40, 0)
+
+
+@pytest.mark.slow  # a phantom, a cache and 10 probe fits (~10 s)
+def test_probe_empty_validation_falls_back_to_cross_validation(tmp_path, caplog):
+    """A cache without validation studies: the probe says so in one line, records the
+    k-fold choice in probe.json, and its L2 equals the brute-force k-fold choice on the
+    train features."""
+    from fastssl.cli import main as cli
+    from fastssl.data.cache import prepare_cache
+    from fastssl.data.phantom import generate_phantom
+    from fastssl.eval.probe import ProbeConfig, eval_transform, extract_features, load_eval_encoder, split_dataset
+
+    generate_phantom(str(tmp_path / "src"), 40, seed=2, size=32, workers=1, both_views_fraction=0.8,
+                     split=(0.75, 0.0, 0.25), progress=False)
+    cache = str(tmp_path / "cache")
+    prepare_cache(str(tmp_path / "src"), cache, size=32, shard_size=64, workers=1, progress=False)
+    out = tmp_path / "probe"
+    grid = "1e-4,1e-2,1"
+    with one_thread():
+        assert cli(["probe", "--cache", cache, "--checkpoint", "random:test", "--out", str(out), "--workers", "0",
+                    "--n-boot", "10", "--no-plots", "--quiet", "--l2-grid", grid, "--cv-folds", "3",
+                    "--max-iter", "50"]) == 0
+        assert "validation split 'validate' is empty: L2 chosen by 3-fold cross-validation" in caplog.text
+        chosen = json.loads((out / "probe.json").read_text())["l2_selection"]
+        assert chosen["chosen_on"] == "3-fold cross-validation on train" and chosen["cv_folds"] == 3
+        cfg = ProbeConfig(cache=cache, checkpoint="random:test")
+        ds = split_dataset(cfg, "train")
+        encoder = load_eval_encoder("random:test", 0)
+        tr = extract_features(encoder, ds, eval_transform(cache, 32), batch_size=64)
+        want_l2, want = _brute_cv_choice(tr["features"], tr["labels"], tr["study_index"],
+                                         list(ds.index.subject_id[ds.rows]), [1e-4, 1e-2, 1.0], 3, 0, 50)
+    assert chosen["l2"] == want_l2
+    assert {float(k): v for k, v in chosen["cv_macro_auroc"].items()} == pytest.approx(want, abs=1e-5)

@@ -184,6 +184,8 @@ class ProbeConfig:
     n_boot: int = 1000            # bootstrap replicates over test patients (subject_id clusters)
     seed: int = 0                 # bootstrap, probe and random-init seed
     knn_k: int = 0                # >0: also a cosine kNN probe with this k
+    min_val_studies: int = 10     # fewer validation studies (or no label with both classes): choose by cross-validation
+    cv_folds: int = 5             # folds (patient-grouped) of that cross-validation on train
     label_fraction: float = 1.0   # keep this fraction (0, 1] of the train studies' labels, drawn by patient
     label_seed: int = 0           # seed of the --label-fraction draw
     plots: bool = True            # roc.png (needs matplotlib)
@@ -292,6 +294,16 @@ def train_dataset(cfg):
     return ds, keep_label_fraction(ds, cfg.label_fraction, cfg.label_seed)
 
 
+def optional_split(cfg, split: str):
+    """split_dataset, or None when the split has no images (a fallback applies then)."""
+    try:
+        return split_dataset(cfg, split)
+    except ValueError as exc:
+        if "has no images" not in str(exc):
+            raise
+        return None
+
+
 def parse_grid(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
@@ -318,18 +330,100 @@ def select_l2(cfg: ProbeConfig, tr: dict, val: dict) -> tuple[dict, float, dict]
     return fits[best], best, scores
 
 
-def _fit(cfg: ProbeConfig, feats: dict) -> tuple[dict, dict]:
-    """The probe and how its L2 was chosen."""
+def patient_folds(subjects: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Patient-grouped folds: subjects (N,) -> (N,) fold numbers 0..k-1. The distinct
+    subjects, in sorted order, are permuted by ``np.random.default_rng(seed)``; the one at
+    position r of that permutation goes to fold r % k (every patient in one fold)."""
+    patients, code = np.unique(np.asarray(subjects), return_inverse=True)
+    if patients.size < k:
+        raise ValueError(f"{patients.size} train patients: too few for {k}-fold cross-validation")
+    fold_of = np.empty(patients.size, dtype=np.int64)
+    fold_of[np.random.default_rng(seed).permutation(patients.size)] = np.arange(patients.size) % k
+    return fold_of[code.reshape(-1)]
+
+
+def _fold_macro(probe: dict, feats: dict, where: np.ndarray) -> tuple[float, np.ndarray]:
+    """Macro AUROC of ``probe`` on the images ``where`` (bool (N,)) scored per study (NaN if
+    no label has both classes there) and their per-image logits."""
+    logits = probe_logits(probe, feats["features"][where])
+    s, y = study_logits(logits, feats["labels"][where], feats["study_index"][where])
+    return macro_auroc_or_nan(s, y), logits
+
+
+def macro_auroc_or_nan(scores: np.ndarray, labels: np.ndarray) -> float:
+    """macro_auroc's mean, NaN instead of an error when no label has both classes."""
+    per = auroc_rows(np.asarray(scores).T, np.asarray(labels).T)
+    return float(np.nanmean(per)) if not np.isnan(per).all() else float("nan")
+
+
+def cv_select_l2(cfg: ProbeConfig, tr: dict, subjects: np.ndarray) -> tuple[dict, float, dict, np.ndarray]:
+    """The L2 chosen by patient-grouped k-fold cross-validation on the train images (when
+    validation is too small): for every --l2-grid value and fold, a probe fitted on the
+    other folds (cold start) scores the fold's studies; the value with the best mean fold
+    macro AUROC (folds where it is undefined left out) wins, ties to the larger L2; the
+    returned probe is refitted on all train images.
+
+    Args: tr: features dict (features (N, D), labels (N, C), study_index (N,));
+        subjects (N,) the patient of each image.
+    Returns: (probe, l2, {l2: mean fold macro AUROC}, out-of-fold per-image logits (N, C)
+        at the chosen l2).
+    """
+    folds = patient_folds(subjects, cfg.cv_folds, cfg.seed)
+    scores, oof = {}, {}
+    for l2 in sorted(parse_grid(cfg.l2_grid), reverse=True):
+        per_fold, oof[l2] = [], np.zeros(tr["labels"].shape, dtype=np.float64)
+        for f in range(cfg.cv_folds):
+            held = folds == f
+            probe = fit_linear_probe(tr["features"][~held], tr["labels"][~held], method=cfg.method, l2=l2,
+                                     max_iter=cfg.max_iter, seed=cfg.seed)
+            score, oof[l2][held] = _fold_macro(probe, tr, held)
+            per_fold.append(score)
+        if np.isnan(per_fold).all():
+            raise ValueError(f"no fold of the {cfg.cv_folds}-fold cross-validation has a label with both classes")
+        scores[l2] = float(np.nanmean(per_fold))
+        log.info("probe: l2=%g %d-fold cross-validated macro AUROC %.4f", l2, cfg.cv_folds, scores[l2])
+    best = max(scores, key=lambda v: (scores[v], v))
+    probe = fit_linear_probe(tr["features"], tr["labels"], method=cfg.method, l2=best, max_iter=cfg.max_iter,
+                             seed=cfg.seed)
+    return probe, best, scores, oof[best]
+
+
+def validation_usable(val: dict | None, min_studies: int) -> str | None:
+    """Why a validation split cannot choose a setting (None when it can): missing, fewer
+    than ``min_studies`` studies, or no label with both classes among its studies."""
+    if val is None:
+        return "is empty"
+    n = np.unique(val["study_index"]).size
+    if n < min_studies:
+        return f"has {n} studies (< --min-val-studies {min_studies})"
+    _, y = study_logits(np.zeros(val["labels"].shape), val["labels"], val["study_index"])
+    if not ((y == 1).any(0) & (y == 0).any(0)).any():
+        return "has no label with both classes"
+    return None
+
+
+def _fit(cfg: ProbeConfig, feats: dict, train_subjects: np.ndarray) -> tuple[dict, dict]:
+    """The probe and how its L2 was chosen: fixed (--l2-grid ''), on validation, or by
+    cross-validation on train when validation is too small (one line says so). The
+    selection dict keeps the out-of-fold train logits under "_oof" (not written out)."""
     tr = feats[cfg.train_split]
     if not cfg.l2_grid.strip():
         probe = fit_linear_probe(tr["features"], tr["labels"], method=cfg.method, l2=cfg.l2,
                                  max_iter=cfg.max_iter, seed=cfg.seed)
         return probe, dict(l2=cfg.l2, chosen_on=None)
-    try:
-        probe, l2, grid = select_l2(cfg, tr, feats[cfg.val_split])
-    except ValueError as exc:
-        raise ValueError(f"choosing the L2 on split {cfg.val_split!r}: {exc}; "
-                         "pass --l2-grid '' to use a fixed --l2") from None
+    why = validation_usable(feats.get(cfg.val_split), cfg.min_val_studies)
+    if why is not None and np.unique(train_subjects).size < cfg.cv_folds and \
+            validation_usable(feats.get(cfg.val_split), 1) is None:
+        log.warning("probe: validation split %r %s, but train has fewer than %d patients for cross-validation: "
+                    "L2 chosen on validation anyway", cfg.val_split, why, cfg.cv_folds)
+    elif why is not None:
+        log.warning("probe: validation split %r %s: L2 chosen by %d-fold cross-validation on train (patient-grouped)",
+                    cfg.val_split, why, cfg.cv_folds)
+        probe, l2, grid, oof = cv_select_l2(cfg, tr, train_subjects)
+        return probe, dict(l2=l2, chosen_on=f"{cfg.cv_folds}-fold cross-validation on {cfg.train_split}",
+                           reason=f"validation split {cfg.val_split!r} {why}", cv_folds=cfg.cv_folds,
+                           cv_macro_auroc={repr(k): v for k, v in grid.items()}, _oof=oof)
+    probe, l2, grid = select_l2(cfg, tr, feats[cfg.val_split])
     return probe, dict(l2=l2, chosen_on=cfg.val_split, validation_macro_auroc={repr(k): v for k, v in grid.items()})
 
 
@@ -354,13 +448,17 @@ def main(cfg: ProbeConfig) -> dict:
     device = pick_device(cfg.device)
     encoder = load_eval_encoder(cfg.checkpoint, cfg.seed)
     transform = eval_transform(cfg.cache, encoder.cfg.img_size, cfg.checkpoint)
-    splits = [cfg.test_split] + ([cfg.val_split] if cfg.l2_grid.strip() else [])
-    datasets = {split: split_dataset(cfg, split) for split in splits}
+    datasets = {cfg.test_split: split_dataset(cfg, cfg.test_split)}
+    if cfg.l2_grid.strip():
+        datasets[cfg.val_split] = optional_split(cfg, cfg.val_split)
     datasets[cfg.train_split], label_info = train_dataset(cfg)
     feats = {split: extract_features(encoder, ds, transform, batch_size=cfg.batch_size, device=device,
-                                     workers=cfg.workers, progress=cfg.progress) for split, ds in datasets.items()}
+                                     workers=cfg.workers, progress=cfg.progress)
+             for split, ds in datasets.items() if ds is not None}
     tr, te = feats[cfg.train_split], feats[cfg.test_split]
-    probe, l2_info = _fit(cfg, feats)
+    train_ds = datasets[cfg.train_split]
+    probe, l2_info = _fit(cfg, feats, train_ds.index.subject_id[train_ds.rows])
+    l2_info.pop("_oof", None)
     scores, labels = study_logits(probe_logits(probe, te["features"]), te["labels"], te["study_index"])
     studies, subjects = study_table(datasets[cfg.test_split], te["study_index"])
     names = list(CHEXPERT_LABELS)
