@@ -100,6 +100,25 @@ def test_finetune_end_to_end_and_resume(cache, tmp_path, capsys, caplog):
     table = read_scores_csv(str(full))
     np.testing.assert_allclose(table["scores"], [want[s] for s in table["studies"]], rtol=1e-4, atol=1e-4)
     assert (full / "roc.png").is_file()
+    # F1 thresholds: the best model's validation study scores, brute-force search
+    from _eval_helpers import brute_best_threshold, brute_f1
+    from fastssl.data.cache import read_index
+
+    val = independent_study_scores(cache, 32, lambda x, v: model(x, torch.tensor([v]))[0].double().numpy(),
+                                   split="validate")
+    index = read_index(cache)
+    val_labels = {v: index.labels[list(index.study_id).index(v)] for v in val}
+    assert r["f1_threshold_source"] == "validate" and (full / "reliability.png").is_file()
+    compared = 0
+    for k, name in enumerate(table["names"]):
+        y = np.array([val_labels[v][k] for v in val])
+        got = r["per_label_metrics"][name]
+        if (y == 1).any() and got["f1"] is not None:
+            t = brute_best_threshold(np.array([val[v][k] for v in val]), y)[0]
+            assert got["f1_threshold"] == pytest.approx(t, rel=1e-4, abs=1e-4)
+            assert got["f1"] == pytest.approx(brute_f1(table["scores"][:, k], table["labels"][:, k], got["f1_threshold"]))
+            compared += 1
+    assert compared > 0
     # interrupted after one epoch, then the same command again: the same run
     part = tmp_path / "part"
     assert _finetune(cache, part, "--stop-after-epochs", "1", quiet=False) == 0

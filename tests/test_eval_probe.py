@@ -150,6 +150,32 @@ def test_end_to_end_phantom_pretrain_probe(pretrained, tmp_path, capsys):
     j = r["labels_used"][0]
     k = table["names"].index(j)
     assert r["per_label"][j]["auroc"] == pytest.approx(brute_auroc(table["scores"][:, k], table["labels"][:, k]))
+    # AUPRC, F1 and Brier by counting over those scores; the F1 thresholds maximise F1 on
+    # the validation studies' scores, computed image by image (planted: thresholds from
+    # the test split -> they differ)
+    from _eval_helpers import brute_ap, brute_best_threshold, brute_brier, brute_f1
+
+    val = independent_study_scores(cache, encoder.cfg.img_size, image_logits, (TRAIN_MEAN, TRAIN_STD), "validate")
+    val_ids = sorted(val)
+    val_scores = np.array([val[v] for v in val_ids])
+    from fastssl.data.cache import read_index
+
+    index = read_index(cache)
+    val_labels = np.array([index.labels[list(index.study_id).index(v)] for v in val_ids])
+    assert r["f1_threshold_source"] == "validate" and os.path.getsize(os.path.join(out, "reliability.png")) > 0
+    compared = 0
+    for name in r["labels_used"]:
+        k = table["names"].index(name)
+        got, s, y = r["per_label_metrics"][name], table["scores"][:, k], table["labels"][:, k]
+        assert got["auprc"] == pytest.approx(brute_ap(s, y)) and got["brier"] == pytest.approx(brute_brier(s, y))
+        want = brute_best_threshold(val_scores[:, k], val_labels[:, k])
+        if want is None or np.isnan(want[1]) or (val_labels[:, k] == 1).sum() == 0:
+            assert got["f1_threshold"] is None and got["f1"] is None
+        else:
+            assert got["f1_threshold"] == pytest.approx(want[0], rel=1e-4, abs=1e-4)
+            assert got["f1"] == pytest.approx(brute_f1(s, y, got["f1_threshold"]), nan_ok=True)
+            compared += 1
+    assert compared > 0
 
 
 def test_probe_accepts_training_checkpoint_random_init_and_fixed_l2(pretrained, tmp_path):
@@ -396,6 +422,8 @@ def test_probe_empty_validation_falls_back_to_cross_validation(tmp_path, caplog)
         assert "validation split 'validate' is empty: L2 chosen by 3-fold cross-validation" in caplog.text
         chosen = json.loads((out / "probe.json").read_text())["l2_selection"]
         assert chosen["chosen_on"] == "3-fold cross-validation on train" and chosen["cv_folds"] == 3
+        r = json.loads((out / "probe.json").read_text())
+        assert r["f1_threshold_source"] == "3-fold cross-validation on train (out-of-fold)"
         cfg = ProbeConfig(cache=cache, checkpoint="random:test")
         ds = split_dataset(cfg, "train")
         encoder = load_eval_encoder("random:test", 0)

@@ -28,7 +28,8 @@ Protocol (the released MVMAE ensemble classifier, agostini335/MVMAE
 Files in ``out``: job.json (the run's fingerprint, fastssl.jobs), config.json, metrics.jsonl (one line per epoch: epoch, step, train_loss,
 val_macro_auroc, lr, seconds), checkpoint.pt (last epoch: model, optimizer, history),
 best.pt (model weights of the best validation epoch), and at the end finetune.json
-(settings, best epoch, test AUROC with patient-cluster CIs), scores.csv, roc.png.
+(settings, best epoch, test AUROC, AUPRC, F1 at thresholds chosen on validation and
+Brier score with patient-cluster CIs), scores.csv, roc.png, reliability.png.
 
 Resume: rerunning the same command continues after the last finished epoch (the batch
 order and augmentations of an epoch depend only on (seed, epoch), so an interrupted run
@@ -368,23 +369,29 @@ def _train(cfg: FinetuneConfig, device, model, optimizer, lr, data, transform, a
 def _score(cfg: FinetuneConfig, device, model, data, transform, state: dict) -> dict:
     """The best epoch's model on the test split -> finetune.json, scores.csv, roc.png."""
     from fastssl.data.mimic import CHEXPERT_LABELS
-    from fastssl.eval.report import auroc_summary, plot_roc, study_table, write_json, write_scores_csv
-
+    from fastssl.eval.report import (
+        auroc_summary, f1_thresholds, metrics_summary, plot_reliability, plot_roc, study_table, write_json,
+        write_scores_csv,
+    )
     from fastssl.jobs import load_checkpoint
 
     model.load_state_dict(load_checkpoint(os.path.join(cfg.out, BEST)))
     test = data["test"]
     scores, labels = evaluate(model, test, transform, cfg, device)
+    thresholds = f1_thresholds(*evaluate(model, data["val"], transform, cfg, device))
     studies, subjects = study_table(test, test.study_index)
     names = list(CHEXPERT_LABELS)
     result = dict(checkpoint=cfg.checkpoint, cache=os.path.abspath(cfg.cache), config=asdict(cfg),
                   best_epoch=state["best_epoch"], val_macro_auroc=state["best_auroc"],
                   n_train_studies=len(data["train"].study_ids), n_test_images=len(test),
                   label_fraction=data["label_fraction"],
-                  **auroc_summary(scores, labels, subjects, names, n_boot=cfg.n_boot, seed=cfg.seed))
+                  **auroc_summary(scores, labels, subjects, names, n_boot=cfg.n_boot, seed=cfg.seed),
+                  **metrics_summary(scores, labels, subjects, names, thresholds=thresholds,
+                                    threshold_source=cfg.val_split, n_boot=cfg.n_boot, seed=cfg.seed))
     write_scores_csv(os.path.join(cfg.out, "scores.csv"), studies, subjects, scores, labels, names)
     if cfg.plots:
         plot_roc(os.path.join(cfg.out, "roc.png"), scores, labels, names, title="fine-tuned, test studies")
+        plot_reliability(os.path.join(cfg.out, "reliability.png"), scores, labels, names, title="fine-tuned")
     write_json(os.path.join(cfg.out, RESULT), result)
     return result
 

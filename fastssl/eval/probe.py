@@ -11,10 +11,19 @@ patients (subject_id), not studies (fastssl.eval.stats).
 Regularisation: ``--l2-grid`` (default 1e-6 ... 1e-1, by decades) fits one probe per
 value on the train images and keeps the one with the best macro AUROC on the validation
 studies (ties: the larger penalty); the test split is never looked at for the choice.
+When validation is empty or too small (``--min-val-studies``, or no label with both
+classes), the choice is made by ``--cv-folds`` patient-grouped folds on train instead
+(one warning line; recorded in probe.json).
 
-Outputs: probe.json (settings, the L2 choice, AUROC and CIs), probe.npz (the fitted
-head: weight, bias, feature mean and std), scores.csv (per test study
-and label: study, subject, label, score, target; see fastssl.eval.report) and roc.png.
+Metrics beyond AUROC (fastssl.eval.report.metrics_summary): AUPRC, F1 at per-label
+thresholds chosen to maximise F1 on the validation studies (on the out-of-fold train
+studies under cross-validation), Brier score of sigmoid(study logit), each with the same
+patient-bootstrap CIs.
+
+Outputs: probe.json (settings, the L2 choice, AUROC, AUPRC, F1, Brier and CIs), probe.npz
+(the fitted head: weight, bias, feature mean and std), scores.csv (per test study and
+label: study, subject, label, score, target; see fastssl.eval.report), roc.png and
+reliability.png.
 """
 from __future__ import annotations
 
@@ -427,6 +436,22 @@ def _fit(cfg: ProbeConfig, feats: dict, train_subjects: np.ndarray) -> tuple[dic
     return probe, dict(l2=l2, chosen_on=cfg.val_split, validation_macro_auroc={repr(k): v for k, v in grid.items()})
 
 
+def _thresholds(cfg: ProbeConfig, probe: dict, feats: dict, oof: np.ndarray | None) -> tuple[np.ndarray, str]:
+    """Per-label F1 thresholds (C,) and where they were chosen: the out-of-fold train study
+    scores when the L2 came from cross-validation, else the validation studies' scores,
+    else (no validation) logit 0, i.e. probability 0.5."""
+    from fastssl.eval.report import f1_thresholds
+
+    tr, val = feats[cfg.train_split], feats.get(cfg.val_split)
+    if oof is not None:
+        s, y = study_logits(oof, tr["labels"], tr["study_index"])
+        return f1_thresholds(s, y), f"{cfg.cv_folds}-fold cross-validation on {cfg.train_split} (out-of-fold)"
+    if val is not None:
+        s, y = study_logits(probe_logits(probe, val["features"]), val["labels"], val["study_index"])
+        return f1_thresholds(s, y), cfg.val_split
+    return np.zeros(tr["labels"].shape[1]), "none (no validation split): logit 0, probability 0.5"
+
+
 def save_probe(path: str, probe: dict) -> None:
     """The fitted probe as .npz: weight (D, C), bias (C,), mean (D,), std (D,); apply it
     to CLS features x (N, D) as ((x - mean) / std) @ weight + bias."""
@@ -443,14 +468,14 @@ def main(cfg: ProbeConfig) -> dict:
     """Features -> probe (L2 chosen on validation) -> study logits -> AUROC with patient
     CIs; writes out/probe.json, out/scores.csv, out/roc.png and returns the JSON's dict."""
     from fastssl.data.mimic import CHEXPERT_LABELS
-    from fastssl.eval.report import auroc_summary, plot_roc, study_table, write_json, write_scores_csv
+    from fastssl.eval.report import (
+        auroc_summary, metrics_summary, plot_reliability, plot_roc, study_table, write_json, write_scores_csv,
+    )
 
     device = pick_device(cfg.device)
     encoder = load_eval_encoder(cfg.checkpoint, cfg.seed)
     transform = eval_transform(cfg.cache, encoder.cfg.img_size, cfg.checkpoint)
-    datasets = {cfg.test_split: split_dataset(cfg, cfg.test_split)}
-    if cfg.l2_grid.strip():
-        datasets[cfg.val_split] = optional_split(cfg, cfg.val_split)
+    datasets = {cfg.test_split: split_dataset(cfg, cfg.test_split), cfg.val_split: optional_split(cfg, cfg.val_split)}
     datasets[cfg.train_split], label_info = train_dataset(cfg)
     feats = {split: extract_features(encoder, ds, transform, batch_size=cfg.batch_size, device=device,
                                      workers=cfg.workers, progress=cfg.progress)
@@ -458,7 +483,7 @@ def main(cfg: ProbeConfig) -> dict:
     tr, te = feats[cfg.train_split], feats[cfg.test_split]
     train_ds = datasets[cfg.train_split]
     probe, l2_info = _fit(cfg, feats, train_ds.index.subject_id[train_ds.rows])
-    l2_info.pop("_oof", None)
+    thresholds, threshold_source = _thresholds(cfg, probe, feats, l2_info.pop("_oof", None))
     scores, labels = study_logits(probe_logits(probe, te["features"]), te["labels"], te["study_index"])
     studies, subjects = study_table(datasets[cfg.test_split], te["study_index"])
     names = list(CHEXPERT_LABELS)
@@ -468,7 +493,9 @@ def main(cfg: ProbeConfig) -> dict:
         n_train_images=int(tr["features"].shape[0]), n_test_images=int(te["features"].shape[0]),
         n_train_studies=label_info["n_kept_studies"], label_fraction=label_info,
         probe_train_loss=probe["loss"], l2_selection=l2_info,
-        **auroc_summary(scores, labels, subjects, names, n_boot=cfg.n_boot, seed=cfg.seed))
+        **auroc_summary(scores, labels, subjects, names, n_boot=cfg.n_boot, seed=cfg.seed),
+        **metrics_summary(scores, labels, subjects, names, thresholds=thresholds, threshold_source=threshold_source,
+                          n_boot=cfg.n_boot, seed=cfg.seed))
     if cfg.knn_k > 0:
         kscores, _ = study_logits(knn_scores(tr["features"], tr["labels"], te["features"], k=cfg.knn_k),
                                   te["labels"], te["study_index"])
@@ -480,6 +507,7 @@ def main(cfg: ProbeConfig) -> dict:
     save_probe(os.path.join(cfg.out, "probe.npz"), probe)
     if cfg.plots:
         plot_roc(os.path.join(cfg.out, "roc.png"), scores, labels, names, title="linear probe, test studies")
+        plot_reliability(os.path.join(cfg.out, "reliability.png"), scores, labels, names, title="linear probe")
     write_json(os.path.join(cfg.out, "probe.json"), result)
     return result
 
@@ -507,6 +535,6 @@ def run(args: argparse.Namespace) -> int:
              f"l2={chosen['l2']:g} ({how})", *summary_lines(r)]
     if "knn" in r:
         lines.append(f"  kNN (k={r['knn']['k']}) macro AUROC {r['knn']['macro_auroc']:.4f}")
-    lines.append(f"  -> {cfg.out}/probe.json, probe.npz, scores.csv" + (", roc.png" if cfg.plots else ""))
+    lines.append(f"  -> {cfg.out}/probe.json, probe.npz, scores.csv" + (", roc.png, reliability.png" if cfg.plots else ""))
     print("\n".join(lines))
     return 0
