@@ -78,7 +78,7 @@ def _finetune(cache, out, *extra, quiet=True):
 
     return cli(["finetune", "--cache", cache, "--checkpoint", "random:test", "--out", str(out), "--epochs", "3",
                 "--warmup-epochs", "1", "--batch-size", "4", "--base-lr", "0.05", "--n-boot", "50",
-                *(["--quiet"] if quiet else []), *extra])
+                "--min-val-studies", "1", *(["--quiet"] if quiet else []), *extra])
 
 
 def test_finetune_end_to_end_and_resume(cache, tmp_path, capsys, caplog):
@@ -316,3 +316,53 @@ def test_finetune_short_runs_clip_the_default_warmup(cache, tmp_path, caplog, ep
         opt.step()
         sched.step()
     assert lrs == pytest.approx(want, rel=1e-9)
+
+
+@pytest.mark.slow  # three fine-tuning runs (two folds + the final one)
+def test_finetune_small_validation_cross_validates_the_epoch(cache, tmp_path, caplog):
+    """Validation below --min-val-studies: one warning line, one run per patient-grouped
+    fold in out/cv, the chosen epoch is the best mean of the folds' per-epoch AUROC
+    (recomputed here from each fold's saved study scores by pairwise counting), the F1
+    thresholds come from the out-of-fold scores at that epoch, and the folds split train by
+    patient. Planted: the epoch chosen on the last fold's curve only -> fails."""
+    from _eval_helpers import brute_auroc, brute_best_threshold
+    from fastssl.data.datasets import SingleViewDataset
+    from fastssl.eval.finetune import FOLD_SCORES, fold_split
+
+    out = tmp_path / "cv"
+    assert _finetune(cache, out, "--min-val-studies", "100", "--cv-folds", "2", "--no-plots") == 0
+    assert "has 2 studies (< --min-val-studies 100): epoch chosen by 2-fold cross-validation" in caplog.text
+    r = json.loads((out / "finetune.json").read_text())
+    sel = r["epoch_selection"]
+    assert sel["chosen_on"] == "2-fold cross-validation on train" and len(sel["cv_macro_auroc"]) == 3
+    curves, folds = [], [np.load(out / "cv" / f"fold_{k}" / FOLD_SCORES) for k in range(2)]
+    for f in folds:
+        per_epoch = []
+        for e in range(3):
+            aucs = [brute_auroc(f["scores"][e][:, j], f["labels"][:, j]) for j in range(14)]
+            per_epoch.append(np.nanmean(aucs))
+        curves.append(per_epoch)
+    mean = np.mean(curves, axis=0)
+    np.testing.assert_allclose(sel["cv_macro_auroc"], mean, rtol=1e-9)
+    assert r["best_epoch"] == sel["epoch"] == int(np.argmax(mean))
+    oof = np.concatenate([f["scores"][sel["epoch"]] for f in folds])
+    labels = np.concatenate([f["labels"] for f in folds])
+    assert r["f1_threshold_source"] == "2-fold cross-validation on train (out-of-fold)"
+    for j, name in enumerate(r["per_label_metrics"]):
+        t = r["per_label_metrics"][name]["f1_threshold"]
+        if (labels[:, j] == 1).any():
+            assert t == pytest.approx(brute_best_threshold(oof[:, j], labels[:, j])[0])
+    train = SingleViewDataset(cache, split="train")
+    subject = lambda ds: set(ds.index.subject_id[ds.rows])  # noqa: E731
+    for k in range(2):
+        rest, held = fold_split(SingleViewDataset(cache, split="train"), 2, k, 0)
+        assert not subject(rest) & subject(held) and subject(rest) | subject(held) == subject(train)
+        assert len(rest.study_ids) + len(held.study_ids) == len(train.study_ids)
+    # interrupted after every epoch (folds and final run), rerun until done: the same result
+    part = tmp_path / "part"
+    for _ in range(10):
+        assert _finetune(cache, part, "--min-val-studies", "100", "--cv-folds", "2", "--no-plots",
+                         "--stop-after-epochs", "1") == 0
+        if (part / "finetune.json").exists():
+            break
+    assert (part / "scores.csv").read_text() == (out / "scores.csv").read_text()

@@ -24,6 +24,12 @@ Protocol (the released MVMAE ensemble classifier, agostini335/MVMAE
   and schedule. (``fastssl probe`` is a different probe: L-BFGS on fixed features.)
 * after every epoch the validation split's macro AUROC (study level) is computed; the best
   epoch's weights (``best.pt``) are the model that is scored on the test split.
+  When validation is empty, has fewer than ``--min-val-studies`` studies or no label with
+  both classes, the epoch is chosen by ``--cv-folds`` patient-grouped folds of train
+  instead: one resumable run per fold in ``out/cv/fold_K`` (trains on the other folds,
+  validates on its own, saves its per-epoch study scores), then the run on all of train
+  keeps the epoch with the best mean fold macro AUROC (one warning line; recorded in
+  finetune.json ``epoch_selection``); F1 thresholds then come from the out-of-fold scores.
 
 Files in ``out``: job.json (the run's fingerprint, fastssl.jobs), config.json, metrics.jsonl (one line per epoch: epoch, step, train_loss,
 val_macro_auroc, lr, seconds), checkpoint.pt (last epoch: model, optimizer, history),
@@ -54,7 +60,8 @@ import torch
 
 from fastssl.config import COMMAND_RANGES, check_ranges
 from fastssl.eval.probe import (
-    eval_transform, extract_features, load_eval_encoder, pick_device, split_dataset, study_logits, train_dataset,
+    eval_transform, extract_features, load_eval_encoder, optional_split, patient_folds, pick_device, restrict_studies,
+    split_dataset, study_logits, train_dataset, validation_usable,
 )
 from fastssl.eval.stats import macro_auroc
 
@@ -64,6 +71,7 @@ __all__ = ["FinetuneConfig", "StudyBatches", "StudyClassifier", "epoch_lr", "par
 log = logging.getLogger(__name__)
 
 CHECKPOINT, BEST, METRICS, RESULT = "checkpoint.pt", "best.pt", "metrics.jsonl", "finetune.json"
+FOLD_SCORES = "fold_scores.npz"  # a fold run's validation study scores of every epoch (cross-validation)
 # Settings that change no result: a resume may differ in them (fastssl.jobs fingerprint).
 _NOT_RESULT_KEYS = ("out", "eval_batch_size", "device", "stop_after_epochs", "plots",
                     "progress", "overwrite")
@@ -101,6 +109,9 @@ class FinetuneConfig:
     seed: int = 0                 # batch order, augmentation, head init and bootstrap seed
     label_fraction: float = 1.0   # keep this fraction (0, 1] of the train studies' labels, drawn by patient
     label_seed: int = 0           # seed of the --label-fraction draw
+    min_val_studies: int = 10     # fewer validation studies (or no label with both classes): choose the epoch by cross-validation
+    cv_folds: int = 5             # folds (patient-grouped) of that cross-validation on train (one run per fold, in out/cv/)
+    cv_fold: int = -1             # internal (no flag): >= 0 is the run of one fold (trains on the others, validates on it)
     n_boot: int = 1000            # bootstrap replicates over test patients (subject_id clusters)
     stop_after_epochs: int = 0    # >0: checkpoint and exit after this many epochs of this invocation
     plots: bool = True            # roc.png (needs matplotlib)
@@ -302,8 +313,10 @@ def _setup(cfg: FinetuneConfig):
     model = StudyClassifier(encoder).to(device)
     if cfg.mode == "linear":  # the released freeze_encoder: only the head gets gradients
         model.encoder.requires_grad_(False)
-    data = {name: split_dataset(cfg, split) for name, split in (("val", cfg.val_split), ("test", cfg.test_split))}
+    data = dict(val=optional_split(cfg, cfg.val_split), test=split_dataset(cfg, cfg.test_split))
     data["train"], data["label_fraction"] = train_dataset(cfg)
+    if cfg.cv_fold >= 0:  # one fold's run: its validation is that fold of train
+        data["train"], data["val"] = fold_split(data["train"], cfg.cv_folds, cfg.cv_fold, cfg.seed)
     if len(data["train"].study_ids) < cfg.batch_size:
         raise ValueError(f"split {cfg.train_split!r} has {len(data['train'].study_ids)} studies (label fraction "
                          f"{cfg.label_fraction:g}): fewer than one batch of batch_size={cfg.batch_size}; "
@@ -312,6 +325,57 @@ def _setup(cfg: FinetuneConfig):
     optimizer = torch.optim.AdamW(param_groups(model, lr, cfg.weight_decay, cfg.layer_decay), lr=lr)
     transform = eval_transform(cfg.cache, encoder.cfg.img_size, cfg.checkpoint)
     return device, model, optimizer, lr, data, transform, train_transform(cfg, transform)
+
+
+def fold_split(dataset, k: int, fold: int, seed: int):
+    """(the other folds, fold ``fold``) of a SingleViewDataset, by patient-grouped folds
+    (fastssl.eval.probe.patient_folds of its studies' subjects)."""
+    import copy
+
+    first = np.unique(dataset.study_index, return_index=True)[1]
+    held = patient_folds(dataset.index.subject_id[dataset.rows[first]], k, seed) == fold   # (S,)
+    return restrict_studies(copy.copy(dataset), ~held), restrict_studies(copy.copy(dataset), held)
+
+
+def _validation_problem(cfg: FinetuneConfig, val) -> str | None:
+    """Why the validation split cannot choose the epoch (probe.validation_usable), or None."""
+    if cfg.cv_fold >= 0:
+        return None
+    if val is None:
+        return "is empty"
+    return validation_usable(dict(labels=val.index.labels[val.rows], study_index=val.study_index),
+                             cfg.min_val_studies)
+
+
+def _cross_validate_epoch(cfg: FinetuneConfig, why: str) -> dict | None:
+    """The epoch chosen by --cv-folds fold runs (out/cv/fold_K, each a resumable finetune
+    job that trains on the other folds and validates on its own): the epoch with the best
+    mean fold macro AUROC (NaN folds left out; ties to the earlier epoch), and per-label F1
+    thresholds from the out-of-fold study scores at that epoch. None while a fold run is
+    unfinished (--stop-after-epochs)."""
+    from dataclasses import replace
+
+    from fastssl.eval.report import f1_thresholds
+
+    log.warning("finetune: validation split %r %s: epoch chosen by %d-fold cross-validation on train "
+                "(patient-grouped, %d extra runs in %s)", cfg.val_split, why, cfg.cv_folds, cfg.cv_folds,
+                os.path.join(cfg.out, "cv"))
+    curves, scores, labels = [], [], []
+    for k in range(cfg.cv_folds):
+        sub = replace(cfg, out=os.path.join(cfg.out, "cv", f"fold_{k}"), cv_fold=k, plots=False, n_boot=1)
+        if not main(sub)["finished"]:
+            return None
+        with open(os.path.join(sub.out, METRICS), encoding="utf-8") as handle:
+            curves.append([json.loads(line)["val_macro_auroc"] for line in handle])
+        with np.load(os.path.join(sub.out, FOLD_SCORES)) as fold:
+            scores.append(fold["scores"])
+            labels.append(fold["labels"])
+    mean = np.nanmean(np.array(curves, dtype=np.float64), axis=0)
+    epoch = int(np.nanargmax(mean))
+    oof = np.concatenate([s[epoch] for s in scores])
+    return dict(chosen_on=f"{cfg.cv_folds}-fold cross-validation on {cfg.train_split}", reason=f"validation split "
+                f"{cfg.val_split!r} {why}", epoch=epoch, cv_macro_auroc=[float(v) for v in mean],
+                thresholds=f1_thresholds(oof, np.concatenate(labels)))
 
 
 def train_transform(cfg: FinetuneConfig, transform):
@@ -349,21 +413,56 @@ def _train(cfg: FinetuneConfig, device, model, optimizer, lr, data, transform, a
         lr_e = epoch_lr(epoch, lr, warmup, cfg.epochs)
         loss, steps = train_one_epoch(model, batches, optimizer, cfg, epoch=epoch, lr=lr_e, augment=augment,
                                       device=device, progress=cfg.progress)
-        val = macro_auroc(*evaluate(model, data["val"], transform, cfg, device))[1]
+        val, best = _validate_epoch(cfg, model, data, transform, device, epoch, state)
         state.update(epoch=epoch + 1, step=state["step"] + steps)
-        if val > state["best_auroc"]:
-            state.update(best_auroc=val, best_epoch=epoch)
+        if best:
+            state.update(best_auroc=val if data["selection"] is None else data["selection"]["cv_macro_auroc"][epoch],
+                         best_epoch=epoch)
             save_checkpoint(model.state_dict(), os.path.join(cfg.out, BEST))
         _save(cfg, model, optimizer, state)
         rec = dict(epoch=epoch, step=state["step"], train_loss=loss, val_macro_auroc=val, lr=lr_e,
                    seconds=round(time.perf_counter() - t0, 2))
         with open(os.path.join(cfg.out, METRICS), "a", encoding="utf-8") as handle:
             handle.write(json.dumps(rec) + "\n")
-        log.info("finetune: epoch %d/%d loss %.4f val macro AUROC %.4f (best %.4f, epoch %d) lr %.2e",
-                 epoch + 1, cfg.epochs, loss, val, state["best_auroc"], state["best_epoch"] + 1, lr_e)
+        log.info("finetune: epoch %d/%d loss %.4f val macro AUROC %s (best %.4f, epoch %d) lr %.2e",
+                 epoch + 1, cfg.epochs, loss, "n/a" if val is None else f"{val:.4f}", state["best_auroc"],
+                 state["best_epoch"] + 1, lr_e)
         if cfg.stop_after_epochs and epoch + 1 - start >= cfg.stop_after_epochs and epoch + 1 < cfg.epochs:
             return False
     return True
+
+
+def _validate_epoch(cfg: FinetuneConfig, model, data, transform, device, epoch: int, state: dict):
+    """After ``epoch``: (validation macro AUROC or None, whether this epoch's weights are the
+    chosen ones). With a cross-validated epoch (data["selection"]) that epoch is chosen and
+    nothing is validated; a fold run also appends its fold's study scores to FOLD_SCORES."""
+    from fastssl.eval.probe import macro_auroc_or_nan
+
+    if data["selection"] is not None:
+        return None, epoch == data["selection"]["epoch"]
+    scores, labels = evaluate(model, data["val"], transform, cfg, device)
+    if cfg.cv_fold >= 0:
+        _append_fold_scores(os.path.join(cfg.out, FOLD_SCORES), scores, labels, epoch)
+        val = macro_auroc_or_nan(scores, labels)
+        return val, bool(val > state["best_auroc"]) or state["best_epoch"] < 0
+    val = macro_auroc(scores, labels)[1]
+    return val, val > state["best_auroc"]
+
+
+def _append_fold_scores(path: str, scores: np.ndarray, labels: np.ndarray, epoch: int) -> None:
+    """FOLD_SCORES := scores (epochs, S, C) of epochs 0..epoch (a resumed run keeps the
+    first ``epoch`` ones), labels (S, C); atomic."""
+    import io
+
+    from fastssl.jobs import atomic_write_bytes
+
+    previous = np.zeros((0,) + scores.shape)
+    if epoch > 0 and os.path.isfile(path):
+        with np.load(path) as old:
+            previous = old["scores"][:epoch]
+    data = io.BytesIO()
+    np.savez(data, scores=np.concatenate([previous, scores[None]]), labels=labels)
+    atomic_write_bytes(path, data.getvalue())
 
 
 def _score(cfg: FinetuneConfig, device, model, data, transform, state: dict) -> dict:
@@ -378,16 +477,21 @@ def _score(cfg: FinetuneConfig, device, model, data, transform, state: dict) -> 
     model.load_state_dict(load_checkpoint(os.path.join(cfg.out, BEST)))
     test = data["test"]
     scores, labels = evaluate(model, test, transform, cfg, device)
-    thresholds = f1_thresholds(*evaluate(model, data["val"], transform, cfg, device))
+    selection = data["selection"]
+    if selection is None:
+        thresholds, source = f1_thresholds(*evaluate(model, data["val"], transform, cfg, device)), cfg.val_split
+        selection = dict(chosen_on=cfg.val_split)
+    else:
+        thresholds, source = selection.pop("thresholds"), f"{selection['chosen_on']} (out-of-fold)"
     studies, subjects = study_table(test, test.study_index)
     names = list(CHEXPERT_LABELS)
     result = dict(checkpoint=cfg.checkpoint, cache=os.path.abspath(cfg.cache), config=asdict(cfg),
-                  best_epoch=state["best_epoch"], val_macro_auroc=state["best_auroc"],
+                  best_epoch=state["best_epoch"], val_macro_auroc=state["best_auroc"], epoch_selection=selection,
                   n_train_studies=len(data["train"].study_ids), n_test_images=len(test),
                   label_fraction=data["label_fraction"],
                   **auroc_summary(scores, labels, subjects, names, n_boot=cfg.n_boot, seed=cfg.seed),
                   **metrics_summary(scores, labels, subjects, names, thresholds=thresholds,
-                                    threshold_source=cfg.val_split, n_boot=cfg.n_boot, seed=cfg.seed))
+                                    threshold_source=source, n_boot=cfg.n_boot, seed=cfg.seed))
     write_scores_csv(os.path.join(cfg.out, "scores.csv"), studies, subjects, scores, labels, names)
     if cfg.plots:
         plot_roc(os.path.join(cfg.out, "roc.png"), scores, labels, names, title="fine-tuned, test studies")
@@ -407,6 +511,10 @@ def main(cfg: FinetuneConfig) -> dict:
     os.makedirs(cfg.out, exist_ok=True)
     with OutputLock(cfg.out):
         state = _resume(cfg, model, optimizer)
+        why = _validation_problem(cfg, data["val"])
+        data["selection"] = None if why is None else _cross_validate_epoch(cfg, why)
+        if why is not None and data["selection"] is None:
+            return dict(finished=False, epoch=state["epoch"])
         return _run(cfg, state, device, model, optimizer, lr, data, transform, augment)
 
 
@@ -421,7 +529,8 @@ def _run(cfg: FinetuneConfig, state: dict, device, model, optimizer, lr, data, t
     atomic_write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
     warmup = warmup_used(cfg)
     log.info("finetune: %d train / %d val / %d test studies, batch %d studies, lr %.3e (base %g x %d/256), "
-             "layer decay %g, %s, %s, clip %s, %d epochs (warm-up %d)%s", len(data["train"].study_ids), len(data["val"].study_ids),
+             "layer decay %g, %s, %s, clip %s, %d epochs (warm-up %d)%s", len(data["train"].study_ids),
+             len(data["val"].study_ids) if data["val"] is not None else 0,
              len(data["test"].study_ids), cfg.batch_size, lr, cfg.base_lr, cfg.batch_size, cfg.layer_decay,
              "frozen encoder (linear)" if cfg.mode == "linear" else "full fine-tuning", cfg.precision,
              cfg.clip_grad or "off",
@@ -434,7 +543,7 @@ def _run(cfg: FinetuneConfig, state: dict, device, model, optimizer, lr, data, t
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fastssl.config import add_dataclass_arguments
 
-    add_dataclass_arguments(parser, FinetuneConfig, required=("cache", "checkpoint"), skip=("progress",),
+    add_dataclass_arguments(parser, FinetuneConfig, required=("cache", "checkpoint"), skip=("progress", "cv_fold"),
                             choices=_CHOICES)
 
 

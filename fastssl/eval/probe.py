@@ -285,16 +285,22 @@ def keep_label_fraction(dataset, fraction: float, seed: int) -> dict:
     order = np.random.default_rng(seed).permutation(patients.size)
     per_patient = np.bincount(patient_of.reshape(-1), minlength=patients.size)[order]
     n_kept = int(np.searchsorted(np.cumsum(per_patient), math.ceil(fraction * n_studies))) + 1
-    kept_studies = np.isin(patient_of.reshape(-1), order[:n_kept])       # (S,)
-    image_kept = kept_studies[dataset.study_index]
+    restrict_studies(dataset, np.isin(patient_of.reshape(-1), order[:n_kept]))
+    info.update(n_kept_studies=len(dataset.study_ids), n_kept_patients=n_kept)
+    log.info("label fraction %g (seed %d): %d of %d train studies kept (%d of %d patients)", fraction, seed,
+             len(dataset.study_ids), n_studies, n_kept, patients.size)
+    return info
+
+
+def restrict_studies(dataset, keep: np.ndarray):
+    """Keeps (in place) the images of the studies ``keep`` (S,) bool of a SingleViewDataset
+    (study_ids / study_index renumbered) and returns it."""
+    image_kept = keep[dataset.study_index]
     dataset.rows, dataset.view_ids = dataset.rows[image_kept], dataset.view_ids[image_kept]
-    kept_ids = np.flatnonzero(kept_studies)
+    kept_ids = np.flatnonzero(keep)
     dataset.study_ids = np.asarray(dataset.study_ids)[kept_ids]
     dataset.study_index = np.searchsorted(kept_ids, dataset.study_index[image_kept]).astype(np.int64)
-    info.update(n_kept_studies=int(kept_ids.size), n_kept_patients=n_kept)
-    log.info("label fraction %g (seed %d): %d of %d train studies kept (%d of %d patients)", fraction, seed,
-             kept_ids.size, n_studies, n_kept, patients.size)
-    return info
+    return dataset
 
 
 def train_dataset(cfg):
