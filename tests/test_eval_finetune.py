@@ -366,3 +366,21 @@ def test_finetune_small_validation_cross_validates_the_epoch(cache, tmp_path, ca
         if (part / "finetune.json").exists():
             break
     assert (part / "scores.csv").read_text() == (out / "scores.csv").read_text()
+
+
+def test_finetune_normalises_with_the_encoders_training_values(cache, tmp_path):
+    """An encoder file trained with mean/std 0.3125/0.1875 on a cache whose manifest says
+    otherwise: finetune's evaluation and train transforms both use the encoder's values.
+    Planted: eval_transform reading the cache's manifest -> fails."""
+    from fastssl.data.cache import read_manifest
+    from fastssl.eval.finetune import FinetuneConfig, _setup
+    from fastssl.eval.probe import load_eval_encoder
+    from fastssl.train.export import export_encoder
+
+    encoder = load_eval_encoder("random:test")
+    path = export_encoder(encoder, encoder.cfg, str(tmp_path / "encoder.safetensors"),
+                          manifest=dict(pixel_mean=0.3125, pixel_std=0.1875))[0]
+    assert read_manifest(cache)["pixel_mean"] != 0.3125
+    cfg = FinetuneConfig(cache=cache, checkpoint=path, device="cpu", batch_size=4)
+    *_, transform, augment = _setup(cfg)
+    assert (transform.mean, transform.std, augment.mean, augment.std) == (0.3125, 0.1875, 0.3125, 0.1875)
