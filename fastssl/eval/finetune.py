@@ -93,7 +93,7 @@ class FinetuneConfig:
     views: str = "all"            # images used: all, or a comma list of frontal,lateral,other,unknown
     dataset: str = ""             # pooled cache: only these datasets' rows, a comma list (e.g. mimic-cxr; '' = all)
     epochs: int = 100             # released: 100
-    warmup_epochs: int = 5        # linear warm-up from 0.5 x lr (released: 5)
+    warmup_epochs: int = 5        # linear warm-up from 0.5 x lr (released: 5); clipped to epochs - 1 with a warning
     batch_size: int = 64          # studies per step (all their images go through the encoder)
     base_lr: float = 5e-5         # lr = base_lr * batch_size / 256 (released: 5e-5)
     weight_decay: float = 0.05    # AdamW, on every parameter (released)
