@@ -172,8 +172,9 @@ def warmup_used(cfg: FinetuneConfig) -> int:
     warning: the default warm-up of 5 must not make ``--epochs 1..5`` fail."""
     if cfg.warmup_epochs < cfg.epochs:
         return cfg.warmup_epochs
-    log.warning("finetune: warmup_epochs=%d >= epochs=%d: warm-up clipped to %d epoch(s)", cfg.warmup_epochs,
-                cfg.epochs, cfg.epochs - 1)
+    if cfg.cv_fold < 0:  # the fold runs of a cross-validation clip silently: the main run says it once
+        log.warning("finetune: warmup_epochs=%d >= epochs=%d: warm-up clipped to %d epoch(s)", cfg.warmup_epochs,
+                    cfg.epochs, cfg.epochs - 1)
     return cfg.epochs - 1
 
 
@@ -558,8 +559,10 @@ def run(args: argparse.Namespace) -> int:
     if not r["finished"]:
         print(f"finetune: stopped after epoch {r['epoch']} of {cfg.epochs}; rerun the same command to continue")
         return 0
-    print("\n".join([f"finetune: best epoch {r['best_epoch'] + 1} (validation macro AUROC "
+    chosen_on = r.get("epoch_selection", {}).get("chosen_on", cfg.val_split)
+    on = "validation" if chosen_on == cfg.val_split else f"{chosen_on}, mean fold"
+    print("\n".join([f"finetune: best epoch {r['best_epoch'] + 1} ({on} macro AUROC "
                      f"{r['val_macro_auroc']:.4f}), {r['n_test_studies']} test studies"
                      + (f" of {cfg.dataset}" if cfg.dataset.strip() else ""), *summary_lines(r),
-                     f"  -> {cfg.out}/finetune.json, scores.csv" + (", roc.png" if cfg.plots else "")]))
+                     f"  -> {cfg.out}/finetune.json, scores.csv" + (", roc.png, reliability.png" if cfg.plots else "")]))
     return 0
