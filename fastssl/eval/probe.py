@@ -351,7 +351,7 @@ def patient_folds(subjects: np.ndarray, k: int, seed: int) -> np.ndarray:
     position r of that permutation goes to fold r % k (every patient in one fold)."""
     patients, code = np.unique(np.asarray(subjects), return_inverse=True)
     if patients.size < k:
-        raise ValueError(f"{patients.size} train patients: too few for {k}-fold cross-validation")
+        raise ValueError(f"{patients.size} train patients: too few for {k}-fold cross-validation (lower --cv-folds)")
     fold_of = np.empty(patients.size, dtype=np.int64)
     fold_of[np.random.default_rng(seed).permutation(patients.size)] = np.arange(patients.size) % k
     return fold_of[code.reshape(-1)]
