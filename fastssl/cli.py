@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("fastssl.data.cache", "convert DICOM studies once into memory-mapped .npy shards"),
     "pretrain": ("fastssl.train.pretrain", "multi-view MAE pretraining (paired), or the single-view / supervised baselines"),
     "probe": ("fastssl.eval.probe", "linear probe on frozen CLS features: per-label and macro AUROC with bootstrap CIs"),
-    "finetune": ("fastssl.eval.finetune", "full fine-tuning with study-level logits, model selection on validation AUROC"),
+    "finetune": ("fastssl.eval.finetune", "fine-tuning (full, or frozen-encoder linear) on study logits, epoch chosen on validation (or k-fold CV)"),
     "compare": ("fastssl.eval.compare", "paired patient-bootstrap test of two runs' macro AUROC (their scores.csv)"),
     "tile": ("fastssl.curation.tile", "whole-slide images -> a tile index (tiles.csv) at a physical resolution, tissue only"),
     "embed": ("fastssl.curation.embed", "embed image tiles with a timm model into fp16 .npy shards"),

@@ -120,3 +120,54 @@ def test_paired_bootstrap_averages_runs_over_seeds(rng):
     rep = lambda runs: np.mean([brute_replicates(s, labels, subjects, 80, 4) for s in runs], axis=0)  # noqa: E731
     d = np.nanmean(rep(runs_b) - rep(runs_a), axis=1)
     np.testing.assert_allclose(r["ci"], np.percentile(d[~np.isnan(d)], [2.5, 97.5]))
+
+
+# ------------------------------------------------------------------ AP, F1, Brier
+def test_metrics_on_hand_made_cases():
+    from fastssl.eval.stats import (
+        best_f1_threshold, weighted_average_precision, weighted_brier, weighted_f1,
+    )
+
+    one = np.ones((1, 4))
+    # AP: thresholds 0.9 (P 1, R .5), 0.8 (P .5, R .5), 0.7 (P 2/3, R 1) -> .5 + 0 + .5 * 2/3
+    s, y = np.array([0.9, 0.8, 0.7, 0.6]), np.array([1, 0, 1, 0])
+    assert weighted_average_precision(s, y, one)[0] == pytest.approx(0.5 + 0.5 * 2 / 3)
+    # ties: 0.5 (P 1/2, R 1/2), 0.2 (P 2/3, R 1) -> .25 + .5 * 2/3; the ignored row changes nothing
+    s, y = np.array([0.5, 0.5, 0.2, 3.0]), np.array([1, 0, 1, -1])
+    assert weighted_average_precision(s, y, one)[0] == pytest.approx(0.25 + 0.5 * 2 / 3)
+    # F1 at 0.5: TP 1, FP 1, FN 1 -> 2 / 4
+    assert weighted_f1(s, y, one, 0.5)[0] == pytest.approx(0.5)
+    assert best_f1_threshold(s, y) == pytest.approx((0.2, 2 * 2 / (2 * 2 + 1)))
+    # Brier: p = .5, .75, .25 against 1, 0, 1 -> (.25 + .5625 + .5625) / 3
+    s, y = np.array([0.0, np.log(3), -np.log(3), 7.0]), np.array([1, 0, 1, -1])
+    assert weighted_brier(s, y, one)[0] == pytest.approx((0.25 + 0.5625 + 0.5625) / 3)
+    assert np.isnan(weighted_average_precision(s, np.array([0, 0, -1, 0]), one)[0])
+    assert np.isnan(best_f1_threshold(s, np.array([0, 0, -1, 0]))[0])
+
+
+@pytest.mark.parametrize("distinct", [3, 1000])
+def test_weighted_metrics_match_brute_force_on_expanded_rows(rng, distinct):
+    """Under integer weights each metric equals the brute-force count over rows repeated
+    that many times (the bootstrap's meaning of a weight); the best F1 threshold equals
+    the brute-force search. Planted: AP with precision taken before the tie group is
+    added (ties split) -> fails at distinct=3."""
+    from _eval_helpers import brute_ap, brute_best_threshold, brute_brier, brute_f1
+    from fastssl.eval.stats import (
+        best_f1_threshold, weighted_average_precision, weighted_brier, weighted_f1,
+    )
+
+    for _ in range(15):
+        n = int(rng.integers(3, 40))
+        s = rng.integers(0, distinct, size=n).astype(float) / 3 - 0.5
+        y = rng.integers(-1, 2, size=n)
+        y[:2] = [0, 1]
+        w = rng.integers(0, 3, size=(4, n)).astype(float)
+        w[0] = 1
+        t = float(s[int(rng.integers(0, n))])
+        for r in range(4):
+            rows = np.repeat(np.arange(n), w[r].astype(int))
+            assert weighted_average_precision(s, y, w)[r] == pytest.approx(brute_ap(s[rows], y[rows]), nan_ok=True)
+            assert weighted_f1(s, y, w, t)[r] == pytest.approx(brute_f1(s[rows], y[rows], t), nan_ok=True)
+            assert weighted_brier(s, y, w)[r] == pytest.approx(brute_brier(s[rows], y[rows]), nan_ok=True)
+        want_t, want_f1 = brute_best_threshold(s, y)
+        assert best_f1_threshold(s, y) == pytest.approx((want_t, want_f1))

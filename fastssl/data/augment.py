@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["BatchAugment", "CenterResize", "to_unit"]
+__all__ = ["BatchAugment", "CenterResize", "to_unit", "mvmae_train_augment"]
 
 _SCALE = {torch.uint8: 255.0, torch.uint16: 65535.0}
 
@@ -138,6 +138,16 @@ class BatchAugment:
 
         out = torch.where(bright_first, contrast(brightness(y)), brightness(contrast(y)))
         return torch.where(apply, out, y)
+
+
+def mvmae_train_augment(out_size: int, crop_min: float = 0.5, mean: float = 0.5, std: float = 0.25) -> BatchAugment:
+    """The released MVMAE training transform, used there for pretraining *and* fine-tuning
+    (agostini335/MVMAE ``TransformMimicFolderMAETrainModule``): RandomResizedCrop(scale
+    (crop_min, 1), ratio (1, 1)), RandomHorizontalFlip (p 0.5), ColorJitter(0.4, 0.4) applied
+    with p 0.8 (saturation and hue: no-ops on one channel), Normalize(mean, std); no rotation."""
+    return BatchAugment(out_size=out_size, scale=(crop_min, 1.0), ratio=(1.0, 1.0), max_rotation_deg=0.0,
+                        brightness=0.4, contrast=0.4, mean=mean, std=std, hflip=0.5, jitter_p=0.8,
+                        jitter_style="torchvision")
 
 
 class CenterResize:

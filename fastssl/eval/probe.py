@@ -11,15 +11,25 @@ patients (subject_id), not studies (fastssl.eval.stats).
 Regularisation: ``--l2-grid`` (default 1e-6 ... 1e-1, by decades) fits one probe per
 value on the train images and keeps the one with the best macro AUROC on the validation
 studies (ties: the larger penalty); the test split is never looked at for the choice.
+When validation is empty or too small (``--min-val-studies``, or no label with both
+classes), the choice is made by ``--cv-folds`` patient-grouped folds on train instead
+(one warning line; recorded in probe.json).
 
-Outputs: probe.json (settings, the L2 choice, AUROC and CIs), probe.npz (the fitted
-head: weight, bias, feature mean and std), scores.csv (per test study
-and label: study, subject, label, score, target; see fastssl.eval.report) and roc.png.
+Metrics beyond AUROC (fastssl.eval.report.metrics_summary): AUPRC, F1 at per-label
+thresholds chosen to maximise F1 on the validation studies (on the out-of-fold train
+studies under cross-validation), Brier score of sigmoid(study logit), each with the same
+patient-bootstrap CIs.
+
+Outputs: probe.json (settings, the L2 choice, AUROC, AUPRC, F1, Brier and CIs), probe.npz
+(the fitted head: weight, bias, feature mean and std), scores.csv (per test study and
+label: study, subject, label, score, target; see fastssl.eval.report), roc.png and
+reliability.png.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass
 
@@ -33,6 +43,7 @@ from fastssl.eval.stats import (  # noqa: F401  (re-exported: the probe's public
 
 __all__ = ["ProbeConfig", "midranks", "auroc", "auroc_rows", "macro_auroc", "bootstrap_macro_auroc",
            "extract_features", "fit_linear_probe", "study_logits", "knn_scores", "select_l2",
+           "keep_label_fraction",
            "load_eval_encoder", "main", "add_arguments", "run"]
 
 log = logging.getLogger(__name__)
@@ -182,6 +193,10 @@ class ProbeConfig:
     n_boot: int = 1000            # bootstrap replicates over test patients (subject_id clusters)
     seed: int = 0                 # bootstrap, probe and random-init seed
     knn_k: int = 0                # >0: also a cosine kNN probe with this k
+    min_val_studies: int = 10     # fewer validation studies (or no label with both classes): choose by cross-validation
+    cv_folds: int = 5             # folds (patient-grouped) of that cross-validation on train
+    label_fraction: float = 1.0   # keep this fraction (0, 1] of the train studies' labels, drawn by patient
+    label_seed: int = 0           # seed of the --label-fraction draw
     plots: bool = True            # roc.png (needs matplotlib)
     progress: bool = True         # tqdm bar (only on a terminal)
 
@@ -214,14 +229,21 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def eval_transform(cache: str, img_size: int):
-    """The evaluation transform of a cache: centre resize + the manifest's pixel mean/std."""
+def eval_transform(cache: str, img_size: int, checkpoint: str = ""):
+    """The evaluation transform: centre resize + the pixel mean/std the encoder file
+    ``checkpoint`` was trained with (fastssl.train.export.resolve_normalisation); the
+    cache's manifest values for ``random:`` encoders (nothing was trained) or a file that
+    does not record them."""
     from fastssl.data.augment import CenterResize
     from fastssl.data.cache import read_manifest
+    from fastssl.train.export import pixel_stats, resolve_normalisation
 
     manifest = read_manifest(cache)
-    return CenterResize(out_size=img_size, mean=float(manifest.get("pixel_mean", 0.5)),
-                        std=float(manifest.get("pixel_std", 0.25)) or 0.25)
+    if checkpoint and not checkpoint.startswith("random:"):
+        mean, std = resolve_normalisation(checkpoint, manifest)
+    else:
+        mean, std = pixel_stats(manifest)
+    return CenterResize(out_size=img_size, mean=mean, std=std)
 
 
 def split_dataset(cfg, split: str):
@@ -237,6 +259,64 @@ def split_dataset(cfg, split: str):
         raise ValueError(f"split {split!r} of {cfg.cache} has no images with views={cfg.views!r}"
                          + (f" and dataset={cfg.dataset!r}" if datasets else ""))
     return ds
+
+
+def keep_label_fraction(dataset, fraction: float, seed: int) -> dict:
+    """Restricts a SingleViewDataset (in place) to the studies of a seeded random set of
+    patients holding ``fraction`` of its studies (label-efficiency runs).
+
+    Patients (subject_id) are put in the order ``np.random.default_rng(seed).permutation``
+    of their sorted ids; the first patients are kept until their studies reach
+    ``ceil(fraction * S)`` of the S studies (at least one patient), so every kept patient
+    brings all of its studies. fraction 1 keeps everything. ValueError when fraction is
+    outside (0, 1].
+    Returns dict(fraction, seed, n_studies, n_kept_studies, n_patients, n_kept_patients).
+    """
+    if isinstance(fraction, bool) or not 0 < fraction <= 1:
+        raise ValueError(f"label_fraction={fraction!r}; expected a number in (0, 1]")
+    n_studies = len(dataset.study_ids)
+    first = np.unique(dataset.study_index, return_index=True)[1]          # one image per study
+    study_subject = dataset.index.subject_id[dataset.rows[first]]         # (S,)
+    patients, patient_of = np.unique(study_subject, return_inverse=True)
+    info = dict(fraction=fraction, seed=seed, n_studies=n_studies, n_kept_studies=n_studies,
+                n_patients=int(patients.size), n_kept_patients=int(patients.size))
+    if fraction == 1:
+        return info
+    order = np.random.default_rng(seed).permutation(patients.size)
+    per_patient = np.bincount(patient_of.reshape(-1), minlength=patients.size)[order]
+    n_kept = int(np.searchsorted(np.cumsum(per_patient), math.ceil(fraction * n_studies))) + 1
+    restrict_studies(dataset, np.isin(patient_of.reshape(-1), order[:n_kept]))
+    info.update(n_kept_studies=len(dataset.study_ids), n_kept_patients=n_kept)
+    log.info("label fraction %g (seed %d): %d of %d train studies kept (%d of %d patients)", fraction, seed,
+             len(dataset.study_ids), n_studies, n_kept, patients.size)
+    return info
+
+
+def restrict_studies(dataset, keep: np.ndarray):
+    """Keeps (in place) the images of the studies ``keep`` (S,) bool of a SingleViewDataset
+    (study_ids / study_index renumbered) and returns it."""
+    image_kept = keep[dataset.study_index]
+    dataset.rows, dataset.view_ids = dataset.rows[image_kept], dataset.view_ids[image_kept]
+    kept_ids = np.flatnonzero(keep)
+    dataset.study_ids = np.asarray(dataset.study_ids)[kept_ids]
+    dataset.study_index = np.searchsorted(kept_ids, dataset.study_index[image_kept]).astype(np.int64)
+    return dataset
+
+
+def train_dataset(cfg):
+    """The training split's dataset after --label-fraction -> (dataset, the draw's info)."""
+    ds = split_dataset(cfg, cfg.train_split)
+    return ds, keep_label_fraction(ds, cfg.label_fraction, cfg.label_seed)
+
+
+def optional_split(cfg, split: str):
+    """split_dataset, or None when the split has no images (a fallback applies then)."""
+    try:
+        return split_dataset(cfg, split)
+    except ValueError as exc:
+        if "has no images" not in str(exc):
+            raise
+        return None
 
 
 def parse_grid(text: str) -> list[float]:
@@ -265,19 +345,117 @@ def select_l2(cfg: ProbeConfig, tr: dict, val: dict) -> tuple[dict, float, dict]
     return fits[best], best, scores
 
 
-def _fit(cfg: ProbeConfig, feats: dict) -> tuple[dict, dict]:
-    """The probe and how its L2 was chosen."""
+def patient_folds(subjects: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Patient-grouped folds: subjects (N,) -> (N,) fold numbers 0..k-1. The distinct
+    subjects, in sorted order, are permuted by ``np.random.default_rng(seed)``; the one at
+    position r of that permutation goes to fold r % k (every patient in one fold)."""
+    patients, code = np.unique(np.asarray(subjects), return_inverse=True)
+    if patients.size < k:
+        raise ValueError(f"{patients.size} train patients: too few for {k}-fold cross-validation (lower --cv-folds)")
+    fold_of = np.empty(patients.size, dtype=np.int64)
+    fold_of[np.random.default_rng(seed).permutation(patients.size)] = np.arange(patients.size) % k
+    return fold_of[code.reshape(-1)]
+
+
+def _fold_macro(probe: dict, feats: dict, where: np.ndarray) -> tuple[float, np.ndarray]:
+    """Macro AUROC of ``probe`` on the images ``where`` (bool (N,)) scored per study (NaN if
+    no label has both classes there) and their per-image logits."""
+    logits = probe_logits(probe, feats["features"][where])
+    s, y = study_logits(logits, feats["labels"][where], feats["study_index"][where])
+    return macro_auroc_or_nan(s, y), logits
+
+
+def macro_auroc_or_nan(scores: np.ndarray, labels: np.ndarray) -> float:
+    """macro_auroc's mean, NaN instead of an error when no label has both classes."""
+    per = auroc_rows(np.asarray(scores).T, np.asarray(labels).T)
+    return float(np.nanmean(per)) if not np.isnan(per).all() else float("nan")
+
+
+def cv_select_l2(cfg: ProbeConfig, tr: dict, subjects: np.ndarray) -> tuple[dict, float, dict, np.ndarray]:
+    """The L2 chosen by patient-grouped k-fold cross-validation on the train images (when
+    validation is too small): for every --l2-grid value and fold, a probe fitted on the
+    other folds (cold start) scores the fold's studies; the value with the best mean fold
+    macro AUROC (folds where it is undefined left out) wins, ties to the larger L2; the
+    returned probe is refitted on all train images.
+
+    Args: tr: features dict (features (N, D), labels (N, C), study_index (N,));
+        subjects (N,) the patient of each image.
+    Returns: (probe, l2, {l2: mean fold macro AUROC}, out-of-fold per-image logits (N, C)
+        at the chosen l2).
+    """
+    folds = patient_folds(subjects, cfg.cv_folds, cfg.seed)
+    scores, oof = {}, {}
+    for l2 in sorted(parse_grid(cfg.l2_grid), reverse=True):
+        per_fold, oof[l2] = [], np.zeros(tr["labels"].shape, dtype=np.float64)
+        for f in range(cfg.cv_folds):
+            held = folds == f
+            probe = fit_linear_probe(tr["features"][~held], tr["labels"][~held], method=cfg.method, l2=l2,
+                                     max_iter=cfg.max_iter, seed=cfg.seed)
+            score, oof[l2][held] = _fold_macro(probe, tr, held)
+            per_fold.append(score)
+        if np.isnan(per_fold).all():
+            raise ValueError(f"no fold of the {cfg.cv_folds}-fold cross-validation has a label with both classes")
+        scores[l2] = float(np.nanmean(per_fold))
+        log.info("probe: l2=%g %d-fold cross-validated macro AUROC %.4f", l2, cfg.cv_folds, scores[l2])
+    best = max(scores, key=lambda v: (scores[v], v))
+    probe = fit_linear_probe(tr["features"], tr["labels"], method=cfg.method, l2=best, max_iter=cfg.max_iter,
+                             seed=cfg.seed)
+    return probe, best, scores, oof[best]
+
+
+def validation_usable(val: dict | None, min_studies: int) -> str | None:
+    """Why a validation split cannot choose a setting (None when it can): missing, fewer
+    than ``min_studies`` studies, or no label with both classes among its studies."""
+    if val is None:
+        return "is empty"
+    n = np.unique(val["study_index"]).size
+    if n < min_studies:
+        return f"has {n} studies (< --min-val-studies {min_studies})"
+    _, y = study_logits(np.zeros(val["labels"].shape), val["labels"], val["study_index"])
+    if not ((y == 1).any(0) & (y == 0).any(0)).any():
+        return "has no label with both classes"
+    return None
+
+
+def _fit(cfg: ProbeConfig, feats: dict, train_subjects: np.ndarray) -> tuple[dict, dict]:
+    """The probe and how its L2 was chosen: fixed (--l2-grid ''), on validation, or by
+    cross-validation on train when validation is too small (one line says so). The
+    selection dict keeps the out-of-fold train logits under "_oof" (not written out)."""
     tr = feats[cfg.train_split]
     if not cfg.l2_grid.strip():
         probe = fit_linear_probe(tr["features"], tr["labels"], method=cfg.method, l2=cfg.l2,
                                  max_iter=cfg.max_iter, seed=cfg.seed)
         return probe, dict(l2=cfg.l2, chosen_on=None)
-    try:
-        probe, l2, grid = select_l2(cfg, tr, feats[cfg.val_split])
-    except ValueError as exc:
-        raise ValueError(f"choosing the L2 on split {cfg.val_split!r}: {exc}; "
-                         "pass --l2-grid '' to use a fixed --l2") from None
+    why = validation_usable(feats.get(cfg.val_split), cfg.min_val_studies)
+    if why is not None and np.unique(train_subjects).size < cfg.cv_folds and \
+            validation_usable(feats.get(cfg.val_split), 1) is None:
+        log.warning("probe: validation split %r %s, but train has fewer than %d patients for cross-validation: "
+                    "L2 chosen on validation anyway", cfg.val_split, why, cfg.cv_folds)
+    elif why is not None:
+        log.warning("probe: validation split %r %s: L2 chosen by %d-fold cross-validation on train (patient-grouped)",
+                    cfg.val_split, why, cfg.cv_folds)
+        probe, l2, grid, oof = cv_select_l2(cfg, tr, train_subjects)
+        return probe, dict(l2=l2, chosen_on=f"{cfg.cv_folds}-fold cross-validation on {cfg.train_split}",
+                           reason=f"validation split {cfg.val_split!r} {why}", cv_folds=cfg.cv_folds,
+                           cv_macro_auroc={repr(k): v for k, v in grid.items()}, _oof=oof)
+    probe, l2, grid = select_l2(cfg, tr, feats[cfg.val_split])
     return probe, dict(l2=l2, chosen_on=cfg.val_split, validation_macro_auroc={repr(k): v for k, v in grid.items()})
+
+
+def _thresholds(cfg: ProbeConfig, probe: dict, feats: dict, oof: np.ndarray | None) -> tuple[np.ndarray, str]:
+    """Per-label F1 thresholds (C,) and where they were chosen: the out-of-fold train study
+    scores when the L2 came from cross-validation, else the validation studies' scores,
+    else (no validation) logit 0, i.e. probability 0.5."""
+    from fastssl.eval.report import f1_thresholds
+
+    tr, val = feats[cfg.train_split], feats.get(cfg.val_split)
+    if oof is not None:
+        s, y = study_logits(oof, tr["labels"], tr["study_index"])
+        return f1_thresholds(s, y), f"{cfg.cv_folds}-fold cross-validation on {cfg.train_split} (out-of-fold)"
+    if val is not None:
+        s, y = study_logits(probe_logits(probe, val["features"]), val["labels"], val["study_index"])
+        return f1_thresholds(s, y), cfg.val_split
+    return np.zeros(tr["labels"].shape[1]), "none (no validation split): logit 0, probability 0.5"
 
 
 def save_probe(path: str, probe: dict) -> None:
@@ -296,17 +474,22 @@ def main(cfg: ProbeConfig) -> dict:
     """Features -> probe (L2 chosen on validation) -> study logits -> AUROC with patient
     CIs; writes out/probe.json, out/scores.csv, out/roc.png and returns the JSON's dict."""
     from fastssl.data.mimic import CHEXPERT_LABELS
-    from fastssl.eval.report import auroc_summary, plot_roc, study_table, write_json, write_scores_csv
+    from fastssl.eval.report import (
+        auroc_summary, metrics_summary, plot_reliability, plot_roc, study_table, write_json, write_scores_csv,
+    )
 
     device = pick_device(cfg.device)
     encoder = load_eval_encoder(cfg.checkpoint, cfg.seed)
-    transform = eval_transform(cfg.cache, encoder.cfg.img_size)
-    splits = [cfg.train_split, cfg.test_split] + ([cfg.val_split] if cfg.l2_grid.strip() else [])
-    datasets = {split: split_dataset(cfg, split) for split in splits}
+    transform = eval_transform(cfg.cache, encoder.cfg.img_size, cfg.checkpoint)
+    datasets = {cfg.test_split: split_dataset(cfg, cfg.test_split), cfg.val_split: optional_split(cfg, cfg.val_split)}
+    datasets[cfg.train_split], label_info = train_dataset(cfg)
     feats = {split: extract_features(encoder, ds, transform, batch_size=cfg.batch_size, device=device,
-                                     workers=cfg.workers, progress=cfg.progress) for split, ds in datasets.items()}
+                                     workers=cfg.workers, progress=cfg.progress)
+             for split, ds in datasets.items() if ds is not None}
     tr, te = feats[cfg.train_split], feats[cfg.test_split]
-    probe, l2_info = _fit(cfg, feats)
+    train_ds = datasets[cfg.train_split]
+    probe, l2_info = _fit(cfg, feats, train_ds.index.subject_id[train_ds.rows])
+    thresholds, threshold_source = _thresholds(cfg, probe, feats, l2_info.pop("_oof", None))
     scores, labels = study_logits(probe_logits(probe, te["features"]), te["labels"], te["study_index"])
     studies, subjects = study_table(datasets[cfg.test_split], te["study_index"])
     names = list(CHEXPERT_LABELS)
@@ -314,8 +497,11 @@ def main(cfg: ProbeConfig) -> dict:
         checkpoint=cfg.checkpoint if cfg.checkpoint.startswith("random:") else os.path.abspath(cfg.checkpoint),
         cache=os.path.abspath(cfg.cache), config=asdict(cfg), feature_dim=int(tr["features"].shape[1]),
         n_train_images=int(tr["features"].shape[0]), n_test_images=int(te["features"].shape[0]),
+        n_train_studies=label_info["n_kept_studies"], label_fraction=label_info,
         probe_train_loss=probe["loss"], l2_selection=l2_info,
-        **auroc_summary(scores, labels, subjects, names, n_boot=cfg.n_boot, seed=cfg.seed))
+        **auroc_summary(scores, labels, subjects, names, n_boot=cfg.n_boot, seed=cfg.seed),
+        **metrics_summary(scores, labels, subjects, names, thresholds=thresholds, threshold_source=threshold_source,
+                          n_boot=cfg.n_boot, seed=cfg.seed))
     if cfg.knn_k > 0:
         kscores, _ = study_logits(knn_scores(tr["features"], tr["labels"], te["features"], k=cfg.knn_k),
                                   te["labels"], te["study_index"])
@@ -327,6 +513,7 @@ def main(cfg: ProbeConfig) -> dict:
     save_probe(os.path.join(cfg.out, "probe.npz"), probe)
     if cfg.plots:
         plot_roc(os.path.join(cfg.out, "roc.png"), scores, labels, names, title="linear probe, test studies")
+        plot_reliability(os.path.join(cfg.out, "reliability.png"), scores, labels, names, title="linear probe")
     write_json(os.path.join(cfg.out, "probe.json"), result)
     return result
 
@@ -354,6 +541,6 @@ def run(args: argparse.Namespace) -> int:
              f"l2={chosen['l2']:g} ({how})", *summary_lines(r)]
     if "knn" in r:
         lines.append(f"  kNN (k={r['knn']['k']}) macro AUROC {r['knn']['macro_auroc']:.4f}")
-    lines.append(f"  -> {cfg.out}/probe.json, probe.npz, scores.csv" + (", roc.png" if cfg.plots else ""))
+    lines.append(f"  -> {cfg.out}/probe.json, probe.npz, scores.csv" + (", roc.png, reliability.png" if cfg.plots else ""))
     print("\n".join(lines))
     return 0

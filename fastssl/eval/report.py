@@ -5,8 +5,13 @@
   its label (1 positive, 0 negative, -1 ignored: uncertain or blank under the cache's
   label policy). Every metric of the job can be recomputed from it (``fastssl compare``).
 * ``roc.png``: the ROC curve of every label that has both classes among the test studies.
+* ``reliability.png``: the calibration (reliability) diagram of sigmoid(score), pooled
+  over the labels with both classes.
 * the summary dict of the job's JSON: macro AUROC, its patient-cluster bootstrap CI, and
-  per label the AUROC, CI and class counts.
+  per label the AUROC, CI and class counts; then (:func:`metrics_summary`) AUPRC (average
+  precision), F1 at the threshold chosen on validation (or on cross-validation folds) and
+  the Brier score of sigmoid(score), macro and per label, each with a CI from the same
+  patient draws.
 """
 from __future__ import annotations
 
@@ -16,10 +21,14 @@ import os
 
 import numpy as np
 
-from fastssl.eval.stats import bootstrap_macro_auroc, macro_auroc
+from fastssl.eval.stats import (
+    best_f1_threshold, bootstrap_interval, bootstrap_macro_auroc, bootstrap_metric, macro_auroc, sigmoid,
+    weighted_average_precision, weighted_brier, weighted_f1,
+)
 
 __all__ = ["study_table", "write_scores_csv", "write_json", "run_job", "read_scores_csv", "auroc_summary", "summary_lines",
-           "roc_points", "plot_roc", "SCORES_COLUMNS"]
+           "roc_points", "plot_roc", "SCORES_COLUMNS", "f1_thresholds", "metrics_summary", "reliability_bins",
+           "plot_reliability"]
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +129,132 @@ def auroc_summary(scores: np.ndarray, labels: np.ndarray, subjects, names, *, n_
                    for j, (n, a) in enumerate(zip(names, per))})
 
 
+def f1_thresholds(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per label, the score threshold maximising F1 on (validation or out-of-fold) study
+    scores (S, C) -> (C,) float64, NaN for a label without positives there."""
+    return np.array([best_f1_threshold(scores[:, j], labels[:, j])[0] for j in range(scores.shape[1])])
+
+
+_METRICS = {  # name -> weighted metric(scores (N,), labels (N,), weights (R, N), thresholds, column) -> (R,)
+    "auprc": lambda s, y, w, t, j: weighted_average_precision(s, y, w),
+    "f1": lambda s, y, w, t, j: weighted_f1(s, y, w, t[j]),
+    "brier": lambda s, y, w, t, j: weighted_brier(s, y, w),
+}
+
+
+def metrics_summary(scores: np.ndarray, labels: np.ndarray, subjects, names, *, thresholds: np.ndarray,
+                    threshold_source: str, n_boot: int, seed: int, alpha: float = 0.05) -> dict:
+    """AUPRC, F1 at ``thresholds`` and Brier score, macro (over the labels with both classes
+    among the test studies, as the AUROC) and per label, with percentile CIs from the same
+    patient bootstrap draws as auroc_summary's (same seed).
+
+    Args: scores, labels (S, C) test studies; subjects (S,); thresholds (C,) score
+        thresholds (NaN: no F1 for that label); threshold_source: where they were chosen.
+    Returns: dict(macro_auprc, macro_auprc_ci, macro_f1, macro_f1_ci, macro_brier,
+        macro_brier_ci, f1_threshold_source, per_label_metrics={name: {auprc, auprc_ci, f1,
+        f1_ci, f1_threshold, brier, brier_ci}}), None for undefined values.
+    """
+    per_auc, _ = macro_auroc(scores, labels)
+    used = np.flatnonzero(~np.isnan(per_auc))
+    ones = np.ones((1, scores.shape[0]))
+    out: dict = dict(f1_threshold_source=threshold_source)
+    per_label = {n: dict(f1_threshold=None if np.isnan(t) else float(t)) for n, t in zip(names, thresholds)}
+    for key, metric in _METRICS.items():
+        full = np.array([metric(scores[:, j], labels[:, j], ones, thresholds, j)[0] for j in range(len(names))])
+        boot = bootstrap_metric(lambda s, y, w, j: metric(s, y, w, thresholds, j), scores, labels, subjects,  # noqa: B023
+                                n_boot=n_boot, seed=seed, columns=used)
+        ci = bootstrap_interval(boot, used, alpha)
+        defined = [j for j in used if not np.isnan(full[j])]
+        out[f"macro_{key}"] = float(np.mean(full[defined])) if defined else None
+        out[f"macro_{key}_ci"] = list(ci["macro"]) if defined else None
+        for j, name in enumerate(names):
+            ok = j in used and not np.isnan(full[j])
+            per_label[name].update({key: float(full[j]) if ok else None,
+                                    f"{key}_ci": list(ci["per_label"][j]) if ok else None})
+    out["per_label_metrics"] = per_label
+    return out
+
+
+def reliability_bins(scores: np.ndarray, labels: np.ndarray, n_bins: int = 10) -> dict:
+    """Calibration table of sigmoid(scores) over the valid entries (labels >= 0) of any
+    shape: equal-width probability bins [k/n, (k+1)/n) (the last closed) -> dict(
+    mean_predicted (n_bins,), observed (n_bins,) fraction positive, count (n_bins,)),
+    NaN for empty bins."""
+    labels = np.asarray(labels).ravel()
+    valid = labels >= 0
+    p, y = sigmoid(np.asarray(scores).ravel()[valid]), labels[valid].astype(np.float64)
+    k = np.minimum((p * n_bins).astype(np.int64), n_bins - 1)
+    count = np.bincount(k, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_p = np.bincount(k, weights=p, minlength=n_bins) / count
+        observed = np.bincount(k, weights=y, minlength=n_bins) / count
+    return dict(mean_predicted=mean_p, observed=observed, count=count)
+
+
+def plot_reliability(path: str, scores: np.ndarray, labels: np.ndarray, names, title: str = "",
+                     n_bins: int = 10) -> str | None:
+    """Reliability diagram of sigmoid(score) pooled over the labels with both classes
+    (observed positive fraction against mean predicted probability per bin, marker area
+    ~ count; the diagonal is perfect calibration) over a histogram of the predictions.
+    Writes ``path`` (PNG, atomic rename); None (and a warning) without matplotlib."""
+    plt = _pyplot(path)
+    if plt is None:
+        return None
+    per, _ = macro_auroc(scores, labels)
+    used = ~np.isnan(per)
+    bins = reliability_bins(scores[:, used], labels[:, used], n_bins)
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw=dict(height_ratios=(3, 1)))
+    ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1, label="perfect calibration")
+    ok = bins["count"] > 0
+    ax.plot(bins["mean_predicted"][ok], bins["observed"][ok], "o-", color="C0", label=f"{int(used.sum())} labels pooled")
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="observed positive fraction",
+           title=f"{title + ': ' if title else ''}reliability ({n_bins} bins)")
+    ax.legend(loc="upper left", fontsize=8, frameon=False)
+    edges = np.linspace(0, 1, n_bins + 1)
+    hist.bar(edges[:-1], bins["count"], width=1 / n_bins, align="edge", color="C0", alpha=0.5)
+    hist.set(xlabel="predicted probability (sigmoid of the study score)", ylabel="count")
+    _save_png(fig, path)
+    return path
+
+
+def _pyplot(path: str):
+    """matplotlib.pyplot with the Agg backend, or None (and a warning naming ``path``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no %s (pip install 'fastssl[plots]')", path)
+        return None
+    return plt
+
+
+def _save_png(fig, path: str) -> None:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from fastssl.jobs import atomic_write_bytes
+
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=90)
+    plt.close(fig)
+    atomic_write_bytes(path, png.getvalue())
+
+
 def summary_lines(r: dict) -> list[str]:
     """The printed part of an auroc_summary: macro line with CI, one line per used label."""
     lines = [f"  macro AUROC {r['macro_auroc']:.4f}  {100 * r['ci_level']:.0f}% CI "
              f"[{r['macro_ci'][0]:.4f}, {r['macro_ci'][1]:.4f}] over {len(r['labels_used'])} labels "
              f"(bootstrap over {r['n_test_subjects']} patients)"]
+    if r.get("macro_auprc") is not None:
+        def fmt(key):
+            v, ci = r[f"macro_{key}"], r[f"macro_{key}_ci"]
+            return "n/a" if v is None else f"{v:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]"
+
+        lines.append(f"  macro AUPRC {fmt('auprc')}, F1 {fmt('f1')} (thresholds from {r['f1_threshold_source']}), "
+                     f"Brier {fmt('brier')}")
     for name, v in r["per_label"].items():
         if v["auroc"] is not None:
             lines.append(f"  {name:<28s} {v['auroc']:.4f}  [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]  "
@@ -151,13 +281,8 @@ def plot_roc(path: str, scores: np.ndarray, labels: np.ndarray, names, title: st
     """The ROC curve of every label with both classes, on one axes, the legend giving each
     label's AUROC and positives. Writes ``path`` (PNG, atomic rename) and returns it; None
     (and a warning) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: no %s (pip install 'fastssl[plots]')", path)
+    plt = _pyplot(path)
+    if plt is None:
         return None
     per, macro = macro_auroc(scores, labels)
     fig, ax = plt.subplots(figsize=(8.5, 5.5))
@@ -171,12 +296,5 @@ def plot_roc(path: str, scores: np.ndarray, labels: np.ndarray, names, title: st
            title=f"{title + ': ' if title else ''}macro AUROC {macro:.3f}")
     ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False, title="label  AUROC (+pos)")
     fig.subplots_adjust(left=0.08, right=0.62, bottom=0.1, top=0.92)
-    import io
-
-    from fastssl.jobs import atomic_write_bytes
-
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=90)
-    plt.close(fig)
-    atomic_write_bytes(path, png.getvalue())
+    _save_png(fig, path)
     return path

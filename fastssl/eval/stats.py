@@ -23,7 +23,9 @@ import warnings
 import numpy as np
 
 __all__ = ["midranks", "auroc", "auroc_rows", "macro_auroc", "cluster_codes", "cluster_weights",
-           "weighted_auroc", "bootstrap_aurocs", "bootstrap_macro_auroc", "paired_bootstrap"]
+           "weighted_auroc", "bootstrap_aurocs", "bootstrap_macro_auroc", "paired_bootstrap",
+           "weighted_average_precision", "weighted_f1", "weighted_brier", "best_f1_threshold", "sigmoid",
+           "bootstrap_metric", "bootstrap_interval"]
 
 
 # ------------------------------------------------------------------------------ AUROC
@@ -117,6 +119,86 @@ def weighted_auroc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) 
     return out
 
 
+# ------------------------------------------------------------- AP, F1, Brier (weighted)
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """Logits -> probabilities, float64, without overflow warnings."""
+    x = np.asarray(x, dtype=np.float64)
+    return np.exp(-np.logaddexp(0.0, -x))
+
+
+def _valid_sorted_desc(scores, labels, weights):
+    """The valid rows sorted by decreasing score -> (scores (n,), positive (n,) bool,
+    weights (R, n), starts of the tie groups)."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    valid = np.flatnonzero(labels >= 0)
+    order = valid[np.argsort(-scores[valid], kind="stable")]
+    s = scores[order]
+    w = np.asarray(weights, dtype=np.float64)[:, order]
+    return s, labels[order] == 1, w, np.flatnonzero(np.concatenate([[True], s[1:] != s[:-1]]))
+
+
+def weighted_average_precision(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Average precision (step-wise, one threshold per distinct score, as scikit-learn's
+    average_precision_score) of one label under R row weightings.
+
+    scores (N,) floats, labels (N,) in {0, 1, -1 = ignore}, weights (R, N) >= 0 ->
+    (R,) float64: sum over thresholds t (decreasing) of (R_t - R_t') * P_t, with precision
+    P_t and recall R_t of ``score >= t``; NaN where a weighting leaves no positive.
+    """
+    s, pos, w, starts = _valid_sorted_desc(scores, labels, weights)
+    if starts.size == 0:
+        return np.full(w.shape[0], np.nan)
+    tp = np.add.reduceat(w * pos, starts, axis=1)                       # (R, groups)
+    fp = np.add.reduceat(w * ~pos, starts, axis=1)
+    ctp, cfp = np.cumsum(tp, axis=1), np.cumsum(fp, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(ctp + cfp > 0, ctp / (ctp + cfp), 0.0)
+        out = (tp * precision).sum(1) / ctp[:, -1]
+    out[ctp[:, -1] == 0] = np.nan
+    return out
+
+
+def weighted_f1(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray, threshold: float) -> np.ndarray:
+    """F1 of ``score >= threshold`` for one label under R row weightings: 2 TP / (2 TP + FP
+    + FN) -> (R,) float64; NaN where TP + FP + FN is 0 or the threshold is NaN."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    w = np.asarray(weights, dtype=np.float64)
+    if not np.isfinite(threshold):
+        return np.full(w.shape[0], np.nan)
+    pred, pos, valid = scores >= threshold, labels == 1, labels >= 0
+    tp = (w * (pred & pos)).sum(1)
+    fp = (w * (pred & valid & ~pos)).sum(1)
+    fn = (w * (~pred & pos)).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), np.nan)
+
+
+def weighted_brier(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Brier score of one label's logits under R row weightings: the weighted mean of
+    (sigmoid(score) - label)^2 over the valid rows -> (R,) float64 (NaN: no valid weight)."""
+    labels = np.asarray(labels)
+    valid = labels >= 0
+    err = np.where(valid, (sigmoid(scores) - np.clip(labels, 0, 1)) ** 2, 0.0)
+    w = np.asarray(weights, dtype=np.float64) * valid
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(w.sum(1) > 0, (w * err).sum(1) / w.sum(1), np.nan)
+
+
+def best_f1_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """The threshold t maximising the F1 of ``score >= t`` over one label's scores (N,)
+    (labels in {0, 1, -1 = ignore}); t is one of the scores, ties go to the larger t.
+    -> (t, its F1); (NaN, NaN) when there is no positive."""
+    s, pos, w, starts = _valid_sorted_desc(scores, labels, np.ones((1, np.asarray(scores).shape[0])))
+    n_pos = int(pos.sum())
+    if n_pos == 0:
+        return float("nan"), float("nan")
+    tp = np.cumsum(np.add.reduceat(pos.astype(np.float64), starts))    # TP of score >= group score
+    n_pred = np.cumsum(np.add.reduceat(np.ones(s.size), starts))
+    f1 = 2 * tp / (n_pred + n_pos)
+    k = int(np.argmax(f1))  # the first maximum: the largest threshold
+    return float(s[starts[k]]), float(f1[k])
+
+
 # -------------------------------------------------------------------------- bootstrap
 def cluster_codes(clusters, n: int) -> np.ndarray:
     """Cluster ids (N,) (any sortable values; None: each row its own cluster) -> (N,)
@@ -137,17 +219,20 @@ def cluster_weights(codes: np.ndarray, draws: np.ndarray) -> np.ndarray:
     return counts[:, codes].astype(np.float64)
 
 
-def bootstrap_aurocs(scores: np.ndarray, labels: np.ndarray, clusters=None, *, n_boot: int = 1000,
+def bootstrap_metric(metric, scores: np.ndarray, labels: np.ndarray, clusters=None, *, n_boot: int = 1000,
                      seed: int = 0, columns=None, max_elems: int = 1 << 22) -> np.ndarray:
-    """Per-label AUROC of every cluster-bootstrap replicate.
+    """Per-label value of a weighted metric in every cluster-bootstrap replicate.
 
     Args:
+        metric: ``metric(scores (N,), labels (N,), weights (R, N), column) -> (R,)`` (e.g.
+            :func:`weighted_auroc` with the column ignored).
         scores, labels: (N, C) (labels in {0, 1, -1 = ignore}).
         clusters: (N,) the patient (subject_id) of each row; None resamples rows.
         columns: the label columns to compute (default all); the others stay NaN.
         max_elems: replicates are processed in chunks of about this many weights.
     Returns:
-        (n_boot, C) float64; NaN where a replicate leaves a label without one class.
+        (n_boot, C) float64; the draws depend only on (seed, number of clusters), so every
+        metric of one seed sees the same replicates.
     """
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
     if scores.shape != labels.shape or scores.ndim != 2:
@@ -165,14 +250,33 @@ def bootstrap_aurocs(scores: np.ndarray, labels: np.ndarray, clusters=None, *, n
         draws = rng.integers(0, p, size=(min(chunk, n_boot - r0), p))
         w = cluster_weights(codes, draws)
         for j in columns:
-            out[r0:r0 + w.shape[0], j] = weighted_auroc(scores[:, j], labels[:, j], w)
+            out[r0:r0 + w.shape[0], j] = metric(scores[:, j], labels[:, j], w, j)
     return out
+
+
+def bootstrap_aurocs(scores: np.ndarray, labels: np.ndarray, clusters=None, *, n_boot: int = 1000,
+                     seed: int = 0, columns=None, max_elems: int = 1 << 22) -> np.ndarray:
+    """Per-label AUROC of every cluster-bootstrap replicate: (n_boot, C) float64, NaN where
+    a replicate leaves a label without one class (see :func:`bootstrap_metric`)."""
+    return bootstrap_metric(lambda s, y, w, j: weighted_auroc(s, y, w), scores, labels, clusters, n_boot=n_boot,
+                            seed=seed, columns=columns, max_elems=max_elems)
 
 
 def _nan_stats(fn, *args, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN replicates of tiny test sets
         return fn(*args, **kwargs)
+
+
+def bootstrap_interval(per: np.ndarray, used, alpha: float = 0.05) -> dict:
+    """Percentile intervals from bootstrap replicates per (n_boot, C): the macro (mean over
+    the ``used`` columns, NaN ones left out per replicate) and every label.
+    -> dict(macro=(lo, hi), per_label=[(lo, hi)] * C)."""
+    q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
+    macro = _nan_stats(np.nanmean, per[:, used], axis=1)
+    macro_ci = _nan_stats(np.nanpercentile, macro, q)
+    label_ci = _nan_stats(np.nanpercentile, per, q, axis=0).T
+    return dict(macro=tuple(float(v) for v in macro_ci), per_label=[tuple(map(float, r)) for r in label_ci])
 
 
 def bootstrap_macro_auroc(scores: np.ndarray, labels: np.ndarray, clusters=None, *, n_boot: int = 1000,
@@ -192,13 +296,9 @@ def bootstrap_macro_auroc(scores: np.ndarray, labels: np.ndarray, clusters=None,
     used = np.flatnonzero(~np.isnan(full))
     per = bootstrap_aurocs(scores, labels, clusters, n_boot=n_boot, seed=seed, columns=used,
                            max_elems=max_elems)
-    q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
-    macro = _nan_stats(np.nanmean, per[:, used], axis=1)
-    macro_ci = _nan_stats(np.nanpercentile, macro, q)
-    label_ci = _nan_stats(np.nanpercentile, per, q, axis=0).T
     n_clusters = int(cluster_codes(clusters, np.asarray(scores).shape[0]).max()) + 1
-    return dict(macro=tuple(float(v) for v in macro_ci), per_label=[tuple(map(float, r)) for r in label_ci],
-                n_boot=n_boot, seed=seed, alpha=alpha, n_clusters=n_clusters)
+    return dict(**bootstrap_interval(per, used, alpha), n_boot=n_boot, seed=seed, alpha=alpha,
+                n_clusters=n_clusters)
 
 
 def _runs(scores) -> np.ndarray:
