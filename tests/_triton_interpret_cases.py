@@ -541,12 +541,14 @@ def test_gpu_check_script_dry_run():
     """bench/gpu_triton.py's logic at tiny shapes on the CPU (its real run is on a GPU)."""
     import importlib.util
     import pathlib
+    import sys
 
     path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "gpu_triton.py"
     if not path.exists():
         pytest.skip("bench/gpu_triton.py is not in this checkout")
     spec = importlib.util.spec_from_file_location("_gpu_triton", path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclass looks the module up there
     spec.loader.exec_module(mod)
     rows = []
     mod.run(lambda name, **cols: rows.append((name, cols)), dry_run=True)
