@@ -236,6 +236,27 @@ def ceilings(report: RowFile, dry: bool) -> None:
 
 
 # ------------------------------------------------------------------- section a
+def assign_check_at(report: RowFile, plan, d: int, k: int, config=None) -> None:
+    """The Triton kernel at a timed row's d and k (its tile path: resident at d <= 256,
+    streaming above) against float64 on a slice of rows, before that row's timing."""
+    import torch
+
+    from fastssl import _triton_assign
+
+    km = _load("gpu_kmeans")
+    rows = plan.n16 // 2 if plan.dry else 2048  # k = 100k: a 2048 x k float64 score matrix
+    gen = torch.Generator(device=plan.device).manual_seed(d * 7 + k)
+    x = torch.randn(rows, d, device=plan.device, generator=gen).to(torch.bfloat16)
+    c = torch.randn(k, d, device=plan.device, generator=gen).to(torch.bfloat16)
+    labels, dist = _triton_assign.run("assign", x, "torch", c, "l2", True, config=config)
+    regret, error, agree = km._regret_and_error(x, c, "l2", labels, dist)
+    ok = regret <= 1e-4 and error <= 1e-4 and agree > 0.98
+    report(f"assign check bf16 d={d} k={k} ({rows} rows vs float64)"
+           + (f" config {config}" if config is not None else ""),
+           status="ok" if ok else "FAILED", max_rel_regret=regret, max_rel_dist_err=error,
+           label_agreement=agree)
+
+
 def assign_units(report: RowFile, dry: bool):
     import torch
 
@@ -250,6 +271,8 @@ def assign_units(report: RowFile, dry: bool):
         km._COMPILED["fn"] = torch.compile(km._addmm_argmin, dynamic=True, backend="eager")
     units = [("assign: check vs float64", functools.partial(km.check, report, plan), 2.0)]
     for n, d, k in shapes:
+        units.append((f"assign check d={d} k={k}",
+                      functools.partial(assign_check_at, report, plan, d, k), 2.0))
         units.append((f"assign bf16 n={n} d={d} k={k}",
                       functools.partial(km._sweep_row, report, plan, n, d, k, torch.bfloat16, None),
                       5.0))
@@ -408,10 +431,19 @@ def pytest_gpu(report: RowFile) -> None:
 
 
 def late_units(report: RowFile, dry: bool, plan, results: dict, rest_ops):
+    import torch
+
     km = _load("gpu_kmeans")
     chosen: dict = {}
+
+    def check_tuned():
+        for (dtype, d), config in chosen.items():
+            if dtype == torch.bfloat16:  # the fp32 winners: covered by km.check's tf32 rows
+                assign_check_at(report, plan, d, 16384, config)
+
     units = [("assign tuning (gpu_kmeans._candidates)",
-              functools.partial(km.tune, report, plan, chosen), 10.0)]
+              functools.partial(km.tune, report, plan, chosen), 10.0),
+             ("assign check of the tuned configs", check_tuned, 2.0)]
     units += rest_ops
     if dry:  # the mask 0.93 cell's code is section c's: one cheap column exercises it
         gp = _load("gpu_pretrain")

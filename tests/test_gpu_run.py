@@ -130,7 +130,10 @@ def test_dry_run_runs_every_section(tmp_path):
     assert names.index("step check: fastssl (Triton ops, fp32) vs plain PyTorch float64") < \
         names.index("step test:0.75:paired fastssl")
     assert any(n.startswith("check triton l2 bf16") for n in names)
-    assert any(n.startswith("sweep bfloat16") for n in names)
+    for n, name in enumerate(names):  # each assign timing row follows its float64 check
+        if name.startswith("sweep bfloat16"):
+            assert names[n - 1].startswith("assign check bf16"), names[n - 1: n + 1]
+    assert sum(n.startswith("sweep bfloat16") for n in names) == 3
     assert any(n.startswith("check mae_loss") for n in names)
     # the ratio row is the columns' quotient
     fast = by_name["step test:0.75:paired fastssl"]["images_per_s"]
