@@ -144,8 +144,10 @@ def run_unit(report: RowFile, name: str, fn, cap_s: float, need_s: float = 1.0) 
     except Exception as exc:  # noqa: BLE001 - one unit failing must not stop the rest
         traceback.print_exc()
         report(name, status="FAILED", error=" ".join(f"{type(exc).__name__}: {exc}".split())[:300])
-    finally:
+    try:
         _free_device_memory()
+    except Exception as exc:  # noqa: BLE001 - e.g. a sticky CUDA error: say so, go on
+        report(f"{name} (cleanup)", status="FAILED", error=f"{type(exc).__name__}: {exc}"[:300])
     print(f"--- {name}: {time.perf_counter() - t0:.1f} s", flush=True)
 
 
