@@ -1,6 +1,6 @@
 """GPU check of curation at scale (issue 5): one streamed Lloyd iteration from disk.
 
-Imported by bench/gpu_check.py, which calls ``run(report)``. Writes N x 1024 fp16 points
+Runs alone (below) or as ``run(report)`` from another script. Writes N x 1024 fp16 points
 as memory-mapped ``.npy`` shards (generated on the GPU: a clustered cloud, not zeros),
 drops them from the page cache where the OS allows, then times
   * the read: one streamed pass over the shards (np.load mmap, chunk by chunk), and
@@ -11,7 +11,7 @@ Goal (issue 5): the iteration is bound by the read, or reaches >= 70% of the bf1
 rate. N defaults to 4M (8 GiB) to fit the check's time budget; FASTSSL_CURATION_N=20000000
 runs the issue's 20M (40 GiB of disk).
 
-    python bench/gpu_curation.py            # alone; or through bench/gpu_check.py
+    python bench/gpu_curation.py            # alone (not part of bench/gpu_run.py's slot)
     python bench/gpu_curation.py --dry-run  # CPU, tiny: checks the plumbing only
 """
 from __future__ import annotations

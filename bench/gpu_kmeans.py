@@ -1,6 +1,7 @@
 """GPU k-means assignment: correctness once, then every engine side by side, in hardware units.
 
-Imported by bench/gpu_check.py, which calls ``run(report)``; ``report.context`` carries
+bench/gpu_run.py runs its pieces (``check``, ``_sweep_row``, ``tune``, ``lloyd``) one by
+one under its deadline; ``run(report)`` runs them all, alone. ``report.context`` carries
 the measured bf16 GEMM rate, the copy bandwidth and the run's deadline (steps that would
 start after it are reported as skipped, so the whole check stays inside its budget).
 
@@ -38,7 +39,7 @@ needs torch, triton, numpy and tqdm are there). Here, in the repository root:
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH || exit;
 
-``run(report, dry_run=True)`` (``python bench/gpu_check.py --dry-run``) runs the same
+``run(report, dry_run=True)`` (and ``python bench/gpu_run.py --dry-run``) runs the same
 code on the CPU at tiny shapes: the Triton kernel under TRITON_INTERPRET=1, the torch
 baselines on the CPU; engines that need CUDA are reported as skipped.
 """
@@ -126,7 +127,7 @@ def _with_peak(fn, device):
 def _out_of_time(report, name: str) -> bool:
     deadline = getattr(report, "context", {}).get("deadline")
     if deadline is not None and time.perf_counter() > deadline:
-        report(name, status="skipped (time budget of bench/gpu_check.py spent)")
+        report(name, status="skipped (deadline of bench/gpu_run.py passed)")
         return True
     return False
 

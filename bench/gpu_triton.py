@@ -1,7 +1,8 @@
 """GPU check of the Triton MAE ops: correctness against the reference, then timings.
 
-Called by bench/gpu_check.py as ``run(report)``; ``report(name, **columns)`` adds a row to
-the one table that script prints. Rows:
+bench/gpu_run.py runs its ``check_units`` and ``time_units`` one by one (each a row or a
+few, under that script's deadline); ``run(report)`` runs them all in order, alone.
+``report(name, **columns)`` adds a row. Rows:
 
 * ``check <op> <dtype>``: max error of the Triton op (forward and every gradient)
   against the float64 reference, the tolerance, ok.
@@ -25,7 +26,8 @@ from __future__ import annotations
 import functools
 import statistics
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
@@ -265,91 +267,134 @@ def _f(v, nd=3):
     return "-" if v is None or v != v else f"{v:.{nd}f}"
 
 
+@dataclass
+class Setup:
+    """Device, sizes and timing settings of one run (GPU, or tiny on the CPU)."""
+
+    device: torch.device
+    tiny: bool
+    iters: int
+    warmup: int
+    compile_fn: Optional[Callable]
+    gen: torch.Generator
+
+    @staticmethod
+    def make(dry_run: bool) -> "Setup":
+        if dry_run:
+            device, tiny, iters, warmup, compile_fn = torch.device("cpu"), True, 2, 1, None
+        else:
+            device, tiny, iters, warmup, compile_fn = torch.device("cuda"), False, 50, 5, torch.compile
+        return Setup(device, tiny, iters, warmup, compile_fn,
+                     torch.Generator(device=device).manual_seed(0))
+
+
+def check_units(report, s: Setup) -> list[tuple[str, Callable[[], None]]]:
+    """(name, fn): each checks one op family in one dtype against float64."""
+    units = []
+    for dtype in (torch.bfloat16, torch.float32):
+        name = str(dtype)[6:]
+        units.append((f"check mae_loss {name}",
+                      functools.partial(_check_mae, report, s.device, s.gen, dtype, s.tiny)))
+        units.append((f"check gather/unshuffle {name}",
+                      functools.partial(_check_tokens, report, s.device, s.gen, dtype, s.tiny)))
+    return units
+
+
+# (name, batch, channels, image, patch, ratio): ViT-B/16 1-channel radiographs at the
+# classic and the MVMAE ratio, ViT-L/16 on 3-channel images. Order = priority.
+MAE_SHAPES = [("vitb16-224-1ch m0.75", 256, 1, 224, 16, 0.75),
+              ("vitb16-224-1ch m0.93", 256, 1, 224, 16, 0.93),
+              ("vitl16-224-3ch m0.75", 256, 3, 224, 16, 0.75)]
+TOKEN_SHAPES = [("vitb16 d768 m0.75", 256, 196, 768, 0.75),
+                ("vitb16 d768 m0.93", 256, 196, 768, 0.93),
+                ("vitl16 d1024 m0.75", 256, 196, 1024, 0.75)]
+
+
+def _time_mae(report, s: Setup, copy_gbps, name, b, c, img, p, ratio, dtype):
+    pred, imgs, mask = _mae_inputs(b, c, img, p, ratio, dtype, s.device, s.gen)
+    # Bytes needed: the masked rows of pred and of the image read once, the mask read
+    # once, the (dense) gradient written once.
+    live = mask.float().mean().item()
+    nbytes = int(live * (_nbytes(pred) + _nbytes(imgs))) + _nbytes(mask) + _nbytes(pred)
+    comp = s.compile_fn(_mae_ref) if s.compile_fn else None
+    steps = {"eager": _mae_fwd_bwd(_mae_ref, pred, imgs, mask, p),
+             "compile": _mae_fwd_bwd(comp, pred, imgs, mask, p) if comp else None,
+             "triton": _mae_fwd_bwd(_mae_triton, pred, imgs, mask, p)}
+    _time_row(report, f"time mae_loss fwd+bwd {name} {str(dtype)[6:]}", MAE_GOAL, steps,
+              nbytes, copy_gbps, s.device, s.iters, s.warmup,
+              {"eager": 1.0, "compile": 2.0, "frac": 0.7})
+
+
+def _time_tokens(report, s: Setup, copy_gbps, name, b, length, d, ratio):
+    dtype = torch.bfloat16
+    x, pos, se, ids_keep, ids_restore = _gather_inputs(b, length, d, ratio, dtype, s.device, s.gen)
+    k = ids_keep.shape[1]
+    es = x.element_size()  # out is fp32 when the embeddings are fp32: count its size
+    out_es = torch.promote_types(x.dtype, pos.dtype).itemsize
+    nbytes = (b * k * d * (es + 2 * out_es) + b * length * d * es  # x read, out w, g r, gx w
+              + 2 * _nbytes(pos) + 2 * _nbytes(se) + _nbytes(ids_restore))
+    tri_fn = functools.partial(_gather_triton, ids_restore=ids_restore)
+    comp = s.compile_fn(_gather_ref) if s.compile_fn else None
+    steps = {"eager": _gather_fwd_bwd(_gather_ref, x, pos, se, ids_keep),
+             "compile": _gather_fwd_bwd(comp, x, pos, se, ids_keep) if comp else None,
+             "triton": _gather_fwd_bwd(tri_fn, x, pos, se, ids_keep)}
+    _time_row(report, f"time gather_tokens fwd+bwd {name} bf16", GATHER_GOAL, steps, nbytes,
+              copy_gbps, s.device, s.iters, s.warmup, {"eager": 1.0, "compile": 1.5, "frac": 0.7})
+
+    xv = x[:, :k].contiguous().requires_grad_()
+    tok = torch.randn(d, device=s.device, generator=s.gen).requires_grad_()
+
+    def unshuffle_step(fn):
+        def step():
+            out = fn(xv, tok, ids_restore)
+            return torch.autograd.grad(out, (xv, tok), torch.ones_like(out))
+        return step
+
+    def _unsh_triton(a, t, i):
+        return ops.unshuffle_with_mask_token(a, t, i, impl="triton", validate=False)
+
+    nbytes = b * k * d * es * 2 + b * length * d * out_es * 2
+    comp = s.compile_fn(ref.unshuffle_with_mask_token_reference) if s.compile_fn else None
+    steps = {"eager": unshuffle_step(ref.unshuffle_with_mask_token_reference),
+             "compile": unshuffle_step(comp) if comp else None,
+             "triton": unshuffle_step(_unsh_triton)}
+    _time_row(report, f"time unshuffle fwd+bwd {name} bf16", "(no goal)", steps, nbytes,
+              copy_gbps, s.device, s.iters, s.warmup, {"eager": 0.0, "frac": 0.0})
+
+
+def time_units(report, s: Setup, copy_gbps: float) -> list[tuple[str, Callable[[], None]]]:
+    """(name, fn) per timed shape, in priority order: the bf16 ViT-B rows first."""
+    mae = [("tiny", 2, 1, 16, 4, 0.75)] if s.tiny else MAE_SHAPES
+    tokens = [("tiny", 2, 49, 33, 0.75)] if s.tiny else TOKEN_SHAPES
+    units = []
+    for dtype in (torch.bfloat16, torch.float32):
+        units += [(f"time mae_loss {shape[0]} {str(dtype)[6:]}",
+                   functools.partial(_time_mae, report, s, copy_gbps, *shape, dtype))
+                  for shape in mae]
+        if dtype == torch.bfloat16:
+            units += [(f"time gather/unshuffle {shape[0]} bf16",
+                       functools.partial(_time_tokens, report, s, copy_gbps, *shape))
+                      for shape in tokens]
+    return units
+
+
 def run(report: Callable[..., None], *, dry_run: bool = False) -> None:
     """Check every Triton op against the reference, then time them (see module doc)."""
-    if dry_run:
-        device, tiny, iters, warmup, compile_ok = torch.device("cpu"), True, 2, 1, False
-    else:
-        if not torch.cuda.is_available():
-            report("mae ops (Triton)", ok=False, error="no CUDA device")
-            return
-        device, tiny, iters, warmup, compile_ok = torch.device("cuda"), False, 50, 5, True
-    gen = torch.Generator(device=device).manual_seed(0)
-    props = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
+    if not dry_run and not torch.cuda.is_available():
+        report("mae ops (Triton)", ok=False, error="no CUDA device")
+        return
+    s = Setup.make(dry_run)
     import triton
 
+    props = torch.cuda.get_device_properties(s.device) if s.device.type == "cuda" else None
     report("versions", device=props.name if props else "cpu (interpreter)",
            torch=torch.__version__, triton=triton.__version__)
-    for dtype in (torch.float32, torch.bfloat16):
-        _check_mae(report, device, gen, dtype, tiny)
-        _check_tokens(report, device, gen, dtype, tiny)
-
-    copy_gbps = copy_bandwidth_gbps(device, (8 << 20) if tiny else (1 << 30), iters)
-    report("copy bandwidth", GBps=f"{copy_gbps:.0f}", bytes="2 x " + ("8 MiB" if tiny else "1 GiB"))
-    compile_fn = torch.compile if compile_ok else None
-
-    # (name, batch, channels, image, patch, ratio, pred dtype): ViT-B/16 1-channel
-    # radiographs at the classic and the MVMAE ratio, ViT-L/16 on 3-channel images.
-    mae_shapes = [("vitb16-224-1ch m0.75", 256, 1, 224, 16, 0.75),
-                  ("vitb16-224-1ch m0.93", 256, 1, 224, 16, 0.93),
-                  ("vitl16-224-3ch m0.75", 256, 3, 224, 16, 0.75)]
-    if tiny:
-        mae_shapes = [("tiny", 2, 1, 16, 4, 0.75)]
-    for name, b, c, img, p, ratio in mae_shapes:
-        for dtype in (torch.bfloat16, torch.float32):
-            pred, imgs, mask = _mae_inputs(b, c, img, p, ratio, dtype, device, gen)
-            # Bytes needed: the masked rows of pred and of the image read once, the mask
-            # read once, the (dense) gradient written once.
-            live = mask.float().mean().item()
-            nbytes = int(live * (_nbytes(pred) + _nbytes(imgs))) + _nbytes(mask) + _nbytes(pred)
-            comp = compile_fn(_mae_ref) if compile_fn else None
-            steps = {"eager": _mae_fwd_bwd(_mae_ref, pred, imgs, mask, p),
-                     "compile": _mae_fwd_bwd(comp, pred, imgs, mask, p) if comp else None,
-                     "triton": _mae_fwd_bwd(_mae_triton, pred, imgs, mask, p)}
-            _time_row(report, f"time mae_loss fwd+bwd {name} {str(dtype)[6:]}", MAE_GOAL, steps,
-                      nbytes, copy_gbps, device, iters, warmup,
-                      {"eager": 1.0, "compile": 2.0, "frac": 0.7})
-
-    tok_shapes = [("vitb16 d768 m0.75", 256, 196, 768, 0.75),
-                  ("vitb16 d768 m0.93", 256, 196, 768, 0.93),
-                  ("vitl16 d1024 m0.75", 256, 196, 1024, 0.75)]
-    if tiny:
-        tok_shapes = [("tiny", 2, 49, 33, 0.75)]
-    for name, b, length, d, ratio in tok_shapes:
-        dtype = torch.bfloat16
-        x, pos, se, ids_keep, ids_restore = _gather_inputs(b, length, d, ratio, dtype, device, gen)
-        k = ids_keep.shape[1]
-        es = x.element_size()  # out is fp32 when the embeddings are fp32: count its size
-        out_es = torch.promote_types(x.dtype, pos.dtype).itemsize
-        nbytes = (b * k * d * (es + 2 * out_es) + b * length * d * es  # x read, out w, g r, gx w
-                  + 2 * _nbytes(pos) + 2 * _nbytes(se) + _nbytes(ids_restore))
-        tri_fn = functools.partial(_gather_triton, ids_restore=ids_restore)
-        comp = compile_fn(_gather_ref) if compile_fn else None
-        steps = {"eager": _gather_fwd_bwd(_gather_ref, x, pos, se, ids_keep),
-                 "compile": _gather_fwd_bwd(comp, x, pos, se, ids_keep) if comp else None,
-                 "triton": _gather_fwd_bwd(tri_fn, x, pos, se, ids_keep)}
-        _time_row(report, f"time gather_tokens fwd+bwd {name} bf16", GATHER_GOAL, steps, nbytes,
-                  copy_gbps, device, iters, warmup, {"eager": 1.0, "compile": 1.5, "frac": 0.7})
-
-        xv = x[:, :k].contiguous().requires_grad_()
-        tok = torch.randn(d, device=device, generator=gen).requires_grad_()
-
-        def unshuffle_step(fn):
-            def step():
-                out = fn(xv, tok, ids_restore)
-                return torch.autograd.grad(out, (xv, tok), torch.ones_like(out))
-            return step
-
-        def _unsh_triton(a, t, i):
-            return ops.unshuffle_with_mask_token(a, t, i, impl="triton", validate=False)
-
-        nbytes = b * k * d * es * 2 + b * length * d * out_es * 2
-        comp = compile_fn(ref.unshuffle_with_mask_token_reference) if compile_fn else None
-        steps = {"eager": unshuffle_step(ref.unshuffle_with_mask_token_reference),
-                 "compile": unshuffle_step(comp) if comp else None,
-                 "triton": unshuffle_step(_unsh_triton)}
-        _time_row(report, f"time unshuffle fwd+bwd {name} bf16", "(no goal)", steps, nbytes,
-                  copy_gbps, device, iters, warmup, {"eager": 0.0, "frac": 0.0})
+    for _, fn in check_units(report, s):
+        fn()
+    copy_gbps = copy_bandwidth_gbps(s.device, (8 << 20) if s.tiny else (1 << 30), s.iters)
+    report("copy bandwidth", GBps=f"{copy_gbps:.0f}", bytes="2 x " + ("8 MiB" if s.tiny else "1 GiB"))
+    for _, fn in time_units(report, s, copy_gbps):
+        fn()
 
 
 if __name__ == "__main__":  # standalone: print rows as they come

@@ -1,8 +1,10 @@
 """Fused MAE reconstruction loss: patchify + norm_pix target + masked MSE (+ its gradient).
 
-The loss is ``mean over G groups of sum_g(w * mse) / sum_g(w)``, where group g is the
-g-th of G equal consecutive slices of the batch (G=2: the frontal then the lateral views
-of a paired batch, each normalised by its own weight sum; G=1: MAE's loss).
+The loss is ``scale x mean over G groups of sum_g(w * mse) / sum_g(w)``, where group g is
+the g-th of G equal consecutive slices of the batch (G=2: the frontal then the lateral
+views of a paired batch, each normalised by its own weight sum; G=1: MAE's loss) and
+``scale`` a constant of the caller (MVMAE's released reduction: masked / L / mask_ratio;
+1 by default), folded in so that the single pass below stays valid for a scaled loss.
 
 Per forward three kernels (two in the compact layout), per backward one (two when the
 weights must be summed again), and no scalar glue on the host side:
@@ -17,11 +19,11 @@ weights must be summed again), and no scalar glue on the host side:
     math, no (B, L, P) target is ever written), weighted, summed and scaled by
     its group's ``inv_w`` into one fp32 partial per program.
   - SINGLE_PASS: the same, and in the same pass the gradient for an incoming gradient of
-    1 on the mean loss, ``2 w (pred - target) / (P G sum_g(w))``. Each live row of pred
+    1 on the (scaled) loss, ``2 scale w (pred - target) / (P G sum_g(w))``. Each live row of pred
     and imgs is read once for both.
   - BACKWARD: the gradient for any incoming gradient, recomputed from pred and imgs:
-    scale ``c_g = grad_loss / G + grad_groups[g]`` per group. With ``SKIP_UNIT`` the
-    program leaves ``grad`` untouched when ``c_g == 1 / G`` (decided on the device from
+    scale ``c_g = (grad_loss / G + grad_groups[g]) scale`` per group. With ``SKIP_UNIT`` the
+    program leaves ``grad`` untouched when ``c_g == scale / G`` (decided on the device from
     the incoming gradients: no host sync), so a gradient already written by SINGLE_PASS
     is kept as is and only other incoming gradients pay for the recompute.
 * ``_finalize_kernel`` (one program): ``per_group[g] = sum of g's partials`` and
@@ -80,7 +82,7 @@ def _mae_loss_kernel(
     stride_ib, stride_ic, stride_ih, stride_iw,
     stride_wb, stride_wr,
     stride_db, stride_dr,
-    eps,
+    eps, scale,
     MAX_CHUNKS: tl.constexpr,
     PATCH: tl.constexpr,
     C: tl.constexpr,  # compile-time, so that the lane -> (i, q, c) divisions are cheap
@@ -108,8 +110,9 @@ def _mae_loss_kernel(
         coef = tl.load(gl_ptr).to(tl.float32) * unit + tl.load(gg_ptr + group).to(tl.float32)
         if SKIP_UNIT:  # grad already holds the unit-gradient result for this group
             write_ok = tl.where(coef != unit, row_ok, False)
+        coef = coef * scale
     else:
-        coef = unit
+        coef = unit * scale
 
     # Row weight: the mask value (full layout) or 1 (compact layout). A zero weight means
     # the row contributes nothing, so its pred and pixels are never read.
@@ -158,7 +161,7 @@ def _mae_loss_kernel(
                  mask=write_ok[:, None] & col_ok[None, :])
     if MODE != 2:
         mse = tl.sum(diff * diff, axis=1) / P
-        tl.store(part_ptr + b * n_row_blocks + rb, tl.sum(mse * w, axis=0) * inv_w)
+        tl.store(part_ptr + b * n_row_blocks + rb, tl.sum(mse * w, axis=0) * (inv_w * scale))
 
 
 @triton.jit
@@ -214,7 +217,7 @@ def weight_sums(pred, weight, groups: int):
     return part, n_chunks
 
 
-def _launch(mode, pred, imgs, weight, ids, wsums, groups, patch_size, norm_pix, eps, *,
+def _launch(mode, pred, imgs, weight, ids, wsums, groups, patch_size, norm_pix, eps, scale, *,
             grad=None, part=None, grad_loss=None, grad_groups=None, skip_unit=False,
             max_tile=4096):
     b, rows, p_len = pred.shape
@@ -236,7 +239,7 @@ def _launch(mode, pred, imgs, weight, ids, wsums, groups, patch_size, norm_pix, 
         imgs.stride(0), imgs.stride(1), imgs.stride(2), imgs.stride(3),
         wt.stride(0) if weight is not None else 0, wt.stride(1) if weight is not None else 0,
         it.stride(0) if ids is not None else 0, it.stride(1) if ids is not None else 0,
-        float(eps),
+        float(eps), float(scale),
         MAX_CHUNKS=MAX_CHUNKS, PATCH=patch_size, C=imgs.shape[1], BLOCK_R=block_r, BLOCK_P=block_p,
         NORM_PIX=norm_pix, HAS_W=weight is not None, HAS_IDS=ids is not None, MODE=mode,
         SKIP_UNIT=skip_unit, num_warps=8 if block_r * block_p >= 8192 else 4,
@@ -245,7 +248,8 @@ def _launch(mode, pred, imgs, weight, ids, wsums, groups, patch_size, norm_pix, 
 
 
 def mae_loss_forward(pred, imgs, weight, ids, *, groups: int, patch_size: int,
-                     norm_pix: bool, eps: float, with_grad: bool, max_tile: int = 4096):
+                     norm_pix: bool, eps: float, with_grad: bool, scale: float = 1.0,
+                     max_tile: int = 4096):
     """The loss, per group, and (with_grad) the gradient for an incoming gradient of 1.
 
     Args:
@@ -254,6 +258,7 @@ def mae_loss_forward(pred, imgs, weight, ids, *, groups: int, patch_size: int,
         weight: (B, R) row weights (the mask, bool or float) or None (every row weighs 1).
         ids: (B, R) integer patch index of each row, or None (row r is patch r).
         groups: G, dividing B: the loss is the mean of the G groups' normalised losses.
+        scale: multiplies the loss, the per-group losses and the gradient.
         max_tile: elements per program (rows * next_pow2(P)); larger suits the interpreter.
     Returns:
         loss () float32, per_group (G,) float32, wsums (the weight_sums result, what
@@ -268,7 +273,7 @@ def mae_loss_forward(pred, imgs, weight, ids, *, groups: int, patch_size: int,
     part = torch.empty(b * triton.cdiv(rows, block_r), dtype=torch.float32, device=pred.device)
     grad = torch.empty((b, rows, p_len), dtype=pred.dtype, device=pred.device) if with_grad else None
     _launch(SINGLE_PASS if with_grad else FORWARD, pred, imgs, weight, ids, wsums, groups,
-            patch_size, norm_pix, eps, grad=grad, part=part, max_tile=max_tile)
+            patch_size, norm_pix, eps, scale, grad=grad, part=part, max_tile=max_tile)
     loss = torch.empty((), dtype=torch.float32, device=pred.device)
     per_group = torch.empty(groups, dtype=torch.float32, device=pred.device)
     per_group_parts = part.numel() // groups
@@ -279,9 +284,10 @@ def mae_loss_forward(pred, imgs, weight, ids, *, groups: int, patch_size: int,
 
 
 def mae_loss_backward(grad_loss, grad_groups, pred, imgs, weight, ids, wsums, *, groups: int,
-                      patch_size: int, norm_pix: bool, eps: float, out=None,
+                      patch_size: int, norm_pix: bool, eps: float, out=None, scale: float = 1.0,
                       max_tile: int = 4096) -> torch.Tensor:
-    """d total / d pred for ``total = grad_loss * loss + sum(grad_groups * per_group)``.
+    """d total / d pred for ``total = grad_loss * loss + sum(grad_groups * per_group)``
+    (loss and per_group scaled by ``scale``, as mae_loss_forward made them).
 
     Args:
         grad_loss: () or (1,) float tensor on pred's device; grad_groups: (G,) float.
@@ -298,6 +304,6 @@ def mae_loss_backward(grad_loss, grad_groups, pred, imgs, weight, ids, wsums, *,
     skip_unit = out is not None
     grad = out if out is not None else torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
     _launch(BACKWARD, pred, imgs, _weight_view(weight), ids, wsums, groups, patch_size,
-            norm_pix, eps, grad=grad, grad_loss=grad_loss.reshape(1),
+            norm_pix, eps, scale, grad=grad, grad_loss=grad_loss.reshape(1),
             grad_groups=grad_groups.reshape(groups), skip_unit=skip_unit, max_tile=max_tile)
     return grad

@@ -161,14 +161,20 @@ def _ref_groups64(pred, imgs, mask, grad_loss, grad_groups, **kw):
 
 @pytest.fixture
 def launches(monkeypatch):
-    """The kernel modes launched ("forward", "single_pass", "backward[skip]")."""
+    """The kernel modes launched: "forward", "single_pass", "backward" (every group
+    recomputed), "backward[skip]" (a single-pass gradient kept for every group: the
+    incoming gradient is the unit one) or "backward[partial]" (some groups recomputed)."""
     from fastssl.kernels import mae_loss as k
     seen = []
     real = k._launch
     names = {k.FORWARD: "forward", k.SINGLE_PASS: "single_pass", k.BACKWARD: "backward"}
 
     def spy(mode, *args, **kw):
-        seen.append(names[mode] + ("[skip]" if kw.get("skip_unit") else ""))
+        tag = ""
+        if kw.get("skip_unit"):  # read on the host here, in the test only
+            unit = float(kw["grad_loss"]) == 1.0 and not bool(kw["grad_groups"].any())
+            tag = "[skip]" if unit else "[partial]"
+        seen.append(names[mode] + tag)
         return real(mode, *args, **kw)
     monkeypatch.setattr(k, "_launch", spy)
     return seen
@@ -535,15 +541,64 @@ def test_gpu_check_script_dry_run():
     """bench/gpu_triton.py's logic at tiny shapes on the CPU (its real run is on a GPU)."""
     import importlib.util
     import pathlib
+    import sys
 
     path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "gpu_triton.py"
     if not path.exists():
         pytest.skip("bench/gpu_triton.py is not in this checkout")
     spec = importlib.util.spec_from_file_location("_gpu_triton", path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclass looks the module up there
     spec.loader.exec_module(mod)
     rows = []
     mod.run(lambda name, **cols: rows.append((name, cols)), dry_run=True)
     names = [n for n, _ in rows]
     assert any(n.startswith("check") for n in names) and any(n.startswith("time") for n in names)
     assert all(cols.get("ok", True) for _, cols in rows), rows
+
+
+# ------------------------------------------- mae_loss scale: no recompute at mask 0.93
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_mae_loss_scale_multiplies_loss_groups_and_gradient(rng, impl, launches):
+    b, length, p = 4, 49, 4
+    imgs = randn(rng, (b, 1, 28, 28), scale=2.0, shift=0.5)
+    pred = randn(rng, (b, length, p * p)).requires_grad_()
+    mask = random_mask(rng, b, length, 0.93)
+    loss, per_group = ops.mae_loss(pred, imgs, mask, patch_size=p, impl=impl, groups=2,
+                                   return_groups=True, scale=1.37)
+    loss.backward()
+    want, want_groups, want_grad = _ref_groups64(pred, imgs, mask, 1.37, [0.0, 0.0],
+                                                 patch_size=p, groups=2)
+    assert max_err(loss, 1.37 * want) <= 1e-5 * want.abs().item()
+    assert max_err(per_group, 1.37 * want_groups) <= 1e-5 * want_groups.abs().max().item()
+    assert max_err(pred.grad, want_grad) <= 1e-5 * want_grad.abs().max().item()
+    assert launches == (["single_pass", "backward[skip]"] if impl == "triton" else [])
+    with pytest.raises(ValueError, match="scale"):
+        ops.mae_loss(pred, imgs, mask, patch_size=p, impl=impl, scale=float("nan"))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_multiview_mae_mask_093_keeps_the_single_pass_gradient(rng, beta, launches):
+    """MVMAE's released reduction scales the loss by (masked / L) / mask_ratio, != 1 at
+    mask 0.93 (15 of 16 patches masked here: 0.9375 / 0.93). The factor goes into the op,
+    so backward keeps the forward's gradient (no recompute), and that gradient equals
+    the float64 gradient of the scaled mean of the per-image masked MSEs."""
+    from fastssl.models.mvmae import MultiViewMAE, model_config
+
+    torch.manual_seed(0)
+    model = MultiViewMAE(model_config("test"), impl="triton")
+    x = randn(rng, (4, 1, 32, 32))
+    out = model(x[:2], x[2:], mask_ratio=0.93, beta=beta)
+    out["pred"].retain_grad()
+    out["loss"].backward()
+    assert [m for m in launches if m.startswith(("single", "backward"))] == [
+        "single_pass", "backward[skip]"]
+    scale = (2 * 2) / (2 * 2) * (15 / 16) / 0.93  # images / slots x masked fraction / ratio
+    images = torch.stack([x[:2], x[2:]], dim=1).flatten(0, 1)  # (study, slot) order
+    leaf = out["pred"].detach().double().requires_grad_()
+    per_image = ref.mae_loss_per_group_reference(leaf, images.double(), out["mask"],
+                                                 patch_size=8, target="pixel", groups=4)
+    want = scale * per_image.mean()
+    (want_grad,) = torch.autograd.grad(want, leaf)
+    assert max_err(out["recon"], want) <= 1e-5 * want.abs().item()
+    assert max_err(out["pred"].grad, want_grad) <= 1e-5 * want_grad.abs().max().item()

@@ -89,20 +89,23 @@ def test_validation_is_the_one_sync():
         ops.gather_tokens(x, ids_keep, ids_restore=ids_restore)
 
 
-def test_multiview_mae_step_makes_no_host_sync():
+@pytest.mark.parametrize("mask_ratio, align", [(0.75, "mse"), (0.93, "mse"), (0.93, "ntxent"),
+                                               (0.93, "cosine")])
+def test_multiview_mae_step_makes_no_host_sync(mask_ratio, align):
     """MultiViewMAE's paired training step. Pins the model's side: validate=False for the
-    indices it draws, no host-to-device copies (beta and the view ids made on the device)
-    and no boolean-mask indexing / nonzero when every view slot is present (the paired
-    and single entry points)."""
+    indices it draws, no host-to-device copies (beta and the view ids made on the device,
+    the alignment's batch count a host int) and no boolean-mask indexing / nonzero when
+    every view slot is present (the paired and single entry points). On the CPU,
+    tests/test_ops_host_copies.py counts the same copies."""
     from fastssl.models.mvmae import MultiViewMAE, model_config
 
     torch.manual_seed(0)
-    model = MultiViewMAE(model_config("test")).cuda()
+    model = MultiViewMAE(model_config("test", align=align)).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     x = torch.randn(8, 1, 32, 32, device="cuda")
 
     def forward():
-        return model(x[:4], x[4:], mask_ratio=0.75, beta=0.5)["loss"]
+        return model(x[:4], x[4:], mask_ratio=mask_ratio, beta=0.5)["loss"]
     _train_step(model, opt, forward)
     with _syncs_are_errors():
         _train_step(model, opt, forward)

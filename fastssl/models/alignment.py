@@ -13,7 +13,12 @@ Kinds (V >= 2; a batch with V = 1 has nothing to align and gives 0):
   that is (1 - cos) / D.
 * ``"l2"``: ||z_i - z_j||^2 = 2 (1 - cos) (summed over D), averaged over the available
   ordered pairs i != j; the strength does not depend on D (fastssl's former "mse").
-* ``"cosine"``: 1 - cos, averaged over the available ordered pairs i != j.
+* ``"cosine"``: the released ``cosine_sim`` (agostini335/MVMAE ``feats_cos_sim``): for
+  each study, the cosines of the normalised latents summed over the ordered slot pairs
+  (i, j), i != j, where both are available, divided by V (V - 1); minus the mean over the
+  batch (studies with fewer than two images contribute 0). Its value is -cos for two
+  views; with missing views it is weaker than a mean over the available pairs (the
+  released normalisation counts every slot pair of every study).
 * ``"ntxent"``: the released SimCLR-style loss (``ContrastiveLoss``, temperature 0.5):
   for a slot pair (m, n), both z_m[b] and z_n[b] are anchors, the positive is the other
   view of the same study, the denominator runs over the m- and n-latents of every study
@@ -99,9 +104,15 @@ def _pairwise(z: torch.Tensor, available: torch.Tensor):
     return gram, dist2, pairs
 
 
-def _mean_over_ranks(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """Local sum / global count x world: the ranks' mean is the global mean."""
+def _mean_over_ranks(total: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:
+    """Local sum / global count x world: the ranks' mean is the global mean. ``count`` is
+    a device tensor, or a host int (the local batch size): on one process that divides
+    on the host, with no host-to-device copy (a blocking one, every step, in eager mode)."""
     _, world = _world()
+    if not isinstance(count, torch.Tensor):
+        if world == 1:
+            return total / max(count, 1)
+        count = torch.full((), count, dtype=torch.float32, device=total.device)
     n = _global_count(count)
     return total * world / n.clamp(min=1)
 
@@ -116,9 +127,11 @@ def _contrastive_pair(zm, zn, both, temperature: float, kind: str):
     if kind == "ntxent":
         cols = torch.cat([all_m, all_n])                          # (2N, D)
         n_all = all_m.shape[0]
-        valid = torch.cat([all_ok, all_ok])[None, :].expand(2 * b, -1).clone()
-        rows = torch.arange(2 * b, device=zm.device)
-        valid[rows, torch.cat([own, own + n_all])] = False        # the anchor itself
+        anchor_col = torch.cat([own, own + n_all])                # each anchor's own column
+        cols_idx = torch.arange(2 * n_all, device=zm.device)
+        # the anchor itself excluded by a comparison (an indexed "= False" would copy the
+        # scalar from the host every call)
+        valid = torch.cat([all_ok, all_ok])[None, :] & (cols_idx[None, :] != anchor_col[:, None])
         sim = torch.cat([zm, zn]) @ cols.T / temperature          # (2B, 2N)
         denom = (sim.exp() * valid).sum(-1) + 1e-12
         losses = denom.log() - torch.cat([pos, pos])
@@ -157,10 +170,12 @@ def alignment_loss(z: torch.Tensor, available: torch.Tensor | None = None, kind:
     cos, dist2, pairs = _pairwise(z, available)
     if kind == "mse":  # per study: sum over pairs of mean_D (.)^2 / V^2; mean over the batch
         per_study = (dist2 * pairs).sum(dim=(1, 2)) / d / v ** 2
-        return _mean_over_ranks(per_study.sum(), z.new_tensor(b))
-    if kind in ("l2", "cosine"):
-        per_pair = dist2 if kind == "l2" else 1 - cos
-        return _mean_over_ranks((per_pair * pairs).sum(), pairs.sum())
+        return _mean_over_ranks(per_study.sum(), b)
+    if kind == "cosine":  # per study: -sum over pairs of cos / (V (V - 1)); mean over the batch
+        per_study = (cos * pairs).sum(dim=(1, 2)) / (v * (v - 1))
+        return -_mean_over_ranks(per_study.sum(), b)
+    if kind == "l2":
+        return _mean_over_ranks((dist2 * pairs).sum(), pairs.sum())
     totals, counts = [], []
     for m in range(v):
         for n in range(m + 1, v):
@@ -169,11 +184,11 @@ def alignment_loss(z: torch.Tensor, available: torch.Tensor | None = None, kind:
             counts.append(c)
     counts_all = _global_count(torch.stack(counts))
     active = counts_all > 0
-    if not bool(active.any()):
-        return z.sum() * 0.0
     _, world = _world()
+    # Masked sums rather than per_pair[active] / bool(active.any()): no host sync. A slot
+    # pair with no anchors has a zero total, so it adds nothing; none active gives 0.
     per_pair = torch.stack(totals) * world / counts_all.clamp(min=1)
-    return per_pair[active].sum() / active.sum()
+    return (per_pair * active).sum() / active.sum().clamp(min=1)
 
 
 @torch.no_grad()

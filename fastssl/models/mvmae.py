@@ -311,13 +311,14 @@ class MultiViewMAE(nn.Module):
         return dict(latent=latent, pred=pred, mask=mask, ids_restore=ids_restore)
 
     def recon_loss(self, pred: torch.Tensor, images: torch.Tensor, mask: torch.Tensor, *,
-                   per_image: bool = False):
+                   per_image: bool = False, scale: float = 1.0):
         """Mean over the images of each image's MSE over its masked patches: one fused call
-        for the whole batch (each image normalised by its own masked count). per_image=True
-        returns (loss, (B,) per-image losses)."""
+        for the whole batch (each image normalised by its own masked count), times
+        ``scale`` (inside the op: its single-pass gradient stays the one backward uses).
+        per_image=True returns (loss, (B,) per-image losses, scaled too)."""
         target = "norm_pix" if self.cfg.target == "norm_pix" else "pixel"
         return mae_loss(pred, images, mask, patch_size=self.cfg.patch_size, target=target, impl=self.impl,
-                        groups=pred.shape[0], return_groups=per_image)
+                        groups=pred.shape[0], return_groups=per_image, scale=scale)
 
     def _recon_scale(self, n_images: int, slots: int, mask: torch.Tensor, mask_ratio: float) -> float:
         """The released reduction: each image's loss is its masked-pixel MSE x (masked/L) /
@@ -356,9 +357,11 @@ class MultiViewMAE(nn.Module):
             study = torch.arange(b, device=dev)[:, None].expand(b, v)[available]
         _check_images(flat, self.cfg)
         out = self.reconstruct(flat, view_ids, mask_ratio, generator)
-        recon, per_image = self.recon_loss(out["pred"], flat, out["mask"], per_image=True)
+        # The released reduction's factor goes into the loss op, not onto its result: a
+        # factor != 1 (mask 0.93: 183/196 masked / 0.93) on the result would make the
+        # incoming gradient non-unit and the op recompute the gradient it already wrote.
         scale = self._recon_scale(flat.shape[0], b * v, out["mask"], mask_ratio)
-        recon = recon * scale
+        recon, per_image = self.recon_loss(out["pred"], flat, out["mask"], per_image=True, scale=scale)
         pooled = out["latent"].mean(dim=1)                                  # CLS + visible tokens
         if all_available:
             z = pooled.view(b, v, -1)
@@ -369,7 +372,7 @@ class MultiViewMAE(nn.Module):
         return dict(loss=recon + beta_t * align, recon=recon, align=align, beta=beta_t,
                     monitor=pair_cosines(pooled.detach(), study), pred=out["pred"], mask=out["mask"],
                     latent_pooled=pooled, study=study, views=view_ids,
-                    recon_per_image=per_image.detach() * scale)
+                    recon_per_image=per_image.detach())
 
     def forward(self, frontal: torch.Tensor, lateral: torch.Tensor | None = None, *,
                 mask_ratio: float = 0.93, beta: float = 0.0, views=None, available=None,

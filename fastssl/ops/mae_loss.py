@@ -9,7 +9,9 @@ Implementations:
     "triton"  fused kernels (fastssl.kernels.mae_loss): the target is read straight from
               ``imgs``. In eager mode, when pred needs a gradient, one pass writes the loss
               and the gradient for an incoming gradient of 1, which backward returns
-              unless the device sees another incoming gradient; under torch.compile, for
+              unless the device sees another incoming gradient (a caller that scales its
+              loss by a constant passes it as ``scale``, so that the incoming gradient
+              stays the unit one and nothing is recomputed); under torch.compile, for
               other incoming gradients and a second backward (retain_graph) the gradient
               is recomputed in backward. CUDA tensors, or CPU tensors under
               TRITON_INTERPRET=1.
@@ -19,6 +21,7 @@ Implementations:
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -36,26 +39,29 @@ def _loss_dtype(pred: torch.Tensor) -> torch.dtype:
     return torch.float64 if pred.dtype == torch.float64 else torch.float32
 
 
-def _triton_forward(pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, groups, *,
+def _triton_forward(pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, groups, scale, *,
                     with_grad):
     k = _common.kernels("mae_loss")
     with _common.device_ctx(pred):
         return k.mae_loss_forward(pred, imgs, mask, ids_masked, groups=groups,
                                   patch_size=patch_size, norm_pix=norm_pix, eps=eps,
-                                  with_grad=with_grad, **_common.tuning(pred.device))
+                                  with_grad=with_grad, scale=scale,
+                                  **_common.tuning(pred.device))
 
 
 def _mae_loss_impl(pred: torch.Tensor, imgs: torch.Tensor, mask: Optional[torch.Tensor],
                    ids_masked: Optional[torch.Tensor], patch_size: int, norm_pix: bool,
-                   eps: float, groups: int, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss (), per_group (G,)): the loss is the mean of the per-group losses."""
+                   eps: float, groups: int, scale: float,
+                   impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss (), per_group (G,)): the loss is the mean of the per-group losses, each
+    multiplied by scale."""
     if impl == "torch":
         per_group = _ref.mae_loss_per_group_reference(
             pred, imgs, mask, patch_size=patch_size, target="norm_pix" if norm_pix else "pixel",
-            eps=eps, ids_masked=ids_masked, groups=groups)
+            eps=eps, ids_masked=ids_masked, groups=groups) * scale
         return per_group.mean(), per_group
     loss, per_group, _, _ = _triton_forward(pred, imgs, mask, ids_masked, patch_size, norm_pix,
-                                            eps, groups, with_grad=False)
+                                            eps, groups, scale, with_grad=False)
     return loss, per_group
 
 
@@ -63,19 +69,20 @@ _mae_loss_op = torch.library.custom_op("fastssl::mae_loss", _mae_loss_impl, muta
 
 
 @_mae_loss_op.register_fake
-def _(pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, groups, impl):
+def _(pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, groups, scale, impl):
     dtype = _loss_dtype(pred)
     return pred.new_empty((), dtype=dtype), pred.new_empty((groups,), dtype=dtype)
 
 
 def _backward_impl(grad_loss, grad_groups, pred, imgs, mask, ids_masked, patch_size, norm_pix,
-                   eps, groups, impl, *, wsums=None, out=None):
+                   eps, groups, scale, impl, *, wsums=None, out=None):
     """d (grad_loss * loss + sum(grad_groups * per_group)) / d pred. With ``out`` (the
     single-pass gradient of the forward, Triton only) only groups whose incoming gradient
     is not the unit one are recomputed into it, decided on the device."""
     if impl == "torch":
+        grad_groups = None if grad_groups is None else grad_groups * scale
         return _ref.mae_loss_backward_reference(
-            grad_loss, pred, imgs, mask, patch_size=patch_size,
+            grad_loss * scale, pred, imgs, mask, patch_size=patch_size,
             target="norm_pix" if norm_pix else "pixel", eps=eps, ids_masked=ids_masked,
             groups=groups, grad_groups=grad_groups)
     k = _common.kernels("mae_loss")
@@ -84,7 +91,7 @@ def _backward_impl(grad_loss, grad_groups, pred, imgs, mask, ids_masked, patch_s
             wsums = k.weight_sums(pred, mask, groups)
         return k.mae_loss_backward(grad_loss.float(), grad_groups.float(), pred, imgs, mask,
                                    ids_masked, wsums, groups=groups, patch_size=patch_size,
-                                   norm_pix=norm_pix, eps=eps, out=out,
+                                   norm_pix=norm_pix, eps=eps, out=out, scale=scale,
                                    **_common.tuning(pred.device))
 
 
@@ -92,9 +99,9 @@ def _mae_loss_backward_impl(grad_loss: torch.Tensor, grad_groups: torch.Tensor,
                             pred: torch.Tensor, imgs: torch.Tensor,
                             mask: Optional[torch.Tensor], ids_masked: Optional[torch.Tensor],
                             patch_size: int, norm_pix: bool, eps: float, groups: int,
-                            impl: str) -> torch.Tensor:
+                            scale: float, impl: str) -> torch.Tensor:
     return _backward_impl(grad_loss, grad_groups, pred, imgs, mask, ids_masked, patch_size,
-                          norm_pix, eps, groups, impl)
+                          norm_pix, eps, groups, scale, impl)
 
 
 _mae_loss_backward_op = torch.library.custom_op(
@@ -103,7 +110,7 @@ _mae_loss_backward_op = torch.library.custom_op(
 
 @_mae_loss_backward_op.register_fake
 def _(grad_loss, grad_groups, pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, groups,
-      impl):
+      scale, impl):
     return torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
 
 
@@ -118,9 +125,9 @@ def _incoming(grad_loss, grad_groups, pred, groups):
 
 
 def _setup_context(ctx, inputs, output):
-    pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, groups, impl = inputs
+    pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, groups, scale, impl = inputs
     ctx.save_for_backward(pred, imgs, mask, ids_masked)
-    ctx.config = (patch_size, norm_pix, eps, groups, impl)
+    ctx.config = (patch_size, norm_pix, eps, groups, scale, impl)
 
 
 def _backward(ctx, grad_loss, grad_groups):
@@ -130,7 +137,7 @@ def _backward(ctx, grad_loss, grad_groups):
         grad_loss, grad_groups = _incoming(grad_loss, grad_groups, pred, ctx.config[3])
         grad_pred = _mae_loss_backward_op(grad_loss, grad_groups, pred, imgs, mask, ids_masked,
                                           *ctx.config)
-    return grad_pred, None, None, None, None, None, None, None, None
+    return grad_pred, None, None, None, None, None, None, None, None, None
 
 
 _mae_loss_op.register_autograd(_backward, setup_context=_setup_context)
@@ -144,17 +151,18 @@ class _MaeLossEager(torch.autograd.Function):
     backward (retain_graph) recomputes everything."""
 
     @staticmethod
-    def forward(ctx, pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, groups, impl,
-                single_pass):
+    def forward(ctx, pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, groups, scale,
+                impl, single_pass):
         ctx.unit_grad = ctx.wsums = None
         if impl == "triton" and single_pass:
             loss, per_group, ctx.wsums, ctx.unit_grad = _triton_forward(
-                pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, groups, with_grad=True)
+                pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, groups, scale,
+                with_grad=True)
         else:
             loss, per_group = _mae_loss_impl(pred, imgs, mask, ids_masked, patch_size, norm_pix,
-                                             eps, groups, impl)
+                                             eps, groups, scale, impl)
         ctx.save_for_backward(pred, imgs, mask, ids_masked)
-        ctx.config = (patch_size, norm_pix, eps, groups, impl)
+        ctx.config = (patch_size, norm_pix, eps, groups, scale, impl)
         return loss, per_group
 
     @staticmethod
@@ -164,7 +172,7 @@ class _MaeLossEager(torch.autograd.Function):
         unit_grad, ctx.unit_grad = ctx.unit_grad, None  # handed out once: no reuse
         grad_pred = _backward_impl(grad_loss, grad_groups, pred, imgs, mask, ids_masked,
                                    *ctx.config, wsums=ctx.wsums, out=unit_grad)
-        return grad_pred, None, None, None, None, None, None, None, None, None
+        return grad_pred, None, None, None, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------- public
@@ -227,6 +235,7 @@ def mae_loss(
     ids_masked: torch.Tensor | None = None,
     groups: int = 1,
     return_groups: bool = False,
+    scale: float = 1.0,
     impl: str = "auto",
     validate: bool = True,
 ):
@@ -256,6 +265,10 @@ def mae_loss(
             sum; the loss is the mean of the G per-group losses. One call covers both
             views of a paired batch.
         return_groups: also return the (G,) per-group losses (differentiable too).
+        scale: a finite constant multiplying the loss and the per-group losses. A caller
+            whose total loss scales this one (MVMAE's released reduction) passes the
+            factor here rather than multiplying the result: the single-pass gradient is
+            then the one backward needs, and the Triton path recomputes nothing.
         impl: "auto" | "triton" | "torch" (module docstring).
         validate: check that ids_masked lies in [0, L) (one device sync). Skipped inside
             torch.compile. With validate=False an out-of-range id contributes zero error
@@ -273,6 +286,8 @@ def mae_loss(
             or pred.shape[0] % groups:
         raise ValueError(f"groups={groups!r} must be a positive int dividing the batch size "
                          f"B={pred.shape[0]} of pred {tuple(pred.shape)}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale={scale!r} must be a finite number")
     chosen = _common.resolve("mae_loss", impl, pred.device, pred.dtype)
     if ids_masked is not None and _common.should_validate(validate):
         n_patches = (imgs.shape[2] // patch_size) * (imgs.shape[3] // patch_size)
@@ -280,7 +295,7 @@ def mae_loss(
         if out_of_range:
             raise ValueError(f"ids_masked holds values outside [0, L={n_patches})")
     args = (pred, imgs, mask, ids_masked, patch_size, target == "norm_pix", float(eps), groups,
-            chosen)
+            float(scale), chosen)
     if torch.compiler.is_compiling():
         loss, per_group = _mae_loss_op(*args)
     else:
