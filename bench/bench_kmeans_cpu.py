@@ -181,7 +181,8 @@ def test_fastssl_bf16_vs_fp32_paired(problem, record):
     """bf16 rows against fp32 rows, timed in alternation so that load from other jobs on a
     shared machine falls on both alike. Reports wall GFLOP/s (median), GFLOP per CPU-second
     (process time of all threads: what the engine does while it runs), the median of the
-    per-round wall ratios, and the 1-minute load average before and after (issue 22)."""
+    per-round wall ratios, each round's wall seconds, and the 1-minute load average before
+    and after (issue 22)."""
     x, c = problem
     xb = torch.from_numpy(x).bfloat16()
     # Correct once before timing: bf16 labels equal the float64 oracle of the bf16-rounded
@@ -204,6 +205,7 @@ def test_fastssl_bf16_vs_fp32_paired(problem, record):
         wall = float(np.median([t[0] for t in times[name]]))
         cpu = float(np.median([t[1] for t in times[name]]))
         extra = {"gflops_per_cpu_s": round(flops / cpu / 1e9, 1),
+                 "rounds_s": "/".join(f"{t[0]:.2f}" for t in times[name]),
                  "load_before": round(load_before, 2), "load_after": round(load_after, 2)}
         if name == "bf16":
             extra["median_round_ratio"] = round(float(np.median(ratios)), 3)
