@@ -107,8 +107,11 @@ print(json.dumps(out))
 """
 
 
+CPU_ISAS = ["generic", "avx2", "avx512", "avx512_bf16", "amx"]  # narrowest first
+
+
 @needs_ext
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512_bf16", "amx"])
+@pytest.mark.parametrize("isa", CPU_ISAS)
 def test_every_instruction_set_path_agrees(isa, tmp_path, rng):
     """Each micro-kernel (capped by FASTSSL_CPU_ISA, read once per process) assigns fp32
     and bf16 rows as the float64 oracle does (bf16: x and centroids rounded to bf16)."""
@@ -123,7 +126,8 @@ def test_every_instruction_set_path_agrees(isa, tmp_path, rng):
     result = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(tmp_path / "data.npz")],
                             env=env, capture_output=True, text=True, check=True)
     out = json.loads(result.stdout)
-    assert out["isa"] == isa or isa in ("avx512_bf16", "amx")  # caps above the CPU
+    # a cap above what the CPU has runs the CPU's widest engine
+    assert CPU_ISAS.index(out["isa"]) <= CPU_ISAS.index(isa)
     for i in range(len(ISA_SHAPES)):
         x, c = torch.from_numpy(arrays[f"x{i}"]), torch.from_numpy(arrays[f"c{i}"])
         got = out[str(i)]
