@@ -86,36 +86,54 @@ def test_assign_matches_reference(rng, dtype, rtol, n, d, k, metric):
     _check_against_reference(x.float(), c_used, labels, dist, metric, rtol)
 
 
+# (n, d, k) per instruction-set path: an odd depth, a single centroid, and a depth past
+# every micro-kernel's depth chunk (fp32: 192-256 words; AVX512-BF16: 512 words = 1024
+# dimensions), so the partial-sum passes run in both modes. n is not a multiple of any
+# row block (MC = 64, 192, 224).
+ISA_SHAPES = [(333, 71, 45), (229, 33, 1), (451, 1100, 70)]
+_ISA_SCRIPT = """
+import json, sys
+import numpy as np, torch
+from fastssl import kmeans
+from fastssl._native import native
+data = np.load(sys.argv[1])
+out = {"isa": native().cpu_isa()}
+for i in range(len(data.files) // 2):
+    x, c = data[f"x{i}"], data[f"c{i}"]
+    l, d = kmeans.assign(x, c, impl="cpu")
+    lb, db = kmeans.assign(torch.from_numpy(x).bfloat16(), c, impl="cpu")
+    out[str(i)] = {"f32": [l.tolist(), d.tolist()], "bf16": [lb.tolist(), db.tolist()]}
+print(json.dumps(out))
+"""
+
+
+CPU_ISAS = ["generic", "avx2", "avx512", "avx512_bf16", "amx"]  # narrowest first
+
+
 @needs_ext
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512_bf16", "amx"])
-def test_every_instruction_set_path_agrees(isa, tmp_path):
-    """Each micro-kernel (capped by FASTSSL_CPU_ISA, read once per process) is correct."""
-    script = (
-        "import numpy as np, torch, json;"
-        "from fastssl import kmeans; from fastssl._native import native;"
-        "rng = np.random.default_rng(3);"
-        "x = rng.standard_normal((333, 71)).astype(np.float32);"
-        "c = rng.standard_normal((45, 71)).astype(np.float32);"
-        "out = {};"
-        "l, d = kmeans.assign(x, c, impl='cpu'); out['f32'] = [l.tolist(), d.tolist()];"
-        "l, d = kmeans.assign(torch.from_numpy(x).bfloat16(), c, impl='cpu');"
-        "out['bf16'] = [l.tolist(), d.tolist()]; out['isa'] = native().cpu_isa();"
-        "print(json.dumps(out))"
-    )
-    env = dict(os.environ, FASTSSL_CPU_ISA=isa)
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                            text=True, check=True)
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_every_instruction_set_path_agrees(isa, tmp_path, rng):
+    """Each micro-kernel (capped by FASTSSL_CPU_ISA, read once per process) assigns fp32
+    and bf16 rows as the float64 oracle does (bf16: x and centroids rounded to bf16)."""
     import json
 
+    arrays = {}
+    for i, (n, d, k) in enumerate(ISA_SHAPES):
+        arrays[f"x{i}"] = rng.standard_normal((n, d)).astype(np.float32)
+        arrays[f"c{i}"] = rng.standard_normal((k, d)).astype(np.float32)
+    np.savez(tmp_path / "data.npz", **arrays)
+    env = dict(os.environ, FASTSSL_CPU_ISA=isa)
+    result = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(tmp_path / "data.npz")],
+                            env=env, capture_output=True, text=True, check=True)
     out = json.loads(result.stdout)
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal((333, 71)).astype(np.float32)
-    c = rng.standard_normal((45, 71)).astype(np.float32)
-    _check_against_reference(torch.from_numpy(x), torch.from_numpy(c),
-                             out["f32"][0], out["f32"][1], "l2", 2e-6)
-    xb = torch.from_numpy(x).bfloat16().float()
-    cb = torch.from_numpy(c).bfloat16().float()
-    _check_against_reference(xb, cb, out["bf16"][0], out["bf16"][1], "l2", 2e-6)
+    # a cap above what the CPU has runs the CPU's widest engine
+    assert CPU_ISAS.index(out["isa"]) <= CPU_ISAS.index(isa)
+    for i in range(len(ISA_SHAPES)):
+        x, c = torch.from_numpy(arrays[f"x{i}"]), torch.from_numpy(arrays[f"c{i}"])
+        got = out[str(i)]
+        _check_against_reference(x, c, got["f32"][0], got["f32"][1], "l2", 2e-6)
+        xb, cb = x.bfloat16().float(), c.bfloat16().float()
+        _check_against_reference(xb, cb, got["bf16"][0], got["bf16"][1], "l2", 2e-6)
 
 
 @needs_ext

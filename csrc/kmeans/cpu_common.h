@@ -4,6 +4,9 @@
 
 #include <cmath>
 #include <cstdint>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -135,7 +138,31 @@ inline double row_to_words(const MatrixView& m, int64_t row, bool bf16, float* t
   const int64_t steps = depth_steps(d, true);
   if (m.dtype == DType::BF16) {
     const uint16_t* src = static_cast<const uint16_t*>(m.data) + row * m.ld;
-    for (int64_t s = 0; s < steps; ++s) {
+    int64_t s = 0;
+#ifdef __AVX512F__
+    // 16 words per iteration (the scalar loop below cost ~2% of a d = 768, k = 4096 run
+    // on Zen 4). Squares of bf16 values (8 significant bits) are exact in double, and so
+    // is their sum while a row's nonzero magnitudes span less than ~2^13; beyond that the
+    // two summation orders can differ in the last bit of the double, far below the
+    // float32 in which the norm leaves the engine.
+    __m512d acc0 = _mm512_setzero_pd(), acc1 = _mm512_setzero_pd();
+    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+    const auto add_squares = [&](__m512 v) {
+      const __m512d a = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+      const __m512d b = _mm512_cvtps_pd(
+          _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+      acc0 = _mm512_fmadd_pd(a, a, acc0);
+      acc1 = _mm512_fmadd_pd(b, b, acc1);
+    };
+    for (; s + 16 <= d / 2; s += 16) {
+      const __m512i w = _mm512_loadu_si512(src + 2 * s);
+      _mm512_storeu_si512(words + s, w);
+      add_squares(_mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+      add_squares(_mm512_castsi512_ps(_mm512_and_si512(w, high)));
+    }
+    sq = _mm512_reduce_add_pd(_mm512_add_pd(acc0, acc1));
+#endif
+    for (; s < steps; ++s) {
       const uint16_t lo = src[2 * s];
       const uint16_t hi = (2 * s + 1 < d) ? src[2 * s + 1] : 0;
       const float a = bf16_to_float(lo), b = bf16_to_float(hi);

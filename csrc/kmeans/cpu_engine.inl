@@ -2,7 +2,8 @@
 //
 // Include inside `namespace fastssl::cpu::<isa>` after defining `struct Micro` with
 //   MR, NR      rows and centroids of one register tile,
-//   KC          depth steps (32-bit words) per pass; KC x NR words stay in L1,
+//   KC          depth steps (32-bit words) per pass in fp32 mode; KC x NR words stay in L1,
+//   KC_BF16     the same in bf16 mode (a step there holds two products),
 //   MC          rows per block (a multiple of MR): the packed x block stays in L2,
 //   NCP         centroid panels per block: the partial tile buffer stays in L2,
 //   tile<BF16>  the micro-kernel (see below).
@@ -62,6 +63,7 @@ template <bool BF16>
 void run_rows(const MatrixView& x, int64_t row0, int64_t rows, const PackedCentroids& pc,
               int64_t label_base, Metric metric, AssignOutput out, Workspace& ws) {
   constexpr int MR = Micro::MR, NR = Micro::NR;
+  constexpr int64_t KC = BF16 ? Micro::KC_BF16 : Micro::KC;
   const int64_t steps = pc.steps;
   const float alpha = metric == Metric::L2 ? 2.0f : 1.0f;
   for (int64_t block0 = 0; block0 < rows; block0 += Micro::MC) {
@@ -74,13 +76,13 @@ void run_rows(const MatrixView& x, int64_t row0, int64_t rows, const PackedCentr
     ws.best_value.assign(static_cast<size_t>(row_panels * MR * NR),
                          std::numeric_limits<float>::infinity());
     ws.best_index.assign(static_cast<size_t>(row_panels * MR * NR), 0);
-    if (steps > Micro::KC)
+    if (steps > KC)
       ws.partial.resize(static_cast<size_t>(row_panels * Micro::NCP * MR * NR));
 
     for (int64_t jc = 0; jc < pc.panel_count; jc += Micro::NCP) {
       const int64_t block_panels = std::min<int64_t>(Micro::NCP, pc.panel_count - jc);
-      for (int64_t p0 = 0; p0 < steps; p0 += Micro::KC) {
-        const int64_t kc = std::min<int64_t>(Micro::KC, steps - p0);
+      for (int64_t p0 = 0; p0 < steps; p0 += KC) {
+        const int64_t kc = std::min<int64_t>(KC, steps - p0);
         const bool first = p0 == 0, last = p0 + kc == steps;
         for (int64_t jp = 0; jp < block_panels; ++jp) {
           const int64_t panel = jc + jp;

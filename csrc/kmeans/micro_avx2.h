@@ -10,6 +10,7 @@ namespace {
 
 struct Avx2Micro {
   static constexpr int MR = 6, NR = 16, KC = 256, MC = 6 * 32, NCP = 16;
+  static constexpr int KC_BF16 = KC;  // bf16 words are widened to fp32: same chunk
 
   template <bool BF16>
   static inline void tile(const uint32_t* a, const uint32_t* b, int64_t kc, float* partial,

@@ -27,6 +27,7 @@ inline void fold_scores(const float* acc, const float* bias, int32_t j0, float a
 
 struct GenericMicro {
   static constexpr int MR = 4, NR = 16, KC = 256, MC = 64, NCP = 8;
+  static constexpr int KC_BF16 = KC;  // bf16 words are widened to fp32: same chunk
 
   static inline void unpack(uint32_t word, bool bf16, float& lo, float& hi) {
     if (!bf16) {
