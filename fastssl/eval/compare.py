@@ -6,6 +6,10 @@ reports delta = macro AUROC(B) - macro AUROC(A) with a paired patient-cluster bo
 interval and a two-sided p-value (fastssl.eval.stats.paired_bootstrap: every replicate
 draws patients once and weights both runs' studies identically, so what the two runs
 share cancels). Writes the result as JSON with ``--out``.
+
+:func:`seed_sign_flip_test` is the across-seeds companion: an exact sign-flip
+permutation test on per-seed deltas (one delta per training seed), for claims that must
+hold over training randomness as well as over test patients.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import numpy as np
 from fastssl.eval.report import read_scores_csv, write_json
 from fastssl.eval.stats import paired_bootstrap
 
-__all__ = ["compare_runs", "add_arguments", "run"]
+__all__ = ["compare_runs", "seed_sign_flip_test", "add_arguments", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,35 @@ def compare_runs(run_a: str, run_b: str, *, n_boot: int = 2000, seed: int = 0, a
                          alpha=alpha)
     r["per_label_delta"] = dict(zip(a["names"], r["per_label_delta"]))
     return dict(run_a=a["path"], run_b=b["path"], n_studies=int(a["studies"].size), **r)
+
+
+def seed_sign_flip_test(deltas, *, max_seeds: int = 20) -> dict:
+    """Exact two-sided sign-flip permutation test of mean(deltas) = 0.
+
+    Under the null a seed's delta (B - A, both trained with that seed) is as likely
+    positive as negative, so every one of the 2^K sign assignments is equally likely. The
+    p-value is the fraction of assignments whose |mean| reaches the observed |mean|
+    (the observed one included), so the smallest p is 2 / 2^K: 5 seeds cannot go below
+    0.0625, 6 seeds reach 0.031.
+
+    Args:
+        deltas: (K,) per-seed differences, finite, 1 <= K <= max_seeds (2^K assignments).
+    Returns:
+        dict(mean, p_value, n_seeds, n_positive, min_p).
+    """
+    d = np.asarray(deltas, dtype=np.float64).reshape(-1)
+    if not 1 <= d.size <= max_seeds:
+        raise ValueError(f"{d.size} deltas; expected 1..{max_seeds} (one per seed)")
+    if not np.isfinite(d).all():
+        raise ValueError("deltas hold NaN or inf")
+    k = d.size
+    bits = (np.arange(1 << k)[:, None] >> np.arange(k)) & 1      # (2^K, K) every assignment
+    sums = np.abs((1 - 2 * bits) @ d)
+    observed = abs(d.sum())
+    # sums equal to the observed one in exact arithmetic may differ in the last bits
+    hits = np.count_nonzero(sums >= observed - 1e-12 * max(1.0, np.abs(d).sum()))
+    return dict(mean=float(d.mean()), p_value=hits / (1 << k), n_seeds=k, n_positive=int((d > 0).sum()),
+                min_p=2 / (1 << k) if k > 0 else 1.0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
