@@ -121,6 +121,107 @@ def test_finding_shows_in_both_views_in_the_expected_region(finding):
     }[finding]
 
 
+# The per-view visibility the cross-view findings are declared with (README: "The phantom's
+# findings"), transcribed here rather than read from the code under test.
+ONE_VIEW = {"retrocardiac_opacity": "lateral", "posterior_effusion": "lateral", "apical_pneumothorax": "frontal"}
+CROSS_VIEW_LABELS = {
+    "Atelectasis": "lateral", "Cardiomegaly": "both", "Consolidation": "both", "Lung Lesion": "both",
+    "Lung Opacity": "both", "No Finding": "both", "Pleural Effusion": "lateral", "Pneumothorax": "frontal",
+    "Support Devices": "both",
+}
+
+
+@pytest.mark.parametrize("finding", sorted(ONE_VIEW))
+def test_one_view_finding_changes_only_its_declared_view(finding):
+    """The same seed with and without the finding: the other view is identical to the last
+    bit (with detector noise on), the declared one clearly denser (noise off) where the
+    finding lies: retrocardiac and posterior effusion low and posterior on the lateral
+    (posterior = the viewer's right), the apical pneumothorax high on its own side."""
+    n, seed = 96, 21
+    shown = ONE_VIEW[finding]
+    hidden = "frontal" if shown == "lateral" else "lateral"
+    np.testing.assert_array_equal(render_study(seed, n, findings=[finding])[hidden],
+                                  render_study(seed, n, findings=[])[hidden])
+    base = render_study(seed, n, findings=[], noise=False)
+    with_f = render_study(seed, n, findings=[finding], noise=False)
+    np.testing.assert_array_equal(with_f[hidden], base[hidden])
+    diff = np.abs(with_f[shown].astype(np.float64) - base[shown])
+    rows, cols = np.nonzero(diff > 0.05)
+    assert rows.size >= 20, rows.size
+    if shown == "lateral":
+        assert rows.mean() / n > 0.5 and cols.mean() / n > 0.5
+    else:
+        side = with_f["meta"]["finding_info"][finding]["side"]  # 0: patient's right = viewer's left
+        assert rows.mean() / n < 0.45
+        assert (cols.mean() / n < 0.5) == (side == 0)
+    assert with_f["labels"] == {"retrocardiac_opacity": {"Atelectasis": 1.0},
+                                "posterior_effusion": {"Pleural Effusion": 1.0},
+                                "apical_pneumothorax": {"Pneumothorax": 1.0}}[finding]
+
+
+def test_label_visibility_tables():
+    assert phantom.label_visibility("cross-view") == CROSS_VIEW_LABELS
+    standard = {k: "both" for k in CROSS_VIEW_LABELS if k != "Atelectasis"}
+    assert phantom.label_visibility("standard") == standard
+    with pytest.raises(ValueError, match="--findings"):
+        phantom.label_visibility("lateral-only")
+
+
+def test_cross_view_phantom_labels_follow_its_findings(tmp_path):
+    """A cross-view phantom draws the one-view findings (and no two-view effusion or
+    pneumothorax); each study's CheXpert row states exactly its findings' labels."""
+    root = tmp_path / "cv"
+    generate_phantom(root, 40, seed=4, size=32, workers=1, progress=False, findings="cross-view")
+    truth = _csv(root / "phantom_truth.csv")
+    drawn = {f for r in truth for f in r["findings"].split(";") if f}
+    assert drawn & set(ONE_VIEW) and not drawn & {"effusion", "pneumothorax"}
+    labels_of = {"retrocardiac_opacity": {"Atelectasis"}, "posterior_effusion": {"Pleural Effusion"},
+                 "apical_pneumothorax": {"Pneumothorax"}, "nodule": {"Lung Lesion"},
+                 "mass": {"Lung Lesion", "Lung Opacity"}, "cardiomegaly": {"Cardiomegaly"},
+                 "consolidation": {"Consolidation", "Lung Opacity"}, "devices": {"Support Devices"}}
+    for r in truth:
+        expected = set().union(*[labels_of[f] for f in r["findings"].split(";") if f])
+        stated = {c for c in phantom.CHEXPERT_COLUMNS if r[c] in ("1.0", "-1.0")} - {"No Finding"}
+        assert stated == expected, r
+    config = (root / "phantom_config.json").read_text()
+    assert '"findings": "cross-view"' in config
+
+
+def test_fill_empty_splits_by_hand():
+    """An empty split of positive weight takes the last subject of the largest split."""
+    got = phantom._fill_empty_splits(np.array([0, 0, 0, 0, 1]), (0.98, 0.01, 0.01))
+    np.testing.assert_array_equal(got, [0, 0, 0, 2, 1])
+    got = phantom._fill_empty_splits(np.array([0, 0, 0, 0, 0]), (0.98, 0.01, 0.01))
+    np.testing.assert_array_equal(got, [0, 0, 0, 2, 1])
+    got = phantom._fill_empty_splits(np.array([0, 0, 0]), (1.0, 0.0, 0.0))  # weight 0 stays empty
+    np.testing.assert_array_equal(got, [0, 0, 0])
+
+
+@pytest.mark.parametrize("studies", [50, 51, 300])
+@pytest.mark.parametrize("split", [None, "0.98,0.01,0.01"])
+def test_every_split_gets_studies(studies, split):
+    """fastssl phantom --studies N (N >= 50), with the default split and with MIMIC's own
+    proportions: train, validate and test each hold studies, a subject sits in one split,
+    and with the default weights the study counts are near 70/10/20 %."""
+    from fastssl.cli import command_parser
+
+    default = command_parser("phantom")[0].parse_args(["--out", "x"]).split
+    weights = phantom._parse_split(split or default)
+    for seed in range(12):
+        tasks, _ = phantom._plan(studies, seed, 32, 0.45, 0.03, 0.03, 0, weights, dict(phantom.DEFAULT_FINDING_RATES),
+                                 0.05)
+        counts = {k: sum(t["split"] == k for t in tasks) for k in ("train", "validate", "test")}
+        assert min(counts.values()) >= 1, (seed, counts)
+        by_subject = {}
+        for t in tasks:
+            by_subject.setdefault(t["subject_id"], set()).add(t["split"])
+        assert all(len(v) == 1 for v in by_subject.values())
+        if split is None and studies == 300:
+            # whole subjects (1 to 6 studies) move together: wide bounds
+            assert 0.55 < counts["train"] / studies < 0.85 and 0.03 < counts["validate"] / studies < 0.22
+            assert 0.08 < counts["test"] / studies < 0.35, counts
+
+
 def test_forcing_a_finding_changes_nothing_else():
     a = render_study(4, SIZE, findings=["nodule"], noise=False)
     b = render_study(4, SIZE, findings=["nodule", "devices"], noise=False)
@@ -155,7 +256,7 @@ def test_same_seed_same_bytes_whatever_the_workers(made):
 def test_dicom_files_are_valid_and_decode_to_the_render(made):
     root = made[0]
     truth = _csv(root / "phantom_truth.csv")
-    tasks, _ = phantom._plan(KW["studies"], KW["seed"], SIZE, 0.5, 0.1, 0.15, 3, (0.98, 0.01, 0.01),
+    tasks, _ = phantom._plan(KW["studies"], KW["seed"], SIZE, 0.5, 0.1, 0.15, 3, phantom.DEFAULT_SPLIT,
                              dict(phantom.DEFAULT_FINDING_RATES), 0.05)
     by_id = {im["dicom_id"]: (t, im) for t in tasks for im in t["images"]}
     seen = {"photometric": set(), "encoding": set(), "modality": set()}
@@ -283,3 +384,16 @@ def test_cli(tmp_path, capsys):
     assert len(_csv(out / "phantom_truth.csv")) >= 4
     assert main(["phantom", "--out", str(tmp_path / "bad"), "--studies", "0", "--quiet"]) == 2
     assert "--studies" in capsys.readouterr().err  # one line, no traceback
+
+
+def test_readme_visibility_table_is_the_code_s():
+    """The README's per-label table (label | standard | cross-view) is label_visibility()."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("| label | standard | cross-view |", 1)[1].split("\n\n", 1)[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.strip().splitlines()[1:]]
+    standard, cross = phantom.label_visibility("standard"), phantom.label_visibility("cross-view")
+    assert {r[0] for r in rows} == set(standard) | set(cross)
+    for label, std, cv in rows:
+        assert (std, cv) == (standard.get(label, "-"), cross.get(label, "-")), label

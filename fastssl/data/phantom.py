@@ -45,13 +45,18 @@ import numpy as np
 
 from fastssl.data import phantom_layouts
 from fastssl.data.phantom_anatomy import (
+    ALL_FINDINGS,
     DEFAULT_FINDING_RATES,
+    FINDING_SET_RATES,
     FINDINGS,
+    FINDING_SETS,
+    label_visibility,
     render_study,
     study_findings,
 )
 
-__all__ = ["generate_phantom", "render_study", "PhantomSummary", "CHEXPERT_COLUMNS", "add_arguments", "run"]
+__all__ = ["generate_phantom", "render_study", "PhantomSummary", "CHEXPERT_COLUMNS", "DEFAULT_SPLIT",
+           "label_visibility", "add_arguments", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +79,9 @@ JPEG2000 = "1.2.840.10008.1.2.4.90"  # JPEG 2000 Image Compression (Lossless Onl
 # Fixed so that files are byte-identical across runs (2.25 = UUID-derived root).
 IMPLEMENTATION_UID = "2.25.176585463121092755302290137931473461870"
 FORMAT_VERSION = 2  # bump when the same seed would produce different files (2: ViewCodeSequence kept)
+# train/validate/test weights per subject: the demo's and the phantom study's; MIMIC's own
+# (~0.98/0.01/0.01) leaves a few hundred studies with no validation or test study
+DEFAULT_SPLIT = (0.7, 0.1, 0.2)
 
 _VIEW_MEANING = {"PA": "postero-anterior", "AP": "antero-posterior", "LATERAL": "lateral", "LL": "left lateral"}
 _PROCEDURE = {"both": "CHEST (PA AND LAT)", "frontal_PA": "CHEST (PA AND LAT)",
@@ -126,6 +134,22 @@ def _parse_split(split) -> tuple[float, float, float]:
     return tuple(x / total for x in split)  # type: ignore[return-value]
 
 
+def _fill_empty_splits(splits: np.ndarray, weights: Sequence[float]) -> np.ndarray:
+    """Give every split of positive weight at least one subject (as long as there are
+    enough subjects): each empty one takes the last subject of the then largest split.
+
+    splits: (n_subjects,) int in {0, 1, 2}, the random draw; returned changed only where a
+    split was empty, so a draw that fills every split (any sizable phantom) is kept as is.
+    No random draw is taken, so everything planned after it stays the same.
+    """
+    splits = splits.copy()
+    for k in np.flatnonzero(np.asarray(weights) > 0):
+        counts = np.bincount(splits, minlength=3)
+        if counts[k] == 0 and counts.max() > 1:
+            splits[np.flatnonzero(splits == int(np.argmax(counts)))[-1]] = k
+    return splits
+
+
 def _seed_int(*key: int) -> int:
     return int(np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
@@ -158,7 +182,7 @@ def _plan(studies: int, seed: int, size: int, both: float, lateral_only: float, 
     per_subject[-1] -= sum(per_subject) - studies
     subject_ids = _distinct(rng, len(per_subject), 10_000_000, 20_000_000)
     study_ids = _distinct(rng, studies, 50_000_000, 60_000_000)
-    splits = rng.choice(3, size=len(per_subject), p=split)
+    splits = _fill_empty_splits(rng.choice(3, size=len(per_subject), p=split), split)
     base_days = rng.integers(0, 365 * 90, size=len(per_subject))
     tasks: list[dict] = []
     used_ids: set[str] = set()
@@ -456,47 +480,9 @@ def _tables(tasks: list[dict], size: int, layout: str = "mimic-dicom") -> dict[s
 
 
 # --------------------------------------------------------------------------- API
-def generate_phantom(
-    out_dir: str | os.PathLike,
-    studies: int = 100,
-    *,
-    seed: int = 0,
-    size: int = 256,
-    workers: int | None = None,
-    both_views_fraction: float = 0.45,
-    lateral_only_fraction: float = 0.03,
-    no_view_position_fraction: float = 0.03,
-    corrupt: int = 0,
-    split: Sequence[float] | str = (0.98, 0.01, 0.01),
-    uncertain_fraction: float = 0.05,
-    finding_rates: Mapping[str, float] | None = None,
-    progress: bool = True,
-    layout: str = "mimic-dicom",
-) -> PhantomSummary:
-    """Write (or complete) a synthetic MIMIC-CXR-like dataset in ``out_dir``.
-
-    Args:
-        studies: number of studies (>= 1); subjects get 1 to 6 studies each.
-        seed: everything (ids, UIDs, pixels) follows from it; same seed, same bytes.
-        size: pixels per side (>= 32; real MIMIC images are ~2500-3000).
-        workers: processes (None: all CPUs); the output does not depend on it.
-        both_views_fraction / lateral_only_fraction: study layouts; the rest is
-            frontal only.
-        no_view_position_fraction: images written without the ViewPosition tag.
-        corrupt: extra broken files (truncated, no pixel data, JPEG 2000 garbage),
-            attached to random studies and marked in phantom_truth.csv.
-        split: train/validate/test weights per subject (a subject is in one split).
-        uncertain_fraction: chance that a present finding is labelled -1.0.
-        finding_rates: per-finding prevalence overriding DEFAULT_FINDING_RATES.
-        progress: a tqdm bar (only on a terminal).
-        layout: "mimic-dicom" | "mimic-jpg" | "chexpert" | "padchest": the same studies
-            in that dataset's files and CSVs (:mod:`fastssl.data.phantom_layouts`).
-
-    Raises:
-        ValueError: a bad argument (the message names the flag), or ``out_dir`` holds a
-            phantom made with other settings.
-    """
-    t_start = time.perf_counter()
+def _settings(studies, seed, size, workers, both_views_fraction, lateral_only_fraction, no_view_position_fraction,
+              corrupt, split, uncertain_fraction, finding_rates, layout, findings) -> dict:
+    """The checked settings of :func:`generate_phantom` (ValueError naming the flag)."""
     studies, size, corrupt, seed = int(studies), int(size), int(corrupt), int(seed)
     if studies < 1:
         raise ValueError(f"--studies {studies}; need at least 1")
@@ -508,29 +494,38 @@ def generate_phantom(
         raise ValueError(f"--seed {seed}; must be >= 0")
     if layout not in phantom_layouts.LAYOUTS:
         raise ValueError(f"--layout {layout!r}; expected one of {phantom_layouts.LAYOUTS}")
+    if findings not in FINDING_SETS:
+        raise ValueError(f"--findings {findings!r}; expected one of {FINDING_SETS}")
     both = _check_fraction("--both-views-fraction", both_views_fraction)
     lat = _check_fraction("--lateral-only-fraction", lateral_only_fraction)
     if both + lat > 1.0:
         raise ValueError(f"--both-views-fraction + --lateral-only-fraction = {both + lat:g} > 1")
-    no_vp = _check_fraction("--no-view-position-fraction", no_view_position_fraction)
-    unc = _check_fraction("--uncertain-fraction", uncertain_fraction)
-    split_t = _parse_split(split)
-    rates = dict(DEFAULT_FINDING_RATES)
+    # the standard set records its 7 two-view findings only: its phantom_config.json (and
+    # so the resume check of existing phantoms) is what it was before the one-view findings
+    base = FINDING_SET_RATES[findings]
+    rates = {f: base[f] for f in (FINDINGS if findings == "standard" else ALL_FINDINGS)}
     for k, v in (finding_rates or {}).items():
-        if k not in FINDINGS:
-            raise ValueError(f"finding_rates key {k!r} unknown; expected names from {FINDINGS}")
+        if k not in ALL_FINDINGS:
+            raise ValueError(f"finding_rates key {k!r} unknown; expected names from {ALL_FINDINGS}")
         rates[k] = _check_fraction(f"finding_rates[{k!r}]", v)
-    if workers is None:
-        workers = os.cpu_count() or 1
-    workers = int(workers)
+    workers = int(os.cpu_count() or 1) if workers is None else int(workers)
     if workers < 1:
         raise ValueError(f"--workers {workers}; need at least 1")
-
-    out = os.fspath(out_dir)
-    os.makedirs(out, exist_ok=True)
     config = dict(format=FORMAT_VERSION, studies=studies, seed=seed, size=size, both_views_fraction=both,
-                  lateral_only_fraction=lat, no_view_position_fraction=no_vp, corrupt=corrupt,
-                  split=list(split_t), uncertain_fraction=unc, finding_rates=rates, layout=layout)
+                  lateral_only_fraction=lat,
+                  no_view_position_fraction=_check_fraction("--no-view-position-fraction", no_view_position_fraction),
+                  corrupt=corrupt, split=list(_parse_split(split)),
+                  uncertain_fraction=_check_fraction("--uncertain-fraction", uncertain_fraction),
+                  finding_rates=rates, layout=layout)
+    if findings != "standard":
+        config["findings"] = findings
+    return dict(config=config, workers=workers)
+
+
+def _claim_directory(out: str, config: dict) -> int:
+    """Write ``phantom_config.json`` (1) or find the same one there (0); another one is a
+    ValueError: a phantom is completed only with the settings that began it."""
+    os.makedirs(out, exist_ok=True)
     config_bytes = (json.dumps(config, indent=1, sort_keys=True) + "\n").encode()
     config_path = os.path.join(out, "phantom_config.json")
     if os.path.exists(config_path):
@@ -540,14 +535,13 @@ def generate_phantom(
                     f"--out {out} holds a phantom made with other settings ({config_path}); "
                     "use another directory or the same flags"
                 )
-        written = 0
-    else:
-        _write_atomic(config_path, config_bytes)
-        written = 1
+        return 0
+    _write_atomic(config_path, config_bytes)
+    return 1
 
-    tasks, rows = _plan(studies, seed, size, both, lat, no_vp, corrupt, split_t, rates, unc, layout)
-    run_tag = str(seed)
-    jobs = [(t, out, size, run_tag, rates, unc, layout) for t in tasks]
+
+def _render_all(jobs: list[tuple], workers: int, progress: bool) -> int:
+    """Run :func:`_work` over the studies (a process pool for workers > 1); files written."""
     bar = None
     if progress and sys.stderr.isatty():
         from tqdm import tqdm
@@ -561,6 +555,7 @@ def generate_phantom(
 
         pool = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn").Pool(workers)
         results = pool.imap_unordered(_work, jobs, chunksize=max(1, min(16, len(jobs) // (8 * workers))))
+    written = 0
     try:
         for n in results:
             written += n
@@ -572,20 +567,83 @@ def generate_phantom(
             pool.join()
         if bar is not None:
             bar.close()
-    for name, data in _tables(tasks, size, layout).items():
-        os.makedirs(os.path.dirname(os.path.join(out, name)), exist_ok=True)
-        written += _write_if_changed(os.path.join(out, name), data)
+    return written
 
+
+def _summary(out: str, tasks: list[dict], rows: list[dict], written: int, seconds: float) -> PhantomSummary:
     layouts = [{im["view"] for im in t["images"] if not im["corrupt"]} for t in tasks]
     good = [im for t in tasks for im in t["images"] if not im["corrupt"]]
-    summary = PhantomSummary(
-        out_dir=out, studies=studies, subjects=len({t["subject_id"] for t in tasks}), images=len(good),
+    return PhantomSummary(
+        out_dir=out, studies=len(tasks), subjects=len({t["subject_id"] for t in tasks}), images=len(good),
         both_views=sum(v == {"frontal", "lateral"} for v in layouts),
         frontal_only=sum(v == {"frontal"} for v in layouts),
         lateral_only=sum(v == {"lateral"} for v in layouts),
         no_view_position=sum(im["view_position"] is None for im in good),
-        corrupt=len(rows) - len(good), written=written, seconds=time.perf_counter() - t_start,
+        corrupt=len(rows) - len(good), written=written, seconds=seconds,
     )
+
+
+def generate_phantom(
+    out_dir: str | os.PathLike,
+    studies: int = 100,
+    *,
+    seed: int = 0,
+    size: int = 256,
+    workers: int | None = None,
+    both_views_fraction: float = 0.45,
+    lateral_only_fraction: float = 0.03,
+    no_view_position_fraction: float = 0.03,
+    corrupt: int = 0,
+    split: Sequence[float] | str = DEFAULT_SPLIT,
+    uncertain_fraction: float = 0.05,
+    finding_rates: Mapping[str, float] | None = None,
+    progress: bool = True,
+    layout: str = "mimic-dicom",
+    findings: str = "standard",
+) -> PhantomSummary:
+    """Write (or complete) a synthetic MIMIC-CXR-like dataset in ``out_dir``.
+
+    Args:
+        studies: number of studies (>= 1); subjects get 1 to 6 studies each.
+        seed: everything (ids, UIDs, pixels) follows from it; same seed, same bytes.
+        size: pixels per side (>= 32; real MIMIC images are ~2500-3000).
+        workers: processes (None: all CPUs); the output does not depend on it.
+        both_views_fraction / lateral_only_fraction: study layouts; the rest is
+            frontal only.
+        no_view_position_fraction: images written without the ViewPosition tag.
+        corrupt: extra broken files (truncated, no pixel data, JPEG 2000 garbage),
+            attached to random studies and marked in phantom_truth.csv.
+        split: train/validate/test weights per subject (a subject is in one split); a
+            split of positive weight that the draw leaves empty gets one subject.
+        uncertain_fraction: chance that a present finding is labelled -1.0.
+        finding_rates: per-finding prevalence overriding the finding set's.
+        progress: a tqdm bar (only on a terminal).
+        layout: "mimic-dicom" | "mimic-jpg" | "chexpert" | "padchest": the same studies
+            in that dataset's files and CSVs (:mod:`fastssl.data.phantom_layouts`).
+        findings: "standard" (every finding drawn into both views) | "cross-view" (some
+            findings only in the view where a reader sees them; per label:
+            :func:`label_visibility`).
+
+    Raises:
+        ValueError: a bad argument (the message names the flag), or ``out_dir`` holds a
+            phantom made with other settings.
+    """
+    t_start = time.perf_counter()
+    checked = _settings(studies, seed, size, workers, both_views_fraction, lateral_only_fraction,
+                        no_view_position_fraction, corrupt, split, uncertain_fraction, finding_rates, layout,
+                        findings)
+    c = checked["config"]
+    out = os.fspath(out_dir)
+    written = _claim_directory(out, c)
+    tasks, rows = _plan(c["studies"], c["seed"], c["size"], c["both_views_fraction"], c["lateral_only_fraction"],
+                        c["no_view_position_fraction"], c["corrupt"], tuple(c["split"]), c["finding_rates"],
+                        c["uncertain_fraction"], layout)
+    jobs = [(t, out, c["size"], str(c["seed"]), c["finding_rates"], c["uncertain_fraction"], layout) for t in tasks]
+    written += _render_all(jobs, checked["workers"], progress)
+    for name, data in _tables(tasks, c["size"], layout).items():
+        os.makedirs(os.path.dirname(os.path.join(out, name)), exist_ok=True)
+        written += _write_if_changed(os.path.join(out, name), data)
+    summary = _summary(out, tasks, rows, written, time.perf_counter() - t_start)
     log.info("%s", summary)
     return summary
 
@@ -602,11 +660,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-view-position-fraction", type=float, default=0.03,
                         help="images written without the ViewPosition tag")
     parser.add_argument("--corrupt", type=int, default=0, help="extra broken files (listed in phantom_truth.csv)")
-    parser.add_argument("--split", default="0.98,0.01,0.01", help="train,validate,test weights per subject")
+    parser.add_argument("--split", default=",".join(f"{w:g}" for w in DEFAULT_SPLIT),
+                        help="train,validate,test weights per subject; a split of positive weight left empty by "
+                             "the draw gets one subject")
     parser.add_argument("--uncertain-fraction", type=float, default=0.05,
                         help="chance a present finding is labelled -1.0 (uncertain)")
     parser.add_argument("--layout", choices=phantom_layouts.LAYOUTS, default="mimic-dicom",
                         help="write the studies in this dataset's files and CSVs (prepare reads each)")
+    parser.add_argument("--findings", choices=FINDING_SETS, default="standard",
+                        help="standard: every finding shows in both views; cross-view: Atelectasis (retrocardiac) "
+                             "and Pleural Effusion (posterior recess) only on the lateral, Pneumothorax (apical) "
+                             "only on the frontal, the other labels in both (README: the phantom's findings)")
 
 
 def run(args) -> int:
@@ -615,6 +679,7 @@ def run(args) -> int:
         both_views_fraction=args.both_views_fraction, lateral_only_fraction=args.lateral_only_fraction,
         no_view_position_fraction=args.no_view_position_fraction, corrupt=args.corrupt, split=args.split,
         uncertain_fraction=args.uncertain_fraction, progress=not args.quiet, layout=args.layout,
+        findings=args.findings,
     )
     print(summary)
     return 0

@@ -54,7 +54,62 @@ FINDING_LABELS: dict[str, tuple[str, ...]] = {
     "consolidation": ("Consolidation", "Lung Opacity"),
     "pneumothorax": ("Pneumothorax",),
     "devices": ("Support Devices",),
+    # the one-view findings (CROSS_VIEW_FINDINGS below)
+    "retrocardiac_opacity": ("Atelectasis",),
+    "posterior_effusion": ("Pleural Effusion",),
+    "apical_pneumothorax": ("Pneumothorax",),
 }
+# Findings a reader sees in one view only (``fastssl phantom --findings cross-view``). The
+# projection is analytic, so anything placed in 3-D shows in both projections; these are
+# drawn only into the view where a radiologist sees them, standing for the obscuration
+# that hides them in the other one:
+#   retrocardiac_opacity: left-lower-lobe collapse behind the heart; on the frontal it
+#     hides in the cardiac shadow, on the lateral it whitens the lower spine ("spine sign").
+#   posterior_effusion: a small effusion in the posterior costophrenic recess, the
+#     lowest point of the erect pleura; it blunts that recess on the lateral long before
+#     (~200 mL) it reaches the lateral angle on the frontal.
+#   apical_pneumothorax: a small apical pneumothorax; on the frontal the pleural line
+#     shows over the apex, on the lateral the two apices overlap the shoulders and arms.
+# Their draws come after the standard findings' (see draw_findings), so the standard
+# phantom is the same, byte for byte, whether or not they exist.
+CROSS_VIEW_FINDINGS = ("retrocardiac_opacity", "posterior_effusion", "apical_pneumothorax")
+ALL_FINDINGS = FINDINGS + CROSS_VIEW_FINDINGS
+BOTH_VIEWS = ("frontal", "lateral")
+# finding -> the views it is drawn into
+FINDING_VIEWS: dict[str, tuple[str, ...]] = {
+    **{f: BOTH_VIEWS for f in FINDINGS},
+    "retrocardiac_opacity": ("lateral",),
+    "posterior_effusion": ("lateral",),
+    "apical_pneumothorax": ("frontal",),
+}
+FINDING_SETS = ("standard", "cross-view")
+# The prevalences of each finding set. cross-view replaces the two-view effusion and
+# pneumothorax by their one-view forms, so that every label has one visibility.
+FINDING_SET_RATES: dict[str, dict[str, float]] = {
+    "standard": {**DEFAULT_FINDING_RATES, **{f: 0.0 for f in CROSS_VIEW_FINDINGS}},
+    "cross-view": {**DEFAULT_FINDING_RATES, "effusion": 0.0, "pneumothorax": 0.0,
+                   "retrocardiac_opacity": 0.15, "posterior_effusion": 0.20, "apical_pneumothorax": 0.10},
+}
+
+
+def label_visibility(finding_set: str = "standard") -> dict[str, str]:
+    """CheXpert label -> "frontal" | "lateral" | "both": the views in which the findings
+    that make the label positive are drawn, over the findings ``finding_set`` draws.
+
+    "No Finding" is "both" (it is the absence of every other label); labels that no
+    finding of the set makes positive are left out.
+    """
+    if finding_set not in FINDING_SETS:
+        raise ValueError(f"--findings {finding_set!r}; expected one of {FINDING_SETS}")
+    views: dict[str, set[str]] = {}
+    for finding, rate in FINDING_SET_RATES[finding_set].items():
+        if rate > 0:
+            for label in FINDING_LABELS[finding]:
+                views.setdefault(label, set()).update(FINDING_VIEWS[finding])
+    out = {label: "both" if v == set(BOTH_VIEWS) else next(iter(v)) for label, v in sorted(views.items())}
+    return dict(out, **{"No Finding": "both"})
+
+
 FRONTAL_POSITIONS = ("PA", "AP")
 LATERAL_POSITIONS = ("LATERAL", "LL")
 
@@ -381,7 +436,7 @@ def draw_findings(rng: np.random.Generator, rates: Mapping[str, float] | None = 
     on or off (tests) leaves every other parameter unchanged.
     Returns (present, labels {name: 1.0 | -1.0}, params).
     """
-    rates = {**DEFAULT_FINDING_RATES, **(rates or {})}
+    rates = {**FINDING_SET_RATES["standard"], **(rates or {})}
     u = rng.random(len(FINDINGS))
     present = {f for f, x in zip(FINDINGS, u) if x < rates[f]}
     unc = rng.random(len(FINDINGS))
@@ -397,8 +452,16 @@ def draw_findings(rng: np.random.Generator, rates: Mapping[str, float] | None = 
         devices=dict(kinds=rng.random(5), cvc_side=int(rng.integers(2)), cvc_jugular=bool(rng.random() < 0.5),
                      pacer_side=int(rng.random() < 0.2), ecg=rng.random((5, 2))),
     )
+    # The one-view findings draw last (a fixed count), leaving every draw above unchanged.
+    u_cross, unc_cross = rng.random(len(CROSS_VIEW_FINDINGS)), rng.random(len(CROSS_VIEW_FINDINGS))
+    present |= {f for f, x in zip(CROSS_VIEW_FINDINGS, u_cross) if x < rates.get(f, 0.0)}
+    params.update(
+        retrocardiac_opacity=dict(offset=rng.random(3), semi=rng.uniform(2.2, 3.2, 3), density=rng.uniform(0.5, 0.7)),
+        posterior_effusion=dict(sides=int(rng.choice(3, p=[0.45, 0.35, 0.2])), level=rng.random(2)),
+        apical_pneumothorax=dict(side=int(rng.integers(2)), collapse=rng.uniform(0.86, 0.92)),
+    )
     labels: dict[str, float] = {}
-    for f, x in zip(FINDINGS, unc):
+    for f, x in zip(FINDINGS + CROSS_VIEW_FINDINGS, np.r_[unc, unc_cross]):
         if f in present:
             for lab in FINDING_LABELS[f]:
                 # "-1.0" = mentioned with uncertainty in the report; the finding is drawn anyway
@@ -638,6 +701,43 @@ class Thorax:
             self.finding_info["cardiomegaly"] = dict(center=self.heart[0].tolist())
         if "devices" in present:
             self._devices(fp["devices"])
+        self._one_view_findings(present, fp)
+
+    def _one_view_findings(self, present: set[str], fp: dict) -> None:
+        """The CROSS_VIEW_FINDINGS: their geometry in ``finding_info`` always, their
+        densities only in the view(s) of FINDING_VIEWS."""
+        sx, sy, sz = self.sx, self.sy, self.sz
+        shown = lambda name: self.kind in FINDING_VIEWS[name]  # noqa: E731
+        if "retrocardiac_opacity" in present:  # left lower lobe, behind the heart, beside the spine
+            k = fp["retrocardiac_opacity"]
+            c = np.array([(3.0 + 1.5 * k["offset"][0]) * sx, (-4.0 - 1.5 * k["offset"][1]) * sy,
+                          (-10.0 + 2.5 * k["offset"][2]) * sz])
+            shape = _one(Prims().ellipsoids(c, k["semi"] * [sx, sy, sz], 0.0))
+            if shown("retrocardiac_opacity"):
+                self.extra.append((k["density"], [self.lungs[1], shape], self.carves))
+            self.finding_info["retrocardiac_opacity"] = dict(center=c.tolist())
+        if "posterior_effusion" in present:  # fluid filling the lowest, posterior part of the lung
+            k = fp["posterior_effusion"]
+            sides = {0: [0], 1: [1], 2: [0, 1]}[k["sides"]]
+            for side in sides:
+                s = (-1, 1)[side]
+                top = (-14.5 + 3.0 * k["level"][side]) * sz
+                semi = np.array([9.0 * sx, 5.5 * sy, 6.0 * sz])
+                fluid = _one(Prims().ellipsoids([s * 9.0 * sx, -9.0 * sy, top - semi[2]], semi, 0.0))
+                if shown("posterior_effusion"):
+                    self.extra.append((-LUNG, [self.lungs[side], fluid], self.carves))
+            self.finding_info["posterior_effusion"] = dict(sides=sides)
+        if "apical_pneumothorax" in present:  # the lung drops away from the apex
+            k = fp["apical_pneumothorax"]
+            side, col = k["side"], k["collapse"]
+            lc, la, ln_, lh, _, lext = self.lungs[side]
+            anchor = lc - [0.0, 0.0, 0.8 * lext[2]]
+            inner = (anchor + col * (lc - anchor), la / col**2, ln_, lh, 0.0, lext * col)
+            if shown("apical_pneumothorax"):
+                # the pleural gap is air: the lung parenchyma outside the shrunken lung goes
+                self.extra.append((LUNG * 0.5, [self.lungs[side]], self.carves))
+                self.extra.append((-LUNG * 0.5, [self.lungs[side], inner], self.carves))
+            self.finding_info["apical_pneumothorax"] = dict(side=side, collapse=col)
 
     def _devices(self, k: dict) -> None:
         sx, sy, sz = self.sx, self.sy, self.sz
@@ -795,7 +895,7 @@ def render_study(
         views: any of "frontal", "lateral".
         frontal_position: "PA" (erect, long source distance) or "AP" (portable: short
             source distance, the heart magnified).
-        findings: force exactly these findings (names in FINDINGS); None draws them with
+        findings: force exactly these findings (names in ALL_FINDINGS); None draws them with
             ``finding_rates``. Forcing changes nothing else about the study.
         uncertain_fraction: chance that a present finding is labelled -1.0.
         noise: quantum noise on the detector (off gives a noiseless image, for tests).
@@ -819,9 +919,9 @@ def render_study(
     present, labels, fparams = draw_findings(np.random.default_rng(s_find), finding_rates, uncertain_fraction)
     if findings is not None:
         findings = set(findings)
-        unknown = findings - set(FINDINGS)
+        unknown = findings - set(ALL_FINDINGS)
         if unknown:
-            raise ValueError(f"findings={sorted(unknown)} unknown; expected names from {FINDINGS}")
+            raise ValueError(f"findings={sorted(unknown)} unknown; expected names from {ALL_FINDINGS}")
         present = findings
         labels = {lab: 1.0 for f in present for lab in FINDING_LABELS[f]}
         if not set(labels) - {"Support Devices"}:

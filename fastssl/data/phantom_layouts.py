@@ -47,7 +47,9 @@ TRUTH_COLUMNS = ("dicom_id", "study_id", "subject_id", "view", "view_position", 
 # The phantom's findings as PadChest names them, and findings with no CheXpert label.
 PADCHEST_NAMES = {"nodule": "nodule", "mass": "mass", "effusion": "pleural effusion",
                   "cardiomegaly": "cardiomegaly", "consolidation": "consolidation",
-                  "pneumothorax": "pneumothorax", "devices": "pacemaker"}
+                  "pneumothorax": "pneumothorax", "devices": "pacemaker",
+                  "retrocardiac_opacity": "atelectasis", "posterior_effusion": "pleural effusion",
+                  "apical_pneumothorax": "pneumothorax"}
 PADCHEST_UNMAPPED = ("scoliosis", "aortic elongation")
 _CHEXPERT_HEADER = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *LABELS)
 _PADCHEST_HEADER = ("ImageID", "ImageDir", "StudyDate_DICOM", "StudyID", "PatientID", "PatientSex_DICOM",
@@ -145,7 +147,7 @@ def _padchest_blank(t: dict) -> bool:
 
 def _padchest_findings(t: dict) -> tuple[list[str], list[str]]:
     """(the Labels list as written, the unmapped findings in it)."""
-    names = [PADCHEST_NAMES[f] for f in t["findings"]]
+    names = list(dict.fromkeys(PADCHEST_NAMES[f] for f in t["findings"]))  # two findings may share a name
     other = [PADCHEST_UNMAPPED[j] for j in range(2) if t["index"] % (5 + 2 * j) == 0]
     return (names + other) or ["normal"], other
 
