@@ -13,9 +13,10 @@ def brute_auroc(s, y):
     return wins / (pos.size * neg.size)
 
 
-def independent_study_scores(cache: str, img_size: int, image_logits) -> dict:
+def independent_study_scores(cache: str, img_size: int, image_logits, normalisation=None) -> dict:
     """study id -> (C,) mean over the study's test images of ``image_logits(x (1, 1, H, W),
-    view int) -> (C,)``, computed image by image (the oracle of study-level averaging)."""
+    view int) -> (C,)``, computed image by image (the oracle of study-level averaging).
+    normalisation: (mean, std) of the [0, 1] pixels; None: the cache manifest's."""
     import torch
 
     from fastssl.data.augment import CenterResize
@@ -23,7 +24,8 @@ def independent_study_scores(cache: str, img_size: int, image_logits) -> dict:
     from fastssl.data.datasets import SingleViewDataset
 
     manifest = read_manifest(cache)
-    resize = CenterResize(out_size=img_size, mean=manifest["pixel_mean"], std=manifest["pixel_std"])
+    mean, std = normalisation or (manifest["pixel_mean"], manifest["pixel_std"])
+    resize = CenterResize(out_size=img_size, mean=mean, std=std)
     ds = SingleViewDataset(cache, split="test")
     per_study: dict[str, list] = {}
     for i in range(len(ds)):

@@ -146,3 +146,24 @@ def test_finetune_dataset_filter_on_a_pooled_cache(tmp_path, caplog):
         caplog.clear()
         assert _finetune(cache, tmp_path / "bad", "--dataset", "vindr") == 2
     assert "['vindr'] not in this cache (has ['chexpert', 'mimic-cxr'])" in caplog.text
+
+
+def test_finetune_label_fraction_recorded_and_fingerprinted(cache, tmp_path, caplog):
+    """--label-fraction trains on the whole patients test_eval_probe's hand count keeps,
+    is recorded in finetune.json and is part of the resume fingerprint (another fraction
+    in the same --out is refused). Planted: the fraction left out of the fingerprint."""
+    from fastssl.data.cache import read_index
+    from test_eval_probe import _kept_by_hand
+
+    out = tmp_path / "ft"
+    assert _finetune(cache, out, "--epochs", "2", "--label-fraction", "0.5", "--label-seed", "2", "--no-plots") == 0
+    r = json.loads((out / "finetune.json").read_text())
+    want, _, _ = _kept_by_hand(read_index(cache), 0.5, 2)
+    assert r["config"]["label_fraction"] == 0.5 and r["config"]["label_seed"] == 2
+    assert r["n_train_studies"] == len(want) == r["label_fraction"]["n_kept_studies"]
+    caplog.clear()
+    assert _finetune(cache, out, "--epochs", "2", "--label-fraction", "0.25", "--label-seed", "2") == 2
+    assert "label_fraction: 0.5 -> 0.25" in caplog.text
+    caplog.clear()
+    assert _finetune(cache, tmp_path / "tiny", "--label-fraction", "0.01", "--batch-size", "8") == 2
+    assert "fewer than one batch of batch_size=8" in caplog.text

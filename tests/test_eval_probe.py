@@ -93,10 +93,13 @@ def test_study_logits_average_views():
     np.testing.assert_array_equal(lab, [[1, 0], [1, 0]])
 
 
+TRAIN_MEAN, TRAIN_STD = 0.3125, 0.1875  # the pretraining's --pixel-mean/--pixel-std (not the cache's)
+
+
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    """A tiny phantom cache and a 2-epoch paired pretraining run on it (shared by the
-    evaluation tests of this module)."""
+    """A tiny phantom cache and a 2-epoch paired pretraining run on it with a non-default
+    pixel normalisation (shared by the evaluation tests of this module)."""
     from fastssl.cli import main as cli
 
     root = tmp_path_factory.mktemp("probe")
@@ -105,7 +108,8 @@ def pretrained(tmp_path_factory):
     with one_thread():
         assert cli(["pretrain", "--cache", cache, "--out", run, "--preset", "test", "--epochs", "2",
                     "--batch-size", "4", "--workers", "0", "--mask-ratio", "0.75", "--warmup-epochs", "1",
-                    "--log-every", "2", "--quiet"]) == 0
+                    "--log-every", "2", "--pixel-mean", str(TRAIN_MEAN), "--pixel-std", str(TRAIN_STD),
+                    "--quiet"]) == 0
     return cache, run
 
 
@@ -139,7 +143,7 @@ def test_end_to_end_phantom_pretrain_probe(pretrained, tmp_path, capsys):
         feat = encoder(x, view).double().numpy()[0]
         return (feat - head["mean"]) / head["std"] @ head["weight"].astype(np.float64) + head["bias"]
 
-    want = independent_study_scores(cache, encoder.cfg.img_size, image_logits)
+    want = independent_study_scores(cache, encoder.cfg.img_size, image_logits, (TRAIN_MEAN, TRAIN_STD))
     assert sorted(want) == list(table["studies"])
     np.testing.assert_allclose(table["scores"], [want[s] for s in table["studies"]], rtol=1e-4, atol=1e-4)
     # the reported AUROC is the pairwise count over those study scores
@@ -207,3 +211,110 @@ def test_probe_dataset_filter_on_a_pooled_cache(tmp_path, caplog):
     caplog.clear()
     assert probe("bad", "--dataset", "mimic-cxr,vindr") == 2
     assert "['vindr'] not in this cache (has ['chexpert', 'mimic-cxr'])" in caplog.text
+
+
+def _kept_by_hand(index, fraction, seed):
+    """The --label-fraction draw, counted independently: train studies per patient, the
+    patients in the seeded order, added one by one until ceil(fraction * S) studies."""
+    import math
+
+    train = index.split == "train"
+    studies_of: dict[str, set] = {}
+    for study, subject in zip(index.study_id[train], index.subject_id[train]):
+        studies_of.setdefault(str(subject), set()).add(str(study))
+    patients = sorted(studies_of)
+    target = math.ceil(fraction * sum(len(v) for v in studies_of.values()))
+    kept: set = set()
+    for p in np.random.default_rng(seed).permutation(len(patients)):
+        kept |= studies_of[patients[p]]
+        if len(kept) >= target:
+            break
+    return kept, target, max(len(v) for v in studies_of.values())
+
+
+def test_label_fraction_keeps_whole_patients(tmp_path, capsys):
+    """--label-fraction keeps whole patients' train studies up to ceil(F * S) (counted by hand
+    from index.csv); validation and test untouched; recorded; F outside (0, 1] is refused.
+    Planted: the seed ignored (rng seeded 0), and one patient too few kept; both fail here."""
+    from fastssl.cli import main as cli
+    from fastssl.data.cache import read_index
+    from fastssl.data.datasets import SingleViewDataset
+    from fastssl.eval.probe import keep_label_fraction
+
+    cache = phantom_cache(str(tmp_path), studies=60)
+    index = read_index(cache)
+    for fraction, seed in ((0.25, 3), (0.1, 0), (0.5, 7)):
+        ds = SingleViewDataset(cache, split="train")
+        info = keep_label_fraction(ds, fraction, seed)
+        want, target, biggest = _kept_by_hand(index, fraction, seed)
+        assert set(map(str, ds.study_ids)) == want and info["n_kept_studies"] == len(want)
+        assert target <= len(want) < target + biggest
+        rows = np.flatnonzero((index.split == "train") & np.isin(index.study_id, sorted(want)))
+        np.testing.assert_array_equal(np.sort(ds.rows), rows)  # every image of a kept study
+        assert [str(ds.study_ids[k]) for k in ds.study_index] == list(index.study_id[ds.rows])
+    full = SingleViewDataset(cache, split="train")
+    assert keep_label_fraction(full, 1.0, 5)["n_kept_studies"] == len(full.study_ids)
+    for bad in (0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=r"label_fraction=.*expected a number in \(0, 1\]"):
+            keep_label_fraction(full, bad, 0)
+
+    out = tmp_path / "probe"
+    common = ["probe", "--cache", cache, "--checkpoint", "random:test", "--out", str(out), "--workers", "0",
+              "--n-boot", "10", "--no-plots", "--quiet", "--l2-grid", ""]
+    with one_thread():
+        assert cli(common + ["--label-fraction", "0.25", "--label-seed", "3"]) == 0
+    r = json.loads((out / "probe.json").read_text())
+    want, _, _ = _kept_by_hand(index, 0.25, 3)
+    assert r["config"]["label_fraction"] == 0.25 and r["config"]["label_seed"] == 3
+    assert r["n_train_studies"] == len(want) == r["label_fraction"]["n_kept_studies"]
+    assert r["n_train_images"] == int(((index.split == "train") & np.isin(index.study_id, sorted(want))).sum())
+    assert r["n_test_images"] == int((index.split == "test").sum())  # test untouched
+    capsys.readouterr()
+    assert cli(common + ["--label-fraction", "0"]) == 2
+    assert "--label-fraction: got 0.0; allowed: a number in (0, 1]" in capsys.readouterr().err
+
+
+def _train_features_by_hand(cache, encoder, mean, std):
+    """(N, D) float64 CLS features of the train images, one image at a time, normalised
+    with (mean, std): the oracle of the normalisation the probe applies."""
+    import torch
+
+    from fastssl.data.augment import CenterResize
+    from fastssl.data.datasets import SingleViewDataset
+
+    resize = CenterResize(out_size=encoder.cfg.img_size, mean=mean, std=std)
+    ds = SingleViewDataset(cache, split="train")
+    with torch.no_grad():
+        return np.stack([encoder(resize(ds[i][0][None]), int(ds[i][3])).double().numpy()[0] for i in range(len(ds))])
+
+
+@pytest.mark.parametrize("source", ["encoder.safetensors", "checkpoint.pt"])
+def test_probe_normalises_with_the_encoders_training_values(pretrained, tmp_path, source, caplog):
+    """Pretrained with --pixel-mean/--pixel-std, probed on a second cache whose manifest
+    has other statistics: the train features (probe.npz's feature mean and std) equal those
+    computed by hand with the training normalisation, and one line says so. Planted: the
+    old rule (the evaluation cache's manifest) -> the features differ, the test fails."""
+    import shutil
+
+    from fastssl.cli import main as cli
+    from fastssl.train.export import load_encoder
+
+    cache, run = pretrained
+    other = str(tmp_path / "other_cache")
+    shutil.copytree(cache, other)
+    manifest = json.loads(open(os.path.join(other, "manifest.json")).read())
+    manifest.update(pixel_mean=0.61, pixel_std=0.29)  # other statistics, same images
+    open(os.path.join(other, "manifest.json"), "w").write(json.dumps(manifest))
+    out = str(tmp_path / "probe")
+    caplog.set_level("INFO")
+    with one_thread():
+        assert cli(["probe", "--cache", other, "--checkpoint", os.path.join(run, source), "--out", out,
+                    "--workers", "0", "--n-boot", "10", "--l2-grid", "", "--no-plots", "--quiet"]) == 0
+    assert f"training mean {TRAIN_MEAN:.4f} std {TRAIN_STD:.4f}" in caplog.text and "0.6100 / 0.2900" in caplog.text
+    encoder = load_encoder(os.path.join(run, "encoder.safetensors")).eval()
+    want = _train_features_by_hand(other, encoder, TRAIN_MEAN, TRAIN_STD)
+    head = np.load(os.path.join(out, "probe.npz"))
+    np.testing.assert_allclose(head["mean"], want.mean(0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(head["std"], want.std(0, ddof=1), rtol=1e-3, atol=1e-4)
+    shifted = _train_features_by_hand(other, encoder, 0.61, 0.29)  # what the old rule fed the encoder
+    assert np.abs(shifted.mean(0) - want.mean(0)).max() > 1e-2

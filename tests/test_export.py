@@ -224,3 +224,40 @@ def test_embed_with_an_export_uses_its_architecture_and_normalisation(tmp_path):
     with torch.no_grad():
         want = enc(x, views=VIEW_IDS["frontal"]).numpy()
     np.testing.assert_allclose(got, want, atol=5e-3, rtol=5e-3)
+
+
+def test_cli_export_writes_the_training_normalisation(tmp_path, caplog):
+    """`fastssl export` writes the pixel mean/std the run trained with: its
+    --pixel-mean/--pixel-std when set, else its training cache's manifest, never the
+    --cache given at export when those differ (one line says so); no record and no --cache
+    is a one-line error. Planted: the old rule (the --cache manifest) -> this test fails."""
+    from dataclasses import asdict
+
+    from fastssl.cli import main as cli
+
+    enc = _encoder("mvmae")
+    train_cache, other = tmp_path / "train_cache", tmp_path / "other"
+    for d, m in ((train_cache, {"pixel_mean": 0.5625, "pixel_std": 0.3125}), (other, MANIFEST)):
+        d.mkdir()
+        (d / "manifest.json").write_text(json.dumps(m))
+    model = {f"encoder.{k}": v for k, v in enc.state_dict().items()}
+    for name, settings, want in (("given.pt", dict(pixel_mean=0.25, pixel_std=0.125), (0.25, 0.125)),
+                                 ("cache.pt", dict(pixel_mean=-1.0, pixel_std=-1.0), (0.5625, 0.3125))):
+        torch.save(dict(model=model, model_config=asdict(enc.cfg), config=dict(cache=str(train_cache), **settings)),
+                   tmp_path / name)
+        for extra in (["--cache", str(other)], []):
+            out = tmp_path / f"export_{name}_{len(extra)}"
+            caplog.clear()
+            with caplog.at_level(logging.INFO):
+                assert cli(["export", str(tmp_path / name), "--out", str(out), *extra]) == 0
+            meta = read_export_metadata(str(out / "encoder.safetensors"))
+            assert (float(meta["pixel_mean"]), float(meta["pixel_std"])) == want, (name, extra)
+            assert meta["pretrained_cfg"]["mean"] == [want[0]] and meta["pretrained_cfg"]["std"] == [want[1]]
+            assert ("not this cache's 0.4375 / 0.1875" in caplog.text) == bool(extra)
+    torch.save(dict(model=model, model_config=asdict(enc.cfg), config=dict(cache=str(tmp_path / "gone"))),
+               tmp_path / "gone.pt")
+    caplog.clear()
+    assert cli(["export", str(tmp_path / "gone.pt"), "--out", str(tmp_path / "x")]) == 2
+    assert "records no training normalisation" in caplog.text and "pass --cache" in caplog.text
+    assert cli(["export", str(tmp_path / "gone.pt"), "--out", str(tmp_path / "x"), "--cache", str(other)]) == 0
+    assert float(read_export_metadata(str(tmp_path / "x" / "encoder.safetensors"))["pixel_mean"]) == 0.4375

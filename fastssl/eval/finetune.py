@@ -46,7 +46,7 @@ import torch
 
 from fastssl.config import COMMAND_RANGES, check_ranges
 from fastssl.eval.probe import (
-    eval_transform, extract_features, load_eval_encoder, pick_device, split_dataset, study_logits,
+    eval_transform, extract_features, load_eval_encoder, pick_device, split_dataset, study_logits, train_dataset,
 )
 from fastssl.eval.stats import macro_auroc
 
@@ -86,6 +86,8 @@ class FinetuneConfig:
     amp: str = "bf16"             # bf16 | none (autocast on CUDA only)
     device: str = "auto"          # auto | cpu | cuda
     seed: int = 0                 # batch order, augmentation, head init and bootstrap seed
+    label_fraction: float = 1.0   # keep this fraction (0, 1] of the train studies' labels, drawn by patient
+    label_seed: int = 0           # seed of the --label-fraction draw
     n_boot: int = 1000            # bootstrap replicates over test patients (subject_id clusters)
     stop_after_epochs: int = 0    # >0: checkpoint and exit after this many epochs of this invocation
     plots: bool = True            # roc.png (needs matplotlib)
@@ -276,11 +278,15 @@ def _setup(cfg: FinetuneConfig):
     encoder = load_eval_encoder(cfg.checkpoint, cfg.seed)
     torch.manual_seed(cfg.seed)  # the head's initial weights
     model = StudyClassifier(encoder).to(device)
+    data = {name: split_dataset(cfg, split) for name, split in (("val", cfg.val_split), ("test", cfg.test_split))}
+    data["train"], data["label_fraction"] = train_dataset(cfg)
+    if len(data["train"].study_ids) < cfg.batch_size:
+        raise ValueError(f"split {cfg.train_split!r} has {len(data['train'].study_ids)} studies (label fraction "
+                         f"{cfg.label_fraction:g}): fewer than one batch of batch_size={cfg.batch_size}; "
+                         "lower --batch-size")
     lr = cfg.base_lr * cfg.batch_size / 256
     optimizer = torch.optim.AdamW(param_groups(model, lr, cfg.weight_decay, cfg.layer_decay), lr=lr)
-    data = {name: split_dataset(cfg, split) for name, split in
-            (("train", cfg.train_split), ("val", cfg.val_split), ("test", cfg.test_split))}
-    transform = eval_transform(cfg.cache, encoder.cfg.img_size)
+    transform = eval_transform(cfg.cache, encoder.cfg.img_size, cfg.checkpoint)
     if cfg.augment:
         augment = BatchAugment(out_size=encoder.cfg.img_size, scale=(cfg.crop_min, 1.0), mean=transform.mean,
                                std=transform.std)
@@ -341,6 +347,7 @@ def _score(cfg: FinetuneConfig, device, model, data, transform, state: dict) -> 
     result = dict(checkpoint=cfg.checkpoint, cache=os.path.abspath(cfg.cache), config=asdict(cfg),
                   best_epoch=state["best_epoch"], val_macro_auroc=state["best_auroc"],
                   n_train_studies=len(data["train"].study_ids), n_test_images=len(test),
+                  label_fraction=data["label_fraction"],
                   **auroc_summary(scores, labels, subjects, names, n_boot=cfg.n_boot, seed=cfg.seed))
     write_scores_csv(os.path.join(cfg.out, "scores.csv"), studies, subjects, scores, labels, names)
     if cfg.plots:

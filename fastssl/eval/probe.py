@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass
 
@@ -33,6 +34,7 @@ from fastssl.eval.stats import (  # noqa: F401  (re-exported: the probe's public
 
 __all__ = ["ProbeConfig", "midranks", "auroc", "auroc_rows", "macro_auroc", "bootstrap_macro_auroc",
            "extract_features", "fit_linear_probe", "study_logits", "knn_scores", "select_l2",
+           "keep_label_fraction",
            "load_eval_encoder", "main", "add_arguments", "run"]
 
 log = logging.getLogger(__name__)
@@ -182,6 +184,8 @@ class ProbeConfig:
     n_boot: int = 1000            # bootstrap replicates over test patients (subject_id clusters)
     seed: int = 0                 # bootstrap, probe and random-init seed
     knn_k: int = 0                # >0: also a cosine kNN probe with this k
+    label_fraction: float = 1.0   # keep this fraction (0, 1] of the train studies' labels, drawn by patient
+    label_seed: int = 0           # seed of the --label-fraction draw
     plots: bool = True            # roc.png (needs matplotlib)
     progress: bool = True         # tqdm bar (only on a terminal)
 
@@ -214,14 +218,21 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def eval_transform(cache: str, img_size: int):
-    """The evaluation transform of a cache: centre resize + the manifest's pixel mean/std."""
+def eval_transform(cache: str, img_size: int, checkpoint: str = ""):
+    """The evaluation transform: centre resize + the pixel mean/std the encoder file
+    ``checkpoint`` was trained with (fastssl.train.export.resolve_normalisation); the
+    cache's manifest values for ``random:`` encoders (nothing was trained) or a file that
+    does not record them."""
     from fastssl.data.augment import CenterResize
     from fastssl.data.cache import read_manifest
+    from fastssl.train.export import pixel_stats, resolve_normalisation
 
     manifest = read_manifest(cache)
-    return CenterResize(out_size=img_size, mean=float(manifest.get("pixel_mean", 0.5)),
-                        std=float(manifest.get("pixel_std", 0.25)) or 0.25)
+    if checkpoint and not checkpoint.startswith("random:"):
+        mean, std = resolve_normalisation(checkpoint, manifest)
+    else:
+        mean, std = pixel_stats(manifest)
+    return CenterResize(out_size=img_size, mean=mean, std=std)
 
 
 def split_dataset(cfg, split: str):
@@ -237,6 +248,48 @@ def split_dataset(cfg, split: str):
         raise ValueError(f"split {split!r} of {cfg.cache} has no images with views={cfg.views!r}"
                          + (f" and dataset={cfg.dataset!r}" if datasets else ""))
     return ds
+
+
+def keep_label_fraction(dataset, fraction: float, seed: int) -> dict:
+    """Restricts a SingleViewDataset (in place) to the studies of a seeded random set of
+    patients holding ``fraction`` of its studies (label-efficiency runs).
+
+    Patients (subject_id) are put in the order ``np.random.default_rng(seed).permutation``
+    of their sorted ids; the first patients are kept until their studies reach
+    ``ceil(fraction * S)`` of the S studies (at least one patient), so every kept patient
+    brings all of its studies. fraction 1 keeps everything. ValueError when fraction is
+    outside (0, 1].
+    Returns dict(fraction, seed, n_studies, n_kept_studies, n_patients, n_kept_patients).
+    """
+    if isinstance(fraction, bool) or not 0 < fraction <= 1:
+        raise ValueError(f"label_fraction={fraction!r}; expected a number in (0, 1]")
+    n_studies = len(dataset.study_ids)
+    first = np.unique(dataset.study_index, return_index=True)[1]          # one image per study
+    study_subject = dataset.index.subject_id[dataset.rows[first]]         # (S,)
+    patients, patient_of = np.unique(study_subject, return_inverse=True)
+    info = dict(fraction=fraction, seed=seed, n_studies=n_studies, n_kept_studies=n_studies,
+                n_patients=int(patients.size), n_kept_patients=int(patients.size))
+    if fraction == 1:
+        return info
+    order = np.random.default_rng(seed).permutation(patients.size)
+    per_patient = np.bincount(patient_of.reshape(-1), minlength=patients.size)[order]
+    n_kept = int(np.searchsorted(np.cumsum(per_patient), math.ceil(fraction * n_studies))) + 1
+    kept_studies = np.isin(patient_of.reshape(-1), order[:n_kept])       # (S,)
+    image_kept = kept_studies[dataset.study_index]
+    dataset.rows, dataset.view_ids = dataset.rows[image_kept], dataset.view_ids[image_kept]
+    kept_ids = np.flatnonzero(kept_studies)
+    dataset.study_ids = np.asarray(dataset.study_ids)[kept_ids]
+    dataset.study_index = np.searchsorted(kept_ids, dataset.study_index[image_kept]).astype(np.int64)
+    info.update(n_kept_studies=int(kept_ids.size), n_kept_patients=n_kept)
+    log.info("label fraction %g (seed %d): %d of %d train studies kept (%d of %d patients)", fraction, seed,
+             kept_ids.size, n_studies, n_kept, patients.size)
+    return info
+
+
+def train_dataset(cfg):
+    """The training split's dataset after --label-fraction -> (dataset, the draw's info)."""
+    ds = split_dataset(cfg, cfg.train_split)
+    return ds, keep_label_fraction(ds, cfg.label_fraction, cfg.label_seed)
 
 
 def parse_grid(text: str) -> list[float]:
@@ -300,9 +353,10 @@ def main(cfg: ProbeConfig) -> dict:
 
     device = pick_device(cfg.device)
     encoder = load_eval_encoder(cfg.checkpoint, cfg.seed)
-    transform = eval_transform(cfg.cache, encoder.cfg.img_size)
-    splits = [cfg.train_split, cfg.test_split] + ([cfg.val_split] if cfg.l2_grid.strip() else [])
+    transform = eval_transform(cfg.cache, encoder.cfg.img_size, cfg.checkpoint)
+    splits = [cfg.test_split] + ([cfg.val_split] if cfg.l2_grid.strip() else [])
     datasets = {split: split_dataset(cfg, split) for split in splits}
+    datasets[cfg.train_split], label_info = train_dataset(cfg)
     feats = {split: extract_features(encoder, ds, transform, batch_size=cfg.batch_size, device=device,
                                      workers=cfg.workers, progress=cfg.progress) for split, ds in datasets.items()}
     tr, te = feats[cfg.train_split], feats[cfg.test_split]
@@ -314,6 +368,7 @@ def main(cfg: ProbeConfig) -> dict:
         checkpoint=cfg.checkpoint if cfg.checkpoint.startswith("random:") else os.path.abspath(cfg.checkpoint),
         cache=os.path.abspath(cfg.cache), config=asdict(cfg), feature_dim=int(tr["features"].shape[1]),
         n_train_images=int(tr["features"].shape[0]), n_test_images=int(te["features"].shape[0]),
+        n_train_studies=label_info["n_kept_studies"], label_fraction=label_info,
         probe_train_loss=probe["loss"], l2_selection=l2_info,
         **auroc_summary(scores, labels, subjects, names, n_boot=cfg.n_boot, seed=cfg.seed))
     if cfg.knn_k > 0:

@@ -29,9 +29,10 @@ Loading it with timm::
 ``model(x)`` is then fastssl's CLS feature ``ViewEncoder(x, views=view)``, and
 ``timm.data.resolve_data_config(model=model)`` gives the size and mean/std it expects.
 
-``fastssl export RUN/checkpoint.pt --cache CACHE --out DIR --views frontal,lateral``
-writes DIR/encoder.safetensors and DIR/encoder_lateral.safetensors from a finished (or
-running) run.
+``fastssl export RUN/checkpoint.pt --out DIR --views frontal,lateral`` writes
+DIR/encoder.safetensors and DIR/encoder_lateral.safetensors from a finished (or running)
+run, with the pixel mean/std the run trained with (its ``--pixel-mean/--pixel-std``, else
+its training cache's manifest); ``--cache`` is needed only when that cache is gone.
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ from typing import Sequence
 import torch
 
 __all__ = ["export_encoder", "load_encoder", "timm_state_dict", "timm_kwargs", "pixel_stats",
+           "training_normalisation", "resolve_normalisation",
            "read_export_metadata", "export_path", "add_arguments", "run"]
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,54 @@ def pixel_stats(manifest: dict) -> tuple[float, float]:
     (the pretrain job's rule: 0.5 / 0.25 when the manifest has none)."""
     mean = float(manifest.get("pixel_mean", 0.5))
     std = float(manifest.get("pixel_std", 0.25)) or 0.25
+    return mean, std
+
+
+def training_normalisation(path: str) -> tuple[float, float, str] | None:
+    """The (mean, std) an encoder file was trained with, and where that was read -> (mean,
+    std, source), or None when the file does not say.
+
+    An exported ``encoder*.safetensors`` carries them in its metadata. A pretrain
+    ``checkpoint.pt`` carries its settings: ``--pixel-mean/--pixel-std`` when given, else
+    the manifest of the cache it trained on (the pretrain job's rule); None when that cache
+    is no longer readable.
+    """
+    from fastssl.data.cache import read_manifest
+    from fastssl.errors import DataError
+
+    if path.endswith(".safetensors"):
+        meta = read_export_metadata(path)
+        if "pixel_mean" not in meta or "pixel_std" not in meta:
+            return None
+        return float(meta["pixel_mean"]), float(meta["pixel_std"]), f"{path} metadata"
+    cfg = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("config") or {}
+    mean, std = cfg.get("pixel_mean", -1.0), cfg.get("pixel_std", -1.0)
+    if mean is not None and std is not None and mean >= 0 and std > 0:
+        return float(mean), float(std), f"{path} settings (--pixel-mean/--pixel-std)"
+    try:
+        cache_mean, cache_std = pixel_stats(read_manifest(cfg.get("cache", "")))
+    except (OSError, ValueError, DataError):
+        return None
+    mean = float(mean) if mean is not None and mean >= 0 else cache_mean
+    std = float(std) if std is not None and std > 0 else cache_std
+    return mean, std, f"the training cache {cfg['cache']} (via {path})"
+
+
+def resolve_normalisation(path: str, manifest: dict) -> tuple[float, float]:
+    """The (mean, std) to feed an encoder file: the ones it was trained with
+    (:func:`training_normalisation`), whatever the cache in hand; that cache's manifest
+    only when the file does not say (a warning names it). One log line when the cache's
+    statistics differ from the training ones (the training ones are applied)."""
+    found = training_normalisation(path)
+    cache_mean, cache_std = pixel_stats(manifest)
+    if found is None:
+        log.warning("%s does not record its training normalisation: using the cache's pixel mean %.4f std %.4f",
+                    path, cache_mean, cache_std)
+        return cache_mean, cache_std
+    mean, std, source = found
+    if (round(mean, 4), round(std, 4)) != (round(cache_mean, 4), round(cache_std, 4)):
+        log.info("pixel normalisation: the encoder's training mean %.4f std %.4f (from %s), not this cache's "
+                 "%.4f / %.4f", mean, std, source, cache_mean, cache_std)
     return mean, std
 
 
@@ -322,17 +372,34 @@ def load_encoder(path: str, map_location="cpu"):
 # ------------------------------------------------------------------------------ CLI
 def add_arguments(parser) -> None:
     parser.add_argument("checkpoint", help="a pretrain checkpoint.pt or an exported encoder*.safetensors")
-    parser.add_argument("--cache", required=True, help="the cache the run trained on (its manifest.json "
-                                                       "holds the pixel mean/std)")
+    parser.add_argument("--cache", default="",
+                        help="a cache whose manifest gives the pixel mean/std, used only when the checkpoint "
+                             "records no training normalisation (its settings name a cache that is gone); "
+                             "otherwise the training values are written, whatever this cache holds")
     parser.add_argument("--out", required=True, help="output directory: encoder.safetensors (first view), "
                                                      "encoder_<view>.safetensors (the others)")
     parser.add_argument("--views", default="frontal",
                         help="comma list of views to fold, one file each: frontal,lateral,unknown")
 
 
+def _export_normalisation(checkpoint: str, cache: str) -> dict:
+    """pixel_mean / pixel_std for the export: the training ones (resolve_normalisation),
+    the --cache manifest's only when the checkpoint does not record them."""
+    from fastssl.data.cache import read_manifest
+
+    if cache:
+        mean, std = resolve_normalisation(checkpoint, read_manifest(cache))
+    else:
+        found = training_normalisation(checkpoint)
+        if found is None:
+            raise ValueError(f"{checkpoint} records no training normalisation (its training cache is gone): "
+                             "pass --cache with the cache it trained on")
+        mean, std, _ = found
+    return dict(pixel_mean=mean, pixel_std=std)
+
+
 def run(args) -> int:
     """``fastssl export``: timm-ready files, one per view, from a run's checkpoint."""
-    from fastssl.data.cache import read_manifest
     from fastssl.errors import DataError
 
     try:
@@ -340,9 +407,10 @@ def run(args) -> int:
             raise ValueError(f"checkpoint={args.checkpoint!r} is not a file")
         encoder = load_encoder(args.checkpoint)
         views = tuple(v.strip() for v in args.views.split(",") if v.strip())
+        normalisation = _export_normalisation(args.checkpoint, args.cache)
         os.makedirs(args.out, exist_ok=True)
         written = export_encoder(encoder, encoder.cfg, os.path.join(args.out, "encoder.safetensors"),
-                                 manifest=read_manifest(args.cache), views=views)
+                                 manifest=normalisation, views=views)
     except (ValueError, DataError) as exc:
         log.error("%s", exc)
         return 2
