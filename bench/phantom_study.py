@@ -89,7 +89,7 @@ REQUIRED_PRETRAIN = {"--recipe": "mvmae", "--mode": "flu", "--beta-max": None}
 ALPHA = 0.05
 
 SIZES = {
-    "full": dict(seeds="0,1,2,3,4,5", studies=1000, img_size=64, preset="test", patch_size=8, pretrain_epochs=8,
+    "full": dict(seeds="0,1,2,3,4,5", studies=1000, img_size=64, preset="test", patch_size=8, pretrain_epochs=15,
                  finetune_epochs=5, batch_size=32, finetune_batch=32, n_boot=1000, label_fractions="0.01,0.1,1"),
     "smoke": dict(seeds="0,1", studies=60, img_size=32, preset="test", patch_size=8, pretrain_epochs=1,
                   finetune_epochs=2, batch_size=8, finetune_batch=8, n_boot=50, label_fractions="1"),
@@ -275,53 +275,99 @@ def _evaluate(args, cache: str, run: str, method: str, checkpoint: str, seed: in
 
 # ----------------------------------------------------------------------------- table
 def verdict(boot: dict, seeds: dict, alpha: float = ALPHA) -> str:
-    """"B better" / "A better" when the patient bootstrap and the seed test both give
-    p < alpha with the same sign of delta; otherwise "not separated"."""
-    same_sign = np.sign(boot["delta"]) == np.sign(seeds["mean"]) != 0
-    if boot["p_value"] < alpha and seeds["p_value"] < alpha and same_sign:
+    """"B better" / "A better" when the patient bootstrap's CI excludes 0 and both seed
+    tests (sign-flip, t) give p < alpha, all with the sign of the delta; otherwise "not
+    separated" (bench/README.md, the study's declared decision rule)."""
+    lo, hi = boot["ci"]
+    signs = {np.sign(boot["delta"]), np.sign(seeds["mean"]), np.sign(lo), np.sign(hi)}
+    if len(signs) == 1 and 0 not in signs and max(seeds["p_value"], seeds["t_p_value"]) < alpha:
         return "B better" if boot["delta"] > 0 else "A better"
     return "not separated"
 
 
-def compare_pair(runs: dict, a: str, b: str, seeds: list[int], key: str, n_boot: int, counts: dict) -> dict:
-    """One comparison at one evaluation: both tests and the verdict, or the refusal."""
-    from fastssl.eval.compare import _check_same_studies, seed_sign_flip_test
+def _columns(scores: dict, names: list[str] | None) -> dict:
+    """A read_scores_csv dict restricted to the label columns ``names`` (None: all)."""
+    if names is None:
+        return scores
+    keep = [j for j, n in enumerate(scores["names"]) if n in names]
+    return dict(scores, names=[scores["names"][j] for j in keep], scores=scores["scores"][:, keep],
+                labels=scores["labels"][:, keep])
+
+
+def _macro(scores: dict) -> float:
+    from fastssl.eval.stats import macro_auroc
+
+    return macro_auroc(scores["scores"], scores["labels"])[1]
+
+
+def compare_pair(runs: dict, a: str, b: str, seeds: list[int], key: str, n_boot: int, counts: dict,
+                 labels: list[str] | None = None) -> dict:
+    """One comparison at one evaluation, over all labels or only ``labels``: both tests and
+    the verdict, or the refusal."""
+    from fastssl.eval.compare import _check_same_studies, seed_sign_flip_test, seed_t_test
     from fastssl.eval.report import read_scores_csv
     from fastssl.eval.stats import paired_bootstrap
 
     why = next((f"seed {s}: {w}" for s in seeds if (w := unmatched(counts.get(s, {}), a, b))), None)
     if why:
         return dict(refused=f"logged counts differ ({why})")
-    side = {m: [read_scores_csv(runs[m][s][key]["dir"]) for s in seeds] for m in (a, b)}
+    side = {m: [_columns(read_scores_csv(runs[m][s][key]["dir"]), labels) for s in seeds] for m in (a, b)}
     first = side[a][0]
     for t in side[a][1:] + side[b]:
         _check_same_studies(first, t)
     boot = paired_bootstrap([t["scores"] for t in side[a]], [t["scores"] for t in side[b]], first["labels"],
                             first["subjects"], n_boot=n_boot, seed=0)
-    deltas = [runs[b][s][key]["macro_auroc"] - runs[a][s][key]["macro_auroc"] for s in seeds]
-    test = seed_sign_flip_test(deltas)
+    deltas = [_macro(tb) - _macro(ta) for ta, tb in zip(side[a], side[b])]
+    test = dict(seed_sign_flip_test(deltas), deltas=deltas)
+    if len(deltas) > 1:
+        test["t_p_value"] = seed_t_test(deltas)["p_value"]
     boot = dict(delta=boot["delta"], ci=list(boot["ci"]), p_value=boot["p_value"])
-    return dict(bootstrap=boot, seeds=dict(test, deltas=deltas), verdict=verdict(boot, test))
+    return dict(bootstrap=boot, seeds=test, verdict=verdict(boot, test) if len(deltas) > 1 else "not separated")
+
+
+def _method_row(runs: dict, m: str, seeds: list[int], key: str, groups: dict) -> dict:
+    """One encoder at one evaluation: seed mean and sd of the macro AUROC, per-seed values,
+    and the seed mean over each label group."""
+    from fastssl.eval.report import read_scores_csv
+
+    vals = [runs[m][s][key]["macro_auroc"] for s in seeds]
+    row = dict(mean=float(np.mean(vals)), sd=float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
+               per_seed=[dict(seed=s, macro_auroc=runs[m][s][key]["macro_auroc"], ci=runs[m][s][key]["ci"])
+                         for s in seeds])
+    if groups:
+        scores = [read_scores_csv(runs[m][s][key]["dir"]) for s in seeds]
+        row["groups"] = {g: float(np.mean([_macro(_columns(t, names)) for t in scores])) for g, names in groups.items()}
+    return row
 
 
 def summarise(runs: dict, methods: list[str], seeds: list[int], n_boot: int, keys: list[str],
-              counts: dict | None = None) -> dict:
-    """runs[method][seed][key] -> {"methods": per key and method: seed mean, sd and
-    per-seed values, "comparisons": per key, the COMPARISONS among ``methods``}.
+              counts: dict | None = None, groups: dict | None = None) -> dict:
+    """runs[method][seed][key] -> {"methods": per key and method (_method_row),
+    "comparisons": per key, the COMPARISONS among ``methods`` over all labels and, with
+    ``groups`` ({name: label names}, from the phantom's findings), over the "one-view" group}.
     counts[seed][method]: the logged steps/images of each pretraining."""
-    table: dict = dict(methods={}, comparisons={})
+    groups = groups or {}
+    label_sets = {"all": None, **({"one-view": groups["one-view"]} if "one-view" in groups else {})}
+    table: dict = dict(methods={}, comparisons={}, groups=groups)
     for key in keys:
-        rows = {}
-        for m in methods:
-            vals = [runs[m][s][key]["macro_auroc"] for s in seeds]
-            rows[m] = dict(mean=float(np.mean(vals)), sd=float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
-                           per_seed=[dict(seed=s, macro_auroc=runs[m][s][key]["macro_auroc"],
-                                          ci=runs[m][s][key]["ci"]) for s in seeds])
-        table["methods"][key] = rows
-        table["comparisons"][key] = [dict(a=a, b=b, question=q, **compare_pair(runs, a, b, seeds, key, n_boot,
-                                                                               counts or {}))
-                                     for a, b, q in COMPARISONS if a in methods and b in methods]
+        table["methods"][key] = {m: _method_row(runs, m, seeds, key, groups) for m in methods}
+        table["comparisons"][key] = [
+            dict(a=a, b=b, question=q, labels=name,
+                 **compare_pair(runs, a, b, seeds, key, n_boot, counts or {}, label_names))
+            for name, label_names in label_sets.items() for a, b, q in COMPARISONS if a in methods and b in methods]
     return table
+
+
+def label_groups(phantom_dir: str, present: list[str]) -> dict:
+    """{"one-view": labels drawn in one view only, "two-view": the others} among the
+    ``present`` labels, from the phantom's findings set; {} when no label is one-view."""
+    from fastssl.data.phantom_anatomy import label_visibility
+
+    with open(os.path.join(phantom_dir, "phantom_config.json"), encoding="utf-8") as handle:
+        findings = json.load(handle).get("findings", "standard")
+    seen = label_visibility(findings)
+    one = [n for n in present if seen.get(n, "both") != "both"]
+    return dict(**{"one-view": one}, **{"two-view": [n for n in present if n not in one]}) if one else {}
 
 
 def _key_title(key: str) -> str:
@@ -331,33 +377,46 @@ def _key_title(key: str) -> str:
 
 
 def _comparison_line(c: dict) -> str:
-    head = f"| {METHODS[c['b']].label} vs {METHODS[c['a']].label} | {c['question']} | "
+    head = f"| {METHODS[c['b']].label} vs {METHODS[c['a']].label} | {c['question']} | {c['labels']} | "
     if "refused" in c:
         return head + f"not reported: {c['refused']} | | |"
     b, s = c["bootstrap"], c["seeds"]
     return head + (f"{b['delta']:+.3f} [{b['ci'][0]:+.3f}, {b['ci'][1]:+.3f}], p={b['p_value']:.3f} | "
-                   f"{s['n_positive']} of {s['n_seeds']} seeds > 0, p={s['p_value']:.3f} | {c['verdict']} |")
+                   f"{s['n_positive']} of {s['n_seeds']} > 0, sign-flip p={s['p_value']:.3f}, "
+                   f"t p={s.get('t_p_value', float('nan')):.3f} | {c['verdict']} |")
+
+
+def _method_lines(rows: dict, groups: dict) -> list[str]:
+    names = list(groups)
+    lines = ["| encoder | macro AUROC, all labels |" + "".join(f" {g} labels |" for g in names),
+             "|---|---|" + "---|" * len(names)]
+    for m, r in rows.items():
+        lo, hi = min(p["ci"][0] for p in r["per_seed"]), max(p["ci"][1] for p in r["per_seed"])
+        lines.append(f"| {METHODS[m].label} | {r['mean']:.3f} ± {r['sd']:.3f} [{lo:.3f}, {hi:.3f}] |"
+                     + "".join(f" {r['groups'][g]:.3f} |" for g in names))
+    return lines
 
 
 def markdown(table: dict, meta: dict) -> str:
+    groups = table.get("groups") or {}
     lines = [f"Phantom study: {meta['studies']} phantom studies (both views each), {meta['preset']} ViT at "
              f"{meta['img_size']} px, {meta['pretrain_epochs']} pretraining epochs, seeds {meta['seeds']}, "
              f"{meta['test_studies']} test studies of {meta['test_patients']} patients; {meta['date']}, "
              f"{meta['machine']}, {meta['minutes']:.1f} min.", ""]
     lines += ["Pretraining counts (logged, seed 0): " + ", ".join(
         f"{m} {c['steps']} steps / {c['images']} images" for m, c in meta["logged_counts_seed0"].items()), ""]
+    if groups:
+        lines += ["Label groups: " + "; ".join(f"{g}: {', '.join(n)}" for g, n in groups.items()), ""]
     for key, rows in table["methods"].items():
         lines += [f"**{_key_title(key)}.** Macro AUROC, mean ± sd over seeds [lowest, highest bound of the "
-                  "per-seed patient-cluster 95% CIs].", "", "| encoder | macro AUROC |", "|---|---|"]
-        for m, r in rows.items():
-            lo, hi = min(p["ci"][0] for p in r["per_seed"]), max(p["ci"][1] for p in r["per_seed"])
-            lines.append(f"| {METHODS[m].label} | {r['mean']:.3f} ± {r['sd']:.3f} [{lo:.3f}, {hi:.3f}] |")
-        lines += ["", "| B vs A | question | delta B - A, patient bootstrap 95% CI, p | seed sign-flip test | "
-                      "verdict |", "|---|---|---|---|---|"]
+                  "per-seed patient-cluster 95% CIs]; label-group columns: seed means.", ""]
+        lines += _method_lines(rows, groups) + [""]
+        lines += ["| B vs A | question | labels | delta B - A, patient bootstrap 95% CI, p | per-seed deltas | "
+                  "verdict |", "|---|---|---|---|---|---|"]
         lines += [_comparison_line(c) for c in table["comparisons"][key]] + [""]
-    lines += [f"Verdict: a side wins only when the paired patient bootstrap (all seeds) and the exact sign-flip "
-              f"test over per-seed deltas both give p < {ALPHA} with the same sign.", "",
-              f"Command: `{meta['command']}`"]
+    lines += [f"Verdict: a side wins only when the paired patient bootstrap's 95% CI (all seeds) excludes 0 and "
+              f"the exact sign-flip test and the t-test over per-seed deltas both give p < {ALPHA}, all with one "
+              "sign (bench/README.md).", "", f"Command: `{meta['command']}`"]
     return "\n".join(lines) + "\n"
 
 
@@ -387,7 +446,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                           if key == "label_fractions" else "")
                        + ("; study-unit runs (flu, paired) take this many studies a step, image-unit runs "
                           f"{IMAGES_PER_STUDY}x as many images" if key == "batch_size" else ""))
-    p.add_argument("--split", default="0.6,0.1,0.3", help="the phantom's train,validate,test weights per patient")
+    p.add_argument("--split", default="0.7,0.1,0.2", help="the phantom's train,validate,test weights per patient")
     p.add_argument("--phantom-flags", default="", help="extra `fastssl phantom` flags, one shell-quoted string")
     p.add_argument("--pretrain-base-lr", type=float, default=1e-3,
                    help="lr = base_lr * batch_studies / 256 for every pretraining (tiny models)")
@@ -453,6 +512,13 @@ def _meta(args, argv, t0: float, timings: dict, runs: dict, planned: dict, count
                 settings={k: v for k, v in vars(args).items() if not k.endswith("_list")})
 
 
+def read_scores_names(run_dir: str) -> list[str]:
+    """The labels a run scored (those with both classes among the test studies)."""
+    from fastssl.eval.report import read_scores_csv
+
+    return read_scores_csv(run_dir)["names"]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
@@ -478,7 +544,9 @@ def main(argv=None) -> int:
         for name, value in seconds.items():
             timings[name] = round(timings.get(name, 0.0) + value, 1)
     keys = [f"{k}@{f:g}" for k, f in eval_names(args.fraction_list, args.finetune)]
-    table = summarise(runs, args.method_list, args.seed_list, args.n_boot, keys, counts)
+    present = read_scores_names(runs[args.method_list[0]][args.seed_list[0]][keys[-1]]["dir"])
+    groups = label_groups(os.path.join(args.out, "phantom"), present)
+    table = summarise(runs, args.method_list, args.seed_list, args.n_boot, keys, counts, groups)
     meta = _meta(args, argv, t0, timings, runs, planned, counts)
     from fastssl.eval.report import write_json
 

@@ -9,6 +9,7 @@ import csv
 import importlib.util
 import itertools
 import json
+import math
 import os
 import sys
 
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 from _mvmae_helpers import one_thread
-from fastssl.eval.compare import seed_sign_flip_test
+from fastssl.eval.compare import seed_sign_flip_test, seed_t_test, student_t_two_sided
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,6 +85,48 @@ def test_logged_counts_and_refusal(tmp_path):
     assert study.logged_counts(str(tmp_path)) == dict(steps=7, images=None)
 
 
+def _brute_auroc(score, target):
+    pos, neg = score[target == 1], score[target == 0]
+    return np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
+
+
+def test_comparison_over_a_label_group(tmp_path):
+    """compare_pair restricted to two of four labels: its per-seed deltas equal brute-force
+    pairwise AUROCs over those two labels only; label_groups reads the phantom's findings."""
+    from fastssl.eval.report import write_scores_csv
+
+    study = load_study()
+    rng = np.random.default_rng(3)
+    names = ["Atelectasis", "Cardiomegaly", "Pleural Effusion", "No Finding"]
+    studies, subjects = [f"s{i:02d}" for i in range(30)], [f"p{i // 2}" for i in range(30)]
+    labels = rng.integers(0, 2, size=(30, 4))
+    runs = {}
+    for m in ("single", "mvmae_flu"):
+        for seed in (0, 1, 2):
+            d = tmp_path / m / str(seed)
+            d.mkdir(parents=True)
+            write_scores_csv(str(d / "scores.csv"), studies, subjects, rng.normal(size=(30, 4)), labels, names)
+            runs.setdefault(m, {})[seed] = {"probe@1": dict(dir=str(d))}
+    group = ["Atelectasis", "Pleural Effusion"]
+    out = study.compare_pair(runs, "single", "mvmae_flu", [0, 1, 2], "probe@1", 50, {}, group)
+
+    def macro(m, seed):
+        t = np.loadtxt(os.path.join(runs[m][seed]["probe@1"]["dir"], "scores.csv"), delimiter=",", skiprows=1,
+                       dtype=str)
+        return np.mean([_brute_auroc(t[t[:, 2] == n, 3].astype(float), t[t[:, 2] == n, 4].astype(int))
+                        for n in group])
+    want = [macro("mvmae_flu", s) - macro("single", s) for s in (0, 1, 2)]
+    assert out["seeds"]["deltas"] == pytest.approx(want)
+    assert out["bootstrap"]["delta"] == pytest.approx(np.mean(want))
+    phantom = tmp_path / "phantom"
+    phantom.mkdir()
+    (phantom / "phantom_config.json").write_text(json.dumps(dict(findings="cross-view")))
+    assert study.label_groups(str(phantom), names) == {"one-view": ["Atelectasis", "Pleural Effusion"],
+                                                       "two-view": ["Cardiomegaly", "No Finding"]}
+    (phantom / "phantom_config.json").write_text(json.dumps({}))  # the standard findings: no one-view label
+    assert study.label_groups(str(phantom), names) == {}
+
+
 # --------------------------------------------------------------------- seed statistics
 def _brute_sign_flip(deltas):
     observed = abs(sum(deltas))
@@ -115,12 +158,39 @@ def test_seed_sign_flip_by_hand():
 
 def test_verdict_needs_both_tests_and_one_sign():
     study = load_study()
-    yes = dict(delta=0.02, p_value=0.01)
-    assert study.verdict(yes, dict(mean=0.02, p_value=0.03)) == "B better"
-    assert study.verdict(dict(delta=-0.02, p_value=0.01), dict(mean=-0.02, p_value=0.03)) == "A better"
-    assert study.verdict(yes, dict(mean=0.02, p_value=0.06)) == "not separated"      # seeds disagree
-    assert study.verdict(dict(delta=0.02, p_value=0.2), dict(mean=0.02, p_value=0.03)) == "not separated"
-    assert study.verdict(yes, dict(mean=-0.01, p_value=0.03)) == "not separated"    # opposite signs
+    boot = dict(delta=0.02, ci=[0.005, 0.035], p_value=0.01)
+    seeds = dict(mean=0.02, p_value=0.03, t_p_value=0.01)
+    assert study.verdict(boot, seeds) == "B better"
+    assert study.verdict(dict(delta=-0.02, ci=[-0.035, -0.005], p_value=0.01),
+                         dict(mean=-0.02, p_value=0.03, t_p_value=0.01)) == "A better"
+    assert study.verdict(boot, dict(seeds, p_value=0.06)) == "not separated"          # sign-flip disagrees
+    assert study.verdict(boot, dict(seeds, t_p_value=0.2)) == "not separated"         # t-test disagrees
+    assert study.verdict(dict(boot, ci=[-0.001, 0.035]), seeds) == "not separated"   # CI reaches 0
+    assert study.verdict(boot, dict(seeds, mean=-0.01)) == "not separated"           # opposite signs
+
+
+def _t_density_tail(t, df, n=400000):
+    """P(|T| >= |t|) by the midpoint rule on the density, in float64 (x = tan(u) maps the
+    tail [|t|, inf) onto [atan|t|, pi/2), where the integrand is smooth and bounded)."""
+    edges = np.linspace(np.arctan(abs(t)), np.pi / 2, n + 1)
+    u = (edges[1:] + edges[:-1]) / 2
+    const = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    f = const * (1 + np.tan(u) ** 2 / df) ** (-(df + 1) / 2) / np.cos(u) ** 2
+    return 2 * float(np.sum(f) * (edges[1] - edges[0]))
+
+
+@pytest.mark.parametrize("t, df", [(2.5706, 5), (0.3, 1), (1.7, 2), (-2.2, 3), (4.1, 4), (0.9, 7), (3.3, 10)])
+def test_student_t_tail_against_numerical_integration(t, df):
+    assert student_t_two_sided(t, df) == pytest.approx(_t_density_tail(t, df), abs=1e-6)
+
+
+def test_seed_t_test_by_hand():
+    # deltas 1, 2, 3, 4, 6: mean 3.2, sd sqrt(3.7), t = 3.2 / (sqrt(3.7) / sqrt(5)) = 3.7199; df 4
+    r = seed_t_test([0.01, 0.02, 0.03, 0.04, 0.06])
+    assert r["t"] == pytest.approx(3.2 / (math.sqrt(3.7) / math.sqrt(5)))
+    assert r["p_value"] == pytest.approx(_t_density_tail(r["t"], 4), abs=1e-6)
+    assert 0.02 < r["p_value"] < 0.025  # t(4) tables: 3.495 -> 0.025, 3.747 -> 0.02 (two-sided)
+    assert seed_t_test([0.01, 0.01, 0.01])["p_value"] == 0.0 and seed_t_test([0.0, 0.0])["p_value"] == 1.0
 
 
 # ----------------------------------------------------------------------------- smoke
