@@ -39,7 +39,11 @@ fine-tuning with finetune.json) and resumes the unfinished one. Writes
 OUT/phantom_study.json and OUT/phantom_study.md. ``--phantom-flags`` passes extra flags
 to ``fastssl phantom`` (e.g. a findings design); they are part of the record.
 
-Cost: see bench/RESULTS.md (the phantom study sections) for measured wall times.
+Cost (measured 2026-12-06 on the 2-core AMD EPYC box shared with parallel jobs, load
+average 7-12): at the defaults (1,000 studies, 30 pretrainings, 108 probes) 36.2 min wall with
+``--jobs 2`` (697 s user CPU) plus 3.1 min of phantom and prepare; a pretraining (330
+steps of 64 images) takes 2-3.5 min wall, a probe 10-15 s. ``--finetune`` adds 36
+fine-tunings (not yet measured at these sizes).
 """
 from __future__ import annotations
 
@@ -402,7 +406,7 @@ def markdown(table: dict, meta: dict) -> str:
     lines = [f"Phantom study: {meta['studies']} phantom studies (both views each), {meta['preset']} ViT at "
              f"{meta['img_size']} px, {meta['pretrain_epochs']} pretraining epochs, seeds {meta['seeds']}, "
              f"{meta['test_studies']} test studies of {meta['test_patients']} patients; {meta['date']}, "
-             f"{meta['machine']}, {meta['minutes']:.1f} min.", ""]
+             f"{meta['machine']}, {meta['minutes']:.1f} min wall over {meta.get('invocations', 1)} invocation(s).", ""]
     lines += ["Pretraining counts (logged, seed 0): " + ", ".join(
         f"{m} {c['steps']} steps / {c['images']} images" for m, c in meta["logged_counts_seed0"].items()), ""]
     if groups:
@@ -498,7 +502,23 @@ def _all_runs(args, cache: str, planned: dict, quiet: list[str]) -> dict:
         return {t: f.result() for t, f in futures.items()}
 
 
+def _previous_meta(out: str) -> dict:
+    """The meta of an earlier invocation's OUT/phantom_study.json ({} if none)."""
+    try:
+        with open(os.path.join(out, "phantom_study.json"), encoding="utf-8") as handle:
+            return json.load(handle).get("meta", {})
+    except (OSError, ValueError):
+        return {}
+
+
 def _meta(args, argv, t0: float, timings: dict, runs: dict, planned: dict, counts: dict) -> dict:
+    """What the table rests on. minutes and seconds add up over invocations (a resumed
+    study's cost is the sum of its runs; a rerun that finds everything done adds only the
+    summary's time), so the record keeps the first run's wall time."""
+    earlier = _previous_meta(args.out)
+    seconds = dict(earlier.get("seconds", {}))
+    for name, value in timings.items():
+        seconds[name] = round(seconds.get(name, 0.0) + value, 1)
     key = f"probe@{args.fraction_list[-1]:g}"
     with open(os.path.join(runs[args.method_list[0]][args.seed_list[0]][key]["dir"], "probe.json"),
               encoding="utf-8") as handle:
@@ -506,9 +526,10 @@ def _meta(args, argv, t0: float, timings: dict, runs: dict, planned: dict, count
     return dict(studies=args.studies, preset=args.preset, img_size=args.img_size, seeds=args.seed_list,
                 pretrain_epochs=args.pretrain_epochs, test_studies=probe["n_test_studies"],
                 test_patients=probe["n_test_subjects"], date=time.strftime("%Y-%m-%d", time.gmtime()),
-                machine=_machine(), minutes=(time.perf_counter() - t0) / 60, seconds=timings, planned=planned,
+                machine=_machine(), minutes=earlier.get("minutes", 0.0) + (time.perf_counter() - t0) / 60,
+                seconds=seconds, invocations=earlier.get("invocations", 1) + 1 if earlier else 1, planned=planned,
                 logged_counts_seed0=counts.get(args.seed_list[0], {}),
-                command="python bench/phantom_study.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                command=shlex.join(["python", "bench/phantom_study.py", *(sys.argv[1:] if argv is None else argv)]),
                 settings={k: v for k, v in vars(args).items() if not k.endswith("_list")})
 
 

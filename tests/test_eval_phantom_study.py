@@ -231,3 +231,6 @@ def test_smoke_run_writes_the_table_and_resumes(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert study.main(["--out", out, "--smoke", "--quiet"]) == 0
     assert calls == []
+    again = json.loads(open(os.path.join(out, "phantom_study.json")).read())["meta"]
+    meta = result["meta"]  # the record keeps the first run's cost: times add up over invocations
+    assert again["invocations"] == 2 and again["minutes"] >= meta["minutes"] and again["seconds"] == meta["seconds"]
