@@ -6,11 +6,17 @@ reports delta = macro AUROC(B) - macro AUROC(A) with a paired patient-cluster bo
 interval and a two-sided p-value (fastssl.eval.stats.paired_bootstrap: every replicate
 draws patients once and weights both runs' studies identically, so what the two runs
 share cancels). Writes the result as JSON with ``--out``.
+
+:func:`seed_sign_flip_test` and :func:`seed_t_test` are the across-seeds companions: an
+exact sign-flip permutation test and a paired t-test on per-seed deltas (one delta per
+training seed), for claims that must hold over training randomness as well as over test
+patients.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 
 import numpy as np
@@ -18,7 +24,7 @@ import numpy as np
 from fastssl.eval.report import read_scores_csv, write_json
 from fastssl.eval.stats import paired_bootstrap
 
-__all__ = ["compare_runs", "add_arguments", "run"]
+__all__ = ["compare_runs", "seed_sign_flip_test", "seed_t_test", "student_t_two_sided", "add_arguments", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +52,72 @@ def compare_runs(run_a: str, run_b: str, *, n_boot: int = 2000, seed: int = 0, a
                          alpha=alpha)
     r["per_label_delta"] = dict(zip(a["names"], r["per_label_delta"]))
     return dict(run_a=a["path"], run_b=b["path"], n_studies=int(a["studies"].size), **r)
+
+
+def seed_sign_flip_test(deltas, *, max_seeds: int = 20) -> dict:
+    """Exact two-sided sign-flip permutation test of mean(deltas) = 0.
+
+    Under the null a seed's delta (B - A, both trained with that seed) is as likely
+    positive as negative, so every one of the 2^K sign assignments is equally likely. The
+    p-value is the fraction of assignments whose |mean| reaches the observed |mean|
+    (the observed one included), so the smallest p is 2 / 2^K: 5 seeds cannot go below
+    0.0625, 6 seeds reach 0.031.
+
+    Args:
+        deltas: (K,) per-seed differences, finite, 1 <= K <= max_seeds (2^K assignments).
+    Returns:
+        dict(mean, p_value, n_seeds, n_positive, min_p).
+    """
+    d = np.asarray(deltas, dtype=np.float64).reshape(-1)
+    if not 1 <= d.size <= max_seeds:
+        raise ValueError(f"{d.size} deltas; expected 1..{max_seeds} (one per seed)")
+    if not np.isfinite(d).all():
+        raise ValueError("deltas hold NaN or inf")
+    k = d.size
+    bits = (np.arange(1 << k)[:, None] >> np.arange(k)) & 1      # (2^K, K) every assignment
+    sums = np.abs((1 - 2 * bits) @ d)
+    observed = abs(d.sum())
+    # sums equal to the observed one in exact arithmetic may differ in the last bits
+    hits = np.count_nonzero(sums >= observed - 1e-12 * max(1.0, np.abs(d).sum()))
+    return dict(mean=float(d.mean()), p_value=hits / (1 << k), n_seeds=k, n_positive=int((d > 0).sum()),
+                min_p=2 / (1 << k) if k > 0 else 1.0)
+
+
+def student_t_two_sided(t: float, df: int) -> float:
+    """P(|T| >= |t|) for Student's t with an integer ``df`` >= 1, in closed form
+    (Abramowitz & Stegun 26.7.3-4: with theta = atan(|t| / sqrt(df)), P(|T| < |t|) is a
+    finite series in sin and cos of theta), so no special-function library is needed."""
+    if df < 1 or int(df) != df:
+        raise ValueError(f"df={df}; expected an integer >= 1")
+    theta = math.atan(abs(t) / math.sqrt(df))
+    sin, cos = math.sin(theta), math.cos(theta)
+    if df % 2:  # odd: (2 / pi) (theta + sin (cos + 2/3 cos^3 + (2 4)/(3 5) cos^5 + ...))
+        term, series = cos, 0.0
+        for k in range(1, (df - 1) // 2 + 1):
+            series += term
+            term *= cos * cos * (2 * k) / (2 * k + 1)
+        inside = 2 / math.pi * (theta + sin * series)
+    else:       # even: sin (1 + 1/2 cos^2 + (1 3)/(2 4) cos^4 + ...)
+        term, series = 1.0, 0.0
+        for k in range(1, df // 2 + 1):
+            series += term
+            term *= cos * cos * (2 * k - 1) / (2 * k)
+        inside = sin * series
+    return min(1.0, max(0.0, 1.0 - inside))
+
+
+def seed_t_test(deltas) -> dict:
+    """Paired t-test of mean(deltas) = 0 over K >= 2 per-seed deltas (df = K - 1),
+    two-sided -> dict(mean, t, p_value, n_seeds). All deltas equal: p = 0 unless they are 0."""
+    d = np.asarray(deltas, dtype=np.float64).reshape(-1)
+    if d.size < 2 or not np.isfinite(d).all():
+        raise ValueError(f"deltas {d.tolist()}: expected >= 2 finite values (one per seed)")
+    sd = float(d.std(ddof=1))
+    if sd == 0:
+        t = math.copysign(math.inf, d[0]) if d[0] else 0.0
+        return dict(mean=float(d.mean()), t=t, p_value=0.0 if d[0] else 1.0, n_seeds=d.size)
+    t = float(d.mean() / (sd / math.sqrt(d.size)))
+    return dict(mean=float(d.mean()), t=t, p_value=student_t_two_sided(t, d.size - 1), n_seeds=d.size)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -23,7 +23,8 @@ Files in ``out``:
     job.json             the run's identity: result-affecting settings + the cache's content
     metrics.jsonl        records every log_every steps and at the end of every epoch: step,
                          epoch, loss, recon, align, beta, lr, grad_norm, cos_matched,
-                         cos_unmatched, imgs_per_s (window means over steps and ranks); after
+                         cos_unmatched, imgs_per_s (window means over steps and ranks), images
+                         (the window's count, all ranks); after
                          each epoch {step, epoch, val_recon} (validate split)
     metrics.csv          the same records, columns CSV_FIELDS (empty cell = not in the record)
     tb/                  TensorBoard event files (when the ``tensorboard`` extra is installed)
@@ -68,7 +69,7 @@ log = logging.getLogger(__name__)
 MODES = ("flu", "paired", "single", "supervised")
 CHECKPOINT, METRICS, METRICS_CSV, ENCODER = "checkpoint.pt", "metrics.jsonl", "metrics.csv", "encoder.safetensors"
 CSV_FIELDS = ("step", "epoch", "loss", "recon", "align", "beta", "lr", "grad_norm", "cos_matched",
-              "cos_unmatched", "imgs_per_s", "val_recon")
+              "cos_unmatched", "imgs_per_s", "images", "val_recon")
 # Settings that do not change the trained weights: a resume may change them. Every other
 # field (and the world size and the cache's content) is the run's identity (job.json).
 _NOT_IDENTITY = ("out", "workers", "device", "impl", "compile", "plots", "log_every", "val_batches",
@@ -351,7 +352,8 @@ class _Window:
         m_sum, m_n, u_sum, u_n = values[len(self.KEYS):]
         rec = dict(step=step, epoch=epoch, **dict(zip(self.KEYS, values[: len(self.KEYS)])), lr=lr,
                    cos_matched=m_sum / m_n if m_n else None, cos_unmatched=u_sum / u_n if u_n else None,
-                   imgs_per_s=images / max(time.perf_counter() - self.t0, 1e-9))
+                   imgs_per_s=images / max(time.perf_counter() - self.t0, 1e-9),
+                   images=images)  # summed over records: the images a run trained on
         self.__init__(self.sums.device)
         return rec
 
