@@ -1,7 +1,8 @@
 """What the assignment engines share, below all of them.
 
-``fastssl.kmeans`` (validation and dispatch) imports the engines (``_cuda_assign``,
-``_triton_assign``); the engines import this module and nothing from ``fastssl.kmeans``.
+``fastssl.assign.engines`` (the engine seam) imports the engines (``cpu_engine``,
+``cuda_engine``, ``triton_engine``, ``torch_engine``); the engines import this module and
+nothing from the public API in ``fastssl/assign/__init__.py``.
 The reference (``fastssl.reference.kmeans``) uses the same cosine normalisation, so the
 test oracle and every engine multiply the very same rounded centroids.
 """
@@ -14,14 +15,17 @@ from typing import Any
 
 import numpy as np
 
-from fastssl import _arrays
+from fastssl.assign import arrays as _arrays
 
 COS_EPS = 1e-12  # as torch.nn.functional.normalize
+# metric -> the native engines' code (0: squared L2, smallest wins; 1: inner product,
+# largest wins; cos is the inner product with normalised centroids, divided by ||x||)
+METRICS = {"l2": 0, "ip": 1, "cos": 1}
 FP32_PRECISIONS = ("3xtf32", "tf32")
 # What centroids are rounded to before any engine multiplies them (see centroid_dtype).
 CENTROID_PRECISIONS = ("data", "bf16")
 
-__all__ = ["COS_EPS", "FP32_PRECISIONS", "CENTROID_PRECISIONS", "centroid_dtype",
+__all__ = ["COS_EPS", "METRICS", "local_groups", "FP32_PRECISIONS", "CENTROID_PRECISIONS", "centroid_dtype",
            "multiplied_centroids", "default_fp32_precision", "normalized_centroids",
            "first_nonfinite_row", "check_finite", "to_device_tensor", "stream_context",
            "device_of", "device_operands", "as_callers_arrays"]
@@ -219,3 +223,18 @@ def as_callers_arrays(kind: str, labels, distances):
 
         return cupy.from_dlpack(labels), cupy.from_dlpack(distances)
     return labels, distances
+
+
+def local_groups(groups: tuple[np.ndarray, np.ndarray], start: int, stop: int):
+    """Offsets of the groups overlapping rows [start, stop), relative to the chunk.
+
+    Returns (x_offsets, c_offsets, first centroid): the chunk's rows see only the
+    centroids of the groups they belong to, so a group cut by a chunk boundary is
+    assigned exactly as if it were whole.
+    """
+    xo, co = groups
+    g0 = int(np.searchsorted(xo, start, side="right")) - 1
+    g1 = int(np.searchsorted(xo, stop, side="left"))
+    local_x = np.clip(xo[g0 : g1 + 1], start, stop) - start
+    local_c = co[g0 : g1 + 1] - co[g0]
+    return local_x.astype(np.int64), local_c.astype(np.int64), int(co[g0])

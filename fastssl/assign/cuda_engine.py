@@ -1,4 +1,4 @@
-"""The "cuda" implementation of :func:`fastssl.kmeans.assign` / ``assign_grouped``.
+"""The "cuda" implementation of :func:`fastssl.assign.assign` / ``assign_grouped``.
 
 Hands device pointers to the native CUDA engine (``fastssl._C.assign_cuda``): a fused
 tensor-core x.c + running argmin that never builds the n x k score matrix. Everything
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fastssl import _assign_common as common
+from fastssl.assign import common
 from fastssl._native import native
 
 PRECISIONS = {"3xtf32": 2, "tf32": 1}
@@ -65,16 +65,16 @@ def run(
         op: "assign" or "assign_grouped" (for messages).
         x: (n, d) torch CUDA tensor or cupy array, float32 | float16 | bfloat16 (float64
             is computed in float32).
-        kind: "torch" or "cupy" (fastssl._arrays).
+        kind: "torch" or "cupy" (fastssl.assign.arrays).
         centroids: (k, d) any supported array; moved to x's device, rounded as
             ``centroid_precision`` says and held in x's dtype.
         metric: "l2" | "ip" | "cos".
         check_finite: raise ValueError naming the first row of x with NaN/inf.
         groups: None, or validated host int64 (x_offsets, c_offsets), each (G+1,).
         precision: float32 tensor-core mode ("3xtf32" | "tf32"); None = FASTSSL_CUDA_FP32
-            (fastssl._assign_common.default_fp32_precision).
+            (fastssl.assign.common.default_fp32_precision).
         centroid_precision: what the centroids are rounded to, "data" | "bf16"
-            (fastssl._assign_common.centroid_dtype).
+            (fastssl.assign.common.centroid_dtype).
     Returns:
         labels (n,) int64, distances (n,) float32, as torch tensors (torch input) or cupy
         arrays (cupy input) on x's device.

@@ -1,8 +1,8 @@
 """The one place that turns ``impl="auto"`` into an assignment engine.
 
-``fastssl.kmeans.assign``, ``assign_grouped``, ``assign_topk``, KMeans and the curation
-jobs all ask :func:`auto_engine`; nothing else decides which engine runs on a device.
-(When assignment moves into its own package, this module moves with it as one piece.)
+``fastssl.assign.assign``, ``assign_grouped``, ``assign_topk``, KMeans and the curation
+jobs all ask :func:`auto_engine` (through ``fastssl.assign.engine_for`` / the ops' impl
+resolution); nothing else decides which engine runs on a device.
 
 The rule, for ``impl="auto"`` (FASTSSL_IMPL, handled by fastssl._dispatch, replaces
 "auto" before this is asked; an explicit impl never reaches here and never falls back):
@@ -26,7 +26,7 @@ from typing import Any
 
 from fastssl._native import has_cpu_ext, has_cuda_ext
 
-log = logging.getLogger("fastssl.kmeans")
+log = logging.getLogger("fastssl.kmeans")  # the name users filter on, kept from before the move
 
 # impl="auto" for plain assign on a device, by compute capability major, from a measured
 # run of bench/gpu_kmeans.py (the engine with the higher rate at d = 128..1024, bf16).
@@ -47,9 +47,9 @@ def _capability(device) -> tuple[int, int]:
 
 def _triton_unready(device, capability: tuple[int, int]) -> str | None:
     """None when the Triton kernel is compiled for this device, else why not."""
-    from fastssl import _triton_assign
+    from fastssl.assign import triton_engine
 
-    return _triton_assign.auto_unavailable(device, capability)
+    return triton_engine.auto_unavailable(device, capability)
 
 
 def choose(op: str, device) -> tuple[str, str]:
@@ -90,11 +90,11 @@ def auto_engine(op: str, device) -> str:
 
 
 def device_of_array(a: Any, kind: str):
-    """The torch.device holding an array of fastssl._arrays kind ``kind`` (numpy: cpu)."""
+    """The torch.device holding an array of fastssl.assign.arrays kind ``kind`` (numpy: cpu)."""
     import torch
 
-    from fastssl import _arrays
-    from fastssl._assign_common import device_of
+    from fastssl.assign import arrays as _arrays
+    from fastssl.assign.common import device_of
 
     if kind == _arrays.NUMPY:
         return torch.device("cpu")

@@ -1,6 +1,6 @@
-"""The "triton" implementation of :func:`fastssl.kmeans.assign` (plain assignment only).
+"""The "triton" implementation of :func:`fastssl.assign.assign` (plain assignment only).
 
-Prepares the operands (shared with the CUDA engine: ``fastssl._assign_common``), runs
+Prepares the operands (shared with the CUDA engine: ``fastssl.assign.common``), runs
 the fused kernel of ``fastssl.kernels.assign`` on the caller's current stream, and
 turns its per-row best score into the distance the API reports:
     l2   ||x||^2 + min_j (||c_j||^2 - 2 x.c_j), clamped at 0
@@ -15,7 +15,7 @@ import importlib
 import os
 from typing import Any
 
-from fastssl import _assign_common as common
+from fastssl.assign import common
 
 __all__ = ["run", "unavailable", "auto_unavailable"]
 
@@ -74,14 +74,14 @@ def run(
         op: "assign" (for messages).
         x: (n, d) torch tensor or cupy array, float32 | float16 | bfloat16 (float64 is
             computed in float32).
-        kind: "torch" or "cupy" (fastssl._arrays).
+        kind: "torch" or "cupy" (fastssl.assign.arrays).
         centroids: (k, d) any supported array; moved to x's device, rounded as
             ``centroid_precision`` says and held in x's dtype.
         metric: "l2" | "ip" | "cos".
         check_finite: raise ValueError naming the first row of x with NaN/inf.
         precision: float32 mode, "3xtf32" | "tf32"; None = FASTSSL_CUDA_FP32.
         centroid_precision: what the centroids are rounded to, "data" | "bf16"
-            (fastssl._assign_common.centroid_dtype).
+            (fastssl.assign.common.centroid_dtype).
         config, splits, use_tma: overrides for fastssl.kernels.assign.assign_partial
             (benchmarks and tests).
     Returns:
