@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import fastssl
-from fastssl.assign import dispatch, engine_for, torch_engine
+from fastssl.assign import engine_for, torch_engine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,15 +101,10 @@ def test_curation_resolves_the_engine_once(data, monkeypatch):
     """KMeans's host assigner asks the one "auto" rule once, then reuses the engine."""
     from fastssl.curation.kmeans import default_assigner
 
+    from test_kmeans_engine import _spy_choices
+
     x, c = data
-    asked = []
-    real_choose = dispatch.choose
-
-    def spy(op, device):
-        asked.append(op)
-        return real_choose(op, device)
-
-    monkeypatch.setattr(dispatch, "choose", spy)
+    asked = _spy_choices(monkeypatch)
     monkeypatch.delenv("FASTSSL_IMPL", raising=False)
     from fastssl import _dispatch
 
