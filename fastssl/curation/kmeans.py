@@ -202,8 +202,8 @@ class DeviceAssigner:
         device: a torch device (a GPU in practice; any device works, which the tests use).
         impl: resolved once, on the first use, by fastssl.assign.engine_for into the
             engine that runs every chunk (so a bad impl fails where it did before: at
-            the first assignment); "auto" is decided there, by the same rule as every assignment
-            (fastssl.assign.dispatch), never here.
+            the first assignment); "auto" is decided there, by the same rule as every
+            assignment (fastssl.assign.dispatch), never here.
         precision: passed to the engine's assign ("data" | "bf16").
     """
 
@@ -245,7 +245,7 @@ class DeviceAssigner:
             warnings.simplefilter("ignore", UserWarning)
             xt = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
         labels, dists = self._resolved().assign(xt, self.centroids(c), metric="l2",
-                                            check_finite=False, precision=self.precision)
+                                                check_finite=False, precision=self.precision)
         self._last = (xt, labels)  # for scatter_add: the chunk is not copied up twice
         return labels.cpu().numpy(), dists.cpu().numpy()
 
