@@ -25,8 +25,8 @@ FP32_PRECISIONS = ("3xtf32", "tf32")
 # What centroids are rounded to before any engine multiplies them (see centroid_dtype).
 CENTROID_PRECISIONS = ("data", "bf16")
 
-__all__ = ["COS_EPS", "METRICS", "local_groups", "FP32_PRECISIONS", "CENTROID_PRECISIONS", "centroid_dtype",
-           "multiplied_centroids", "default_fp32_precision", "normalized_centroids",
+__all__ = ["COS_EPS", "METRICS", "FP32_PRECISIONS", "CENTROID_PRECISIONS", "centroid_dtype",
+           "local_groups", "multiplied_centroids", "default_fp32_precision", "normalized_centroids",
            "first_nonfinite_row", "check_finite", "to_device_tensor", "stream_context",
            "device_of", "device_operands", "as_callers_arrays"]
 
