@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastssl import kmeans
+from fastssl import assign as kmeans
 from fastssl._native import build_info, has_cpu_ext
 
 faiss = pytest.importorskip("faiss", reason="faiss-cpu is the baseline (pip install faiss-cpu)")

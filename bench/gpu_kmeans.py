@@ -175,14 +175,14 @@ def cublas_alone(x, c, buf):
 
 
 def triton_assign(x, c, precision="tf32", config=None):
-    from fastssl import _triton_assign
+    from fastssl.assign import triton_engine as _triton_assign
 
     return _triton_assign.run("assign", x, "torch", c, "l2", False, precision=precision,
                               config=config)[0]
 
 
 def cuda_assign(x, c, precision="tf32"):
-    from fastssl import _cuda_assign
+    from fastssl.assign import cuda_engine as _cuda_assign
 
     return _cuda_assign.run("assign", x, "torch", c, "l2", False, None, precision=precision)[0]
 
@@ -229,7 +229,9 @@ def _regret_and_error(x, c, metric, labels, distances):
 
 def check(report, plan: Plan) -> None:
     """Both device engines (or, in a dry run, the interpreted kernel) vs float64."""
-    from fastssl import _cuda_assign, _native, _triton_assign
+    from fastssl import _native
+    from fastssl.assign import cuda_engine as _cuda_assign
+    from fastssl.assign import triton_engine as _triton_assign
 
     gen = torch.Generator(device=plan.device).manual_seed(0)
     n, d, k = (20000, 256, 1000) if not plan.dry else (150, 40, 70)
@@ -476,7 +478,7 @@ def lloyd(report, plan: Plan) -> None:
 # ------------------------------------------------------------------------ grouped
 def _time_grouped(report, plan: Plan, groups, rows, kg, d, loop_groups) -> None:
     """The CUDA engine's grouped path vs a Python loop over groups (extrapolated)."""
-    from fastssl.kmeans import assign_grouped
+    from fastssl.assign import assign_grouped
 
     n, k = groups * rows, groups * kg
     xo = np.arange(groups + 1, dtype=np.int64) * rows

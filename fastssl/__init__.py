@@ -15,17 +15,17 @@ __version__ = "0.1.0"
 
 # name -> module that defines it; resolved on first attribute access.
 _LAZY = {
-    "assign": "fastssl.kmeans",
-    "assign_grouped": "fastssl.kmeans",
+    "assign_grouped": "fastssl.assign",
     "DataError": "fastssl.errors",
     "MissingDependencyError": "fastssl.errors",
 }
 _SUBMODULES = {
-    "kmeans", "ops", "reference", "data", "models", "curation", "train", "eval",
+    "assign", "kmeans", "ops", "reference", "data", "models", "curation", "train", "eval",
     "distributed", "cli", "errors", "kernels", "profiling", "demo",
 }
 
-__all__ = sorted(_LAZY) + ["__version__"]
+# "assign" is the assignment package, callable as the function fastssl.assign.assign.
+__all__ = sorted(set(_LAZY) | {"assign"}) + ["__version__"]
 
 
 def __getattr__(name: str) -> Any:

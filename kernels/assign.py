@@ -31,7 +31,7 @@ most SMs idle) and large k (work items run split-major, so all programs sweep on
 L2-sized panel of centroids together instead of streaming all k from HBM each).
 
 Nothing here imports fastssl: the launcher takes tensors its caller validated
-(fastssl._triton_assign prepares them).
+(fastssl.assign.triton_engine prepares them).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from fastssl._assign_common import multiplied_centroids
+from fastssl.assign.common import multiplied_centroids
 
 
 def as_multiplied(x: torch.Tensor, c: torch.Tensor, metric: str,

@@ -25,7 +25,8 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs TRITON_INTERPRET=1 set before Triton is imported "
                 "(tests/test_kmeans_triton.py runs this file that way)", allow_module_level=True)
 
-from fastssl import _triton_assign, kmeans  # noqa: E402
+from fastssl import assign as kmeans  # noqa: E402
+from fastssl.assign import triton_engine as _triton_assign  # noqa: E402
 from fastssl.kernels import assign as kernel  # noqa: E402
 
 import _kmeans_oracle as oracle  # noqa: E402

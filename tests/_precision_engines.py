@@ -32,7 +32,7 @@ def near_bisector_rows(seed: int = 0, n: int = 4000, k: int = 48, d: int = 64):
 
 
 def _assign(impl: str, precision: str) -> dict:
-    from fastssl import kmeans
+    from fastssl import assign as kmeans
 
     x, c = near_bisector_rows()
     if impl == "triton":

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastssl import kmeans
+from fastssl import assign as kmeans
 from fastssl._native import has_cpu_ext
 from fastssl.reference.kmeans import assign_grouped_reference, assign_reference
 
@@ -94,7 +94,7 @@ ISA_SHAPES = [(333, 71, 45), (229, 33, 1), (451, 1100, 70)]
 _ISA_SCRIPT = """
 import json, sys
 import numpy as np, torch
-from fastssl import kmeans
+from fastssl import assign as kmeans
 from fastssl._native import native
 data = np.load(sys.argv[1])
 out = {"isa": native().cpu_isa()}
@@ -414,7 +414,7 @@ def test_native_layer_rejects_malformed_calls_without_crashing():
 def test_engines_import_nothing_from_the_dispatch_module():
     """The engines sit below fastssl.kmeans: importing them (and the reference) must not
     import it, so kmeans.py can import them without a cycle."""
-    code = ("import sys, fastssl._cuda_assign, fastssl._triton_assign, fastssl.reference.kmeans;"
+    code = ("import sys, fastssl.assign.cuda_engine, fastssl.assign.triton_engine, fastssl.reference.kmeans;"
             "print('fastssl.kmeans' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
@@ -425,7 +425,7 @@ def test_engines_import_nothing_from_the_dispatch_module():
 def test_cosine_centroids_are_normalised_once_in_float64():
     """One normalisation everywhere: float64, then a single rounding to the target dtype.
     (Normalising in float32 first rounds twice: 27 of these 400k fp16 values differ.)"""
-    from fastssl._assign_common import normalized_centroids
+    from fastssl.assign.common import normalized_centroids
 
     rng = np.random.default_rng(4)
     c = rng.standard_normal((4000, 100)) * 3

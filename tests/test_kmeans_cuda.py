@@ -18,8 +18,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from fastssl import _native  # noqa: E402
-from fastssl._assign_common import normalized_centroids  # noqa: E402
-from fastssl.kmeans import assign, assign_grouped  # noqa: E402
+from fastssl.assign import assign, assign_grouped  # noqa: E402
+from fastssl.assign.common import normalized_centroids  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -124,7 +124,7 @@ def _run(x, c, metric, precision, groups=None):
         if groups is None:
             return assign(x, c, metric=metric, impl="cuda")
         return assign_grouped(x, groups[0], c, groups[1], metric=metric, impl="cuda")
-    from fastssl import _cuda_assign
+    from fastssl.assign import cuda_engine as _cuda_assign
 
     g = None if groups is None else (np.asarray(groups[0], np.int64), np.asarray(groups[1], np.int64))
     return _cuda_assign.run("assign", x, "torch", c, metric, True, g, precision=precision)

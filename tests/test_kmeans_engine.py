@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from fastssl import _assign_engine, _dispatch, _triton_assign, kmeans
+from fastssl import _dispatch
+from fastssl import assign as kmeans
+from fastssl.assign import dispatch as _assign_engine
+from fastssl.assign import triton_engine as _triton_assign
 from fastssl.errors import MissingDependencyError
 
 GPU = torch.device("cuda", 0)

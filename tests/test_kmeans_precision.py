@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastssl import kmeans
-from fastssl._assign_common import centroid_dtype
+from fastssl import assign as kmeans
+from fastssl.assign.common import centroid_dtype
 from fastssl._native import has_cpu_ext
 
 import _precision_engines as engines

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastssl import kmeans
+from fastssl import assign as kmeans
 from fastssl.errors import MissingDependencyError
 
 import _kmeans_oracle as oracle
@@ -86,7 +86,7 @@ GPU_CASES = [  # (label, dtype, precision, relative tolerance of the score scale
 
 
 def _gpu_check(n, k, d, metric, dtype, precision, rtol):
-    from fastssl import _triton_assign
+    from fastssl.assign import triton_engine as _triton_assign
 
     gen = torch.Generator(device="cuda").manual_seed(n + k + d)
     x = torch.randn(n, d, device="cuda", generator=gen).to(dtype)
@@ -123,7 +123,7 @@ def test_gpu_odd_shapes_bf16(n, k, d, metric):
 @needs_cuda
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 def test_gpu_tma_and_pointer_paths_agree_and_ties_pick_the_lowest_index():
-    from fastssl import _triton_assign
+    from fastssl.assign import triton_engine as _triton_assign
 
     gen = torch.Generator(device="cuda").manual_seed(1)
     base = torch.randn(300, 256, device="cuda", generator=gen).bfloat16()

@@ -20,7 +20,7 @@ def test_import_touches_nothing_heavy():
         "heavy = [m for m in ('torch', 'triton', 'fastssl._C', 'pydicom', 'timm', 'cupy')\n"
         "         if m in sys.modules]\n"
         "assert not heavy, heavy\n"
-        "import fastssl.data, fastssl.curation, fastssl.kmeans\n"
+        "import fastssl.data, fastssl.curation, fastssl.assign\n"
         "heavy = [m for m in ('triton', 'fastssl._C', 'pydicom', 'timm') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
         "print('ok')\n")
@@ -33,7 +33,7 @@ def test_missing_extension_falls_back_for_auto_and_names_itself_for_cpu():
     out = _run(
         "import sys; sys.modules['fastssl._C'] = None\n"
         "import numpy as np\n"
-        "from fastssl import kmeans\n"
+        "from fastssl import assign as kmeans\n"
         "from fastssl._native import has_cpu_ext, has_cuda_ext\n"
         "from fastssl.errors import MissingDependencyError\n"
         "assert not has_cpu_ext() and not has_cuda_ext()\n"

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from fastssl import _arrays
+from fastssl.assign import arrays as _arrays
 from fastssl._native import has_cpu_ext
-from fastssl.kmeans import assign
+from fastssl.assign import assign
 
 IMPLS = ["torch"] + (["cpu"] if has_cpu_ext() else [])
 

@@ -7,7 +7,7 @@ order, inside a level:
     split         level 1 only: every cluster is split into ``split_k`` sub-clusters by a
                   k-means inside it (greedy k-means++, best of ``split_inits`` runs, as
                   SDC); each Lloyd step of all groups together is ONE
-                  ``fastssl.kmeans.assign_grouped`` call over the points sorted by parent
+                  ``fastssl.assign.assign_grouped`` call over the points sorted by parent
                   (per memory-budget batch of whole groups). The non-empty sub-clusters
                   become the level-1 clusters.
     resample_i    take ``sample_size`` inputs per cluster ("closest" to the centroid or
@@ -240,14 +240,15 @@ def grouped_lloyd(x: np.ndarray, x_offsets: np.ndarray, centroids: np.ndarray,
         x: (m, d) rows sorted by group; x_offsets (G+1,) CSR offsets into them.
         centroids: (K, d) initial centroids, group g owning c_offsets[g]:c_offsets[g+1].
         iterations: Lloyd steps; each is ONE assign_grouped call + one scatter-add.
-        impl, precision: passed to fastssl.kmeans.assign_grouped.
+        impl: resolved once (fastssl.assign.engine_for) into the engine of every step.
+        precision: passed to the engine's assign_grouped.
     Returns:
         centroids (K, d) float32 (empty ones kept), labels (m,) int64 into them, and
         distances (m,) float32 from a final assignment.
     """
     import torch
 
-    from fastssl.kmeans import assign_grouped
+    from fastssl.assign import engine_for
 
     K, d = centroids.shape
     c = np.ascontiguousarray(centroids, dtype=np.float32)
@@ -256,11 +257,15 @@ def grouped_lloyd(x: np.ndarray, x_offsets: np.ndarray, centroids: np.ndarray,
     # On a GPU the batch of groups goes up once; each step sends centroids up and labels
     # back, and the scatter-add stays on the host copy.
     x_assign = torch.from_numpy(np.ascontiguousarray(x)).to(device) if device is not None else x
+    engine = None  # resolved at the first step, where the ops themselves resolved it before
 
     def assign_all(centroids_now):
+        nonlocal engine
         cc = torch.from_numpy(centroids_now).to(device) if device is not None else centroids_now
-        lab, dd = assign_grouped(x_assign, x_offsets, cc, c_offsets, impl=impl,
-                                 check_finite=False, precision=precision)
+        if engine is None:
+            engine = engine_for(x_assign, op="assign_grouped", impl=impl)
+        lab, dd = engine.assign_grouped(x_assign, x_offsets, cc, c_offsets,
+                                        check_finite=False, precision=precision)
         if device is not None:
             lab, dd = lab.cpu().numpy(), dd.cpu().numpy()
         return lab, dd

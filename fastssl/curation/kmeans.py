@@ -1,7 +1,7 @@
 """One level of k-means at scale: streamed Lloyd iterations over arrays, memmaps or shards.
 
 The loop is device-agnostic and sits behind a seam: an *assigner* (by default
-:func:`fastssl.kmeans.assign`, the fused native engine) labels each chunk, and the
+:func:`fastssl.assign.assign`, the fused native engine) labels each chunk, and the
 centroid update is a scatter-add of the chunk into float64 (or float32) accumulators with
 ``torch.index_add_`` -- never a Python loop over clusters. Each rank of a
 ``torch.distributed`` job owns a contiguous slice of rows; sums, counts and the objective
@@ -28,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 
 from fastssl import distributed as dist
-from fastssl._assign_common import CENTROID_PRECISIONS
+from fastssl.assign import CENTROID_PRECISIONS
 from fastssl.curation._source import PointSource
 from fastssl.profiling import annotate
 
@@ -71,11 +71,11 @@ class KMeansConfig:
         nonfinite: "raise" (error naming the first NaN/inf row) or "skip" (rows are left
             out and counted; they get label -1).
         metric: "l2" (squared Euclidean), the only metric Lloyd's update minimises.
-        impl: passed to fastssl.kmeans.assign ("auto" | "cpu" | "cuda" | "torch"). With
+        impl: passed to fastssl.assign.assign ("auto" | "cpu" | "cuda" | "torch"). With
             "auto" and a visible GPU each streamed chunk is copied to this rank's GPU and
-            assigned there by the engine fastssl.kmeans.resolved_engine names for it
+            assigned there by the engine fastssl.assign.resolved_engine names for it
             (Triton, the CUDA engine or torch); the update stays on the host.
-        precision: what the centroids are rounded to when assigned (fastssl.kmeans.assign):
+        precision: what the centroids are rounded to when assigned (fastssl.assign.assign):
             "data" (x's own precision; the same tree on every machine up to ties) or
             "bf16" (opt-in for speed on AMX CPUs).
         tol: stop early when the objective falls by less than tol (relative); 0 = never.
@@ -165,7 +165,7 @@ def assign_device(impl: str):
     """The CUDA device that host chunks are assigned on, or None for the host engine.
 
     "auto" picks this rank's current GPU when one is visible and the engine choice of
-    fastssl.kmeans (resolved_engine: Triton, the CUDA engine or torch on the GPU, or
+    fastssl.assign (resolved_engine: Triton, the CUDA engine or torch on the GPU, or
     FASTSSL_IMPL) can run there; "cuda" requires a GPU and fastssl._C built with CUDA;
     "cpu" and "torch" stay on the host.
     """
@@ -174,8 +174,8 @@ def assign_device(impl: str):
     import torch
 
     from fastssl._native import has_cuda_ext
+    from fastssl.assign import resolved_engine
     from fastssl.errors import MissingDependencyError
-    from fastssl.kmeans import resolved_engine
 
     if impl == "auto":
         if not torch.cuda.is_available():
@@ -200,15 +200,18 @@ class DeviceAssigner:
 
     Args:
         device: a torch device (a GPU in practice; any device works, which the tests use).
-        impl: passed to fastssl.kmeans.assign; "auto" is decided there, by the same rule
-            as every assignment (fastssl._assign_engine), never here.
-        precision: passed to fastssl.kmeans.assign ("data" | "bf16").
+        impl: resolved once, on the first use, by fastssl.assign.engine_for into the
+            engine that runs every chunk (so a bad impl fails where it did before: at
+            the first assignment); "auto" is decided there, by the same rule as every
+            assignment (fastssl.assign.dispatch), never here.
+        precision: passed to the engine's assign ("data" | "bf16").
     """
 
     def __init__(self, device, impl: str = "auto", precision: str = "data"):
         self.device = device
         self.impl = impl
         self.precision = precision
+        self._engine = None  # the fastssl.assign Engine, resolved on first use
         self.uploads = 0  # centroid uploads so far (observable by tests)
         self._host_c: np.ndarray | None = None
         self._device_c = None
@@ -216,10 +219,15 @@ class DeviceAssigner:
     @property
     def engine(self) -> str:
         """The engine that assigns this device's chunks ("triton" | "cuda" | "torch" |
-        "cpu"), as fastssl.kmeans.resolved_engine reports it."""
-        from fastssl.kmeans import resolved_engine
+        "cpu"), as fastssl.assign.engine_for resolves it."""
+        return self._resolved().name
 
-        return resolved_engine(self.device, impl=self.impl)
+    def _resolved(self):
+        from fastssl.assign import engine_for
+
+        if self._engine is None:
+            self._engine = engine_for(self.device, impl=self.impl)
+        return self._engine
 
     def centroids(self, c: np.ndarray):
         import torch
@@ -233,13 +241,11 @@ class DeviceAssigner:
     def __call__(self, x: np.ndarray, c: np.ndarray):
         import torch
 
-        from fastssl.kmeans import assign
-
         with warnings.catch_warnings():  # memmap chunks are read-only; torch only reads
             warnings.simplefilter("ignore", UserWarning)
             xt = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
-        labels, dists = assign(xt, self.centroids(c), metric="l2", impl=self.impl,
-                               check_finite=False, precision=self.precision)
+        labels, dists = self._resolved().assign(xt, self.centroids(c), metric="l2",
+                                                check_finite=False, precision=self.precision)
         self._last = (xt, labels)  # for scatter_add: the chunk is not copied up twice
         return labels.cpu().numpy(), dists.cpu().numpy()
 
@@ -262,16 +268,20 @@ class DeviceAssigner:
 
 
 def default_assigner(impl: str = "auto", precision: str = "data") -> Assigner:
-    """fastssl.kmeans.assign on this rank's GPU when there is one (see assign_device),
-    else on the host."""
-    from fastssl.kmeans import assign
+    """fastssl.assign's engine on this rank's GPU when there is one (see assign_device),
+    else on the host; the engine is resolved once, at the first chunk."""
+    from fastssl.assign import engine_for
 
     device = assign_device(impl)
     if device is not None:
         return DeviceAssigner(device, impl, precision)
+    engine = None
 
     def run(x: np.ndarray, c: np.ndarray):
-        return assign(x, c, metric="l2", impl=impl, check_finite=False, precision=precision)
+        nonlocal engine
+        if engine is None:
+            engine = engine_for(x, impl=impl)
+        return engine.assign(x, c, metric="l2", check_finite=False, precision=precision)
 
     return run
 
@@ -428,7 +438,7 @@ class KMeans:
     Args:
         config: a KMeansConfig, or None with its fields as keyword arguments.
         assigner: ``(chunk (m, d), centroids (k, d) float32) -> (labels (m,) int64,
-            distances (m,) float32)``; default fastssl.kmeans.assign(impl=config.impl).
+            distances (m,) float32)``; default fastssl.assign.assign(impl=config.impl).
 
     After :meth:`fit`: ``centroids_`` (k, d) float32, ``stats_`` list of IterationStats,
     ``n_points_`` finite points used, ``skipped_rows_`` (sorted int64 rows left out).

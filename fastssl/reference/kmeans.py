@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fastssl._assign_common import normalized_centroids
+from fastssl.assign.common import normalized_centroids
 
 _METRICS = ("l2", "ip", "cos")
 
@@ -14,7 +14,7 @@ def _prepared_centroids(centroids, metric, device, dtype, normalized=False):
         raise ValueError(f"metric={metric!r}; expected one of {_METRICS}")
     c = centroids.to(device=device)
     # cos: the library's one normalisation (float64, rounded once to dtype), unless the
-    # caller already normalised and rounded them (fastssl.kmeans, impl="torch")
+    # caller already normalised and rounded them (fastssl.assign, impl="torch")
     c = normalized_centroids(c, dtype) if metric == "cos" and not normalized else c.to(dtype)
     return c, (c * c).sum(1)
 

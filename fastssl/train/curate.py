@@ -168,7 +168,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fp64-accumulate", action=bool_flag, default=True,
                         help="accumulate centroid sums in float64")
     parser.add_argument("--impl", choices=("auto", "cpu", "cuda", "torch"), default="auto",
-                        help="assignment engine (fastssl.kmeans.assign)")
+                        help="assignment engine (fastssl.assign.assign)")
     parser.add_argument("--precision", choices=("data", "bf16"), default="data",
                         help="what centroids are rounded to when points are assigned: data "
                              "(the points' own precision; the same tree on AMX, other CPUs "
@@ -538,8 +538,8 @@ def _flat(value, prefix: str = "") -> dict:
 def _engines(impl: str) -> str:
     """The engines the tree is built with, as the assignment code resolves ``impl``:
     Lloyd passes use assign, the per-cluster splits assign_grouped."""
+    from fastssl.assign import resolved_engine
     from fastssl.curation.kmeans import assign_device
-    from fastssl.kmeans import resolved_engine
 
     where = assign_device(impl) or "cpu"
     return (f"{resolved_engine(where, impl=impl)} (splits: "
