@@ -243,7 +243,7 @@ def assign_check_at(report: RowFile, plan, d: int, k: int, config=None) -> None:
     streaming above) against float64 on a slice of rows, before that row's timing."""
     import torch
 
-    from fastssl import _triton_assign
+    from fastssl.assign import triton_engine as _triton_assign
 
     km = _load("gpu_kmeans")
     rows = plan.n16 // 2 if plan.dry else 2048  # k = 100k: a 2048 x k float64 score matrix
