@@ -128,3 +128,23 @@ def test_the_import_walk_sees_every_form(tmp_path, monkeypatch, source, expected
     path = PACKAGE / "eval" / "_layers_probe.py"
     monkeypatch.setattr(Path, "read_text", lambda self, encoding=None: source)
     assert _imports(path) == expected
+
+
+@pytest.mark.parametrize("old, name, new", [
+    ("fastssl.train.export", "load_encoder", "fastssl.models.export"),
+    ("fastssl.train.export", "pixel_stats", "fastssl.data.cache"),
+    ("fastssl.curation.tree", "save_npy_atomic", "fastssl.atomic:atomic_save_npy"),
+    ("fastssl.curation.tree", "write_text_atomic", "fastssl.atomic:atomic_write_text"),
+    ("fastssl.train.curate", "size_histogram", "fastssl.curation.report"),
+    ("fastssl.train.curate", "cluster_shares", "fastssl.curation.report"),
+])
+def test_moved_names_still_work_with_a_deprecation_warning(old, name, new):
+    import importlib
+
+    module, _, new_name = new.partition(":")
+    want = getattr(importlib.import_module(module), new_name or name)
+    with pytest.warns(DeprecationWarning, match=name):
+        got = getattr(importlib.import_module(old), name)
+    assert got is want
+    with pytest.raises(AttributeError):
+        getattr(importlib.import_module(old), "no_such_name")
