@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastssl.distributed import pick_device  # noqa: F401  (finetune imports it from here)
 from fastssl.eval.stats import (  # noqa: F401  (re-exported: the probe's public API)
     auroc, auroc_rows, bootstrap_macro_auroc, macro_auroc, midranks,
 )
@@ -221,12 +222,6 @@ def load_eval_encoder(spec: str, seed: int = 0):
     if not os.path.isfile(spec):
         raise ValueError(f"checkpoint={spec!r} is not a file (nor random:PRESET)")
     return load_encoder(spec)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def eval_transform(cache: str, img_size: int, checkpoint: str = ""):
