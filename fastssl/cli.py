@@ -34,7 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "grids": ("fastssl.curation.tiles", "PNG grids of each cluster's tiles closest to its centroid (a curate tree level)"),
     "demo": ("fastssl.demo", "the main job end to end on built-in phantom data"),
     "plot": ("fastssl.plots", "PNG training curves and reconstructions of a pretraining run"),
-    "export": ("fastssl.train.export", "timm-ready encoder files (one per view) from a pretrain checkpoint"),
+    "export": ("fastssl.models.export", "timm-ready encoder files (one per view) from a pretrain checkpoint"),
 }
 
 

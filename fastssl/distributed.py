@@ -29,7 +29,7 @@ DEFAULT_PORT = 29500
 __all__ = [
     "DistInfo", "init", "shutdown", "is_initialized", "rank", "world_size", "local_rank",
     "is_main", "barrier", "all_reduce_sum", "broadcast", "all_gather_arrays", "gather_arrays", "first_host",
-    "rank_slice",
+    "rank_slice", "rank_world", "all_gather_tensor", "pick_device",
 ]
 
 
@@ -173,6 +173,40 @@ def rank_slice(n: int, rank_: int | None = None, world: int | None = None) -> tu
     return n * r // w, n * (r + 1) // w
 
 
+def rank_world() -> tuple[int, int]:
+    """(rank, world_size); (0, 1) when no process group is initialised."""
+    return rank(), world_size()
+
+
+def pick_device(name: str = "auto", local_rank_: int | None = None):
+    """The one device rule of every command's ``--device``.
+
+    Args:
+        name: "auto" (CUDA when visible, else the CPU), "cpu", "cuda" or "cuda:N".
+        local_rank_: this process's local rank: with a bare "cuda" (or "auto" that picks
+            CUDA) the process binds to GPU local_rank % device_count; None keeps the
+            current CUDA device.
+    Returns:
+        torch.device; a bare "cuda" comes back with its index (the device in use).
+    Raises:
+        ValueError: "cuda..." asked for where no CUDA device is visible.
+    """
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but no CUDA device is visible")
+    if device.index is not None:
+        return device
+    if local_rank_ is not None:
+        torch.cuda.set_device(local_rank_ % torch.cuda.device_count())
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def barrier() -> None:
     if is_initialized():
         import torch.distributed as dist
@@ -284,3 +318,25 @@ def all_gather_arrays(x: Any) -> list[Any]:
     out = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(out, padded)
     return [back(o[:s]) for o, s in zip(out, sizes)]
+
+
+def all_gather_tensor(x, grad: bool = False):
+    """(B, ...) torch tensor per rank -> (world*B, ...) in rank order; x itself when alone.
+
+    Every rank must pass the same shape (no padding: that is ``all_gather_arrays``). With
+    ``grad=True`` the result is differentiable with respect to every rank's rows (torch's
+    autograd all_gather: each rank's gradient flows back to the rank that owns the rows),
+    as contrastive losses with negatives from other ranks need; else it is a constant.
+    """
+    if not is_initialized() or world_size() == 1:
+        return x
+    import torch
+    import torch.distributed as dist
+
+    if grad:
+        from torch.distributed.nn.functional import all_gather
+
+        return torch.cat(all_gather(x.contiguous()), dim=0)
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)

@@ -20,7 +20,6 @@ A sampled hash misses an edit confined to unsampled blocks: that is the price of
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -54,60 +53,8 @@ _TMP_RE = re.compile(r"\.tmp-?(\d+)$")   # ours: .NAME.tmpPID; older writers: NA
 
 
 # --------------------------------------------------------------------------- atomic writes
-
-def _tmp_path(path: str) -> str:
-    head, name = os.path.split(os.path.abspath(path))
-    return os.path.join(head, f".{name}.tmp{os.getpid()}")
-
-
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:                 # some filesystems do not open directories; rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def _replacing(path: str):
-    """Yield a temporary name beside ``path``; on success it replaces ``path``, on error it goes."""
-    tmp = _tmp_path(path)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def _atomic_write_with(path: str | os.PathLike, write: Callable[[Any], None], mode: str) -> None:
-    with _replacing(os.fspath(path)) as tmp:
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` so that ``path`` holds either the old or the new content, never a torn one."""
-    _atomic_write_with(path, lambda handle: handle.write(data), "wb")
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """``atomic_write_bytes`` for UTF-8 text."""
-    _atomic_write_with(path, lambda handle: handle.write(text), "w")
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """``obj`` as indented JSON (keys sorted, so equal objects give equal files)."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+# The writers live in fastssl.atomic; job code keeps importing them from here.
+from fastssl.atomic import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
 
 
 def _pid_alive(pid: int) -> bool:
@@ -376,7 +323,7 @@ def save_checkpoint(obj: Any, path: str | os.PathLike) -> None:
     """
     import torch
     path = os.fspath(path)
-    with _replacing(path) as tmp:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())

@@ -197,7 +197,7 @@ def reconstruction_arrays(checkpoint: str, cache: str, *, n: int = 4, mask_ratio
     from fastssl.data.cache import read_manifest
     from fastssl.models.mvmae import VIEW_IDS
     from fastssl.reference.mae import patchify_reference
-    from fastssl.train.export import pixel_stats
+    from fastssl.data.cache import pixel_stats
 
     if n < 1:
         raise ValueError(f"n={n}; expected >= 1")

@@ -9,7 +9,7 @@ import pytest
 from fastssl.cli import main
 from fastssl.curation.hierarchical import FAIL_ENV
 from fastssl.curation.synthetic import long_tailed_mixture, zipf_sizes
-from fastssl.train.curate import balance_metrics
+from fastssl.curation.report import balance_metrics
 
 
 def test_zipf_sizes_and_mixture(tmp_path):
@@ -244,7 +244,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_same_tree(tmp_path):
 # ---------------------------------------------------------------- plots, labels by path
 def test_size_histogram_counts_every_cluster(rng):
     """12.3: the largest cluster used to fall outside the last (rounded) edge."""
-    from fastssl.train.curate import size_histogram
+    from fastssl.curation.report import size_histogram
 
     for sizes in (np.array([1, 5, 100]), np.array([0, 3, 999]), rng.integers(1, 10**6, 200),
                   np.array([7])):
@@ -255,7 +255,7 @@ def test_size_histogram_counts_every_cluster(rng):
 def test_plots_and_balance_against_full_and_random(tmp_path, rng):
     pytest.importorskip("matplotlib")
     from fastssl.curation import hierarchical_kmeans, hierarchical_sample
-    from fastssl.train.curate import cluster_shares, write_plots
+    from fastssl.curation.report import cluster_shares, write_plots
 
     x, comp, _ = long_tailed_mixture(3000, 8, 30, seed=4)
     tree = hierarchical_kmeans(x, [40, 6], iterations=4, resampling_steps=1, progress=False)

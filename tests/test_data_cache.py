@@ -161,3 +161,44 @@ def test_phantom_cache_rejects_exactly_the_corrupt_files(tmp_path):
              if {r["view"] for r in good if r["study_id"] == st} == {"frontal", "lateral"}}
     ds = PairedViewDataset(out, split=None)
     assert set(ds.study_ids.tolist()) == pairs
+
+
+@pytest.mark.parametrize("manifest, mean, std, want", [
+    ({"pixel_mean": 0.31, "pixel_std": 0.22}, -1.0, -1.0, (0.31, 0.22)),   # the cache's statistics
+    ({"pixel_mean": 0.31, "pixel_std": 0.22}, 0.4, -1.0, (0.4, 0.22)),     # --pixel-mean only
+    ({"pixel_mean": 0.31, "pixel_std": 0.22}, None, 0.3, (0.31, 0.3)),     # --pixel-std only
+    ({"pixel_mean": 0.31, "pixel_std": 0.22}, 0.0, 0.1, (0.0, 0.1)),       # 0 is a valid mean
+    ({}, -1.0, -1.0, (0.5, 0.25)),                                         # an old cache: the defaults
+    ({"pixel_mean": 0.6, "pixel_std": 0.0}, -1.0, -1.0, (0.6, 0.25)),      # a std of 0 cannot divide
+])
+def test_pixel_stats_rule(manifest, mean, std, want):
+    from fastssl.data.cache import pixel_stats
+
+    assert pixel_stats(manifest, mean, std) == want
+
+
+def _hand_cache(root, rows):
+    from fastssl.data.cache import FORMAT_VERSION, INDEX_COLUMNS
+
+    root.mkdir(exist_ok=True)
+    (root / "manifest.json").write_text(json.dumps(dict(complete=True, format_version=FORMAT_VERSION,
+                                                        size=8, dtype="uint8")))
+    with open(root / "index.csv", "w", newline="") as handle:
+        w = csv.writer(handle)
+        w.writerow(INDEX_COLUMNS)
+        for i, (study, view) in enumerate(rows):
+            w.writerow([i, 0, i, "mimic-cxr", study, "p1", f"d{i}", view, "PA", "header", "train"]
+                       + ["1"] * 14 + ["", f"files/d{i}.dcm"])
+
+
+def test_read_index_parses_once_until_the_cache_changes(tmp_path):
+    root = tmp_path / "cache"
+    _hand_cache(root, [("s1", "frontal"), ("s1", "lateral"), ("s2", "frontal")])
+    first = read_index(root)
+    assert list(first.study_id) == ["s1", "s1", "s2"] and list(first.offset) == [0, 1, 2]
+    assert read_index(str(root)) is first                  # the same parse, not a re-read
+    with pytest.raises(ValueError):                        # shared arrays cannot be changed by a reader
+        first.view[0] = "lateral"
+    _hand_cache(root, [("s9", "lateral")])                 # rewritten (other size): parsed again
+    again = read_index(root)
+    assert list(again.study_id) == ["s9"] and list(again.view) == ["lateral"]

@@ -223,3 +223,17 @@ def test_phantom_scan_pairs_like_the_csvs(phantom):
     by_id = {s.study_id: s for s in load_mimic_csv(root).studies}
     for s in scanned.studies:
         assert s.subject_id == by_id[s.study_id].subject_id
+
+
+def test_split_of_a_study_comes_from_its_first_listed_image(tmp_path):
+    # split CSV lists only some images: a study takes the first listed image's split, a study
+    # with no listed image is "unknown"; without a split CSV every study is "train"
+    write_mimic_csvs(tmp_path, gz=False)
+    listed = [["50000002-01", "50000002", "10000001", "validate"], ["50000007-02", "50000007", "11000006", "test"]]
+    write_csv(tmp_path / "mimic-cxr-2.0.0-split.csv", ["dicom_id", "study_id", "subject_id", "split"], listed)
+    splits = {s.study_id: s.split for s in load_mimic_csv(tmp_path).studies}
+    want = {s: "unknown" for _, s, _ in STUDIES} | {"50000002": "validate", "50000007": "test"}
+    want["50000001"] = "validate"  # patient 10000001's other study: a patient's studies share a split
+    assert splits == want
+    os.remove(tmp_path / "mimic-cxr-2.0.0-split.csv")
+    assert {s.split for s in load_mimic_csv(tmp_path).studies} == {"train"}

@@ -192,3 +192,41 @@ def test_stratified_batches_over_two_gloo_ranks(tmp_path):
         np.testing.assert_array_equal(np.sort(np.concatenate([a, b])), np.sort(whole))
         counts = np.bincount(labels[np.asarray(whole) - 1000], minlength=5)
         assert sorted(counts.tolist()) == _SAMPLER_COUNTS and counts[0] == 2
+
+
+class _FakeCuda:
+    """torch.cuda as seen on a 4-GPU node (records set_device)."""
+
+    def __init__(self, available: bool):
+        self.available, self.current, self.set = available, 0, []
+
+    def install(self, monkeypatch):
+        import torch
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: self.available)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: self.current)
+        monkeypatch.setattr(torch.cuda, "set_device", lambda i: (self.set.append(i), setattr(self, "current", i)))
+
+
+def test_pick_device_without_cuda(monkeypatch):
+    import torch
+
+    _FakeCuda(False).install(monkeypatch)
+    assert dist.pick_device("auto", 3) == torch.device("cpu")
+    assert dist.pick_device("cpu") == torch.device("cpu")
+    for name in ("cuda", "cuda:1"):
+        with pytest.raises(ValueError, match=f"device='{name}' but no CUDA device is visible"):
+            dist.pick_device(name)
+    assert dist.rank_world() == (0, 1)
+
+
+def test_pick_device_binds_the_local_rank(monkeypatch):
+    import torch
+
+    cuda = _FakeCuda(True)
+    cuda.install(monkeypatch)
+    assert dist.pick_device("auto", 5) == torch.device("cuda", 1) and cuda.set == [1]  # 5 % 4 GPUs
+    assert dist.pick_device("cuda", 2) == torch.device("cuda", 2) and cuda.set == [1, 2]
+    assert dist.pick_device("cuda") == torch.device("cuda", 2) and cuda.set == [1, 2]  # no rank: the current one
+    assert dist.pick_device("cuda:3", 0) == torch.device("cuda", 3) and cuda.set == [1, 2]  # explicit index wins

@@ -375,7 +375,7 @@ def test_finetune_normalises_with_the_encoders_training_values(cache, tmp_path):
     from fastssl.data.cache import read_manifest
     from fastssl.eval.finetune import FinetuneConfig, _setup
     from fastssl.eval.probe import load_eval_encoder
-    from fastssl.train.export import export_encoder
+    from fastssl.models.export import export_encoder
 
     encoder = load_eval_encoder("random:test")
     path = export_encoder(encoder, encoder.cfg, str(tmp_path / "encoder.safetensors"),

@@ -134,7 +134,7 @@ def test_end_to_end_phantom_pretrain_probe(pretrained, tmp_path, capsys):
     # scores.csv: one row per (test study, label); the study's score is its images' mean logit
     table = read_scores_csv(out)
     assert table["scores"].shape == (r["n_test_studies"], 14) and os.path.getsize(os.path.join(out, "roc.png")) > 0
-    from fastssl.train.export import load_encoder
+    from fastssl.models.export import load_encoder
 
     encoder = load_encoder(enc).eval()
     head = dict(np.load(os.path.join(out, "probe.npz")))
@@ -323,7 +323,7 @@ def test_probe_normalises_with_the_encoders_training_values(pretrained, tmp_path
     import shutil
 
     from fastssl.cli import main as cli
-    from fastssl.train.export import load_encoder
+    from fastssl.models.export import load_encoder
 
     cache, run = pretrained
     other = str(tmp_path / "other_cache")

@@ -16,8 +16,8 @@ from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 from fastssl.models import mvmae  # noqa: E402
 from fastssl.models.mvmae import VIEW_IDS, ViewEncoder, model_config  # noqa: E402
-from fastssl.train import export  # noqa: E402
-from fastssl.train.export import export_encoder, load_encoder, read_export_metadata  # noqa: E402
+from fastssl.models import export  # noqa: E402
+from fastssl.models.export import export_encoder, load_encoder, read_export_metadata  # noqa: E402
 
 MANIFEST = {"pixel_mean": 0.4375, "pixel_std": 0.1875}
 VIEWS = ("frontal", "lateral", "unknown")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fastssl import jobs
+from fastssl.atomic import atomic_writer
 from fastssl.errors import DataError, OutputLocked, ResumeMismatch
 from fastssl.train.checkpoint import atomic_torch_save, truncate_metrics
 
@@ -182,7 +183,9 @@ def test_atomic_write_keeps_old_content_when_the_write_fails(tmp_path):
     class Unserialisable:
         pass
     with pytest.raises(TypeError):
-        jobs._atomic_write_with(path, lambda h: (h.write("partial"), json.dump(Unserialisable(), h)), "w")
+        with atomic_writer(path, "w") as h:
+            h.write("partial")
+            json.dump(Unserialisable(), h)
     assert json.loads(path.read_text()) == {"a": [1, 2], "b": 1}
     assert os.listdir(tmp_path) == ["a.json"]
     jobs.atomic_write_bytes(path, b"\x00\x01")

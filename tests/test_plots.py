@@ -109,7 +109,7 @@ def trained_run(tmp_path_factory):
 
 def test_reconstruction_shows_what_the_model_predicts(trained_run):
     from fastssl.data.cache import read_manifest
-    from fastssl.train.export import pixel_stats
+    from fastssl.data.cache import pixel_stats
 
     cache, run = trained_run
     arrays = plots.reconstruction_arrays(os.path.join(run, "checkpoint.pt"), cache, n=2, seed=5)

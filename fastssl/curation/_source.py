@@ -61,16 +61,35 @@ def expand_paths(data: str | os.PathLike | Sequence[str | os.PathLike]) -> list[
     return paths
 
 
+def read_embed_manifest(directory: str | os.PathLike, missing_ok: bool = False) -> dict | None:
+    """The manifest.json of a ``fastssl embed`` output directory: the one reader of it.
+
+    Returns None when the file is absent and ``missing_ok``; raises DataError naming the
+    file when it is absent (otherwise), unreadable, or not a JSON object."""
+    import json
+
+    path = Path(directory) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        if missing_ok:
+            return None
+        raise DataError(path, f"cannot read ({exc})") from None
+    except (OSError, ValueError) as exc:
+        raise DataError(path, f"cannot read ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise DataError(path, f"not an embed manifest (a JSON {type(manifest).__name__}, not an object)")
+    return manifest
+
+
 def manifest_shards(directory: Path) -> list[Path]:
     """The shards of a ``fastssl embed`` output directory in manifest.json's order: the
     order of the rows of its index.csv (never the file names' order)."""
-    import json
-
     path = directory / "manifest.json"
+    manifest = read_embed_manifest(directory)
     try:
-        shards = json.loads(path.read_text(encoding="utf-8"))["shards"]
-        files = [directory / entry["file"] for entry in shards]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        files = [directory / entry["file"] for entry in manifest["shards"]]
+    except (KeyError, TypeError) as exc:
         raise DataError(path, f"not an embed manifest with a 'shards' list ({exc})") from None
     if not files:
         raise DataError(path, "lists no shards")

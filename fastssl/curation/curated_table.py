@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import itertools
-import json
 import logging
 import os
 from pathlib import Path
@@ -80,13 +79,10 @@ def tile_index_for(index_csv: Path | None) -> Path | None:
     """The tiles.csv named by the embed manifest beside index.csv (key "tile_index")."""
     if index_csv is None:
         return None
-    manifest = index_csv.parent / "manifest.json"
-    try:
-        path = json.loads(manifest.read_text(encoding="utf-8")).get("tile_index")
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, AttributeError) as exc:
-        raise DataError(manifest, f"cannot read its tile_index ({exc})") from None
+    from fastssl.curation._source import read_embed_manifest
+
+    manifest = read_embed_manifest(index_csv.parent, missing_ok=True)
+    path = manifest.get("tile_index") if manifest is not None else None
     return Path(path) if path else None
 
 
@@ -130,7 +126,7 @@ def write_curated_table(path: str | os.PathLike, rows: np.ndarray, clusters: np.
         sources: m index.csv sources, or None (empty column).
         tiles: m (slide, level, x, y, size, mpp) string tuples, or None (empty columns).
     """
-    from fastssl.jobs import _atomic_write_with
+    from fastssl.atomic import atomic_writer
 
     rows = np.asarray(rows, dtype=np.int64)
     clusters = np.asarray(clusters, dtype=np.int64)
@@ -139,7 +135,7 @@ def write_curated_table(path: str | os.PathLike, rows: np.ndarray, clusters: np.
     header = ["row", "source", *_TILE_FIELDS] + [f"cluster_{l + 1}" for l in range(clusters.shape[1])]
     blank = ("",) * len(_TILE_FIELDS)
 
-    def write(handle) -> None:
+    with atomic_writer(path, "w") as handle:
         out = csv.writer(handle, lineterminator="\n")
         out.writerow(header)
         for a in range(0, rows.shape[0], _CHUNK):
@@ -148,6 +144,4 @@ def write_curated_table(path: str | os.PathLike, rows: np.ndarray, clusters: np.
                 (r, sources[a + j] if sources is not None else "",
                  *(tiles[a + j] if tiles is not None else blank), *c)
                 for j, (r, c) in enumerate(zip(rows[a:b].tolist(), clusters[a:b].tolist())))
-
-    _atomic_write_with(path, write, "w")
     return Path(path)

@@ -49,8 +49,9 @@ from typing import Sequence
 
 import numpy as np
 
+from fastssl import distributed as fdist
 from fastssl import jobs
-from fastssl.curation.tree import save_npy_atomic, write_text_atomic
+from fastssl.atomic import atomic_save_npy, atomic_write_csv, atomic_write_text
 from fastssl.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -332,7 +333,7 @@ def _few(keys: Sequence[str], n: int = 5) -> str:
 
 
 def _export_metadata(weights: str | None) -> dict:
-    """The metadata of a `fastssl pretrain` export (fastssl.train.export), {} for other weights."""
+    """The metadata of a `fastssl pretrain` export (fastssl.models.export), {} for other weights."""
     if weights is None or Path(weights).suffix != ".safetensors":
         return {}
     from safetensors import safe_open
@@ -408,24 +409,8 @@ class EmbedConfig:
     verify_data: bool = False  # fingerprint every byte of the tiles and weights
 
 
-def _rank_world() -> tuple[int, int]:
-    try:
-        from fastssl import distributed as d
-
-        return d.rank(), d.world_size()
-    except ImportError:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+# the one rank helpers, bound here so that tests can stand in for another rank
+_rank_world, _barrier = fdist.rank_world, fdist.barrier
 
 
 def _shard_name(rank: int, world: int, shard: int) -> str:
@@ -445,14 +430,6 @@ def _plan_shards(n_items: int, world: int, shard_size: int) -> list[tuple[int, s
     return plan
 
 
-def _write_csv_atomic(path: Path, header: Sequence[str], rows: Sequence[Sequence]) -> None:
-    text = io.StringIO()
-    writer = csv.writer(text)
-    writer.writerow(header)
-    writer.writerows(rows)
-    jobs.atomic_write_text(path, text.getvalue())
-
-
 def _read_csv(path: Path) -> list[list[str]]:
     with open(path, newline="", encoding="utf-8") as handle:
         return list(csv.reader(handle))[1:]
@@ -468,16 +445,6 @@ def _check_config(cfg: EmbedConfig) -> None:
         raise ValueError(_NO_WEIGHTS)
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"--precision: {cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
-
-
-def _pick_device(name: str, world: int):
-    import torch
-
-    device = torch.device("cuda" if name == "auto" and torch.cuda.is_available()
-                          else ("cpu" if name == "auto" else name))
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
 
 
 def _pixel_settings(net, cfg: EmbedConfig) -> tuple[int, tuple, tuple]:
@@ -592,7 +559,7 @@ def embed_images(source: str | os.PathLike, out_dir: str | os.PathLike,
 
 def _embed_and_merge(cfg: EmbedConfig, items: _Items, out: Path, net, rank: int, world: int) -> dict:
     """This rank's unfinished shards, then (rank 0) the merged index and manifest."""
-    device = _pick_device(cfg.device, world)
+    device = fdist.pick_device(cfg.device)
     img_size, mean, std = _pixel_settings(net, cfg)
     shards = _plan_shards(len(items.names), world, cfg.shard_size)
     mine = [s for s in shards if s[0] == rank]
@@ -674,9 +641,9 @@ class _ShardWriter:
         name = self.current[1]
         emb = np.concatenate(self.feats) if self.feats else np.zeros((0, self.dim), np.float16)
         rows = [[off, f"emb_{name}.npy", off, self.names[it]] for off, it in enumerate(self.items)]
-        _write_csv_atomic(self.out / "parts" / f"index_{name}.csv", ["row", "shard", "offset", "source"], rows)
-        _write_csv_atomic(self.out / "parts" / f"rejects_{name}.csv", ["source", "reason"], self.rejects)
-        save_npy_atomic(self.out / f"emb_{name}.npy", emb)  # last: marks the shard finished
+        atomic_write_csv(self.out / "parts" / f"index_{name}.csv", ["row", "shard", "offset", "source"], rows)
+        atomic_write_csv(self.out / "parts" / f"rejects_{name}.csv", ["source", "reason"], self.rejects)
+        atomic_save_npy(self.out / f"emb_{name}.npy", emb)  # last: marks the shard finished
         self.written += len(self.items)
         self.feats, self.items, self.rejects = [], [], []
 
@@ -720,8 +687,8 @@ def _merge(out: Path, shards, items: _Items, cfg: EmbedConfig, dim: int, pixels:
                        for k, (_, shard_file, offset, source) in enumerate(rows)]
         reject_rows += _read_csv(out / "parts" / f"rejects_{name}.csv")
         shard_info.append({"file": f"emb_{name}.npy", "rows": len(rows), "items": [a, b]})
-    _write_csv_atomic(out / "index.csv", ["row", "shard", "offset", "source"], index_rows)
-    _write_csv_atomic(out / "rejects.csv", ["source", "reason"], reject_rows)
+    atomic_write_csv(out / "index.csv", ["row", "shard", "offset", "source"], index_rows)
+    atomic_write_csv(out / "rejects.csv", ["source", "reason"], reject_rows)
     img_size, mean, std = pixels
     manifest = {
         "model": cfg.model, "weights": cfg.weights, "random_init": cfg.random_init,
@@ -733,7 +700,7 @@ def _merge(out: Path, shards, items: _Items, cfg: EmbedConfig, dim: int, pixels:
         "tile_index": str(items.tile_index.resolve()) if items.tile_index is not None else None,
         "shards": shard_info,
     }
-    write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=2))
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
     return manifest
 
 

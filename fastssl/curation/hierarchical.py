@@ -48,7 +48,8 @@ from fastssl import distributed as dist
 from fastssl.curation._source import PointSource
 from fastssl.curation.kmeans import (KMeans, KMeansConfig, KmppCheckpoint, _one_thread,
                                      _progress_enabled, _scatter_add, assign_device)
-from fastssl.curation.tree import HierarchicalTree, TreeLevel, save_npy_atomic, write_text_atomic
+from fastssl.atomic import atomic_save_npy, atomic_savez, atomic_write_text
+from fastssl.curation.tree import HierarchicalTree, TreeLevel
 
 log = logging.getLogger(__name__)
 
@@ -576,12 +577,7 @@ def _part_path(parts_dir: Path, g0: int, g1: int) -> Path:
 
 def _save_part(path: Path, part) -> None:
     """One batch's (centroids, labels, distances), written to a temporary name first."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        np.savez(handle, centroids=part[0], labels=part[1], distances=part[2])
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    atomic_savez(path, centroids=part[0], labels=part[1], distances=part[2])
 
 
 def _load_part(path: Path):
@@ -704,7 +700,7 @@ class _Progress:
         if self.root is None or not dist.is_main():
             return
         body = {"record": self.record, "done": self.done, "complete": complete}
-        write_text_atomic(self.root / "progress.json", json.dumps(body, indent=1))
+        atomic_write_text(self.root / "progress.json", json.dumps(body, indent=1))
 
     def step_dir(self, depth: int, step: str) -> Path:
         return self.root / "work" / f"level_{depth}" / step
@@ -749,12 +745,7 @@ class _Progress:
         if path is None or not dist.is_main():
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as handle:
-            np.savez(handle, iteration=np.int64(iteration), centroids=centroids)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        atomic_savez(path, iteration=np.int64(iteration), centroids=centroids)
 
     def save(self, depth: int, step: str, state: tuple[np.ndarray, ...], prev: str | None,
              callback: Callable[[int, str], None] | None) -> None:
@@ -763,7 +754,7 @@ class _Progress:
                 sub = self.step_dir(depth, step)
                 sub.mkdir(parents=True, exist_ok=True)
                 for name, arr in zip(_STATE, state):
-                    save_npy_atomic(sub / f"{name}.npy", np.asarray(arr))
+                    atomic_save_npy(sub / f"{name}.npy", np.asarray(arr))
                 self.done.append(f"{depth}/{step}")
                 self._write()
                 self.partial_path(depth, step).unlink(missing_ok=True)
@@ -873,7 +864,7 @@ def hierarchical_kmeans(
         return tree
     if dist.is_main():
         if point_ids is not None:
-            save_npy_atomic(root / "point_ids.npy", point_ids)
+            atomic_save_npy(root / "point_ids.npy", point_ids)
             tree.meta["point_ids"] = "point_ids.npy"
         tree.save(root)
         prog.finish()

@@ -330,13 +330,12 @@ class KmppCheckpoint:
         now = time.monotonic()
         if not force and now - self._last < self.every_s:
             return
-        from fastssl.jobs import _atomic_write_with
+        from fastssl.atomic import atomic_savez
 
         D = D.cpu().numpy() if hasattr(D, "cpu") else np.asarray(D)
         shape = np.array([D.shape[0], k, trials], np.int64)
-        _atomic_write_with(self.path, lambda handle: np.savez(
-            handle, shape=shape, chosen=np.asarray(chosen, np.int64), distances=D,
-            rng_state=json.dumps(rng.bit_generator.state)), "wb")
+        atomic_savez(self.path, shape=shape, chosen=np.asarray(chosen, np.int64), distances=D,
+                     rng_state=json.dumps(rng.bit_generator.state))
         self._last = now
 
 

@@ -16,6 +16,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from fastssl import distributed as fdist
+
 _STRATEGIES = ("random", "closest", "furthest")
 
 
@@ -217,24 +219,6 @@ def _dataset_rows(indices, n: int) -> np.ndarray:
     return indices.astype(np.int64)
 
 
-def _default_rank_world() -> tuple[int, int]:
-    """(rank, world_size) from fastssl.distributed, else torch.distributed, else (0, 1)."""
-    try:
-        from fastssl import distributed as dist_helpers  # written alongside; may be absent
-
-        return int(dist_helpers.rank()), int(dist_helpers.world_size())
-    except (ImportError, AttributeError):
-        pass
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-    except ImportError:
-        pass
-    return 0, 1
-
-
 def _water_level(sizes: np.ndarray, target: int) -> tuple[np.ndarray, np.ndarray, int]:
     """One group's water level, the random remainder left to the caller.
 
@@ -375,7 +359,7 @@ class ClusterStratifiedBatchSampler:
         if int(pseudo_epoch_size) != pseudo_epoch_size or pseudo_epoch_size < 1:
             raise ValueError(f"pseudo_epoch_size must be an int >= 1, got {pseudo_epoch_size!r}")
         if rank is None or world_size is None:
-            auto_rank, auto_world = _default_rank_world()
+            auto_rank, auto_world = fdist.rank_world()
             rank = auto_rank if rank is None else rank
             world_size = auto_world if world_size is None else world_size
         if world_size < 1 or not 0 <= rank < world_size:

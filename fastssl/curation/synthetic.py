@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastssl.curation.tree import save_npy_atomic
+from fastssl.atomic import atomic_save_npy
 
 __all__ = ["long_tailed_mixture", "zipf_sizes"]
 
@@ -97,8 +97,8 @@ def long_tailed_mixture(
     paths = []
     for i, s in enumerate(range(0, n, shard_rows)):
         path = root / f"points_{i:05d}.npy"
-        save_npy_atomic(path, block(s, min(n, s + shard_rows)))
+        atomic_save_npy(path, block(s, min(n, s + shard_rows)))
         paths.append(path)
-    save_npy_atomic(root / "components.npy", labels)
-    save_npy_atomic(root / "families.npy", fam_labels)
+    atomic_save_npy(root / "components.npy", labels)
+    atomic_save_npy(root / "families.npy", fam_labels)
     return paths, labels, fam_labels

@@ -13,7 +13,6 @@ tiles closest to the cluster's centroid, closest first, in row-major order.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import os
@@ -188,13 +187,11 @@ def grid_image(tiles: Sequence[np.ndarray], tile_px: int, columns: int | None = 
 def embedding_table(embed_dir: str | os.PathLike) -> tuple[list[dict], Path | None]:
     """Tile-table rows of every embedding row of `fastssl embed`'s output (index.csv joined
     with the tile index named in manifest.json), and the tiles_root to read them with."""
+    from fastssl.curation._source import read_embed_manifest
     from fastssl.curation.tile import TILES_HEADER, _read_rows
 
     embed_dir = Path(embed_dir)
-    try:
-        manifest = json.loads((embed_dir / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(embed_dir / "manifest.json", f"cannot read ({exc})") from None
+    manifest = read_embed_manifest(embed_dir)
     index = _read_rows(embed_dir / "index.csv", ("row", "shard", "offset", "source"))
     tile_index = manifest.get("tile_index")
     where = {}

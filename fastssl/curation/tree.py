@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fastssl.atomic import atomic_save_npy, atomic_write_text
+
 FORMAT_VERSION = 1
 _ARRAYS = ("centroids", "assignments", "distances", "offsets", "members")
 
@@ -153,7 +155,7 @@ class HierarchicalTree:
             sub = root / f"level_{depth}"
             sub.mkdir(exist_ok=True)
             for name in _ARRAYS:
-                save_npy_atomic(sub / f"{name}.npy", np.asarray(getattr(level, name)))
+                atomic_save_npy(sub / f"{name}.npy", np.asarray(getattr(level, name)))
         info = {
             "format": FORMAT_VERSION,
             "n_points": self.n_points,
@@ -161,7 +163,7 @@ class HierarchicalTree:
             "levels": [{"k": level.k, "n_inputs": level.n_inputs} for level in self.levels],
             "meta": self.meta,
         }
-        write_text_atomic(root / "tree.json", json.dumps(info, indent=2, sort_keys=True))
+        atomic_write_text(root / "tree.json", json.dumps(info, indent=2, sort_keys=True))
         return root
 
     @classmethod
@@ -197,19 +199,15 @@ class HierarchicalTree:
         return tree
 
 
-def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
-    """np.save to a temporary file in the same directory, then an atomic rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        np.save(handle, array, allow_pickle=False)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+def __getattr__(name: str):
+    # the atomic writers moved to fastssl.atomic; the old names work for one more release
+    moved = {"save_npy_atomic": "atomic_save_npy", "write_text_atomic": "atomic_write_text"}
+    if name in moved:
+        import warnings
 
+        from fastssl import atomic
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+        warnings.warn(f"fastssl.curation.tree.{name} moved to fastssl.atomic.{moved[name]}; the old name "
+                      "goes in the next release", DeprecationWarning, stacklevel=2)
+        return getattr(atomic, moved[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -38,10 +38,10 @@ import numpy as np
 from fastssl.data.mimic import CHEXPERT_LABELS, FRONTAL_VIEWS, LABEL_POLICIES, LATERAL_VIEWS, StudyTable
 from fastssl.data.sources import SOURCE_KINDS, SourceSpec, TableOptions, load_sources, parse_source
 from fastssl.errors import DataError
-from fastssl.jobs import atomic_write_json
+from fastssl.atomic import atomic_save_npy, atomic_write_csv, atomic_write_json
 
 __all__ = [
-    "prepare_cache", "read_index", "read_manifest", "open_shard", "fit_square", "CacheIndex",
+    "prepare_cache", "read_index", "read_manifest", "pixel_stats", "open_shard", "fit_square", "CacheIndex",
     "INDEX_COLUMNS", "FORMAT_VERSION",
 ]
 
@@ -60,34 +60,6 @@ _KILL_ENV = "FASTSSL_PREPARE_KILL_AFTER_SHARDS"
 
 def shard_name(k: int) -> str:
     return f"shard_{k:05d}.npy"
-
-
-# ---------------------------------------------------------------- atomic writers
-
-def _replace_atomically(path: str, write) -> None:
-    """Write via ``write(handle)`` to a temporary sibling, fsync, then rename over path."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _write_csv(path: str, header: Sequence[str], rows) -> None:
-    def write(handle):
-        text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
-        writer = csv.writer(text)
-        writer.writerow(header)
-        writer.writerows(rows)
-        text.flush()
-        text.detach()  # leave the binary handle open for the fsync
-
-    _replace_atomically(path, write)
 
 
 # ---------------------------------------------------------------- one image
@@ -395,7 +367,7 @@ def _convert_shards(out: str, plan: list, bounds: list, todo: list[int], tasks: 
                 shard[i - a] = image
                 rows.append(_index_row(k, i - a, fields))
                 s1, s2 = s1 + t1, s2 + t2
-            _replace_atomically(os.path.join(out, shard_name(k)), lambda h, arr=shard: np.save(h, arr))
+            atomic_save_npy(os.path.join(out, shard_name(k)), shard)
             atomic_write_json(os.path.join(out, "parts", f"shard_{k:05d}.json"), dict(
                 plan_sha256=config["plan_sha256"], n=b - a, rows=rows, rejects=rejects,
                 pixel_sum=s1, pixel_sumsq=s2))
@@ -419,8 +391,8 @@ def _merge_parts(out: str, n_shards: int, table_rejects: list, size: int) -> tup
             index_rows.append([len(index_rows), *row])
         reject_rows.extend(part["rejects"])
         s1, s2 = s1 + part["pixel_sum"], s2 + part["pixel_sumsq"]
-    _write_csv(os.path.join(out, "index.csv"), INDEX_COLUMNS, index_rows)
-    _write_csv(os.path.join(out, "rejects.csv"), ["path", "reason"], reject_rows)
+    atomic_write_csv(os.path.join(out, "index.csv"), INDEX_COLUMNS, index_rows)
+    atomic_write_csv(os.path.join(out, "rejects.csv"), ["path", "reason"], reject_rows)
     n_px = max(1, len(index_rows)) * size * size
     mean = s1 / n_px
     return len(index_rows), len(reject_rows), mean, float(np.sqrt(max(0.0, s2 / n_px - mean * mean)))
@@ -437,6 +409,18 @@ def read_manifest(cache_dir: str | os.PathLike) -> dict:
         raise DataError(path, "no manifest.json: not a fastssl cache (run `fastssl prepare`)") from None
     except (OSError, ValueError) as exc:
         raise DataError(path, f"unreadable manifest ({exc})") from None
+
+
+def pixel_stats(manifest: dict, mean: float | None = -1.0, std: float | None = -1.0) -> tuple[float, float]:
+    """The (mean, std) that normalise [0, 1] pixels: the one rule of pretraining, export,
+    evaluation and plots. An explicit ``mean`` >= 0 / ``std`` > 0 (``--pixel-mean`` /
+    ``--pixel-std``) wins; else the cache manifest's ``pixel_mean`` / ``pixel_std``; else
+    0.5 / 0.25 (also for a recorded std of 0, which cannot divide)."""
+    if mean is None or mean < 0:
+        mean = manifest.get("pixel_mean", 0.5)
+    if std is None or std <= 0:
+        std = float(manifest.get("pixel_std", 0.25)) or 0.25
+    return float(mean), float(std)
 
 
 @dataclass
@@ -483,9 +467,40 @@ class CacheIndex:
         return mask
 
 
+_INDEX_CACHE: dict[tuple, CacheIndex] = {}
+_INDEX_CACHE_SIZE = 4
+
+
+def _file_key(path: str) -> tuple:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (path, None)
+    return (path, st.st_mtime_ns, st.st_size, st.st_ino)
+
+
 def read_index(cache_dir: str | os.PathLike) -> CacheIndex:
-    """Load a complete cache's index; DataError when the cache is missing or unfinished."""
+    """Load a complete cache's index; DataError when the cache is missing or unfinished.
+
+    Parsed once per process and cache state: a run that opens the same cache for every
+    epoch's validation (or several datasets) reuses the parsed arrays, which are made
+    read-only so that no reader can change another's. A rewritten manifest.json or
+    index.csv (new mtime, size or inode) is parsed again."""
     cache_dir = os.fspath(cache_dir)
+    index_path = os.path.join(cache_dir, "index.csv")
+    key = (os.path.abspath(cache_dir), _file_key(os.path.join(cache_dir, "manifest.json")), _file_key(index_path))
+    if key not in _INDEX_CACHE:
+        index = _parse_index(cache_dir)
+        for value in vars(index).values():
+            if isinstance(value, np.ndarray):
+                value.setflags(write=False)
+        while len(_INDEX_CACHE) >= _INDEX_CACHE_SIZE:
+            _INDEX_CACHE.pop(next(iter(_INDEX_CACHE)))
+        _INDEX_CACHE[key] = index
+    return _INDEX_CACHE[key]
+
+
+def _parse_index(cache_dir: str) -> CacheIndex:
     manifest = read_manifest(cache_dir)
     path = os.path.join(cache_dir, "index.csv")
     if not manifest.get("complete") or not os.path.isfile(path):

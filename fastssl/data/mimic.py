@@ -394,22 +394,41 @@ def load_mimic_csv(
     labels = os.fspath(labels) if labels else find_csv(root, label_source)
     if metadata is None:
         raise DataError(root, f"no {_PREFIX}metadata.csv(.gz) here; pass metadata= or scan the tree")
-
-    splits: dict[str, str] = {}
-    if split is not None:
-        for _, row in _read_csv(split, ("dicom_id", "split")):
-            splits[row["dicom_id"].strip()] = row["split"].strip()
-    else:
-        log.warning("%s: no split CSV; every study gets split 'train'", root)
-    rejects: list[tuple[str, str]] = []
+    splits = _read_dicom_splits(split, root)
     study_labels: dict[str, np.ndarray] = {}
     bad_labels: dict[str, str] = {}  # study -> why its labels row is unusable: its images are rejected
     if labels is not None:
         study_labels, bad_labels = read_study_labels(labels, uncertain=uncertain, blank=blank)
     else:
         log.warning("%s: no %s labels CSV; labels follow the blank policy (%s)", root, label_source, blank)
-    no_labels = np.full(len(CHEXPERT_LABELS), LABEL_POLICIES[blank], dtype=np.int8)
+    rejects: list[tuple[str, str]] = []
+    studies = _studies_from_metadata(
+        root, metadata, rejects, splits=splits, default_split="train" if split is None else "",
+        study_labels=study_labels, bad_labels=bad_labels, blank=blank, views=(frontal_order, lateral_views),
+        check_files=check_files, suffix=suffix)
+    return finish_table(root, studies.values(), rejects, frontal_order=frontal_order,
+                        lateral_views=lateral_views, dataset=dataset, inputs=(metadata, split, labels))
 
+
+def _read_dicom_splits(split: str | None, root: str) -> dict[str, str]:
+    """{dicom_id: split} from the MIMIC split CSV; {} (and a warning) without one."""
+    splits: dict[str, str] = {}
+    if split is not None:
+        for _, row in _read_csv(split, ("dicom_id", "split")):
+            splits[row["dicom_id"].strip()] = row["split"].strip()
+    else:
+        log.warning("%s: no split CSV; every study gets split 'train'", root)
+    return splits
+
+
+def _studies_from_metadata(root: str, metadata: str, rejects: list[tuple[str, str]], *, splits: dict[str, str],
+                           default_split: str, study_labels: dict[str, np.ndarray], bad_labels: dict[str, str],
+                           blank: str, views: tuple[Sequence[str], Sequence[str]], check_files: bool,
+                           suffix: str) -> dict[str, Study]:
+    """The metadata CSV's rows grouped into studies ({study_id: Study}); unusable rows are
+    appended to ``rejects``. ``default_split`` is a new study's split when its first image
+    is not in ``splits`` ("train" without a split CSV, else "" until an image says)."""
+    no_labels = np.full(len(CHEXPERT_LABELS), LABEL_POLICIES[blank], dtype=np.int8)
     studies: dict[str, Study] = {}
     seen: dict[str, str] = {}
     for n, row in _read_csv(metadata, ("dicom_id", "subject_id", "study_id", "ViewPosition")):
@@ -432,19 +451,18 @@ def load_mimic_csv(
         study = studies.get(study_id)
         if study is None:
             study = studies[study_id] = Study(
-                study_id=study_id, subject_id=subject, split=splits.get(dicom_id, "train" if split is None else ""),
+                study_id=study_id, subject_id=subject, split=splits.get(dicom_id, default_split),
                 labels=study_labels.get(study_id, no_labels).copy(),
             )
         if not study.split:  # a study's split is its images' split; take the first known one
             study.split = splits.get(dicom_id, "")
         vp, source = resolve_view(row["ViewPosition"], view_code=row.get("ViewCodeSequence_CodeMeaning"),
                                   procedure=row.get("PerformedProcedureStepDescription"))
-        view = classify_view(vp, frontal_order, lateral_views)
+        view = classify_view(vp, *views)
         getattr(study, view).append(ImageRecord(dicom_id, study_id, subject, vp, view, path, source))
     for study in studies.values():
         study.split = study.split or "unknown"
-    return finish_table(root, studies.values(), rejects, frontal_order=frontal_order,
-                        lateral_views=lateral_views, dataset=dataset, inputs=(metadata, split, labels))
+    return studies
 
 
 # ---------------------------------------------------------------- from a DICOM tree
@@ -545,6 +563,32 @@ def scan_dicom_tree(
         os.fspath(labels_csv), uncertain=uncertain, blank=blank)
     split_key, user_splits = ("", {}) if split_csv is None else read_split_csv(os.fspath(split_csv))
 
+    def new_study(subject: str, study_id: str) -> Study:
+        key = subject if split_key == "subject_id" else study_id
+        return Study(study_id=study_id, subject_id=subject,
+                     split=user_splits.get(key) or hash_split(subject, *holdout, seed=seed),
+                     labels=user_labels.get(study_id, np.full(len(CHEXPERT_LABELS), fill, dtype=np.int8)).copy())
+
+    studies = _studies_from_headers(root, results, rejects, new_study, bad_labels, (frontal_order, lateral_views))
+    return finish_table(root, studies.values(), rejects, frontal_order=frontal_order,
+                        lateral_views=lateral_views, dataset=dataset, inputs=(labels_csv, split_csv))
+
+
+def _tree_identity(rel: str, meta) -> tuple[str, str | None, str | None]:
+    """(subject, StudyInstanceUID, study_id) of one file: the MIMIC folders
+    ``p<subject>/s<study>`` when its path has them, else PatientID / StudyInstanceUID;
+    the UID is None when neither the header nor the folders give one."""
+    m = _MIMIC_RE.search(rel)
+    subject = m.group(1) if m else (meta.patient_id or "")
+    uid = meta.study_instance_uid or (f"s{m.group(2)}" if m else None)
+    return subject, uid, (m.group(2) if m else uid)
+
+
+def _studies_from_headers(root: str, results, rejects: list[tuple[str, str]], new_study, bad_labels: dict[str, str],
+                          views: tuple[Sequence[str], Sequence[str]]) -> dict[tuple[str, str], Study]:
+    """Headers (path, DicomMeta or reject reason) grouped into studies keyed by (patient,
+    StudyInstanceUID); ``new_study(subject, study_id)`` makes a study's first record.
+    Unusable files are appended to ``rejects`` (see :func:`scan_dicom_tree`)."""
     studies: dict[tuple[str, str], Study] = {}
     first_sop: dict[str, str] = {}
     owners: dict[str, str] = {}  # study_id -> its patient
@@ -553,16 +597,13 @@ def scan_dicom_tree(
             rejects.append((path, meta))
             continue
         rel = os.path.relpath(path, root)
-        m = _MIMIC_RE.search(rel)
-        subject = m.group(1) if m else (meta.patient_id or "")
-        uid = meta.study_instance_uid or (f"s{m.group(2)}" if m else None)
+        subject, uid, study_id = _tree_identity(rel, meta)
         if uid is None:
             rejects.append((path, "no StudyInstanceUID (and not in a p<subject>/s<study> folder)"))
             continue
         if meta.sop_instance_uid and meta.sop_instance_uid in first_sop:
             rejects.append((path, f"duplicate SOPInstanceUID of {first_sop[meta.sop_instance_uid]}; kept once"))
             continue
-        study_id = m.group(2) if m else uid
         if study_id in bad_labels:
             rejects.append((path, f"labels CSV row unusable ({bad_labels[study_id]})"))
             continue
@@ -574,19 +615,13 @@ def scan_dicom_tree(
         first_sop.setdefault(meta.sop_instance_uid or path, path)
         study = studies.get((subject, uid))
         if study is None:
-            key = subject if split_key == "subject_id" else study_id
-            study = studies[(subject, uid)] = Study(
-                study_id=study_id, subject_id=subject,
-                split=user_splits.get(key) or hash_split(subject, *holdout, seed=seed),
-                labels=user_labels.get(study_id, np.full(len(CHEXPERT_LABELS), fill, dtype=np.int8)).copy(),
-            )
+            study = studies[(subject, uid)] = new_study(subject, study_id)
         vp, source = resolve_view(meta.view_position, view_code=meta.view_code_meaning,
                                   procedure=meta.procedure_description)
-        view = classify_view(vp, frontal_order, lateral_views)
+        view = classify_view(vp, *views)
         dicom_id = os.path.splitext(os.path.basename(path))[0]
         getattr(study, view).append(ImageRecord(dicom_id, study.study_id, study.subject_id, vp, view, rel, source))
-    return finish_table(root, studies.values(), rejects, frontal_order=frontal_order,
-                        lateral_views=lateral_views, dataset=dataset, inputs=(labels_csv, split_csv))
+    return studies
 
 
 def _read_headers(files: Sequence[str], workers: int | None) -> list[tuple[str, object]]:

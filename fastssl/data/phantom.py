@@ -44,6 +44,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from fastssl.atomic import atomic_write_bytes
 from fastssl.data import phantom_layouts
 from fastssl.data.phantom_anatomy import (
     ALL_FINDINGS,
@@ -362,13 +363,6 @@ def _encode(image: np.ndarray | None, im: dict) -> tuple[np.ndarray | None, tupl
     return stored, (2048.0, 4096.0)
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)
-
-
 def _dicom_bytes(ds) -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
@@ -414,7 +408,7 @@ def _work(args: tuple) -> int:
             data = _corrupt_bytes(im["corrupt"], task, im, image, size, run_tag, spacing)
         else:
             data = _dicom_bytes(_dataset(task, im, image, size, run_tag, spacing))
-        _write_atomic(os.path.join(out_dir, im["path"]), data)
+        atomic_write_bytes(os.path.join(out_dir, im["path"]), data)
     return len(missing)
 
 
@@ -442,7 +436,7 @@ def _write_if_changed(path: str, data: bytes) -> int:
                 return 0
     except FileNotFoundError:
         pass
-    _write_atomic(path, data)
+    atomic_write_bytes(path, data)
     return 1
 
 
@@ -538,7 +532,7 @@ def _claim_directory(out: str, config: dict) -> int:
                     "use another directory or the same flags"
                 )
         return 0
-    _write_atomic(config_path, config_bytes)
+    atomic_write_bytes(config_path, config_bytes)
     return 1
 
 

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastssl.distributed import pick_device  # noqa: F401  (finetune imports it from here)
 from fastssl.eval.stats import (  # noqa: F401  (re-exported: the probe's public API)
     auroc, auroc_rows, bootstrap_macro_auroc, macro_auroc, midranks,
 )
@@ -203,7 +204,7 @@ class ProbeConfig:
 
 def load_eval_encoder(spec: str, seed: int = 0):
     """A ViewEncoder to evaluate: a file of ``fastssl pretrain`` (loaded with
-    fastssl.train.export.load_encoder), or ``random:PRESET[:IMG[:PATCH]]`` for an untrained
+    fastssl.models.export.load_encoder), or ``random:PRESET[:IMG[:PATCH]]`` for an untrained
     encoder of that architecture (the random-init baseline), seeded by ``seed``."""
     from fastssl.models.mvmae import ViewEncoder, model_config
 
@@ -216,27 +217,21 @@ def load_eval_encoder(spec: str, seed: int = 0):
         sizes += [None] * (2 - len(sizes))
         torch.manual_seed(seed)
         return ViewEncoder(model_config(parts[0], img_size=sizes[0], patch_size=sizes[1]))
-    from fastssl.train.export import load_encoder
+    from fastssl.models.export import load_encoder
 
     if not os.path.isfile(spec):
         raise ValueError(f"checkpoint={spec!r} is not a file (nor random:PRESET)")
     return load_encoder(spec)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def eval_transform(cache: str, img_size: int, checkpoint: str = ""):
     """The evaluation transform: centre resize + the pixel mean/std the encoder file
-    ``checkpoint`` was trained with (fastssl.train.export.resolve_normalisation); the
+    ``checkpoint`` was trained with (fastssl.models.export.resolve_normalisation); the
     cache's manifest values for ``random:`` encoders (nothing was trained) or a file that
     does not record them."""
     from fastssl.data.augment import CenterResize
-    from fastssl.data.cache import read_manifest
-    from fastssl.train.export import pixel_stats, resolve_normalisation
+    from fastssl.data.cache import pixel_stats, read_manifest
+    from fastssl.models.export import resolve_normalisation
 
     manifest = read_manifest(cache)
     if checkpoint and not checkpoint.startswith("random:"):

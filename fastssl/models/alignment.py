@@ -38,48 +38,19 @@ DDP's gradient averaging differentiates, is the loss of one process over the glo
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+
+from fastssl import distributed as fdist
 
 __all__ = ["ALIGN_LOSSES", "alignment_loss", "pair_cosines"]
 
 ALIGN_LOSSES = ("mse", "l2", "cosine", "ntxent", "infonce")
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _gather(x: torch.Tensor) -> torch.Tensor:
-    """(B, ...) per rank -> (world*B, ...) in rank order, differentiable w.r.t. every rank's rows."""
-    rank, world = _world()
-    if world == 1:
-        return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x.contiguous()), dim=0)
-
-
-def _gather_const(x: torch.Tensor) -> torch.Tensor:
-    """(B, ...) per rank -> (world*B, ...) in rank order, no gradient (masks)."""
-    _, world = _world()
-    if world == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=0)
-
-
 def _global_count(count: torch.Tensor) -> torch.Tensor:
     """Sum of ``count`` (any shape, no gradient) over ranks."""
-    _, world = _world()
-    count = count.detach().to(torch.float32)
-    if world > 1:
-        count = count.clone()
-        dist.all_reduce(count)
-    return count
+    # a copy: all_reduce_sum reduces a tensor already on the communication device in place
+    return fdist.all_reduce_sum(count.detach().to(torch.float32).clone())
 
 
 def _check(z: torch.Tensor, available) -> torch.Tensor:
@@ -108,7 +79,7 @@ def _mean_over_ranks(total: torch.Tensor, count: torch.Tensor | int) -> torch.Te
     """Local sum / global count x world: the ranks' mean is the global mean. ``count`` is
     a device tensor, or a host int (the local batch size): on one process that divides
     on the host, with no host-to-device copy (a blocking one, every step, in eager mode)."""
-    _, world = _world()
+    _, world = fdist.rank_world()
     if not isinstance(count, torch.Tensor):
         if world == 1:
             return total / max(count, 1)
@@ -119,9 +90,10 @@ def _mean_over_ranks(total: torch.Tensor, count: torch.Tensor | int) -> torch.Te
 
 def _contrastive_pair(zm, zn, both, temperature: float, kind: str):
     """One slot pair: local (B, D) x2, both (B,) -> (sum of the anchors' losses, anchor count)."""
-    rank, _ = _world()
+    rank, _ = fdist.rank_world()
     b = zm.shape[0]
-    all_m, all_n, all_ok = _gather(zm), _gather(zn), _gather_const(both)
+    all_m, all_n = fdist.all_gather_tensor(zm, grad=True), fdist.all_gather_tensor(zn, grad=True)
+    all_ok = fdist.all_gather_tensor(both)
     own = torch.arange(b, device=zm.device) + rank * b          # this rank's rows in the gathered batch
     pos = (zm * zn).sum(-1) / temperature                         # (B,)
     if kind == "ntxent":
@@ -184,7 +156,7 @@ def alignment_loss(z: torch.Tensor, available: torch.Tensor | None = None, kind:
             counts.append(c)
     counts_all = _global_count(torch.stack(counts))
     active = counts_all > 0
-    _, world = _world()
+    _, world = fdist.rank_world()
     # Masked sums rather than per_pair[active] / bool(active.any()): no host sync. A slot
     # pair with no anchors has a zero total, so it adds nothing; none active gives 0.
     per_pair = torch.stack(totals) * world / counts_all.clamp(min=1)

@@ -54,12 +54,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from fastssl import distributed as fdist
 from fastssl.config import COMMAND_RANGES, add_dataclass_arguments, check_ranges, config_from_args
 from fastssl.models.mvmae import MultiViewMAE, SupervisedViT
 from fastssl.reference.mae import num_kept
 from fastssl.profiling import annotate
 from fastssl.train.checkpoint import atomic_torch_save, atomic_write_text, truncate_metrics
-from fastssl.train.export import export_encoder, load_encoder
+from fastssl.models.export import export_encoder, load_encoder
 
 __all__ = ["PretrainConfig", "Schedule", "train_one_epoch", "main", "param_groups", "recipe_beta_range",
            "add_arguments", "run", "load_encoder", "export_encoder"]
@@ -341,10 +342,11 @@ class _Window:
         stats = self.sums.clone()
         stats[: len(self.KEYS)] /= self.steps
         images = self.images
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(stats)
-            stats[: len(self.KEYS)] /= dist.get_world_size()
-            images *= dist.get_world_size()
+        world = fdist.world_size()
+        if world > 1:
+            stats = fdist.all_reduce_sum(stats)
+            stats[: len(self.KEYS)] /= world
+            images *= world
         values = stats.tolist()  # the one host sync of the window
         if not math.isfinite(values[0]):
             raise FloatingPointError(f"loss is {values[0]} at step {step} (epoch {epoch}); "
@@ -407,34 +409,6 @@ def train_one_epoch(model, loader, optimizer, scaler, sched: Schedule, cfg: Pret
 
 
 # ----------------------------------------------------------------------- run plumbing
-def _dist_init() -> tuple[int, int, int]:
-    """(rank, world, local rank); single process when no launcher variables are set."""
-    try:
-        from fastssl import distributed as fdist
-    except ImportError:  # the helpers module is optional here: torchrun variables suffice
-        fdist = None
-    if fdist is not None:
-        info = fdist.init()
-        return info.rank, info.world_size, info.local_rank
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-    return 0, 1, 0
-
-
-def _pick_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device='cuda' but no CUDA device is visible")
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(name)
-
-
-
 def _datasets(cfg: PretrainConfig):
     from fastssl.data.datasets import PairedViewDataset, SingleViewDataset, StudyViewsDataset
 
@@ -452,9 +426,9 @@ def _datasets(cfg: PretrainConfig):
 
 
 def _normalisation(cfg: PretrainConfig, manifest: dict) -> tuple[float, float]:
-    mean = cfg.pixel_mean if cfg.pixel_mean >= 0 else float(manifest.get("pixel_mean", 0.5))
-    std = cfg.pixel_std if cfg.pixel_std > 0 else float(manifest.get("pixel_std", 0.25)) or 0.25
-    return mean, std
+    from fastssl.data.cache import pixel_stats
+
+    return pixel_stats(manifest, cfg.pixel_mean, cfg.pixel_std)
 
 
 def _augment(cfg: PretrainConfig, mcfg, manifest: dict):
@@ -524,8 +498,7 @@ def validation_recon(model, cfg: PretrainConfig, mcfg, manifest: dict, device, r
         out = model.reconstruct(x, views.to(device), cfg.mask_ratio, generator)
         loss = model.recon_loss(out["pred"], x, out["mask"]).double()
         total += torch.stack([loss * x.shape[0], loss.new_tensor(float(x.shape[0]))])
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total)
+    total = fdist.all_reduce_sum(total)
     model.train(was_training)
     return float(total[0] / total[1])
 
@@ -626,8 +599,9 @@ def _schedule(cfg: PretrainConfig, steps_per_epoch: int, world: int) -> Schedule
 
 def _setup(cfg: PretrainConfig) -> _Run:
     mcfg = cfg.model_config()
-    rank, world, local = _dist_init()
-    device = _pick_device(cfg.device, local)
+    info = fdist.init()  # alone (rank 0 of 1) without torchrun / SLURM variables
+    rank, world = info.rank, info.world_size
+    device = fdist.pick_device(cfg.device, info.local_rank)
     os.makedirs(cfg.out, exist_ok=True)
     dataset = _datasets(cfg)
     steps_per_epoch = len(dataset) // (cfg.batch_size * world)
