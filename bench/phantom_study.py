@@ -23,7 +23,9 @@ logged counts differ.
 
 Evaluation: a linear probe (L2 chosen on validation) with 1%, 10% and 100% of the training
 labels (``--label-fractions``; kept by patient, ``fastssl probe --label-fraction``), and
-with ``--finetune`` full fine-tuning (best epoch on validation), on the phantom's test split.
+with ``--finetune`` full fine-tuning (best epoch on validation) at the same fractions (a
+batch no larger than the kept train studies: :func:`finetune_batch`), on the phantom's
+test split.
 
 Statistics, per comparison A -> B (delta = macro AUROC(B) - macro AUROC(A)):
   * the paired patient-cluster bootstrap over all seeds of both sides
@@ -246,7 +248,20 @@ def _encoder(args, cache: str, run: str, method: str, seed: int, planned: dict, 
 
 def eval_names(fractions: list[float], finetune: bool) -> list[tuple[str, float]]:
     """The evaluations of every encoder: (kind, label fraction)."""
-    return [("probe", f) for f in fractions] + ([("finetune", 1.0)] if finetune else [])
+    return [("probe", f) for f in fractions] + ([("finetune", f) for f in fractions] if finetune else [])
+
+
+def finetune_batch(cache: str, fraction: float, seed: int, batch: int) -> int:
+    """The fine-tuning batch (studies) at a label fraction: ``batch``, or the number of
+    train studies the fraction keeps when fewer (``fastssl finetune`` refuses a training
+    set smaller than one batch). The kept studies are those of finetune's own draw
+    (fastssl.eval.probe.train_dataset: same patients, same seed), so the run then takes one
+    full-set step an epoch; its lr follows the batch (base_lr * batch / 256)."""
+    from fastssl.eval.finetune import FinetuneConfig
+    from fastssl.eval.probe import train_dataset
+
+    cfg = FinetuneConfig(cache=cache, checkpoint="", out="", label_fraction=fraction, label_seed=seed)
+    return min(batch, len(train_dataset(cfg)[0].study_ids))
 
 
 def _eval_dir(run: str, kind: str, fraction: float) -> str:
@@ -256,7 +271,7 @@ def _eval_dir(run: str, kind: str, fraction: float) -> str:
 def _evaluate(args, cache: str, run: str, method: str, checkpoint: str, seed: int, timings: dict,
               quiet: list[str]) -> dict:
     """The probes (each label fraction) and the fine-tuning of one encoder ->
-    {"probe@F": {macro_auroc, ci, dir}, "finetune@1": ...}."""
+    {"probe@F": {macro_auroc, ci, dir}, "finetune@F": ...}."""
     out = {}
     for kind, fraction in eval_names(args.fraction_list, args.finetune):
         d = _eval_dir(run, kind, fraction)
@@ -267,9 +282,10 @@ def _evaluate(args, cache: str, run: str, method: str, checkpoint: str, seed: in
                   "--n-boot", str(args.n_boot), "--seed", str(seed), "--no-plots", *labels, *quiet],
                  timings, f"probe {method}")
         elif not os.path.isfile(record):
+            batch = finetune_batch(cache, fraction, seed, args.finetune_batch)
             _cli(["finetune", "--cache", cache, "--checkpoint", checkpoint, "--out", d,
                   "--epochs", str(args.finetune_epochs), "--warmup-epochs", str(min(1, args.finetune_epochs - 1)),
-                  "--batch-size", str(args.finetune_batch), "--base-lr", str(args.finetune_base_lr),
+                  "--batch-size", str(batch), "--base-lr", str(args.finetune_base_lr),
                   "--n-boot", str(args.n_boot), "--seed", str(seed), *labels, *quiet], timings, f"finetune {method}")
         with open(record, encoding="utf-8") as handle:
             r = json.load(handle)
@@ -454,7 +470,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--phantom-flags", default="", help="extra `fastssl phantom` flags, one shell-quoted string")
     p.add_argument("--pretrain-base-lr", type=float, default=1e-3,
                    help="lr = base_lr * batch_studies / 256 for every pretraining (tiny models)")
-    p.add_argument("--finetune", action="store_true", help="also fine-tune every encoder (100%% of the labels)")
+    p.add_argument("--finetune", action="store_true", help="also fine-tune every encoder at every --label-fractions value (batch: "
+                        "--finetune-batch, or the kept train studies when fewer)")
     p.add_argument("--finetune-base-lr", type=float, default=1e-3, help="lr = base_lr * batch / 256 (few epochs)")
     p.add_argument("--mask-ratio", type=float, default=0.75, help="pretraining mask ratio (the demo's)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from _mvmae_helpers import one_thread
+from _mvmae_helpers import one_thread, phantom_cache
 from fastssl.eval.compare import seed_sign_flip_test, seed_t_test, student_t_two_sided
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,6 +125,54 @@ def test_comparison_over_a_label_group(tmp_path):
                                                        "two-view": ["Cardiomegaly", "No Finding"]}
     (phantom / "phantom_config.json").write_text(json.dumps({}))  # the standard findings: no one-view label
     assert study.label_groups(str(phantom), names) == {}
+
+
+# ------------------------------------------------------------------- label efficiency
+def test_every_label_fraction_is_probed_and_fine_tuned():
+    study = load_study()
+    fractions = [0.01, 0.1, 1.0]
+    assert study.eval_names(fractions, finetune=False) == [("probe", 0.01), ("probe", 0.1), ("probe", 1.0)]
+    assert study.eval_names(fractions, finetune=True) == [("probe", 0.01), ("probe", 0.1), ("probe", 1.0),
+                                                          ("finetune", 0.01), ("finetune", 0.1), ("finetune", 1.0)]
+    assert study._key_title("finetune@0.01") == "fine-tuned, 1% of the training labels"
+
+
+def test_finetune_batch_fits_the_kept_studies(tmp_path, monkeypatch):
+    """A fine-tuning at fraction F gets batch min(--finetune-batch, train studies F keeps),
+    the kept studies counted by hand from index.csv (the probe test's independent draw), and
+    _evaluate passes that batch with the fraction and seed to `fastssl finetune`.
+    Planted: --finetune-batch passed unchanged at every fraction -> fails here."""
+    from test_eval_probe import _kept_by_hand
+
+    from fastssl.data.cache import read_index
+
+    study = load_study()
+    cache = phantom_cache(str(tmp_path), studies=60)
+    index = read_index(cache)
+    for fraction, seed in ((0.1, 3), (0.25, 0), (1.0, 1)):
+        kept = len(_kept_by_hand(index, fraction, seed)[0])
+        assert study.finetune_batch(cache, fraction, seed, 32) == min(32, kept)
+        assert study.finetune_batch(cache, fraction, seed, 2) == 2  # fewer than kept: unchanged
+    calls = []
+
+    def fake_cli(argv, timings, name):  # records the command and writes the record it would write
+        calls.append(argv)
+        out = argv[argv.index("--out") + 1]
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, f"{argv[0]}.json"), "w") as handle:
+            json.dump(dict(macro_auroc=0.5, macro_ci=[0.4, 0.6]), handle)
+
+    monkeypatch.setattr(study, "_cli", fake_cli)
+    args = study.parse_args(["--out", str(tmp_path / "s"), "--smoke", "--label-fractions", "0.1,1", "--finetune"])
+    out = study._evaluate(args, cache, str(tmp_path / "run"), "single", "random:test", 3, {}, [])
+    assert sorted(out) == ["finetune@0.1", "finetune@1", "probe@0.1", "probe@1"]
+    tunes = {a[a.index("--out") + 1]: a for a in calls if a[0] == "finetune"}
+    low = tunes[str(tmp_path / "run" / "finetune_f0.1")]
+    kept = len(_kept_by_hand(index, 0.1, 3)[0])
+    assert low[low.index("--batch-size") + 1] == str(min(args.finetune_batch, kept))
+    assert low[low.index("--label-fraction") + 1] == "0.1" and low[low.index("--label-seed") + 1] == "3"
+    full = tunes[str(tmp_path / "run" / "finetune")]
+    assert full[full.index("--batch-size") + 1] == str(args.finetune_batch) and "--label-fraction" not in full
 
 
 # --------------------------------------------------------------------- seed statistics
