@@ -252,17 +252,28 @@ def eval_names(fractions: list[float], finetune: bool) -> list[tuple[str, float]
     return [("probe", f) for f in fractions] + ([("finetune", f) for f in fractions] if finetune else [])
 
 
-def finetune_batch(cache: str, fraction: float, seed: int, batch: int) -> int:
-    """The fine-tuning batch (studies) at a label fraction: ``batch``, or the number of
-    train studies the fraction keeps when fewer (``fastssl finetune`` refuses a training
-    set smaller than one batch). The kept studies are those of finetune's own draw
-    (fastssl.eval.probe.train_dataset: same patients, same seed), so the run then takes one
-    full-set step an epoch; its lr follows the batch (base_lr * batch / 256)."""
-    from fastssl.eval.finetune import FinetuneConfig
-    from fastssl.eval.probe import train_dataset
+def finetune_batch(cache: str, fraction: float, seed: int, batch: int, min_val_studies: int = 10) -> int:
+    """The fine-tuning batch (studies) at a label fraction: ``batch``, or the fewest train
+    studies a run of ``fastssl finetune --label-fraction fraction --label-seed seed --seed
+    seed`` trains on when fewer (finetune refuses a training set smaller than one batch).
+    Counted with finetune's own code: the kept studies of its patient draw
+    (fastssl.eval.probe.train_dataset) and, where validation cannot choose the epoch, each
+    cross-validation fold's training part (fastssl.eval.finetune.fold_split). A run with
+    batch = its kept studies takes one full-set step an epoch; its lr follows the batch
+    (base_lr * batch / 256)."""
+    from fastssl.eval.finetune import FinetuneConfig, _validation_problem, fold_split
+    from fastssl.eval.probe import optional_split, train_dataset
 
-    cfg = FinetuneConfig(cache=cache, checkpoint="", out="", label_fraction=fraction, label_seed=seed)
-    return min(batch, len(train_dataset(cfg)[0].study_ids))
+    cfg = FinetuneConfig(cache=cache, checkpoint="", out="", label_fraction=fraction, label_seed=seed, seed=seed,
+                         min_val_studies=min_val_studies)
+    train = train_dataset(cfg)[0]
+    sizes = [len(train.study_ids)]
+    if _validation_problem(cfg, optional_split(cfg, cfg.val_split)):  # the epoch is chosen by k-fold CV
+        try:
+            sizes += [len(fold_split(train, cfg.cv_folds, k, cfg.seed)[0].study_ids) for k in range(cfg.cv_folds)]
+        except ValueError:
+            pass  # fewer patients than folds: finetune refuses the run itself, naming that
+    return min(batch, *sizes)
 
 
 def _eval_dir(run: str, kind: str, fraction: float) -> str:
