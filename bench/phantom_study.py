@@ -23,7 +23,9 @@ logged counts differ.
 
 Evaluation: a linear probe (L2 chosen on validation) with 1%, 10% and 100% of the training
 labels (``--label-fractions``; kept by patient, ``fastssl probe --label-fraction``), and
-with ``--finetune`` full fine-tuning (best epoch on validation), on the phantom's test split.
+with ``--finetune`` full fine-tuning (best epoch on validation) at the same fractions (a
+batch no larger than the kept train studies: :func:`finetune_batch`), on the phantom's
+test split.
 
 Statistics, per comparison A -> B (delta = macro AUROC(B) - macro AUROC(A)):
   * the paired patient-cluster bootstrap over all seeds of both sides
@@ -42,8 +44,9 @@ to ``fastssl phantom`` (e.g. a findings design); they are part of the record.
 Cost (measured 2026-12-06 on the 2-core AMD EPYC box shared with parallel jobs, load
 average 7-12): at the defaults (1,000 studies, 30 pretrainings, 108 probes) 36.2 min wall with
 ``--jobs 2`` (697 s user CPU) plus 3.1 min of phantom and prepare; a pretraining (330
-steps of 64 images) takes 2-3.5 min wall, a probe 10-15 s. ``--finetune`` adds 36
-fine-tunings (not yet measured at these sizes).
+steps of 64 images) takes 2-3.5 min wall, a probe 10-15 s. ``--finetune`` adds 108
+fine-tunings (5 epochs): the 36 at 100% of the labels took 10.9 min wall, the 72 at 1% and
+10% 6.2 min.
 """
 from __future__ import annotations
 
@@ -246,7 +249,31 @@ def _encoder(args, cache: str, run: str, method: str, seed: int, planned: dict, 
 
 def eval_names(fractions: list[float], finetune: bool) -> list[tuple[str, float]]:
     """The evaluations of every encoder: (kind, label fraction)."""
-    return [("probe", f) for f in fractions] + ([("finetune", 1.0)] if finetune else [])
+    return [("probe", f) for f in fractions] + ([("finetune", f) for f in fractions] if finetune else [])
+
+
+def finetune_batch(cache: str, fraction: float, seed: int, batch: int, min_val_studies: int = 10) -> int:
+    """The fine-tuning batch (studies) at a label fraction: ``batch``, or the fewest train
+    studies a run of ``fastssl finetune --label-fraction fraction --label-seed seed --seed
+    seed`` trains on when fewer (finetune refuses a training set smaller than one batch).
+    Counted with finetune's own code: the kept studies of its patient draw
+    (fastssl.eval.probe.train_dataset) and, where validation cannot choose the epoch, each
+    cross-validation fold's training part (fastssl.eval.finetune.fold_split). A run with
+    batch = its kept studies takes one full-set step an epoch; its lr follows the batch
+    (base_lr * batch / 256)."""
+    from fastssl.eval.finetune import FinetuneConfig, _validation_problem, fold_split
+    from fastssl.eval.probe import optional_split, train_dataset
+
+    cfg = FinetuneConfig(cache=cache, checkpoint="", out="", label_fraction=fraction, label_seed=seed, seed=seed,
+                         min_val_studies=min_val_studies)
+    train = train_dataset(cfg)[0]
+    sizes = [len(train.study_ids)]
+    if _validation_problem(cfg, optional_split(cfg, cfg.val_split)):  # the epoch is chosen by k-fold CV
+        try:
+            sizes += [len(fold_split(train, cfg.cv_folds, k, cfg.seed)[0].study_ids) for k in range(cfg.cv_folds)]
+        except ValueError:
+            pass  # fewer patients than folds: finetune refuses the run itself, naming that
+    return min(batch, *sizes)
 
 
 def _eval_dir(run: str, kind: str, fraction: float) -> str:
@@ -256,7 +283,7 @@ def _eval_dir(run: str, kind: str, fraction: float) -> str:
 def _evaluate(args, cache: str, run: str, method: str, checkpoint: str, seed: int, timings: dict,
               quiet: list[str]) -> dict:
     """The probes (each label fraction) and the fine-tuning of one encoder ->
-    {"probe@F": {macro_auroc, ci, dir}, "finetune@1": ...}."""
+    {"probe@F": {macro_auroc, ci, dir}, "finetune@F": ...}."""
     out = {}
     for kind, fraction in eval_names(args.fraction_list, args.finetune):
         d = _eval_dir(run, kind, fraction)
@@ -267,9 +294,10 @@ def _evaluate(args, cache: str, run: str, method: str, checkpoint: str, seed: in
                   "--n-boot", str(args.n_boot), "--seed", str(seed), "--no-plots", *labels, *quiet],
                  timings, f"probe {method}")
         elif not os.path.isfile(record):
+            batch = finetune_batch(cache, fraction, seed, args.finetune_batch)
             _cli(["finetune", "--cache", cache, "--checkpoint", checkpoint, "--out", d,
                   "--epochs", str(args.finetune_epochs), "--warmup-epochs", str(min(1, args.finetune_epochs - 1)),
-                  "--batch-size", str(args.finetune_batch), "--base-lr", str(args.finetune_base_lr),
+                  "--batch-size", str(batch), "--base-lr", str(args.finetune_base_lr),
                   "--n-boot", str(args.n_boot), "--seed", str(seed), *labels, *quiet], timings, f"finetune {method}")
         with open(record, encoding="utf-8") as handle:
             r = json.load(handle)
@@ -454,7 +482,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--phantom-flags", default="", help="extra `fastssl phantom` flags, one shell-quoted string")
     p.add_argument("--pretrain-base-lr", type=float, default=1e-3,
                    help="lr = base_lr * batch_studies / 256 for every pretraining (tiny models)")
-    p.add_argument("--finetune", action="store_true", help="also fine-tune every encoder (100%% of the labels)")
+    p.add_argument("--finetune", action="store_true", help="also fine-tune every encoder at every --label-fractions value (batch: "
+                        "--finetune-batch, or the kept train studies when fewer)")
     p.add_argument("--finetune-base-lr", type=float, default=1e-3, help="lr = base_lr * batch / 256 (few epochs)")
     p.add_argument("--mask-ratio", type=float, default=0.75, help="pretraining mask ratio (the demo's)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

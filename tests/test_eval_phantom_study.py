@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from _mvmae_helpers import one_thread
+from _mvmae_helpers import one_thread, phantom_cache
 from fastssl.eval.compare import seed_sign_flip_test, seed_t_test, student_t_two_sided
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,6 +125,73 @@ def test_comparison_over_a_label_group(tmp_path):
                                                        "two-view": ["Cardiomegaly", "No Finding"]}
     (phantom / "phantom_config.json").write_text(json.dumps({}))  # the standard findings: no one-view label
     assert study.label_groups(str(phantom), names) == {}
+
+
+# ------------------------------------------------------------------- label efficiency
+def test_every_label_fraction_is_probed_and_fine_tuned():
+    study = load_study()
+    fractions = [0.01, 0.1, 1.0]
+    assert study.eval_names(fractions, finetune=False) == [("probe", 0.01), ("probe", 0.1), ("probe", 1.0)]
+    assert study.eval_names(fractions, finetune=True) == [("probe", 0.01), ("probe", 0.1), ("probe", 1.0),
+                                                          ("finetune", 0.01), ("finetune", 0.1), ("finetune", 1.0)]
+    assert study._key_title("finetune@0.01") == "fine-tuned, 1% of the training labels"
+
+
+def _fewest_train_studies_by_hand(index, fraction, seed, k=5):
+    """The fewest train studies of a finetune run choosing its epoch by k-fold CV: the kept
+    studies (the probe test's by-hand draw), and each fold's training part, the patients
+    (sorted, permuted by the seed) at permutation position r in fold r % k."""
+    from test_eval_probe import _kept_by_hand
+
+    kept = _kept_by_hand(index, fraction, seed)[0]
+    subject = {str(st): str(su) for st, su in zip(index.study_id, index.subject_id)}
+    patients = sorted({subject[st] for st in kept})
+    if len(patients) < k:
+        return len(kept)  # no fold split possible (finetune refuses such a run itself)
+    fold = {patients[p]: r % k for r, p in enumerate(np.random.default_rng(seed).permutation(len(patients)))}
+    return min([len(kept)] + [sum(fold[subject[st]] != f for st in kept) for f in range(k)])
+
+
+def test_finetune_batch_fits_the_kept_studies(tmp_path, monkeypatch):
+    """A fine-tuning at fraction F gets batch min(--finetune-batch, fewest train studies a
+    run sees): the kept studies counted by hand from index.csv, and with a validation split
+    too small to choose the epoch (this cache's), each 5-fold CV run's training part; and
+    _evaluate passes that batch with the fraction and seed to `fastssl finetune`.
+    Planted: --finetune-batch passed unchanged at every fraction -> fails here; the CV
+    folds ignored (kept studies only) -> fails here."""
+    from test_eval_probe import _kept_by_hand
+
+    from fastssl.data.cache import read_index
+
+    study = load_study()
+    cache = phantom_cache(str(tmp_path), studies=60)
+    index = read_index(cache)
+    assert len(set(index.study_id[index.split == "validate"])) < 10  # the CV case at the default --min-val-studies
+    for fraction, seed in ((0.1, 3), (0.25, 0), (1.0, 1)):
+        kept = len(_kept_by_hand(index, fraction, seed)[0])
+        assert study.finetune_batch(cache, fraction, seed, 64, min_val_studies=1) == min(64, kept)  # validation used
+        assert study.finetune_batch(cache, fraction, seed, 64) == _fewest_train_studies_by_hand(index, fraction, seed)
+        assert study.finetune_batch(cache, fraction, seed, 2) == 2  # fewer than kept: unchanged
+    calls = []
+
+    def fake_cli(argv, timings, name):  # records the command and writes the record it would write
+        calls.append(argv)
+        out = argv[argv.index("--out") + 1]
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, f"{argv[0]}.json"), "w") as handle:
+            json.dump(dict(macro_auroc=0.5, macro_ci=[0.4, 0.6]), handle)
+
+    monkeypatch.setattr(study, "_cli", fake_cli)
+    args = study.parse_args(["--out", str(tmp_path / "s"), "--smoke", "--label-fractions", "0.1,1", "--finetune"])
+    out = study._evaluate(args, cache, str(tmp_path / "run"), "single", "random:test", 3, {}, [])
+    assert sorted(out) == ["finetune@0.1", "finetune@1", "probe@0.1", "probe@1"]
+    tunes = {a[a.index("--out") + 1]: a for a in calls if a[0] == "finetune"}
+    low = tunes[str(tmp_path / "run" / "finetune_f0.1")]
+    assert low[low.index("--batch-size") + 1] == str(min(args.finetune_batch,
+                                                         _fewest_train_studies_by_hand(index, 0.1, 3)))
+    assert low[low.index("--label-fraction") + 1] == "0.1" and low[low.index("--label-seed") + 1] == "3"
+    full = tunes[str(tmp_path / "run" / "finetune")]
+    assert full[full.index("--batch-size") + 1] == str(args.finetune_batch) and "--label-fraction" not in full
 
 
 # --------------------------------------------------------------------- seed statistics
