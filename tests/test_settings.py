@@ -1,0 +1,128 @@
+"""Each setting declared once: the CLI (flags and --config) and the Python API accept and
+refuse the same values, for every command, setting by setting, at the boundaries."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+
+import pytest
+
+from fastssl import cli
+from fastssl.config import Range, declared_choices, declared_ranges
+
+# Commands whose settings are declared on a dataclass (module.SETTINGS): their API is that
+# dataclass, checked at construction. The others declare their ranges in fastssl.config._TABLE
+# and are walked on the CLI side only.
+DECLARED = ("pretrain", "probe", "finetune")
+
+
+def _boundaries(allowed: Range) -> list[tuple[object, bool]]:
+    """(value, inside?) pairs at the edges of ``allowed``: min, max, min-1, max+1 (a small step
+    for real numbers, the bound itself for an open end), and a fraction for an integer range.
+    Whether each is inside is known by construction, not by asking Range."""
+    step = 1 if allowed.integer else 1e-6
+    cases = []
+    if allowed.low is not None:
+        low = int(allowed.low) if allowed.integer else float(allowed.low)
+        cases += [(low, not allowed.low_open), (low - step, False)]
+        if allowed.low_open:
+            cases.append((low + step, True))
+        if allowed.integer:
+            cases.append((low + 1.5, False))
+    if allowed.high is not None:
+        high = int(allowed.high) if allowed.integer else float(allowed.high)
+        cases += [(high, not allowed.high_open), (high + step, False)]
+        if allowed.high_open:
+            cases.append((high - step, True))
+    return cases
+
+
+@functools.lru_cache(maxsize=None)
+def _parser(name: str) -> argparse.ArgumentParser:
+    return cli.command_parser(name)[0]
+
+
+def _required_argv(parser: argparse.ArgumentParser, skip: str) -> list[str]:
+    """Placeholder values for the command's required flags and positionals (none of them is
+    checked on disk)."""
+    argv = []
+    for action in parser._actions:
+        if action.required and action.dest != skip:
+            value = action.choices[0] if action.choices else "placeholder"
+            argv += [action.option_strings[0], value] if action.option_strings else [value]
+    return argv
+
+
+def _cli_accepts(name: str, dest: str, text: str) -> bool:
+    """Whether ``fastssl NAME --DEST TEXT`` gets past parsing and the router's checks."""
+    parser = _parser(name)
+    flag = next(a.option_strings[0] for a in parser._actions if a.dest == dest)
+    try:
+        args = parser.parse_args(_required_argv(parser, dest) + [flag, text])
+        cli.check_args(name, args)
+    except SystemExit as exc:
+        assert exc.code == 2
+        return False
+    except ValueError:
+        return False
+    return True
+
+
+def _api_accepts(cls, name: str, value) -> bool:
+    try:
+        cls(**{name: value})
+    except ValueError as exc:
+        assert "--" + name.replace("_", "-") in str(exc) or name in str(exc), exc   # names the setting
+        return False
+    return True
+
+
+def _settings_class(name: str):
+    _, module = cli.command_parser(name)
+    return getattr(module, "SETTINGS", None)
+
+
+def test_declared_commands_have_a_settings_dataclass():
+    for name in cli.COMMANDS:
+        cls = _settings_class(name)
+        assert (cls is not None) == (name in DECLARED), name
+        if cls is not None:   # the CLI's ranges are the dataclass's, not a second table
+            assert cli.RANGES[name] == declared_ranges(cls)
+
+
+@pytest.mark.parametrize("name", sorted(cli.COMMANDS))
+def test_api_and_cli_accept_and_refuse_the_same_numbers(name):
+    cls = _settings_class(name)
+    ranges = cli.RANGES.get(name, {})
+    assert ranges or name in ("plot", "export"), f"{name}: no numeric setting declared"
+    for setting, allowed in ranges.items():
+        for value, inside in _boundaries(allowed):
+            assert _cli_accepts(name, setting, str(value)) is inside, (name, setting, value)
+            if cls is not None:
+                assert _api_accepts(cls, setting, value) is inside, (name, setting, value)
+
+
+@pytest.mark.parametrize("name", sorted(cli.COMMANDS))
+def test_api_and_cli_accept_and_refuse_the_same_choices(name):
+    cls = _settings_class(name)
+    parser, _ = cli.command_parser(name)
+    choices = {a.dest: tuple(a.choices) for a in parser._actions if a.choices and a.option_strings}
+    if cls is not None:
+        declared = declared_choices(cls)
+        assert {k: v for k, v in choices.items() if k in declared} == declared, name
+        assert set(declared) <= set(choices), name   # every declared choice reaches its flag
+    for setting, allowed in choices.items():
+        for value in (*allowed, "nonsense"):
+            inside = value != "nonsense"
+            assert _cli_accepts(name, setting, str(value)) is inside, (name, setting, value)
+            if cls is not None and setting in {f.name for f in dataclasses.fields(cls)}:
+                assert _api_accepts(cls, setting, value) is inside, (name, setting, value)
+
+
+def test_a_config_file_is_checked_like_the_flags(tmp_path, capsys):
+    """The YAML keys are the flags: a value out of range in --config is refused the same way."""
+    config = tmp_path / "c.yaml"
+    config.write_text("cache: c\nbeta2: 1.0\n")
+    assert cli.main(["pretrain", "--config", str(config)]) == 2
+    assert "--beta2: got 1.0; allowed: a number in [0, 1)" in capsys.readouterr().err
