@@ -59,12 +59,13 @@ class Range:
 
     def __str__(self) -> str:
         kind = "an integer" if self.integer else "a number"
-        if self.low is not None and self.high is not None:
-            return f"{kind} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
-        if self.low is not None:
-            return f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
-        if self.high is not None:
-            return f"{kind} {'<' if self.high_open else '<='} {self.high:g}"
+        low, high = (None if v is None else f"{int(v)}" if self.integer else f"{v:g}" for v in (self.low, self.high))
+        if low is not None and high is not None:
+            return f"{kind} in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        if low is not None:
+            return f"{kind} {'>' if self.low_open else '>='} {low}"
+        if high is not None:
+            return f"{kind} {'<' if self.high_open else '<='} {high}"
         return f"any finite {'integer' if self.integer else 'number'}"
 
 
@@ -126,21 +127,37 @@ def field_help(cls) -> dict[str, str]:
     return out
 
 
+_KINDS = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def _flag_type(f):
+    """A field's flag type: its default's type, or the annotation's first type for a None
+    default (``int | None`` -> int)."""
+    if f.default is not None:
+        return type(f.default)
+    return _KINDS[str(f.type).split("|")[0].strip()]
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, *, required=(), skip=(),
-                            choices: dict | None = None) -> None:
-    """One flag per field of the config dataclass ``cls`` (``--name-with-dashes``); booleans
-    get ``--x/--no-x``; defaults, declared choices and help come from the dataclass."""
+                            choices: dict | None = None, flags: dict | None = None) -> None:
+    """One flag per field of the config dataclass ``cls`` (``--name-with-dashes``, or the
+    name ``flags`` gives a field); booleans get ``--x/--no-x``; types, defaults, declared
+    choices and ranges, and help come from the dataclass."""
     choices = {**declared_choices(cls), **(choices or {})}
+    ranges, flags = declared_ranges(cls), flags or {}
     helps = field_help(cls)
     for f in fields(cls):
         if f.name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = flags.get(f.name, "--" + f.name.replace("_", "-"))
         help_ = helps.get(f.name, f.name.replace("_", " "))
+        if f.name in ranges:
+            help_ += f"; {ranges[f.name]}"
         if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=help_)
         else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, help=help_,
+            parser.add_argument(flag, dest=f.name, type=_flag_type(f), default=f.default, help=help_,
                                 required=f.name in required, choices=choices.get(f.name))
 
 
@@ -191,16 +208,8 @@ _TABLE: dict[str, dict[str, Range]] = {
     "phantom": dict(studies=_COUNT, size=Range(32, 16384, integer=True), seed=_SEED, workers=_COUNT,
                     both_views_fraction=_FRACTION, lateral_only_fraction=_FRACTION,
                     no_view_position_fraction=_FRACTION, corrupt=_NONNEG, uncertain_fraction=_FRACTION),
-    # size: 16384 is what prepare_cache supports (cache.MAX_SIZE) and what --help said
-    # (the CLI refused > 8192); workers 0 = convert in this process, as prepare_cache documents.
-    "prepare": dict(size=Range(8, 16384, integer=True), shard_size=Range(1, 1 << 20, integer=True), workers=_NONNEG,
-                    seed=_SEED),
     "compare": dict(n_boot=_COUNT, seed=_SEED, alpha=Range(0, 1, low_open=True, high_open=True)),
     "plot": dict(samples=_COUNT),
-    "embed": dict(img_size=_SIDE, in_chans=Range(1, 64, integer=True), batch_size=_COUNT,
-                  shard_size=_COUNT, workers=_NONNEG),
-    "tile": dict(mpp=_POS, size=_SIDE, min_tissue=_FRACTION, min_saturation=_FRACTION,
-                 thumbnail_size=Range(16, 16384, integer=True)),
     "grids": dict(level=_COUNT, per_cluster=_COUNT, tile_px=Range(8, 4096, integer=True)),
     "curate": dict(iterations=_COUNT, split_k=_COUNT, split_iterations=_COUNT, resampling_steps=_COUNT,
                    sample_size=_COUNT, init_sample_size=_COUNT, seed=_SEED, memory_budget_mb=_POS,
@@ -211,7 +220,8 @@ _TABLE: dict[str, dict[str, Range]] = {
                  target=Range(0, 1, low_open=True), seed=_SEED),
 }
 
-_DECLARED = {"pretrain": "fastssl.train.pretrain", "probe": "fastssl.eval.probe", "finetune": "fastssl.eval.finetune"}
+_DECLARED = {"prepare": "fastssl.data.cache", "pretrain": "fastssl.train.pretrain", "embed": "fastssl.curation.embed",
+             "tile": "fastssl.curation.tile", "probe": "fastssl.eval.probe", "finetune": "fastssl.eval.finetune"}
 
 
 class _CommandRanges(Mapping):

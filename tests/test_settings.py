@@ -11,10 +11,41 @@ import pytest
 from fastssl import cli
 from fastssl.config import Range, declared_choices, declared_ranges
 
-# Commands whose settings are declared on a dataclass (module.SETTINGS): their API is that
-# dataclass, checked at construction. The others declare their ranges in fastssl.config._TABLE
-# and are walked on the CLI side only.
-DECLARED = ("pretrain", "probe", "finetune")
+# Commands whose settings are declared on a dataclass (module.SETTINGS). The others declare
+# their ranges in fastssl.config._TABLE.
+DECLARED = ("prepare", "pretrain", "probe", "finetune", "embed", "tile")
+
+
+def _embed_api(**settings):
+    from fastssl.curation.embed import EmbedConfig, _check_config
+
+    _check_config(EmbedConfig(random_init=True, **settings))   # what embed_images runs first
+
+
+def _curate_api(**settings):
+    from fastssl.curation.hierarchical import HierarchicalConfig
+
+    HierarchicalConfig(levels=[8, 4], **settings).validate()   # what the curate job runs first
+
+
+# The Python API each command's settings reach: a SETTINGS dataclass checks at construction;
+# embed's check runs first in embed_images; curate's settings of the tree are HierarchicalConfig's
+# (its other flags: output and sampling, are walked on the CLI side only).
+API = {"embed": _embed_api, "curate": _curate_api}
+
+
+def _api_for(name: str):
+    """(callable(**settings) raising ValueError on a refused value, set of setting names it takes)
+    or (None, empty set)."""
+    if name in API:
+        from fastssl.curation.hierarchical import HierarchicalConfig
+
+        cls = _settings_class(name) or HierarchicalConfig
+        return API[name], {f.name for f in dataclasses.fields(cls)}
+    cls = _settings_class(name)
+    if cls is None:
+        return None, set()
+    return (lambda **settings: cls(**settings)), {f.name for f in dataclasses.fields(cls)}
 
 
 def _boundaries(allowed: Range) -> list[tuple[object, bool]]:
@@ -69,9 +100,9 @@ def _cli_accepts(name: str, dest: str, text: str) -> bool:
     return True
 
 
-def _api_accepts(cls, name: str, value) -> bool:
+def _api_accepts(call, name: str, value) -> bool:
     try:
-        cls(**{name: value})
+        call(**{name: value})
     except ValueError as exc:
         assert "--" + name.replace("_", "-") in str(exc) or name in str(exc), exc   # names the setting
         return False
@@ -93,20 +124,21 @@ def test_declared_commands_have_a_settings_dataclass():
 
 @pytest.mark.parametrize("name", sorted(cli.COMMANDS))
 def test_api_and_cli_accept_and_refuse_the_same_numbers(name):
-    cls = _settings_class(name)
+    call, api_names = _api_for(name)
     ranges = cli.RANGES.get(name, {})
-    assert ranges or name in ("plot", "export"), f"{name}: no numeric setting declared"
+    assert ranges or name in ("export",), f"{name}: no numeric setting declared"
     for setting, allowed in ranges.items():
         for value, inside in _boundaries(allowed):
             assert _cli_accepts(name, setting, str(value)) is inside, (name, setting, value)
-            if cls is not None:
-                assert _api_accepts(cls, setting, value) is inside, (name, setting, value)
+            if setting in api_names:
+                assert _api_accepts(call, setting, value) is inside, (name, setting, value)
 
 
 @pytest.mark.parametrize("name", sorted(cli.COMMANDS))
 def test_api_and_cli_accept_and_refuse_the_same_choices(name):
     cls = _settings_class(name)
-    parser, _ = cli.command_parser(name)
+    call, api_names = _api_for(name)
+    parser = _parser(name)
     choices = {a.dest: tuple(a.choices) for a in parser._actions if a.choices and a.option_strings}
     if cls is not None:
         declared = declared_choices(cls)
@@ -116,8 +148,8 @@ def test_api_and_cli_accept_and_refuse_the_same_choices(name):
         for value in (*allowed, "nonsense"):
             inside = value != "nonsense"
             assert _cli_accepts(name, setting, str(value)) is inside, (name, setting, value)
-            if cls is not None and setting in {f.name for f in dataclasses.fields(cls)}:
-                assert _api_accepts(cls, setting, value) is inside, (name, setting, value)
+            if setting in api_names:
+                assert _api_accepts(call, setting, value) is inside, (name, setting, value)
 
 
 def test_a_config_file_is_checked_like_the_flags(tmp_path, capsys):
@@ -126,3 +158,29 @@ def test_a_config_file_is_checked_like_the_flags(tmp_path, capsys):
     config.write_text("cache: c\nbeta2: 1.0\n")
     assert cli.main(["pretrain", "--config", str(config)]) == 2
     assert "--beta2: got 1.0; allowed: a number in [0, 1)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting, value, inside", [("size", 16384, True), ("size", 16385, False), ("size", 7, False),
+                                                    ("workers", 0, True), ("workers", -1, False)])
+def test_prepare_cache_checks_its_settings_before_reading_the_source(tmp_path, setting, value, inside):
+    """The API function itself refuses exactly what the CLI refuses, before any work; an
+    accepted value gets as far as the (missing) source."""
+    from fastssl.data.cache import prepare_cache
+    from fastssl.errors import DataError
+
+    with pytest.raises((ValueError, DataError, OSError)) as err:
+        prepare_cache(str(tmp_path / "no-such-source"), tmp_path / "out", progress=False, **{setting: value})
+    assert str(err.value).startswith(f"--{setting}: got {value}") is (not inside), err.value
+    assert _cli_accepts("prepare", setting, str(value)) is inside
+
+
+def test_a_kmeans_engine_name_is_checked_before_any_work():
+    """KMeansConfig(impl="nonsense") used to pass and fail at the first assignment, after
+    k-means++ had run; now the config itself refuses it, and every engine name the curate CLI
+    offers is accepted."""
+    from fastssl.curation.kmeans import KMeansConfig
+
+    with pytest.raises(ValueError, match=r"^impl='nonsense'; expected one of"):
+        KMeansConfig(k=3, impl="nonsense")
+    for impl in ("auto", "cpu", "cuda", "torch"):
+        assert KMeansConfig(k=3, impl=impl).impl == impl
