@@ -184,3 +184,28 @@ def test_a_kmeans_engine_name_is_checked_before_any_work():
         KMeansConfig(k=3, impl="nonsense")
     for impl in ("auto", "cpu", "cuda", "torch"):
         assert KMeansConfig(k=3, impl=impl).impl == impl
+
+
+# Flags several commands share, the commands that take them, and the range they share.
+# phantom's --workers counts processes with 1 = this process (0 is refused by its API and
+# pinned by tests/test_data_phantom.py); everywhere else 0 = this process.
+SHARED = {
+    "workers": ({"phantom", "prepare", "pretrain", "probe", "finetune", "embed"}, Range(0, integer=True)),
+    "batch_size": ({"pretrain", "probe", "finetune", "embed", "demo"}, Range(1, integer=True)),
+    "device": ({"pretrain", "probe", "finetune", "embed"}, None),
+    "overwrite": ({"prepare", "pretrain", "finetune", "embed", "tile", "curate"}, None),
+    "seed": ({"phantom", "prepare", "pretrain", "probe", "finetune", "compare", "curate", "demo"},
+             Range(0, 2**63 - 1, integer=True)),
+}
+
+
+@pytest.mark.parametrize("flag", sorted(SHARED))
+def test_shared_flags_exist_and_mean_the_same(flag):
+    commands, allowed = SHARED[flag]
+    have = {name for name in cli.COMMANDS if any(a.dest == flag for a in _parser(name)._actions)}
+    assert have == commands, flag
+    for name in commands:
+        if allowed is not None and not (flag == "workers" and name == "phantom"):
+            assert cli.RANGES[name][flag] == allowed, (name, flag)
+        if flag == "device":
+            assert _cli_accepts(name, flag, "cuda:1") and not _cli_accepts(name, flag, "gpu"), name

@@ -73,7 +73,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT, BEST, METRICS, RESULT = "checkpoint.pt", "best.pt", "metrics.jsonl", "finetune.json"
 FOLD_SCORES = "fold_scores.npz"  # a fold run's validation study scores of every epoch (cross-validation)
 # Settings that change no result: a resume may differ in them (fastssl.jobs fingerprint).
-_NOT_RESULT_KEYS = ("out", "eval_batch_size", "device", "stop_after_epochs", "plots",
+_NOT_RESULT_KEYS = ("out", "eval_batch_size", "device", "workers", "stop_after_epochs", "plots",
                     "progress", "overwrite")
 
 
@@ -103,6 +103,7 @@ class FinetuneConfig:
     eval_batch_size: int = setting(256, range=COUNT)    # images per evaluation batch
     precision: str = setting("fp32", choices=("fp32", "bf16"))       # fp32 (released) | bf16 (autocast, CUDA only)
     device: str = "auto"          # auto | cpu | cuda
+    workers: int = setting(0, range=NONNEG)  # DataLoader processes reading the train batches (0: in this process)
     seed: int = setting(0, range=SEED)                 # batch order, augmentation, head init and bootstrap seed
     label_fraction: float = setting(1.0, range=Range(0, 1, low_open=True))   # keep this fraction (0, 1] of the train studies' labels, drawn by patient
     label_seed: int = setting(0, range=SEED)           # seed of the --label-fraction draw
@@ -205,11 +206,35 @@ class StudyBatches:
         first = np.concatenate([[0], np.cumsum(ends - starts)[:-1]])
         return images, views, torch.from_numpy(group), labels[torch.from_numpy(first)]
 
-    def epoch(self, batch_size: int, seed: int, epoch: int):
-        """The shuffled batches of ``epoch`` (full batches only; order from (seed, epoch))."""
+    def epoch(self, batch_size: int, seed: int, epoch: int, workers: int = 0):
+        """The shuffled batches of ``epoch`` (full batches only; order from (seed, epoch)),
+        read by ``workers`` DataLoader processes (0: in this process); the same batches in
+        the same order either way (augmentation happens later, in this process)."""
         perm = np.random.default_rng([seed, epoch]).permutation(self.n_studies)
-        for k in range(self.n_studies // batch_size):
-            yield self.batch(perm[k * batch_size:(k + 1) * batch_size])
+        chunks = [perm[k * batch_size:(k + 1) * batch_size] for k in range(self.n_studies // batch_size)]
+        if workers == 0:
+            yield from map(self.batch, chunks)
+            return
+        yield from torch.utils.data.DataLoader(_Chunks(self, chunks), batch_size=None, num_workers=workers,
+                                               collate_fn=_as_is)
+
+
+def _as_is(item):
+    """A DataLoader collate that keeps a batch exactly as StudyBatches.batch made it."""
+    return item
+
+
+class _Chunks(torch.utils.data.Dataset):
+    """StudyBatches.batch over fixed study chunks, for a DataLoader (item k = chunk k)."""
+
+    def __init__(self, batches: StudyBatches, chunks: list[np.ndarray]):
+        self.batches, self.chunks = batches, chunks
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, k: int):
+        return self.batches.batch(self.chunks[k])
 
 
 def mean_by_group(logits: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Tensor:
@@ -232,7 +257,7 @@ def train_one_epoch(model, batches: StudyBatches, optimizer, cfg: FinetuneConfig
     generator = torch.Generator(device).manual_seed(cfg.seed * 100_003 + epoch)
     use_bf16 = device.type == "cuda" and cfg.precision == "bf16"
     losses = []
-    it = batches.epoch(cfg.batch_size, cfg.seed, epoch)
+    it = batches.epoch(cfg.batch_size, cfg.seed, epoch, cfg.workers)
     if progress:
         from tqdm import tqdm
 
