@@ -208,7 +208,6 @@ _TABLE: dict[str, dict[str, Range]] = {
     "phantom": dict(studies=_COUNT, size=Range(32, 16384, integer=True), seed=_SEED, workers=_COUNT,
                     both_views_fraction=_FRACTION, lateral_only_fraction=_FRACTION,
                     no_view_position_fraction=_FRACTION, corrupt=_NONNEG, uncertain_fraction=_FRACTION),
-    "compare": dict(n_boot=_COUNT, seed=_SEED, alpha=Range(0, 1, low_open=True, high_open=True)),
     "plot": dict(samples=_COUNT),
     "grids": dict(level=_COUNT, per_cluster=_COUNT, tile_px=Range(8, 4096, integer=True)),
     "curate": dict(iterations=_COUNT, split_k=_COUNT, split_iterations=_COUNT, resampling_steps=_COUNT,
@@ -221,7 +220,7 @@ _TABLE: dict[str, dict[str, Range]] = {
 }
 
 _DECLARED = {"prepare": "fastssl.data.cache", "pretrain": "fastssl.train.pretrain", "embed": "fastssl.curation.embed",
-             "tile": "fastssl.curation.tile", "probe": "fastssl.eval.probe", "finetune": "fastssl.eval.finetune"}
+             "tile": "fastssl.curation.tile", "compare": "fastssl.eval.compare", "probe": "fastssl.eval.probe", "finetune": "fastssl.eval.finetune"}
 
 
 class _CommandRanges(Mapping):

@@ -13,7 +13,7 @@ from fastssl.config import Range, declared_choices, declared_ranges
 
 # Commands whose settings are declared on a dataclass (module.SETTINGS). The others declare
 # their ranges in fastssl.config._TABLE.
-DECLARED = ("prepare", "pretrain", "probe", "finetune", "embed", "tile")
+DECLARED = ("prepare", "pretrain", "probe", "finetune", "embed", "tile", "compare")
 
 
 def _embed_api(**settings):
@@ -209,3 +209,12 @@ def test_shared_flags_exist_and_mean_the_same(flag):
             assert cli.RANGES[name][flag] == allowed, (name, flag)
         if flag == "device":
             assert _cli_accepts(name, flag, "cuda:1") and not _cli_accepts(name, flag, "gpu"), name
+
+
+def test_compare_runs_checks_its_settings_before_reading_the_runs(tmp_path):
+    """compare's --alpha used to be checked by its run() only; the API now refuses it first."""
+    from fastssl.eval.compare import compare_runs
+
+    for bad, match in ((dict(alpha=1.0), "--alpha: got 1.0"), (dict(n_boot=0), "--n-boot: got 0")):
+        with pytest.raises(ValueError, match=match):
+            compare_runs(str(tmp_path / "a"), str(tmp_path / "b"), **bad)
