@@ -209,7 +209,6 @@ _TABLE: dict[str, dict[str, Range]] = {
                     both_views_fraction=_FRACTION, lateral_only_fraction=_FRACTION,
                     no_view_position_fraction=_FRACTION, corrupt=_NONNEG, uncertain_fraction=_FRACTION),
     "plot": dict(samples=_COUNT),
-    "grids": dict(level=_COUNT, per_cluster=_COUNT, tile_px=Range(8, 4096, integer=True)),
     "curate": dict(iterations=_COUNT, split_k=_COUNT, split_iterations=_COUNT, resampling_steps=_COUNT,
                    sample_size=_COUNT, init_sample_size=_COUNT, seed=_SEED, memory_budget_mb=_POS,
                    target_size=Range(0), split_inits=_COUNT, init_sample_per_centroid=_COUNT,
@@ -220,7 +219,8 @@ _TABLE: dict[str, dict[str, Range]] = {
 }
 
 _DECLARED = {"prepare": "fastssl.data.cache", "pretrain": "fastssl.train.pretrain", "embed": "fastssl.curation.embed",
-             "tile": "fastssl.curation.tile", "compare": "fastssl.eval.compare", "probe": "fastssl.eval.probe", "finetune": "fastssl.eval.finetune"}
+             "tile": "fastssl.curation.tile", "compare": "fastssl.eval.compare",
+             "grids": "fastssl.curation.tiles", "probe": "fastssl.eval.probe", "finetune": "fastssl.eval.finetune"}
 
 
 class _CommandRanges(Mapping):

@@ -13,7 +13,7 @@ from fastssl.config import Range, declared_choices, declared_ranges
 
 # Commands whose settings are declared on a dataclass (module.SETTINGS). The others declare
 # their ranges in fastssl.config._TABLE.
-DECLARED = ("prepare", "pretrain", "probe", "finetune", "embed", "tile", "compare")
+DECLARED = ("prepare", "pretrain", "probe", "finetune", "embed", "tile", "compare", "grids")
 
 
 def _embed_api(**settings):
@@ -218,3 +218,14 @@ def test_compare_runs_checks_its_settings_before_reading_the_runs(tmp_path):
     for bad, match in ((dict(alpha=1.0), "--alpha: got 1.0"), (dict(n_boot=0), "--n-boot: got 0")):
         with pytest.raises(ValueError, match=match):
             compare_runs(str(tmp_path / "a"), str(tmp_path / "b"), **bad)
+
+
+def test_write_exemplar_grids_checks_its_settings_before_reading_the_tree(tmp_path):
+    """grids' --per-cluster and --tile-px were checked by the CLI only; the API now refuses
+    the same values first (the tree below does not exist)."""
+    from fastssl.curation.tiles import write_exemplar_grids
+
+    for bad, match in ((dict(tile_px=4097), "--tile-px: got 4097"), (dict(per_cluster=0), "--per-cluster: got 0"),
+                       (dict(level=0), "--level: got 0")):
+        with pytest.raises(ValueError, match=match):
+            write_exemplar_grids(tmp_path / "curate", tmp_path / "emb", **{"level": 1, **bad})
