@@ -213,14 +213,11 @@ _TABLE: dict[str, dict[str, Range]] = {
                    sample_size=_COUNT, init_sample_size=_COUNT, seed=_SEED, memory_budget_mb=_POS,
                    target_size=Range(0), split_inits=_COUNT, init_sample_per_centroid=_COUNT,
                    checkpoint_every=_NONNEG),
-    "demo": dict(studies=_COUNT, phantom_size=Range(32, 16384, integer=True), img_size=_SIDE, epochs=_COUNT,
-                 batch_size=_COUNT, base_lr=_POS, points=_COUNT, dim=_COUNT, components=_COUNT,
-                 target=Range(0, 1, low_open=True), seed=_SEED),
 }
 
 _DECLARED = {"prepare": "fastssl.data.cache", "pretrain": "fastssl.train.pretrain", "embed": "fastssl.curation.embed",
              "tile": "fastssl.curation.tile", "compare": "fastssl.eval.compare",
-             "grids": "fastssl.curation.tiles", "probe": "fastssl.eval.probe", "finetune": "fastssl.eval.finetune"}
+             "grids": "fastssl.curation.tiles", "demo": "fastssl.demo", "probe": "fastssl.eval.probe", "finetune": "fastssl.eval.finetune"}
 
 
 class _CommandRanges(Mapping):
