@@ -1,17 +1,23 @@
-"""Config dataclasses as command-line flags: one place documents a setting.
+"""Config dataclasses as command-line flags: each setting declared once.
 
-Every job's settings live in one dataclass whose field comments are the ``--help`` text;
-:func:`add_dataclass_arguments` turns the fields into flags and :func:`config_from_args`
-turns parsed flags back into the dataclass.
+Every job's settings live in one dataclass. A field declares its default and type; a
+field made with :func:`setting` also declares its allowed values (a :class:`Range` or a
+tuple of choices); its trailing source comment is the ``--help`` text. From that one
+declaration derive: the flags (:func:`add_dataclass_arguments`, types, choices, help), the
+YAML keys (the router's ``--config``, keys equal to the flags), the CLI's range check
+(:data:`COMMAND_RANGES`) and the Python API's check (:func:`check_settings`, called by the
+dataclass's ``__post_init__``). A command module names its dataclass ``SETTINGS``.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
 
 __all__ = ["add_dataclass_arguments", "config_from_args", "parse_bool", "Range", "check_range", "check_ranges",
-           "flag_name", "COMMAND_RANGES"]
+           "flag_name", "COMMAND_RANGES", "setting", "declared_ranges", "declared_choices", "check_settings"]
 
 _TRUE, _FALSE = ("true", "yes", "on"), ("false", "no", "off")
 
@@ -53,12 +59,13 @@ class Range:
 
     def __str__(self) -> str:
         kind = "an integer" if self.integer else "a number"
-        if self.low is not None and self.high is not None:
-            return f"{kind} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
-        if self.low is not None:
-            return f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
-        if self.high is not None:
-            return f"{kind} {'<' if self.high_open else '<='} {self.high:g}"
+        low, high = (None if v is None else f"{int(v)}" if self.integer else f"{v:g}" for v in (self.low, self.high))
+        if low is not None and high is not None:
+            return f"{kind} in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        if low is not None:
+            return f"{kind} {'>' if self.low_open else '>='} {low}"
+        if high is not None:
+            return f"{kind} {'<' if self.high_open else '<='} {high}"
         return f"any finite {'integer' if self.integer else 'number'}"
 
 
@@ -71,7 +78,40 @@ def check_range(name: str, value, allowed: Range, *, optional: bool = False) -> 
         raise ValueError(f"{flag_name(name)}: got {value!r}; allowed: {allowed}")
 
 
-def _field_help(cls) -> dict[str, str]:
+def setting(default=MISSING, *, range: Range | None = None, choices=None):
+    """A dataclass field that declares a setting's allowed values once: ``range`` (a
+    :class:`Range`; comma lists are checked element by element) or ``choices`` (a tuple).
+    None always passes (it means "the default", e.g. the recipe's). The help text stays the
+    field's trailing comment."""
+    metadata = {}
+    if range is not None:
+        metadata["range"] = range
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+    return field(default=default, metadata=metadata)
+
+
+def declared_ranges(cls) -> dict[str, Range]:
+    """{field name: Range} of the fields of dataclass ``cls`` declared with a range."""
+    return {f.name: f.metadata["range"] for f in fields(cls) if "range" in f.metadata}
+
+
+def declared_choices(cls) -> dict[str, tuple]:
+    """{field name: allowed values} of the fields of dataclass ``cls`` declared with choices."""
+    return {f.name: f.metadata["choices"] for f in fields(cls) if "choices" in f.metadata}
+
+
+def check_settings(config) -> None:
+    """ValueError naming the first field of dataclass instance ``config`` outside its declared
+    range or choices (the same one-line messages as the CLI's)."""
+    check_ranges(config, declared_ranges(type(config)))
+    for name, allowed in declared_choices(type(config)).items():
+        value = getattr(config, name)
+        if value is not None and value not in allowed:
+            raise ValueError(f"{flag_name(name)}: {value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def field_help(cls) -> dict[str, str]:
     """Help strings from a config dataclass's source comments (one place documents a setting)."""
     import inspect
 
@@ -87,21 +127,37 @@ def _field_help(cls) -> dict[str, str]:
     return out
 
 
+_KINDS = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def _flag_type(f):
+    """A field's flag type: its default's type, or the annotation's first type for a None
+    default (``int | None`` -> int)."""
+    if f.default is not None:
+        return type(f.default)
+    return _KINDS[str(f.type).split("|")[0].strip()]
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, *, required=(), skip=(),
-                            choices: dict | None = None) -> None:
-    """One flag per field of the config dataclass ``cls`` (``--name-with-dashes``); booleans
-    get ``--x/--no-x``; defaults and help come from the dataclass."""
-    choices = choices or {}
-    helps = _field_help(cls)
+                            choices: dict | None = None, flags: dict | None = None) -> None:
+    """One flag per field of the config dataclass ``cls`` (``--name-with-dashes``, or the
+    name ``flags`` gives a field); booleans get ``--x/--no-x``; types, defaults, declared
+    choices and ranges, and help come from the dataclass."""
+    choices = {**declared_choices(cls), **(choices or {})}
+    ranges, flags = declared_ranges(cls), flags or {}
+    helps = field_help(cls)
     for f in fields(cls):
         if f.name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = flags.get(f.name, "--" + f.name.replace("_", "-"))
         help_ = helps.get(f.name, f.name.replace("_", " "))
+        if f.name in ranges:
+            help_ += f"; {ranges[f.name]}"
         if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=help_)
         else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, help=help_,
+            parser.add_argument(flag, dest=f.name, type=_flag_type(f), default=f.default, help=help_,
                                 required=f.name in required, choices=choices.get(f.name))
 
 
@@ -140,48 +196,44 @@ def check_ranges(settings, ranges: dict[str, Range]) -> None:
 
 
 # Allowed values of every numeric setting of every command: the CLI checks them after parsing
-# (flags and --config alike) before a command starts work, and a config's validate() can call
-# check_ranges(self, COMMAND_RANGES[...]). None means "the default" and passes.
-# tests/test_cli.py checks that every int/float flag of every command is listed here.
-_COUNT, _NONNEG, _POS = Range(1, integer=True), Range(0, integer=True), Range(0, low_open=True)
-_FRACTION, _SIDE = Range(0, 1), Range(8, 16384, integer=True)
-_SEED = Range(0, 2**63 - 1, integer=True)
-COMMAND_RANGES: dict[str, dict[str, Range]] = {
+# (flags and --config alike) before a command starts work. None means "the default" and passes.
+# A command converted to declared settings (_DECLARED) has its ranges on its SETTINGS dataclass;
+# the others are listed in _TABLE. tests/test_cli.py checks that every int/float flag of every
+# command has a range, and walks every command checking that the API and the CLI agree.
+# The ranges several commands share (a count, a non-negative count, a positive number, ...).
+COUNT, NONNEG, POSITIVE = Range(1, integer=True), Range(0, integer=True), Range(0, low_open=True)
+FRACTION, SIDE, SEED = Range(0, 1), Range(8, 16384, integer=True), Range(0, 2**63 - 1, integer=True)
+_COUNT, _NONNEG, _POS, _FRACTION, _SIDE, _SEED = COUNT, NONNEG, POSITIVE, FRACTION, SIDE, SEED
+_TABLE: dict[str, dict[str, Range]] = {
     "phantom": dict(studies=_COUNT, size=Range(32, 16384, integer=True), seed=_SEED, workers=_COUNT,
                     both_views_fraction=_FRACTION, lateral_only_fraction=_FRACTION,
                     no_view_position_fraction=_FRACTION, corrupt=_NONNEG, uncertain_fraction=_FRACTION),
-    "prepare": dict(size=Range(8, 8192, integer=True), shard_size=Range(1, 1 << 20, integer=True), workers=_COUNT,
-                    seed=_SEED),
-    "pretrain": dict(img_size=Range(0, 16384, integer=True), patch_size=Range(0, 1024, integer=True),
-                     mask_ratio=Range(0, 1, high_open=True), temperature=_POS, beta_max=Range(0),
-                     beta_ramp_epochs=Range(-1), epochs=_COUNT, batch_size=_COUNT, base_lr=_POS,
-                     min_lr=Range(0), warmup_epochs=Range(0), weight_decay=Range(0),
-                     beta1=Range(0, 1, high_open=True), beta2=Range(0, 1, high_open=True),
-                     clip_grad=Range(0), crop_min=Range(0, 1, low_open=True), workers=_NONNEG, seed=_SEED,
-                     log_every=_COUNT, ckpt_every=_COUNT, stop_after_steps=_NONNEG,
-                     decoder_dim=_COUNT, decoder_heads=_COUNT, decoder_depth=_COUNT, beta_steepness=_POS,
-                     warmup_start=Range(0, 1), max_views=_COUNT, pixel_mean=Range(-1), pixel_std=Range(-1),
-                     val_batches=_NONNEG),
-    "finetune": dict(epochs=_COUNT, warmup_epochs=_NONNEG, batch_size=_COUNT, base_lr=_POS, weight_decay=Range(0),
-                     layer_decay=Range(0, 1, low_open=True), clip_grad=Range(0), crop_min=Range(0, 1, low_open=True),
-                     eval_batch_size=_COUNT, seed=_SEED, n_boot=_COUNT, stop_after_epochs=_NONNEG,
-                     label_fraction=Range(0, 1, low_open=True), label_seed=_SEED, min_val_studies=_NONNEG,
-                     cv_folds=Range(2, integer=True)),
-    "compare": dict(n_boot=_COUNT, seed=_SEED, alpha=Range(0, 1, low_open=True, high_open=True)),
     "plot": dict(samples=_COUNT),
-    "probe": dict(batch_size=_COUNT, workers=_NONNEG, l2=Range(0), max_iter=_COUNT, n_boot=_NONNEG,
-                  seed=_SEED, knn_k=_NONNEG, min_val_studies=_NONNEG, cv_folds=Range(2, integer=True),
-                  label_fraction=Range(0, 1, low_open=True), label_seed=_SEED),
-    "embed": dict(img_size=_SIDE, in_chans=Range(1, 64, integer=True), batch_size=_COUNT,
-                  shard_size=_COUNT, workers=_NONNEG),
-    "tile": dict(mpp=_POS, size=_SIDE, min_tissue=_FRACTION, min_saturation=_FRACTION,
-                 thumbnail_size=Range(16, 16384, integer=True)),
-    "grids": dict(level=_COUNT, per_cluster=_COUNT, tile_px=Range(8, 4096, integer=True)),
     "curate": dict(iterations=_COUNT, split_k=_COUNT, split_iterations=_COUNT, resampling_steps=_COUNT,
                    sample_size=_COUNT, init_sample_size=_COUNT, seed=_SEED, memory_budget_mb=_POS,
                    target_size=Range(0), split_inits=_COUNT, init_sample_per_centroid=_COUNT,
                    checkpoint_every=_NONNEG),
-    "demo": dict(studies=_COUNT, phantom_size=Range(32, 16384, integer=True), img_size=_SIDE, epochs=_COUNT,
-                 batch_size=_COUNT, base_lr=_POS, points=_COUNT, dim=_COUNT, components=_COUNT,
-                 target=Range(0, 1, low_open=True), seed=_SEED),
 }
+
+_DECLARED = {"prepare": "fastssl.data.cache", "pretrain": "fastssl.train.pretrain", "embed": "fastssl.curation.embed",
+             "tile": "fastssl.curation.tile", "compare": "fastssl.eval.compare",
+             "grids": "fastssl.curation.tiles", "demo": "fastssl.demo", "probe": "fastssl.eval.probe", "finetune": "fastssl.eval.finetune"}
+
+
+class _CommandRanges(Mapping):
+    """{command: {setting: Range}}: a converted command's ranges are read from its module's
+    ``SETTINGS`` dataclass on access (so ``import fastssl.config`` imports no command)."""
+
+    def __getitem__(self, name: str) -> dict[str, Range]:
+        if name in _DECLARED:
+            return declared_ranges(importlib.import_module(_DECLARED[name]).SETTINGS)
+        return _TABLE[name]
+
+    def __iter__(self):
+        return iter({**_TABLE, **_DECLARED})
+
+    def __len__(self) -> int:
+        return len({**_TABLE, **_DECLARED})
+
+
+COMMAND_RANGES: Mapping[str, dict[str, Range]] = _CommandRanges()

@@ -19,29 +19,43 @@ import argparse
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from fastssl.config import COUNT, POSITIVE, SEED, SIDE, Range, add_dataclass_arguments, check_settings, setting
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class DemoConfig:
+    """The settings of ``fastssl demo`` (its flags, declared once: type, default, range, help)."""
+
+    out: str = "runs/demo"  # output directory (rerun to resume)
+    studies: int = setting(600, range=COUNT)  # phantom studies
+    phantom_size: int = setting(128, range=Range(32, 16384, integer=True))  # phantom image side (px)
+    img_size: int = setting(64, range=SIDE)  # cache and model image side
+    epochs: int = setting(30, range=COUNT)  # pretraining epochs per model
+    batch_size: int = setting(32, range=COUNT)  # pretraining batch size
+    base_lr: float = setting(1e-3, range=POSITIVE)  # lr = base_lr * batch / 256 (higher than ViT-B's: a tiny model)
+    points: int = setting(200_000, range=COUNT)  # synthetic embeddings
+    dim: int = setting(64, range=COUNT)  # embedding dimension
+    components: int = setting(300, range=COUNT)  # ground-truth Gaussian components (Zipf sizes)
+    levels: str = "1000,100,10"  # clusters per tree level
+    target: float = setting(0.1, range=Range(0, 1, low_open=True))  # curated fraction
+    seed: int = setting(0, range=SEED)  # seed of every step
+    skip_radiographs: bool = False  # curation part only
+    skip_curation: bool = False  # radiograph part only
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+
+SETTINGS = DemoConfig   # the dataclass declaring this command's settings (fastssl.config)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="runs/demo", help="output directory (rerun to resume)")
-    parser.add_argument("--studies", type=int, default=600, help="phantom studies")
-    parser.add_argument("--phantom-size", type=int, default=128, help="phantom image side (px)")
-    parser.add_argument("--img-size", type=int, default=64, help="cache and model image side")
-    parser.add_argument("--epochs", type=int, default=30, help="pretraining epochs per model")
-    parser.add_argument("--batch-size", type=int, default=32, help="pretraining batch size")
-    parser.add_argument("--base-lr", type=float, default=1e-3,
-                        help="lr = base_lr * batch / 256 (higher than ViT-B's: a tiny model)")
-    parser.add_argument("--points", type=int, default=200_000, help="synthetic embeddings")
-    parser.add_argument("--dim", type=int, default=64, help="embedding dimension")
-    parser.add_argument("--components", type=int, default=300,
-                        help="ground-truth Gaussian components (Zipf sizes)")
-    parser.add_argument("--levels", default="1000,100,10", help="clusters per tree level")
-    parser.add_argument("--target", type=float, default=0.1, help="curated fraction")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every step")
-    parser.add_argument("--skip-radiographs", action="store_true", help="curation part only")
-    parser.add_argument("--skip-curation", action="store_true", help="radiograph part only")
+    add_dataclass_arguments(parser, DemoConfig)
 
 
 def _step(name: str, argv: list[str], timings: dict) -> None:

@@ -73,6 +73,25 @@ def test_study_batches_hold_whole_studies(cache):
                                torch.stack([logits[[1, 4]].mean(0), logits[[0, 2, 3]].mean(0), torch.zeros(3, dtype=torch.float64)]))
 
 
+def test_study_batches_read_by_workers_are_the_in_process_batches(cache):
+    """finetune --workers: DataLoader processes yield the batches of the released order
+    (the permutation of (seed, epoch), transcribed here), whole studies, as in-process."""
+    from fastssl.data.datasets import SingleViewDataset
+
+    ds = SingleViewDataset(cache, split="train")
+    batches = StudyBatches(ds)
+    perm = np.random.default_rng([3, 2]).permutation(len(ds.study_ids))
+    got = list(batches.epoch(3, seed=3, epoch=2, workers=2))
+    assert len(got) == len(perm) // 3
+    for k, (images, views, group, labels) in enumerate(got):
+        for j, s in enumerate(perm[3 * k:3 * k + 3]):
+            rows = np.flatnonzero(ds.study_index == s)
+            torch.testing.assert_close(images[group == j], ds.get_batch(rows)[0])
+            torch.testing.assert_close(labels[j], ds.get_batch(rows)[1][0])
+    for (a, *_), (b, *_) in zip(got, batches.epoch(3, seed=3, epoch=2, workers=0)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def _finetune(cache, out, *extra, quiet=True):
     from fastssl.cli import main as cli
 

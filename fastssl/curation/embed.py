@@ -36,7 +36,6 @@ import contextlib
 import csv
 import functools
 import hashlib
-import io
 import json
 import logging
 import math
@@ -52,6 +51,7 @@ import numpy as np
 from fastssl import distributed as fdist
 from fastssl import jobs
 from fastssl.atomic import atomic_save_npy, atomic_write_csv, atomic_write_text
+from fastssl.config import COUNT, NONNEG, SIDE, Range, add_dataclass_arguments, check_settings, config_from_args, setting
 from fastssl.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -394,19 +394,22 @@ def _resample_pos_embed(state: dict, net, path: Path) -> dict:
 class EmbedConfig:
     """Settings of an embedding run (defaults are the CLI's)."""
 
-    model: str = "vit_large_patch16_224"
-    weights: str | None = None
-    random_init: bool = False
-    img_size: int | None = None  # default: the model's input size
-    in_chans: int = 3
-    batch_size: int = 64
-    shard_size: int = 65536
-    workers: int = 4
-    device: str = "auto"
-    precision: str = "fp32"  # fp32 (the model's own features, every device) | bf16 (autocast, faster)
-    quiet: bool = False
-    overwrite: bool = False  # replace another run found in the output dir
-    verify_data: bool = False  # fingerprint every byte of the tiles and weights
+    model: str = "vit_large_patch16_224"  # timm model name, or local-dir:FOLDER (timm's config.json + model.safetensors: architecture options and pixel mean/std from config.json)
+    weights: str | None = None  # local weights: .safetensors or a torch state_dict (.pth/.bin), loaded strictly (default for local-dir: the folder's model.safetensors or pytorch_model.bin)
+    random_init: bool = False  # random weights (testing only; nothing is downloaded)
+    img_size: int | None = setting(None, range=SIDE)  # input side in pixels (default: the model's)
+    in_chans: int = setting(3, range=Range(1, 64, integer=True))  # model input channels
+    batch_size: int = setting(64, range=COUNT)  # images per forward pass
+    shard_size: int = setting(65536, range=COUNT)  # rows per output shard
+    workers: int = setting(4, range=NONNEG)  # DataLoader worker processes
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = setting("fp32", choices=PRECISIONS)  # fp32: the model's own features on every device (TF32 off); bf16: autocast, faster on GPUs, features differ by about 1e-2
+    quiet: bool = False  # no progress bar (the router's --quiet)
+    overwrite: bool = False  # replace a run of other settings, tiles or weights found in --out
+    verify_data: bool = False  # fingerprint every byte of the tiles and weights (default: tile paths and sizes, sampled blocks of the weights; cheap at millions of tiles)
+
+
+SETTINGS = EmbedConfig   # the dataclass declaring this command's settings (fastssl.config)
 
 
 # the one rank helpers, bound here so that tests can stand in for another rank
@@ -436,15 +439,14 @@ def _read_csv(path: Path) -> list[list[str]]:
 
 
 def _check_config(cfg: EmbedConfig) -> None:
+    """The API's check of an EmbedConfig: its declared ranges and choices (fastssl.config), the
+    three counts first in the words this function has always used for them."""
     for name in ("batch_size", "shard_size", "in_chans"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.workers < 0:
-        raise ValueError(f"workers must be >= 0, got {cfg.workers}")
+    check_settings(cfg)
     if cfg.weights is None and not cfg.random_init:
         raise ValueError(_NO_WEIGHTS)
-    if cfg.precision not in PRECISIONS:
-        raise ValueError(f"--precision: {cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
 
 
 def _pixel_settings(net, cfg: EmbedConfig) -> tuple[int, tuple, tuple]:
@@ -706,34 +708,11 @@ def _merge(out: Path, shards, items: _Items, cfg: EmbedConfig, dim: int, pixels:
 
 # --------------------------------------------------------------------------- CLI
 def add_arguments(parser) -> None:
-    d = EmbedConfig()
     parser.add_argument("source", help="folder of tiles (png, jpg, npy; recursive), a .npy file of "
                                        "(N, H, W[, C]) uint8 images, or a tile index of `fastssl tile` "
                                        "(its folder or tiles.csv: tiles are read from the slides)")
     parser.add_argument("--out", required=True, help="output directory (rerun to resume)")
-    parser.add_argument("--model", default=d.model,
-                        help="timm model name, or local-dir:FOLDER (timm's config.json + model.safetensors: "
-                             "architecture options and pixel mean/std from config.json)")
-    parser.add_argument("--weights", default=None,
-                        help="local weights: .safetensors or a torch state_dict (.pth/.bin), loaded strictly "
-                             "(default for local-dir: the folder's model.safetensors or pytorch_model.bin)")
-    parser.add_argument("--random-init", action="store_true",
-                        help="random weights (testing only; nothing is downloaded)")
-    parser.add_argument("--img-size", type=int, default=None,
-                        help="input side in pixels (default: the model's)")
-    parser.add_argument("--in-chans", type=int, default=d.in_chans, help="model input channels")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="images per forward pass")
-    parser.add_argument("--shard-size", type=int, default=d.shard_size, help="rows per output shard")
-    parser.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes")
-    parser.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--precision", default=d.precision, choices=PRECISIONS,
-                        help="fp32: the model's own features on every device (TF32 off); bf16: autocast, "
-                             "faster on GPUs, features differ by about 1e-2 (default: fp32)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace a run of other settings, tiles or weights found in --out")
-    parser.add_argument("--verify-data", action="store_true",
-                        help="fingerprint every byte of the tiles and weights (default: tile paths "
-                             "and sizes, sampled blocks of the weights; cheap at millions of tiles)")
+    add_dataclass_arguments(parser, EmbedConfig, skip=("quiet",))   # declared once, on EmbedConfig
 
 
 def run(args) -> int:
@@ -743,12 +722,7 @@ def run(args) -> int:
         d.init()
     except ImportError:
         pass
-    cfg = EmbedConfig(
-        model=args.model, weights=args.weights, random_init=args.random_init,
-        img_size=args.img_size, in_chans=args.in_chans, batch_size=args.batch_size,
-        shard_size=args.shard_size, workers=args.workers, device=args.device, precision=args.precision,
-        quiet=getattr(args, "quiet", False), overwrite=args.overwrite, verify_data=args.verify_data,
-    )
+    cfg = config_from_args(EmbedConfig, args)
     try:
         manifest = embed_images(args.source, args.out, cfg)
     except (ValueError, DataError) as exc:

@@ -45,6 +45,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from fastssl import distributed as dist
+from fastssl.config import SEED, check_range
 from fastssl.curation._source import PointSource
 from fastssl.curation.kmeans import (KMeans, KMeansConfig, KmppCheckpoint, _one_thread,
                                      _progress_enabled, _scatter_add, assign_device)
@@ -164,15 +165,18 @@ class HierarchicalConfig:
             self._validate_level(depth, level)
         _at_least("resampling_steps", self.resampling_steps, 1,
                   " (it counts the first k-means: 1 = no resampling)")
-        _at_least("iterations", self.iterations, 0)
+        _at_least("iterations", self.iterations, 1)   # as the curate CLI: 0 would leave the k-means++ seeds
         _at_least("split_inits", self.split_inits, 1)
         _at_least("checkpoint_every", self.checkpoint_every, 0)
-        if self.sample_size is not None:
-            _at_least("sample_size", self.sample_size, 1)
+        _at_least("init_sample_per_centroid", self.init_sample_per_centroid, 1)
+        check_range("seed", self.seed, SEED)   # the curate CLI's range (fastssl.config)
+        for name in ("sample_size", "init_sample_size"):
+            if getattr(self, name) is not None:
+                _at_least(name, getattr(self, name), 1)
         if self.split_k is not None:
             _at_least("split_k", self.split_k, 1)
         if self.split_iterations is not None:
-            _at_least("split_iterations", self.split_iterations, 0)
+            _at_least("split_iterations", self.split_iterations, 1)
         if self.resampling_init not in _RESAMPLING_INITS:
             raise ValueError(f"resampling_init={self.resampling_init!r}; expected one of "
                              f"{_RESAMPLING_INITS}")
@@ -184,7 +188,7 @@ class HierarchicalConfig:
                      memory_budget_mb=self.memory_budget_mb, precision=self.precision,
                      init_sample_size=self.init_sample_size,
                      init_sample_per_centroid=self.init_sample_per_centroid,
-                     init_candidates=self.init_candidates).validate()
+                     init_candidates=self.init_candidates, impl=self.impl)
 
     def _validate_level(self, depth: int, level: LevelConfig) -> None:
         where = f"level {depth}: "
@@ -196,7 +200,7 @@ class HierarchicalConfig:
         if strategy not in _STRATEGY_CHOICES:
             raise ValueError(f"{where}sampling_strategy={strategy!r}; expected 'closest' or "
                              "'random'")
-        for name, low in (("sample_size", 1), ("iterations", 0), ("resampling_steps", 1)):
+        for name, low in (("sample_size", 1), ("iterations", 1), ("resampling_steps", 1)):
             value = getattr(level, name)
             if value is not None:
                 _at_least(where + name, value, low)

@@ -45,6 +45,10 @@ _F64_SLAB = 4096
 _MAX_RESEED = 4096
 
 
+# The engines a k-means run may name (fastssl.kmeans.assign's; "auto" picks by device).
+KMEANS_IMPLS = ("auto", "cpu", "cuda", "torch")
+
+
 @dataclass
 class KMeansConfig:
     """Settings of one k-means run (every default documented here).
@@ -100,6 +104,9 @@ class KMeansConfig:
     tol: float = 0.0
     progress: bool | None = None
 
+    def __post_init__(self) -> None:
+        self.validate()   # a bad setting fails here, not at the first assignment after k-means++
+
     def validate(self) -> None:
         if int(self.k) < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
@@ -107,7 +114,7 @@ class KMeansConfig:
             raise ValueError(f"iterations must be >= 0, got {self.iterations}")
         choices = {"init": ("kmeans++", "random"), "empty": ("reseed", "keep"),
                    "nonfinite": ("raise", "skip"), "metric": ("l2",),
-                   "precision": CENTROID_PRECISIONS}
+                   "precision": CENTROID_PRECISIONS, "impl": KMEANS_IMPLS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {allowed}")

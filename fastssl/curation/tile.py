@@ -43,6 +43,7 @@ from typing import Sequence
 import numpy as np
 
 from fastssl import jobs
+from fastssl.config import FRACTION, POSITIVE, SIDE, Range, check_settings, setting
 from fastssl.errors import DataError, MissingDependencyError
 
 log = logging.getLogger(__name__)
@@ -165,13 +166,19 @@ def tile_grid(mask: np.ndarray, width: int, height: int, step: float, min_tissue
 class TileConfig:
     """Settings of a tiling run (defaults are the CLI's)."""
 
-    mpp: float = 0.5  # output resolution in microns per pixel (0.5 is about 20x)
-    size: int = 224  # tile side in output pixels
-    min_tissue: float = 0.5  # least fraction of a tile the tissue mask must cover
-    min_saturation: float = 0.05  # floor of the Otsu saturation threshold (a blank slide gives no tiles)
-    thumbnail_size: int = 1024  # longer side in pixels of the thumbnail the tissue mask is computed on (its 7x7 median costs ~1.6 s at 1024, ~6 s at 2048)
+    mpp: float = setting(0.5, range=POSITIVE)  # output resolution in microns per pixel (0.5 is about 20x)
+    size: int = setting(224, range=SIDE)  # tile side in output pixels
+    min_tissue: float = setting(0.5, range=FRACTION)  # least fraction of a tile the tissue mask must cover
+    min_saturation: float = setting(0.05, range=FRACTION)  # floor of the Otsu saturation threshold (a blank slide gives no tiles)
+    thumbnail_size: int = setting(1024, range=Range(16, 16384, integer=True))  # longer side in pixels of the thumbnail the tissue mask is computed on (its 7x7 median costs ~1.6 s at 1024, ~6 s at 2048)
     overwrite: bool = False  # replace another run (other settings or slides) found in --out
     quiet: bool = False  # no progress bar
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+
+SETTINGS = TileConfig   # the dataclass declaring this command's settings (fastssl.config)
 
 
 def list_slides(slides_dir: Path) -> list[str]:
@@ -200,9 +207,7 @@ def _fingerprint(cfg: TileConfig, slides_dir: Path, names: Sequence[str]) -> job
 
 
 def _check_config(cfg: TileConfig) -> None:
-    from fastssl.config import COMMAND_RANGES, check_ranges
-
-    check_ranges(cfg, COMMAND_RANGES["tile"])
+    check_settings(cfg)   # again: a field may have been changed after construction
 
 
 def tile_slide(path: Path, slide_id: str, cfg: TileConfig) -> tuple[dict, list[list]]:

@@ -20,8 +20,11 @@ import re
 from pathlib import Path
 from typing import Callable, Sequence
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from fastssl.config import COUNT, Range, add_dataclass_arguments, check_settings, setting
 from fastssl.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -207,6 +210,21 @@ def embedding_table(embed_dir: str | os.PathLike) -> tuple[list[dict], Path | No
     return rows, root
 
 
+@dataclass(frozen=True)
+class GridsConfig:
+    """The settings of :func:`write_exemplar_grids` (``fastssl grids``'s flags, declared once)."""
+
+    level: int = setting(1, range=COUNT)  # tree level whose clusters get a grid (1 = finest)
+    per_cluster: int = setting(16, range=COUNT)  # tiles per grid, closest to the centroid first
+    tile_px: int = setting(96, range=Range(8, 4096, integer=True))  # side of each tile in the grid, in pixels
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+
+SETTINGS = GridsConfig   # the dataclass declaring this command's settings (fastssl.config)
+
+
 def write_exemplar_grids(curate_dir: str | os.PathLike, embed_dir: str | os.PathLike, level: int,
                          per_cluster: int = 16, tile_px: int = 96, out_dir: str | os.PathLike | None = None,
                          clusters: Sequence[int] | None = None) -> list[Path]:
@@ -220,6 +238,7 @@ def write_exemplar_grids(curate_dir: str | os.PathLike, embed_dir: str | os.Path
     from fastssl.curation.tree import HierarchicalTree
     from fastssl.jobs import atomic_write_bytes
 
+    GridsConfig(level=level, per_cluster=per_cluster, tile_px=tile_px)   # bad settings fail before any read
     tree = HierarchicalTree.load(Path(curate_dir) / "tree")
     if not 1 <= level <= len(tree.levels):
         raise ValueError(f"--level {level}: the tree has levels 1..{len(tree.levels)}")
@@ -265,9 +284,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--embeddings", required=True,
                         help="output folder of `fastssl embed` that the tree was built on (its index.csv, "
                              "manifest.json and shards: the tiles' sources and the points)")
-    parser.add_argument("--level", type=int, default=1, help="tree level whose clusters get a grid (1 = finest)")
-    parser.add_argument("--per-cluster", type=int, default=16, help="tiles per grid, closest to the centroid first")
-    parser.add_argument("--tile-px", type=int, default=96, help="side of each tile in the grid, in pixels")
+    add_dataclass_arguments(parser, GridsConfig)   # --level, --per-cluster, --tile-px
     parser.add_argument("--clusters", default=None,
                         help="comma list of cluster ids (default: every cluster of the level)")
     parser.add_argument("--out", default=None, help="output folder (default: CURATE_DIR/grids)")

@@ -35,6 +35,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from fastssl.config import NONNEG, SEED, Range, add_dataclass_arguments, check_settings, setting
+from fastssl.data.dicom import VOI_MODES
 from fastssl.data.mimic import CHEXPERT_LABELS, FRONTAL_VIEWS, LABEL_POLICIES, LATERAL_VIEWS, StudyTable
 from fastssl.data.sources import SOURCE_KINDS, SourceSpec, TableOptions, load_sources, parse_source
 from fastssl.errors import DataError
@@ -162,31 +164,37 @@ def _shard_done(out: str, k: int, n: int, config: dict) -> bool:
             and arr.shape == (n, config["size"], config["size"]) and arr.dtype == np.dtype(config["dtype"]))
 
 
-MAX_SIZE = 16384  # the CLI's bound too (fastssl.cli.RANGES); 16384^2 uint16 is 512 MiB per image
+MAX_SIZE = 16384  # 16384^2 uint16 is 512 MiB per image
 MAX_SHARD_SIZE = 1 << 20
 
 
-def _check_settings(out: str, size, dtype: str, resize: str, shard_size, workers, voi: str,
-                    uncertain: str, blank: str) -> int:
+@dataclass(frozen=True)
+class PrepareConfig:
+    """The checked settings of :func:`prepare_cache` (``fastssl prepare``'s flags; each is
+    declared once here: type, default, allowed values, help)."""
+
+    size: int = setting(256, range=Range(8, MAX_SIZE, integer=True))  # side of the stored square images
+    dtype: str = setting("uint8", choices=tuple(sorted(DTYPES)))  # stored pixel type
+    resize: str = setting("pad", choices=RESIZE_MODES)  # keep the aspect ratio by padding (whole film) or by a centred square crop
+    shard_size: int = setting(1024, range=Range(1, MAX_SHARD_SIZE, integer=True))  # images per .npy shard
+    workers: int | None = setting(None, range=NONNEG)  # conversion processes (default: all cores; 0 or 1: in this process)
+    voi: str = setting("auto", choices=VOI_MODES)  # VOI: LUT/window from the file or the dataset's CSV (auto), full stored range (none), image min..max
+    uncertain: str = setting("zeros", choices=tuple(sorted(LABEL_POLICIES)))  # uncertain (-1) CheXpert labels become 0, 1 or -1 (ignore)
+    blank: str = setting("zeros", choices=tuple(sorted(LABEL_POLICIES)))  # blank CheXpert labels become 0, 1 or -1 (ignore)
+    label_source: str = setting("chexpert", choices=("chexpert", "negbio"))  # which MIMIC-CXR labels CSV to read
+    seed: int | None = setting(None, range=SEED)  # seed of the patient-level hash split (default: the unseeded hash)
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+
+SETTINGS = PrepareConfig   # the dataclass declaring this command's settings (fastssl.config)
+
+
+def _check_settings(out: str, **settings) -> int:
     """Every argument checked before any work, one-line errors naming the flag; returns
     the number of workers."""
-    from fastssl.data.dicom import VOI_MODES
-
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}; expected one of {sorted(DTYPES)}")
-    if resize not in RESIZE_MODES:
-        raise ValueError(f"resize={resize!r}; expected one of {RESIZE_MODES}")
-    if isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= MAX_SIZE:
-        raise ValueError(f"--size {size!r}; expected an int in 8..{MAX_SIZE}")
-    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or not 1 <= shard_size <= MAX_SHARD_SIZE:
-        raise ValueError(f"--shard-size {shard_size!r}; expected an int in 1..{MAX_SHARD_SIZE}")
-    if voi not in VOI_MODES:
-        raise ValueError(f"voi={voi!r}; expected one of {VOI_MODES}")
-    for name, value in (("uncertain", uncertain), ("blank", blank)):
-        if value not in LABEL_POLICIES:
-            raise ValueError(f"{name}={value!r}; expected one of {sorted(LABEL_POLICIES)}")
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
-        raise ValueError(f"--workers {workers!r}; expected an int >= 0 (0 or 1: no worker processes)")
+    workers = PrepareConfig(**settings).workers
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out!r} is a file; expected a directory (created if missing)")
     return (os.cpu_count() or 1) if workers is None else workers
@@ -256,7 +264,7 @@ def prepare_cache(
             list of them, pooled into one cache with a ``dataset`` column. A bare
             directory is read with its MIMIC-CXR CSVs when it has them, else scanned.
         out: cache directory (created).
-        size: side S of the stored square images (8..8192).
+        size: side S of the stored square images (8..16384).
         dtype: "uint8" or "uint16" (the [0, 1] image times 255 or 65535, rounded).
         resize: "pad" (keep the whole film, black bars) or "crop" (centred square).
         shard_size: images per ``shard_XXXXX.npy`` (n, S, S).
@@ -279,7 +287,8 @@ def prepare_cache(
         DataError: unreadable CSVs, or no image at all in the sources.
     """
     out = os.fspath(out)
-    workers = _check_settings(out, size, dtype, resize, shard_size, workers, voi, uncertain, blank)
+    workers = _check_settings(out, size=size, dtype=dtype, resize=resize, shard_size=shard_size, workers=workers,
+                              voi=voi, uncertain=uncertain, blank=blank, label_source=label_source, seed=seed)
     options = TableOptions(uncertain=uncertain, blank=blank, label_source=label_source,
                            frontal_order=tuple(v.strip().upper() for v in frontal_order),
                            lateral_views=tuple(v.strip().upper() for v in lateral_views), workers=workers,
@@ -561,21 +570,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a dataset: KIND is one of " + ", ".join(SOURCE_KINDS) + "; a bare DIR is MIMIC-CXR "
                         "(its CSVs + files/) or any DICOM tree. Repeat to pool datasets into one cache")
     parser.add_argument("--out", required=True, help="cache directory (created; rerun to resume)")
-    parser.add_argument("--size", type=int, default=256, help=f"side of the stored square images (8..{MAX_SIZE})")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="uint8", help="stored pixel type")
-    parser.add_argument("--resize", choices=RESIZE_MODES, default="pad",
-                        help="keep the aspect ratio by padding (whole film) or by a centred square crop")
-    parser.add_argument("--shard-size", type=int, default=1024, help="images per .npy shard")
-    parser.add_argument("--workers", type=int, default=None, help="conversion processes (default: all cores)")
-    parser.add_argument("--voi", choices=("auto", "none", "minmax"), default="auto",
-                        help="VOI: LUT/window from the file or the dataset's CSV (auto), full stored range "
-                             "(none), image min..max")
-    parser.add_argument("--uncertain", choices=sorted(LABEL_POLICIES), default="zeros",
-                        help="uncertain (-1) CheXpert labels become 0, 1 or -1 (ignore)")
-    parser.add_argument("--blank", choices=sorted(LABEL_POLICIES), default="zeros",
-                        help="blank CheXpert labels become 0, 1 or -1 (ignore)")
-    parser.add_argument("--labels", dest="label_source", choices=("chexpert", "negbio"), default="chexpert",
-                        help="which MIMIC-CXR labels CSV to read")
+    # --size .. --seed: types, defaults, choices, ranges and help from PrepareConfig
+    add_dataclass_arguments(parser, PrepareConfig, flags=dict(label_source="--labels"))
     parser.add_argument("--labels-csv", default=None,
                         help="your labels for a dicom-scan (study_id + the 14 CheXpert columns) or "
                              "chexpert-plus (path_to_image + the 14) source")
@@ -583,8 +579,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="your split for a dicom-scan source: subject_id (or study_id) + split")
     parser.add_argument("--holdout", default="0.05,0.05",
                         help="validate,test patient fractions for datasets without an official split")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="seed of the patient-level hash split (default: the unseeded hash)")
     parser.add_argument("--frontal-order", default=",".join(FRONTAL_VIEWS),
                         help="frontal ViewPositions, preferred first (comma-separated)")
     parser.add_argument("--lateral-views", default=",".join(LATERAL_VIEWS),

@@ -19,8 +19,11 @@ import logging
 import math
 import os
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from fastssl.config import COUNT, SEED, Range, add_dataclass_arguments, check_settings, setting
 from fastssl.eval.report import read_scores_csv, write_json
 from fastssl.eval.stats import paired_bootstrap
 
@@ -43,9 +46,25 @@ def _check_same_studies(a: dict, b: dict) -> None:
                          "(another cache or label policy?)")
 
 
+@dataclass(frozen=True)
+class CompareConfig:
+    """The settings of :func:`compare_runs` (``fastssl compare``'s flags, declared once)."""
+
+    n_boot: int = setting(2000, range=COUNT)  # paired bootstrap replicates over patients
+    seed: int = setting(0, range=SEED)  # bootstrap seed
+    alpha: float = setting(0.05, range=Range(0, 1, low_open=True, high_open=True))  # 1 - confidence level of the interval
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+
+SETTINGS = CompareConfig   # the dataclass declaring this command's settings (fastssl.config)
+
+
 def compare_runs(run_a: str, run_b: str, *, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> dict:
     """Two run directories (or scores.csv files) -> the paired comparison dict (see
     fastssl.eval.stats.paired_bootstrap) plus run_a, run_b, n_studies, labels."""
+    CompareConfig(n_boot=n_boot, seed=seed, alpha=alpha)   # bad settings fail before the files are read
     a, b = read_scores_csv(run_a), read_scores_csv(run_b)
     _check_same_studies(a, b)
     r = paired_bootstrap(a["scores"], b["scores"], a["labels"], a["subjects"], n_boot=n_boot, seed=seed,
@@ -123,16 +142,11 @@ def seed_t_test(deltas) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_a", metavar="RUN_A", help="run directory (or scores.csv) of the reference, A")
     parser.add_argument("run_b", metavar="RUN_B", help="run directory (or scores.csv) compared with it, B")
-    parser.add_argument("--n-boot", type=int, default=2000, help="paired bootstrap replicates over patients")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    parser.add_argument("--alpha", type=float, default=0.05, help="1 - confidence level of the interval")
+    add_dataclass_arguments(parser, CompareConfig)   # --n-boot, --seed, --alpha
     parser.add_argument("--out", default="", help="write the result as JSON to this file")
 
 
 def run(args: argparse.Namespace) -> int:
-    if not 0 < args.alpha < 1:
-        log.error("--alpha %s; expected in (0, 1)", args.alpha)
-        return 2
     try:
         r = compare_runs(args.run_a, args.run_b, n_boot=args.n_boot, seed=args.seed, alpha=args.alpha)
     except ValueError as exc:

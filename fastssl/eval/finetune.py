@@ -58,7 +58,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from fastssl.config import COMMAND_RANGES, check_ranges
+from fastssl.config import COUNT, NONNEG, POSITIVE, SEED, Range, check_settings, setting
 from fastssl.eval.probe import (
     eval_transform, extract_features, load_eval_encoder, optional_split, patient_folds, pick_device, restrict_studies,
     split_dataset, study_logits, train_dataset, validation_usable,
@@ -73,11 +73,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT, BEST, METRICS, RESULT = "checkpoint.pt", "best.pt", "metrics.jsonl", "finetune.json"
 FOLD_SCORES = "fold_scores.npz"  # a fold run's validation study scores of every epoch (cross-validation)
 # Settings that change no result: a resume may differ in them (fastssl.jobs fingerprint).
-_NOT_RESULT_KEYS = ("out", "eval_batch_size", "device", "stop_after_epochs", "plots",
+_NOT_RESULT_KEYS = ("out", "eval_batch_size", "device", "workers", "stop_after_epochs", "plots",
                     "progress", "overwrite")
-
-
-_CHOICES = dict(mode=("full", "linear"), augment_style=("mvmae", "mae"), precision=("fp32", "bf16"))
 
 
 @dataclass
@@ -92,44 +89,43 @@ class FinetuneConfig:
     test_split: str = "test"      # split the chosen model is scored on
     views: str = "all"            # images used: all, or a comma list of frontal,lateral,other,unknown
     dataset: str = ""             # pooled cache: only these datasets' rows, a comma list (e.g. mimic-cxr; '' = all)
-    epochs: int = 100             # released: 100
-    warmup_epochs: int = 5        # linear warm-up from 0.5 x lr (released: 5); clipped to epochs - 1 with a warning
-    batch_size: int = 64          # studies per step (all their images go through the encoder)
-    base_lr: float = 5e-5         # lr = base_lr * batch_size / 256 (released: 5e-5)
-    weight_decay: float = 0.05    # AdamW, on every parameter (released)
-    layer_decay: float = 1.0      # layer-wise lr decay (1: off, as released; 0.75 is MAE's fine-tuning value)
-    mode: str = "full"            # full: encoder + head trained | linear: frozen encoder, trained linear head (released "linear probing")
-    clip_grad: float = 0.0        # max global grad norm (0: off, as released)
+    epochs: int = setting(100, range=COUNT)             # released: 100
+    warmup_epochs: int = setting(5, range=NONNEG)        # linear warm-up from 0.5 x lr (released: 5); clipped to epochs - 1 with a warning
+    batch_size: int = setting(64, range=COUNT)          # studies per step (all their images go through the encoder)
+    base_lr: float = setting(5e-5, range=POSITIVE)         # lr = base_lr * batch_size / 256 (released: 5e-5)
+    weight_decay: float = setting(0.05, range=Range(0))    # AdamW, on every parameter (released)
+    layer_decay: float = setting(1.0, range=Range(0, 1, low_open=True))      # layer-wise lr decay (1: off, as released; 0.75 is MAE's fine-tuning value)
+    mode: str = setting("full", choices=("full", "linear"))            # full: encoder + head trained | linear: frozen encoder, trained linear head (released "linear probing")
+    clip_grad: float = setting(0.0, range=Range(0))        # max global grad norm (0: off, as released)
     augment: bool = True          # the training transform on train images (off: the evaluation transform)
-    augment_style: str = "mvmae"  # mvmae: released (crop 1:1, flip, jitter p 0.8) | mae: ours (crop 3:4-4:3, rotation, brightness/contrast 0.1)
-    crop_min: float = 0.5         # smallest crop area fraction (released: 0.5)
-    eval_batch_size: int = 256    # images per evaluation batch
-    precision: str = "fp32"       # fp32 (released) | bf16 (autocast, CUDA only)
+    augment_style: str = setting("mvmae", choices=("mvmae", "mae"))  # mvmae: released (crop 1:1, flip, jitter p 0.8) | mae: ours (crop 3:4-4:3, rotation, brightness/contrast 0.1)
+    crop_min: float = setting(0.5, range=Range(0, 1, low_open=True))         # smallest crop area fraction (released: 0.5)
+    eval_batch_size: int = setting(256, range=COUNT)    # images per evaluation batch
+    precision: str = setting("fp32", choices=("fp32", "bf16"))       # fp32 (released) | bf16 (autocast, CUDA only)
     device: str = "auto"          # auto | cpu | cuda
-    seed: int = 0                 # batch order, augmentation, head init and bootstrap seed
-    label_fraction: float = 1.0   # keep this fraction (0, 1] of the train studies' labels, drawn by patient
-    label_seed: int = 0           # seed of the --label-fraction draw
-    min_val_studies: int = 10     # fewer validation studies (or no label with both classes): choose the epoch by cross-validation
-    cv_folds: int = 5             # folds (patient-grouped) of that cross-validation on train (one run per fold, in out/cv/)
+    workers: int = setting(0, range=NONNEG)  # DataLoader processes reading the train batches (0: in this process)
+    seed: int = setting(0, range=SEED)                 # batch order, augmentation, head init and bootstrap seed
+    label_fraction: float = setting(1.0, range=Range(0, 1, low_open=True))   # keep this fraction (0, 1] of the train studies' labels, drawn by patient
+    label_seed: int = setting(0, range=SEED)           # seed of the --label-fraction draw
+    min_val_studies: int = setting(10, range=NONNEG)     # fewer validation studies (or no label with both classes): choose the epoch by cross-validation
+    cv_folds: int = setting(5, range=Range(2, integer=True))             # folds (patient-grouped) of that cross-validation on train (one run per fold, in out/cv/)
     cv_fold: int = -1             # internal (no flag): >= 0 is the run of one fold (trains on the others, validates on it)
-    n_boot: int = 1000            # bootstrap replicates over test patients (subject_id clusters)
-    stop_after_epochs: int = 0    # >0: checkpoint and exit after this many epochs of this invocation
+    n_boot: int = setting(1000, range=COUNT)            # bootstrap replicates over test patients (subject_id clusters)
+    stop_after_epochs: int = setting(0, range=NONNEG)    # >0: checkpoint and exit after this many epochs of this invocation
     plots: bool = True            # roc.png (needs matplotlib)
     overwrite: bool = False       # replace a different run found in --out (otherwise refused)
     progress: bool = True         # tqdm bar (only on a terminal)
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
-        for name in ("epochs", "batch_size", "eval_batch_size", "n_boot"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}; expected >= 1")
-        if self.warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs={self.warmup_epochs}; expected >= 0")
-        if self.base_lr <= 0 or not 0 < self.layer_decay <= 1:
-            raise ValueError(f"base_lr={self.base_lr}, layer_decay={self.layer_decay}; expected > 0, in (0, 1]")
-        for name, allowed in _CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {' | '.join(allowed)}")
-        check_ranges(self, COMMAND_RANGES["finetune"])   # every numeric flag's range (one-line errors)
+        """ValueError naming the first setting outside its declared range or choices (a field
+        changed after construction is checked again here)."""
+        check_settings(self)
+
+
+SETTINGS = FinetuneConfig   # the dataclass declaring this command's settings (fastssl.config)
 
 
 # ------------------------------------------------------------------------ the model
@@ -210,11 +206,35 @@ class StudyBatches:
         first = np.concatenate([[0], np.cumsum(ends - starts)[:-1]])
         return images, views, torch.from_numpy(group), labels[torch.from_numpy(first)]
 
-    def epoch(self, batch_size: int, seed: int, epoch: int):
-        """The shuffled batches of ``epoch`` (full batches only; order from (seed, epoch))."""
+    def epoch(self, batch_size: int, seed: int, epoch: int, workers: int = 0):
+        """The shuffled batches of ``epoch`` (full batches only; order from (seed, epoch)),
+        read by ``workers`` DataLoader processes (0: in this process); the same batches in
+        the same order either way (augmentation happens later, in this process)."""
         perm = np.random.default_rng([seed, epoch]).permutation(self.n_studies)
-        for k in range(self.n_studies // batch_size):
-            yield self.batch(perm[k * batch_size:(k + 1) * batch_size])
+        chunks = [perm[k * batch_size:(k + 1) * batch_size] for k in range(self.n_studies // batch_size)]
+        if workers == 0:
+            yield from map(self.batch, chunks)
+            return
+        yield from torch.utils.data.DataLoader(_Chunks(self, chunks), batch_size=None, num_workers=workers,
+                                               collate_fn=_as_is)
+
+
+def _as_is(item):
+    """A DataLoader collate that keeps a batch exactly as StudyBatches.batch made it."""
+    return item
+
+
+class _Chunks(torch.utils.data.Dataset):
+    """StudyBatches.batch over fixed study chunks, for a DataLoader (item k = chunk k)."""
+
+    def __init__(self, batches: StudyBatches, chunks: list[np.ndarray]):
+        self.batches, self.chunks = batches, chunks
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, k: int):
+        return self.batches.batch(self.chunks[k])
 
 
 def mean_by_group(logits: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Tensor:
@@ -237,7 +257,7 @@ def train_one_epoch(model, batches: StudyBatches, optimizer, cfg: FinetuneConfig
     generator = torch.Generator(device).manual_seed(cfg.seed * 100_003 + epoch)
     use_bf16 = device.type == "cuda" and cfg.precision == "bf16"
     losses = []
-    it = batches.epoch(cfg.batch_size, cfg.seed, epoch)
+    it = batches.epoch(cfg.batch_size, cfg.seed, epoch, cfg.workers)
     if progress:
         from tqdm import tqdm
 
@@ -544,8 +564,7 @@ def _run(cfg: FinetuneConfig, state: dict, device, model, optimizer, lr, data, t
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fastssl.config import add_dataclass_arguments
 
-    add_dataclass_arguments(parser, FinetuneConfig, required=("cache", "checkpoint"), skip=("progress", "cv_fold"),
-                            choices=_CHOICES)
+    add_dataclass_arguments(parser, FinetuneConfig, required=("cache", "checkpoint"), skip=("progress", "cv_fold"))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastssl.config import COUNT, NONNEG, SEED, Range, check_settings, setting
 from fastssl.distributed import pick_device  # noqa: F401  (finetune imports it from here)
 from fastssl.eval.stats import (  # noqa: F401  (re-exported: the probe's public API)
     auroc, auroc_rows, bootstrap_macro_auroc, macro_auroc, midranks,
@@ -184,22 +185,28 @@ class ProbeConfig:
     test_split: str = "test"      # split it is scored on
     views: str = "all"            # images used: all, or a comma list of frontal,lateral,other,unknown
     dataset: str = ""             # pooled cache: only these datasets' rows, a comma list (e.g. mimic-cxr; '' = all)
-    batch_size: int = 256         # feature extraction batch
-    workers: int = 2              # DataLoader processes for feature extraction
+    batch_size: int = setting(256, range=COUNT)         # feature extraction batch
+    workers: int = setting(2, range=NONNEG)              # DataLoader processes for feature extraction
     device: str = "auto"          # auto | cpu | cuda
-    method: str = "lbfgs"         # lbfgs | adamw
-    l2: float = 1e-4              # L2 penalty (lbfgs) or weight decay (adamw) when --l2-grid is empty
+    method: str = setting("lbfgs", choices=("lbfgs", "adamw"))         # lbfgs | adamw
+    l2: float = setting(1e-4, range=Range(0))              # L2 penalty (lbfgs) or weight decay (adamw) when --l2-grid is empty
     l2_grid: str = "1e-6,1e-5,1e-4,1e-3,1e-2,1e-1"  # L2 values tried; the best validation macro AUROC wins ('' = use --l2)
-    max_iter: int = 200           # optimiser iterations
-    n_boot: int = 1000            # bootstrap replicates over test patients (subject_id clusters)
-    seed: int = 0                 # bootstrap, probe and random-init seed
-    knn_k: int = 0                # >0: also a cosine kNN probe with this k
-    min_val_studies: int = 10     # fewer validation studies (or no label with both classes): choose by cross-validation
-    cv_folds: int = 5             # folds (patient-grouped) of that cross-validation on train
-    label_fraction: float = 1.0   # keep this fraction (0, 1] of the train studies' labels, drawn by patient
-    label_seed: int = 0           # seed of the --label-fraction draw
+    max_iter: int = setting(200, range=COUNT)           # optimiser iterations
+    n_boot: int = setting(1000, range=NONNEG)            # bootstrap replicates over test patients (subject_id clusters)
+    seed: int = setting(0, range=SEED)                 # bootstrap, probe and random-init seed
+    knn_k: int = setting(0, range=NONNEG)                # >0: also a cosine kNN probe with this k
+    min_val_studies: int = setting(10, range=NONNEG)     # fewer validation studies (or no label with both classes): choose by cross-validation
+    cv_folds: int = setting(5, range=Range(2, integer=True))             # folds (patient-grouped) of that cross-validation on train
+    label_fraction: float = setting(1.0, range=Range(0, 1, low_open=True))   # keep this fraction (0, 1] of the train studies' labels, drawn by patient
+    label_seed: int = setting(0, range=SEED)           # seed of the --label-fraction draw
     plots: bool = True            # roc.png (needs matplotlib)
     progress: bool = True         # tqdm bar (only on a terminal)
+
+    def __post_init__(self) -> None:
+        check_settings(self)   # every declared range and choice (the CLI checks the same)
+
+
+SETTINGS = ProbeConfig   # the dataclass declaring this command's settings (fastssl.config)
 
 
 def load_eval_encoder(spec: str, seed: int = 0):
@@ -516,8 +523,7 @@ def main(cfg: ProbeConfig) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fastssl.config import add_dataclass_arguments
 
-    add_dataclass_arguments(parser, ProbeConfig, required=("cache", "checkpoint"), skip=("progress",),
-                            choices=dict(method=("lbfgs", "adamw")))
+    add_dataclass_arguments(parser, ProbeConfig, required=("cache", "checkpoint"), skip=("progress",))
 
 
 def run(args: argparse.Namespace) -> int:

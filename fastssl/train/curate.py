@@ -117,6 +117,8 @@ def _strict_int(item) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from fastssl.curation.kmeans import KMEANS_IMPLS
+
     bool_flag = argparse.BooleanOptionalAction
     # not required=True: the router's pre-pass would reject a --data given by --config
     parser.add_argument("--data", nargs="+", default=None,
@@ -169,7 +171,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="RAM for one streamed block of rows")
     parser.add_argument("--fp64-accumulate", action=bool_flag, default=True,
                         help="accumulate centroid sums in float64")
-    parser.add_argument("--impl", choices=("auto", "cpu", "cuda", "torch"), default="auto",
+    parser.add_argument("--impl", choices=KMEANS_IMPLS, default="auto",
                         help="assignment engine (fastssl.assign.assign)")
     parser.add_argument("--precision", choices=("data", "bf16"), default="data",
                         help="what centroids are rounded to when points are assigned: data "

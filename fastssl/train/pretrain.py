@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import json
 import logging
 import math
@@ -55,8 +54,10 @@ import torch
 import torch.distributed as dist
 
 from fastssl import distributed as fdist
-from fastssl.config import COMMAND_RANGES, add_dataclass_arguments, check_ranges, config_from_args
-from fastssl.models.mvmae import MultiViewMAE, SupervisedViT
+from fastssl.config import (COUNT, NONNEG, POSITIVE, SEED, Range, add_dataclass_arguments, check_settings,
+                            config_from_args, declared_choices, field_help, setting)
+from fastssl.models.alignment import ALIGN_LOSSES
+from fastssl.models.mvmae import INITS, PRESETS, RECON_REDUCTIONS, TARGETS, MultiViewMAE, SupervisedViT
 from fastssl.reference.mae import num_kept
 from fastssl.profiling import annotate
 from fastssl.train.checkpoint import atomic_torch_save, atomic_write_text, truncate_metrics
@@ -94,6 +95,7 @@ RECIPE_DEFAULTS: dict[str, dict] = {
 }
 # The model recipe (fastssl.models.mvmae.MODEL_RECIPES) of each training recipe.
 RECIPE_MODEL = {"mvmae": "mvmae", "mvmae-short": "mvmae", "mae": "mae"}
+_PRESET_NAMES = tuple(sorted(PRESETS))
 # Model fields a run may override (None: the recipe's, see fastssl.models.mvmae.MODEL_RECIPES).
 _MODEL_OVERRIDES = ("target", "align", "recon_reduction", "qk_norm", "decoder_embed", "decoder_dim",
                     "decoder_heads", "decoder_depth", "init")
@@ -106,59 +108,65 @@ class PretrainConfig:
 
     cache: str = ""                # a `fastssl prepare` cache directory
     out: str = "runs/pretrain"     # output directory (rerun the same command to resume)
-    recipe: str = "mvmae"          # mvmae (released, 500 epochs) | mvmae-short (same, 100 epochs) | mae (MAE-style)
-    mode: str | None = None        # flu (every image, alignment where a study has two) | paired | single | supervised
-    preset: str = "vit_base"       # vit_tiny | vit_small | vit_base (B/16) | test (CPU)
-    img_size: int = 0              # 0: the preset's (224)
-    patch_size: int = 0            # 0: the preset's (16)
-    max_views: int = 3             # flu: view slots per study (a random subset of a study with more images)
-    mask_ratio: float = 0.93       # MVMAE's (13 of 196 patches visible); MAE's is 0.75
-    target: str | None = None      # global (dataset mean/std on the input, pixel MSE) | norm_pix (MAE)
-    align: str | None = None       # mse (released) | l2 | cosine | ntxent | infonce
-    temperature: float = 0.5       # ntxent / infonce temperature
-    recon_reduction: str | None = None  # released (sum over images / (studies x slots)) | image (mean)
+    recipe: str = setting("mvmae", choices=tuple(RECIPE_DEFAULTS))          # mvmae (released, 500 epochs) | mvmae-short (same, 100 epochs) | mae (MAE-style)
+    mode: str | None = setting(None, choices=MODES)        # flu (every image, alignment where a study has two) | paired | single | supervised
+    preset: str = setting("vit_base", choices=_PRESET_NAMES)       # vit_tiny | vit_small | vit_base (B/16) | test (CPU)
+    img_size: int = setting(0, range=Range(0, 16384, integer=True))              # 0: the preset's (224)
+    patch_size: int = setting(0, range=Range(0, 1024, integer=True))            # 0: the preset's (16)
+    max_views: int = setting(3, range=COUNT)             # flu: view slots per study (a random subset of a study with more images)
+    mask_ratio: float = setting(0.93, range=Range(0, 1, high_open=True))       # MVMAE's (13 of 196 patches visible); MAE's is 0.75
+    target: str | None = setting(None, choices=TARGETS)      # global (dataset mean/std on the input, pixel MSE) | norm_pix (MAE)
+    align: str | None = setting(None, choices=ALIGN_LOSSES)       # mse (released) | l2 | cosine | ntxent | infonce
+    temperature: float = setting(0.5, range=POSITIVE)       # ntxent / infonce temperature
+    recon_reduction: str | None = setting(None, choices=RECON_REDUCTIONS)  # released (sum over images / (studies x slots)) | image (mean)
     qk_norm: bool | None = None    # LayerNorm on queries and keys (released: on)
     decoder_embed: bool | None = None  # projection encoder -> decoder width (MAE); released: none
-    decoder_dim: int | None = None     # released: the encoder's width; MAE: 512 (B), 256 (S), 128 (Ti)
-    decoder_heads: int | None = None   # released: the encoder's heads; MAE: 16 (B)
-    decoder_depth: int | None = None   # 4 (the test preset: 2)
-    init: str | None = None        # released (PyTorch defaults, trunc_normal tokens) | mae
-    beta_max: float = 2.0          # alignment weight: the released annealing's final_beta, or the ramp's end
-    beta_schedule: str | None = None   # released (per-epoch SigmoidAnnealing from the warm-up on) | ramp (per step)
-    beta_steepness: float | None = None  # released 0.02 (per epoch); ramp 10 (over the ramp)
-    beta_ramp_epochs: float = -1.0 # ramp only: length of the sigmoid ramp 0 -> beta_max; -1: all epochs
-    epochs: int | None = None      # the recipe's: 500 (mvmae, the released default), 100 (mvmae-short, mae)
-    batch_size: int = 64           # per rank; a sample is a study (flu, paired) or an image
-    base_lr: float | None = None   # lr = base_lr * batch_size * world_size / 256 (released 1.2e-4)
-    min_lr: float = 0.0            # floor of the cosine
-    warmup_epochs: float | None = None  # warm-up, then cosine to min_lr; the recipe's: 50 (mvmae), 5 (mvmae-short, mae)
-    warmup_start: float | None = None  # lr factor at the start of the warm-up (released LinearLR: 0.5)
+    decoder_dim: int | None = setting(None, range=COUNT)     # released: the encoder's width; MAE: 512 (B), 256 (S), 128 (Ti)
+    decoder_heads: int | None = setting(None, range=COUNT)   # released: the encoder's heads; MAE: 16 (B)
+    decoder_depth: int | None = setting(None, range=COUNT)   # 4 (the test preset: 2)
+    init: str | None = setting(None, choices=INITS)        # released (PyTorch defaults, trunc_normal tokens) | mae
+    beta_max: float = setting(2.0, range=Range(0))          # alignment weight: the released annealing's final_beta, or the ramp's end
+    beta_schedule: str | None = setting(None, choices=("released", "ramp"))   # released (per-epoch SigmoidAnnealing from the warm-up on) | ramp (per step)
+    beta_steepness: float | None = setting(None, range=POSITIVE)  # released 0.02 (per epoch); ramp 10 (over the ramp)
+    beta_ramp_epochs: float = setting(-1.0, range=Range(-1)) # ramp only: length of the sigmoid ramp 0 -> beta_max; -1: all epochs
+    epochs: int | None = setting(None, range=COUNT)      # the recipe's: 500 (mvmae, the released default), 100 (mvmae-short, mae)
+    batch_size: int = setting(64, range=COUNT)           # per rank; a sample is a study (flu, paired) or an image
+    base_lr: float | None = setting(None, range=POSITIVE)   # lr = base_lr * batch_size * world_size / 256 (released 1.2e-4)
+    min_lr: float = setting(0.0, range=Range(0))            # floor of the cosine
+    warmup_epochs: float | None = setting(None, range=Range(0))  # warm-up, then cosine to min_lr; the recipe's: 50 (mvmae), 5 (mvmae-short, mae)
+    warmup_start: float | None = setting(None, range=Range(0, 1))  # lr factor at the start of the warm-up (released LinearLR: 0.5)
     lr_per_epoch: bool | None = None   # lr (and beta) change once per epoch (released) or every step
-    weight_decay: float = 0.05     # AdamW
+    weight_decay: float = setting(0.05, range=Range(0))     # AdamW
     decay_all: bool | None = None  # decay on every parameter (released) or not on norms/biases/embeddings (MAE)
-    beta1: float = 0.9
-    beta2: float | None = None     # released 0.999 (AdamW default); MAE 0.95
-    clip_grad: float = 1.0         # max global grad norm (0: off)
-    amp: str = "bf16"              # bf16 | fp16 | none (autocast on CUDA only)
+    beta1: float = setting(0.9, range=Range(0, 1, high_open=True))
+    beta2: float | None = setting(None, range=Range(0, 1, high_open=True))     # released 0.999 (AdamW default); MAE 0.95
+    clip_grad: float = setting(1.0, range=Range(0))         # max global grad norm (0: off)
+    amp: str = setting("bf16", choices=("bf16", "fp16", "none"))              # bf16 | fp16 | none (autocast on CUDA only)
     compile: bool = True           # torch.compile the model on CUDA (--no-compile: eager); never on the CPU
-    impl: str = "auto"             # fastssl.ops implementation: auto | triton | torch
+    impl: str = setting("auto", choices=("auto", "triton", "torch"))             # fastssl.ops implementation: auto | triton | torch
     augment: bool = True           # augmentation (augment_style); off: centre resize only
-    augment_style: str | None = None  # mvmae: RandomResizedCrop 1:1 + hflip + ColorJitter(0.4, 0.4) p=0.8 | mae
-    crop_min: float = 0.5          # smallest crop area fraction
-    pixel_mean: float = -1.0       # input normalisation; -1: the cache manifest's (released: MIMIC's 0.5056)
-    pixel_std: float = -1.0        # -1: the cache manifest's (released: 0.252)
-    workers: int = 4               # DataLoader processes
-    seed: int = 0
+    augment_style: str | None = setting(None, choices=("mvmae", "mae"))  # mvmae: RandomResizedCrop 1:1 + hflip + ColorJitter(0.4, 0.4) p=0.8 | mae
+    crop_min: float = setting(0.5, range=Range(0, 1, low_open=True))          # smallest crop area fraction
+    pixel_mean: float = setting(-1.0, range=Range(-1))       # input normalisation; -1: the cache manifest's (released: MIMIC's 0.5056)
+    pixel_std: float = setting(-1.0, range=Range(-1))        # -1: the cache manifest's (released: 0.252)
+    workers: int = setting(4, range=NONNEG)               # DataLoader processes
+    seed: int = setting(0, range=SEED)
     device: str = "auto"           # auto | cpu | cuda
-    log_every: int = 20            # steps between metrics lines (and always at the end of an epoch)
-    val_batches: int = 20          # validation reconstruction loss per epoch over this many batches (0: off)
-    ckpt_every: int = 500          # steps between checkpoints (also at every epoch end)
+    log_every: int = setting(20, range=COUNT)            # steps between metrics lines (and always at the end of an epoch)
+    val_batches: int = setting(20, range=NONNEG)          # validation reconstruction loss per epoch over this many batches (0: off)
+    ckpt_every: int = setting(500, range=COUNT)          # steps between checkpoints (also at every epoch end)
     resume: bool = True            # continue from out/checkpoint.pt when present (--no-resume: start over)
     overwrite: bool = False        # replace an --out that holds a run with other settings
     verify_data: bool = False      # hash every byte of the cache for the resume identity (default: sampled blocks)
-    stop_after_steps: int = 0      # >0: checkpoint and exit after this many steps of this invocation
+    stop_after_steps: int = setting(0, range=NONNEG)      # >0: checkpoint and exit after this many steps of this invocation
     plots: bool = True             # loss_curves.png + reconstructions.png when the run finishes (matplotlib)
     progress: bool = True          # tqdm bar (only on a terminal)
+
+    def __post_init__(self) -> None:
+        # mask_ratio first, in the words the Python API has always used for it
+        if not 0 <= self.mask_ratio < 1:
+            raise ValueError(f"mask_ratio={self.mask_ratio}; expected in [0, 1)")
+        check_settings(self)   # a bad value fails here, not after the cache is read
 
     def resolved(self) -> "PretrainConfig":
         """A copy with every None field replaced by the recipe's value (and checked)."""
@@ -181,28 +189,11 @@ class PretrainConfig:
         return out
 
     def validate(self) -> None:
+        """ValueError naming the first setting that cannot run: the declared ranges and
+        choices (fastssl.config), and a mode, which a resolved config must have."""
+        self.__post_init__()
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r}; expected one of {MODES}")
-        if not 0 <= self.mask_ratio < 1:
-            raise ValueError(f"mask_ratio={self.mask_ratio}; expected in [0, 1)")
-        if self.amp not in ("bf16", "fp16", "none"):
-            raise ValueError(f"amp={self.amp!r}; expected bf16 | fp16 | none")
-        for name in ("epochs", "batch_size", "log_every", "ckpt_every", "max_views"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}; expected >= 1")
-        if self.base_lr is not None and self.base_lr <= 0 or self.warmup_epochs < 0:
-            raise ValueError(f"base_lr={self.base_lr}, warmup_epochs={self.warmup_epochs}; expected > 0, >= 0")
-        if not 0 < self.crop_min <= 1:
-            raise ValueError(f"crop_min={self.crop_min}; expected in (0, 1]")
-        if self.clip_grad < 0 or self.val_batches < 0:
-            raise ValueError(f"clip_grad={self.clip_grad}, val_batches={self.val_batches}; expected >= 0")
-        if self.warmup_start is not None and not 0 <= self.warmup_start <= 1:
-            raise ValueError(f"warmup_start={self.warmup_start}; expected in [0, 1]")
-        if self.beta_schedule is not None and self.beta_schedule not in ("released", "ramp"):
-            raise ValueError(f"beta_schedule={self.beta_schedule!r}; expected released | ramp")
-        if self.augment_style is not None and self.augment_style not in ("mvmae", "mae"):
-            raise ValueError(f"augment_style={self.augment_style!r}; expected mvmae | mae")
-        check_ranges(self, COMMAND_RANGES["pretrain"])   # every numeric flag's range (one-line errors)
 
     def model_config(self):
         from fastssl.models.mvmae import model_config
@@ -825,14 +816,13 @@ def _run_locked(run: _Run, callbacks) -> dict:
 
 
 # ------------------------------------------------------------------------------ CLI
-def _recipe_flags(parser: argparse.ArgumentParser, choices: dict) -> list[str]:
-    """Flags for the fields whose default is None (the recipe's value): same names and help
-    as the dataclass fields, default None so that the recipe fills what is not given."""
-    helps = {}
-    for line in inspect.getsource(PretrainConfig).splitlines():
-        line = line.strip()
-        if "| None = None" in line and "#" in line:
-            helps[line.split(":", 1)[0]] = line.split("#", 1)[1].strip()
+SETTINGS = PretrainConfig   # the dataclass declaring this command's settings (fastssl.config)
+
+
+def _recipe_flags(parser: argparse.ArgumentParser) -> list[str]:
+    """Flags for the fields whose default is None (the recipe's value): same names, help and
+    choices as the dataclass fields, default None so that the recipe fills what is not given."""
+    helps, choices = field_help(PretrainConfig), declared_choices(PretrainConfig)
     kinds = {"str": str, "int": int, "float": float, "bool": bool}
     names = []
     for f in fields(PretrainConfig):
@@ -851,16 +841,9 @@ def _recipe_flags(parser: argparse.ArgumentParser, choices: dict) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # --progress is not a flag: --quiet (added by the router) switches the bar off.
-    from fastssl.models.alignment import ALIGN_LOSSES
-    from fastssl.models.mvmae import INITS, PRESETS, RECON_REDUCTIONS, TARGETS
-
-    choices = dict(mode=MODES, preset=sorted(PRESETS), target=TARGETS, align=ALIGN_LOSSES,
-                   amp=("bf16", "fp16", "none"), impl=("auto", "triton", "torch"), device=None,
-                   recipe=tuple(RECIPE_DEFAULTS), init=INITS, recon_reduction=RECON_REDUCTIONS,
-                   beta_schedule=("released", "ramp"), augment_style=("mvmae", "mae"))
-    recipe_fields = _recipe_flags(parser, choices)
-    add_dataclass_arguments(parser, PretrainConfig, required=("cache",), skip=("progress", *recipe_fields),
-                            choices=choices)
+    # Types, choices, ranges and help come from PretrainConfig (declared once there).
+    recipe_fields = _recipe_flags(parser)
+    add_dataclass_arguments(parser, PretrainConfig, required=("cache",), skip=("progress", *recipe_fields))
 
 
 def run(args: argparse.Namespace) -> int:
