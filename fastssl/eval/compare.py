@@ -59,13 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if not 0 < args.alpha < 1:
-        log.error("--alpha %s; expected in (0, 1)", args.alpha)
-        return 2
-    try:
-        r = compare_runs(args.run_a, args.run_b, n_boot=args.n_boot, seed=args.seed, alpha=args.alpha)
-    except ValueError as exc:
-        log.error("%s", exc)
-        return 2
+        raise ValueError(f"--alpha {args.alpha}; expected in (0, 1)")
+    r = compare_runs(args.run_a, args.run_b, n_boot=args.n_boot, seed=args.seed, alpha=args.alpha)
     level = 100 * (1 - r["alpha"])
     print(f"compare: {r['n_studies']} studies, {r['n_clusters']} patients\n"
           f"  A {r['run_a']}: macro AUROC {r['macro_a']:.4f}\n"
