@@ -411,3 +411,33 @@ def test_only_jobs_py_opens_output_dirs():
     assert users == {}
     assert openers == {"data/cache.py", "train/pretrain.py", "eval/finetune.py", "curation/tile.py",
                        "curation/embed.py", "train/curate.py"}
+
+
+def _open_as_rank(rank, world, init_file, out, lr, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        fp = jobs.JobFingerprint("pretrain", {"lr": lr})
+        with jobs.open_job(out, fp, rank=rank, world=world) as status:
+            verdict = status
+    except ValueError as exc:
+        verdict = f"{type(exc).__name__}: {exc}"
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(results, f"rank{rank}"), "w", encoding="utf-8") as handle:
+        handle.write(verdict)
+
+
+@pytest.mark.slow
+def test_open_job_two_gloo_ranks_share_the_refusal(tmp_path):
+    """Real collectives: rank 1 learns rank 0's refusal (its text) and neither hangs."""
+    import torch.multiprocessing as mp
+
+    out, results = tmp_path / "run", tmp_path / "results"
+    results.mkdir()
+    jobs.write_fingerprint(out, jobs.JobFingerprint("pretrain", {"lr": 0.001}))
+    mp.spawn(_open_as_rank, args=(2, str(tmp_path / "rdzv"), str(out), 0.002, str(results)), nprocs=2, join=True)
+    rank0, rank1 = ((results / f"rank{r}").read_text() for r in (0, 1))
+    assert rank0.startswith("ResumeMismatch: ") and "lr: 0.001 -> 0.002" in rank0
+    assert rank1 == f"ValueError: {out}: rank 0 refused this run ({rank0})"
