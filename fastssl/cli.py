@@ -41,7 +41,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 # Errors a user causes and can fix (bad values, paths, data): one line, exit code 2.
 # Anything else is a bug and keeps its traceback (FASTSSL_DEBUG=1 shows one for these too).
 # EOFError and UnpicklingError: numpy and torch reading an empty or foreign file.
-USER_ERRORS = (ValueError, TypeError, DataError, OSError, EOFError, pickle.UnpicklingError, MissingDependencyError)
+USER_ERRORS = (ValueError, TypeError, DataError, OSError, EOFError, pickle.UnpicklingError, MissingDependencyError,
+               argparse.ArgumentTypeError)
 _DEVICE = re.compile(r"(auto|cpu|cuda(:\d+)?|mps)")
 _FILE_OUTS = {"compare", "export"}     # their --out is a file; every other command's is a directory
 

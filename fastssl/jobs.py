@@ -1,14 +1,14 @@
-"""One mechanism for every job's output directory (prepare, pretrain, finetune, curate, embed).
+"""One mechanism for every job's output directory (prepare, pretrain, finetune, tile, embed, curate).
 
-A job that writes into ``out_dir``:
+Every job that writes into ``out_dir`` opens it with :func:`open_job`:
 
-    with OutputLock(out_dir):                       # a second job into out_dir fails at once
-        remove_stale_tmp(out_dir)                   # leftovers of a killed writer
-        fp = JobFingerprint("pretrain", settings, fingerprint_files(inputs))
-        if check_resume(out_dir, fp, overwrite=cfg.overwrite) == "new":
-            clear_outputs(out_dir)
-            write_fingerprint(out_dir, fp)
-        ...  atomic_write_json / save_checkpoint / truncate_jsonl ...
+    fp = JobFingerprint("pretrain", settings, fingerprint_files(inputs))
+    with open_job(out_dir, fp, overwrite=cfg.overwrite, stale=("parts",)) as status:
+        ...  # status "new" or "resume"; atomic_write_json / save_checkpoint / truncate_jsonl ...
+
+which takes the output lock (a second job into out_dir fails at once), removes leftovers of
+killed writers, and resumes or refuses (naming the differences) against the saved job.json;
+with several ranks, rank 0 does all that and the others follow its verdict.
 
 ``settings`` holds only the settings that change results (not workers, progress, device...);
 ``ignore=`` drops more keys at comparison time. A resume whose fingerprint differs from the
@@ -38,8 +38,8 @@ from fastssl.errors import DataError, OutputLocked, ResumeMismatch
 
 __all__ = [
     "BLOCK_SIZE", "FINGERPRINT_NAME", "LOCK_NAME",
-    "fingerprint_files", "JobFingerprint", "check_resume", "write_fingerprint", "clear_outputs",
-    "OutputLock", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "remove_stale_tmp",
+    "fingerprint_files", "sampled_hashes", "JobFingerprint", "check_resume", "write_fingerprint", "clear_outputs",
+    "OutputLock", "open_job", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "remove_stale_tmp",
     "save_checkpoint", "load_checkpoint", "read_jsonl", "truncate_jsonl", "verify_safetensors",
 ]
 
@@ -134,6 +134,15 @@ def fingerprint_files(paths: Iterable[str | os.PathLike], *, full: bool = False)
                         "sha256": _hash_file(path, stat.st_size, full),
                         "hashed": "full" if whole else "sampled"}
     return prints
+
+
+def sampled_hashes(prints: Mapping[str, dict]) -> dict[str, str]:
+    """``{path: sha256}`` of the entries of ``fingerprint_files(...)`` whose sha256 equals the one a
+    sampled fingerprint gives (sampled ones, and files small enough to be hashed whole either
+    way), so that a later identity check can reuse them instead of reading the files again."""
+    whole = SAMPLED_BLOCKS * BLOCK_SIZE
+    return {path: entry["sha256"] for path, entry in prints.items()
+            if entry.get("hashed") == "sampled" or entry["size"] <= whole}
 
 
 def _input_differences(saved: Mapping[str, dict], now: Mapping[str, dict]) -> list[str]:
@@ -295,6 +304,85 @@ class OutputLock:
             os.ftruncate(self._fd, 0)   # the file stays: unlinking races with a job opening it
             os.close(self._fd)          # closing releases the flock
             self._fd = None
+
+
+# --------------------------------------------------------------------------- the job opener
+
+def _stale_dirs(out_dir: str, patterns: Iterable[str]) -> list[str]:
+    """out_dir and the existing sub-directories matching ``patterns`` (globs relative to out_dir)."""
+    import glob
+
+    found = [out_dir]
+    for pattern in patterns:
+        found += sorted(p for p in glob.glob(os.path.join(glob.escape(out_dir), pattern)) if os.path.isdir(p))
+    return found
+
+
+def _open_as_rank0(out_dir: str, fingerprint, overwrite: bool, restart: bool, stale: Iterable[str],
+                   ignore: Iterable[str]) -> str:
+    """Under the lock: stale temporaries removed, then "resume" or "new" (outputs cleared and
+    job.json written), or ResumeMismatch. ``restart``: start over even where a resume is possible."""
+    for folder in _stale_dirs(out_dir, stale):
+        remove_stale_tmp(folder)
+    if callable(fingerprint):
+        fingerprint = fingerprint()
+    status = check_resume(out_dir, fingerprint, overwrite=overwrite or restart, ignore=ignore)
+    if status == "new" or restart:
+        clear_outputs(out_dir)
+        write_fingerprint(out_dir, fingerprint)
+        status = "new"
+    return status
+
+
+def _share_verdict(verdict: str, rank: int, world: int) -> str:
+    """Rank 0's ``verdict`` on every rank, through fastssl.distributed.broadcast (its length,
+    then its UTF-8 bytes). Alone, returns ``verdict``."""
+    if world <= 1:
+        return verdict
+    import numpy as np
+
+    from fastssl import distributed
+
+    raw = verdict.encode("utf-8") if rank == 0 else b""
+    size = int(distributed.broadcast(np.array([len(raw)], np.int64))[0])
+    buffer = np.frombuffer(raw, np.uint8) if rank == 0 else np.zeros(size, np.uint8)
+    return bytes(distributed.broadcast(buffer)).decode("utf-8")
+
+
+_REFUSED = "refused: "
+
+
+@contextlib.contextmanager
+def open_job(out_dir: str | os.PathLike, fingerprint: "JobFingerprint | Callable[[], JobFingerprint]", *,
+             overwrite: bool = False, restart: bool = False, stale: Iterable[str] = (),
+             ignore: Iterable[str] = (), rank: int = 0, world: int = 1):
+    """Open ``out_dir`` for a job; yields "new" (out_dir emptied, job.json written) or "resume".
+
+    Rank 0 holds :class:`OutputLock` until the block ends (OutputLocked when another job
+    holds it), removes temporaries of killed writers (in out_dir and the sub-directories
+    matching the globs ``stale``), and checks ``fingerprint`` (or calls it, so that only rank 0
+    hashes the inputs) against out_dir/job.json: a different run raises ResumeMismatch naming
+    the differences unless ``overwrite``; ``restart`` starts over even when the run could resume
+    (pretrain --no-resume). With ``world`` > 1 the other ranks take no lock, touch nothing and
+    wait for rank 0's verdict: a refusal is raised on them as a ValueError, so no rank writes
+    or hangs.
+    """
+    out_dir = os.fspath(out_dir)
+    if rank != 0:
+        verdict = _share_verdict("", rank, world)
+        if verdict.startswith(_REFUSED):
+            raise ValueError(f"{out_dir}: rank 0 refused this run ({verdict[len(_REFUSED):]})")
+        yield verdict
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(OutputLock(out_dir))
+            status = _open_as_rank0(out_dir, fingerprint, overwrite, restart, stale, ignore)
+        except BaseException as exc:
+            _share_verdict(f"{_REFUSED}{type(exc).__name__}: {' '.join(str(exc).split())}", rank, world)
+            raise
+        _share_verdict(status, rank, world)
+        yield status
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -284,11 +284,9 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     if args.samples < 1:
-        log.error("--samples %d; expected >= 1", args.samples)
-        return 2
+        raise ValueError(f"--samples {args.samples}; expected >= 1")
     if not Path(args.run_dir).is_dir():
-        log.error("%s is not a directory", args.run_dir)
-        return 2
+        raise ValueError(f"{args.run_dir} is not a directory")
     written = write_run_plots(args.run_dir, args.cache, n=args.samples)
     for path in written:
         print(path)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -288,3 +289,19 @@ def test_one_line_on_stderr_in_a_real_process(junk):
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("fastssl phantom: error: --out")
+
+
+@pytest.mark.parametrize("line, words", CASES, ids=[c[0].split(" {")[0] + ":" + c[0].split()[-2] for c in CASES])
+def test_user_errors_reach_the_user_once_in_the_router_format(junk, capsys, caplog, line, words):
+    """Caught once, by the router: one stderr line ``fastssl NAME: error: ...``, no log record of
+    level ERROR beside it (a command that also logged the error would show it twice)."""
+    caplog.clear()
+    name = line.split()[0]
+    try:
+        code = cli.main(line.format(t=junk).split())
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith(f"fastssl {name}: error: "), err
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []

@@ -140,11 +140,19 @@ def test_bad_settings_fail_before_any_work(tmp_path, capsys, caplog, flags, mess
     assert not out.exists()  # nothing was built
 
 
-def test_zero_byte_shard_is_a_one_line_error(tmp_path, caplog):
+def _router_error(capsys) -> str:
+    """The CLI router's error: one line on stderr, in its one format."""
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("fastssl curate: error: "), err
+    return err
+
+
+def test_zero_byte_shard_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "empty.npy").write_bytes(b"")
     assert main(["curate", "--data", str(tmp_path / "empty.npy"), "--out", str(tmp_path / "o"),
                  "--levels", "2", "--quiet"]) == 2
-    assert "empty.npy" in caplog.text and "Traceback" not in caplog.text
+    err = _router_error(capsys)
+    assert "empty.npy" in err and "Traceback" not in err
 
 
 class _no_raise:
@@ -166,31 +174,34 @@ def _small_run(tmp_path, *extra):
             "--levels", "12,3", "--iterations", "3", "--quiet", *extra]
 
 
-def test_resaved_shard_is_a_different_run(tmp_path, caplog):
+def test_resaved_shard_is_a_different_run(tmp_path, capsys):
     """11.4: same name, shape and dtype, new values: refused, naming the file."""
     assert main(_small_run(tmp_path)) == 0
     np.save(tmp_path / "emb" / "x.npy",
             np.random.default_rng(1).standard_normal((400, 6)).astype(np.float32))
     assert main(_small_run(tmp_path)) == 2
-    assert "x.npy: content changed" in caplog.text
+    err = _router_error(capsys)
+    assert "x.npy: content changed" in err
     assert main(_small_run(tmp_path, "--overwrite")) == 0
 
 
-def test_changed_setting_is_named(tmp_path, caplog):
+def test_changed_setting_is_named(tmp_path, capsys):
     """12.12: the refusal names the setting and both values."""
     assert main(_small_run(tmp_path)) == 0
     assert main(_small_run(tmp_path, "--sampling-strategy", "random")) == 2
-    assert "sampling_strategy" in caplog.text and '"closest" -> "random"' in caplog.text.replace(
+    err = _router_error(capsys)
+    assert "sampling_strategy" in err and '"closest" -> "random"' in err.replace(
         "'", '"')
 
 
-def test_second_job_into_the_same_out_fails_at_once(tmp_path, caplog):
+def test_second_job_into_the_same_out_fails_at_once(tmp_path, capsys):
     """11.8: the output lock (held here as a running job would) refuses a second job."""
     from fastssl.jobs import OutputLock
 
     with OutputLock(tmp_path / "out"):
         assert main(_small_run(tmp_path)) == 2
-    assert "in use by another job" in caplog.text
+    err = _router_error(capsys)
+    assert "in use by another job" in err
     assert main(_small_run(tmp_path)) == 0
 
 
@@ -272,7 +283,7 @@ def test_plots_and_balance_against_full_and_random(tmp_path, rng):
     assert all((tmp_path / "plots" / p.rsplit("/", 1)[1]).stat().st_size > 1000 for p in files)
 
 
-def test_labels_matched_by_tile_path_not_row_order(tmp_path, caplog):
+def test_labels_matched_by_tile_path_not_row_order(tmp_path, capsys):
     """12.8: a labels CSV in any order gives the report of the labels in index.csv order."""
     import csv
 
@@ -309,7 +320,8 @@ def test_labels_matched_by_tile_path_not_row_order(tmp_path, caplog):
     (tmp_path / "short.csv").write_text("\n".join(rows[:-1]) + "\n")  # one tile unlabelled
     assert main([*common, "--out", str(tmp_path / "a"), "--labels",
                  str(tmp_path / "short.csv")]) == 2
-    assert "1 of 500 tiles" in caplog.text
+    err = _router_error(capsys)
+    assert "1 of 500 tiles" in err
 
 
 def _embed_dir_with_tile_index(tmp_path, n=400, with_tiles=True):
@@ -371,7 +383,7 @@ def test_curated_tiles_table(tmp_path, with_tiles):
                                               for lv in (1, 2, 3)]
 
 
-def test_curated_tiles_table_bad_tile_index(tmp_path, caplog):
+def test_curated_tiles_table_bad_tile_index(tmp_path, capsys):
     """A tile index without a curated tile, or with another header: one line naming it."""
     emb, _, _ = _embed_dir_with_tile_index(tmp_path, n=200)
     lines = (tmp_path / "tiles.csv").read_text().splitlines()
@@ -379,7 +391,29 @@ def test_curated_tiles_table_bad_tile_index(tmp_path, caplog):
     common = ["curate", "--data", str(emb), "--levels", "8,2", "--iterations", "2",
               "--resampling-steps", "1", "--target-size", "100", "--quiet"]
     assert main([*common, "--out", str(tmp_path / "a")]) == 2
-    assert "tiles.csv: " in caplog.text and "curated tiles are not in the tile index" in caplog.text
+    err = _router_error(capsys)
+    assert "tiles.csv: " in err and "curated tiles are not in the tile index" in err
     (tmp_path / "tiles.csv").write_text("tile,slide,x,y\n")
     assert main([*common, "--out", str(tmp_path / "a")]) == 2
-    assert "expected 'tile,slide,level,x,y,size,mpp'" in caplog.text
+    err = _router_error(capsys)
+    assert "expected 'tile,slide,level,x,y,size,mpp'" in err
+
+
+def test_one_resume_record_each_shard_hashed_once(tmp_path, monkeypatch):
+    """The tree's progress record takes the shard hashes of the job's job.json (no second read
+    of the shards); both name the same sampled sha256, computed here by hand."""
+    import hashlib
+
+    from fastssl import jobs
+
+    argv = _small_run(tmp_path)
+    shard = tmp_path / "emb" / "x.npy"
+    hashed = []
+    real = jobs._hash_file
+    monkeypatch.setattr(jobs, "_hash_file", lambda path, size, full: hashed.append(path) or real(path, size, full))
+    assert main(argv) == 0
+    assert hashed == [str(shard)]
+    want = hashlib.sha256(shard.read_bytes()).hexdigest()  # 400 x 6 float32: hashed whole
+    saved = json.loads((tmp_path / "out" / "job.json").read_text())["inputs"][str(shard)]["sha256"]
+    progress = json.loads((tmp_path / "out" / "tree" / "progress.json").read_text())["record"]["data"]
+    assert saved == want and progress["parts"] == [[str(shard), 400, "float32", want]]

@@ -395,18 +395,18 @@ def test_prepare_cli_errors_are_one_line_exit_2(tmp_path):
         assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr, result.stderr
 
 
-def test_cli_sources_replace_those_of_a_config_file(tmp_path, caplog):
+def test_cli_sources_replace_those_of_a_config_file(tmp_path, capsys):
     from fastssl.cli import main as cli_main
 
     (tmp_path / "list.yaml").write_text(f"source: [{tmp_path / 'from_file_a'}, {tmp_path / 'from_file_b'}]\n")
     (tmp_path / "one.yaml").write_text(f"source: {tmp_path / 'from_file_c'}\n")
     out = ["--out", str(tmp_path / "c"), "--quiet"]
     assert cli_main(["prepare", "--config", str(tmp_path / "list.yaml"), *out]) == 2
-    assert "from_file_a" in caplog.text
-    caplog.clear()
+    assert "from_file_a" in capsys.readouterr().err
     assert cli_main(["prepare", "--config", str(tmp_path / "one.yaml"), "--source",
                      f"padchest:{tmp_path / 'from_flag'}", *out]) == 2
-    assert "padchest:" in caplog.text and "from_flag" in caplog.text and "from_file" not in caplog.text
+    err = capsys.readouterr().err
+    assert "padchest:" in err and "from_flag" in err and "from_file" not in err
 
 
 def test_a_format_1_cache_is_still_read(tmp_path):

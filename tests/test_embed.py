@@ -183,18 +183,19 @@ def test_second_job_into_the_same_out_fails_at_once(tiles, weights, tmp_path):
 
 def test_ranks_follow_rank0_verdict(tiles, weights, tmp_path, monkeypatch):
     """Rank 0 refuses -> it tells the others (which write nothing) before raising."""
+    from fastssl import jobs
     from fastssl.curation import embed as embed_mod
 
     out = tmp_path / "emb"
     embed_images(tiles, out, config(weights))
     told = []
-    monkeypatch.setattr(embed_mod, "_rank0_verdict", lambda ok: told.append(ok) or ok)
+    monkeypatch.setattr(jobs, "_share_verdict", lambda verdict, rank, world: told.append(verdict) or verdict)
     with pytest.raises(ResumeMismatch):
         embed_images(tiles, out, config(weights, shard_size=5))
-    assert told == [False]
-    monkeypatch.setattr(embed_mod, "_rank0_verdict", lambda ok: False)
+    assert len(told) == 1 and told[0].startswith("refused: ResumeMismatch") and "shard_size" in told[0]
+    monkeypatch.setattr(jobs, "_share_verdict", lambda verdict, rank, world: "refused: ResumeMismatch: why")
     monkeypatch.setattr(embed_mod, "_rank_world", lambda: (1, 2))
-    with pytest.raises(ValueError, match="rank 0 refused"):
+    with pytest.raises(ValueError, match=r"rank 0 refused this run \(ResumeMismatch: why\)"):
         embed_images(tiles, tmp_path / "other", config(weights))
     assert not (tmp_path / "other").exists()
 

@@ -100,7 +100,7 @@ def _finetune(cache, out, *extra, quiet=True):
                 "--min-val-studies", "1", *(["--quiet"] if quiet else []), *extra])
 
 
-def test_finetune_end_to_end_and_resume(cache, tmp_path, capsys, caplog):
+def test_finetune_end_to_end_and_resume(cache, tmp_path, capsys):
     from fastssl.eval.report import read_scores_csv
 
     full = tmp_path / "full"
@@ -151,14 +151,15 @@ def test_finetune_end_to_end_and_resume(cache, tmp_path, capsys, caplog):
     assert (part / "scores.csv").read_text() == (full / "scores.csv").read_text()
     # finished: nothing to do; other settings: refused, naming them, unless --overwrite
     assert _finetune(cache, part) == 0
-    caplog.clear()
+    capsys.readouterr()
     assert _finetune(cache, part, "--base-lr", "0.01") == 2
-    assert "base_lr: 0.05 -> 0.01" in caplog.text
+    err = capsys.readouterr().err
+    assert "base_lr: 0.05 -> 0.01" in err
     assert _finetune(cache, part, "--base-lr", "0.01", "--epochs", "2", "--overwrite") == 0
     assert json.loads((part / "finetune.json").read_text())["config"]["base_lr"] == 0.01
 
 
-def test_finetune_dataset_filter_on_a_pooled_cache(tmp_path, caplog):
+def test_finetune_dataset_filter_on_a_pooled_cache(tmp_path, capsys):
     """--dataset restricts train, validation and test to that dataset (scores.csv holds
     exactly its test studies), is recorded and is part of the resume fingerprint."""
     from fastssl.data.cache import read_index
@@ -176,17 +177,19 @@ def test_finetune_dataset_filter_on_a_pooled_cache(tmp_path, caplog):
         mimic = index.dataset == "mimic-cxr"
         assert r["n_train_studies"] == np.unique(index.study_id[(index.split == "train") & mimic]).size
         assert list(read_scores_csv(str(out))["studies"]) == sorted(set(index.study_id[test & mimic]))
-        caplog.clear()
+        capsys.readouterr()
         assert _finetune(cache, out, "--epochs", "2", "--no-plots") == 2  # another run: refused
-        assert 'dataset: "mimic-cxr" -> ""' in caplog.text, caplog.text
+        err = capsys.readouterr().err
+        assert 'dataset: "mimic-cxr" -> ""' in err, err
         assert _finetune(cache, out, "--epochs", "2", "--no-plots", "--overwrite") == 0
         assert list(read_scores_csv(str(out))["studies"]) == sorted(set(index.study_id[test]))
-        caplog.clear()
+        capsys.readouterr()
         assert _finetune(cache, tmp_path / "bad", "--dataset", "vindr") == 2
-    assert "['vindr'] not in this cache (has ['chexpert', 'mimic-cxr'])" in caplog.text
+    err = capsys.readouterr().err
+    assert "['vindr'] not in this cache (has ['chexpert', 'mimic-cxr'])" in err
 
 
-def test_finetune_label_fraction_recorded_and_fingerprinted(cache, tmp_path, caplog):
+def test_finetune_label_fraction_recorded_and_fingerprinted(cache, tmp_path, capsys):
     """--label-fraction trains on the whole patients test_eval_probe's hand count keeps,
     is recorded in finetune.json and is part of the resume fingerprint (another fraction
     in the same --out is refused). Planted: the fraction left out of the fingerprint."""
@@ -199,12 +202,14 @@ def test_finetune_label_fraction_recorded_and_fingerprinted(cache, tmp_path, cap
     want, _, _ = _kept_by_hand(read_index(cache), 0.5, 2)
     assert r["config"]["label_fraction"] == 0.5 and r["config"]["label_seed"] == 2
     assert r["n_train_studies"] == len(want) == r["label_fraction"]["n_kept_studies"]
-    caplog.clear()
+    capsys.readouterr()
     assert _finetune(cache, out, "--epochs", "2", "--label-fraction", "0.25", "--label-seed", "2") == 2
-    assert "label_fraction: 0.5 -> 0.25" in caplog.text
-    caplog.clear()
+    err = capsys.readouterr().err
+    assert "label_fraction: 0.5 -> 0.25" in err
+    capsys.readouterr()
     assert _finetune(cache, tmp_path / "tiny", "--label-fraction", "0.01", "--batch-size", "8") == 2
-    assert "fewer than one batch of batch_size=8" in caplog.text
+    err = capsys.readouterr().err
+    assert "fewer than one batch of batch_size=8" in err
 
 
 # The released fine-tuning, transcribed from agostini335/MVMAE (classifiers/Classifiers.py

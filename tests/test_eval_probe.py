@@ -208,7 +208,7 @@ def pooled_cache(root) -> str:
     return os.path.join(root, "pool")
 
 
-def test_probe_dataset_filter_on_a_pooled_cache(tmp_path, caplog):
+def test_probe_dataset_filter_on_a_pooled_cache(tmp_path, capsys):
     """--dataset restricts train and test to that dataset's rows (fit on the pool's MIMIC
     part, score MIMIC test); without it every test study is scored; unknown -> error."""
     from fastssl.cli import main as cli
@@ -234,9 +234,10 @@ def test_probe_dataset_filter_on_a_pooled_cache(tmp_path, caplog):
     assert probe("all", "--l2-grid", "") == 0
     assert list(read_scores_csv(str(tmp_path / "all"))["studies"]) == test_studies("mimic-cxr", "chexpert")
     assert len(test_studies("chexpert")) > 0 and r["n_train_images"] < int((index.split == "train").sum())
-    caplog.clear()
+    capsys.readouterr()
     assert probe("bad", "--dataset", "mimic-cxr,vindr") == 2
-    assert "['vindr'] not in this cache (has ['chexpert', 'mimic-cxr'])" in caplog.text
+    err = capsys.readouterr().err
+    assert "['vindr'] not in this cache (has ['chexpert', 'mimic-cxr'])" in err
 
 
 def _kept_by_hand(index, fraction, seed):

@@ -226,7 +226,7 @@ def test_embed_with_an_export_uses_its_architecture_and_normalisation(tmp_path):
     np.testing.assert_allclose(got, want, atol=5e-3, rtol=5e-3)
 
 
-def test_cli_export_writes_the_training_normalisation(tmp_path, caplog):
+def test_cli_export_writes_the_training_normalisation(tmp_path, caplog, capsys):
     """`fastssl export` writes the pixel mean/std the run trained with: its
     --pixel-mean/--pixel-std when set, else its training cache's manifest, never the
     --cache given at export when those differ (one line says so); no record and no --cache
@@ -256,8 +256,9 @@ def test_cli_export_writes_the_training_normalisation(tmp_path, caplog):
             assert ("not this cache's 0.4375 / 0.1875" in caplog.text) == bool(extra)
     torch.save(dict(model=model, model_config=asdict(enc.cfg), config=dict(cache=str(tmp_path / "gone"))),
                tmp_path / "gone.pt")
-    caplog.clear()
+    capsys.readouterr()
     assert cli(["export", str(tmp_path / "gone.pt"), "--out", str(tmp_path / "x")]) == 2
-    assert "records no training normalisation" in caplog.text and "pass --cache" in caplog.text
+    err = capsys.readouterr().err
+    assert "records no training normalisation" in err and "pass --cache" in err
     assert cli(["export", str(tmp_path / "gone.pt"), "--out", str(tmp_path / "x"), "--cache", str(other)]) == 0
     assert float(read_export_metadata(str(tmp_path / "x" / "encoder.safetensors"))["pixel_mean"]) == 0.4375

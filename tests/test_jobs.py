@@ -1,4 +1,6 @@
 """fastssl.jobs: fingerprints, resume refusal, output lock, atomic writes, checkpoints, JSONL, safetensors."""
+import contextlib
+import hashlib
 import json
 import os
 import subprocess
@@ -297,3 +299,148 @@ def test_verify_safetensors(tmp_path):
     raw = json.dumps(header).encode()
     assert not jobs.verify_safetensors(_write(tmp_path / "shape.safetensors",
                                               len(raw).to_bytes(8, "little") + raw + data[8 + header_len:]))
+
+
+# --------------------------------------------------------------------------- the job opener
+
+def _locked_by_someone(out) -> bool:
+    try:
+        with jobs.OutputLock(out):
+            return False
+    except OutputLocked:
+        return True
+
+
+def test_open_job_new_resume_refuse_overwrite_restart(tmp_path):
+    out, dead = tmp_path / "run", _dead_pid()
+    calls = []
+    with jobs.open_job(out, lambda: calls.append(1) or _fp(tmp_path)) as status:
+        assert status == "new" and calls == [1] and _locked_by_someone(out)
+        _write(out / "keep.bin", b"result")
+        (out / "parts").mkdir()
+    assert not _locked_by_someone(out)
+    assert json.loads((out / "job.json").read_text()) == {
+        "job": "pretrain", "settings": {"lr": 0.001, "epochs": 10, "mode": "paired"},
+        "inputs": {str(tmp_path / "input.npy"): {"size": 1000, "mtime_ns": os.stat(tmp_path / "input.npy").st_mtime_ns,
+                                                 "sha256": hashlib.sha256(b"x" * 1000).hexdigest(),
+                                                 "hashed": "full"}}}
+    stale = [out / f".a.npy.tmp{dead}", out / "parts" / f".p.csv.tmp{dead}"]  # a killed writer's
+    for path in stale:
+        _write(path, b"torn")
+    with jobs.open_job(out, _fp(tmp_path), stale=("parts",)) as status:
+        assert status == "resume" and not any(p.exists() for p in stale)
+    with jobs.open_job(out, _fp(tmp_path)) as status:
+        assert status == "resume" and (out / "keep.bin").read_bytes() == b"result"
+    with pytest.raises(ResumeMismatch, match=r"lr: 0.001 -> 0.002"):
+        with jobs.open_job(out, _fp(tmp_path, lr=0.002)):
+            pytest.fail("a different run must not start")
+    assert (out / "keep.bin").exists() and not _locked_by_someone(out)
+    with jobs.open_job(out, _fp(tmp_path), restart=True) as status:    # pretrain --no-resume
+        assert status == "new" and not (out / "keep.bin").exists()
+    _write(out / "keep.bin", b"result")
+    with jobs.open_job(out, _fp(tmp_path, lr=0.002), overwrite=True) as status:
+        assert status == "new" and sorted(os.listdir(out)) == [jobs.LOCK_NAME, "job.json"]
+        assert json.loads((out / "job.json").read_text())["settings"]["lr"] == 0.002
+
+
+def test_open_job_refuses_a_second_job_and_touches_nothing(tmp_path):
+    out = tmp_path / "run"
+    with jobs.OutputLock(out):
+        with pytest.raises(OutputLocked, match="in use by another job"):
+            with jobs.open_job(out, _fp(tmp_path)):
+                pytest.fail("the second job must not run")
+    assert os.listdir(out) == [jobs.LOCK_NAME]
+
+
+def _fake_broadcast(monkeypatch, sent: list, received: list):
+    """fastssl.distributed.broadcast as rank 0 sees it (records what it sends) or as another rank
+    does (returns what rank 0 sent, in order)."""
+    from fastssl import distributed
+
+    def broadcast(x, src=0):
+        if received:
+            return received.pop(0)
+        sent.append(x.copy())
+        return x
+
+    monkeypatch.setattr(distributed, "broadcast", broadcast)
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+def test_open_job_other_ranks_follow_rank0_verdict(tmp_path, monkeypatch, refuse):
+    out = tmp_path / "run"
+    jobs.write_fingerprint(out, _fp(tmp_path))
+    sent: list = []
+    _fake_broadcast(monkeypatch, sent, [])
+    now = _fp(tmp_path, lr=0.002 if refuse else 0.001)
+    with pytest.raises(ResumeMismatch) if refuse else contextlib.nullcontext():
+        with jobs.open_job(out, now, rank=0, world=2) as status:
+            assert status == "resume"
+    told = bytes(sent[1]).decode()
+    assert int(sent[0][0]) == len(sent[1])
+    assert told.startswith("refused: ResumeMismatch: ") if refuse else told == "resume"
+    fresh = tmp_path / "rank1"                               # rank 1 takes no lock and writes nothing
+    _fake_broadcast(monkeypatch, [], list(sent))
+    with pytest.raises(ValueError, match=r"rank 0 refused this run \(ResumeMismatch: .*lr: 0.001 -> 0.002") \
+            if refuse else contextlib.nullcontext():
+        with jobs.open_job(fresh, lambda: pytest.fail("only rank 0 fingerprints"), rank=1, world=2) as status:
+            assert status == "resume"
+    assert not fresh.exists()
+
+
+def test_only_jobs_py_opens_output_dirs():
+    """Every command that writes an output dir opens it through jobs.open_job: no other module
+    takes the lock, checks a resume, clears outputs or writes job.json itself."""
+    import ast
+    import pathlib
+
+    import fastssl
+
+    root = pathlib.Path(fastssl.__file__).parent
+    private = {"OutputLock", "check_resume", "clear_outputs", "write_fingerprint", "LOCK_NAME", "FINGERPRINT_NAME"}
+    users, openers = {}, set()
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "jobs.py" and path.parent == root:
+            continue
+        names = {node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else
+                 alias.name for node in ast.walk(ast.parse(path.read_text())) for alias in
+                 (node.names if isinstance(node, ast.ImportFrom) else [None])
+                 if isinstance(node, (ast.Attribute, ast.Name)) or alias is not None}
+        rel = str(path.relative_to(root))
+        if names & private:
+            users[rel] = sorted(names & private)
+        if "open_job" in names:
+            openers.add(rel)
+    assert users == {}
+    assert openers == {"data/cache.py", "train/pretrain.py", "eval/finetune.py", "curation/tile.py",
+                       "curation/embed.py", "train/curate.py"}
+
+
+def _open_as_rank(rank, world, init_file, out, lr, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        fp = jobs.JobFingerprint("pretrain", {"lr": lr})
+        with jobs.open_job(out, fp, rank=rank, world=world) as status:
+            verdict = status
+    except ValueError as exc:
+        verdict = f"{type(exc).__name__}: {exc}"
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(results, f"rank{rank}"), "w", encoding="utf-8") as handle:
+        handle.write(verdict)
+
+
+@pytest.mark.slow
+def test_open_job_two_gloo_ranks_share_the_refusal(tmp_path):
+    """Real collectives: rank 1 learns rank 0's refusal (its text) and neither hangs."""
+    import torch.multiprocessing as mp
+
+    out, results = tmp_path / "run", tmp_path / "results"
+    results.mkdir()
+    jobs.write_fingerprint(out, jobs.JobFingerprint("pretrain", {"lr": 0.001}))
+    mp.spawn(_open_as_rank, args=(2, str(tmp_path / "rdzv"), str(out), 0.002, str(results)), nprocs=2, join=True)
+    rank0, rank1 = ((results / f"rank{r}").read_text() for r in (0, 1))
+    assert rank0.startswith("ResumeMismatch: ") and "lr: 0.001 -> 0.002" in rank0
+    assert rank1 == f"ValueError: {out}: rank 0 refused this run ({rank0})"

@@ -124,6 +124,9 @@ class PointSource:
     def __init__(self, parts: list[np.ndarray], names: list[str | None], rows: np.ndarray | None = None):
         self.parts = parts
         self.names = names
+        # {file name: sampled sha256} already computed by the job that opened the output
+        # (fastssl.jobs.sampled_hashes): fingerprint() reuses them instead of reading again
+        self.known_hashes: dict[str, str] = {}
         sizes = np.array([p.shape[0] for p in parts], dtype=np.int64)
         self.part_offsets = np.zeros(len(parts) + 1, dtype=np.int64)
         np.cumsum(sizes, out=self.part_offsets[1:])
@@ -196,7 +199,8 @@ class PointSource:
         spaced row blocks), so re-saved shards with new values are a different run."""
         return {
             "n": self.n, "d": self.d,
-            "parts": [[nm or "<array>", int(p.shape[0]), str(p.dtype), _content_hash(nm, p)]
+            "parts": [[nm or "<array>", int(p.shape[0]), str(p.dtype),
+                       self.known_hashes.get(nm) if nm in self.known_hashes else _content_hash(nm, p)]
                       for nm, p in zip(self.names, self.parts)],
             "subset": self.rows is not None,
         }

@@ -496,38 +496,6 @@ def _fingerprint(cfg: EmbedConfig, items: _Items, world: int, net) -> jobs.JobFi
     return jobs.JobFingerprint("embed", settings, inputs)
 
 
-def _rank0_verdict(ok: bool) -> bool:
-    """Rank 0's ``ok`` on every rank (a collective: the other ranks wait for rank 0's checks)."""
-    from fastssl import distributed
-
-    return bool(distributed.broadcast(np.array([int(ok)], np.int64))[0])
-
-
-@contextlib.contextmanager
-def _job_guard(out: Path, fingerprint: jobs.JobFingerprint, rank: int, overwrite: bool):
-    """fastssl.jobs on rank 0: the output lock (held to the end), stale temporary files removed,
-    the fingerprint checked against a previous run in out (ResumeMismatch naming the differences
-    unless ``overwrite``). The other ranks write nothing until rank 0 has passed its checks."""
-    if rank != 0:
-        if not _rank0_verdict(True):
-            raise ValueError(f"{out}: rank 0 refused this run (its log says why)")
-        yield
-        return
-    with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(jobs.OutputLock(out))
-            for sub in (out, out / "parts"):
-                jobs.remove_stale_tmp(sub)
-            if jobs.check_resume(out, fingerprint, overwrite=overwrite) == "new":
-                jobs.clear_outputs(out)
-                jobs.write_fingerprint(out, fingerprint)
-        except BaseException:
-            _rank0_verdict(False)
-            raise
-        _rank0_verdict(True)
-        yield
-
-
 def embed_images(source: str | os.PathLike, out_dir: str | os.PathLike,
                  config: EmbedConfig | None = None, **overrides) -> dict:
     """Embeds every tile of ``source`` into fp16 shards under ``out_dir``.
@@ -554,7 +522,7 @@ def embed_images(source: str | os.PathLike, out_dir: str | os.PathLike,
     rank, world = _rank_world()
     net = build_model(cfg.model, cfg.weights, cfg.random_init, cfg.img_size, cfg.in_chans)
     fingerprint = _fingerprint(cfg, items, world, net)
-    with _job_guard(out, fingerprint, rank, cfg.overwrite):
+    with jobs.open_job(out, fingerprint, overwrite=cfg.overwrite, stale=("parts",), rank=rank, world=world):
         (out / "parts").mkdir(parents=True, exist_ok=True)
         return _embed_and_merge(cfg, items, out, net, rank, world)
 
@@ -723,11 +691,7 @@ def run(args) -> int:
     except ImportError:
         pass
     cfg = config_from_args(EmbedConfig, args)
-    try:
-        manifest = embed_images(args.source, args.out, cfg)
-    except (ValueError, DataError) as exc:
-        log.error("%s", exc)
-        return 2
+    manifest = embed_images(args.source, args.out, cfg)
     if manifest:
         print(f"embedded {manifest['count']} images ({manifest['rejected']} rejected) with "
               f"{manifest['model']} (dim {manifest['dim']}) into {len(manifest['shards'])} "

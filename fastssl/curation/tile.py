@@ -300,13 +300,7 @@ def tile_slides(slides_dir: str | os.PathLike, out_dir: str | os.PathLike, confi
     names = list_slides(slides_dir)
     slide_reader()  # a missing reader stops the job, it must not reject every slide
     fingerprint = _fingerprint(cfg, slides_dir, names)
-    out.mkdir(parents=True, exist_ok=True)
-    with jobs.OutputLock(out):
-        for sub in (out, out / "parts"):
-            jobs.remove_stale_tmp(sub)
-        if jobs.check_resume(out, fingerprint, overwrite=cfg.overwrite) == "new":
-            jobs.clear_outputs(out)
-            jobs.write_fingerprint(out, fingerprint)
+    with jobs.open_job(out, fingerprint, overwrite=cfg.overwrite, stale=("parts",)):
         (out / "parts").mkdir(exist_ok=True)
         rejects = _tile_pending(slides_dir, out, names, cfg)
         summary = _merge(out, names, rejects)

@@ -217,22 +217,6 @@ def build_table(source, options: TableOptions, scan: bool | None = None) -> Stud
     return table
 
 
-def _open_output(out: str, config: dict, inputs: Sequence[str], overwrite: bool) -> None:
-    """Under the output lock: remove a killed run's temporaries; resume a cache of the
-    same settings and CSV inputs, refuse another one naming the differences (or with
-    ``overwrite`` clear it)."""
-    from fastssl.jobs import (JobFingerprint, check_resume, clear_outputs, fingerprint_files, remove_stale_tmp,
-                              write_fingerprint)
-
-    for folder in (out, os.path.join(out, "parts")):
-        remove_stale_tmp(folder)
-    fingerprint = JobFingerprint("prepare", config, fingerprint_files(sorted(set(inputs))))
-    if check_resume(out, fingerprint, overwrite=overwrite) == "new":
-        clear_outputs(out)
-        write_fingerprint(out, fingerprint)
-    os.makedirs(os.path.join(out, "parts"), exist_ok=True)
-
-
 def prepare_cache(
     source,
     out: str | os.PathLike,
@@ -299,26 +283,32 @@ def prepare_cache(
     settings = dict(format_version=FORMAT_VERSION, size=size, dtype=dtype, resize=resize, shard_size=shard_size,
                     voi=voi, uncertain=uncertain, blank=blank, label_source=label_source,
                     frontal_order=list(options.frontal_order), lateral_views=list(options.lateral_views))
-    from fastssl.jobs import OutputLock
+    from fastssl.jobs import JobFingerprint, fingerprint_files, open_job
 
-    with OutputLock(out):  # a second prepare into the same --out fails at once
-        if table is None:
-            table = build_table(source, options, scan)
+    job: dict[str, Any] = {}
+
+    def fingerprint() -> JobFingerprint:
+        # under the output lock: the study table and its plan decide the run's identity
+        job["table"] = build_table(source, options, scan) if table is None else table
+        job["start"] = time.perf_counter()
+        log.info("study table: %s", job["table"].format_summary().replace("\n", "; "))
+        job["plan"] = plan = _plan(job["table"])
+        n_shards = (len(plan) + shard_size - 1) // shard_size
+        job["config"] = dict(settings, n_images=len(plan), n_shards=n_shards, plan_sha256=_plan_sha(plan))
+        return JobFingerprint("prepare", job["config"], fingerprint_files(sorted(set(job["table"].inputs))))
+
+    with open_job(out, fingerprint, overwrite=overwrite, stale=("parts",)):  # resume, refuse or start
+        os.makedirs(os.path.join(out, "parts"), exist_ok=True)
         sources = [str(x) for x in ([source] if isinstance(source, (str, os.PathLike)) else source)]
-        return _prepare_table(table, out, settings, sources, workers, progress, overwrite)
+        return _prepare_table(job, out, sources, workers, progress)
 
 
-def _prepare_table(table: StudyTable, out: str, settings: dict, sources: list[str], workers: int,
-                   progress: bool, overwrite: bool) -> dict[str, Any]:
-    """prepare_cache's work on a ready table, under the output lock."""
-    start = time.perf_counter()
-    log.info("study table: %s", table.format_summary().replace("\n", "; "))
-    plan = _plan(table)
-    size, shard_size = settings["size"], settings["shard_size"]
-    n_shards = (len(plan) + shard_size - 1) // shard_size
-    config = dict(settings, n_images=len(plan), n_shards=n_shards, plan_sha256=_plan_sha(plan))
+def _prepare_table(job: dict, out: str, sources: list[str], workers: int, progress: bool) -> dict[str, Any]:
+    """prepare_cache's work on an opened --out: ``job`` holds the study table, its plan, the
+    settings that name the run (config) and the start time."""
+    start, table, plan, config = job["start"], job["table"], job["plan"], job["config"]
+    size, shard_size, n_shards = config["size"], config["shard_size"], config["n_shards"]
     datasets = sorted({st.dataset for st in table.studies})
-    _open_output(out, config, table.inputs, overwrite)
     about = dict(source=os.path.abspath(table.root) if table.root else "", datasets=datasets, sources=sources)
     manifest_path = os.path.join(out, "manifest.json")
     atomic_write_json(manifest_path, dict(config, **about, complete=False))
@@ -326,7 +316,7 @@ def _prepare_table(table: StudyTable, out: str, settings: dict, sources: list[st
     todo = [k for k, (a, b) in enumerate(bounds) if not _shard_done(out, k, b - a, config)]
     if n_shards - len(todo):
         log.info("%s: %d of %d shards already done, skipped", out, n_shards - len(todo), n_shards)
-    tasks = [(plan[i][0], size, settings["dtype"], settings["resize"], settings["voi"],
+    tasks = [(plan[i][0], size, config["dtype"], config["resize"], config["voi"],
               tuple(map(tuple, plan[i][1]["pixel"]))) for k in todo for i in range(*bounds[k])]
     _convert_shards(out, plan, bounds, todo, tasks, config, workers, progress)
     written, rejected, mean, std = _merge_parts(out, n_shards, table.rejects, size)
@@ -605,19 +595,15 @@ def _holdout(value) -> tuple[float, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        summary = prepare_cache(
-            [args.source] if isinstance(args.source, str) else list(args.source), args.out, size=args.size,
-            dtype=args.dtype, resize=args.resize,
-            shard_size=args.shard_size, workers=args.workers, voi=args.voi, uncertain=args.uncertain,
-            blank=args.blank, label_source=args.label_source, frontal_order=_as_list(args.frontal_order),
-            lateral_views=_as_list(args.lateral_views), scan=True if args.scan else None,
-            overwrite=args.overwrite, progress=not args.quiet, holdout=_holdout(args.holdout), seed=args.seed,
-            labels_csv=args.labels_csv, split_csv=args.split_csv,
-        )
-    except (ValueError, DataError) as exc:
-        log.error("%s", exc)
-        return 2
+    summary = prepare_cache(
+        [args.source] if isinstance(args.source, str) else list(args.source), args.out, size=args.size,
+        dtype=args.dtype, resize=args.resize,
+        shard_size=args.shard_size, workers=args.workers, voi=args.voi, uncertain=args.uncertain,
+        blank=args.blank, label_source=args.label_source, frontal_order=_as_list(args.frontal_order),
+        lateral_views=_as_list(args.lateral_views), scan=True if args.scan else None,
+        overwrite=args.overwrite, progress=not args.quiet, holdout=_holdout(args.holdout), seed=args.seed,
+        labels_csv=args.labels_csv, split_csv=args.split_csv,
+    )
     print(
         f"prepare: {summary['written']} of {summary['images']} images in {summary['shards']} shards "
         f"({summary['shards_skipped']} already done), {summary['rejects']} rejected (rejects.csv)\n"

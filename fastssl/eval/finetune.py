@@ -42,7 +42,7 @@ order and augmentations of an epoch depend only on (seed, epoch), so an interrup
 ends with the same weights as an uninterrupted one); a finished run says so and stops.
 A different run in ``out`` (other settings, cache or encoder) is refused, naming the
 differences, unless ``--overwrite``; checkpoints carry sha256 sidecars; one job at a time
-holds ``out`` (fastssl.jobs.OutputLock).
+holds ``out`` (fastssl.jobs.open_job).
 """
 from __future__ import annotations
 
@@ -304,18 +304,11 @@ def _fingerprint(cfg: FinetuneConfig):
 
 
 def _resume(cfg: FinetuneConfig, model, optimizer) -> dict:
-    """Claims out/ for this run (a different run there is refused unless --overwrite) and
-    loads out/checkpoint.pt when present -> the state to continue from: dict(epoch
-    (finished epochs), step, best_auroc, best_epoch)."""
-    from fastssl.jobs import check_resume, clear_outputs, load_checkpoint, remove_stale_tmp, truncate_jsonl
-    from fastssl.jobs import write_fingerprint
+    """Loads out/checkpoint.pt (out/ opened by fastssl.jobs.open_job) when present -> the
+    state to continue from: dict(epoch (finished epochs), step, best_auroc, best_epoch)."""
+    from fastssl.jobs import load_checkpoint, truncate_jsonl
 
-    remove_stale_tmp(cfg.out)
-    fp = _fingerprint(cfg)
     path = os.path.join(cfg.out, CHECKPOINT)
-    if check_resume(cfg.out, fp, overwrite=cfg.overwrite) == "new":
-        clear_outputs(cfg.out)
-        write_fingerprint(cfg.out, fp)
     if not os.path.isfile(path):
         return dict(epoch=0, step=0, best_auroc=-math.inf, best_epoch=-1)
     ckpt = load_checkpoint(path)
@@ -525,12 +518,12 @@ def main(cfg: FinetuneConfig) -> dict:
     """Runs, resumes or recognises as finished a fine-tuning job, holding out/'s lock.
     Returns the finetune.json dict when finished (plus finished=True), else
     dict(finished=False, epoch)."""
-    from fastssl.jobs import OutputLock
+    from fastssl.jobs import open_job
 
     cfg.validate()
     device, model, optimizer, lr, data, transform, augment = _setup(cfg)
-    os.makedirs(cfg.out, exist_ok=True)
-    with OutputLock(cfg.out):
+    # a different run in out/ is refused unless --overwrite
+    with open_job(cfg.out, _fingerprint(cfg), overwrite=cfg.overwrite):
         state = _resume(cfg, model, optimizer)
         why = _validation_problem(cfg, data["val"])
         data["selection"] = None if why is None else _cross_validate_epoch(cfg, why)
@@ -569,12 +562,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fastssl.config import config_from_args
-    from fastssl.eval.report import run_job, summary_lines
+    from fastssl.eval.report import summary_lines
 
     cfg = config_from_args(FinetuneConfig, args)
-    r = run_job(main, cfg)
-    if r is None:
-        return 2
+    r = main(cfg)
     if not r["finished"]:
         print(f"finetune: stopped after epoch {r['epoch']} of {cfg.epochs}; rerun the same command to continue")
         return 0

@@ -528,12 +528,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fastssl.config import config_from_args
-    from fastssl.eval.report import run_job, summary_lines
+    from fastssl.eval.report import summary_lines
 
     cfg = config_from_args(ProbeConfig, args)
-    r = run_job(main, cfg)
-    if r is None:
-        return 2
+    r = main(cfg)
     chosen = r["l2_selection"]
     how = f"chosen on {chosen['chosen_on']}" if chosen["chosen_on"] else "fixed"
     of = f" of {cfg.dataset}" if cfg.dataset.strip() else ""

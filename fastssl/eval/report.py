@@ -64,9 +64,16 @@ def write_scores_csv(path: str, studies, subjects, scores: np.ndarray, labels: n
 
 
 def run_job(main, cfg) -> dict | None:
-    """``main(cfg)`` for a CLI command: a ValueError or DataError is logged as one line and
-    gives None (the command then exits with 2)."""
+    """``main(cfg)``, a ValueError or DataError logged as one line and giving None.
+
+    Deprecated: commands let user errors reach the CLI router (fastssl.cli), which prints them
+    in one format; this stays for one release for code that called it."""
+    import warnings
+
     from fastssl.errors import DataError
+
+    warnings.warn("fastssl.eval.report.run_job is deprecated: call main(cfg) and let fastssl.cli "
+                  "report user errors", DeprecationWarning, stacklevel=2)
 
     try:
         return main(cfg)

@@ -393,20 +393,14 @@ def _export_normalisation(checkpoint: str, cache: str) -> dict:
 
 def run(args) -> int:
     """``fastssl export``: timm-ready files, one per view, from a run's checkpoint."""
-    from fastssl.errors import DataError
-
-    try:
-        if not os.path.isfile(args.checkpoint):
-            raise ValueError(f"checkpoint={args.checkpoint!r} is not a file")
-        encoder = load_encoder(args.checkpoint)
-        views = tuple(v.strip() for v in args.views.split(",") if v.strip())
-        normalisation = _export_normalisation(args.checkpoint, args.cache)
-        os.makedirs(args.out, exist_ok=True)
-        written = export_encoder(encoder, encoder.cfg, os.path.join(args.out, "encoder.safetensors"),
-                                 manifest=normalisation, views=views)
-    except (ValueError, DataError) as exc:
-        log.error("%s", exc)
-        return 2
+    if not os.path.isfile(args.checkpoint):
+        raise ValueError(f"checkpoint={args.checkpoint!r} is not a file")
+    encoder = load_encoder(args.checkpoint)
+    views = tuple(v.strip() for v in args.views.split(",") if v.strip())
+    normalisation = _export_normalisation(args.checkpoint, args.cache)
+    os.makedirs(args.out, exist_ok=True)
+    written = export_encoder(encoder, encoder.cfg, os.path.join(args.out, "encoder.safetensors"),
+                             manifest=normalisation, views=views)
     for path in written:
         print(path)
     return 0

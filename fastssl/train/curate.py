@@ -32,7 +32,6 @@ Rerunning the same command resumes the tree where it stopped, inside a step too.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
@@ -311,50 +310,33 @@ def tree_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from fastssl import distributed as dist
-    from fastssl.curation.hierarchical import hierarchical_kmeans
-    from fastssl.errors import DataError
+    from fastssl.curation._source import PointSource
 
     if not args.data:
-        log.error("--data is required (a flag or the 'data' key of --config)")
-        return 2
-    try:
-        config = tree_config(args)
-    except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
-        log.error("%s", exc)
-        return 2
+        raise ValueError("--data is required (a flag or the 'data' key of --config)")
+    config = tree_config(args)
     out = Path(args.out)
     dist.init()
-    try:
-        with _job_guard(args, config, out):
-            return _run_locked(args, config, out)
-    except (ValueError, DataError, OSError) as exc:  # ResumeMismatch, OutputLocked are ValueErrors
-        log.error("%s", exc)
-        return 2
+    source = PointSource.from_data(args.data)
+    with _open_curate_job(args, config, out, source):
+        return _run_locked(args, source, config, out)
 
 
-@contextlib.contextmanager
-def _job_guard(args, config, out: Path):
-    """fastssl.jobs on the main rank: the output lock, stale temporary files removed, and
-    the run's fingerprint (tree settings + a content hash of every shard) checked against
-    a previous run in --out (refused naming the differences unless --overwrite)."""
+def _open_curate_job(args, config, out: Path, source):
+    """fastssl.jobs.open_job for --out. The run's fingerprint is the tree settings + a content
+    hash of every shard, hashed once, by the main rank: ``source`` (a PointSource of the
+    shards) keeps the hashes for the tree's progress record."""
     from fastssl import distributed as dist
     from fastssl import jobs
-    from fastssl.curation._source import expand_paths
 
-    if not dist.is_main():
-        yield
-        return
-    settings = _flat(config.to_json())
-    inputs = jobs.fingerprint_files([str(p) for p in expand_paths(args.data)],
-                                    full=bool(getattr(args, "verify_data", False)))
-    fingerprint = jobs.JobFingerprint("curate", settings, inputs)
-    with jobs.OutputLock(out):
-        for sub in (out, out / "tree", *sorted((out / "tree" / "work").glob("level_*"))):
-            jobs.remove_stale_tmp(sub)
-        if jobs.check_resume(out, fingerprint, overwrite=args.overwrite) == "new":
-            jobs.clear_outputs(out)
-            jobs.write_fingerprint(out, fingerprint)
-        yield
+    def fingerprint() -> jobs.JobFingerprint:
+        inputs = jobs.fingerprint_files(list(source.names),
+                                        full=bool(getattr(args, "verify_data", False)))
+        source.known_hashes = jobs.sampled_hashes(inputs)
+        return jobs.JobFingerprint("curate", _flat(config.to_json()), inputs)
+
+    return jobs.open_job(out, fingerprint, overwrite=args.overwrite, stale=("tree", "tree/work/level_*"),
+                         rank=dist.rank(), world=dist.world_size())
 
 
 def _flat(value, prefix: str = "") -> dict:
@@ -383,10 +365,9 @@ def _engines(impl: str) -> str:
             f"{resolved_engine(where, op='assign_grouped', impl=impl)}) on {where}")
 
 
-def _run_locked(args, config, out: Path) -> int:
+def _run_locked(args, source, config, out: Path) -> int:
     from fastssl import distributed as dist
     from fastssl.curation.hierarchical import hierarchical_kmeans
-    from fastssl.errors import DataError
 
     t0 = time.perf_counter()
     log.info("curate: levels %s, split_k %s, %s iterations, %s k-means runs per level "
@@ -395,12 +376,7 @@ def _run_locked(args, config, out: Path) -> int:
              config.iterations, [config.level_value(d, "resampling_steps")
                                  for d in range(1, len(config.levels) + 1)],
              config.resampling_init, config.memory_budget_mb, _engines(config.impl))
-    try:
-        tree = hierarchical_kmeans(args.data, config=config, output_dir=out / "tree",
-                                   overwrite=args.overwrite)
-    except (ValueError, DataError) as exc:
-        log.error("%s", exc)
-        return 2
+    tree = hierarchical_kmeans(source, config=config, output_dir=out / "tree", overwrite=args.overwrite)
     tree_s = time.perf_counter() - t0
     if not dist.is_main():
         return 0
@@ -410,7 +386,6 @@ def _run_locked(args, config, out: Path) -> int:
 def _sample_and_report(args, tree, out: Path, t0: float, tree_s: float) -> int:
     """The curated sample, report.json, plots and the summary (main rank)."""
     from fastssl.atomic import atomic_save_npy, atomic_write_text
-    from fastssl.errors import DataError
 
     point_ids = None
     if tree.meta.get("point_ids"):
@@ -425,15 +400,11 @@ def _sample_and_report(args, tree, out: Path, t0: float, tree_s: float) -> int:
                                                  seed=args.seed), dtype=np.int64)
         rows = indices if point_ids is None else point_ids[indices]
         atomic_save_npy(out / "curated_indices.npy", np.sort(rows).astype(np.int64))
-    try:
-        if indices is not None:
-            _write_tile_table(args, tree, indices, point_ids, out)
-        n_rows = tree.n_points if point_ids is None else int(tree.meta["data"]["n"])
-        labels = load_labels(args.labels, args.data, n_rows) if args.labels else None
-        report = build_report(tree, indices, labels, point_ids, seed=args.seed)
-    except (ValueError, DataError) as exc:
-        log.error("%s", exc)
-        return 2
+    if indices is not None:
+        _write_tile_table(args, tree, indices, point_ids, out)
+    n_rows = tree.n_points if point_ids is None else int(tree.meta["data"]["n"])
+    labels = load_labels(args.labels, args.data, n_rows) if args.labels else None
+    report = build_report(tree, indices, labels, point_ids, seed=args.seed)
     report["seconds"] = {"tree": round(tree_s, 2), "total": round(time.perf_counter() - t0, 2)}
     report["steps"] = tree.meta.get("steps", [])
     report["plots"] = write_plots(tree, out / "plots", indices, seed=args.seed)

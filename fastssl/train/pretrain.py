@@ -637,31 +637,6 @@ def _fingerprint(cfg: PretrainConfig, world: int):
     return JobFingerprint("pretrain", settings, inputs)
 
 
-def _open_output(run: _Run) -> None:
-    """Rank 0 checks out/job.json against this run (a different run is refused, naming the
-    differences, unless --overwrite or --no-resume, which clear the directory) and removes
-    stale temporary files; the other ranks wait for its verdict."""
-    from fastssl.jobs import check_resume, clear_outputs, remove_stale_tmp, write_fingerprint
-
-    verdict, error = [None], None
-    if run.is_main:
-        try:
-            remove_stale_tmp(run.cfg.out)
-            fp = _fingerprint(run.cfg, run.world)
-            status = check_resume(run.cfg.out, fp, overwrite=run.cfg.overwrite or not run.cfg.resume)
-            if status == "new" or not run.cfg.resume:  # --no-resume: start over in this --out
-                clear_outputs(run.cfg.out)
-                write_fingerprint(run.cfg.out, fp)
-        except ValueError as exc:  # ResumeMismatch: every rank stops with its message
-            verdict, error = [str(exc)], exc
-    if run.world > 1:
-        dist.broadcast_object_list(verdict, src=0)
-    if error is not None:
-        raise error
-    if verdict[0] is not None:
-        raise ValueError(verdict[0])
-
-
 def _resume(run: _Run) -> int:
     """Loads out/checkpoint.pt (its sha256 checked) into the run; returns the step reached (0: fresh)."""
     from fastssl.jobs import load_checkpoint
@@ -766,13 +741,14 @@ def main(cfg: PretrainConfig, callbacks=()) -> dict:
     Returns:
         A summary dict: step, total_steps, finished, stopped, out, metrics (last values).
     """
-    from fastssl.jobs import OutputLock
+    from fastssl.jobs import open_job
 
     cfg = cfg.resolved()
     run = _setup(cfg)
-    lock = OutputLock(cfg.out) if run.is_main else contextlib.nullcontext()  # one job per --out
-    with lock:
-        _open_output(run)
+    # rank 0 checks out/job.json against this run (a different run is refused, naming the
+    # differences, unless --overwrite); --no-resume starts over in this --out
+    with open_job(cfg.out, lambda: _fingerprint(cfg, run.world), overwrite=cfg.overwrite,
+                  restart=not cfg.resume, rank=run.rank, world=run.world):
         return _run_locked(run, callbacks)
 
 
@@ -848,13 +824,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(PretrainConfig, args)
-    from fastssl.errors import DataError
-
     try:
         summary = main(cfg)
-    except (ValueError, DataError) as exc:
-        log.error("%s", exc)
-        return 2
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
