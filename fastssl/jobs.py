@@ -20,6 +20,7 @@ A sampled hash misses an edit confined to unsampled blocks: that is the price of
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
