@@ -361,11 +361,11 @@ def test_scan_keeps_a_repeated_sop_instance_uid_once(tmp_path):
 # ---------------------------------------------------------------- prepare's argument checks
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(workers=-3), "--workers -3"),
-    (dict(size=4), "--size 4"),
-    (dict(size=100_000), "--size 100000"),
-    (dict(workers=1.5), "--workers 1.5"),
-    (dict(shard_size=0), "--shard-size 0"),
+    (dict(workers=-3), "--workers: got -3"),  # the one settings format (fastssl.config.check_settings)
+    (dict(size=4), "--size: got 4"),
+    (dict(size=100_000), "--size: got 100000"),
+    (dict(workers=1.5), "--workers: got 1.5"),
+    (dict(shard_size=0), "--shard-size: got 0"),
 ])
 def test_prepare_rejects_bad_settings_before_any_work(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
