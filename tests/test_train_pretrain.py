@@ -560,3 +560,22 @@ def test_a_finished_run_draws_its_plots_unless_told_not_to(cache, tmp_path):
             png.verify()
     main(PretrainConfig(out=str(tmp_path / "b"), plots=False, **base))
     assert not list((tmp_path / "b").glob("*.png"))
+
+
+def test_a_run_reads_the_manifest_once(cache, tmp_path, monkeypatch):
+    """Training, validation and the finished run's export share one read of manifest.json
+    (the cache layer's own reads, e.g. opening the dataset, are not pretrain's)."""
+    import sys
+
+    import fastssl.data.cache as cache_module
+
+    original, callers = cache_module.read_manifest, []
+
+    def counting(cache_dir):
+        callers.append(sys._getframe(1).f_globals["__name__"])
+        return original(cache_dir)
+
+    monkeypatch.setattr(cache_module, "read_manifest", counting)
+    r = main(_cfg(cache, tmp_path, epochs=1, val_batches=1))
+    assert r["finished"] and os.path.isfile(tmp_path / "encoder.safetensors")
+    assert callers.count("fastssl.train.pretrain") == 1

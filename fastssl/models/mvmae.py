@@ -78,6 +78,33 @@ class ModelConfig:
     temperature: float = 0.5       # ntxent / infonce only
     drop_path: float = 0.0
 
+    def __post_init__(self) -> None:
+        # the encoder's rules at construction; the decoder's wait for the model that has one
+        # (an encoder-only config, e.g. a loaded encoder, keeps the default decoder fields)
+        self.validate(decoder=False)
+
+    def validate(self, decoder: bool = True) -> None:
+        """ValueError naming the first inconsistent field: the one home of the model
+        config's rules (construction, :func:`model_config`, the MAE, pretrain and the
+        encoder loaders all come here). ``decoder=False``: skip the decoder's rules."""
+        from fastssl.models.alignment import ALIGN_LOSSES
+
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
+        for name, allowed in (("target", TARGETS), ("align", ALIGN_LOSSES), ("init", INITS),
+                              ("recon_reduction", RECON_REDUCTIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {allowed}")
+        pairs = (("embed_dim", "num_heads"), ("decoder_dim", "decoder_heads"))
+        for dim, heads in pairs[:2 if decoder else 1]:
+            if getattr(self, dim) % getattr(self, heads):
+                raise ValueError(f"{dim}={getattr(self, dim)} is not a multiple of {heads}={getattr(self, heads)}")
+        if decoder and not self.decoder_embed and self.decoder_dim != self.embed_dim:
+            raise ValueError(f"decoder_dim={self.decoder_dim} differs from embed_dim={self.embed_dim}: "
+                             "that needs decoder_embed=True (a projection)")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature}; expected > 0")
+
     @property
     def num_patches(self) -> int:
         return (self.img_size // self.patch_size) ** 2
@@ -104,6 +131,11 @@ MODEL_RECIPES: dict[str, dict] = {
 
 
 def _recipe_fields(preset: str, recipe: str) -> dict:
+    """The ModelConfig fields of a preset and a model recipe (ValueError naming an unknown one)."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r}; expected one of {sorted(PRESETS)}")
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe={recipe!r}; expected one of {RECIPES}")
     spec = dict(PRESETS[preset])
     dim, heads, depth = spec.pop("mae_decoder")
     fields_ = dict(spec, **MODEL_RECIPES[recipe])
@@ -117,35 +149,19 @@ def _recipe_fields(preset: str, recipe: str) -> dict:
 def model_config(preset: str = "vit_base", recipe: str = "mvmae", **overrides) -> ModelConfig:
     """A preset's encoder with a recipe's decoder and loss, fields replaced by ``overrides``
     (None = keep), checked (ValueError naming the field)."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset={preset!r}; expected one of {sorted(PRESETS)}")
-    if recipe not in RECIPES:
-        raise ValueError(f"recipe={recipe!r}; expected one of {RECIPES}")
     fields_ = _recipe_fields(preset, recipe)
     fields_.update({k: v for k, v in overrides.items() if v is not None})
     cfg = ModelConfig(**fields_)
-    check_model_config(cfg)
+    cfg.validate()
     return cfg
 
 
 def check_model_config(cfg: ModelConfig) -> None:
-    """ValueError naming the first inconsistent field of ``cfg``."""
-    from fastssl.models.alignment import ALIGN_LOSSES
+    """Deprecated (one release): ``cfg.validate()``, the one home of these rules."""
+    import warnings
 
-    if cfg.img_size % cfg.patch_size:
-        raise ValueError(f"img_size={cfg.img_size} is not a multiple of patch_size={cfg.patch_size}")
-    for name, allowed in (("target", TARGETS), ("align", ALIGN_LOSSES), ("init", INITS),
-                          ("recon_reduction", RECON_REDUCTIONS)):
-        if getattr(cfg, name) not in allowed:
-            raise ValueError(f"{name}={getattr(cfg, name)!r}; expected one of {allowed}")
-    for dim, heads in (("embed_dim", "num_heads"), ("decoder_dim", "decoder_heads")):
-        if getattr(cfg, dim) % getattr(cfg, heads):
-            raise ValueError(f"{dim}={getattr(cfg, dim)} is not a multiple of {heads}={getattr(cfg, heads)}")
-    if not cfg.decoder_embed and cfg.decoder_dim != cfg.embed_dim:
-        raise ValueError(f"decoder_dim={cfg.decoder_dim} differs from embed_dim={cfg.embed_dim}: "
-                         "that needs decoder_embed=True (a projection)")
-    if cfg.temperature <= 0:
-        raise ValueError(f"temperature={cfg.temperature}; expected > 0")
+    warnings.warn("check_model_config is deprecated: use ModelConfig.validate()", DeprecationWarning, stacklevel=2)
+    cfg.validate()
 
 
 def _check_images(images: torch.Tensor, cfg: ModelConfig, name: str = "images") -> None:
@@ -260,7 +276,7 @@ class MultiViewMAE(nn.Module):
 
     def __init__(self, cfg: ModelConfig, *, impl: str = "auto"):
         super().__init__()
-        check_model_config(cfg)
+        cfg.validate()
         self.cfg, self.impl = cfg, impl
         self.encoder = ViewEncoder(cfg)
         d, dd, p = cfg.embed_dim, cfg.decoder_dim, cfg.patch_size

@@ -172,10 +172,8 @@ class PretrainConfig:
         """A copy with every None field replaced by the recipe's value (and checked)."""
         if self.recipe not in RECIPE_DEFAULTS:
             raise ValueError(f"recipe={self.recipe!r}; expected one of {tuple(RECIPE_DEFAULTS)}")
-        from fastssl.models.mvmae import PRESETS, _recipe_fields
+        from fastssl.models.mvmae import _recipe_fields
 
-        if self.preset not in PRESETS:
-            raise ValueError(f"preset={self.preset!r}; expected one of {sorted(PRESETS)}")
         model_defaults = _recipe_fields(self.preset, RECIPE_MODEL[self.recipe])
         values = {}
         for f in fields(self):
@@ -696,12 +694,10 @@ def _banner(run: _Run, step: int) -> str:
             + (f"\n  resuming at step {step} (epoch {step // run.steps_per_epoch})" if step else ""))
 
 
-def _train(run: _Run, net, step: int, logger: MetricsLog) -> tuple[int, bool]:
-    """The epochs from ``step`` on: train, checkpoint, validate; returns (step, stopped)."""
-    from fastssl.data.cache import read_manifest
-
+def _train(run: _Run, net, step: int, logger: MetricsLog, manifest: dict) -> tuple[int, bool]:
+    """The epochs from ``step`` on: train, checkpoint, validate; returns (step, stopped).
+    ``manifest``: the cache's manifest.json (dict), read once per run by the caller."""
     cfg, spe = run.cfg, run.steps_per_epoch
-    manifest = read_manifest(cfg.cache)
     augment = _augment(cfg, run.mcfg, manifest)
     start_step = step
 
@@ -771,16 +767,17 @@ def _run_locked(run: _Run, callbacks) -> dict:
     if run.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    from fastssl.data.cache import read_manifest
+
+    manifest = read_manifest(cfg.cache)  # once per run: training, validation and the export's normalisation
     logger = MetricsLog(cfg.out, step, callbacks, enabled=run.is_main)
     try:
-        step, stopped = _train(run, net, step, logger)
+        step, stopped = _train(run, net, step, logger, manifest)
     finally:
         logger.close()
     finished = step >= total
     if finished and run.is_main:  # (also re-exports an encoder.safetensors that fails verification)
-        from fastssl.data.cache import read_manifest
-
-        mean, std = _normalisation(cfg, read_manifest(cfg.cache))  # what training fed the encoder
+        mean, std = _normalisation(cfg, manifest)  # what training fed the encoder
         export_encoder(run.model.encoder, run.mcfg, enc_path, manifest=dict(pixel_mean=mean, pixel_std=std))
         print(f"pretrain: done, {step} steps; encoder -> {enc_path}")
         if cfg.plots:
