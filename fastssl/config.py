@@ -205,17 +205,13 @@ COUNT, NONNEG, POSITIVE = Range(1, integer=True), Range(0, integer=True), Range(
 FRACTION, SIDE, SEED = Range(0, 1), Range(8, 16384, integer=True), Range(0, 2**63 - 1, integer=True)
 _COUNT, _NONNEG, _POS, _FRACTION, _SIDE, _SEED = COUNT, NONNEG, POSITIVE, FRACTION, SIDE, SEED
 _TABLE: dict[str, dict[str, Range]] = {
-    "phantom": dict(studies=_COUNT, size=Range(32, 16384, integer=True), seed=_SEED, workers=_COUNT,
-                    both_views_fraction=_FRACTION, lateral_only_fraction=_FRACTION,
-                    no_view_position_fraction=_FRACTION, corrupt=_NONNEG, uncertain_fraction=_FRACTION),
-    "plot": dict(samples=_COUNT),
     "curate": dict(iterations=_COUNT, split_k=_COUNT, split_iterations=_COUNT, resampling_steps=_COUNT,
                    sample_size=_COUNT, init_sample_size=_COUNT, seed=_SEED, memory_budget_mb=_POS,
                    target_size=Range(0), split_inits=_COUNT, init_sample_per_centroid=_COUNT,
                    checkpoint_every=_NONNEG),
 }
 
-_DECLARED = {"prepare": "fastssl.data.cache", "pretrain": "fastssl.train.pretrain", "embed": "fastssl.curation.embed",
+_DECLARED = {"phantom": "fastssl.data.phantom", "plot": "fastssl.plots", "prepare": "fastssl.data.cache", "pretrain": "fastssl.train.pretrain", "embed": "fastssl.curation.embed",
              "tile": "fastssl.curation.tile", "compare": "fastssl.eval.compare",
              "grids": "fastssl.curation.tiles", "demo": "fastssl.demo", "probe": "fastssl.eval.probe", "finetune": "fastssl.eval.finetune"}
 

@@ -13,7 +13,7 @@ from fastssl.config import Range, declared_choices, declared_ranges
 
 # Commands whose settings are declared on a dataclass (module.SETTINGS). The others declare
 # their ranges in fastssl.config._TABLE.
-DECLARED = ("prepare", "pretrain", "probe", "finetune", "embed", "tile", "compare", "grids", "demo")
+DECLARED = ("phantom", "plot", "prepare", "pretrain", "probe", "finetune", "embed", "tile", "compare", "grids", "demo")
 
 
 def _embed_api(**settings):
