@@ -511,8 +511,8 @@ def _settings(studies, seed, size, workers, both_views_fraction, lateral_only_fr
                   lateral_only_fraction=lateral_only_fraction, no_view_position_fraction=no_view_position_fraction,
                   corrupt=corrupt, uncertain_fraction=uncertain_fraction, layout=layout, findings=findings)
     studies, size, corrupt, seed = int(studies), int(size), int(corrupt), int(seed)
-    both = _check_fraction("--both-views-fraction", both_views_fraction)
-    lat = _check_fraction("--lateral-only-fraction", lateral_only_fraction)
+    both = float(both_views_fraction)   # each fraction checked by PhantomConfig
+    lat = float(lateral_only_fraction)
     if both + lat > 1.0:
         raise ValueError(f"--both-views-fraction + --lateral-only-fraction = {both + lat:g} > 1")
     # the standard set records its 7 two-view findings only: its phantom_config.json (and
@@ -526,9 +526,9 @@ def _settings(studies, seed, size, workers, both_views_fraction, lateral_only_fr
     workers = int(os.cpu_count() or 1) if workers is None else int(workers)
     config = dict(format=FORMAT_VERSION, studies=studies, seed=seed, size=size, both_views_fraction=both,
                   lateral_only_fraction=lat,
-                  no_view_position_fraction=_check_fraction("--no-view-position-fraction", no_view_position_fraction),
+                  no_view_position_fraction=float(no_view_position_fraction),
                   corrupt=corrupt, split=list(_parse_split(split)),
-                  uncertain_fraction=_check_fraction("--uncertain-fraction", uncertain_fraction),
+                  uncertain_fraction=float(uncertain_fraction),
                   finding_rates=rates, layout=layout)
     if findings != "standard":
         config["findings"] = findings
