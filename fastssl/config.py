@@ -112,14 +112,23 @@ def check_settings(config) -> None:
 
 
 def field_help(cls) -> dict[str, str]:
-    """Help strings from a config dataclass's source comments (one place documents a setting)."""
+    """Help strings from a config dataclass's source comments (one place documents a setting);
+    a subclass's comments win over its bases' (a command's settings may extend an API's)."""
     import inspect
 
     out = {}
-    try:
-        source = inspect.getsource(cls)
-    except OSError:  # no source shipped: the flags still work, with plain names as help
-        return out
+    for klass in reversed(cls.__mro__[:-1]):
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):  # no source shipped: the flags still work, with plain names as help
+            continue
+        out.update(_comment_help(source))
+    return out
+
+
+def _comment_help(source: str) -> dict[str, str]:
+    """{field: text after '#'} of the field lines of one class's source."""
+    out = {}
     for line in source.splitlines():
         line = line.strip()
         if ":" in line and "=" in line and "#" in line and not line.startswith(("#", "def", '"')):
@@ -197,43 +206,32 @@ def check_ranges(settings, ranges: dict[str, Range]) -> None:
 
 # Allowed values of every numeric setting of every command: the CLI checks them after parsing
 # (flags and --config alike) before a command starts work. None means "the default" and passes.
-# A command converted to declared settings (_DECLARED) has its ranges on its SETTINGS dataclass;
-# the others are listed in _TABLE. tests/test_cli.py checks that every int/float flag of every
-# command has a range, and walks every command checking that the API and the CLI agree.
+# Each command declares its ranges on its module's SETTINGS dataclass (the module named here).
+# tests/test_cli.py checks that every int/float flag of every command has a range, and
+# tests/test_settings.py walks every command checking that the API and the CLI agree.
 # The ranges several commands share (a count, a non-negative count, a positive number, ...).
 COUNT, NONNEG, POSITIVE = Range(1, integer=True), Range(0, integer=True), Range(0, low_open=True)
 FRACTION, SIDE, SEED = Range(0, 1), Range(8, 16384, integer=True), Range(0, 2**63 - 1, integer=True)
-_COUNT, _NONNEG, _POS, _FRACTION, _SIDE, _SEED = COUNT, NONNEG, POSITIVE, FRACTION, SIDE, SEED
-_TABLE: dict[str, dict[str, Range]] = {
-    "phantom": dict(studies=_COUNT, size=Range(32, 16384, integer=True), seed=_SEED, workers=_COUNT,
-                    both_views_fraction=_FRACTION, lateral_only_fraction=_FRACTION,
-                    no_view_position_fraction=_FRACTION, corrupt=_NONNEG, uncertain_fraction=_FRACTION),
-    "plot": dict(samples=_COUNT),
-    "curate": dict(iterations=_COUNT, split_k=_COUNT, split_iterations=_COUNT, resampling_steps=_COUNT,
-                   sample_size=_COUNT, init_sample_size=_COUNT, seed=_SEED, memory_budget_mb=_POS,
-                   target_size=Range(0), split_inits=_COUNT, init_sample_per_centroid=_COUNT,
-                   checkpoint_every=_NONNEG),
-}
 
-_DECLARED = {"prepare": "fastssl.data.cache", "pretrain": "fastssl.train.pretrain", "embed": "fastssl.curation.embed",
-             "tile": "fastssl.curation.tile", "compare": "fastssl.eval.compare",
-             "grids": "fastssl.curation.tiles", "demo": "fastssl.demo", "probe": "fastssl.eval.probe", "finetune": "fastssl.eval.finetune"}
+_DECLARED = {"phantom": "fastssl.data.phantom", "plot": "fastssl.plots", "prepare": "fastssl.data.cache",
+             "pretrain": "fastssl.train.pretrain", "embed": "fastssl.curation.embed",
+             "tile": "fastssl.curation.tile", "compare": "fastssl.eval.compare", "grids": "fastssl.curation.tiles",
+             "curate": "fastssl.train.curate", "demo": "fastssl.demo", "probe": "fastssl.eval.probe",
+             "finetune": "fastssl.eval.finetune"}
 
 
 class _CommandRanges(Mapping):
-    """{command: {setting: Range}}: a converted command's ranges are read from its module's
-    ``SETTINGS`` dataclass on access (so ``import fastssl.config`` imports no command)."""
+    """{command: {setting: Range}}: a command's ranges are read from its module's ``SETTINGS``
+    dataclass on access (so ``import fastssl.config`` imports no command)."""
 
     def __getitem__(self, name: str) -> dict[str, Range]:
-        if name in _DECLARED:
-            return declared_ranges(importlib.import_module(_DECLARED[name]).SETTINGS)
-        return _TABLE[name]
+        return declared_ranges(importlib.import_module(_DECLARED[name]).SETTINGS)
 
     def __iter__(self):
-        return iter({**_TABLE, **_DECLARED})
+        return iter(_DECLARED)
 
     def __len__(self) -> int:
-        return len({**_TABLE, **_DECLARED})
+        return len(_DECLARED)
 
 
 COMMAND_RANGES: Mapping[str, dict[str, Range]] = _CommandRanges()

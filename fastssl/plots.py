@@ -21,9 +21,12 @@ import json
 import logging
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from fastssl.config import COUNT, add_dataclass_arguments, check_settings, config_from_args, setting
 
 __all__ = ["read_metrics", "curve_series", "plot_pretrain_curves", "reconstruction_arrays",
            "plot_reconstructions", "write_run_plots", "add_arguments", "run"]
@@ -275,19 +278,30 @@ def write_run_plots(run_dir: str | os.PathLike, cache: str | None = None, *, n: 
 
 
 # ----------------------------------------------------------------------------- CLI
+@dataclass(frozen=True)
+class PlotConfig:
+    """The settings of ``fastssl plot`` besides its run directory (its flags, declared once)."""
+
+    cache: str | None = None  # cache for the reconstruction figure (default: the run's config.json)
+    samples: int = setting(4, range=COUNT)  # studies in the reconstruction figure
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+
+SETTINGS = PlotConfig   # the dataclass declaring this command's settings (fastssl.config)
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("run_dir", help="a `fastssl pretrain` output directory")
-    parser.add_argument("--cache", default=None,
-                        help="cache for the reconstruction figure (default: the run's config.json)")
-    parser.add_argument("--samples", type=int, default=4, help="studies in the reconstruction figure")
+    add_dataclass_arguments(parser, PlotConfig)   # --cache, --samples
 
 
 def run(args) -> int:
-    if args.samples < 1:
-        raise ValueError(f"--samples {args.samples}; expected >= 1")
+    settings = config_from_args(PlotConfig, args)
     if not Path(args.run_dir).is_dir():
         raise ValueError(f"{args.run_dir} is not a directory")
-    written = write_run_plots(args.run_dir, args.cache, n=args.samples)
+    written = write_run_plots(args.run_dir, settings.cache, n=settings.samples)
     for path in written:
         print(path)
     return 0 if written else 1

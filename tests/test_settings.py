@@ -11,9 +11,9 @@ import pytest
 from fastssl import cli
 from fastssl.config import Range, declared_choices, declared_ranges
 
-# Commands whose settings are declared on a dataclass (module.SETTINGS). The others declare
-# their ranges in fastssl.config._TABLE.
-DECLARED = ("prepare", "pretrain", "probe", "finetune", "embed", "tile", "compare", "grids", "demo")
+# Every command but export declares its settings on a dataclass (module.SETTINGS).
+DECLARED = ("phantom", "plot", "prepare", "pretrain", "probe", "finetune", "embed", "tile", "compare", "grids",
+            "curate", "demo")
 
 
 def _embed_api(**settings):
@@ -24,13 +24,17 @@ def _embed_api(**settings):
 
 def _curate_api(**settings):
     from fastssl.curation.hierarchical import HierarchicalConfig
+    from fastssl.train.curate import CurateConfig
 
-    HierarchicalConfig(levels=[8, 4], **settings).validate()   # what the curate job runs first
+    # a tree setting is walked through HierarchicalConfig alone (what the curate job checks
+    # first), so that its own check is tested, not CurateConfig's in its place
+    tree = set(settings) <= {f.name for f in dataclasses.fields(HierarchicalConfig)}
+    (HierarchicalConfig if tree else CurateConfig)(levels=[8, 4], **settings).validate()
 
 
 # The Python API each command's settings reach: a SETTINGS dataclass checks at construction;
-# embed's check runs first in embed_images; curate's settings of the tree are HierarchicalConfig's
-# (its other flags: output and sampling, are walked on the CLI side only).
+# embed's check runs first in embed_images; curate's are checked by validate(), the tree's by
+# HierarchicalConfig.validate() on their own.
 API = {"embed": _embed_api, "curate": _curate_api}
 
 
@@ -38,10 +42,7 @@ def _api_for(name: str):
     """(callable(**settings) raising ValueError on a refused value, set of setting names it takes)
     or (None, empty set)."""
     if name in API:
-        from fastssl.curation.hierarchical import HierarchicalConfig
-
-        cls = _settings_class(name) or HierarchicalConfig
-        return API[name], {f.name for f in dataclasses.fields(cls)}
+        return API[name], {f.name for f in dataclasses.fields(_settings_class(name))}
     cls = _settings_class(name)
     if cls is None:
         return None, set()

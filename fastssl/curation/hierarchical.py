@@ -45,9 +45,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from fastssl import distributed as dist
-from fastssl.config import SEED, check_range
+from fastssl.assign import CENTROID_PRECISIONS
+from fastssl.config import COUNT, NONNEG, POSITIVE, SEED, check_ranges, declared_ranges, flag_name, setting
 from fastssl.curation._source import PointSource
-from fastssl.curation.kmeans import (KMeans, KMeansConfig, KmppCheckpoint, _one_thread,
+from fastssl.curation.kmeans import (KMEANS_IMPLS, KMeans, KMeansConfig, KmppCheckpoint, _one_thread,
                                      _progress_enabled, _scatter_add, assign_device)
 from fastssl.atomic import atomic_save_npy, atomic_savez, atomic_write_text
 from fastssl.curation.tree import HierarchicalTree, TreeLevel
@@ -121,28 +122,31 @@ class HierarchicalConfig:
         progress: tqdm bars (None: only on a TTY).
     """
 
+    # The trailing comments are `fastssl curate`'s --help (fastssl.config); the ranges are the
+    # curate CLI's and validate()'s. The per-level flags (levels, iterations, resampling_steps,
+    # sample_size, sampling_strategy) are declared by the curate command itself.
     levels: list[LevelConfig]
-    iterations: int = 50
-    resampling_steps: int = 10
-    resample_level1: bool = False
-    sample_size: int | None = None
+    iterations: int = setting(50, range=COUNT)
+    resampling_steps: int = setting(10, range=COUNT)
+    resample_level1: bool = False  # a single --resampling-steps value applies to level 1 too
+    sample_size: int | None = setting(None, range=COUNT)
     sampling_strategy: str = "closest"
-    resampling_init: str = "fresh"
-    split_k: int | None = None
-    split_iterations: int | None = None
-    split_inits: int = 10
-    init: str = "kmeans++"
-    empty: str = "reseed"
-    init_sample_size: int | None = None
-    init_sample_per_centroid: int = 20
+    resampling_init: str = setting("fresh", choices=_RESAMPLING_INITS)  # each resampling k-means starts from a new greedy k-means++ on the sampled subset (fresh, SDC) or from the current centroids (warm)
+    split_k: int | None = setting(None, range=COUNT)  # split every level-1 cluster into this many sub-clusters
+    split_iterations: int | None = setting(None, range=COUNT)  # Lloyd iterations of the split (default: level 1's --iterations)
+    split_inits: int = setting(10, range=COUNT)  # greedy k-means++ runs per parent in the split; the best is kept (SDC: 10)
+    init: str = setting("kmeans++", choices=("kmeans++", "random"))  # initialisation of each k-means (greedy k-means++ or random points)
+    empty: str = setting("reseed", choices=("reseed", "keep"))  # a cluster left empty by a Lloyd iteration: reseed (the points farthest from their centroids become its centre) or keep (it keeps its centroid, as SDC and paper 2)
+    init_sample_size: int | None = setting(None, range=COUNT)  # points the k-means++ initialisation runs on (default max(per-centroid x k, 16384))
+    init_sample_per_centroid: int = setting(20, range=COUNT)  # k-means++ candidate sample per centroid when --init-sample-size is not given (the sample grows with k)
     init_candidates: int | None = None
-    fp64_accumulate: bool = True
-    memory_budget_mb: float = 512.0
-    impl: str = "auto"
-    precision: str = "data"
-    nonfinite: str = "raise"
-    checkpoint_every: int = 5
-    seed: int = 0
+    fp64_accumulate: bool = True  # accumulate centroid sums in float64
+    memory_budget_mb: float = setting(512.0, range=POSITIVE)  # RAM for one streamed block of rows
+    impl: str = setting("auto", choices=KMEANS_IMPLS)  # assignment engine (fastssl.assign.assign)
+    precision: str = setting("data", choices=CENTROID_PRECISIONS)  # what centroids are rounded to when points are assigned: data (the points' own precision; the same tree on AMX, other CPUs and GPUs up to ties) | bf16 (opt-in: faster on AMX CPUs, another tree)
+    nonfinite: str = setting("raise", choices=("raise", "skip"))  # rows with NaN/inf: stop with an error, or leave them out
+    checkpoint_every: int = setting(5, range=NONNEG)  # Lloyd iterations between checkpoints inside a step (0: per step)
+    seed: int = setting(0, range=SEED)  # seed of every random choice
     progress: bool | None = None
 
     def __post_init__(self) -> None:
@@ -163,20 +167,7 @@ class HierarchicalConfig:
             raise ValueError("levels is empty: give at least one cluster count")
         for depth, level in enumerate(self.levels, start=1):
             self._validate_level(depth, level)
-        _at_least("resampling_steps", self.resampling_steps, 1,
-                  " (it counts the first k-means: 1 = no resampling)")
-        _at_least("iterations", self.iterations, 1)   # as the curate CLI: 0 would leave the k-means++ seeds
-        _at_least("split_inits", self.split_inits, 1)
-        _at_least("checkpoint_every", self.checkpoint_every, 0)
-        _at_least("init_sample_per_centroid", self.init_sample_per_centroid, 1)
-        check_range("seed", self.seed, SEED)   # the curate CLI's range (fastssl.config)
-        for name in ("sample_size", "init_sample_size"):
-            if getattr(self, name) is not None:
-                _at_least(name, getattr(self, name), 1)
-        if self.split_k is not None:
-            _at_least("split_k", self.split_k, 1)
-        if self.split_iterations is not None:
-            _at_least("split_iterations", self.split_iterations, 1)
+        self._validate_ranges()
         if self.resampling_init not in _RESAMPLING_INITS:
             raise ValueError(f"resampling_init={self.resampling_init!r}; expected one of "
                              f"{_RESAMPLING_INITS}")
@@ -189,6 +180,17 @@ class HierarchicalConfig:
                      init_sample_size=self.init_sample_size,
                      init_sample_per_centroid=self.init_sample_per_centroid,
                      init_candidates=self.init_candidates, impl=self.impl)
+
+    def _validate_ranges(self) -> None:
+        """The declared ranges (the curate CLI's; iterations >= 1: 0 would leave the k-means++
+        seeds); a whole number must be an int, as the tree's record stores it."""
+        ranges = declared_ranges(type(self))
+        check_ranges(self, ranges)
+        for name, allowed in ranges.items():
+            value = getattr(self, name)
+            if allowed.integer and value is not None and (isinstance(value, bool)
+                                                          or not isinstance(value, (int, np.integer))):
+                raise ValueError(f"{flag_name(name)}: got {value!r}; allowed: {allowed}")
 
     def _validate_level(self, depth: int, level: LevelConfig) -> None:
         where = f"level {depth}: "

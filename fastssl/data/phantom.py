@@ -39,12 +39,14 @@ import os
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
 from fastssl.atomic import atomic_write_bytes
+from fastssl.config import COUNT, FRACTION, NONNEG, SEED, Range, add_dataclass_arguments, check_settings, \
+    config_from_args, setting
 from fastssl.data import phantom_layouts
 from fastssl.data.phantom_anatomy import (
     ALL_FINDINGS,
@@ -57,7 +59,7 @@ from fastssl.data.phantom_anatomy import (
     study_findings,
 )
 
-__all__ = ["generate_phantom", "render_study", "PhantomSummary", "CHEXPERT_COLUMNS", "DEFAULT_SPLIT",
+__all__ = ["generate_phantom", "render_study", "PhantomConfig", "PhantomSummary", "CHEXPERT_COLUMNS", "DEFAULT_SPLIT",
            "label_visibility", "add_arguments", "run"]
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,7 @@ FORMAT_VERSION = 2  # bump when the same seed would produce different files (2: 
 # train/validate/test weights per subject: the demo's and the phantom study's; MIMIC's own
 # (~0.98/0.01/0.01) leaves a few hundred studies with no validation or test study
 DEFAULT_SPLIT = (0.7, 0.1, 0.2)
+_SPLIT_TEXT = ",".join(f"{w:g}" for w in DEFAULT_SPLIT)   # the same weights as --split's text
 
 _VIEW_MEANING = {"PA": "postero-anterior", "AP": "antero-posterior", "LATERAL": "lateral", "LL": "left lateral"}
 _PROCEDURE = {"both": "CHEST (PA AND LAT)", "frontal_PA": "CHEST (PA AND LAT)",
@@ -476,24 +479,40 @@ def _tables(tasks: list[dict], size: int, layout: str = "mimic-dicom") -> dict[s
 
 
 # --------------------------------------------------------------------------- API
+@dataclass(frozen=True)
+class PhantomConfig:
+    """The settings of :func:`generate_phantom` (``fastssl phantom``'s flags, declared once).
+    Checks that involve two settings (the view fractions' sum, --split) stay in the API."""
+
+    studies: int = setting(100, range=COUNT)  # number of studies
+    size: int = setting(256, range=Range(32, 16384, integer=True))  # pixels per image side
+    seed: int = setting(0, range=SEED)  # random seed: same seed, same bytes
+    workers: int | None = setting(None, range=COUNT)  # processes, 1 = this process (default: all CPUs)
+    both_views_fraction: float = setting(0.45, range=FRACTION)  # studies with a frontal and a lateral
+    lateral_only_fraction: float = setting(0.03, range=FRACTION)  # studies with a lateral only
+    no_view_position_fraction: float = setting(0.03, range=FRACTION)  # images written without the ViewPosition tag
+    corrupt: int = setting(0, range=NONNEG)  # extra broken files (listed in phantom_truth.csv)
+    split: str = _SPLIT_TEXT  # train,validate,test weights per subject; a split of positive weight left empty by the draw gets one subject
+    uncertain_fraction: float = setting(0.05, range=FRACTION)  # chance a present finding is labelled -1.0 (uncertain)
+    layout: str = setting("mimic-dicom", choices=phantom_layouts.LAYOUTS)  # write the studies in this dataset's files and CSVs (prepare reads each)
+    findings: str = setting("standard", choices=FINDING_SETS)  # standard: every finding shows in both views; cross-view: Atelectasis (retrocardiac) and Pleural Effusion (posterior recess) only on the lateral, Pneumothorax (apical) only on the frontal, the other labels in both (README: the phantom's findings)
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+
+SETTINGS = PhantomConfig   # the dataclass declaring this command's settings (fastssl.config)
+
+
 def _settings(studies, seed, size, workers, both_views_fraction, lateral_only_fraction, no_view_position_fraction,
               corrupt, split, uncertain_fraction, finding_rates, layout, findings) -> dict:
     """The checked settings of :func:`generate_phantom` (ValueError naming the flag)."""
+    PhantomConfig(studies=studies, size=size, seed=seed, workers=workers, both_views_fraction=both_views_fraction,
+                  lateral_only_fraction=lateral_only_fraction, no_view_position_fraction=no_view_position_fraction,
+                  corrupt=corrupt, uncertain_fraction=uncertain_fraction, layout=layout, findings=findings)
     studies, size, corrupt, seed = int(studies), int(size), int(corrupt), int(seed)
-    if studies < 1:
-        raise ValueError(f"--studies {studies}; need at least 1")
-    if size < 32:
-        raise ValueError(f"--size {size}; need at least 32 pixels per side")
-    if corrupt < 0:
-        raise ValueError(f"--corrupt {corrupt}; must be >= 0")
-    if seed < 0:
-        raise ValueError(f"--seed {seed}; must be >= 0")
-    if layout not in phantom_layouts.LAYOUTS:
-        raise ValueError(f"--layout {layout!r}; expected one of {phantom_layouts.LAYOUTS}")
-    if findings not in FINDING_SETS:
-        raise ValueError(f"--findings {findings!r}; expected one of {FINDING_SETS}")
-    both = _check_fraction("--both-views-fraction", both_views_fraction)
-    lat = _check_fraction("--lateral-only-fraction", lateral_only_fraction)
+    both = float(both_views_fraction)   # each fraction checked by PhantomConfig
+    lat = float(lateral_only_fraction)
     if both + lat > 1.0:
         raise ValueError(f"--both-views-fraction + --lateral-only-fraction = {both + lat:g} > 1")
     # the standard set records its 7 two-view findings only: its phantom_config.json (and
@@ -505,13 +524,11 @@ def _settings(studies, seed, size, workers, both_views_fraction, lateral_only_fr
             raise ValueError(f"finding_rates key {k!r} unknown; expected names from {ALL_FINDINGS}")
         rates[k] = _check_fraction(f"finding_rates[{k!r}]", v)
     workers = int(os.cpu_count() or 1) if workers is None else int(workers)
-    if workers < 1:
-        raise ValueError(f"--workers {workers}; need at least 1")
     config = dict(format=FORMAT_VERSION, studies=studies, seed=seed, size=size, both_views_fraction=both,
                   lateral_only_fraction=lat,
-                  no_view_position_fraction=_check_fraction("--no-view-position-fraction", no_view_position_fraction),
+                  no_view_position_fraction=float(no_view_position_fraction),
                   corrupt=corrupt, split=list(_parse_split(split)),
-                  uncertain_fraction=_check_fraction("--uncertain-fraction", uncertain_fraction),
+                  uncertain_fraction=float(uncertain_fraction),
                   finding_rates=rates, layout=layout)
     if findings != "standard":
         config["findings"] = findings
@@ -648,35 +665,11 @@ def generate_phantom(
 # --------------------------------------------------------------------------- CLI
 def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (created; resumable)")
-    parser.add_argument("--studies", type=int, default=100, help="number of studies")
-    parser.add_argument("--size", type=int, default=256, help="pixels per image side")
-    parser.add_argument("--seed", type=int, default=0, help="random seed: same seed, same bytes")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
-    parser.add_argument("--both-views-fraction", type=float, default=0.45, help="studies with a frontal and a lateral")
-    parser.add_argument("--lateral-only-fraction", type=float, default=0.03, help="studies with a lateral only")
-    parser.add_argument("--no-view-position-fraction", type=float, default=0.03,
-                        help="images written without the ViewPosition tag")
-    parser.add_argument("--corrupt", type=int, default=0, help="extra broken files (listed in phantom_truth.csv)")
-    parser.add_argument("--split", default=",".join(f"{w:g}" for w in DEFAULT_SPLIT),
-                        help="train,validate,test weights per subject; a split of positive weight left empty by "
-                             "the draw gets one subject")
-    parser.add_argument("--uncertain-fraction", type=float, default=0.05,
-                        help="chance a present finding is labelled -1.0 (uncertain)")
-    parser.add_argument("--layout", choices=phantom_layouts.LAYOUTS, default="mimic-dicom",
-                        help="write the studies in this dataset's files and CSVs (prepare reads each)")
-    parser.add_argument("--findings", choices=FINDING_SETS, default="standard",
-                        help="standard: every finding shows in both views; cross-view: Atelectasis (retrocardiac) "
-                             "and Pleural Effusion (posterior recess) only on the lateral, Pneumothorax (apical) "
-                             "only on the frontal, the other labels in both (README: the phantom's findings)")
+    add_dataclass_arguments(parser, PhantomConfig)   # --studies, --size, --seed, --workers, ... --findings
 
 
 def run(args) -> int:
-    summary = generate_phantom(
-        args.out, args.studies, seed=args.seed, size=args.size, workers=args.workers,
-        both_views_fraction=args.both_views_fraction, lateral_only_fraction=args.lateral_only_fraction,
-        no_view_position_fraction=args.no_view_position_fraction, corrupt=args.corrupt, split=args.split,
-        uncertain_fraction=args.uncertain_fraction, progress=not args.quiet, layout=args.layout,
-        findings=args.findings,
-    )
+    settings = asdict(config_from_args(PhantomConfig, args))
+    summary = generate_phantom(args.out, progress=not args.quiet, **settings)
     print(summary)
     return 0

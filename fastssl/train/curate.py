@@ -37,15 +37,18 @@ import logging
 import math
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from fastssl.config import Range, add_dataclass_arguments, check_settings, setting
+from fastssl.curation.hierarchical import HierarchicalConfig
 from fastssl.curation.report import balance_metrics, build_report, summary_text, write_plots
 
 log = logging.getLogger(__name__)
 
-__all__ = ["add_arguments", "run", "balance_metrics", "build_report", "summary_text"]
+__all__ = ["CurateConfig", "add_arguments", "run", "balance_metrics", "build_report", "summary_text"]
 
 
 def _levels(value) -> list[int]:
@@ -115,83 +118,57 @@ def _strict_int(item) -> int:
     return int(str(item)) if not isinstance(item, (int, float)) else int(item)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fastssl.curation.kmeans import KMEANS_IMPLS
+@dataclass
+class CurateConfig(HierarchicalConfig):
+    """``fastssl curate``'s settings, declared once: the tree's (:class:`HierarchicalConfig`,
+    whose source comments are the flags' help) and the job's own below. The tree's resume
+    record stays HierarchicalConfig's (:func:`tree_config`); this class declares the flags,
+    the YAML keys and the CLI's ranges, and ``CurateConfig(...).validate()`` checks them all."""
 
-    bool_flag = argparse.BooleanOptionalAction
+    levels: list = field(default_factory=lambda: [1000, 100, 10])
+    out: str = "runs/curate"  # output directory
+    target_size: float = setting(0.1, range=Range(0))  # points to keep: a count, or a fraction of the points if < 1; 0 = no sample
+    sample_strategy: str = setting("random", choices=("random", "closest", "furthest"))  # points taken inside a level-1 cluster
+    labels: str | None = None  # optional ground-truth groups for the report: a CSV with columns source,label matched by tile path to the embed index.csv beside the shards, or an (n,) integer .npy in the data's row order
+    overwrite: bool = False  # replace a run of other settings or other data found in --out
+    verify_data: bool = False  # fingerprint the shards by a full sha256 (default: size and sampled blocks, cheap at hundreds of GB)
+
+    def validate(self) -> None:
+        check_settings(self)   # every declared range and choice, in the CLI's words
+        super().validate()
+
+
+SETTINGS = CurateConfig   # the dataclass declaring this command's settings (fastssl.config)
+# Flags whose values the dataclass cannot parse: comma lists (per level), --target-size's
+# count-or-fraction, and what only the job reads.
+_OWN_FLAGS = ("levels", "iterations", "resampling_steps", "sample_size", "sampling_strategy", "target_size",
+              "init_candidates", "progress")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     # not required=True: the router's pre-pass would reject a --data given by --config
     parser.add_argument("--data", nargs="+", default=None,
                         help="(required) embeddings: .npy shard paths, a directory of them (an "
                              "embed output directory is read in its manifest's order), or a glob")
-    parser.add_argument("--out", default="runs/curate", help="output directory")
     parser.add_argument("--levels", type=_levels, default=[1000, 100, 10],
                         help="clusters per level, finest first, e.g. 10000,1000,100,10")
     parser.add_argument("--iterations", default="50",
                         help="Lloyd iterations per k-means run: one value, or one per level "
                              "(SDC and paper 2: 50)")
-    parser.add_argument("--split-k", type=int, default=None,
-                        help="split every level-1 cluster into this many sub-clusters")
-    parser.add_argument("--split-iterations", type=int, default=None,
-                        help="Lloyd iterations of the split (default: level 1's --iterations)")
-    parser.add_argument("--split-inits", type=int, default=10,
-                        help="greedy k-means++ runs per parent in the split; the best is kept (SDC: 10)")
     parser.add_argument("--resampling-steps", default="10",
                         help="k-means runs per level COUNTING THE FIRST, as SDC and paper 2 count "
                              "them (10 = the first k-means + 9 resampled; 1 = no resampling). "
                              "One value (levels 2+; level 1 runs once unless --resample-level1) "
                              "or one per level, e.g. 1,10,10,10")
-    parser.add_argument("--resample-level1", action=bool_flag, default=False,
-                        help="a single --resampling-steps value applies to level 1 too")
-    parser.add_argument("--resampling-init", choices=("fresh", "warm"), default="fresh",
-                        help="each resampling k-means starts from a new greedy k-means++ on the "
-                             "sampled subset (fresh, SDC) or from the current centroids (warm)")
     parser.add_argument("--sample-size", default=None,
                         help="inputs per cluster in a resampling step: one value or one per "
                              "level, null for the default (half the mean cluster size)")
     parser.add_argument("--sampling-strategy", default="closest",
                         help="which inputs a resampling step takes per cluster: closest | "
                              "random, one value or one per level (SDC, paper 2: closest)")
-    parser.add_argument("--init", choices=("kmeans++", "random"), default="kmeans++",
-                        help="initialisation of each k-means (greedy k-means++ or random points)")
-    parser.add_argument("--empty", choices=("reseed", "keep"), default="reseed",
-                        help="a cluster left empty by a Lloyd iteration: reseed (the points "
-                             "farthest from their centroids become its centre) or keep (it "
-                             "keeps its centroid, as SDC and paper 2)")
-    parser.add_argument("--init-sample-size", type=int, default=None,
-                        help="points the k-means++ initialisation runs on "
-                             "(default max(per-centroid x k, 16384))")
-    parser.add_argument("--init-sample-per-centroid", type=int, default=20,
-                        help="k-means++ candidate sample per centroid when --init-sample-size "
-                             "is not given (the sample grows with k)")
-    parser.add_argument("--checkpoint-every", type=int, default=5,
-                        help="Lloyd iterations between checkpoints inside a step (0: per step)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random choice")
-    parser.add_argument("--memory-budget-mb", type=float, default=512.0,
-                        help="RAM for one streamed block of rows")
-    parser.add_argument("--fp64-accumulate", action=bool_flag, default=True,
-                        help="accumulate centroid sums in float64")
-    parser.add_argument("--impl", choices=KMEANS_IMPLS, default="auto",
-                        help="assignment engine (fastssl.assign.assign)")
-    parser.add_argument("--precision", choices=("data", "bf16"), default="data",
-                        help="what centroids are rounded to when points are assigned: data "
-                             "(the points' own precision; the same tree on AMX, other CPUs "
-                             "and GPUs up to ties) | bf16 (opt-in: faster on AMX CPUs, "
-                             "another tree)")
-    parser.add_argument("--nonfinite", choices=("raise", "skip"), default="raise",
-                        help="rows with NaN/inf: stop with an error, or leave them out")
-    parser.add_argument("--overwrite", action=bool_flag, default=False,
-                        help="replace a run of other settings or other data found in --out")
-    parser.add_argument("--verify-data", action=bool_flag, default=False,
-                        help="fingerprint the shards by a full sha256 (default: size and "
-                             "sampled blocks, cheap at hundreds of GB)")
     parser.add_argument("--target-size", type=_target, default=0.1,
                         help="points to keep: a count, or a fraction of the points if < 1; 0 = no sample")
-    parser.add_argument("--sample-strategy", choices=("random", "closest", "furthest"),
-                        default="random", help="points taken inside a level-1 cluster")
-    parser.add_argument("--labels", default=None,
-                        help="optional ground-truth groups for the report: a CSV with columns "
-                             "source,label matched by tile path to the embed index.csv beside "
-                             "the shards, or an (n,) integer .npy in the data's row order")
+    add_dataclass_arguments(parser, CurateConfig, skip=_OWN_FLAGS)   # --out, --split-k, ..., --seed, --overwrite
 
 
 # ------------------------------------------------------------------ the job
