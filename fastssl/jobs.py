@@ -1,4 +1,4 @@
-"""One mechanism for every job's output directory (prepare, pretrain, finetune, tile, embed, curate).
+"""One mechanism for every job's output directory (phantom, prepare, pretrain, finetune, tile, embed, curate).
 
 Every job that writes into ``out_dir`` opens it with :func:`open_job`:
 
@@ -9,6 +9,9 @@ Every job that writes into ``out_dir`` opens it with :func:`open_job`:
 which takes the output lock (a second job into out_dir fails at once), removes leftovers of
 killed writers, and resumes or refuses (naming the differences) against the saved job.json;
 with several ranks, rank 0 does all that and the others follow its verdict.
+
+A job whose out_dir is a dataset other tools read (phantom) keeps its own record file through
+:class:`DatasetRecord` instead of job.json.
 
 ``settings`` holds only the settings that change results (not workers, progress, device...);
 ``ignore=`` drops more keys at comparison time. A resume whose fingerprint differs from the
@@ -39,7 +42,7 @@ from fastssl.errors import DataError, OutputLocked, ResumeMismatch
 
 __all__ = [
     "BLOCK_SIZE", "FINGERPRINT_NAME", "LOCK_NAME",
-    "fingerprint_files", "sampled_hashes", "JobFingerprint", "check_resume", "write_fingerprint", "clear_outputs",
+    "fingerprint_files", "sampled_hashes", "JobFingerprint", "DatasetRecord", "check_resume", "write_fingerprint", "clear_outputs",
     "OutputLock", "open_job", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "remove_stale_tmp",
     "save_checkpoint", "load_checkpoint", "read_jsonl", "truncate_jsonl", "verify_safetensors",
 ]
@@ -184,6 +187,19 @@ class JobFingerprint:
     def from_dict(cls, data: Mapping) -> "JobFingerprint":
         return cls(job=data["job"], settings=dict(data.get("settings", {})), inputs=dict(data.get("inputs", {})))
 
+    @property
+    def record_name(self) -> str:
+        """The file in out_dir that keeps this fingerprint."""
+        return FINGERPRINT_NAME
+
+    def dumps(self) -> str:
+        """The record's text (indented JSON, keys sorted: equal fingerprints, equal files)."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def loads(self, text: str) -> "JobFingerprint":
+        """The fingerprint a record written by :meth:`dumps` holds."""
+        return JobFingerprint.from_dict(json.loads(text))
+
     def differences(self, saved: "JobFingerprint", ignore: Iterable[str] = ()) -> list[str]:
         """Each difference as ``name: saved -> now``."""
         ignore = set(ignore)
@@ -196,6 +212,30 @@ class JobFingerprint:
                 out.append(f"{key}: {'(unset)' if old is missing else json.dumps(old)} -> "
                            f"{'(unset)' if new is missing else json.dumps(new)}")
         return out + _input_differences(before["inputs"], now["inputs"])
+
+
+@dataclasses.dataclass
+class DatasetRecord(JobFingerprint):
+    """The fingerprint of a job whose out_dir is a dataset other tools read (``fastssl phantom``).
+
+    Its record is the settings alone, as indented JSON (``indent=1``, keys sorted) in the file
+    ``record`` the dataset has always carried, so that datasets written before the job opener
+    resume as they did and no job.json joins their files. It has no inputs.
+    """
+    record: str = "settings.json"
+
+    @property
+    def record_name(self) -> str:
+        return self.record
+
+    def dumps(self) -> str:
+        return json.dumps(self.settings, indent=1, sort_keys=True) + "\n"
+
+    def loads(self, text: str) -> "JobFingerprint":
+        settings = json.loads(text)
+        if not isinstance(settings, dict):
+            raise ValueError(f"expected a JSON object, got {type(settings).__name__}")
+        return JobFingerprint(job=self.job, settings=settings)
 
 
 def _outputs(out_dir: str) -> list[str]:
@@ -220,21 +260,22 @@ def check_resume(out_dir: str | os.PathLike, fingerprint: JobFingerprint, *, ove
     then calls :func:`clear_outputs` and :func:`write_fingerprint`. Changes nothing on disk.
     """
     out_dir = os.fspath(out_dir)
-    saved_path = os.path.join(out_dir, FINGERPRINT_NAME)
+    saved_path = os.path.join(out_dir, fingerprint.record_name)
     if not _outputs(out_dir):
         return "new"
     if os.path.isfile(saved_path):
         try:
             with open(saved_path, encoding="utf-8") as handle:
-                saved = JobFingerprint.from_dict(json.load(handle))
+                saved = fingerprint.loads(handle.read())
             problems = fingerprint.differences(saved, ignore)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             problems = [f"{saved_path} is unreadable ({exc})"]
         if not problems:
             return "resume"
-        what = f"{out_dir} holds a different run: " + "; ".join(problems)
+        what = f"{out_dir} holds a {fingerprint.job} run with other settings or inputs: " + "; ".join(problems)
     else:
-        what = f"{out_dir} is not empty and has no {FINGERPRINT_NAME} (not a fastssl {fingerprint.job} output)"
+        what = (f"{out_dir} is not empty and has no {fingerprint.record_name} "
+                f"(not a fastssl {fingerprint.job} output)")
     if overwrite:
         log.warning("%s; --overwrite: removing %s", what, ", ".join(_outputs(out_dir)))
         return "new"
@@ -242,9 +283,9 @@ def check_resume(out_dir: str | os.PathLike, fingerprint: JobFingerprint, *, ove
 
 
 def write_fingerprint(out_dir: str | os.PathLike, fingerprint: JobFingerprint) -> None:
-    """Save ``fingerprint`` as out_dir/job.json (atomically); creates out_dir."""
+    """Save ``fingerprint`` as its record in out_dir (job.json; atomically); creates out_dir."""
     os.makedirs(out_dir, exist_ok=True)
-    atomic_write_json(os.path.join(out_dir, FINGERPRINT_NAME), fingerprint.to_dict())
+    atomic_write_text(os.path.join(out_dir, fingerprint.record_name), fingerprint.dumps())
 
 
 def clear_outputs(out_dir: str | os.PathLike) -> list[str]:
@@ -310,12 +351,13 @@ class OutputLock:
 # --------------------------------------------------------------------------- the job opener
 
 def _stale_dirs(out_dir: str, patterns: Iterable[str]) -> list[str]:
-    """out_dir and the existing sub-directories matching ``patterns`` (globs relative to out_dir)."""
+    """out_dir and the existing sub-directories matching ``patterns`` (globs relative to out_dir;
+    ``**`` matches any depth, so ``("**",)`` is the whole tree)."""
     import glob
 
     found = [out_dir]
     for pattern in patterns:
-        found += sorted(p for p in glob.glob(os.path.join(glob.escape(out_dir), pattern)) if os.path.isdir(p))
+        found += sorted(p for p in glob.glob(os.path.join(glob.escape(out_dir), pattern), recursive=True) if os.path.isdir(p))
     return found
 
 

@@ -8,13 +8,17 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pydicom
 import pytest
 
+from fastssl import jobs
 from fastssl.data import phantom
 from fastssl.data.phantom import generate_phantom, render_study
+from fastssl.errors import OutputLocked, ResumeMismatch
 
 SIZE = 64
 KW = dict(studies=12, seed=8, size=SIZE, corrupt=3, both_views_fraction=0.5, lateral_only_fraction=0.1,
@@ -32,9 +36,12 @@ def made(tmp_path_factory):
 
 
 def _files(root) -> dict[str, bytes]:
+    """The phantom's files: every file under root but the job lock (touched by each run)."""
     out = {}
     for dirpath, _, names in os.walk(root):
         for name in names:
+            if name == jobs.LOCK_NAME:
+                continue
             path = os.path.join(dirpath, name)
             with open(path, "rb") as handle:
                 out[os.path.relpath(path, root)] = handle.read()
@@ -359,6 +366,51 @@ def test_resume_recreates_a_deleted_file_and_a_complete_rerun_writes_nothing(mad
     assert {k: os.stat(out / k).st_mtime_ns for k in before} == stamps
     with pytest.raises(ValueError, match="other settings"):
         generate_phantom(out, workers=1, **{**KW, "seed": 9})
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_phantom_dir_is_opened_like_every_job(made, tmp_path):
+    """--out is opened by jobs.open_job. Its record stays phantom_config.json, the settings in
+    the bytes phantoms always had (so those resume, and no job.json joins the dataset); a
+    killed writer's temporaries go, a second writer is refused, other settings are refused by
+    name unless overwrite (which replaces the phantom), and a folder of other files is refused."""
+    out = tmp_path / "copy"
+    shutil.copytree(made[0], out)
+    before = _files(out)
+    record = json.loads((out / "phantom_config.json").read_text())
+    assert (out / "phantom_config.json").read_text() == json.dumps(record, indent=1, sort_keys=True) + "\n"
+    assert record["seed"] == KW["seed"] and "job.json" not in before
+
+    study = out / os.path.dirname(next(k for k in sorted(before) if k.endswith(".dcm")))
+    dead, live = study / f".x.dcm.tmp{_dead_pid()}", study / f".y.dcm.tmp{os.getpid()}"
+    dead.write_bytes(b"torn")
+    live.write_bytes(b"still being written")
+    assert generate_phantom(out, workers=1, **KW).written == 0
+    assert not dead.exists() and live.exists()
+    live.unlink()
+    with jobs.OutputLock(out):
+        with pytest.raises(OutputLocked, match="in use by another job"):
+            generate_phantom(out, workers=1, **KW)
+
+    with pytest.raises(ResumeMismatch, match=r"seed: 8 -> 9.*--overwrite"):
+        generate_phantom(out, workers=1, **{**KW, "seed": 9})
+    assert _files(out) == before
+    fresh = tmp_path / "fresh"
+    generate_phantom(fresh, workers=1, **{**KW, "seed": 9})
+    generate_phantom(out, workers=1, overwrite=True, **{**KW, "seed": 9})
+    assert _files(out) == _files(fresh) != before
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("not a phantom")
+    with pytest.raises(ResumeMismatch, match="not empty and has no phantom_config.json"):
+        generate_phantom(other, workers=1, **KW)
+    assert _files(other) == {"notes.txt": b"not a phantom"}
 
 
 def test_bad_arguments_name_the_flag(tmp_path):

@@ -149,6 +149,24 @@ def test_foreign_or_unreadable_dir_is_refused(tmp_path):
         jobs.check_resume(out, _fp(tmp_path))
 
 
+def test_dataset_record_keeps_the_datasets_own_file(tmp_path):
+    """A DatasetRecord is the settings alone, in the record file the dataset names (indent=1,
+    keys sorted): it resumes on equal settings, names a changed one, and an unreadable or
+    non-object record is refused, as job.json is."""
+    out = tmp_path / "data"
+    record = jobs.DatasetRecord("phantom", {"seed": 1, "size": [2, 3]}, record="made_with.json")
+    jobs.write_fingerprint(out, record)
+    assert sorted(os.listdir(out)) == ["made_with.json"]
+    assert (out / "made_with.json").read_text() == '{\n "seed": 1,\n "size": [\n  2,\n  3\n ]\n}\n'
+    assert jobs.check_resume(out, jobs.DatasetRecord("phantom", {"size": [2, 3], "seed": 1}, record="made_with.json")) \
+        == "resume"
+    with pytest.raises(ResumeMismatch, match=r"phantom run with other settings or inputs: seed: 1 -> 2"):
+        jobs.check_resume(out, jobs.DatasetRecord("phantom", {"seed": 2, "size": [2, 3]}, record="made_with.json"))
+    _write(out / "made_with.json", b"[1, 2]")
+    with pytest.raises(ResumeMismatch, match=r"made_with.json is unreadable \(expected a JSON object, got list\)"):
+        jobs.check_resume(out, record)
+
+
 # --------------------------------------------------------------------------- lock
 
 def test_second_lock_fails_at_once_naming_the_holder(tmp_path):
@@ -412,7 +430,7 @@ def test_only_jobs_py_opens_output_dirs():
         if "open_job" in names:
             openers.add(rel)
     assert users == {}
-    assert openers == {"data/cache.py", "train/pretrain.py", "eval/finetune.py", "curation/tile.py",
+    assert openers == {"data/phantom.py", "data/cache.py", "train/pretrain.py", "eval/finetune.py", "curation/tile.py",
                        "curation/embed.py", "train/curate.py"}
 
 

@@ -4,7 +4,7 @@
 
     DIR/files/p1X/p<subject_id>/s<study_id>/<dicom_id>.dcm
     DIR/mimic-cxr-2.0.0-metadata.csv.gz   DIR/mimic-cxr-2.0.0-split.csv.gz
-    DIR/mimic-cxr-2.0.0-chexpert.csv.gz   DIR/phantom_truth.csv   DIR/phantom_config.json
+    DIR/mimic-cxr-2.0.0-chexpert.csv.gz   DIR/phantom_truth.csv   DIR/phantom_config.json (its settings)
 
 ``--layout mimic-jpg|chexpert|padchest|nih-cxr14`` writes the same studies in that dataset's files
 and CSVs instead (:mod:`fastssl.data.phantom_layouts`); ``phantom_truth.csv`` then holds
@@ -20,8 +20,11 @@ ViewPosition, and (``--corrupt K``) broken files listed in ``phantom_truth.csv``
 
 Determinism: a plan (subjects, ids, views, encodings, splits) is drawn from the seed in
 the parent; each study then renders from its own seed, so any number of workers writes
-the same bytes. Every file is written to a temporary name and renamed; a rerun skips the
-files that exist (resume) and rewrites a CSV only when its content would change.
+the same bytes. Every file is written to a temporary name and renamed; a rerun with the
+same settings skips the files that exist (resume) and rewrites a CSV only when its content
+would change. DIR is opened like every job's output (:func:`fastssl.jobs.open_job`): a
+second writer is refused, leftovers of killed writers are removed, and other settings are
+refused, named, unless ``--overwrite``.
 
 In every encoding the image a reader gets after modality LUT, VOI (LUT, else window) and
 MONOCHROME1 inversion equals the rendered display image (1 = dense = bright) to within
@@ -33,7 +36,6 @@ from __future__ import annotations
 import csv
 import gzip
 import io
-import json
 import logging
 import os
 import sys
@@ -48,6 +50,7 @@ from fastssl.atomic import atomic_write_bytes
 from fastssl.config import COUNT, FRACTION, NONNEG, SEED, Range, add_dataclass_arguments, check_settings, \
     config_from_args, setting
 from fastssl.data import phantom_layouts
+from fastssl.jobs import DatasetRecord, open_job
 from fastssl.data.phantom_anatomy import (
     ALL_FINDINGS,
     DEFAULT_FINDING_RATES,
@@ -496,12 +499,14 @@ class PhantomConfig:
     uncertain_fraction: float = setting(0.05, range=FRACTION)  # chance a present finding is labelled -1.0 (uncertain)
     layout: str = setting("mimic-dicom", choices=phantom_layouts.LAYOUTS)  # write the studies in this dataset's files and CSVs (prepare reads each)
     findings: str = setting("standard", choices=FINDING_SETS)  # standard: every finding shows in both views; cross-view: Atelectasis (retrocardiac) and Pleural Effusion (posterior recess) only on the lateral, Pneumothorax (apical) only on the frontal, the other labels in both (README: the phantom's findings)
+    overwrite: bool = False  # replace what --out holds (a phantom of other settings, or other files): it is emptied first
 
     def __post_init__(self) -> None:
         check_settings(self)
 
 
 SETTINGS = PhantomConfig   # the dataclass declaring this command's settings (fastssl.config)
+CONFIG_NAME = "phantom_config.json"   # the phantom's record: its settings (fastssl.jobs.DatasetRecord)
 
 
 def _settings(studies, seed, size, workers, both_views_fraction, lateral_only_fraction, no_view_position_fraction,
@@ -533,24 +538,6 @@ def _settings(studies, seed, size, workers, both_views_fraction, lateral_only_fr
     if findings != "standard":
         config["findings"] = findings
     return dict(config=config, workers=workers)
-
-
-def _claim_directory(out: str, config: dict) -> int:
-    """Write ``phantom_config.json`` (1) or find the same one there (0); another one is a
-    ValueError: a phantom is completed only with the settings that began it."""
-    os.makedirs(out, exist_ok=True)
-    config_bytes = (json.dumps(config, indent=1, sort_keys=True) + "\n").encode()
-    config_path = os.path.join(out, "phantom_config.json")
-    if os.path.exists(config_path):
-        with open(config_path, "rb") as handle:
-            if handle.read() != config_bytes:
-                raise ValueError(
-                    f"--out {out} holds a phantom made with other settings ({config_path}); "
-                    "use another directory or the same flags"
-                )
-        return 0
-    atomic_write_bytes(config_path, config_bytes)
-    return 1
 
 
 def _render_all(jobs: list[tuple], workers: int, progress: bool) -> int:
@@ -613,6 +600,7 @@ def generate_phantom(
     progress: bool = True,
     layout: str = "mimic-dicom",
     findings: str = "standard",
+    overwrite: bool = False,
 ) -> PhantomSummary:
     """Write (or complete) a synthetic MIMIC-CXR-like dataset in ``out_dir``.
 
@@ -637,10 +625,16 @@ def generate_phantom(
         findings: "standard" (every finding drawn into both views) | "cross-view" (some
             findings only in the view where a reader sees them; per label:
             :func:`label_visibility`).
+        overwrite: empty ``out_dir`` first when it holds a phantom of other settings, or
+            files that are no phantom's; without it those are refused.
+
+    ``out_dir`` is opened by :func:`fastssl.jobs.open_job` (a lock, leftovers of killed
+    writers removed); its record is ``phantom_config.json``, the settings: the same
+    settings complete a phantom, rewriting only missing or changed files.
 
     Raises:
-        ValueError: a bad argument (the message names the flag), or ``out_dir`` holds a
-            phantom made with other settings.
+        ValueError: a bad argument (the message names the flag); ResumeMismatch (a
+            ValueError): ``out_dir`` holds a phantom of other settings (named) or other files.
     """
     t_start = time.perf_counter()
     checked = _settings(studies, seed, size, workers, both_views_fraction, lateral_only_fraction,
@@ -648,12 +642,20 @@ def generate_phantom(
                         findings)
     c = checked["config"]
     out = os.fspath(out_dir)
-    written = _claim_directory(out, c)
+    record = DatasetRecord("phantom", c, record=CONFIG_NAME)
+    with open_job(out, record, overwrite=overwrite, stale=("**",)) as status:
+        return _write_phantom(out, c, checked["workers"], int(status == "new"), progress, t_start)
+
+
+def _write_phantom(out: str, c: dict, workers: int, written: int, progress: bool, t_start: float) -> PhantomSummary:
+    """The files of the phantom of checked settings ``c`` that ``out`` lacks (or holds with
+    other bytes); ``written`` counts files written before (the record)."""
+    layout = c["layout"]
     tasks, rows = _plan(c["studies"], c["seed"], c["size"], c["both_views_fraction"], c["lateral_only_fraction"],
                         c["no_view_position_fraction"], c["corrupt"], tuple(c["split"]), c["finding_rates"],
                         c["uncertain_fraction"], layout)
     jobs = [(t, out, c["size"], str(c["seed"]), c["finding_rates"], c["uncertain_fraction"], layout) for t in tasks]
-    written += _render_all(jobs, checked["workers"], progress)
+    written += _render_all(jobs, workers, progress)
     for name, data in _tables(tasks, c["size"], layout).items():
         os.makedirs(os.path.dirname(os.path.join(out, name)), exist_ok=True)
         written += _write_if_changed(os.path.join(out, name), data)
