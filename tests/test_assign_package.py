@@ -5,7 +5,6 @@ Every label is checked against a float64 brute-force nearest centroid written he
 from __future__ import annotations
 
 import ast
-import importlib
 import os
 import subprocess
 import sys
@@ -71,8 +70,19 @@ def test_old_public_names_warn_and_still_work(data):
     ("fastssl._assign_engine", "fastssl.assign.dispatch"),
 ])
 def test_old_private_modules_are_the_moved_ones(old, new):
-    """The very module object, so a monkeypatch through the old name reaches the code."""
-    assert importlib.import_module(old) is importlib.import_module(new)
+    """The very module object, so a monkeypatch through the old name reaches the code, and
+    a DeprecationWarning saying where it went. A fresh interpreter: the warning is raised
+    once, at the first import in a process."""
+    import subprocess
+    import sys
+
+    code = (f"import warnings, importlib; warnings.simplefilter('always')\n"
+            f"with warnings.catch_warnings(record=True) as seen:\n"
+            f"    old = importlib.import_module({old!r})\n"
+            f"print(old is importlib.import_module({new!r}), [str(w.message) for w in seen "
+            f"if issubclass(w.category, DeprecationWarning)])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("True [") and f"import {new}" in out, out
 
 
 def test_an_engine_runs_what_it_is_named(data, monkeypatch):

@@ -3,8 +3,9 @@
 ``fastssl.assign.engines`` (the engine seam) imports the engines (``cpu_engine``,
 ``cuda_engine``, ``triton_engine``, ``torch_engine``); the engines import this module and
 nothing from the public API in ``fastssl/assign/__init__.py``.
-The reference (``fastssl.reference.kmeans``) uses the same cosine normalisation, so the
-test oracle and every engine multiply the very same rounded centroids.
+The cosine normalisation lives below this package, in ``fastssl.cosine``, because the
+reference (``fastssl.reference.kmeans``) uses it too and must load no engine: the test
+oracle and every engine multiply the very same rounded centroids.
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from fastssl.assign import arrays as _arrays
+from fastssl.cosine import COS_EPS, normalized_centroids  # the rule the oracle shares
 
-COS_EPS = 1e-12  # as torch.nn.functional.normalize
 # metric -> the native engines' code (0: squared L2, smallest wins; 1: inner product,
 # largest wins; cos is the inner product with normalised centroids, divided by ||x||)
 METRICS = {"l2": 0, "ip": 1, "cos": 1}
@@ -40,29 +41,6 @@ def default_fp32_precision() -> str:
     if value not in FP32_PRECISIONS:
         raise ValueError(f"FASTSSL_CUDA_FP32={value!r}; expected one of {FP32_PRECISIONS}")
     return value
-
-
-def normalized_centroids(c: Any, dtype: Any) -> Any:
-    """Rows divided by max(||row||, 1e-12), computed in float64 and rounded ONCE to dtype.
-
-    The one cosine normalisation of the library: normalising in float32 and then
-    rounding to bf16 rounds twice, and a 1-ulp difference in the float32 norm (CPU vs
-    GPU reductions) can then flip a bf16 rounding.
-
-    Args:
-        c: (k, d) numpy array or torch tensor (any float dtype, any device).
-        dtype: the result's dtype (numpy dtype for numpy input, torch dtype for torch).
-    Returns:
-        (k, d) array of the same kind and device as ``c``.
-    """
-    if isinstance(c, np.ndarray):
-        c64 = c.astype(np.float64)
-        norms = np.linalg.norm(c64, axis=1, keepdims=True)
-        return (c64 / np.maximum(norms, COS_EPS)).astype(dtype)
-    import torch
-
-    c64 = c.detach().to(torch.float64)
-    return (c64 / c64.norm(dim=1, keepdim=True).clamp_min(COS_EPS)).to(dtype)
 
 
 def centroid_dtype(x_dtype: str, precision: str = "data") -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fastssl.assign.common import normalized_centroids
+from fastssl.cosine import normalized_centroids
 
 _METRICS = ("l2", "ip", "cos")
 
