@@ -400,8 +400,9 @@ def test_curated_tiles_table_bad_tile_index(tmp_path, capsys):
 
 
 def test_one_resume_record_each_shard_hashed_once(tmp_path, monkeypatch):
-    """The tree's progress record takes the shard hashes of the job's job.json (no second read
-    of the shards); both name the same sampled sha256, computed here by hand."""
+    """job.json is the job's one resume record: tree/progress.json lists the finished steps
+    only, and tree.json's data fingerprint takes job.json's shard hashes (no second read of
+    the shards); both name the same sampled sha256, computed here by hand."""
     import hashlib
 
     from fastssl import jobs
@@ -415,5 +416,7 @@ def test_one_resume_record_each_shard_hashed_once(tmp_path, monkeypatch):
     assert hashed == [str(shard)]
     want = hashlib.sha256(shard.read_bytes()).hexdigest()  # 400 x 6 float32: hashed whole
     saved = json.loads((tmp_path / "out" / "job.json").read_text())["inputs"][str(shard)]["sha256"]
-    progress = json.loads((tmp_path / "out" / "tree" / "progress.json").read_text())["record"]["data"]
-    assert saved == want and progress["parts"] == [[str(shard), 400, "float32", want]]
+    progress = json.loads((tmp_path / "out" / "tree" / "progress.json").read_text())
+    assert sorted(progress) == ["complete", "done"] and progress["complete"]
+    tree_data = json.loads((tmp_path / "out" / "tree" / "tree.json").read_text())["meta"]["data"]
+    assert saved == want and tree_data["parts"] == [[str(shard), 400, "float32", want]]

@@ -663,9 +663,14 @@ def resample_rows(level: TreeLevel, sample_size: int, strategy: str,
 
 # ------------------------------------------------------------------ checkpoints
 class _Progress:
-    """progress.json + work/level_<l>/<step>/ arrays; main rank writes, all ranks read."""
+    """progress.json + work/level_<l>/<step>/ arrays; main rank writes, all ranks read.
 
-    def __init__(self, root: Path | None, record: dict, overwrite: bool):
+    ``record`` (settings + data fingerprint) is kept in progress.json and checked against a
+    saved run; None when the caller keeps the job's one record (fastssl curate's job.json,
+    opened by fastssl.jobs.open_job, which has already refused or emptied the folder):
+    progress.json then lists the finished steps only."""
+
+    def __init__(self, root: Path | None, record: dict | None, overwrite: bool):
         self.root = root
         self.done: list[str] = []
         self.written = 0
@@ -676,7 +681,7 @@ class _Progress:
         path = root / "progress.json"
         if path.exists():
             old = json.loads(path.read_text(encoding="utf-8"))
-            if old.get("record") != record:
+            if record is not None and old.get("record") != record:
                 if not overwrite:
                     diff = record_diff(old.get("record", {}), record)
                     raise ValueError(
@@ -705,7 +710,9 @@ class _Progress:
     def _write(self, complete: bool = False) -> None:
         if self.root is None or not dist.is_main():
             return
-        body = {"record": self.record, "done": self.done, "complete": complete}
+        body = {"done": self.done, "complete": complete}
+        if self.record is not None:
+            body = {"record": self.record, **body}
         atomic_write_text(self.root / "progress.json", json.dumps(body, indent=1))
 
     def step_dir(self, depth: int, step: str) -> Path:
@@ -811,6 +818,7 @@ def hierarchical_kmeans(
     output_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
     callback: Callable[[int, str], None] | None = None,
+    resume_record: bool = True,
     **kwargs: Any,
 ) -> HierarchicalTree:
     """Builds (or resumes) a hierarchical k-means tree.
@@ -823,6 +831,11 @@ def hierarchical_kmeans(
             no resume).
         overwrite: discard a run of a different config found in output_dir.
         callback: called as callback(level, step) after each checkpoint.
+        resume_record: keep the run's settings and data fingerprint in progress.json and
+            refuse a run of others (or clear it, with overwrite). False when the caller
+            keeps the job's one resume record and has checked it (``fastssl curate``:
+            job.json, through fastssl.jobs.open_job): progress.json then lists the
+            finished steps only.
         **kwargs: HierarchicalConfig fields (iterations, resampling_steps, split_k, ...).
     Returns:
         the HierarchicalTree (memory-mapped from output_dir when given). With
@@ -840,7 +853,7 @@ def hierarchical_kmeans(
     root = Path(output_dir) if output_dir is not None else None
     record = {"config": config.to_json(), "data": src.fingerprint()}
     record = json.loads(json.dumps(record))  # normalise tuples etc. for comparison
-    prog = _Progress(root, record, overwrite)
+    prog = _Progress(root, record if resume_record else None, overwrite)
     prog.checkpoint_every = config.checkpoint_every
     if prog.complete:
         log.info("hierarchical k-means: %s is complete; loading it", root)

@@ -12,7 +12,8 @@ Files in ``--out``:
                            naming the differences, unless --overwrite
     .fastssl.lock          held while a job runs: a second job into --out fails at once
     tree/                  the HierarchicalTree (plain .npy levels, memory-mapped), its
-                           progress.json and checkpoints while running (every finished step,
+                           progress.json (the finished steps; job.json is the one resume
+                           record) and checkpoints while running (every finished step,
                            the k-means++ start every minute, Lloyd centroids every
                            --checkpoint-every iterations, every batch of the split)
     curated_indices.npy    (target,) int64 rows of the data chosen by hierarchical_sample
@@ -353,7 +354,9 @@ def _run_locked(args, source, config, out: Path) -> int:
              config.iterations, [config.level_value(d, "resampling_steps")
                                  for d in range(1, len(config.levels) + 1)],
              config.resampling_init, config.memory_budget_mb, _engines(config.impl))
-    tree = hierarchical_kmeans(source, config=config, output_dir=out / "tree", overwrite=args.overwrite)
+    # job.json (open_job, above) is the run's one resume record: progress.json lists steps only
+    tree = hierarchical_kmeans(source, config=config, output_dir=out / "tree", overwrite=args.overwrite,
+                               resume_record=False)
     tree_s = time.perf_counter() - t0
     if not dist.is_main():
         return 0
