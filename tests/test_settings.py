@@ -212,6 +212,40 @@ def test_shared_flags_exist_and_mean_the_same(flag):
             assert _cli_accepts(name, flag, "cuda:1") and not _cli_accepts(name, flag, "gpu"), name
 
 
+# Every value class of --device: the names fastssl.distributed.pick_device takes, and names
+# torch.device refuses with a RuntimeError (gpu, cuda:x, '') or that no job here supports
+# (mps: float64 on the device, CUDA-only autocast), which must be a ValueError everywhere.
+DEVICE_CASES = (("auto", True), ("cpu", True), ("cuda", True), ("cuda:1", True), ("gpu", False),
+                ("cuda:x", False), ("", False), ("mps", False), ("cuda:", False), ("CUDA", False))
+
+
+@pytest.mark.parametrize("name", sorted(SHARED["device"][0]))
+def test_api_and_cli_accept_and_refuse_the_same_devices(name):
+    """The dataclass (embed: EmbedConfig + the check embed_images runs first) and the CLI take
+    one rule, fastssl.distributed.check_device; a refused name is a ValueError naming --device
+    (the router prints it as one line), never torch's RuntimeError at pick_device."""
+    from fastssl import distributed
+
+    call, api_names = _api_for(name)
+    assert "device" in api_names, name
+    for value, inside in DEVICE_CASES:
+        assert _cli_accepts(name, "device", value) is inside, (name, value)
+        assert _api_accepts(call, "device", value) is inside, (name, value)
+        if not inside:
+            with pytest.raises(ValueError, match="^--device: "):
+                distributed.pick_device(value)
+
+
+def test_every_device_flag_has_the_one_help():
+    """One help text for --device, the rule's own (fastssl.distributed.DEVICES)."""
+    from fastssl.distributed import DEVICES
+
+    helps = {name: next(a.help for a in _parser(name)._actions if a.dest == "device")
+             for name in SHARED["device"][0]}
+    assert len(set(helps.values())) == 1 and DEVICES in helps["pretrain"], helps
+    assert "mps" not in helps["pretrain"]
+
+
 def test_compare_runs_checks_its_settings_before_reading_the_runs(tmp_path):
     """compare's --alpha used to be checked by its run() only; the API now refuses it first."""
     from fastssl.eval.compare import compare_runs
