@@ -148,8 +148,11 @@ def check_args(name: str, args: argparse.Namespace) -> None:
 
 
 def _clip_workers(args: argparse.Namespace) -> None:
-    """More worker processes than usable cores only slows a job down: use the cores, say so once."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """More worker processes than usable cores only slows a job down: use the cores, say so once
+    (a default of "all cores", None here, is the same count: fastssl.distributed.usable_cores)."""
+    from fastssl.distributed import usable_cores
+
+    cores = usable_cores()
     if isinstance(getattr(args, "workers", None), int) and args.workers > cores:
         logging.getLogger("fastssl.cli").info("--workers %d: this machine has %d usable cores; using %d",
                                               args.workers, cores, cores)

@@ -29,7 +29,7 @@ DEFAULT_PORT = 29500
 __all__ = [
     "DistInfo", "init", "shutdown", "is_initialized", "rank", "world_size", "local_rank",
     "is_main", "barrier", "all_reduce_sum", "broadcast", "all_gather_arrays", "gather_arrays", "first_host",
-    "rank_slice", "rank_world", "all_gather_tensor", "pick_device", "check_device", "DEVICES",
+    "rank_slice", "rank_world", "all_gather_tensor", "pick_device", "check_device", "DEVICES", "usable_cores",
 ]
 
 
@@ -231,6 +231,15 @@ def pick_device(name: str = "auto", local_rank_: int | None = None):
     if local_rank_ is not None:
         torch.cuda.set_device(local_rank_ % torch.cuda.device_count())
     return torch.device("cuda", torch.cuda.current_device())
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity where the OS has one (a batch
+    job or taskset is often given fewer than os.cpu_count()), else os.cpu_count(). The
+    default of every "all cores" --workers and the CLI's cap on a number given."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 def barrier() -> None:

@@ -244,3 +244,14 @@ def test_pick_device_refuses_a_malformed_name_as_a_user_error(monkeypatch, avail
     with pytest.raises(ValueError, match=r"^--device: .* is not one of auto, cpu, cuda, cuda:N$"):
         dist.pick_device(name, 1)
     assert cuda.set == []
+
+
+def test_usable_cores_follows_the_affinity(monkeypatch):
+    """The cores this process may use (a batch job's share), not the machine's count."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {2, 5}, raising=False)
+    assert dist.usable_cores() == 2
+    monkeypatch.delattr(os, "sched_getaffinity")   # macOS, Windows: no affinity to read
+    assert dist.usable_cores() == 64
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert dist.usable_cores() == 1

@@ -188,8 +188,8 @@ def test_a_kmeans_engine_name_is_checked_before_any_work():
 
 
 # Flags several commands share, the commands that take them, and the range they share.
-# phantom's --workers counts processes with 1 = this process (0 is refused by its API and
-# pinned by tests/test_data_phantom.py); everywhere else 0 = this process.
+# --workers: 0 = this process everywhere (phantom and prepare also run 1 in this process;
+# the DataLoader commands start N >= 1 loader processes).
 SHARED = {
     "workers": ({"phantom", "prepare", "pretrain", "probe", "finetune", "embed"}, Range(0, integer=True)),
     "batch_size": ({"pretrain", "probe", "finetune", "embed", "demo"}, Range(1, integer=True)),
@@ -206,10 +206,47 @@ def test_shared_flags_exist_and_mean_the_same(flag):
     have = {name for name in cli.COMMANDS if any(a.dest == flag for a in _parser(name)._actions)}
     assert have == commands, flag
     for name in commands:
-        if allowed is not None and not (flag == "workers" and name == "phantom"):
+        if allowed is not None:
             assert cli.RANGES[name][flag] == allowed, (name, flag)
         if flag == "device":
             assert _cli_accepts(name, flag, "cuda:1") and not _cli_accepts(name, flag, "gpu"), name
+
+
+def test_all_cores_means_the_usable_cores_everywhere(monkeypatch, tmp_path):
+    """The "all cores" defaults (phantom, prepare, the DICOM header scan) and the CLI's cap on a
+    number given are one count, fastssl.distributed.usable_cores: this process's CPU affinity,
+    not os.cpu_count() (a batch job given 3 of 64 cores must not start 64 processes)."""
+    import os
+
+    from fastssl.data import cache, mimic, phantom
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    defaults = {k: v for k, v in dataclasses.asdict(phantom.PhantomConfig()).items() if k != "overwrite"}
+    assert phantom._settings(**defaults, finding_rates=None)["workers"] == 3
+    assert cache._check_settings(str(tmp_path / "out")) == 3
+
+    pools = []
+
+    class Pool:   # records the size the header scan asks for; reads nothing
+        def __init__(self, max_workers):
+            pools.append(max_workers)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def map(self, fn, items, chunksize=1):
+            return []
+
+    monkeypatch.setattr(mimic, "ProcessPoolExecutor", Pool)
+    mimic._read_headers([str(tmp_path / f"{i}.dcm") for i in range(64)], None)
+    assert pools == [3]
+    args = argparse.Namespace(workers=100)
+    cli._clip_workers(args)
+    assert args.workers == 3
 
 
 # Every value class of --device: the names fastssl.distributed.pick_device takes, and names

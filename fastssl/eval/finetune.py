@@ -104,7 +104,7 @@ class FinetuneConfig:
     eval_batch_size: int = setting(256, range=COUNT)    # images per evaluation batch
     precision: str = setting("fp32", choices=("fp32", "bf16"))       # fp32 (released) | bf16 (autocast, CUDA only)
     device: str = setting("auto", check=check_device)  # torch device
-    workers: int = setting(0, range=NONNEG)  # DataLoader processes reading the train batches (0: in this process)
+    workers: int = setting(0, range=NONNEG)  # DataLoader processes reading the train batches: 0 = this process, N >= 1 = N loader processes
     seed: int = setting(0, range=SEED)                 # batch order, augmentation, head init and bootstrap seed
     label_fraction: float = setting(1.0, range=Range(0, 1, low_open=True))   # keep this fraction (0, 1] of the train studies' labels, drawn by patient
     label_seed: int = setting(0, range=SEED)           # seed of the --label-fraction draw
