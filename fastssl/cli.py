@@ -12,7 +12,6 @@ import importlib
 import logging
 import os
 import pickle
-import re
 import sys
 from typing import Sequence
 
@@ -43,7 +42,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 # EOFError and UnpicklingError: numpy and torch reading an empty or foreign file.
 USER_ERRORS = (ValueError, TypeError, DataError, OSError, EOFError, pickle.UnpicklingError, MissingDependencyError,
                argparse.ArgumentTypeError)
-_DEVICE = re.compile(r"(auto|cpu|cuda(:\d+)?|mps)")
 _FILE_OUTS = {"compare", "export"}     # their --out is a file; every other command's is a directory
 
 
@@ -134,9 +132,10 @@ def check_args(name: str, args: argparse.Namespace) -> None:
     """ValueError naming the first flag of command ``name`` that cannot work: a number outside
     its range, an unknown device or timm model, an --out that is a file."""
     check_ranges(args, RANGES.get(name, {}))
-    device = getattr(args, "device", None)
-    if isinstance(device, str) and not _DEVICE.fullmatch(device):
-        raise ValueError(f"--device: {device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+    if isinstance(getattr(args, "device", None), str):   # the API's own rule, not a second one
+        from fastssl.distributed import check_device
+
+        check_device(args.device)
     out = getattr(args, "out", None)
     if name not in _FILE_OUTS and isinstance(out, str) and os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out}: exists and is not a directory")
@@ -149,8 +148,11 @@ def check_args(name: str, args: argparse.Namespace) -> None:
 
 
 def _clip_workers(args: argparse.Namespace) -> None:
-    """More worker processes than usable cores only slows a job down: use the cores, say so once."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """More worker processes than usable cores only slows a job down: use the cores, say so once
+    (a default of "all cores", None here, is the same count: fastssl.distributed.usable_cores)."""
+    from fastssl.distributed import usable_cores
+
+    cores = usable_cores()
     if isinstance(getattr(args, "workers", None), int) and args.workers > cores:
         logging.getLogger("fastssl.cli").info("--workers %d: this machine has %d usable cores; using %d",
                                               args.workers, cores, cores)

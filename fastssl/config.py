@@ -17,7 +17,8 @@ from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 
 __all__ = ["add_dataclass_arguments", "config_from_args", "parse_bool", "Range", "check_range", "check_ranges",
-           "flag_name", "COMMAND_RANGES", "setting", "declared_ranges", "declared_choices", "check_settings"]
+           "flag_name", "COMMAND_RANGES", "setting", "declared_ranges", "declared_choices", "declared_checks",
+           "check_settings"]
 
 _TRUE, _FALSE = ("true", "yes", "on"), ("false", "no", "off")
 
@@ -78,16 +79,20 @@ def check_range(name: str, value, allowed: Range, *, optional: bool = False) -> 
         raise ValueError(f"{flag_name(name)}: got {value!r}; allowed: {allowed}")
 
 
-def setting(default=MISSING, *, range: Range | None = None, choices=None):
+def setting(default=MISSING, *, range: Range | None = None, choices=None, check=None):
     """A dataclass field that declares a setting's allowed values once: ``range`` (a
-    :class:`Range`; comma lists are checked element by element) or ``choices`` (a tuple).
-    None always passes (it means "the default", e.g. the recipe's). The help text stays the
-    field's trailing comment."""
+    :class:`Range`; comma lists are checked element by element), ``choices`` (a tuple) or
+    ``check`` (a function of the value raising ValueError naming the flag, for values no
+    range or tuple can list, e.g. ``cuda:N``; its ``allowed`` text, if any, is appended to
+    the help as a range's is). None always passes (it means "the default", e.g. the
+    recipe's). The help text stays the field's trailing comment."""
     metadata = {}
     if range is not None:
         metadata["range"] = range
     if choices is not None:
         metadata["choices"] = tuple(choices)
+    if check is not None:
+        metadata["check"] = check
     return field(default=default, metadata=metadata)
 
 
@@ -101,14 +106,22 @@ def declared_choices(cls) -> dict[str, tuple]:
     return {f.name: f.metadata["choices"] for f in fields(cls) if "choices" in f.metadata}
 
 
+def declared_checks(cls) -> dict:
+    """{field name: check function} of the fields of dataclass ``cls`` declared with a check."""
+    return {f.name: f.metadata["check"] for f in fields(cls) if "check" in f.metadata}
+
+
 def check_settings(config) -> None:
     """ValueError naming the first field of dataclass instance ``config`` outside its declared
-    range or choices (the same one-line messages as the CLI's)."""
+    range, choices or check (the same one-line messages as the CLI's)."""
     check_ranges(config, declared_ranges(type(config)))
     for name, allowed in declared_choices(type(config)).items():
         value = getattr(config, name)
         if value is not None and value not in allowed:
             raise ValueError(f"{flag_name(name)}: {value!r} is not one of {', '.join(map(str, allowed))}")
+    for name, check in declared_checks(type(config)).items():
+        if getattr(config, name) is not None:
+            check(getattr(config, name))
 
 
 def field_help(cls) -> dict[str, str]:
@@ -153,7 +166,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, *, required=()
     name ``flags`` gives a field); booleans get ``--x/--no-x``; types, defaults, declared
     choices and ranges, and help come from the dataclass."""
     choices = {**declared_choices(cls), **(choices or {})}
-    ranges, flags = declared_ranges(cls), flags or {}
+    ranges, checks, flags = declared_ranges(cls), declared_checks(cls), flags or {}
     helps = field_help(cls)
     for f in fields(cls):
         if f.name in skip:
@@ -162,6 +175,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, *, required=()
         help_ = helps.get(f.name, f.name.replace("_", " "))
         if f.name in ranges:
             help_ += f"; {ranges[f.name]}"
+        if getattr(checks.get(f.name), "allowed", None):
+            help_ += f"; {checks[f.name].allowed}"
         if isinstance(f.default, bool):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=help_)

@@ -29,7 +29,7 @@ DEFAULT_PORT = 29500
 __all__ = [
     "DistInfo", "init", "shutdown", "is_initialized", "rank", "world_size", "local_rank",
     "is_main", "barrier", "all_reduce_sum", "broadcast", "all_gather_arrays", "gather_arrays", "first_host",
-    "rank_slice", "rank_world", "all_gather_tensor", "pick_device",
+    "rank_slice", "rank_world", "all_gather_tensor", "pick_device", "check_device", "DEVICES", "usable_cores",
 ]
 
 
@@ -178,21 +178,44 @@ def rank_world() -> tuple[int, int]:
     return rank(), world_size()
 
 
+# What every command's --device accepts, in the words its help shows (config.setting appends
+# it to the flag's help, as it appends a range). mps is refused, not half supported: pretrain
+# sums its validation loss in float64 on the device, which MPS lacks, AMP/autocast and
+# torch.compile are CUDA-only paths here, and no job has been run on MPS.
+DEVICES = "auto (CUDA when visible, else the CPU) | cpu | cuda (this rank's GPU) | cuda:N"
+_DEVICE_NAME = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+def check_device(name) -> str:
+    """``name`` if it is a device name :func:`pick_device` takes (:data:`DEVICES`), else a
+    ValueError naming ``--device``: the one check of the API's configs and the CLI."""
+    if not isinstance(name, str) or not _DEVICE_NAME.fullmatch(name):
+        raise ValueError(f"--device: {name!r} is not one of auto, cpu, cuda, cuda:N")
+    return name
+
+
+check_device.allowed = DEVICES   # the help text of the flag a setting declared with this check gets
+
+
 def pick_device(name: str = "auto", local_rank_: int | None = None):
     """The one device rule of every command's ``--device``.
 
     Args:
-        name: "auto" (CUDA when visible, else the CPU), "cpu", "cuda" or "cuda:N".
+        name: "auto" (CUDA when visible, else the CPU), "cpu", "cuda" or "cuda:N"
+            (:func:`check_device`).
         local_rank_: this process's local rank: with a bare "cuda" (or "auto" that picks
             CUDA) the process binds to GPU local_rank % device_count; None keeps the
             current CUDA device.
     Returns:
         torch.device; a bare "cuda" comes back with its index (the device in use).
     Raises:
-        ValueError: "cuda..." asked for where no CUDA device is visible.
+        ValueError: a name outside :data:`DEVICES` (torch's own RuntimeError would reach
+            the user as a traceback); "cuda..." asked for where no CUDA device is visible,
+            or "cuda:N" beyond the visible devices.
     """
     import torch
 
+    check_device(name)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
@@ -201,10 +224,22 @@ def pick_device(name: str = "auto", local_rank_: int | None = None):
     if not torch.cuda.is_available():
         raise ValueError(f"device={name!r} but no CUDA device is visible")
     if device.index is not None:
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"device={name!r} but {torch.cuda.device_count()} CUDA device(s) are visible "
+                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
         return device
     if local_rank_ is not None:
         torch.cuda.set_device(local_rank_ % torch.cuda.device_count())
     return torch.device("cuda", torch.cuda.current_device())
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity where the OS has one (a batch
+    job or taskset is often given fewer than os.cpu_count()), else os.cpu_count(). The
+    default of every "all cores" --workers and the CLI's cap on a number given."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 def barrier() -> None:

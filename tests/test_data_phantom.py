@@ -261,6 +261,18 @@ def test_same_seed_same_bytes_whatever_the_workers(made):
     assert (s1.images, s1.corrupt) == (s2.images, s2.corrupt)
 
 
+def test_workers_0_renders_in_this_process_like_every_command(made, tmp_path, monkeypatch):
+    """--workers 0 means this process, as for prepare and the DataLoader commands (it used
+    to be refused here alone); no pool is started and the bytes are those of 1 and 2."""
+    import multiprocessing
+
+    monkeypatch.setattr(multiprocessing, "get_context", lambda *a: pytest.fail("workers=0 started a pool"))
+    s0 = generate_phantom(tmp_path / "w0", workers=0, **KW)
+    f0, f1 = _files(tmp_path / "w0"), _files(made[0])
+    assert sorted(f0) == sorted(f1) and all(f0[k] == f1[k] for k in f1)
+    assert (s0.images, s0.corrupt) == (made[2].images, made[2].corrupt)
+
+
 def test_dicom_files_are_valid_and_decode_to_the_render(made):
     root = made[0]
     truth = _csv(root / "phantom_truth.csv")
@@ -420,7 +432,7 @@ def test_bad_arguments_name_the_flag(tmp_path):
         (dict(corrupt=-1), "--corrupt"),
         (dict(both_views_fraction=1.5), "--both-views-fraction"),
         (dict(both_views_fraction=0.9, lateral_only_fraction=0.2), "--lateral-only-fraction"),
-        (dict(workers=0), "--workers"),
+        (dict(workers=-1), "--workers"),
         (dict(split="1,2"), "--split"),
     ):
         with pytest.raises(ValueError, match=flag):

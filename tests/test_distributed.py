@@ -230,3 +230,28 @@ def test_pick_device_binds_the_local_rank(monkeypatch):
     assert dist.pick_device("cuda", 2) == torch.device("cuda", 2) and cuda.set == [1, 2]
     assert dist.pick_device("cuda") == torch.device("cuda", 2) and cuda.set == [1, 2]  # no rank: the current one
     assert dist.pick_device("cuda:3", 0) == torch.device("cuda", 3) and cuda.set == [1, 2]  # explicit index wins
+    with pytest.raises(ValueError, match=r"device='cuda:4' but 4 CUDA device\(s\) are visible"):
+        dist.pick_device("cuda:4")   # torch would accept it and fail at the first tensor
+
+
+@pytest.mark.parametrize("available", [False, True])
+@pytest.mark.parametrize("name", ["gpu", "cuda:x", "", "mps", "cuda:", "Cuda", " cpu", "cuda:-1", None])
+def test_pick_device_refuses_a_malformed_name_as_a_user_error(monkeypatch, available, name):
+    """torch.device('gpu') is a RuntimeError, which the router shows as a traceback; the one
+    rule says ValueError naming --device (with or without a GPU), before any CUDA call."""
+    cuda = _FakeCuda(available)
+    cuda.install(monkeypatch)
+    with pytest.raises(ValueError, match=r"^--device: .* is not one of auto, cpu, cuda, cuda:N$"):
+        dist.pick_device(name, 1)
+    assert cuda.set == []
+
+
+def test_usable_cores_follows_the_affinity(monkeypatch):
+    """The cores this process may use (a batch job's share), not the machine's count."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {2, 5}, raising=False)
+    assert dist.usable_cores() == 2
+    monkeypatch.delattr(os, "sched_getaffinity")   # macOS, Windows: no affinity to read
+    assert dist.usable_cores() == 64
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert dist.usable_cores() == 1

@@ -214,6 +214,48 @@ def test_assign_device_follows_the_engine_choice(monkeypatch):
     assert curation.assign_device("auto") is None
 
 
+def test_assign_device_takes_the_device_rule_and_the_engine_answer(monkeypatch):
+    """assign_device asks fastssl.distributed.pick_device("auto") for the device and
+    fastssl.assign.resolved_engine (with the user's impl) whether an engine runs there; it
+    probes neither torch.cuda nor fastssl._native itself. No GPU here: both are stand-ins."""
+    from fastssl import distributed
+    from fastssl.curation import kmeans as curation
+
+    asked = []
+    monkeypatch.setattr(distributed, "pick_device", lambda name="auto", local_rank_=None: (
+        asked.append(("pick", name)), torch.device("cuda", 3))[1])
+    monkeypatch.setattr("fastssl._native.has_cuda_ext", lambda: False)   # must not be what decides
+
+    def engine(where, op="assign", impl="auto"):
+        asked.append(("engine", str(where), impl))
+        return "cuda"
+
+    monkeypatch.setattr(kmeans, "resolved_engine", engine)
+    assert curation.assign_device("cuda") == torch.device("cuda", 3)
+    assert curation.assign_device("auto") == torch.device("cuda", 3)
+    assert asked == [("pick", "auto"), ("engine", "cuda:3", "cuda"), ("pick", "auto"), ("engine", "cuda:3", "auto")]
+
+    def no_cuda_engine(where, op="assign", impl="auto"):   # the package's own answer, passed on
+        raise MissingDependencyError("assign: impl='cuda' cannot run here: fastssl._C was built without CUDA")
+
+    monkeypatch.setattr(kmeans, "resolved_engine", no_cuda_engine)
+    with pytest.raises(MissingDependencyError, match="built without CUDA"):
+        curation.assign_device("cuda")
+
+
+def test_assign_device_without_a_gpu(monkeypatch):
+    """The CPU-only machine: every impl but "cuda" stays on the host, without asking an
+    engine; "cuda" is a MissingDependencyError naming the missing GPU."""
+    from fastssl.curation import kmeans as curation
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(kmeans, "resolved_engine", lambda *a, **kw: pytest.fail("no engine to ask on the host"))
+    for impl in ("auto", "cpu", "torch"):
+        assert curation.assign_device(impl) is None, impl
+    with pytest.raises(MissingDependencyError, match="impl='cuda': k-means needs a visible CUDA device"):
+        curation.assign_device("cuda")
+
+
 def test_curate_logs_the_engines_it_resolves(monkeypatch):
     from fastssl.train import curate
 

@@ -188,8 +188,8 @@ def test_a_kmeans_engine_name_is_checked_before_any_work():
 
 
 # Flags several commands share, the commands that take them, and the range they share.
-# phantom's --workers counts processes with 1 = this process (0 is refused by its API and
-# pinned by tests/test_data_phantom.py); everywhere else 0 = this process.
+# --workers: 0 = this process everywhere (phantom and prepare also run 1 in this process;
+# the DataLoader commands start N >= 1 loader processes).
 SHARED = {
     "workers": ({"phantom", "prepare", "pretrain", "probe", "finetune", "embed"}, Range(0, integer=True)),
     "batch_size": ({"pretrain", "probe", "finetune", "embed", "demo"}, Range(1, integer=True)),
@@ -206,10 +206,81 @@ def test_shared_flags_exist_and_mean_the_same(flag):
     have = {name for name in cli.COMMANDS if any(a.dest == flag for a in _parser(name)._actions)}
     assert have == commands, flag
     for name in commands:
-        if allowed is not None and not (flag == "workers" and name == "phantom"):
+        if allowed is not None:
             assert cli.RANGES[name][flag] == allowed, (name, flag)
         if flag == "device":
             assert _cli_accepts(name, flag, "cuda:1") and not _cli_accepts(name, flag, "gpu"), name
+
+
+def test_all_cores_means_the_usable_cores_everywhere(monkeypatch, tmp_path):
+    """The "all cores" defaults (phantom, prepare, the DICOM header scan) and the CLI's cap on a
+    number given are one count, fastssl.distributed.usable_cores: this process's CPU affinity,
+    not os.cpu_count() (a batch job given 3 of 64 cores must not start 64 processes)."""
+    import os
+
+    from fastssl.data import cache, mimic, phantom
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    defaults = {k: v for k, v in dataclasses.asdict(phantom.PhantomConfig()).items() if k != "overwrite"}
+    assert phantom._settings(**defaults, finding_rates=None)["workers"] == 3
+    assert cache._check_settings(str(tmp_path / "out")) == 3
+
+    pools = []
+
+    class Pool:   # records the size the header scan asks for; reads nothing
+        def __init__(self, max_workers):
+            pools.append(max_workers)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def map(self, fn, items, chunksize=1):
+            return []
+
+    monkeypatch.setattr(mimic, "ProcessPoolExecutor", Pool)
+    mimic._read_headers([str(tmp_path / f"{i}.dcm") for i in range(64)], None)
+    assert pools == [3]
+    args = argparse.Namespace(workers=100)
+    cli._clip_workers(args)
+    assert args.workers == 3
+
+
+# Every value class of --device: the names fastssl.distributed.pick_device takes, and names
+# torch.device refuses with a RuntimeError (gpu, cuda:x, '') or that no job here supports
+# (mps: float64 on the device, CUDA-only autocast), which must be a ValueError everywhere.
+DEVICE_CASES = (("auto", True), ("cpu", True), ("cuda", True), ("cuda:1", True), ("gpu", False),
+                ("cuda:x", False), ("", False), ("mps", False), ("cuda:", False), ("CUDA", False))
+
+
+@pytest.mark.parametrize("name", sorted(SHARED["device"][0]))
+def test_api_and_cli_accept_and_refuse_the_same_devices(name):
+    """The dataclass (embed: EmbedConfig + the check embed_images runs first) and the CLI take
+    one rule, fastssl.distributed.check_device; a refused name is a ValueError naming --device
+    (the router prints it as one line), never torch's RuntimeError at pick_device."""
+    from fastssl import distributed
+
+    call, api_names = _api_for(name)
+    assert "device" in api_names, name
+    for value, inside in DEVICE_CASES:
+        assert _cli_accepts(name, "device", value) is inside, (name, value)
+        assert _api_accepts(call, "device", value) is inside, (name, value)
+        if not inside:
+            with pytest.raises(ValueError, match="^--device: "):
+                distributed.pick_device(value)
+
+
+def test_every_device_flag_has_the_one_help():
+    """One help text for --device, the rule's own (fastssl.distributed.DEVICES)."""
+    from fastssl.distributed import DEVICES
+
+    helps = {name: next(a.help for a in _parser(name)._actions if a.dest == "device")
+             for name in SHARED["device"][0]}
+    assert len(set(helps.values())) == 1 and DEVICES in helps["pretrain"], helps
+    assert "mps" not in helps["pretrain"]
 
 
 def test_compare_runs_checks_its_settings_before_reading_the_runs(tmp_path):

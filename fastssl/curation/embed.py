@@ -401,8 +401,8 @@ class EmbedConfig:
     in_chans: int = setting(3, range=Range(1, 64, integer=True))  # model input channels
     batch_size: int = setting(64, range=COUNT)  # images per forward pass
     shard_size: int = setting(65536, range=COUNT)  # rows per output shard
-    workers: int = setting(4, range=NONNEG)  # DataLoader worker processes
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    workers: int = setting(4, range=NONNEG)  # DataLoader processes: 0 = this process, N >= 1 = N loader processes
+    device: str = setting("auto", check=fdist.check_device)  # torch device
     precision: str = setting("fp32", choices=PRECISIONS)  # fp32: the model's own features on every device (TF32 off); bf16: autocast, faster on GPUs, features differ by about 1e-2
     quiet: bool = False  # no progress bar (the router's --quiet)
     overwrite: bool = False  # replace a run of other settings, tiles or weights found in --out

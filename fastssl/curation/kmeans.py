@@ -45,7 +45,7 @@ _F64_SLAB = 4096
 _MAX_RESEED = 4096
 
 
-# The engines a k-means run may name (fastssl.kmeans.assign's; "auto" picks by device).
+# The engines a k-means run may name (fastssl.assign's impl; "auto" picks by device).
 KMEANS_IMPLS = ("auto", "cpu", "cuda", "torch")
 
 
@@ -171,32 +171,31 @@ def _bar(total: int, desc: str, enabled: bool):
 def assign_device(impl: str):
     """The CUDA device that host chunks are assigned on, or None for the host engine.
 
-    "auto" picks this rank's current GPU when one is visible and the engine choice of
-    fastssl.assign (resolved_engine: Triton, the CUDA engine or torch on the GPU, or
-    FASTSSL_IMPL) can run there; "cuda" requires a GPU and fastssl._C built with CUDA;
-    "cpu" and "torch" stay on the host.
+    The device is fastssl.distributed.pick_device("auto")'s (this rank's current GPU when
+    one is visible), and whether an engine can run there is fastssl.assign's answer
+    (resolved_engine), never a probe of its own: "auto" assigns on the GPU when the engine
+    it resolves there (Triton, the CUDA engine or torch, or FASTSSL_IMPL) runs on it;
+    "cuda" requires that GPU and the CUDA engine (MissingDependencyError otherwise); "cpu"
+    and "torch" stay on the host.
     """
     if impl not in ("auto", "cuda"):
         return None
-    import torch
-
-    from fastssl._native import has_cuda_ext
     from fastssl.assign import resolved_engine
     from fastssl.errors import MissingDependencyError
 
-    if impl == "auto":
-        if not torch.cuda.is_available():
-            return None
-        device = torch.device("cuda", torch.cuda.current_device())
-        try:
-            resolved_engine(device)
-        except MissingDependencyError:  # FASTSSL_IMPL names a host engine
-            return None
-        return device
-    if not (torch.cuda.is_available() and has_cuda_ext()):
-        raise MissingDependencyError(
-            "impl='cuda': k-means needs a visible CUDA device and fastssl._C built with CUDA")
-    return torch.device("cuda", torch.cuda.current_device())
+    device = dist.pick_device("auto")
+    if device.type != "cuda":
+        if impl == "cuda":
+            raise MissingDependencyError("impl='cuda': k-means needs a visible CUDA device and fastssl._C "
+                                         "built with CUDA; no CUDA device is visible")
+        return None
+    try:
+        resolved_engine(device, impl=impl)
+    except MissingDependencyError:
+        if impl == "cuda":   # the GPU is there, the CUDA engine is not: say so, as before
+            raise
+        return None  # FASTSSL_IMPL names a host engine: the chunks stay on the host
+    return device
 
 
 class DeviceAssigner:

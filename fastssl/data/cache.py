@@ -197,7 +197,9 @@ def _check_settings(out: str, **settings) -> int:
     workers = PrepareConfig(**settings).workers
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out!r} is a file; expected a directory (created if missing)")
-    return (os.cpu_count() or 1) if workers is None else workers
+    from fastssl.distributed import usable_cores   # the one "all cores" count (CPU affinity)
+
+    return usable_cores() if workers is None else workers
 
 
 def build_table(source, options: TableOptions, scan: bool | None = None) -> StudyTable:

@@ -28,6 +28,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from fastssl.distributed import usable_cores
 from fastssl.errors import DataError
 
 __all__ = [
@@ -532,7 +533,7 @@ def scan_dicom_tree(
 
     Args:
         root: the tree to scan (``*.dcm``, ``*.dicom``).
-        workers: header-reading processes (default: all cores; 0 or 1: in this process).
+        workers: header-reading processes (default: all usable cores; 0 or 1: in this process).
         uncertain, blank: label policies for ``labels_csv``; without it every label
             follows ``blank``.
         holdout: (validate, test) fractions of patients; split by a hash of the patient
@@ -626,7 +627,7 @@ def _studies_from_headers(root: str, results, rejects: list[tuple[str, str]], ne
 
 def _read_headers(files: Sequence[str], workers: int | None) -> list[tuple[str, object]]:
     """(path, DicomMeta or reject reason) for every file, in order."""
-    workers = (os.cpu_count() or 1) if workers is None else workers
+    workers = usable_cores() if workers is None else workers
     if workers <= 1 or len(files) < 64:  # a pool costs more than it saves on a few files
         return [_header(p) for p in files]
     with ProcessPoolExecutor(max_workers=workers) as pool:

@@ -50,6 +50,7 @@ from fastssl.atomic import atomic_write_bytes
 from fastssl.config import COUNT, FRACTION, NONNEG, SEED, Range, add_dataclass_arguments, check_settings, \
     config_from_args, setting
 from fastssl.data import phantom_layouts
+from fastssl.distributed import usable_cores
 from fastssl.jobs import DatasetRecord, open_job
 from fastssl.data.phantom_anatomy import (
     ALL_FINDINGS,
@@ -490,7 +491,7 @@ class PhantomConfig:
     studies: int = setting(100, range=COUNT)  # number of studies
     size: int = setting(256, range=Range(32, 16384, integer=True))  # pixels per image side
     seed: int = setting(0, range=SEED)  # random seed: same seed, same bytes
-    workers: int | None = setting(None, range=COUNT)  # processes, 1 = this process (default: all CPUs)
+    workers: int | None = setting(None, range=NONNEG)  # rendering processes (default: all usable cores); 0 = this process (as is 1)
     both_views_fraction: float = setting(0.45, range=FRACTION)  # studies with a frontal and a lateral
     lateral_only_fraction: float = setting(0.03, range=FRACTION)  # studies with a lateral only
     no_view_position_fraction: float = setting(0.03, range=FRACTION)  # images written without the ViewPosition tag
@@ -528,7 +529,7 @@ def _settings(studies, seed, size, workers, both_views_fraction, lateral_only_fr
         if k not in ALL_FINDINGS:
             raise ValueError(f"finding_rates key {k!r} unknown; expected names from {ALL_FINDINGS}")
         rates[k] = _check_fraction(f"finding_rates[{k!r}]", v)
-    workers = int(os.cpu_count() or 1) if workers is None else int(workers)
+    workers = usable_cores() if workers is None else int(workers)
     config = dict(format=FORMAT_VERSION, studies=studies, seed=seed, size=size, both_views_fraction=both,
                   lateral_only_fraction=lat,
                   no_view_position_fraction=float(no_view_position_fraction),
@@ -541,13 +542,14 @@ def _settings(studies, seed, size, workers, both_views_fraction, lateral_only_fr
 
 
 def _render_all(jobs: list[tuple], workers: int, progress: bool) -> int:
-    """Run :func:`_work` over the studies (a process pool for workers > 1); files written."""
+    """Run :func:`_work` over the studies (a process pool for workers > 1; 0 and 1 render
+    in this process, as prepare converts); files written."""
     bar = None
     if progress and sys.stderr.isatty():
         from tqdm import tqdm
 
         bar = tqdm(total=len(jobs), unit="study", desc="phantom")
-    if workers == 1 or len(jobs) == 1:
+    if workers <= 1 or len(jobs) == 1:
         results = map(_work, jobs)
         pool = None
     else:
@@ -608,7 +610,8 @@ def generate_phantom(
         studies: number of studies (>= 1); subjects get 1 to 6 studies each.
         seed: everything (ids, UIDs, pixels) follows from it; same seed, same bytes.
         size: pixels per side (>= 32; real MIMIC images are ~2500-3000).
-        workers: processes (None: all CPUs); the output does not depend on it.
+        workers: rendering processes (None: all usable cores; 0 or 1: this process); the
+            output does not depend on it.
         both_views_fraction / lateral_only_fraction: study layouts; the rest is
             frontal only.
         no_view_position_fraction: images written without the ViewPosition tag.

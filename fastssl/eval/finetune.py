@@ -59,6 +59,7 @@ import numpy as np
 import torch
 
 from fastssl.config import COUNT, NONNEG, POSITIVE, SEED, Range, check_settings, setting
+from fastssl.distributed import check_device
 from fastssl.eval.probe import (
     eval_transform, extract_features, load_eval_encoder, optional_split, patient_folds, pick_device, restrict_studies,
     split_dataset, study_logits, train_dataset, validation_usable,
@@ -102,8 +103,8 @@ class FinetuneConfig:
     crop_min: float = setting(0.5, range=Range(0, 1, low_open=True))         # smallest crop area fraction (released: 0.5)
     eval_batch_size: int = setting(256, range=COUNT)    # images per evaluation batch
     precision: str = setting("fp32", choices=("fp32", "bf16"))       # fp32 (released) | bf16 (autocast, CUDA only)
-    device: str = "auto"          # auto | cpu | cuda
-    workers: int = setting(0, range=NONNEG)  # DataLoader processes reading the train batches (0: in this process)
+    device: str = setting("auto", check=check_device)  # torch device
+    workers: int = setting(0, range=NONNEG)  # DataLoader processes reading the train batches: 0 = this process, N >= 1 = N loader processes
     seed: int = setting(0, range=SEED)                 # batch order, augmentation, head init and bootstrap seed
     label_fraction: float = setting(1.0, range=Range(0, 1, low_open=True))   # keep this fraction (0, 1] of the train studies' labels, drawn by patient
     label_seed: int = setting(0, range=SEED)           # seed of the --label-fraction draw

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from fastssl.config import COUNT, NONNEG, SEED, Range, check_settings, setting
-from fastssl.distributed import pick_device  # noqa: F401  (finetune imports it from here)
+from fastssl.distributed import check_device, pick_device  # noqa: F401  (finetune imports it from here)
 from fastssl.eval.stats import (  # noqa: F401  (re-exported: the probe's public API)
     auroc, auroc_rows, bootstrap_macro_auroc, macro_auroc, midranks,
 )
@@ -187,7 +187,7 @@ class ProbeConfig:
     dataset: str = ""             # pooled cache: only these datasets' rows, a comma list (e.g. mimic-cxr; '' = all)
     batch_size: int = setting(256, range=COUNT)         # feature extraction batch
     workers: int = setting(2, range=NONNEG)              # DataLoader processes for feature extraction
-    device: str = "auto"          # auto | cpu | cuda
+    device: str = setting("auto", check=check_device)  # torch device
     method: str = setting("lbfgs", choices=("lbfgs", "adamw"))         # lbfgs | adamw
     l2: float = setting(1e-4, range=Range(0))              # L2 penalty (lbfgs) or weight decay (adamw) when --l2-grid is empty
     l2_grid: str = "1e-6,1e-5,1e-4,1e-3,1e-2,1e-1"  # L2 values tried; the best validation macro AUROC wins ('' = use --l2)

@@ -149,9 +149,9 @@ class PretrainConfig:
     crop_min: float = setting(0.5, range=Range(0, 1, low_open=True))          # smallest crop area fraction
     pixel_mean: float = setting(-1.0, range=Range(-1))       # input normalisation; -1: the cache manifest's (released: MIMIC's 0.5056)
     pixel_std: float = setting(-1.0, range=Range(-1))        # -1: the cache manifest's (released: 0.252)
-    workers: int = setting(4, range=NONNEG)               # DataLoader processes
+    workers: int = setting(4, range=NONNEG)               # DataLoader processes: 0 = this process, N >= 1 = N loader processes
     seed: int = setting(0, range=SEED)
-    device: str = "auto"           # auto | cpu | cuda
+    device: str = setting("auto", check=fdist.check_device)  # torch device
     log_every: int = setting(20, range=COUNT)            # steps between metrics lines (and always at the end of an epoch)
     val_batches: int = setting(20, range=NONNEG)          # validation reconstruction loss per epoch over this many batches (0: off)
     ckpt_every: int = setting(500, range=COUNT)          # steps between checkpoints (also at every epoch end)
