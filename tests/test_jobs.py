@@ -430,8 +430,8 @@ def test_only_jobs_py_opens_output_dirs():
         if "open_job" in names:
             openers.add(rel)
     assert users == {}
-    assert openers == {"data/phantom.py", "data/cache.py", "train/pretrain.py", "eval/finetune.py", "curation/tile.py",
-                       "curation/embed.py", "train/curate.py"}
+    assert openers == {"data/phantom.py", "data/cache.py", "train/pretrain.py", "eval/probe.py", "eval/finetune.py",
+                       "curation/tile.py", "curation/embed.py", "train/curate.py"}
 
 
 def _open_as_rank(rank, world, init_file, out, lr, results):
