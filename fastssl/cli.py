@@ -44,7 +44,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 USER_ERRORS = (ValueError, TypeError, DataError, OSError, EOFError, pickle.UnpicklingError, MissingDependencyError,
                argparse.ArgumentTypeError)
 _DEVICE = re.compile(r"(auto|cpu|cuda(:\d+)?|mps)")
-_FILE_OUTS = {"compare", "export"}     # their --out is a file; every other command's is a directory
+_FILE_OUTS = {"compare"}     # its --out is a file; every other command's is a directory
 
 
 class _Parser(argparse.ArgumentParser):
