@@ -431,7 +431,8 @@ def test_only_jobs_py_opens_output_dirs():
             openers.add(rel)
     assert users == {}
     assert openers == {"data/phantom.py", "data/cache.py", "train/pretrain.py", "eval/probe.py", "eval/finetune.py",
-                       "curation/tile.py", "curation/embed.py", "train/curate.py", "models/export.py"}
+                       "curation/tile.py", "curation/embed.py", "train/curate.py", "models/export.py",
+                       "curation/tiles.py"}
 
 
 def _open_as_rank(rank, world, init_file, out, lr, results):

@@ -194,8 +194,8 @@ SHARED = {
     "workers": ({"phantom", "prepare", "pretrain", "probe", "finetune", "embed"}, Range(0, integer=True)),
     "batch_size": ({"pretrain", "probe", "finetune", "embed", "demo"}, Range(1, integer=True)),
     "device": ({"pretrain", "probe", "finetune", "embed"}, None),
-    "overwrite": ({"phantom", "prepare", "pretrain", "probe", "finetune", "embed", "tile", "curate", "export"},
-                  None),
+    "overwrite": ({"phantom", "prepare", "pretrain", "probe", "finetune", "embed", "tile", "curate", "export",
+                   "grids"}, None),
     "seed": ({"phantom", "prepare", "pretrain", "probe", "finetune", "compare", "curate", "demo"},
              Range(0, 2**63 - 1, integer=True)),
 }
