@@ -195,7 +195,7 @@ SHARED = {
     "batch_size": ({"pretrain", "probe", "finetune", "embed", "demo"}, Range(1, integer=True)),
     "device": ({"pretrain", "probe", "finetune", "embed"}, None),
     "overwrite": ({"phantom", "prepare", "pretrain", "probe", "finetune", "embed", "tile", "curate", "export",
-                   "grids"}, None),
+                   "grids", "demo"}, None),
     "seed": ({"phantom", "prepare", "pretrain", "probe", "finetune", "compare", "curate", "demo"},
              Range(0, 2**63 - 1, integer=True)),
 }
