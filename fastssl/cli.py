@@ -42,7 +42,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 # EOFError and UnpicklingError: numpy and torch reading an empty or foreign file.
 USER_ERRORS = (ValueError, TypeError, DataError, OSError, EOFError, pickle.UnpicklingError, MissingDependencyError,
                argparse.ArgumentTypeError)
-_FILE_OUTS = {"compare", "export"}     # their --out is a file; every other command's is a directory
+_FILE_OUTS = {"compare"}     # its --out is a file; every other command's is a directory
 
 
 class _Parser(argparse.ArgumentParser):

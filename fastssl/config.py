@@ -232,7 +232,7 @@ _DECLARED = {"phantom": "fastssl.data.phantom", "plot": "fastssl.plots", "prepar
              "pretrain": "fastssl.train.pretrain", "embed": "fastssl.curation.embed",
              "tile": "fastssl.curation.tile", "compare": "fastssl.eval.compare", "grids": "fastssl.curation.tiles",
              "curate": "fastssl.train.curate", "demo": "fastssl.demo", "probe": "fastssl.eval.probe",
-             "finetune": "fastssl.eval.finetune"}
+             "finetune": "fastssl.eval.finetune", "export": "fastssl.models.export"}
 
 
 class _CommandRanges(Mapping):

@@ -12,6 +12,11 @@
 Every step is one of the library's own commands (phantom, prepare, pretrain, probe,
 curate), so rerunning the demo resumes where it stopped and skips finished work. The
 defaults are sized for 2 CPU cores; a GPU is used when present.
+
+``--out`` is opened by fastssl.jobs.open_job (job.json: the demo's settings; the steps open
+their own sub-folders): a rerun with other settings is refused, naming them, unless
+``--overwrite``, which empties --out (whatever it holds) so that every step starts over. A
+step that fails is one ValueError naming it (the router prints it once, exit code 2).
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import argparse
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fastssl.config import COUNT, POSITIVE, SEED, SIDE, Range, add_dataclass_arguments, check_settings, setting
@@ -46,27 +51,55 @@ class DemoConfig:
     seed: int = setting(0, range=SEED)  # seed of every step
     skip_radiographs: bool = False  # curation part only
     skip_curation: bool = False  # radiograph part only
+    overwrite: bool = False  # empty --out first: every step starts over (without it, a demo of other settings there is refused)
 
     def __post_init__(self) -> None:
         check_settings(self)
 
 
 SETTINGS = DemoConfig   # the dataclass declaring this command's settings (fastssl.config)
+# Not in job.json: where the demo goes, --overwrite itself, and the skips (they choose which
+# part runs, not what a part computes; each part's steps keep their own records).
+_NOT_RESULT_KEYS = ("out", "overwrite", "skip_radiographs", "skip_curation")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(parser, DemoConfig)
 
 
+def _fingerprint(cfg: DemoConfig):
+    """The demo's identity (fastssl.jobs.JobFingerprint): its settings; it reads no input."""
+    from fastssl.jobs import JobFingerprint
+
+    return JobFingerprint("demo", {k: v for k, v in asdict(cfg).items() if k not in _NOT_RESULT_KEYS})
+
+
 def _step(name: str, argv: list[str], timings: dict) -> None:
-    from fastssl.cli import main as cli_main
+    """``fastssl ARGV`` (parsed and checked as the router does), timed as ``timings[name]``.
+
+    A user error of the step is raised as one ValueError naming the step, for the demo's
+    router to print once; a step that cannot resume its folder (ResumeMismatch) says that
+    ``fastssl demo --overwrite`` starts every step over (the steps have no --overwrite here)."""
+    from fastssl import cli
+    from fastssl.errors import ResumeMismatch
 
     t0 = time.perf_counter()
     log.info("demo: fastssl %s", " ".join(argv))
-    code = cli_main(argv)
+    parser, module = cli.command_parser(argv[0])
+    args = parser.parse_args(argv[1:])
+    try:
+        cli.check_args(argv[0], args)
+        code = int(module.run(args) or 0)
+    except ResumeMismatch as exc:
+        raise ResumeMismatch(f"step '{name}' cannot resume: {exc.problem}; use `fastssl demo --overwrite` "
+                             "(it empties --out: every step starts over) or another --out",
+                             problem=exc.problem) from exc
+    except cli.USER_ERRORS as exc:
+        raise ValueError(f"step '{name}' failed: {' '.join(str(exc).split()) or type(exc).__name__}; "
+                         "fix and rerun to resume") from exc
     timings[name] = round(time.perf_counter() - t0, 1)
     if code:
-        raise SystemExit(f"demo: step '{name}' failed (exit {code}); fix and rerun to resume")
+        raise ValueError(f"step '{name}' failed (exit {code}); fix and rerun to resume")
 
 
 def _radiographs(args, out: Path, timings: dict, quiet: list[str]) -> dict:
@@ -131,15 +164,30 @@ def _curation(args, out: Path, timings: dict, quiet: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    from fastssl.atomic import atomic_write_text
+    from fastssl.config import config_from_args
+    from fastssl.jobs import open_job
+
+    cfg = config_from_args(DemoConfig, args)
     quiet = ["--quiet"] if args.quiet else []
+    # "resume": every step resumes or skips its own finished work; "new": --out was emptied.
+    # --overwrite empties it even for the same settings (restart): it is the advice for a step
+    # that cannot resume its own folder, and the steps are not given an --overwrite of their own.
+    with open_job(cfg.out, lambda: _fingerprint(cfg), overwrite=cfg.overwrite, restart=cfg.overwrite):
+        summary = _run_steps(cfg, Path(cfg.out), quiet)
+        atomic_write_text(Path(cfg.out) / "demo_summary.json", json.dumps(summary, indent=1))
+    print(_summary_text(summary))
+    return 0
+
+
+def _run_steps(cfg: DemoConfig, out: Path, quiet: list[str]) -> dict:
+    """Both parts (or the one not skipped) in the opened ``out`` -> demo_summary.json's dict."""
     timings: dict[str, float] = {}
     summary: dict = {"out": str(out), "machine": _machine(), "date": time.strftime("%Y-%m-%d")}
-    if not args.skip_radiographs:
-        summary["radiographs"] = _radiographs(args, out, timings, quiet)
-    if not args.skip_curation:
-        report = _curation(args, out, timings, quiet)
+    if not cfg.skip_radiographs:
+        summary["radiographs"] = _radiographs(cfg, out, timings, quiet)
+    if not cfg.skip_curation:
+        report = _curation(cfg, out, timings, quiet)
         gt = report.get("ground_truth", {})
         summary["curation"] = {
             "points": report["n_points"], "sample_size": report.get("sample_size"),
@@ -149,9 +197,7 @@ def run(args: argparse.Namespace) -> int:
                for metric in ("entropy_norm", "gini", "coverage")},
         }
     summary["seconds"] = timings
-    (out / "demo_summary.json").write_text(json.dumps(summary, indent=1))
-    print(_summary_text(summary))
-    return 0
+    return summary
 
 
 def _machine() -> str:

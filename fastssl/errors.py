@@ -28,7 +28,20 @@ class MissingDependencyError(ImportError):
 
 
 class ResumeMismatch(ValueError):
-    """An output dir holds a run whose settings or inputs differ from the requested one."""
+    """An output dir holds a run whose settings or inputs differ from the requested one.
+
+    Args:
+        message: the whole refusal: what differs, then what to do (``--overwrite``...).
+        problem: what differs alone (default: ``message``), for a caller that words its own
+            advice (``fastssl demo``, whose steps' folders its own --overwrite empties).
+    """
+
+    def __init__(self, message: str, problem: str | None = None):
+        super().__init__(message)
+        self.problem = message if problem is None else problem
+
+    def __reduce__(self):  # picklable across worker processes, problem kept
+        return (type(self), (str(self), self.problem))
 
 
 class OutputLocked(ValueError):

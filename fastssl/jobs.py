@@ -279,7 +279,7 @@ def check_resume(out_dir: str | os.PathLike, fingerprint: JobFingerprint, *, ove
     if overwrite:
         log.warning("%s; --overwrite: removing %s", what, ", ".join(_outputs(out_dir)))
         return "new"
-    raise ResumeMismatch(f"{what}; {_removal_note(out_dir)}")
+    raise ResumeMismatch(f"{what}; {_removal_note(out_dir)}", problem=what)
 
 
 def write_fingerprint(out_dir: str | os.PathLike, fingerprint: JobFingerprint) -> None:

@@ -261,6 +261,8 @@ CASES = [   # (command line with {t} = the junk dir, words the one-line error mu
     ("plot {t}/nodicom --samples 0", "--samples: got 0"),
     ("export {t}/missing.pt --cache {t}/c --out {t}/x", "missing.pt"),
     ("export {t}/afile --cache {t}/missing --out {t}/x", "afile"),
+    ("export {t}/afile --out {t}/afile", "--out {t}/afile: exists and is not a directory"),   # its --out is a folder
+    ("export {t}/afile --out {t}/x --views frontal,side", "--views: 'frontal,side' is not a comma list"),
 ]
 
 

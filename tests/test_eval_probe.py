@@ -187,10 +187,71 @@ def test_probe_accepts_training_checkpoint_random_init_and_fixed_l2(pretrained, 
                 "--out", out, "--workers", "0", "--n-boot", "10", "--l2-grid", "", "--no-plots", "--quiet"]) == 0
     with open(os.path.join(out, "probe.json")) as handle:
         assert json.load(handle)["l2_selection"] == dict(l2=1e-4, chosen_on=None)
+    # another encoder into the same folder is another run: --overwrite replaces the first
     assert cli(["probe", "--cache", cache, "--checkpoint", "random:test", "--out", out, "--workers", "0",
-                "--n-boot", "10", "--quiet"]) == 0
+                "--n-boot", "10", "--overwrite", "--quiet"]) == 0
     assert cli(["probe", "--cache", cache, "--checkpoint", os.path.join(run, "nope.pt"),
                 "--out", out, "--quiet"]) == 2
+
+
+def test_probe_out_is_a_job_resumed_refused_or_overwritten(pretrained, tmp_path, capsys):
+    """--out is opened by fastssl.jobs.open_job: the same command recomputes equal files; another
+    setting, the encoder file's content or --no-plots is refused naming it, touching nothing;
+    --no-plots --overwrite leaves no old PNG; a foreign folder and a held lock are refused.
+    Planted: --plots left out of the fingerprint, the encoder file left out of the inputs, no
+    open_job at all (a plain makedirs) -> this test fails."""
+    import shutil
+
+    from fastssl import jobs
+    from fastssl.cli import main as cli
+    from fastssl.models.export import export_encoder, load_encoder
+
+    cache, run = pretrained
+    enc, out = tmp_path / "enc.safetensors", tmp_path / "probe"
+    shutil.copyfile(os.path.join(run, "encoder.safetensors"), enc)
+
+    def probe(*extra, where=out):
+        capsys.readouterr()
+        with one_thread():
+            code = cli(["probe", "--cache", cache, "--checkpoint", str(enc), "--out", str(where), "--workers", "0",
+                        "--n-boot", "10", "--l2-grid", "", "--quiet", *extra])
+        return code, capsys.readouterr().err
+
+    def files(where=out):
+        return {p.name: p.read_bytes() for p in where.iterdir() if p.name != jobs.LOCK_NAME}
+
+    assert probe() == (0, "")
+    first = files()
+    assert {"job.json", "probe.json", "probe.npz", "scores.csv", "roc.png", "reliability.png"} <= set(first)
+    assert json.loads(first["job.json"])["settings"]["plots"] is True
+    (out / "scores.csv").unlink()                         # a rerun recomputes: the file comes back, equal
+    assert probe() == (0, "") and files() == first
+    for extra, named in ((["--n-boot", "11"], "n_boot: 10 -> 11"), (["--no-plots"], "plots: true -> false"),
+                         (["--seed", "1"], "seed: 0 -> 1")):
+        code, err = probe(*extra)
+        assert code == 2 and err.startswith("fastssl probe: error: ") and named in err and "--overwrite" in err, err
+        assert files() == first                           # refused before any write
+    code, err = probe("--no-plots", "--overwrite")
+    assert code == 0 and not (out / "roc.png").exists() and not (out / "reliability.png").exists()
+    assert json.loads((out / "job.json").read_text())["settings"]["plots"] is False
+    assert (out / "probe.json").read_bytes() != first["probe.json"]   # its config says plots false
+    # the encoder's bytes are an input: another encoder under the same name is refused
+    other = load_encoder(str(enc))
+    export_encoder(other, other.cfg, str(enc), manifest=dict(pixel_mean=TRAIN_MEAN, pixel_std=TRAIN_STD),
+                   views=("lateral",))
+    code, err = probe("--no-plots")
+    assert code == 2 and f"input {enc}: " in err, err   # "content changed" or "size a -> b bytes"
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    code, err = probe(where=foreign)
+    assert code == 2 and "is not empty and has no job.json" in err
+    assert set(os.listdir(foreign)) - {jobs.LOCK_NAME} == {"notes.txt"}
+    assert (foreign / "notes.txt").read_text() == "mine"
+    held = tmp_path / "held"
+    with jobs.OutputLock(held):
+        code, err = probe(where=held)
+    assert code == 2 and "is in use by another job" in err and os.listdir(held) == [jobs.LOCK_NAME]
 
 
 def pooled_cache(root) -> str:

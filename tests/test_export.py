@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -262,3 +263,84 @@ def test_cli_export_writes_the_training_normalisation(tmp_path, caplog, capsys):
     assert "records no training normalisation" in err and "pass --cache" in err
     assert cli(["export", str(tmp_path / "gone.pt"), "--out", str(tmp_path / "x"), "--cache", str(other)]) == 0
     assert float(read_export_metadata(str(tmp_path / "x" / "encoder.safetensors"))["pixel_mean"]) == 0.4375
+
+
+def test_cli_export_out_is_a_job_resumed_refused_or_overwritten(tmp_path, capsys):
+    """--out is opened by fastssl.jobs.open_job: the same command rewrites equal files; other
+    views, a checkpoint that trained on, another normalisation (its training cache's manifest
+    changed) or another --cache are refused naming them, touching nothing; --overwrite empties
+    the folder (no encoder_lateral.safetensors of the previous export is left); a foreign
+    folder and a held lock are refused. Planted: --views, the checkpoint's fingerprint or the
+    written normalisation left out of job.json -> this test fails."""
+    from dataclasses import asdict
+
+    from fastssl import jobs
+    from fastssl.cli import main as cli
+
+    enc = _encoder("mvmae")
+    ckpt, train_cache, out = tmp_path / "checkpoint.pt", tmp_path / "train_cache", tmp_path / "export"
+    train_cache.mkdir()
+    (train_cache / "manifest.json").write_text(json.dumps({"pixel_mean": 0.5625, "pixel_std": 0.3125}))
+
+    def save(encoder):
+        torch.save(dict(model={f"encoder.{k}": v for k, v in encoder.state_dict().items()},
+                        model_config=asdict(encoder.cfg), config=dict(cache=str(train_cache))), ckpt)
+
+    def export(*extra, where=out):
+        capsys.readouterr()
+        code = cli(["export", str(ckpt), "--out", str(where), "--quiet", *extra])
+        return code, capsys.readouterr().err
+
+    def files(where=out):
+        """{name: bytes} of what --out holds; a safetensors file as (metadata, tensors as
+        numpy): its header's key order changes from one write to the next."""
+        from safetensors.numpy import load_file
+
+        return {p.name: (read_export_metadata(str(p)), load_file(str(p))) if p.suffix == ".safetensors"
+                else p.read_bytes() for p in where.iterdir() if p.name != jobs.LOCK_NAME}
+
+    def stamps(where=out):
+        return {p.name: p.stat().st_mtime_ns for p in where.iterdir() if p.name != jobs.LOCK_NAME}
+
+    def same(a, b):
+        return a.keys() == b.keys() and all(
+            a[k] == b[k] if isinstance(a[k], bytes) else
+            a[k][0] == b[k][0] and a[k][1].keys() == b[k][1].keys() and
+            all(np.array_equal(a[k][1][t], b[k][1][t]) for t in a[k][1]) for k in a)
+
+    save(enc)
+    assert export("--views", "frontal,lateral") == (0, "")
+    first = files()
+    assert set(first) == {"job.json", "encoder.safetensors", "encoder_lateral.safetensors"}
+    assert json.loads(first["job.json"])["settings"]["pixel_mean"] == 0.5625 and first["encoder.safetensors"][1]
+    (out / "encoder.safetensors").unlink()                 # a rerun rewrites: the file comes back, equal
+    assert export("--views", "frontal,lateral") == (0, "") and same(files(), first)
+    other_cache = tmp_path / "other"
+    other_cache.mkdir()
+    (other_cache / "manifest.json").write_text(json.dumps(MANIFEST))
+    before = stamps()
+    for extra, named in ((["--views", "frontal"], 'views: "frontal,lateral" -> "frontal"'),
+                         (["--views", "frontal,lateral", "--cache", str(other_cache)],
+                          f"input {other_cache / 'manifest.json'}: new")):
+        code, err = export(*extra)
+        assert code == 2 and err.startswith("fastssl export: error: ") and named in err and "--overwrite" in err, err
+        assert stamps() == before                           # refused before any write
+    (train_cache / "manifest.json").write_text(json.dumps({"pixel_mean": 0.5, "pixel_std": 0.3125}))
+    code, err = export("--views", "frontal,lateral")
+    assert code == 2 and "pixel_mean: 0.5625 -> 0.5" in err, err
+    (train_cache / "manifest.json").write_text(json.dumps({"pixel_mean": 0.5625, "pixel_std": 0.3125}))
+    save(_encoder("mvmae", seed=1))                         # the run trained on: same name, other weights
+    code, err = export("--views", "frontal,lateral")
+    assert code == 2 and f"input {ckpt}: " in err and stamps() == before, err
+    assert export("--views", "lateral", "--overwrite") == (0, "")
+    assert set(files()) == {"job.json", "encoder.safetensors"}
+    assert read_export_metadata(str(out / "encoder.safetensors"))["view"] == "lateral"
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    code, err = export(where=foreign)
+    assert code == 2 and "is not empty and has no job.json" in err and files(foreign) == {"notes.txt": b"mine"}
+    held = tmp_path / "held"
+    with jobs.OutputLock(held):
+        code, err = export(where=held)
+    assert code == 2 and "is in use by another job" in err and os.listdir(held) == [jobs.LOCK_NAME]

@@ -370,6 +370,24 @@ def test_open_job_refuses_a_second_job_and_touches_nothing(tmp_path):
     assert os.listdir(out) == [jobs.LOCK_NAME]
 
 
+def test_resume_mismatch_keeps_what_differs_apart_from_the_advice(tmp_path):
+    """ResumeMismatch.problem is the refusal without "use --overwrite ..." (fastssl demo words
+    its own advice from it); it survives pickling."""
+    import pickle
+
+    out = tmp_path / "run"
+    jobs.write_fingerprint(out, _fp(tmp_path))
+    _write(out / "keep.bin", b"result")
+    with pytest.raises(ResumeMismatch) as refused:
+        with jobs.open_job(out, _fp(tmp_path, lr=0.002)):
+            pytest.fail("a different run must not start")
+    problem = refused.value.problem
+    assert problem.endswith("lr: 0.001 -> 0.002") and "--overwrite" not in problem
+    assert str(refused.value).startswith(problem + "; use --overwrite")
+    again = pickle.loads(pickle.dumps(refused.value))
+    assert (str(again), again.problem) == (str(refused.value), problem)
+
+
 def _fake_broadcast(monkeypatch, sent: list, received: list):
     """fastssl.distributed.broadcast as rank 0 sees it (records what it sends) or as another rank
     does (returns what rank 0 sent, in order)."""
@@ -430,8 +448,9 @@ def test_only_jobs_py_opens_output_dirs():
         if "open_job" in names:
             openers.add(rel)
     assert users == {}
-    assert openers == {"data/phantom.py", "data/cache.py", "train/pretrain.py", "eval/finetune.py", "curation/tile.py",
-                       "curation/embed.py", "train/curate.py"}
+    assert openers == {"data/phantom.py", "data/cache.py", "train/pretrain.py", "eval/probe.py", "eval/finetune.py",
+                       "curation/tile.py", "curation/embed.py", "train/curate.py", "models/export.py",
+                       "curation/tiles.py", "demo.py"}
 
 
 def _open_as_rank(rank, world, init_file, out, lr, results):

@@ -11,9 +11,9 @@ import pytest
 from fastssl import cli
 from fastssl.config import Range, declared_choices, declared_ranges
 
-# Every command but export declares its settings on a dataclass (module.SETTINGS).
+# Every command declares its settings on a dataclass (module.SETTINGS).
 DECLARED = ("phantom", "plot", "prepare", "pretrain", "probe", "finetune", "embed", "tile", "compare", "grids",
-            "curate", "demo")
+            "curate", "demo", "export")
 
 
 def _embed_api(**settings):
@@ -127,7 +127,7 @@ def test_declared_commands_have_a_settings_dataclass():
 def test_api_and_cli_accept_and_refuse_the_same_numbers(name):
     call, api_names = _api_for(name)
     ranges = cli.RANGES.get(name, {})
-    assert ranges or name in ("export",), f"{name}: no numeric setting declared"
+    assert ranges or name in ("export",), f"{name}: no numeric setting declared"   # export has none
     for setting, allowed in ranges.items():
         for value, inside in _boundaries(allowed):
             assert _cli_accepts(name, setting, str(value)) is inside, (name, setting, value)
@@ -194,7 +194,8 @@ SHARED = {
     "workers": ({"phantom", "prepare", "pretrain", "probe", "finetune", "embed"}, Range(0, integer=True)),
     "batch_size": ({"pretrain", "probe", "finetune", "embed", "demo"}, Range(1, integer=True)),
     "device": ({"pretrain", "probe", "finetune", "embed"}, None),
-    "overwrite": ({"phantom", "prepare", "pretrain", "finetune", "embed", "tile", "curate"}, None),
+    "overwrite": ({"phantom", "prepare", "pretrain", "probe", "finetune", "embed", "tile", "curate", "export",
+                   "grids", "demo"}, None),
     "seed": ({"phantom", "prepare", "pretrain", "probe", "finetune", "compare", "curate", "demo"},
              Range(0, 2**63 - 1, integer=True)),
 }

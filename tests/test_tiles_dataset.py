@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -113,9 +114,16 @@ def test_nearest_points_match_brute_force(rng):
         nearest_points(tree, 2, 2, 3, PointSource.from_data(points))
 
 
-def test_exemplar_grids_show_the_nearest_tiles_in_order(tmp_path, rng):
-    """Each embedding row's tile is a PNG of one flat colour (its identity); the grid of a
-    cluster must show the brute-force nearest rows' colours, row-major, on a white rest."""
+def write_index(emb, sources):
+    """embed's index.csv: embedding row i is the tile file sources[i]."""
+    with open(emb / "index.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([["row", "shard", "offset", "source"]] +
+                                     [[i, "emb_00000.npy", i, s] for i, s in enumerate(sources)])
+
+
+def grids_inputs(tmp_path, rng):
+    """A curate dir (cur/tree: small_tree) and an embed dir (emb) whose row i is a 12 x 12
+    PNG of one flat colour, colours[i] -> (points, tree, cur, emb, colours (n, 3) uint8)."""
     points, tree = small_tree(rng)
     emb, cur = tmp_path / "emb", tmp_path / "cur"
     (emb / "tiles").mkdir(parents=True)
@@ -124,12 +132,17 @@ def test_exemplar_grids_show_the_nearest_tiles_in_order(tmp_path, rng):
     for i, colour in enumerate(colours):
         Image.fromarray(np.broadcast_to(colour, (12, 12, 3)).copy()).save(emb / "tiles" / f"{i:03d}.png")
     np.save(emb / "emb_00000.npy", points.astype(np.float16).astype(np.float32))
-    with open(emb / "index.csv", "w", newline="") as handle:
-        csv.writer(handle).writerows([["row", "shard", "offset", "source"]] +
-                                     [[i, "emb_00000.npy", i, f"{i:03d}.png"] for i in range(len(points))])
+    write_index(emb, [f"{i:03d}.png" for i in range(len(points))])
     (emb / "manifest.json").write_text(json.dumps({"source": str(emb / "tiles"), "tile_index": None,
                                                    "shards": [{"file": "emb_00000.npy", "rows": len(points)}]}))
     tree.save(cur / "tree")
+    return points, tree, cur, emb, colours
+
+
+def test_exemplar_grids_show_the_nearest_tiles_in_order(tmp_path, rng):
+    """Each embedding row's tile is a PNG of one flat colour (its identity); the grid of a
+    cluster must show the brute-force nearest rows' colours, row-major, on a white rest."""
+    points, tree, cur, emb, colours = grids_inputs(tmp_path, rng)
     paths = write_exemplar_grids(cur, emb, level=2, per_cluster=5, tile_px=8)
     assert [p.name for p in paths] == ["cluster_0.png", "cluster_1.png"]
     x = points.astype(np.float16).astype(np.float64)
@@ -155,6 +168,63 @@ def test_exemplar_grids_show_the_nearest_tiles_in_order(tmp_path, rng):
     assert png.shape == (16, 16, 3)
     for k, r in enumerate(firsts):
         np.testing.assert_array_equal(png[(k // 2) * 8 + 4, (k % 2) * 8 + 4], colours[r])
+
+
+def test_grids_level_folder_is_a_job_resumed_refused_or_overwritten(tmp_path, rng, capsys):
+    """OUT/level_L is opened by fastssl.jobs.open_job: the same command redraws equal PNGs; the
+    grids of another level live beside it; other settings, other clusters or a changed
+    embeddings index are refused naming them, touching nothing; --overwrite empties the level's
+    folder; a foreign folder and a held lock are refused; a bad --clusters leaves no record.
+    Planted: --per-cluster or the embeddings' index.csv left out of job.json, or one folder for
+    every level -> this test fails."""
+    from fastssl import jobs
+    from fastssl.cli import main
+
+    _, _, cur, emb, _ = grids_inputs(tmp_path, rng)
+    out = tmp_path / "grids"
+
+    def grids(*extra, where=out):
+        capsys.readouterr()
+        code = main(["grids", str(cur), "--embeddings", str(emb), "--level", "2", "--per-cluster", "5",
+                     "--tile-px", "8", "--out", str(where), "--quiet", *extra])
+        return code, capsys.readouterr().err
+
+    def files(where=out / "level_2"):
+        return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in where.iterdir() if p.name != jobs.LOCK_NAME}
+
+    assert grids() == (0, "")
+    first = files()
+    assert set(first) == {"job.json", "cluster_0.png", "cluster_1.png"}
+    (out / "level_2" / "cluster_0.png").unlink()              # a rerun redraws: the file comes back, equal
+    assert grids() == (0, "")
+    assert {k: v[0] for k, v in files().items()} == {k: v[0] for k, v in first.items()}
+    assert grids("--level", "1", "--per-cluster", "3") == (0, "")          # another level: its own folder
+    assert len(list((out / "level_1").glob("cluster_*.png"))) == 6
+    first = files()
+    for extra, named in ((["--per-cluster", "4"], "per_cluster: 5 -> 4"), (["--tile-px", "9"], "tile_px: 8 -> 9"),
+                         (["--clusters", "1"], "clusters: [0, 1] -> [1]")):
+        code, err = grids(*extra)
+        assert code == 2 and err.startswith("fastssl grids: error: ") and named in err and "--overwrite" in err, err
+        assert files() == first                                   # refused before any write
+    write_index(emb, [f"{i:03d}.png" for i in reversed(range(60))])   # other tiles for the same rows
+    code, err = grids()
+    assert code == 2 and f"input {emb / 'index.csv'}: content changed" in err and files() == first, err
+    assert grids("--clusters", "1", "--overwrite") == (0, "")
+    assert set(files()) == {"job.json", "cluster_1.png"}      # the old cluster_0.png went
+    code, err = grids("--clusters", "2")
+    assert code == 2 and "--clusters 2: level 2 has clusters 0..1" in err
+    code, err = grids("--clusters", "2", where=tmp_path / "typo")
+    assert code == 2 and not (tmp_path / "typo").exists()
+    foreign = tmp_path / "foreign"
+    (foreign / "level_2").mkdir(parents=True)
+    (foreign / "level_2" / "notes.txt").write_text("mine")
+    code, err = grids(where=foreign)
+    assert code == 2 and "is not empty and has no job.json" in err
+    assert set(os.listdir(foreign / "level_2")) - {jobs.LOCK_NAME} == {"notes.txt"}
+    held = tmp_path / "held"
+    with jobs.OutputLock(held / "level_2"):
+        code, err = grids(where=held)
+    assert code == 2 and "is in use by another job" in err and os.listdir(held / "level_2") == [jobs.LOCK_NAME]
 
 
 def test_grid_image_shape(tmp_path, rng):

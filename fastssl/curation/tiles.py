@@ -8,7 +8,11 @@ file and level-0 mpp from the tile index's slides.csv) or from the image file ``
 relative to the folder that was embedded (``file.npy[i]``: row i of an array file).
 
 Exemplar grids (what SDC's notebooks show): for each cluster of a tree level, a PNG of the
-tiles closest to the cluster's centroid, closest first, in row-major order.
+tiles closest to the cluster's centroid, closest first, in row-major order. A level's folder
+(``<out>/level_L``, so that the grids of several levels live side by side) is opened by
+fastssl.jobs.open_job: job.json records the settings and the fingerprints of the tree and of
+the embeddings' manifest.json and index.csv; the same command redraws the same PNGs, another
+run there is refused, naming the differences, unless ``overwrite``, which empties the folder.
 """
 from __future__ import annotations
 
@@ -217,6 +221,7 @@ class GridsConfig:
     level: int = setting(1, range=COUNT)  # tree level whose clusters get a grid (1 = finest)
     per_cluster: int = setting(16, range=COUNT)  # tiles per grid, closest to the centroid first
     tile_px: int = setting(96, range=Range(8, 4096, integer=True))  # side of each tile in the grid, in pixels
+    overwrite: bool = False  # replace a different run (other settings, tree or embeddings) found in OUT/level_L (otherwise refused)
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -227,36 +232,69 @@ SETTINGS = GridsConfig   # the dataclass declaring this command's settings (fast
 
 def write_exemplar_grids(curate_dir: str | os.PathLike, embed_dir: str | os.PathLike, level: int,
                          per_cluster: int = 16, tile_px: int = 96, out_dir: str | os.PathLike | None = None,
-                         clusters: Sequence[int] | None = None) -> list[Path]:
+                         clusters: Sequence[int] | None = None, overwrite: bool = False) -> list[Path]:
     """One PNG per cluster of ``level``: its ``per_cluster`` tiles closest to the centroid.
 
     Reads ``<curate_dir>/tree`` (HierarchicalTree) and the embeddings + tile sources of
-    ``embed_dir``; writes ``<out_dir or curate_dir/grids>/level_<L>/cluster_<c>.png``.
-    Returns the written paths. Unreadable tiles are left white and logged.
+    ``embed_dir``; writes ``<out_dir or curate_dir/grids>/level_<L>/cluster_<c>.png``, that
+    folder opened by fastssl.jobs.open_job (ResumeMismatch when it holds another run, unless
+    ``overwrite``; OutputLocked when another job writes it). Returns the written paths.
+    Unreadable tiles are left white and logged.
     """
-    from fastssl.curation._source import PointSource
     from fastssl.curation.tree import HierarchicalTree
-    from fastssl.jobs import atomic_write_bytes
+    from fastssl.jobs import open_job
 
-    GridsConfig(level=level, per_cluster=per_cluster, tile_px=tile_px)   # bad settings fail before any read
+    # bad settings fail before any read
+    cfg = GridsConfig(level=level, per_cluster=per_cluster, tile_px=tile_px, overwrite=overwrite)
     tree = HierarchicalTree.load(Path(curate_dir) / "tree")
     if not 1 <= level <= len(tree.levels):
         raise ValueError(f"--level {level}: the tree has levels 1..{len(tree.levels)}")
-    point_ids = np.load(Path(curate_dir) / "tree" / tree.meta["point_ids"]) if tree.meta.get("point_ids") else None
-    points = PointSource.from_data(str(embed_dir)) if level > 1 else None
+    k = tree.levels[level - 1].k
+    clusters = list(range(k)) if clusters is None else [int(c) for c in clusters]
+    if not all(0 <= c < k for c in clusters):   # before the folder is opened: a typo leaves no record
+        raise ValueError(f"--clusters {','.join(map(str, clusters))}: level {level} has clusters 0..{k - 1}")
+    out = Path(out_dir or Path(curate_dir) / "grids") / f"level_{level}"
+    # "resume" redraws every PNG: the same settings, tree and embeddings give the same files
+    with open_job(out, lambda: _grids_fingerprint(cfg, Path(curate_dir), Path(embed_dir), tree, clusters),
+                  overwrite=overwrite):
+        return _draw_grids(cfg, Path(curate_dir), Path(embed_dir), tree, clusters, out)
+
+
+def _grids_fingerprint(cfg: GridsConfig, curate_dir: Path, embed_dir: Path, tree, clusters: list[int]):
+    """The grids' identity (fastssl.jobs.JobFingerprint): the settings and clusters drawn, the
+    tree files the level's ranking reads (tree.json, the arrays of levels 1..L, its point ids)
+    and the embeddings' manifest.json and index.csv (which tile each row is)."""
+    from fastssl.jobs import JobFingerprint, fingerprint_files
+
+    root = curate_dir / "tree"
+    inputs = [root / "tree.json"]
+    inputs += sorted(p for lvl in range(1, cfg.level + 1) for p in (root / f"level_{lvl}").glob("*.npy"))
+    if tree.meta.get("point_ids"):
+        inputs.append(root / tree.meta["point_ids"])
+    inputs += [embed_dir / "manifest.json", embed_dir / "index.csv"]
+    settings = dict(level=cfg.level, per_cluster=cfg.per_cluster, tile_px=cfg.tile_px, clusters=clusters)
+    return JobFingerprint("grids", settings, fingerprint_files(inputs))
+
+
+def _draw_grids(cfg: GridsConfig, curate_dir: Path, embed_dir: Path, tree, clusters: list[int],
+                out: Path) -> list[Path]:
+    """The PNGs of :func:`write_exemplar_grids` into the opened folder ``out`` -> their paths."""
+    from fastssl.curation._source import PointSource
+    from fastssl.jobs import atomic_write_bytes
+
+    point_ids = np.load(curate_dir / "tree" / tree.meta["point_ids"]) if tree.meta.get("point_ids") else None
+    points = PointSource.from_data(str(embed_dir)) if cfg.level > 1 else None
     if points is not None and point_ids is not None:
         points = points.subset(point_ids)
     table, root = embedding_table(embed_dir)
     dataset = TileDataset(table, tiles_root=root)
-    out = Path(out_dir or Path(curate_dir) / "grids") / f"level_{level}"
-    out.mkdir(parents=True, exist_ok=True)
     written = []
-    for c in (range(tree.levels[level - 1].k) if clusters is None else clusters):
-        picked = nearest_points(tree, level, int(c), per_cluster, points)
+    for c in clusters:
+        picked = nearest_points(tree, cfg.level, c, cfg.per_cluster, points)
         rows = picked if point_ids is None else point_ids[picked]
-        tiles = [_tile_or_blank(dataset, int(r), tile_px) for r in rows]
-        written.append(out / f"cluster_{int(c)}.png")
-        atomic_write_bytes(written[-1], _png_bytes(grid_image(tiles, tile_px)))
+        tiles = [_tile_or_blank(dataset, int(r), cfg.tile_px) for r in rows]
+        written.append(out / f"cluster_{c}.png")
+        atomic_write_bytes(written[-1], _png_bytes(grid_image(tiles, cfg.tile_px)))
     return written
 
 
@@ -284,7 +322,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--embeddings", required=True,
                         help="output folder of `fastssl embed` that the tree was built on (its index.csv, "
                              "manifest.json and shards: the tiles' sources and the points)")
-    add_dataclass_arguments(parser, GridsConfig)   # --level, --per-cluster, --tile-px
+    add_dataclass_arguments(parser, GridsConfig)   # --level, --per-cluster, --tile-px, --overwrite
     parser.add_argument("--clusters", default=None,
                         help="comma list of cluster ids (default: every cluster of the level)")
     parser.add_argument("--out", default=None, help="output folder (default: CURATE_DIR/grids)")
@@ -298,6 +336,6 @@ def run(args) -> int:
         except ValueError:
             raise ValueError(f"--clusters {args.clusters!r}: expected a comma list of integers") from None
     paths = write_exemplar_grids(args.curate_dir, args.embeddings, args.level, args.per_cluster, args.tile_px,
-                                 args.out, clusters)
+                                 args.out, clusters, overwrite=args.overwrite)
     print(f"{len(paths)} grids ({args.per_cluster} tiles each) under {paths[0].parent if paths else args.out}")
     return 0

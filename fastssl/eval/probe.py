@@ -23,7 +23,12 @@ patient-bootstrap CIs.
 Outputs: probe.json (settings, the L2 choice, AUROC, AUPRC, F1, Brier and CIs), probe.npz
 (the fitted head: weight, bias, feature mean and std), scores.csv (per test study and
 label: study, subject, label, score, target; see fastssl.eval.report), roc.png and
-reliability.png.
+reliability.png, job.json (the run's fingerprint, fastssl.jobs).
+
+``out`` is opened by fastssl.jobs.open_job: rerunning the same command recomputes into it
+(a probe is short: nothing is kept between runs); a different run there (other settings,
+cache or encoder; --plots included, so a --no-plots rerun cannot leave old PNGs beside
+new results) is refused, naming the differences, unless ``--overwrite``, which empties it.
 """
 from __future__ import annotations
 
@@ -200,6 +205,7 @@ class ProbeConfig:
     label_fraction: float = setting(1.0, range=Range(0, 1, low_open=True))   # keep this fraction (0, 1] of the train studies' labels, drawn by patient
     label_seed: int = setting(0, range=SEED)           # seed of the --label-fraction draw
     plots: bool = True            # roc.png (needs matplotlib)
+    overwrite: bool = False       # replace a different run found in --out (otherwise refused)
     progress: bool = True         # tqdm bar (only on a terminal)
 
     def __post_init__(self) -> None:
@@ -207,6 +213,22 @@ class ProbeConfig:
 
 
 SETTINGS = ProbeConfig   # the dataclass declaring this command's settings (fastssl.config)
+# Settings that change no result (fastssl.jobs fingerprint): where the run goes, how fast the
+# features are extracted (batch_size: the same features up to float rounding), how it reports,
+# --overwrite itself.
+_NOT_RESULT_KEYS = ("out", "batch_size", "workers", "device", "progress", "overwrite")
+
+
+def _fingerprint(cfg: ProbeConfig):
+    """The run's identity (fastssl.jobs.JobFingerprint): every result-affecting setting, the
+    cache's manifest.json and index.csv, and the encoder file (none for ``random:``)."""
+    from fastssl.jobs import JobFingerprint, fingerprint_files
+
+    settings = {k: v for k, v in asdict(cfg).items() if k not in _NOT_RESULT_KEYS}
+    inputs = [os.path.join(cfg.cache, name) for name in ("manifest.json", "index.csv")]
+    if not cfg.checkpoint.startswith("random:"):
+        inputs.append(cfg.checkpoint)
+    return JobFingerprint("probe", settings, fingerprint_files(inputs))
 
 
 def load_eval_encoder(spec: str, seed: int = 0):
@@ -474,17 +496,33 @@ def save_probe(path: str, probe: dict) -> None:
 
 def main(cfg: ProbeConfig) -> dict:
     """Features -> probe (L2 chosen on validation) -> study logits -> AUROC with patient
-    CIs; writes out/probe.json, out/scores.csv, out/roc.png and returns the JSON's dict."""
-    from fastssl.data.mimic import CHEXPERT_LABELS
-    from fastssl.eval.report import (
-        auroc_summary, metrics_summary, plot_reliability, plot_roc, study_table, write_json, write_scores_csv,
-    )
+    CIs; writes out/probe.json, out/scores.csv, out/roc.png and returns the JSON's dict.
 
+    ``cfg.out`` is opened by fastssl.jobs.open_job once the encoder and the splits are known
+    to be usable (a bad flag touches nothing): ResumeMismatch when it holds another run
+    (unless ``cfg.overwrite``), OutputLocked when another job writes it."""
+    from fastssl.jobs import open_job
+
+    check_settings(cfg)   # again: a field may have been changed after construction
     device = pick_device(cfg.device)
     encoder = load_eval_encoder(cfg.checkpoint, cfg.seed)
     transform = eval_transform(cfg.cache, encoder.cfg.img_size, cfg.checkpoint)
     datasets = {cfg.test_split: split_dataset(cfg, cfg.test_split), cfg.val_split: optional_split(cfg, cfg.val_split)}
     datasets[cfg.train_split], label_info = train_dataset(cfg)
+    # "resume" recomputes everything: the same settings and inputs give the same files
+    with open_job(cfg.out, lambda: _fingerprint(cfg), overwrite=cfg.overwrite):
+        return _probe(cfg, encoder, transform, device, datasets, label_info)
+
+
+def _probe(cfg: ProbeConfig, encoder, transform, device, datasets: dict, label_info: dict) -> dict:
+    """The probe of ``main`` in the opened cfg.out -> probe.json's dict. datasets: {split:
+    SingleViewDataset or None (an empty validation split)}; label_info: the train split's
+    --label-fraction draw (keep_label_fraction)."""
+    from fastssl.data.mimic import CHEXPERT_LABELS
+    from fastssl.eval.report import (
+        auroc_summary, metrics_summary, plot_reliability, plot_roc, study_table, write_json, write_scores_csv,
+    )
+
     feats = {split: extract_features(encoder, ds, transform, batch_size=cfg.batch_size, device=device,
                                      workers=cfg.workers, progress=cfg.progress)
              for split, ds in datasets.items() if ds is not None}
@@ -510,7 +548,6 @@ def main(cfg: ProbeConfig) -> dict:
         kper, kmacro = macro_auroc(kscores, labels)
         result["knn"] = dict(k=cfg.knn_k, macro_auroc=kmacro,
                              per_label={n: None if np.isnan(a) else float(a) for n, a in zip(names, kper)})
-    os.makedirs(cfg.out, exist_ok=True)
     write_scores_csv(os.path.join(cfg.out, "scores.csv"), studies, subjects, scores, labels, names)
     save_probe(os.path.join(cfg.out, "probe.npz"), probe)
     if cfg.plots:

@@ -33,6 +33,10 @@ Loading it with timm::
 DIR/encoder.safetensors and DIR/encoder_lateral.safetensors from a finished (or running)
 run, with the pixel mean/std the run trained with (its ``--pixel-mean/--pixel-std``, else
 its training cache's manifest); ``--cache`` is needed only when that cache is gone.
+DIR is opened by fastssl.jobs.open_job (job.json: the views, the normalisation written,
+the checkpoint's and --cache manifest's fingerprints): the same command rewrites the same
+files; another export there (a checkpoint that has trained on, other views) is refused,
+naming the differences, unless ``--overwrite``, which empties DIR first.
 """
 from __future__ import annotations
 
@@ -41,16 +45,18 @@ import copy
 import json
 import logging
 import os
-from dataclasses import asdict
 from typing import Sequence
+
+from dataclasses import asdict, dataclass
 
 import torch
 
+from fastssl.config import check_settings
 from fastssl.data.cache import pixel_stats
 
 __all__ = ["export_encoder", "load_encoder", "timm_state_dict", "timm_kwargs", "pixel_stats",
            "training_normalisation", "resolve_normalisation",
-           "read_export_metadata", "export_path", "add_arguments", "run"]
+           "read_export_metadata", "export_path", "ExportConfig", "main", "add_arguments", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -362,17 +368,69 @@ def load_encoder(path: str, map_location="cpu"):
     return encoder
 
 
+# ------------------------------------------------------------------------------ job
+@dataclass(frozen=True)
+class ExportConfig:
+    """Every setting of ``fastssl export`` (its flags and positional, declared once)."""
+
+    checkpoint: str = ""  # a pretrain checkpoint.pt or an exported encoder*.safetensors
+    cache: str = ""  # a cache whose manifest gives the pixel mean/std, used only when the checkpoint records no training normalisation (its settings name a cache that is gone); otherwise the training values are written, whatever this cache holds
+    out: str = ""  # output directory: encoder.safetensors (first view), encoder_<view>.safetensors (the others)
+    views: str = "frontal"  # comma list of views to fold, one file each: frontal,lateral,unknown
+    overwrite: bool = False  # replace a different export (or other files) found in --out (otherwise refused)
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+        self.view_list()   # a bad --views fails before any file is read
+
+    def view_list(self) -> tuple[str, ...]:
+        """--views as a tuple of distinct view names; ValueError naming --views otherwise."""
+        from fastssl.models.mvmae import VIEW_IDS
+
+        views = tuple(v.strip() for v in self.views.split(",") if v.strip())
+        if not views or len(set(views)) != len(views) or not set(views) <= set(VIEW_IDS):
+            raise ValueError(f"--views: {self.views!r} is not a comma list of distinct views from "
+                             f"{', '.join(VIEW_IDS)}")
+        return views
+
+
+SETTINGS = ExportConfig   # the dataclass declaring this command's settings (fastssl.config)
+
+
+def _fingerprint(cfg: ExportConfig, normalisation: dict):
+    """The export's identity (fastssl.jobs.JobFingerprint): its settings, the pixel mean/std it
+    writes (they may come from the training cache's manifest), and the fingerprints of the
+    checkpoint and of --cache's manifest.json when given."""
+    from fastssl.jobs import JobFingerprint, fingerprint_files
+
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "overwrite")}
+    inputs = [cfg.checkpoint] + ([os.path.join(cfg.cache, "manifest.json")] if cfg.cache else [])
+    return JobFingerprint("export", {**settings, **normalisation}, fingerprint_files(inputs))
+
+
+def main(cfg: ExportConfig) -> list[str]:
+    """Exports cfg.checkpoint into cfg.out (opened by fastssl.jobs.open_job once the checkpoint
+    and its normalisation are known to be usable) -> the paths written, first view first.
+    Raises ResumeMismatch when cfg.out holds another export (unless cfg.overwrite),
+    OutputLocked when another job writes it."""
+    from fastssl.jobs import open_job
+
+    if not os.path.isfile(cfg.checkpoint):
+        raise ValueError(f"checkpoint={cfg.checkpoint!r} is not a file")
+    encoder = load_encoder(cfg.checkpoint)
+    normalisation = _export_normalisation(cfg.checkpoint, cfg.cache)
+    # "resume" rewrites the files: the same settings and inputs give the same bytes
+    with open_job(cfg.out, lambda: _fingerprint(cfg, normalisation), overwrite=cfg.overwrite):
+        return export_encoder(encoder, encoder.cfg, os.path.join(cfg.out, "encoder.safetensors"),
+                              manifest=normalisation, views=cfg.view_list())
+
+
 # ------------------------------------------------------------------------------ CLI
 def add_arguments(parser) -> None:
-    parser.add_argument("checkpoint", help="a pretrain checkpoint.pt or an exported encoder*.safetensors")
-    parser.add_argument("--cache", default="",
-                        help="a cache whose manifest gives the pixel mean/std, used only when the checkpoint "
-                             "records no training normalisation (its settings name a cache that is gone); "
-                             "otherwise the training values are written, whatever this cache holds")
-    parser.add_argument("--out", required=True, help="output directory: encoder.safetensors (first view), "
-                                                     "encoder_<view>.safetensors (the others)")
-    parser.add_argument("--views", default="frontal",
-                        help="comma list of views to fold, one file each: frontal,lateral,unknown")
+    from fastssl.config import add_dataclass_arguments, field_help
+
+    parser.add_argument("checkpoint", help=field_help(ExportConfig)["checkpoint"])
+    add_dataclass_arguments(parser, ExportConfig, required=("out",), skip=("checkpoint",))
 
 
 def _export_normalisation(checkpoint: str, cache: str) -> dict:
@@ -393,14 +451,8 @@ def _export_normalisation(checkpoint: str, cache: str) -> dict:
 
 def run(args) -> int:
     """``fastssl export``: timm-ready files, one per view, from a run's checkpoint."""
-    if not os.path.isfile(args.checkpoint):
-        raise ValueError(f"checkpoint={args.checkpoint!r} is not a file")
-    encoder = load_encoder(args.checkpoint)
-    views = tuple(v.strip() for v in args.views.split(",") if v.strip())
-    normalisation = _export_normalisation(args.checkpoint, args.cache)
-    os.makedirs(args.out, exist_ok=True)
-    written = export_encoder(encoder, encoder.cfg, os.path.join(args.out, "encoder.safetensors"),
-                             manifest=normalisation, views=views)
-    for path in written:
+    from fastssl.config import config_from_args
+
+    for path in main(config_from_args(ExportConfig, args)):
         print(path)
     return 0
