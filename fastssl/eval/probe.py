@@ -191,7 +191,7 @@ class ProbeConfig:
     views: str = "all"            # images used: all, or a comma list of frontal,lateral,other,unknown
     dataset: str = ""             # pooled cache: only these datasets' rows, a comma list (e.g. mimic-cxr; '' = all)
     batch_size: int = setting(256, range=COUNT)         # feature extraction batch
-    workers: int = setting(2, range=NONNEG)              # DataLoader processes for feature extraction
+    workers: int = setting(2, range=NONNEG)              # DataLoader processes reading the images for feature extraction: 0 = this process, N >= 1 = N loader processes
     device: str = setting("auto", check=check_device)  # torch device
     method: str = setting("lbfgs", choices=("lbfgs", "adamw"))         # lbfgs | adamw
     l2: float = setting(1e-4, range=Range(0))              # L2 penalty (lbfgs) or weight decay (adamw) when --l2-grid is empty
