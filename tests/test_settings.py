@@ -161,6 +161,56 @@ def test_a_config_file_is_checked_like_the_flags(tmp_path, capsys):
     assert "--beta2: got 1.0; allowed: a number in [0, 1)" in capsys.readouterr().err
 
 
+def _yaml_args(name: str, values: dict, tmp_path) -> argparse.Namespace | None:
+    """The checked flags of ``fastssl NAME --config FILE`` whose YAML holds ``values`` (the
+    command's other required flags as placeholders), or None when the router refuses them."""
+    import yaml
+
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(values))
+    try:
+        args, _ = cli._parse(name, _required_argv(_parser(name), next(iter(values))) + ["--config", str(config)])
+        cli.check_args(name, args)
+    except SystemExit as exc:
+        assert exc.code == 2
+        return None
+    except ValueError:
+        return None
+    return args
+
+
+# Composite settings (declared with parse=): values each must accept and refuse, the same way
+# through a flag (a list as its comma text), a --config file (the text or a YAML list) and the API.
+COMPOSITE = {
+    ("prepare", "holdout"): (["0.1,0.2", "0,0", " 0.3 , 0.1 ", [0.3, 0.1], [0, 0.999]],
+                             ["0.5", "0.5,0.5", "0.6,0.4", "-0.1,0.1", "nan,0.1", "a,b", "0.1,0.1,0.1", [0.5], [1, 0]]),
+    ("prepare", "frontal_order"): (["PA", "ap, pa", ["AP", "PA"]], [",", " ", []]),
+    ("prepare", "lateral_views"): (["LATERAL", "ll,lateral", ["LL"]], [",", []]),
+}
+
+
+def test_every_composite_setting_has_cases():
+    declared = {(name, f.name) for name in DECLARED for f in dataclasses.fields(_settings_class(name))
+                if "parse" in f.metadata}
+    assert declared == set(COMPOSITE)
+
+
+@pytest.mark.parametrize("name, setting", sorted(COMPOSITE))
+def test_api_and_cli_accept_and_refuse_the_same_composite_values(name, setting, tmp_path):
+    """A composite value ("0.05,0.05", a view list) is parsed and checked by one function: a
+    flag, a --config value (text or list) and the API accept the same values, as the same value."""
+    call, _ = _api_for(name)
+    for values, inside in ((COMPOSITE[name, setting][0], True), (COMPOSITE[name, setting][1], False)):
+        for value in values:
+            text = value if isinstance(value, str) else ",".join(map(str, value))
+            assert _cli_accepts(name, setting, text) is inside, (setting, text)
+            args = _yaml_args(name, {setting: value}, tmp_path)
+            assert (args is not None) is inside, (setting, value)
+            assert _api_accepts(call, setting, value) is inside, (setting, value)
+            if inside:   # the same value, whichever way it came
+                assert getattr(args, setting) == getattr(call(**{setting: value}), setting), (setting, value)
+
+
 @pytest.mark.parametrize("setting, value, inside", [("size", 16384, True), ("size", 16385, False), ("size", 7, False),
                                                     ("workers", 0, True), ("workers", -1, False)])
 def test_prepare_cache_checks_its_settings_before_reading_the_source(tmp_path, setting, value, inside):
