@@ -237,6 +237,39 @@ def test_a_kmeans_engine_name_is_checked_before_any_work():
         assert KMeansConfig(k=3, impl=impl).impl == impl
 
 
+# curate flags that reach every KMeansConfig but allow other values, and why.
+TREE_ONLY = {"iterations": "a tree level runs >= 1 Lloyd iteration; a lone k-means may run 0 (its start only)"}
+
+
+def test_curate_flags_passed_to_kmeans_allow_what_kmeans_allows():
+    """--init, --empty, --memory-budget-mb, ... reach every k-means of the tree: the curate CLI
+    and KMeansConfig (the API of one k-means) accept and refuse the same values."""
+    from fastssl.curation.kmeans import KMeansConfig
+
+    flags = {a.dest for a in _parser("curate")._actions}
+
+    def kmeans_accepts(name, value) -> bool:
+        try:
+            KMeansConfig(k=1, **{name: value})
+        except ValueError as exc:
+            assert name in str(exc), exc
+            return False
+        return True
+
+    cli_choices = {a.dest: a.choices for a in _parser("curate")._actions if a.choices}
+    passed = (set(declared_ranges(KMeansConfig)) | set(declared_choices(KMeansConfig))) & flags
+    assert passed >= {"init", "empty", "nonfinite", "impl", "precision", "memory_budget_mb", "init_sample_size"}
+    for name in sorted(passed - set(TREE_ONLY)):
+        if name in declared_ranges(KMeansConfig):
+            cases = _boundaries(declared_ranges(KMeansConfig)[name])
+        else:   # each value either side offers, and one neither does
+            allowed = declared_choices(KMeansConfig)[name]
+            cases = [(v, v in allowed) for v in (*allowed, *cli_choices.get(name, ()), "nonsense")]
+        for value, inside in cases:
+            assert _cli_accepts("curate", name, str(value)) is inside, (name, value)
+            assert kmeans_accepts(name, value) is inside, (name, value)
+
+
 # Flags several commands share, the commands that take them, and the range they share.
 # phantom's --workers counts processes with 1 = this process (0 is refused by its API and
 # pinned by tests/test_data_phantom.py); everywhere else 0 = this process.

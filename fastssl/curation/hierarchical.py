@@ -45,11 +45,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from fastssl import distributed as dist
-from fastssl.assign import CENTROID_PRECISIONS
-from fastssl.config import COUNT, NONNEG, POSITIVE, SEED, check_ranges, declared_ranges, flag_name, setting
+from fastssl.config import COUNT, NONNEG, SEED, check_ranges, declared_ranges, flag_name, setting, setting_of
 from fastssl.curation._source import PointSource
-from fastssl.curation.kmeans import (KMEANS_IMPLS, KMeans, KMeansConfig, KmppCheckpoint, _one_thread,
-                                     _progress_enabled, _scatter_add, assign_device)
+from fastssl.curation.kmeans import (KMeans, KMeansConfig, KmppCheckpoint, _one_thread, _progress_enabled,
+                                     _scatter_add, assign_device)
 from fastssl.atomic import atomic_save_npy, atomic_savez, atomic_write_text
 from fastssl.curation.tree import HierarchicalTree, TreeLevel
 
@@ -123,8 +122,10 @@ class HierarchicalConfig:
     """
 
     # The trailing comments are `fastssl curate`'s --help (fastssl.config); the ranges are the
-    # curate CLI's and validate()'s. The per-level flags (levels, iterations, resampling_steps,
-    # sample_size, sampling_strategy) are declared by the curate command itself.
+    # curate CLI's and validate()'s. A setting passed through to every k-means takes its
+    # default and allowed values from KMeansConfig (setting_of), so the two cannot drift.
+    # The per-level flags (levels, iterations, resampling_steps, sample_size,
+    # sampling_strategy) are declared by the curate command itself.
     levels: list[LevelConfig]
     iterations: int = setting(50, range=COUNT)
     resampling_steps: int = setting(10, range=COUNT)
@@ -135,16 +136,16 @@ class HierarchicalConfig:
     split_k: int | None = setting(None, range=COUNT)  # split every level-1 cluster into this many sub-clusters
     split_iterations: int | None = setting(None, range=COUNT)  # Lloyd iterations of the split (default: level 1's --iterations)
     split_inits: int = setting(10, range=COUNT)  # greedy k-means++ runs per parent in the split; the best is kept (SDC: 10)
-    init: str = setting("kmeans++", choices=("kmeans++", "random"))  # initialisation of each k-means (greedy k-means++ or random points)
-    empty: str = setting("reseed", choices=("reseed", "keep"))  # a cluster left empty by a Lloyd iteration: reseed (the points farthest from their centroids become its centre) or keep (it keeps its centroid, as SDC and paper 2)
-    init_sample_size: int | None = setting(None, range=COUNT)  # points the k-means++ initialisation runs on (default max(per-centroid x k, 16384))
-    init_sample_per_centroid: int = setting(20, range=COUNT)  # k-means++ candidate sample per centroid when --init-sample-size is not given (the sample grows with k)
-    init_candidates: int | None = None
-    fp64_accumulate: bool = True  # accumulate centroid sums in float64
-    memory_budget_mb: float = setting(512.0, range=POSITIVE)  # RAM for one streamed block of rows
-    impl: str = setting("auto", choices=KMEANS_IMPLS)  # assignment engine (fastssl.assign.assign)
-    precision: str = setting("data", choices=CENTROID_PRECISIONS)  # what centroids are rounded to when points are assigned: data (the points' own precision; the same tree on AMX, other CPUs and GPUs up to ties) | bf16 (opt-in: faster on AMX CPUs, another tree)
-    nonfinite: str = setting("raise", choices=("raise", "skip"))  # rows with NaN/inf: stop with an error, or leave them out
+    init: str = setting_of(KMeansConfig, "init")  # initialisation of each k-means (greedy k-means++ or random points)
+    empty: str = setting_of(KMeansConfig, "empty")  # a cluster left empty by a Lloyd iteration: reseed (the points farthest from their centroids become its centre) or keep (it keeps its centroid, as SDC and paper 2)
+    init_sample_size: int | None = setting_of(KMeansConfig, "init_sample_size")  # points the k-means++ initialisation runs on (default max(per-centroid x k, 16384))
+    init_sample_per_centroid: int = setting_of(KMeansConfig, "init_sample_per_centroid")  # k-means++ candidate sample per centroid when --init-sample-size is not given (the sample grows with k)
+    init_candidates: int | None = None   # API only (no flag, so no declared range): KMeansConfig checks it
+    fp64_accumulate: bool = setting_of(KMeansConfig, "fp64_accumulate")  # accumulate centroid sums in float64
+    memory_budget_mb: float = setting_of(KMeansConfig, "memory_budget_mb")  # RAM for one streamed block of rows
+    impl: str = setting_of(KMeansConfig, "impl")  # assignment engine (fastssl.assign.assign)
+    precision: str = setting_of(KMeansConfig, "precision")  # what centroids are rounded to when points are assigned: data (the points' own precision; the same tree on AMX, other CPUs and GPUs up to ties) | bf16 (opt-in: faster on AMX CPUs, another tree)
+    nonfinite: str = setting_of(KMeansConfig, "nonfinite")  # rows with NaN/inf: stop with an error, or leave them out
     checkpoint_every: int = setting(5, range=NONNEG)  # Lloyd iterations between checkpoints inside a step (0: per step)
     seed: int = setting(0, range=SEED)  # seed of every random choice
     progress: bool | None = None
