@@ -18,7 +18,7 @@ from dataclasses import MISSING, dataclass, field, fields
 
 __all__ = ["add_dataclass_arguments", "config_from_args", "parse_bool", "Range", "check_range", "check_ranges",
            "flag_name", "COMMAND_RANGES", "setting", "setting_of", "declared_ranges", "declared_choices",
-           "check_settings", "parse_setting", "ParsedFlag"]
+           "check_settings", "check_choice", "parse_setting", "ParsedFlag"]
 
 _TRUE, _FALSE = ("true", "yes", "on"), ("false", "no", "off")
 
@@ -134,9 +134,13 @@ def check_settings(config) -> None:
             object.__setattr__(config, f.name, parse_setting(f.name, f.metadata["parse"], getattr(config, f.name)))
     check_ranges(config, declared_ranges(type(config)))
     for name, allowed in declared_choices(type(config)).items():
-        value = getattr(config, name)
-        if value is not None and value not in allowed:
-            raise ValueError(f"{flag_name(name)}: {value!r} is not one of {', '.join(map(str, allowed))}")
+        check_choice(name, getattr(config, name), allowed)
+
+
+def check_choice(name: str, value, allowed: tuple) -> None:
+    """ValueError ``--name: V is not one of a, b`` unless ``value`` is None or in ``allowed``."""
+    if value is not None and value not in allowed:
+        raise ValueError(f"{flag_name(name)}: {value!r} is not one of {', '.join(map(str, allowed))}")
 
 
 def field_help(cls) -> dict[str, str]:

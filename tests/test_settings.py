@@ -110,6 +110,11 @@ def _api_accepts(call, name: str, value) -> bool:
     return True
 
 
+def _per_level(name: str) -> tuple:
+    """The command's per-level settings (curate: one value, or a comma list with one per level)."""
+    return getattr(cli.command_parser(name)[1], "PER_LEVEL", ())
+
+
 def _settings_class(name: str):
     _, module = cli.command_parser(name)
     return getattr(module, "SETTINGS", None)
@@ -141,8 +146,8 @@ def test_api_and_cli_accept_and_refuse_the_same_choices(name):
     call, api_names = _api_for(name)
     parser = _parser(name)
     choices = {a.dest: tuple(a.choices) for a in parser._actions if a.choices and a.option_strings}
-    if cls is not None:
-        declared = declared_choices(cls)
+    if cls is not None:   # a per-level setting's flag takes a comma list: checked by its command (test below)
+        declared = {k: v for k, v in declared_choices(cls).items() if k not in _per_level(name)}
         assert {k: v for k, v in choices.items() if k in declared} == declared, name
         assert set(declared) <= set(choices), name   # every declared choice reaches its flag
     for setting, allowed in choices.items():
@@ -235,6 +240,72 @@ def test_a_kmeans_engine_name_is_checked_before_any_work():
         KMeansConfig(k=3, impl="nonsense")
     for impl in ("auto", "cpu", "cuda", "torch"):
         assert KMeansConfig(k=3, impl=impl).impl == impl
+
+
+def _curate_cli_config(values: dict, tmp_path, *, yaml: bool):
+    """The tree config of `fastssl curate` given ``values`` as flags (a list as its comma text)
+    or in a --config file: past the router's checks and tree_config (the per-level parse and
+    checks curate's run starts with); None when refused."""
+    from fastssl.train.curate import tree_config
+
+    if yaml:
+        args = _yaml_args("curate", values, tmp_path)
+    else:
+        argv = [text for key, value in values.items()
+                for text in ("--" + key.replace("_", "-"), ",".join(map(str, value)) if isinstance(value, list)
+                             else str(value))]
+        try:
+            args = _parser("curate").parse_args(argv)
+            cli.check_args("curate", args)
+        except SystemExit as exc:
+            assert exc.code == 2
+            args = None
+        except ValueError:
+            args = None
+    try:
+        return None if args is None else tree_config(args)
+    except ValueError as exc:
+        assert "--" + next(iter(values)).replace("_", "-") in str(exc), exc   # names the flag
+        return None
+
+
+def _per_level_cases(setting: str) -> tuple[list[tuple[object, bool]], object]:
+    """(value, allowed?) cases of a per-level setting from its declaration, and a value it allows."""
+    from fastssl.train.curate import CurateConfig
+
+    if setting in declared_ranges(CurateConfig):
+        allowed = declared_ranges(CurateConfig)[setting]
+        return _boundaries(allowed), int(allowed.low)
+    allowed = declared_choices(CurateConfig)[setting]
+    others = {v for c in declared_choices(CurateConfig).values() for v in c} - set(allowed)  # e.g. "furthest"
+    return [(v, True) for v in allowed] + [(v, False) for v in (*sorted(others), "nonsense")], allowed[0]
+
+
+@pytest.mark.parametrize("setting", _per_level("curate"))
+def test_curate_per_level_settings_are_checked_alike_as_a_scalar_and_in_a_list(setting, tmp_path):
+    """curate's per-level settings take one value or one per level: a value outside the declared
+    range (or choices) is refused by the flag, the --config file and the API, given once or
+    inside a per-level list; a value inside reaches its level (or every level) the same way."""
+    from fastssl.curation.hierarchical import HierarchicalConfig
+    from fastssl.train.curate import per_level
+
+    cases, ok = _per_level_cases(setting)
+    for value, inside in cases:
+        for yaml in (False, True):
+            once = _curate_cli_config({setting: value, "levels": [8, 4, 2]}, tmp_path, yaml=yaml)
+            listed = _curate_cli_config({setting: [ok, value, ok], "levels": [8, 4, 2]}, tmp_path, yaml=yaml)
+            assert (once is not None, listed is not None) == (inside, inside), (setting, value, yaml)
+            if inside:
+                assert getattr(once, setting) == value and getattr(listed.levels[1], setting) == value
+        # curate's per-level parse on its own (tree_config runs it; callable without the router)
+        for given, n_levels in ((value, 1), ([ok, value, ok], 3)):
+            parse = functools.partial(per_level, n_levels=n_levels)
+            assert _api_accepts(lambda **s: parse(setting, s[setting]), setting, given) is inside, (setting, given)
+        levels = [{"k": 8, setting: ok}, {"k": 4, setting: value}, {"k": 2, setting: ok}]
+        assert _api_accepts(lambda **s: HierarchicalConfig(levels=[8, 4, 2], **s).validate(), setting,
+                            value) is inside, (setting, value)
+        assert _api_accepts(lambda **s: HierarchicalConfig(levels=levels).validate(), setting,
+                            value) is inside, (setting, value, "per level")
 
 
 # curate flags that reach every KMeansConfig but allow other values, and why.
