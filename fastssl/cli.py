@@ -16,7 +16,7 @@ import sys
 from typing import Sequence
 
 from fastssl.config import COMMAND_RANGES as RANGES
-from fastssl.config import check_ranges, flag_name, parse_bool
+from fastssl.config import ParsedFlag, check_ranges, flag_name, parse_bool
 from fastssl.errors import DataError, MissingDependencyError
 
 # command -> (module, one-line help)
@@ -99,14 +99,16 @@ def _config_value(action: argparse.Action, value):
         return parse_bool(value, name=action.dest)
     if value is None or action.type is None:
         return value
-    if isinstance(value, list):
-        return [_config_value(action, v) for v in value] if action.nargs in ("+", "*") else value
+    if isinstance(value, list) and action.nargs in ("+", "*"):
+        return [_config_value(action, v) for v in value]
+    if isinstance(value, list) and not isinstance(action.type, ParsedFlag):
+        return value   # left to the command (curate's per-level lists)
     if action.type is int and isinstance(value, float):
         if not value.is_integer():
             raise ValueError(f"{flag_name(action.dest)}: {value!r} is not an integer")
         return int(value)
-    try:
-        return action.type(value if isinstance(value, str) else str(value))
+    try:   # a composite setting's parse takes a YAML list as it takes the flag's comma text
+        return action.type(value if isinstance(value, (str, list)) else str(value))
     except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
         raise ValueError(f"{flag_name(action.dest)}: invalid value {value!r} ({exc})") from None
 

@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 
 __all__ = ["add_dataclass_arguments", "config_from_args", "parse_bool", "Range", "check_range", "check_ranges",
-           "flag_name", "COMMAND_RANGES", "setting", "declared_ranges", "declared_choices", "declared_checks",
-           "check_settings"]
+           "flag_name", "COMMAND_RANGES", "setting", "setting_of", "declared_ranges", "declared_choices",
+           "declared_checks", "check_settings", "check_choice", "parse_setting", "ParsedFlag"]
 
 _TRUE, _FALSE = ("true", "yes", "on"), ("false", "no", "off")
 
@@ -79,13 +79,15 @@ def check_range(name: str, value, allowed: Range, *, optional: bool = False) -> 
         raise ValueError(f"{flag_name(name)}: got {value!r}; allowed: {allowed}")
 
 
-def setting(default=MISSING, *, range: Range | None = None, choices=None, check=None):
+def setting(default=MISSING, *, range: Range | None = None, choices=None, check=None, parse=None):
     """A dataclass field that declares a setting's allowed values once: ``range`` (a
-    :class:`Range`; comma lists are checked element by element), ``choices`` (a tuple) or
+    :class:`Range`; comma lists are checked element by element), ``choices`` (a tuple),
     ``check`` (a function of the value raising ValueError naming the flag, for values no
     range or tuple can list, e.g. ``cuda:N``; its ``allowed`` text, if any, is appended to
-    the help as a range's is). None always passes (it means "the default", e.g. the
-    recipe's). The help text stays the field's trailing comment."""
+    the help as a range's is) or, for a composite value, ``parse`` (value -> the setting's
+    value, e.g. "0.05,0.05" or [0.05, 0.05] -> (0.05, 0.05); ValueError when not allowed,
+    without the flag's name: the callers add it). None always passes (it means "the
+    default", e.g. the recipe's). The help text stays the field's trailing comment."""
     metadata = {}
     if range is not None:
         metadata["range"] = range
@@ -93,7 +95,17 @@ def setting(default=MISSING, *, range: Range | None = None, choices=None, check=
         metadata["choices"] = tuple(choices)
     if check is not None:
         metadata["check"] = check
+    if parse is not None:
+        metadata["parse"] = parse
     return field(default=default, metadata=metadata)
+
+
+def setting_of(cls, name: str):
+    """A field declaring what field ``name`` of dataclass ``cls`` declares (default, range,
+    choices, check, parse): a setting passed through to another API's config, whose allowed values
+    must not drift from that config's."""
+    declared = next(f for f in fields(cls) if f.name == name)
+    return field(default=declared.default, metadata=dict(declared.metadata))
 
 
 def declared_ranges(cls) -> dict[str, Range]:
@@ -111,17 +123,36 @@ def declared_checks(cls) -> dict:
     return {f.name: f.metadata["check"] for f in fields(cls) if "check" in f.metadata}
 
 
+def parse_setting(name: str, parse, value):
+    """``parse(value)``, its ValueError naming the setting (``--holdout: ...``); None passes."""
+    if value is None:
+        return None
+    try:
+        return parse(value)
+    except ValueError as exc:
+        raise ValueError(f"{flag_name(name)}: {exc}") from None
+
+
 def check_settings(config) -> None:
     """ValueError naming the first field of dataclass instance ``config`` outside its declared
-    range, choices or check (the same one-line messages as the CLI's)."""
+    range, choices or check (the same one-line messages as the CLI's). A field declared with
+    ``parse`` is first replaced by its parsed value (frozen or not: a check that keeps the raw
+    text would leave every reader to parse it again)."""
+    for f in fields(config):
+        if "parse" in f.metadata:
+            object.__setattr__(config, f.name, parse_setting(f.name, f.metadata["parse"], getattr(config, f.name)))
     check_ranges(config, declared_ranges(type(config)))
     for name, allowed in declared_choices(type(config)).items():
-        value = getattr(config, name)
-        if value is not None and value not in allowed:
-            raise ValueError(f"{flag_name(name)}: {value!r} is not one of {', '.join(map(str, allowed))}")
+        check_choice(name, getattr(config, name), allowed)
     for name, check in declared_checks(type(config)).items():
         if getattr(config, name) is not None:
             check(getattr(config, name))
+
+
+def check_choice(name: str, value, allowed: tuple) -> None:
+    """ValueError ``--name: V is not one of a, b`` unless ``value`` is None or in ``allowed``."""
+    if value is not None and value not in allowed:
+        raise ValueError(f"{flag_name(name)}: {value!r} is not one of {', '.join(map(str, allowed))}")
 
 
 def field_help(cls) -> dict[str, str]:
@@ -160,10 +191,33 @@ def _flag_type(f):
     return _KINDS[str(f.type).split("|")[0].strip()]
 
 
+class ParsedFlag:
+    """argparse ``type`` of a setting declared with ``parse``: a flag's text (or a --config
+    value, a YAML list included) through the same parse as the API, its ValueError as
+    argparse's one-line error."""
+
+    def __init__(self, parse):
+        self.parse = parse
+        self.__name__ = getattr(parse, "__name__", "value")   # argparse names the type in some errors
+
+    def __call__(self, value):
+        try:
+            return self.parse(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _flag_default(f):
+    """What argparse shows and parses for a field's default: a tuple as its comma text (the
+    flag's own form, "0.05,0.05"), anything else as is."""
+    return ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, *, required=(), skip=(),
                             choices: dict | None = None, flags: dict | None = None) -> None:
     """One flag per field of the config dataclass ``cls`` (``--name-with-dashes``, or the
-    name ``flags`` gives a field); booleans get ``--x/--no-x``; types, defaults, declared
+    name ``flags`` gives a field); booleans (``bool | None`` too: None = not given) get
+    ``--x/--no-x``; types (a declared ``parse`` for composite values), defaults, declared
     choices and ranges, and help come from the dataclass."""
     choices = {**declared_choices(cls), **(choices or {})}
     ranges, checks, flags = declared_ranges(cls), declared_checks(cls), flags or {}
@@ -177,7 +231,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, *, required=()
             help_ += f"; {ranges[f.name]}"
         if getattr(checks.get(f.name), "allowed", None):
             help_ += f"; {checks[f.name].allowed}"
-        if isinstance(f.default, bool):
+        if "parse" in f.metadata:
+            parser.add_argument(flag, dest=f.name, type=ParsedFlag(f.metadata["parse"]), default=_flag_default(f),
+                                help=help_, required=f.name in required)
+        elif _flag_type(f) is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=help_)
         else:

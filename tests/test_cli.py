@@ -240,7 +240,7 @@ CASES = [   # (command line with {t} = the junk dir, words the one-line error mu
     ("tile {t}/nodicom --out {t}/tt --min-tissue 2", "--min-tissue: got 2"),
     ("grids {t}/missing --embeddings {t}/e", "tree.json is missing"),
     ("grids {t}/missing --embeddings {t}/e --per-cluster 0", "--per-cluster: got 0"),
-    ("curate --data {t}/x.npy --out {t}/k --target-size nan", "--target-size nan"),
+    ("curate --data {t}/x.npy --out {t}/k --target-size nan", "--target-size: got nan"),
     ("curate --data {t}/x.npy --out {t}/k --iterations -1", "--iterations: got -1"),
     ("curate --data {t}/x.npy --out {t}/k --resampling-steps 0", "--resampling-steps: got 0"),
     ("curate --data {t}/x.npy --out {t}/k --resampling-steps 1,10,-1", "--resampling-steps: got -1"),

@@ -110,6 +110,11 @@ def _api_accepts(call, name: str, value) -> bool:
     return True
 
 
+def _per_level(name: str) -> tuple:
+    """The command's per-level settings (curate: one value, or a comma list with one per level)."""
+    return getattr(cli.command_parser(name)[1], "PER_LEVEL", ())
+
+
 def _settings_class(name: str):
     _, module = cli.command_parser(name)
     return getattr(module, "SETTINGS", None)
@@ -141,8 +146,8 @@ def test_api_and_cli_accept_and_refuse_the_same_choices(name):
     call, api_names = _api_for(name)
     parser = _parser(name)
     choices = {a.dest: tuple(a.choices) for a in parser._actions if a.choices and a.option_strings}
-    if cls is not None:
-        declared = declared_choices(cls)
+    if cls is not None:   # a per-level setting's flag takes a comma list: checked by its command (test below)
+        declared = {k: v for k, v in declared_choices(cls).items() if k not in _per_level(name)}
         assert {k: v for k, v in choices.items() if k in declared} == declared, name
         assert set(declared) <= set(choices), name   # every declared choice reaches its flag
     for setting, allowed in choices.items():
@@ -159,6 +164,56 @@ def test_a_config_file_is_checked_like_the_flags(tmp_path, capsys):
     config.write_text("cache: c\nbeta2: 1.0\n")
     assert cli.main(["pretrain", "--config", str(config)]) == 2
     assert "--beta2: got 1.0; allowed: a number in [0, 1)" in capsys.readouterr().err
+
+
+def _yaml_args(name: str, values: dict, tmp_path) -> argparse.Namespace | None:
+    """The checked flags of ``fastssl NAME --config FILE`` whose YAML holds ``values`` (the
+    command's other required flags as placeholders), or None when the router refuses them."""
+    import yaml
+
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(values))
+    try:
+        args, _ = cli._parse(name, _required_argv(_parser(name), next(iter(values))) + ["--config", str(config)])
+        cli.check_args(name, args)
+    except SystemExit as exc:
+        assert exc.code == 2
+        return None
+    except ValueError:
+        return None
+    return args
+
+
+# Composite settings (declared with parse=): values each must accept and refuse, the same way
+# through a flag (a list as its comma text), a --config file (the text or a YAML list) and the API.
+COMPOSITE = {
+    ("prepare", "holdout"): (["0.1,0.2", "0,0", " 0.3 , 0.1 ", [0.3, 0.1], [0, 0.999]],
+                             ["0.5", "0.5,0.5", "0.6,0.4", "-0.1,0.1", "nan,0.1", "a,b", "0.1,0.1,0.1", [0.5], [1, 0]]),
+    ("prepare", "frontal_order"): (["PA", "ap, pa", ["AP", "PA"]], [",", " ", []]),
+    ("prepare", "lateral_views"): (["LATERAL", "ll,lateral", ["LL"]], [",", []]),
+}
+
+
+def test_every_composite_setting_has_cases():
+    declared = {(name, f.name) for name in DECLARED for f in dataclasses.fields(_settings_class(name))
+                if "parse" in f.metadata}
+    assert declared == set(COMPOSITE)
+
+
+@pytest.mark.parametrize("name, setting", sorted(COMPOSITE))
+def test_api_and_cli_accept_and_refuse_the_same_composite_values(name, setting, tmp_path):
+    """A composite value ("0.05,0.05", a view list) is parsed and checked by one function: a
+    flag, a --config value (text or list) and the API accept the same values, as the same value."""
+    call, _ = _api_for(name)
+    for values, inside in ((COMPOSITE[name, setting][0], True), (COMPOSITE[name, setting][1], False)):
+        for value in values:
+            text = value if isinstance(value, str) else ",".join(map(str, value))
+            assert _cli_accepts(name, setting, text) is inside, (setting, text)
+            args = _yaml_args(name, {setting: value}, tmp_path)
+            assert (args is not None) is inside, (setting, value)
+            assert _api_accepts(call, setting, value) is inside, (setting, value)
+            if inside:   # the same value, whichever way it came
+                assert getattr(args, setting) == getattr(call(**{setting: value}), setting), (setting, value)
 
 
 @pytest.mark.parametrize("setting, value, inside", [("size", 16384, True), ("size", 16385, False), ("size", 7, False),
@@ -185,6 +240,105 @@ def test_a_kmeans_engine_name_is_checked_before_any_work():
         KMeansConfig(k=3, impl="nonsense")
     for impl in ("auto", "cpu", "cuda", "torch"):
         assert KMeansConfig(k=3, impl=impl).impl == impl
+
+
+def _curate_cli_config(values: dict, tmp_path, *, yaml: bool):
+    """The tree config of `fastssl curate` given ``values`` as flags (a list as its comma text)
+    or in a --config file: past the router's checks and tree_config (the per-level parse and
+    checks curate's run starts with); None when refused."""
+    from fastssl.train.curate import tree_config
+
+    if yaml:
+        args = _yaml_args("curate", values, tmp_path)
+    else:
+        argv = [text for key, value in values.items()
+                for text in ("--" + key.replace("_", "-"), ",".join(map(str, value)) if isinstance(value, list)
+                             else str(value))]
+        try:
+            args = _parser("curate").parse_args(argv)
+            cli.check_args("curate", args)
+        except SystemExit as exc:
+            assert exc.code == 2
+            args = None
+        except ValueError:
+            args = None
+    try:
+        return None if args is None else tree_config(args)
+    except ValueError as exc:
+        assert "--" + next(iter(values)).replace("_", "-") in str(exc), exc   # names the flag
+        return None
+
+
+def _per_level_cases(setting: str) -> tuple[list[tuple[object, bool]], object]:
+    """(value, allowed?) cases of a per-level setting from its declaration, and a value it allows."""
+    from fastssl.train.curate import CurateConfig
+
+    if setting in declared_ranges(CurateConfig):
+        allowed = declared_ranges(CurateConfig)[setting]
+        return _boundaries(allowed), int(allowed.low)
+    allowed = declared_choices(CurateConfig)[setting]
+    others = {v for c in declared_choices(CurateConfig).values() for v in c} - set(allowed)  # e.g. "furthest"
+    return [(v, True) for v in allowed] + [(v, False) for v in (*sorted(others), "nonsense")], allowed[0]
+
+
+@pytest.mark.parametrize("setting", _per_level("curate"))
+def test_curate_per_level_settings_are_checked_alike_as_a_scalar_and_in_a_list(setting, tmp_path):
+    """curate's per-level settings take one value or one per level: a value outside the declared
+    range (or choices) is refused by the flag, the --config file and the API, given once or
+    inside a per-level list; a value inside reaches its level (or every level) the same way."""
+    from fastssl.curation.hierarchical import HierarchicalConfig
+    from fastssl.train.curate import per_level
+
+    cases, ok = _per_level_cases(setting)
+    for value, inside in cases:
+        for yaml in (False, True):
+            once = _curate_cli_config({setting: value, "levels": [8, 4, 2]}, tmp_path, yaml=yaml)
+            listed = _curate_cli_config({setting: [ok, value, ok], "levels": [8, 4, 2]}, tmp_path, yaml=yaml)
+            assert (once is not None, listed is not None) == (inside, inside), (setting, value, yaml)
+            if inside:
+                assert getattr(once, setting) == value and getattr(listed.levels[1], setting) == value
+        # curate's per-level parse on its own (tree_config runs it; callable without the router)
+        for given, n_levels in ((value, 1), ([ok, value, ok], 3)):
+            parse = functools.partial(per_level, n_levels=n_levels)
+            assert _api_accepts(lambda **s: parse(setting, s[setting]), setting, given) is inside, (setting, given)
+        levels = [{"k": 8, setting: ok}, {"k": 4, setting: value}, {"k": 2, setting: ok}]
+        assert _api_accepts(lambda **s: HierarchicalConfig(levels=[8, 4, 2], **s).validate(), setting,
+                            value) is inside, (setting, value)
+        assert _api_accepts(lambda **s: HierarchicalConfig(levels=levels).validate(), setting,
+                            value) is inside, (setting, value, "per level")
+
+
+# curate flags that reach every KMeansConfig but allow other values, and why.
+TREE_ONLY = {"iterations": "a tree level runs >= 1 Lloyd iteration; a lone k-means may run 0 (its start only)"}
+
+
+def test_curate_flags_passed_to_kmeans_allow_what_kmeans_allows():
+    """--init, --empty, --memory-budget-mb, ... reach every k-means of the tree: the curate CLI
+    and KMeansConfig (the API of one k-means) accept and refuse the same values."""
+    from fastssl.curation.kmeans import KMeansConfig
+
+    flags = {a.dest for a in _parser("curate")._actions}
+
+    def kmeans_accepts(name, value) -> bool:
+        try:
+            KMeansConfig(k=1, **{name: value})
+        except ValueError as exc:
+            assert name in str(exc), exc
+            return False
+        return True
+
+    cli_choices = {a.dest: a.choices for a in _parser("curate")._actions if a.choices}
+    passed = (set(declared_ranges(KMeansConfig)) | set(declared_choices(KMeansConfig))) & flags
+    assert passed >= {"init", "empty", "nonfinite", "impl", "precision", "memory_budget_mb", "init_sample_size"}
+    for name in sorted(passed - set(TREE_ONLY)):
+        if name in declared_ranges(KMeansConfig):
+            cases = _boundaries(declared_ranges(KMeansConfig)[name])
+        else:   # each value either side offers, and one neither does
+            allowed = declared_choices(KMeansConfig)[name]
+            cases = [(v, v in allowed) for v in (*allowed, *cli_choices.get(name, ()), "nonsense")]
+        for value, inside in cases:
+            assert _cli_accepts("curate", name, str(value)) is inside, (name, value)
+            assert kmeans_accepts(name, value) is inside, (name, value)
 
 
 # Flags several commands share, the commands that take them, and the range they share.

@@ -38,18 +38,18 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from fastssl import distributed as dist
-from fastssl.assign import CENTROID_PRECISIONS
-from fastssl.config import COUNT, NONNEG, POSITIVE, SEED, check_ranges, declared_ranges, flag_name, setting
+from fastssl.config import (COUNT, NONNEG, SEED, Range, check_ranges, declared_choices, declared_ranges, flag_name,
+                            setting, setting_of)
 from fastssl.curation._source import PointSource
-from fastssl.curation.kmeans import (KMEANS_IMPLS, KMeans, KMeansConfig, KmppCheckpoint, _one_thread,
-                                     _progress_enabled, _scatter_add, assign_device)
+from fastssl.curation.kmeans import (KMeans, KMeansConfig, KmppCheckpoint, _one_thread, _progress_enabled,
+                                     _scatter_add, assign_device)
 from fastssl.atomic import atomic_save_npy, atomic_savez, atomic_write_text
 from fastssl.curation.tree import HierarchicalTree, TreeLevel
 
@@ -78,13 +78,16 @@ class LevelConfig:
         sampling_strategy: "closest" | "random".
     """
 
-    k: int
+    k: int = setting(range=COUNT)
     iterations: int | None = None
     resampling_steps: int | None = None
     sample_size: int | None = None
     sampling_strategy: str | None = None
 
 
+# The settings a level may override (LevelConfig's fields but k): a level's value is checked
+# against the declaration of the HierarchicalConfig field of the same name (its default too).
+PER_LEVEL = tuple(f.name for f in fields(LevelConfig) if f.name != "k")
 _STRATEGY_CHOICES = ("closest", "random")
 _RESAMPLING_INITS = ("fresh", "warm")
 # Settings that do not change the tree: left out of the resume record.
@@ -123,28 +126,29 @@ class HierarchicalConfig:
     """
 
     # The trailing comments are `fastssl curate`'s --help (fastssl.config); the ranges are the
-    # curate CLI's and validate()'s. The per-level flags (levels, iterations, resampling_steps,
-    # sample_size, sampling_strategy) are declared by the curate command itself.
+    # curate CLI's and validate()'s, and a level's own values (PER_LEVEL) are checked against
+    # them too. A setting passed through to every k-means takes its default and allowed values
+    # from KMeansConfig (setting_of), so the two cannot drift.
     levels: list[LevelConfig]
-    iterations: int = setting(50, range=COUNT)
-    resampling_steps: int = setting(10, range=COUNT)
+    iterations: int = setting(50, range=COUNT)  # Lloyd iterations per k-means run (SDC and paper 2: 50)
+    resampling_steps: int = setting(10, range=COUNT)  # k-means runs per level COUNTING THE FIRST, as SDC and paper 2 count them (10 = the first k-means + 9 resampled; 1 = no resampling); one value applies to levels 2+ (level 1 runs once unless --resample-level1)
     resample_level1: bool = False  # a single --resampling-steps value applies to level 1 too
-    sample_size: int | None = setting(None, range=COUNT)
-    sampling_strategy: str = "closest"
+    sample_size: int | None = setting(None, range=COUNT)  # inputs per cluster in a resampling step (default: half the mean cluster size; null in a list: that level's default)
+    sampling_strategy: str = setting("closest", choices=_STRATEGY_CHOICES)  # which inputs a resampling step takes per cluster (SDC, paper 2: closest)
     resampling_init: str = setting("fresh", choices=_RESAMPLING_INITS)  # each resampling k-means starts from a new greedy k-means++ on the sampled subset (fresh, SDC) or from the current centroids (warm)
     split_k: int | None = setting(None, range=COUNT)  # split every level-1 cluster into this many sub-clusters
     split_iterations: int | None = setting(None, range=COUNT)  # Lloyd iterations of the split (default: level 1's --iterations)
     split_inits: int = setting(10, range=COUNT)  # greedy k-means++ runs per parent in the split; the best is kept (SDC: 10)
-    init: str = setting("kmeans++", choices=("kmeans++", "random"))  # initialisation of each k-means (greedy k-means++ or random points)
-    empty: str = setting("reseed", choices=("reseed", "keep"))  # a cluster left empty by a Lloyd iteration: reseed (the points farthest from their centroids become its centre) or keep (it keeps its centroid, as SDC and paper 2)
-    init_sample_size: int | None = setting(None, range=COUNT)  # points the k-means++ initialisation runs on (default max(per-centroid x k, 16384))
-    init_sample_per_centroid: int = setting(20, range=COUNT)  # k-means++ candidate sample per centroid when --init-sample-size is not given (the sample grows with k)
-    init_candidates: int | None = None
-    fp64_accumulate: bool = True  # accumulate centroid sums in float64
-    memory_budget_mb: float = setting(512.0, range=POSITIVE)  # RAM for one streamed block of rows
-    impl: str = setting("auto", choices=KMEANS_IMPLS)  # assignment engine (fastssl.assign.assign)
-    precision: str = setting("data", choices=CENTROID_PRECISIONS)  # what centroids are rounded to when points are assigned: data (the points' own precision; the same tree on AMX, other CPUs and GPUs up to ties) | bf16 (opt-in: faster on AMX CPUs, another tree)
-    nonfinite: str = setting("raise", choices=("raise", "skip"))  # rows with NaN/inf: stop with an error, or leave them out
+    init: str = setting_of(KMeansConfig, "init")  # initialisation of each k-means (greedy k-means++ or random points)
+    empty: str = setting_of(KMeansConfig, "empty")  # a cluster left empty by a Lloyd iteration: reseed (the points farthest from their centroids become its centre) or keep (it keeps its centroid, as SDC and paper 2)
+    init_sample_size: int | None = setting_of(KMeansConfig, "init_sample_size")  # points the k-means++ initialisation runs on (default max(per-centroid x k, 16384))
+    init_sample_per_centroid: int = setting_of(KMeansConfig, "init_sample_per_centroid")  # k-means++ candidate sample per centroid when --init-sample-size is not given (the sample grows with k)
+    init_candidates: int | None = None   # API only (no flag, so no declared range): KMeansConfig checks it
+    fp64_accumulate: bool = setting_of(KMeansConfig, "fp64_accumulate")  # accumulate centroid sums in float64
+    memory_budget_mb: float = setting_of(KMeansConfig, "memory_budget_mb")  # RAM for one streamed block of rows
+    impl: str = setting_of(KMeansConfig, "impl")  # assignment engine (fastssl.assign.assign)
+    precision: str = setting_of(KMeansConfig, "precision")  # what centroids are rounded to when points are assigned: data (the points' own precision; the same tree on AMX, other CPUs and GPUs up to ties) | bf16 (opt-in: faster on AMX CPUs, another tree)
+    nonfinite: str = setting_of(KMeansConfig, "nonfinite")  # rows with NaN/inf: stop with an error, or leave them out
     checkpoint_every: int = setting(5, range=NONNEG)  # Lloyd iterations between checkpoints inside a step (0: per step)
     seed: int = setting(0, range=SEED)  # seed of every random choice
     progress: bool | None = None
@@ -168,9 +172,8 @@ class HierarchicalConfig:
         for depth, level in enumerate(self.levels, start=1):
             self._validate_level(depth, level)
         self._validate_ranges()
-        if self.resampling_init not in _RESAMPLING_INITS:
-            raise ValueError(f"resampling_init={self.resampling_init!r}; expected one of "
-                             f"{_RESAMPLING_INITS}")
+        for name, allowed in declared_choices(type(self)).items():
+            _check_value(name, getattr(self, name), allowed)
         if self.split_k is not None and self.split_k > 1 and self.level_value(1, "resampling_steps") > 1:
             raise ValueError("level 1: split_k and resampling cannot both run on one level (as "
                              "SDC refuses); drop resample_level1 / level 1's resampling_steps "
@@ -194,18 +197,14 @@ class HierarchicalConfig:
 
     def _validate_level(self, depth: int, level: LevelConfig) -> None:
         where = f"level {depth}: "
-        _at_least(where + "k", level.k, 1)
+        _check_value(where + "k", level.k, declared_ranges(LevelConfig)["k"])
         if depth > 1 and level.k > self.levels[depth - 2].k and not (depth == 2 and self.split_k):
             raise ValueError(f"level {depth} asks for k={level.k} clusters but level "
                              f"{depth - 1} has only {self.levels[depth - 2].k} clusters")
-        strategy = level.sampling_strategy or self.sampling_strategy
-        if strategy not in _STRATEGY_CHOICES:
-            raise ValueError(f"{where}sampling_strategy={strategy!r}; expected 'closest' or "
-                             "'random'")
-        for name, low in (("sample_size", 1), ("iterations", 1), ("resampling_steps", 1)):
-            value = getattr(level, name)
-            if value is not None:
-                _at_least(where + name, value, low)
+        allowed = {**declared_ranges(HierarchicalConfig), **declared_choices(HierarchicalConfig)}
+        for name in PER_LEVEL:   # None: the config's value, checked by validate()
+            if getattr(level, name) is not None:
+                _check_value(where + name, getattr(level, name), allowed[name])
 
     def level_value(self, depth: int, name: str):
         """A per-level setting of level `depth` (1-based), or the config's default."""
@@ -231,9 +230,17 @@ class HierarchicalConfig:
         return d
 
 
-def _at_least(name: str, value, low: int, note: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}{note}, got {value!r}")
+def _check_value(name: str, value, allowed) -> None:
+    """ValueError ``NAME must be <allowed>, got V`` unless ``value`` is in Range ``allowed`` (a
+    whole number must be an int, as the tree's record stores it), or ``NAME=V; expected one of
+    (...)`` unless it is one of the choices ``allowed``."""
+    if isinstance(allowed, Range):
+        count = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+        number = value.item() if isinstance(value, np.generic) else value
+        if (allowed.integer and not count) or number not in allowed:
+            raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    elif value not in allowed:
+        raise ValueError(f"{name}={value!r}; expected one of {allowed}")
 
 
 # ------------------------------------------------------------------ grouped split

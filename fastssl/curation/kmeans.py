@@ -29,6 +29,7 @@ import numpy as np
 
 from fastssl import distributed as dist
 from fastssl.assign import CENTROID_PRECISIONS
+from fastssl.config import COUNT, NONNEG, POSITIVE, declared_choices, declared_ranges, setting
 from fastssl.curation._source import PointSource
 from fastssl.profiling import annotate
 
@@ -86,21 +87,24 @@ class KMeansConfig:
         progress: tqdm bars with points/s; None = only when stderr is a TTY.
     """
 
-    k: int
-    iterations: int = 50
-    init: str = "kmeans++"
-    init_sample_size: int | None = None
-    init_sample_per_centroid: int = 20
-    init_candidates: int | None = None
+    # Allowed values declared once (fastssl.config.setting): validate() checks them, and the
+    # tree settings passed through to every k-means (HierarchicalConfig, the curate flags)
+    # declare themselves as these fields (setting_of), so the two cannot drift.
+    k: int = setting(range=COUNT)
+    iterations: int = setting(50, range=NONNEG)   # 0: the initialisation only (a tree asks >= 1)
+    init: str = setting("kmeans++", choices=("kmeans++", "random"))
+    init_sample_size: int | None = setting(None, range=COUNT)
+    init_sample_per_centroid: int = setting(20, range=COUNT)
+    init_candidates: int | None = setting(None, range=COUNT)
     seed: int = 0
-    chunk_size: int | None = None
-    memory_budget_mb: float = 512.0
+    chunk_size: int | None = setting(None, range=COUNT)
+    memory_budget_mb: float = setting(512.0, range=POSITIVE)
     fp64_accumulate: bool = True
-    empty: str = "reseed"
-    nonfinite: str = "raise"
-    metric: str = "l2"
-    impl: str = "auto"
-    precision: str = "data"
+    empty: str = setting("reseed", choices=("reseed", "keep"))
+    nonfinite: str = setting("raise", choices=("raise", "skip"))
+    metric: str = setting("l2", choices=("l2",))
+    impl: str = setting("auto", choices=KMEANS_IMPLS)
+    precision: str = setting("data", choices=CENTROID_PRECISIONS)
     tol: float = 0.0
     progress: bool | None = None
 
@@ -108,27 +112,17 @@ class KMeansConfig:
         self.validate()   # a bad setting fails here, not at the first assignment after k-means++
 
     def validate(self) -> None:
-        if int(self.k) < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
-        if int(self.iterations) < 0:
-            raise ValueError(f"iterations must be >= 0, got {self.iterations}")
-        choices = {"init": ("kmeans++", "random"), "empty": ("reseed", "keep"),
-                   "nonfinite": ("raise", "skip"), "metric": ("l2",),
-                   "precision": CENTROID_PRECISIONS, "impl": KMEANS_IMPLS}
-        for name, allowed in choices.items():
+        """ValueError naming the first field outside its declared range (``k must be an integer
+        >= 1, got 0``; None passes) or choices (``init='bogus'; expected one of (...)``)."""
+        for name, allowed in declared_ranges(KMeansConfig).items():
+            value = getattr(self, name)
+            if isinstance(value, np.generic):   # a numpy count (a tree's k) is a count
+                value = value.item()
+            if value is not None and value not in allowed:
+                raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
+        for name, allowed in declared_choices(KMeansConfig).items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {allowed}")
-        if self.chunk_size is not None and int(self.chunk_size) < 1:
-            raise ValueError(f"chunk_size must be a positive number of rows, got {self.chunk_size}")
-        if self.memory_budget_mb <= 0:
-            raise ValueError(f"memory_budget_mb must be > 0, got {self.memory_budget_mb}")
-        if self.init_sample_size is not None and int(self.init_sample_size) < 1:
-            raise ValueError(f"init_sample_size must be >= 1, got {self.init_sample_size}")
-        if int(self.init_sample_per_centroid) < 1:
-            raise ValueError("init_sample_per_centroid must be >= 1, got "
-                             f"{self.init_sample_per_centroid}")
-        if self.init_candidates is not None and int(self.init_candidates) < 1:
-            raise ValueError(f"init_candidates must be >= 1, got {self.init_candidates}")
 
 
 @dataclass

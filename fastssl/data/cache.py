@@ -30,15 +30,16 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
-from fastssl.config import NONNEG, SEED, Range, add_dataclass_arguments, check_settings, setting
+from fastssl.config import NONNEG, SEED, Range, add_dataclass_arguments, check_settings, config_from_args, setting
 from fastssl.data.dicom import VOI_MODES
 from fastssl.data.mimic import CHEXPERT_LABELS, FRONTAL_VIEWS, LABEL_POLICIES, LATERAL_VIEWS, StudyTable
-from fastssl.data.sources import SOURCE_KINDS, SourceSpec, TableOptions, load_sources, parse_source
+from fastssl.data.sources import (SOURCE_KINDS, SourceSpec, TableOptions, load_sources, parse_holdout, parse_source,
+                                  parse_views)
 from fastssl.errors import DataError
 from fastssl.atomic import atomic_save_npy, atomic_write_csv, atomic_write_json
 
@@ -177,12 +178,19 @@ class PrepareConfig:
     dtype: str = setting("uint8", choices=tuple(sorted(DTYPES)))  # stored pixel type
     resize: str = setting("pad", choices=RESIZE_MODES)  # keep the aspect ratio by padding (whole film) or by a centred square crop
     shard_size: int = setting(1024, range=Range(1, MAX_SHARD_SIZE, integer=True))  # images per .npy shard
-    workers: int | None = setting(None, range=NONNEG)  # conversion processes (default: all cores; 0 or 1: in this process)
+    workers: int | None = setting(None, range=NONNEG)  # conversion processes (default: all usable cores); 0 = this process (as is 1)
     voi: str = setting("auto", choices=VOI_MODES)  # VOI: LUT/window from the file or the dataset's CSV (auto), full stored range (none), image min..max
     uncertain: str = setting("zeros", choices=tuple(sorted(LABEL_POLICIES)))  # uncertain (-1) CheXpert labels become 0, 1 or -1 (ignore)
     blank: str = setting("zeros", choices=tuple(sorted(LABEL_POLICIES)))  # blank CheXpert labels become 0, 1 or -1 (ignore)
     label_source: str = setting("chexpert", choices=("chexpert", "negbio"))  # which MIMIC-CXR labels CSV to read
     seed: int | None = setting(None, range=SEED)  # seed of the patient-level hash split (default: the unseeded hash)
+    labels_csv: str | None = None  # your labels for a dicom-scan (study_id + the 14 CheXpert columns) or chexpert-plus (path_to_image + the 14) source
+    split_csv: str | None = None  # your split for a dicom-scan source: subject_id (or study_id) + split
+    holdout: tuple[float, float] = setting((0.05, 0.05), parse=parse_holdout)  # validate,test patient fractions for datasets without an official split
+    frontal_order: tuple[str, ...] = setting(FRONTAL_VIEWS, parse=parse_views)  # frontal ViewPositions, preferred first (comma-separated)
+    lateral_views: tuple[str, ...] = setting(LATERAL_VIEWS, parse=parse_views)  # lateral ViewPositions (comma-separated)
+    scan: bool | None = None  # scan the DICOM headers of a bare DIR, ignoring its CSVs (--no-scan: read its MIMIC-CXR CSVs; default: the CSVs when it has them)
+    overwrite: bool = False  # replace a cache in --out that was built with other settings
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -191,10 +199,10 @@ class PrepareConfig:
 SETTINGS = PrepareConfig   # the dataclass declaring this command's settings (fastssl.config)
 
 
-def _check_settings(out: str, **settings) -> int:
-    """Every argument checked before any work, one-line errors naming the flag; returns
-    the number of workers."""
-    workers = PrepareConfig(**settings).workers
+def _check_settings(out: str, config: PrepareConfig) -> int:
+    """--out checked before any work (the settings were, by PrepareConfig), a one-line error
+    naming the flag; returns the number of workers."""
+    workers = config.workers
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out!r} is a file; expected a directory (created if missing)")
     from fastssl.distributed import usable_cores   # the one "all cores" count (CPU affinity)
@@ -219,30 +227,8 @@ def build_table(source, options: TableOptions, scan: bool | None = None) -> Stud
     return table
 
 
-def prepare_cache(
-    source,
-    out: str | os.PathLike,
-    *,
-    size: int = 256,
-    dtype: str = "uint8",
-    resize: str = "pad",
-    shard_size: int = 1024,
-    workers: int | None = None,
-    voi: str = "auto",
-    uncertain: str = "zeros",
-    blank: str = "zeros",
-    label_source: str = "chexpert",
-    frontal_order: Sequence[str] = FRONTAL_VIEWS,
-    lateral_views: Sequence[str] = LATERAL_VIEWS,
-    scan: bool | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    table: StudyTable | None = None,
-    holdout: tuple[float, float] = (0.05, 0.05),
-    seed: int | None = None,
-    labels_csv: str | os.PathLike | None = None,
-    split_csv: str | os.PathLike | None = None,
-) -> dict[str, Any]:
+def prepare_cache(source, out: str | os.PathLike, config: PrepareConfig | None = None, *, progress: bool = True,
+                  table: StudyTable | None = None, **overrides) -> dict[str, Any]:
     """Convert every image of one or more datasets once into a shard cache.
 
     Args:
@@ -250,11 +236,13 @@ def prepare_cache(
             list of them, pooled into one cache with a ``dataset`` column. A bare
             directory is read with its MIMIC-CXR CSVs when it has them, else scanned.
         out: cache directory (created).
-        size: side S of the stored square images (8..16384).
+        config: a :class:`PrepareConfig` (every setting: its default and allowed values);
+            the keyword settings below replace its fields.
+        size: side S of the stored square images.
         dtype: "uint8" or "uint16" (the [0, 1] image times 255 or 65535, rounded).
         resize: "pad" (keep the whole film, black bars) or "crop" (centred square).
         shard_size: images per ``shard_XXXXX.npy`` (n, S, S).
-        workers: conversion processes (default: all cores; 0 or 1: in this process).
+        workers: conversion processes (default: all usable cores); 0 = this process (as is 1).
         voi: "auto" | "none" | "minmax", for DICOM (:func:`read_dicom`) and PNG/JPEG
             (:func:`fastssl.data.images.read_image`).
         uncertain, blank, label_source, frontal_order, lateral_views: study table options.
@@ -272,34 +260,34 @@ def prepare_cache(
         ValueError: a bad argument, or an existing cache with other settings.
         DataError: unreadable CSVs, or no image at all in the sources.
     """
+    cfg = PrepareConfig(**{**asdict(config or PrepareConfig()), **overrides})
     out = os.fspath(out)
-    workers = _check_settings(out, size=size, dtype=dtype, resize=resize, shard_size=shard_size, workers=workers,
-                              voi=voi, uncertain=uncertain, blank=blank, label_source=label_source, seed=seed)
-    options = TableOptions(uncertain=uncertain, blank=blank, label_source=label_source,
-                           frontal_order=tuple(v.strip().upper() for v in frontal_order),
-                           lateral_views=tuple(v.strip().upper() for v in lateral_views), workers=workers,
-                           holdout=tuple(holdout), seed=seed,
-                           labels_csv=os.fspath(labels_csv) if labels_csv else None,
-                           split_csv=os.fspath(split_csv) if split_csv else None)
+    workers = _check_settings(out, cfg)
+    options = TableOptions(uncertain=cfg.uncertain, blank=cfg.blank, label_source=cfg.label_source,
+                           frontal_order=cfg.frontal_order, lateral_views=cfg.lateral_views, workers=workers,
+                           holdout=cfg.holdout, seed=cfg.seed,
+                           labels_csv=os.fspath(cfg.labels_csv) if cfg.labels_csv else None,
+                           split_csv=os.fspath(cfg.split_csv) if cfg.split_csv else None)
     # The settings that change a shard's bytes or the index's rows (with the plan's hash).
-    settings = dict(format_version=FORMAT_VERSION, size=size, dtype=dtype, resize=resize, shard_size=shard_size,
-                    voi=voi, uncertain=uncertain, blank=blank, label_source=label_source,
-                    frontal_order=list(options.frontal_order), lateral_views=list(options.lateral_views))
+    settings = dict(format_version=FORMAT_VERSION, size=cfg.size, dtype=cfg.dtype, resize=cfg.resize,
+                    shard_size=cfg.shard_size, voi=cfg.voi, uncertain=cfg.uncertain, blank=cfg.blank,
+                    label_source=cfg.label_source, frontal_order=list(cfg.frontal_order),
+                    lateral_views=list(cfg.lateral_views))
     from fastssl.jobs import JobFingerprint, fingerprint_files, open_job
 
     job: dict[str, Any] = {}
 
     def fingerprint() -> JobFingerprint:
         # under the output lock: the study table and its plan decide the run's identity
-        job["table"] = build_table(source, options, scan) if table is None else table
+        job["table"] = build_table(source, options, cfg.scan) if table is None else table
         job["start"] = time.perf_counter()
         log.info("study table: %s", job["table"].format_summary().replace("\n", "; "))
         job["plan"] = plan = _plan(job["table"])
-        n_shards = (len(plan) + shard_size - 1) // shard_size
+        n_shards = (len(plan) + cfg.shard_size - 1) // cfg.shard_size
         job["config"] = dict(settings, n_images=len(plan), n_shards=n_shards, plan_sha256=_plan_sha(plan))
         return JobFingerprint("prepare", job["config"], fingerprint_files(sorted(set(job["table"].inputs))))
 
-    with open_job(out, fingerprint, overwrite=overwrite, stale=("parts",)):  # resume, refuse or start
+    with open_job(out, fingerprint, overwrite=cfg.overwrite, stale=("parts",)):  # resume, refuse or start
         os.makedirs(os.path.join(out, "parts"), exist_ok=True)
         sources = [str(x) for x in ([source] if isinstance(source, (str, os.PathLike)) else source)]
         return _prepare_table(job, out, sources, workers, progress)
@@ -562,50 +550,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a dataset: KIND is one of " + ", ".join(SOURCE_KINDS) + "; a bare DIR is MIMIC-CXR "
                         "(its CSVs + files/) or any DICOM tree. Repeat to pool datasets into one cache")
     parser.add_argument("--out", required=True, help="cache directory (created; rerun to resume)")
-    # --size .. --seed: types, defaults, choices, ranges and help from PrepareConfig
+    # --size .. --overwrite: types, defaults, choices, ranges and help from PrepareConfig
     add_dataclass_arguments(parser, PrepareConfig, flags=dict(label_source="--labels"))
-    parser.add_argument("--labels-csv", default=None,
-                        help="your labels for a dicom-scan (study_id + the 14 CheXpert columns) or "
-                             "chexpert-plus (path_to_image + the 14) source")
-    parser.add_argument("--split-csv", default=None,
-                        help="your split for a dicom-scan source: subject_id (or study_id) + split")
-    parser.add_argument("--holdout", default="0.05,0.05",
-                        help="validate,test patient fractions for datasets without an official split")
-    parser.add_argument("--frontal-order", default=",".join(FRONTAL_VIEWS),
-                        help="frontal ViewPositions, preferred first (comma-separated)")
-    parser.add_argument("--lateral-views", default=",".join(LATERAL_VIEWS),
-                        help="lateral ViewPositions (comma-separated)")
-    parser.add_argument("--scan", action="store_true", help="ignore the CSVs of a bare DIR and scan DICOM headers")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace a cache in --out that was built with other settings")
-
-
-def _as_list(value) -> list[str]:
-    if isinstance(value, (list, tuple)):
-        return [str(v).strip() for v in value if str(v).strip()]
-    return [v.strip() for v in str(value).split(",") if v.strip()]
-
-
-def _holdout(value) -> tuple[float, float]:
-    try:
-        parts = tuple(float(v) for v in _as_list(value))
-    except ValueError:
-        parts = ()
-    if len(parts) != 2:
-        raise ValueError(f"--holdout {value!r}; expected 'validate,test' fractions, e.g. 0.05,0.05")
-    return parts  # type: ignore[return-value]
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = prepare_cache(
-        [args.source] if isinstance(args.source, str) else list(args.source), args.out, size=args.size,
-        dtype=args.dtype, resize=args.resize,
-        shard_size=args.shard_size, workers=args.workers, voi=args.voi, uncertain=args.uncertain,
-        blank=args.blank, label_source=args.label_source, frontal_order=_as_list(args.frontal_order),
-        lateral_views=_as_list(args.lateral_views), scan=True if args.scan else None,
-        overwrite=args.overwrite, progress=not args.quiet, holdout=_holdout(args.holdout), seed=args.seed,
-        labels_csv=args.labels_csv, split_csv=args.split_csv,
-    )
+    sources = [args.source] if isinstance(args.source, str) else list(args.source)
+    summary = prepare_cache(sources, args.out, config_from_args(PrepareConfig, args), progress=not args.quiet)
     print(
         f"prepare: {summary['written']} of {summary['images']} images in {summary['shards']} shards "
         f"({summary['shards_skipped']} already done), {summary['rejects']} rejected (rejects.csv)\n"

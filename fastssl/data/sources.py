@@ -44,10 +44,12 @@ splits (:func:`fastssl.data.mimic.enforce_patient_splits`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from fastssl.config import parse_setting
 from fastssl.data.mimic import (
     FRONTAL_VIEWS,
     LATERAL_VIEWS,
@@ -60,7 +62,7 @@ from fastssl.data.mimic import (
 )
 
 __all__ = ["SOURCE_KINDS", "SourceSpec", "TableOptions", "parse_source", "load_source", "load_sources",
-           "pool_tables"]
+           "pool_tables", "parse_holdout", "parse_views"]
 
 SOURCE_KINDS = ("mimic-dicom", "mimic-jpg", "dicom-scan", "chexpert", "chexpert-plus", "padchest", "nih-cxr14")
 
@@ -99,9 +101,34 @@ class TableOptions:
     split_csv: str | None = None
 
     def __post_init__(self):
-        validate, test = (float(x) for x in self.holdout)
-        if min(validate, test) < 0 or validate + test >= 1:
-            raise ValueError(f"holdout={self.holdout!r}; expected two fractions >= 0 summing below 1")
+        parse_setting("holdout", parse_holdout, self.holdout)   # the one rule, prepare's --holdout's
+
+
+def parse_holdout(value) -> tuple[float, float]:
+    """(validate, test) patient fractions from "0.05,0.05" or a pair of numbers; ValueError
+    unless both are finite, >= 0 and sum below 1 (the rest of the patients are train)."""
+    try:
+        items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+        pair = tuple(float(v) for v in items)
+    except (TypeError, ValueError):
+        pair = ()
+    if len(pair) != 2 or not all(math.isfinite(v) and v >= 0 for v in pair) or sum(pair) >= 1:
+        raise ValueError(f"{value!r}: expected validate,test patient fractions >= 0 summing below 1, "
+                         "e.g. 0.05,0.05")
+    return pair  # type: ignore[return-value]
+
+
+def parse_views(value) -> tuple[str, ...]:
+    """ViewPosition names from "PA,AP" or a sequence of names: stripped, upper-cased, in order
+    (the order is a preference); ValueError when none is named."""
+    try:
+        items = value.split(",") if isinstance(value, str) else list(value)
+    except TypeError:
+        items = []
+    views = tuple(str(v).strip().upper() for v in items if str(v).strip())
+    if not views:
+        raise ValueError(f"{value!r} names no ViewPosition; expected e.g. PA,AP")
+    return views
 
 
 def parse_source(spec: str | os.PathLike | SourceSpec) -> SourceSpec:

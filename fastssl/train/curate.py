@@ -35,16 +35,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
-from fastssl.config import Range, add_dataclass_arguments, check_settings, setting
-from fastssl.curation.hierarchical import HierarchicalConfig
+from fastssl.config import (Range, add_dataclass_arguments, check_choice, check_range, check_settings,
+                            declared_choices, declared_ranges, field_help, flag_name, setting)
+from fastssl.curation.hierarchical import PER_LEVEL, HierarchicalConfig, LevelConfig
 from fastssl.curation.report import balance_metrics, build_report, summary_text, write_plots
 
 log = logging.getLogger(__name__)
@@ -61,31 +61,12 @@ def _levels(value) -> list[int]:
         raise argparse.ArgumentTypeError(f"--levels {value!r}: expected e.g. 10000,1000,100") from None
 
 
-def _target(value) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"--target-size {value!r}: expected a number") from None
-    if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"--target-size {value}: must be a finite number >= 0")
-    return v
-
-
-# Settings given once for all levels or per level ("50" or "50,50,50" or a YAML list):
-# (flag, element type, smallest allowed value or the allowed strings).
-PER_LEVEL = {
-    "iterations": (int, 0),
-    "resampling_steps": (int, 1),
-    "sample_size": (int, 1),
-    "sampling_strategy": (str, ("closest", "random")),
-}
-
-
 def per_level(name: str, value, n_levels: int):
     """A scalar (same for every level) or a list with one entry per level ("null"/"-"
-    entries take the default); raises ValueError naming the flag."""
-    cast, allowed = PER_LEVEL[name]
-    flag = "--" + name.replace("_", "-")
+    entries take the default) of per-level setting ``name`` (PER_LEVEL), each value checked
+    against the setting's declaration (HierarchicalConfig); raises ValueError naming the flag."""
+    ranges, choices = declared_ranges(HierarchicalConfig), declared_choices(HierarchicalConfig)
+    flag = flag_name(name)
     if value is None:
         return None
     items = value if isinstance(value, (list, tuple)) else str(value).replace(" ", "").split(",")
@@ -95,13 +76,14 @@ def per_level(name: str, value, n_levels: int):
             out.append(None)
             continue
         try:
-            v = cast(item) if cast is str else _strict_int(item)
+            v = str(item) if name in choices else _strict_int(item)
         except (TypeError, ValueError):
-            raise ValueError(f"{flag} {value!r}: expected {cast.__name__} values") from None
-        bad = v not in allowed if isinstance(allowed, tuple) else v < allowed
-        if bad:
-            want = f"one of {allowed}" if isinstance(allowed, tuple) else f">= {allowed}"
-            raise ValueError(f"{flag} {value!r}: every value must be {want}")
+            kind = "str" if name in choices else "int"
+            raise ValueError(f"{flag} {value!r}: expected {kind} values") from None
+        if name in choices:
+            check_choice(name, v, choices[name])
+        else:
+            check_range(name, v, ranges[name])
         out.append(v)
     if len(out) == 1 and not isinstance(value, (list, tuple)):
         return out[0]
@@ -126,7 +108,7 @@ class CurateConfig(HierarchicalConfig):
     record stays HierarchicalConfig's (:func:`tree_config`); this class declares the flags,
     the YAML keys and the CLI's ranges, and ``CurateConfig(...).validate()`` checks them all."""
 
-    levels: list = field(default_factory=lambda: [1000, 100, 10])
+    levels: list = field(default_factory=lambda: [1000, 100, 10])  # clusters per level, finest first, e.g. 10000,1000,100,10
     out: str = "runs/curate"  # output directory
     target_size: float = setting(0.1, range=Range(0))  # points to keep: a count, or a fraction of the points if < 1; 0 = no sample
     sample_strategy: str = setting("random", choices=("random", "closest", "furthest"))  # points taken inside a level-1 cluster
@@ -140,10 +122,10 @@ class CurateConfig(HierarchicalConfig):
 
 
 SETTINGS = CurateConfig   # the dataclass declaring this command's settings (fastssl.config)
-# Flags whose values the dataclass cannot parse: comma lists (per level), --target-size's
-# count-or-fraction, and what only the job reads.
-_OWN_FLAGS = ("levels", "iterations", "resampling_steps", "sample_size", "sampling_strategy", "target_size",
-              "init_candidates", "progress")
+# Flags add_dataclass_arguments cannot make: the comma lists (--levels and the per-level
+# settings: _add_per_level_arguments), and no flag at all for the API's init_candidates and
+# for progress (--quiet).
+_OWN_FLAGS = ("levels", *PER_LEVEL, "init_candidates", "progress")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -151,25 +133,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", nargs="+", default=None,
                         help="(required) embeddings: .npy shard paths, a directory of them (an "
                              "embed output directory is read in its manifest's order), or a glob")
-    parser.add_argument("--levels", type=_levels, default=[1000, 100, 10],
-                        help="clusters per level, finest first, e.g. 10000,1000,100,10")
-    parser.add_argument("--iterations", default="50",
-                        help="Lloyd iterations per k-means run: one value, or one per level "
-                             "(SDC and paper 2: 50)")
-    parser.add_argument("--resampling-steps", default="10",
-                        help="k-means runs per level COUNTING THE FIRST, as SDC and paper 2 count "
-                             "them (10 = the first k-means + 9 resampled; 1 = no resampling). "
-                             "One value (levels 2+; level 1 runs once unless --resample-level1) "
-                             "or one per level, e.g. 1,10,10,10")
-    parser.add_argument("--sample-size", default=None,
-                        help="inputs per cluster in a resampling step: one value or one per "
-                             "level, null for the default (half the mean cluster size)")
-    parser.add_argument("--sampling-strategy", default="closest",
-                        help="which inputs a resampling step takes per cluster: closest | "
-                             "random, one value or one per level (SDC, paper 2: closest)")
-    parser.add_argument("--target-size", type=_target, default=0.1,
-                        help="points to keep: a count, or a fraction of the points if < 1; 0 = no sample")
-    add_dataclass_arguments(parser, CurateConfig, skip=_OWN_FLAGS)   # --out, --split-k, ..., --seed, --overwrite
+    _add_per_level_arguments(parser)
+    add_dataclass_arguments(parser, CurateConfig, skip=_OWN_FLAGS)   # --out, --target-size, ..., --seed, --overwrite
+
+
+def _add_per_level_arguments(parser: argparse.ArgumentParser) -> None:
+    """--levels and the per-level flags: one value, or a comma list (a YAML list) with one per
+    level, parsed by per_level. Default, help and allowed values come from their declaration
+    (CurateConfig, HierarchicalConfig; LevelConfig's k for each --levels entry)."""
+    helps, declared = field_help(CurateConfig), {f.name: f for f in fields(CurateConfig)}
+    allowed = {**{k: str(v) for k, v in declared_ranges(CurateConfig).items()},
+               **{k: " | ".join(v) for k, v in declared_choices(CurateConfig).items()}}
+    parser.add_argument("--levels", type=_levels, default=declared["levels"].default_factory(),
+                        help=f"{helps['levels']}; each {declared_ranges(LevelConfig)['k']}")
+    for name in PER_LEVEL:
+        parser.add_argument(flag_name(name), default=declared[name].default,
+                            help=f"{helps[name]}; {allowed[name]}; one value, or one per level (comma list)")
 
 
 # ------------------------------------------------------------------ the job
@@ -257,23 +236,14 @@ def tree_config(args: argparse.Namespace):
 
     Raises ValueError with a one-line message naming the flag.
     """
-    from fastssl.curation.hierarchical import HierarchicalConfig, LevelConfig
-
     levels = _levels(args.levels)
-    _target(args.target_size)  # checked here too: YAML values skip argparse's type=
     values = {name: per_level(name, getattr(args, name), len(levels)) for name in PER_LEVEL}
     level_cfgs = [LevelConfig(k=k, **{name: v[i] for name, v in values.items()
                                       if isinstance(v, list)}) for i, k in enumerate(levels)]
-
-    def scalar(name: str, default):
-        value = values[name]
-        return default if value is None or isinstance(value, list) else value
-
+    # a value given once is the config's; a list is the levels' (the config keeps its default)
+    scalars = {name: v for name, v in values.items() if v is not None and not isinstance(v, list)}
     config = HierarchicalConfig(
-        levels=level_cfgs, iterations=scalar("iterations", 50),
-        resampling_steps=scalar("resampling_steps", 10), resample_level1=args.resample_level1,
-        sample_size=scalar("sample_size", None),
-        sampling_strategy=scalar("sampling_strategy", "closest"),
+        levels=level_cfgs, **scalars, resample_level1=args.resample_level1,
         resampling_init=args.resampling_init, split_k=args.split_k,
         split_iterations=args.split_iterations, split_inits=args.split_inits, init=args.init, empty=args.empty,
         init_sample_size=args.init_sample_size,
@@ -370,7 +340,7 @@ def _sample_and_report(args, tree, out: Path, t0: float, tree_s: float) -> int:
     point_ids = None
     if tree.meta.get("point_ids"):
         point_ids = np.load(out / "tree" / tree.meta["point_ids"])
-    target = _target(args.target_size)
+    target = float(args.target_size)   # in range: checked by the router (CurateConfig's declaration)
     n_target = int(round(target * tree.n_points)) if 0 < target < 1 else int(target)
     indices = None
     if n_target > 0:
