@@ -16,6 +16,7 @@ import sys
 from typing import Sequence
 
 from fastssl.config import COMMAND_RANGES as RANGES
+from fastssl.config import command_checks
 from fastssl.config import ParsedFlag, check_ranges, flag_name, parse_bool
 from fastssl.errors import DataError, MissingDependencyError
 
@@ -134,10 +135,9 @@ def check_args(name: str, args: argparse.Namespace) -> None:
     """ValueError naming the first flag of command ``name`` that cannot work: a number outside
     its range, an unknown device or timm model, an --out that is a file."""
     check_ranges(args, RANGES.get(name, {}))
-    if isinstance(getattr(args, "device", None), str):   # the API's own rule, not a second one
-        from fastssl.distributed import check_device
-
-        check_device(args.device)
+    for key, check in command_checks(name).items():   # the API's own rules (--device...), not second ones
+        if getattr(args, key, None) is not None:
+            check(getattr(args, key))
     out = getattr(args, "out", None)
     if name not in _FILE_OUTS and isinstance(out, str) and os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out}: exists and is not a directory")

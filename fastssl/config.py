@@ -18,7 +18,7 @@ from dataclasses import MISSING, dataclass, field, fields
 
 __all__ = ["add_dataclass_arguments", "config_from_args", "parse_bool", "Range", "check_range", "check_ranges",
            "flag_name", "COMMAND_RANGES", "setting", "setting_of", "declared_ranges", "declared_choices",
-           "declared_checks", "check_settings", "check_choice", "parse_setting", "ParsedFlag"]
+           "declared_checks", "command_checks", "check_settings", "check_choice", "parse_setting", "ParsedFlag"]
 
 _TRUE, _FALSE = ("true", "yes", "on"), ("false", "no", "off")
 
@@ -307,3 +307,11 @@ class _CommandRanges(Mapping):
 
 
 COMMAND_RANGES: Mapping[str, dict[str, Range]] = _CommandRanges()
+
+
+def command_checks(name: str) -> dict:
+    """{field name: check function} declared by command ``name``'s settings dataclass (e.g. its
+    --device rule), so that the CLI runs the very checks the API runs; {} for a command
+    without one."""
+    module = _DECLARED.get(name)
+    return {} if module is None else declared_checks(importlib.import_module(module).SETTINGS)

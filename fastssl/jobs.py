@@ -1,4 +1,5 @@
-"""One mechanism for every job's output directory (phantom, prepare, pretrain, finetune, tile, embed, curate).
+"""One mechanism for every job's output directory (every command that writes one: phantom, prepare,
+pretrain, probe, finetune, export, tile, embed, curate, grids, demo).
 
 Every job that writes into ``out_dir`` opens it with :func:`open_job`:
 
@@ -256,8 +257,9 @@ def check_resume(out_dir: str | os.PathLike, fingerprint: JobFingerprint, *, ove
     """"resume" when out_dir holds a run with the same fingerprint, else "new".
 
     Raises ResumeMismatch (a ValueError) when out_dir holds a different run, or outputs with no
-    ``job.json``, unless ``overwrite``: then it logs what will go and returns "new"; the caller
-    then calls :func:`clear_outputs` and :func:`write_fingerprint`. Changes nothing on disk.
+    record (``job.json``, or a DatasetRecord's own file), unless ``overwrite``: then it logs
+    what will go and returns "new"; the caller then calls :func:`clear_outputs` and
+    :func:`write_fingerprint`. Changes nothing on disk.
     """
     out_dir = os.fspath(out_dir)
     saved_path = os.path.join(out_dir, fingerprint.record_name)
@@ -399,12 +401,13 @@ _REFUSED = "refused: "
 def open_job(out_dir: str | os.PathLike, fingerprint: "JobFingerprint | Callable[[], JobFingerprint]", *,
              overwrite: bool = False, restart: bool = False, stale: Iterable[str] = (),
              ignore: Iterable[str] = (), rank: int = 0, world: int = 1):
-    """Open ``out_dir`` for a job; yields "new" (out_dir emptied, job.json written) or "resume".
+    """Open ``out_dir`` for a job; yields "new" (out_dir emptied, the record written: job.json,
+    or a :class:`DatasetRecord`'s own file) or "resume".
 
     Rank 0 holds :class:`OutputLock` until the block ends (OutputLocked when another job
     holds it), removes temporaries of killed writers (in out_dir and the sub-directories
     matching the globs ``stale``), and checks ``fingerprint`` (or calls it, so that only rank 0
-    hashes the inputs) against out_dir/job.json: a different run raises ResumeMismatch naming
+    hashes the inputs) against the saved record: a different run raises ResumeMismatch naming
     the differences unless ``overwrite``; ``restart`` starts over even when the run could resume
     (pretrain --no-resume). With ``world`` > 1 the other ranks take no lock, touch nothing and
     wait for rank 0's verdict: a refusal is raised on them as a ValueError, so no rank writes

@@ -379,7 +379,7 @@ def test_all_cores_means_the_usable_cores_everywhere(monkeypatch, tmp_path):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
     defaults = {k: v for k, v in dataclasses.asdict(phantom.PhantomConfig()).items() if k != "overwrite"}
     assert phantom._settings(**defaults, finding_rates=None)["workers"] == 3
-    assert cache._check_settings(str(tmp_path / "out")) == 3
+    assert cache._check_settings(str(tmp_path / "out"), cache.PrepareConfig()) == 3
 
     pools = []
 
