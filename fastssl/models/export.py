@@ -33,9 +33,9 @@ Loading it with timm::
 DIR/encoder.safetensors and DIR/encoder_lateral.safetensors from a finished (or running)
 run, with the pixel mean/std the run trained with (its ``--pixel-mean/--pixel-std``, else
 its training cache's manifest); ``--cache`` is needed only when that cache is gone.
-DIR is opened by fastssl.jobs.open_job (job.json: the views, the normalisation written,
-the checkpoint's and --cache manifest's fingerprints): the same command rewrites the same
-files; another export there (a checkpoint that has trained on, other views) is refused,
+DIR is opened by fastssl.jobs.open_job (job.json: the views, the normalisation written and
+the checkpoint's fingerprint, what the files are made of; --cache is not in it, since it
+only ever supplies the normalisation): the same export rewrites the same files; another export there (a checkpoint that has trained on, other views) is refused,
 naming the differences, unless ``--overwrite``, which empties DIR first.
 """
 from __future__ import annotations
@@ -398,14 +398,14 @@ SETTINGS = ExportConfig   # the dataclass declaring this command's settings (fas
 
 
 def _fingerprint(cfg: ExportConfig, normalisation: dict):
-    """The export's identity (fastssl.jobs.JobFingerprint): its settings, the pixel mean/std it
-    writes (they may come from the training cache's manifest), and the fingerprints of the
-    checkpoint and of --cache's manifest.json when given."""
+    """The export's identity (fastssl.jobs.JobFingerprint): what the files are made of, the
+    views, the pixel mean/std written (they may come from the training cache's manifest) and
+    the checkpoint's fingerprint. --cache is left out: it only supplies the mean/std, which
+    are in, so an unused --cache given or dropped does not make another export."""
     from fastssl.jobs import JobFingerprint, fingerprint_files
 
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "overwrite")}
-    inputs = [cfg.checkpoint] + ([os.path.join(cfg.cache, "manifest.json")] if cfg.cache else [])
-    return JobFingerprint("export", {**settings, **normalisation}, fingerprint_files(inputs))
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "overwrite", "cache")}
+    return JobFingerprint("export", {**settings, **normalisation}, fingerprint_files([cfg.checkpoint]))
 
 
 def main(cfg: ExportConfig) -> list[str]:
